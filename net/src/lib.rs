@@ -1,0 +1,12 @@
+//! net: kiln's libp2p swarm (tcp + pnet + noise + yamux; identify, ping, gossipsub,
+//! request-response) and its wire format. It knows nothing of stripes or elections.
+
+pub mod addr;
+pub mod codec;
+pub mod offences;
+mod swarm;
+pub mod wire;
+
+pub use libp2p::identity::Keypair;
+pub use libp2p::{Multiaddr, PeerId};
+pub use swarm::{psk_from_secret, spawn, NetCommand, NetConfig, NetError, NetEvent, NetHandle, Reply};

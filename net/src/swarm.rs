@@ -1,0 +1,577 @@
+//! The libp2p swarm of a node, run in a task of its own that owns it: commands come
+//! in on a channel, events go out on another. The task never blocks; it only
+//! encodes, decodes, and keeps the offence books for bad frames.
+
+use std::time::{Duration, Instant};
+
+use futures::future::Either;
+use futures::StreamExt;
+use libp2p::core::transport::upgrade::Version;
+use libp2p::core::{muxing::StreamMuxerBox, transport::Boxed};
+use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{allow_block_list, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm, Transport};
+use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::codec::{KilnCodec, PROTOCOL};
+use crate::offences::{Offences, Verdict};
+use crate::wire::{self, MembershipGossip, Request, Response, MAX_GOSSIP_BYTES, MEMBERSHIP_TOPIC};
+
+/// Everything the swarm task needs to start.
+pub struct NetConfig {
+    pub keypair: Keypair,
+    pub listen: Vec<Multiaddr>,
+    /// Addresses to announce instead of the listen addresses (NAT, `0.0.0.0`).
+    pub advertise: Vec<Multiaddr>,
+    /// Pre-shared key derived from the cluster secret; `None` for an open cluster.
+    pub psk: Option<[u8; 32]>,
+    /// Interval of libp2p ping on every connection: the direct liveness probe.
+    pub probe_interval: Duration,
+    pub request_timeout: Duration,
+}
+
+/// Derives the 32-byte pnet key from the cluster secret.
+pub fn psk_from_secret(secret: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"kiln-pnet-psk-v1");
+    h.update(secret);
+    h.finalize().into()
+}
+
+/// How an actor answers an inbound request.
+pub struct Reply(ResponseChannel<Response>);
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reply")
+    }
+}
+
+/// Commands to the swarm task.
+#[derive(Debug)]
+pub enum NetCommand {
+    /// Dial a peer at any of `addrs` unless already connected or dialing.
+    Dial { peer: Option<PeerId>, addrs: Vec<Multiaddr> },
+    PublishMembership(MembershipGossip),
+    Request { peer: PeerId, request: Request },
+    Respond { reply: Reply, response: Response },
+    Disconnect(PeerId),
+    /// Stop the swarm; answered once every connection is being closed.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Events from the swarm task.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// The swarm listens on (or advertises) this address.
+    ListenAddr(Multiaddr),
+    ConnectionUp { peer: PeerId, remote: Multiaddr, outbound: bool },
+    /// The last connection to `peer` closed.
+    ConnectionDown { peer: PeerId },
+    DialFailed { peer: Option<PeerId>, error: String },
+    Membership { source: PeerId, msg: MembershipGossip },
+    /// A peer subscribed to the membership topic: a publish now reaches it.
+    MembershipSubscribed { peer: PeerId },
+    Request { peer: PeerId, request: Request, reply: Reply },
+    Response { peer: PeerId, response: Response },
+    RequestFailed { peer: PeerId, error: String },
+    ProbeOk { peer: PeerId, rtt: Duration },
+    ProbeFailed { peer: PeerId, error: String },
+    Identified { peer: PeerId, listen_addrs: Vec<Multiaddr> },
+    /// A peer was banned for repeated bad frames.
+    Banned { peer: PeerId },
+}
+
+/// Handle to the running swarm task.
+#[derive(Clone, Debug)]
+pub struct NetHandle {
+    pub local_peer_id: PeerId,
+    commands: mpsc::UnboundedSender<NetCommand>,
+}
+
+impl NetHandle {
+    pub fn send(&self, cmd: NetCommand) {
+        // A closed channel means the swarm is shutting down; nothing to do then.
+        let _ = self.commands.send(cmd);
+    }
+
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(NetCommand::Shutdown(tx));
+        let _ = rx.await;
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// kiln's own network metrics.
+#[derive(Clone, Default)]
+struct NetMetrics {
+    decode_errors: Family<PeerLabel, Counter>,
+    decode_errors_by_kind: Family<KindLabel, Counter>,
+    peers_banned: Counter,
+}
+
+impl NetMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = NetMetrics::default();
+        let r = registry.sub_registry_with_prefix("kiln_net");
+        r.register(
+            "decode_errors",
+            "Frames from peers rejected as malformed, oversized or of an unknown version, by peer",
+            m.decode_errors.clone(),
+        );
+        r.register(
+            "decode_errors_by_kind",
+            "Frames from peers rejected, by kind of error",
+            m.decode_errors_by_kind.clone(),
+        );
+        r.register(
+            "peers_banned",
+            "Peers disconnected and refused for repeated bad frames",
+            m.peers_banned.clone(),
+        );
+        m
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct KilnBehaviour {
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    gossipsub: gossipsub::Behaviour,
+    rr: request_response::Behaviour<KilnCodec>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot build the libp2p transport: {0}")]
+    Transport(String),
+    #[error("cannot build gossipsub: {0}")]
+    Gossipsub(String),
+    #[error("cannot listen on {addr}: {error}; is the port in use or the address not local?")]
+    Listen { addr: Multiaddr, error: String },
+}
+
+fn build_transport(
+    keypair: &Keypair,
+    psk: Option<[u8; 32]>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let secured = tcp.and_then(move |socket, _| async move {
+        match psk {
+            Some(key) => PnetConfig::new(PreSharedKey::new(key))
+                .handshake(socket)
+                .await
+                .map(Either::Left),
+            None => Ok(Either::Right(socket)),
+        }
+    });
+    let noise = noise::Config::new(keypair).map_err(|e| NetError::Transport(e.to_string()))?;
+    Ok(secured
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise)
+        .multiplex(yamux::Config::default())
+        .timeout(Duration::from_secs(20))
+        .boxed())
+}
+
+fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
+    // Tuned for a cluster of tens of nodes on a LAN, not the public network: a
+    // fast heartbeat, a first heartbeat soon after start, a mesh wide enough that
+    // flood-publish plus one forwarding hop reaches everyone, no signatures (pnet
+    // and noise already authenticate every peer), and content-addressed ids.
+    gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_millis(500))
+        .heartbeat_initial_delay(Duration::from_millis(100))
+        .mesh_n(8)
+        .mesh_n_low(4)
+        .mesh_n_high(12)
+        .mesh_outbound_min(2)
+        .flood_publish(true)
+        .max_transmit_size(MAX_GOSSIP_BYTES + 1024)
+        .validation_mode(ValidationMode::Anonymous)
+        .message_id_fn(|m: &gossipsub::Message| {
+            let digest = Sha256::new()
+                .chain_update(m.topic.as_str())
+                .chain_update(&m.data)
+                .finalize();
+            gossipsub::MessageId::from(digest[..20].to_vec())
+        })
+        .build()
+        .map_err(|e| NetError::Gossipsub(e.to_string()))
+}
+
+/// Builds the swarm, starts listening, and spawns the task that owns it on the
+/// current tokio runtime. Registers libp2p, gossipsub and kiln network metrics.
+pub fn spawn(
+    config: NetConfig,
+    registry: &mut Registry,
+) -> Result<(NetHandle, mpsc::UnboundedReceiver<NetEvent>), NetError> {
+    let local_peer_id = config.keypair.public().to_peer_id();
+    let transport = build_transport(&config.keypair, config.psk)?;
+    let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gossipsub_config()?)
+        .map_err(|e| NetError::Gossipsub(e.to_string()))?
+        .with_metrics(registry, Default::default());
+    let behaviour = KilnBehaviour {
+        blocked: Default::default(),
+        identify: identify::Behaviour::new(
+            identify::Config::new("/kiln/1".into(), config.keypair.public())
+                .with_agent_version(format!("kiln/{}", env!("CARGO_PKG_VERSION"))),
+        ),
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(config.probe_interval)
+                .with_timeout(Duration::from_secs(10)),
+        ),
+        gossipsub,
+        rr: request_response::Behaviour::with_codec(
+            KilnCodec,
+            [(PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(config.request_timeout),
+        ),
+    };
+    let mut swarm = Swarm::new(
+        transport,
+        behaviour,
+        local_peer_id,
+        libp2p::swarm::Config::with_tokio_executor()
+            // A cluster keeps its connections: an idle timeout would drop peers
+            // between heartbeats and look like failures.
+            .with_idle_connection_timeout(Duration::MAX),
+    );
+    let topic = IdentTopic::new(MEMBERSHIP_TOPIC);
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&topic)
+        .map_err(|e| NetError::Gossipsub(e.to_string()))?;
+    for addr in &config.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
+            addr: addr.clone(),
+            error: e.to_string(),
+        })?;
+    }
+    for addr in &config.advertise {
+        swarm.add_external_address(addr.clone());
+    }
+    let libp2p_metrics = Libp2pMetrics::new(registry);
+    let net_metrics = NetMetrics::register(registry);
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let task = SwarmTask {
+        swarm,
+        topic,
+        events: ev_tx,
+        offences: Offences::default(),
+        started: Instant::now(),
+        libp2p_metrics,
+        net_metrics,
+        advertise: !config.advertise.is_empty(),
+    };
+    for addr in config.advertise {
+        let _ = task.events.send(NetEvent::ListenAddr(addr));
+    }
+    tokio::spawn(task.run(cmd_rx));
+    Ok((
+        NetHandle {
+            local_peer_id,
+            commands: cmd_tx,
+        },
+        ev_rx,
+    ))
+}
+
+struct SwarmTask {
+    swarm: Swarm<KilnBehaviour>,
+    topic: IdentTopic,
+    events: mpsc::UnboundedSender<NetEvent>,
+    offences: Offences<PeerId>,
+    started: Instant,
+    libp2p_metrics: Libp2pMetrics,
+    net_metrics: NetMetrics,
+    /// Advertised addresses replace listen addresses in what is announced.
+    advertise: bool,
+}
+
+impl SwarmTask {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<NetCommand>) {
+        let mut unban = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(NetCommand::Shutdown(done)) => {
+                        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                        for p in peers {
+                            let _ = self.swarm.disconnect_peer_id(p);
+                        }
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(cmd) => self.on_command(cmd),
+                    None => return,
+                },
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                _ = unban.tick() => {
+                    for peer in self.offences.expire(self.now_ms()) {
+                        tracing::info!(%peer, "ban over; peer may connect again");
+                        self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+                    }
+                }
+            }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn emit(&self, ev: NetEvent) {
+        let _ = self.events.send(ev);
+    }
+
+    fn on_command(&mut self, cmd: NetCommand) {
+        match cmd {
+            NetCommand::Dial { peer, addrs } => {
+                if addrs.is_empty() {
+                    return;
+                }
+                if let Some(p) = peer {
+                    if p == *self.swarm.local_peer_id() || self.offences.is_banned(&p) {
+                        return;
+                    }
+                }
+                let opts = match peer {
+                    Some(p) => DialOpts::peer_id(p)
+                        .addresses(addrs)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build(),
+                    None => DialOpts::unknown_peer_id().address(addrs[0].clone()).build(),
+                };
+                if let Err(e) = self.swarm.dial(opts) {
+                    use libp2p::swarm::DialError;
+                    if !matches!(e, DialError::DialPeerConditionFalse(_)) {
+                        self.emit(NetEvent::DialFailed {
+                            peer,
+                            error: e.to_string(),
+                        });
+                    }
+                }
+            }
+            NetCommand::PublishMembership(msg) => {
+                let bytes = wire::encode(&msg);
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.topic.clone(), bytes)
+                {
+                    // No subscribed peer yet (a lone node) is normal, not an error.
+                    if !matches!(e, gossipsub::PublishError::NoPeersSubscribedToTopic) {
+                        tracing::debug!(error = %e, "membership publish failed");
+                    }
+                }
+            }
+            NetCommand::Request { peer, request } => {
+                self.swarm.behaviour_mut().rr.send_request(&peer, request);
+            }
+            NetCommand::Respond { reply, response } => {
+                let _ = self.swarm.behaviour_mut().rr.send_response(reply.0, response);
+            }
+            NetCommand::Disconnect(peer) => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            NetCommand::Shutdown(_) => {}
+        }
+    }
+
+    /// A bad frame from `peer`: count it, log it, and ban a repeat offender.
+    fn offence(&mut self, peer: PeerId, kind: &str, error: &str) {
+        self.net_metrics
+            .decode_errors
+            .get_or_create(&PeerLabel {
+                peer: peer.to_string(),
+            })
+            .inc();
+        self.net_metrics
+            .decode_errors_by_kind
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+        tracing::warn!(%peer, kind, error, "rejected a bad frame from peer");
+        if let Verdict::Ban { until_ms } = self.offences.record(&peer, self.now_ms()) {
+            tracing::warn!(%peer, ban_s = (until_ms - self.now_ms()) / 1000,
+                "peer sent 3 bad frames within a minute; disconnecting and refusing it");
+            self.net_metrics.peers_banned.inc();
+            self.swarm.behaviour_mut().blocked.block_peer(peer);
+            self.emit(NetEvent::Banned { peer });
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<KilnBehaviourEvent>) {
+        self.libp2p_metrics.record(&event);
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if !self.advertise {
+                    self.emit(NetEvent::ListenAddr(address));
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                if num_established.get() == 1 {
+                    tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), "connected");
+                    self.emit(NetEvent::ConnectionUp {
+                        peer: peer_id,
+                        remote: endpoint.get_remote_address().clone(),
+                        outbound: endpoint.is_dialer(),
+                    });
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                if num_established == 0 {
+                    tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
+                    self.emit(NetEvent::ConnectionDown { peer: peer_id });
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                self.emit(NetEvent::DialFailed {
+                    peer: peer_id,
+                    error: error.to_string(),
+                });
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, ev: KilnBehaviourEvent) {
+        match ev {
+            KilnBehaviourEvent::Gossipsub(ev) => {
+                self.libp2p_metrics.record(&ev);
+                match ev {
+                    gossipsub::Event::Message {
+                        propagation_source,
+                        message,
+                        ..
+                    } => {
+                        if message.topic != self.topic.hash() {
+                            return;
+                        }
+                        match wire::decode::<MembershipGossip>(&message.data, MAX_GOSSIP_BYTES) {
+                            Ok(msg) => self.emit(NetEvent::Membership {
+                                source: propagation_source,
+                                msg,
+                            }),
+                            Err(e) => self.offence(propagation_source, "gossip", &e.to_string()),
+                        }
+                    }
+                    gossipsub::Event::Subscribed { peer_id, topic } if topic == self.topic.hash() => {
+                        self.emit(NetEvent::MembershipSubscribed { peer: peer_id });
+                    }
+                    _ => {}
+                }
+            }
+            KilnBehaviourEvent::Identify(ev) => {
+                self.libp2p_metrics.record(&ev);
+                if let identify::Event::Received { peer_id, info, .. } = ev {
+                    let listen_addrs = info
+                        .listen_addrs
+                        .into_iter()
+                        .filter(|a| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit)))
+                        .collect();
+                    self.emit(NetEvent::Identified {
+                        peer: peer_id,
+                        listen_addrs,
+                    });
+                }
+            }
+            KilnBehaviourEvent::Ping(ev) => {
+                self.libp2p_metrics.record(&ev);
+                match ev.result {
+                    Ok(rtt) => self.emit(NetEvent::ProbeOk { peer: ev.peer, rtt }),
+                    Err(e) => self.emit(NetEvent::ProbeFailed {
+                        peer: ev.peer,
+                        error: e.to_string(),
+                    }),
+                }
+            }
+            KilnBehaviourEvent::Rr(ev) => self.on_rr_event(ev),
+            KilnBehaviourEvent::Blocked(never) => match never {},
+        }
+    }
+
+    fn on_rr_event(&mut self, ev: request_response::Event<Request, Response>) {
+        use request_response::{Event, InboundFailure, Message, OutboundFailure};
+        match ev {
+            Event::Message { peer, message, .. } => match message {
+                Message::Request {
+                    request, channel, ..
+                } => self.emit(NetEvent::Request {
+                    peer,
+                    request,
+                    reply: Reply(channel),
+                }),
+                Message::Response { response, .. } => {
+                    self.emit(NetEvent::Response { peer, response })
+                }
+            },
+            Event::InboundFailure {
+                peer,
+                error: InboundFailure::Io(e),
+                ..
+            } if e.kind() == std::io::ErrorKind::InvalidData => {
+                self.offence(peer, "request", &e.to_string())
+            }
+            Event::OutboundFailure {
+                peer,
+                error: OutboundFailure::Io(e),
+                ..
+            } if e.kind() == std::io::ErrorKind::InvalidData => {
+                self.offence(peer, "response", &e.to_string());
+                self.emit(NetEvent::RequestFailed {
+                    peer,
+                    error: e.to_string(),
+                });
+            }
+            Event::OutboundFailure { peer, error, .. } => self.emit(NetEvent::RequestFailed {
+                peer,
+                error: error.to_string(),
+            }),
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound request failed");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}

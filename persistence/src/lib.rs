@@ -1,0 +1,12 @@
+//! persistence: every byte of a kiln node that survives a restart, in redb.
+//!
+//! It knows nothing of the network: identity is stored as opaque bytes, members as
+//! plain records. Identity, membership and cluster facts are always committed with
+//! `Durability::Immediate` (fsync), whatever the node's persistence mode.
+
+mod error;
+mod node_store;
+pub mod schema;
+
+pub use error::StoreError;
+pub use node_store::{MemberState, NodeStore, SecretCheck, StoredMember};

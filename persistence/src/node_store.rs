@@ -1,0 +1,488 @@
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::schema::*;
+use crate::StoreError;
+
+/// State of a member as last known, persisted so that a restarted node knows whom to dial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberState {
+    Alive,
+    Suspect,
+    Dead,
+    Left,
+}
+
+/// One member as stored in `MEMBERS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMember {
+    pub id: String,
+    pub name: String,
+    pub addrs: Vec<String>,
+    pub incarnation: u64,
+    pub started_ms: u64,
+    pub state: MemberState,
+    /// Unix milliseconds when the member entered `state`; drives `dead_member_ttl_s`.
+    pub state_since_unix_ms: u64,
+}
+
+/// What the stored secret verifier says about the secret a node was started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretCheck {
+    /// First start: the verifier of this secret (or of "no secret") was recorded.
+    Recorded,
+    /// The secret matches the one the data directory was created with.
+    Matches,
+}
+
+/// The node database `node.redb` of one data directory.
+pub struct NodeStore {
+    db: Database,
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+const VERIFIER_DOMAIN: &[u8] = b"kiln-secret-verifier-v1";
+const OPEN_CLUSTER_MARK: &[u8] = b"open";
+
+impl NodeStore {
+    /// Opens (or creates, for an empty directory) the node database of `dir`.
+    /// Refuses a file that is not a kiln database or has a newer format, without
+    /// writing to it.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(NODE_DB_FILE);
+        let existed = path.exists();
+        let map_open = |e: redb::DatabaseError| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
+            redb::DatabaseError::UpgradeRequired(v) => StoreError::NotKiln {
+                path: path.clone(),
+                detail: format!("redb file format {v}"),
+            },
+            redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                if io.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                StoreError::NotKiln {
+                    path: path.clone(),
+                    detail: io.to_string(),
+                }
+            }
+            redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Storage {
+                path: path.clone(),
+                source: redb::StorageError::Io(io).into(),
+            },
+            other => StoreError::NotKiln {
+                path: path.clone(),
+                detail: other.to_string(),
+            },
+        };
+        let db = if existed {
+            Database::open(&path).map_err(map_open)?
+        } else {
+            Database::create(&path).map_err(map_open)?
+        };
+        let store = NodeStore {
+            db,
+            dir: dir.to_path_buf(),
+            path,
+        };
+        if existed {
+            store.check_format()?;
+        } else {
+            store.init()?;
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn storage<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
+        move |e| StoreError::Storage {
+            path: self.path.clone(),
+            source: e.into(),
+        }
+    }
+
+    fn init(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(self.storage())?;
+        {
+            let mut meta = txn.open_table(META).map_err(self.storage())?;
+            meta.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())
+                .map_err(self.storage())?;
+            txn.open_table(MEMBERS).map_err(self.storage())?;
+            txn.open_table(FORGOTTEN).map_err(self.storage())?;
+        }
+        txn.commit().map_err(self.storage())
+    }
+
+    fn check_format(&self) -> Result<(), StoreError> {
+        let not_kiln = |detail: &str| StoreError::NotKiln {
+            path: self.path.clone(),
+            detail: detail.to_string(),
+        };
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => {
+                return Err(not_kiln("it has no kiln metadata table"))
+            }
+            Err(e) => return Err(not_kiln(&e.to_string())),
+        };
+        let raw = meta
+            .get(META_FORMAT_VERSION)
+            .map_err(self.storage())?
+            .ok_or_else(|| not_kiln("it has no format version"))?;
+        let bytes: [u8; 4] = raw
+            .value()
+            .try_into()
+            .map_err(|_| not_kiln("its format version is malformed"))?;
+        let found = u32::from_le_bytes(bytes);
+        if found > FORMAT_VERSION {
+            return Err(StoreError::NewerFormat {
+                path: self.path.clone(),
+                found,
+                known: FORMAT_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let meta = txn.open_table(META).map_err(self.storage())?;
+        Ok(meta
+            .get(key)
+            .map_err(self.storage())?
+            .map(|v| v.value().to_vec()))
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(self.storage())?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(self.storage())?;
+        {
+            let mut meta = txn.open_table(META).map_err(self.storage())?;
+            meta.insert(key, value).map_err(self.storage())?;
+        }
+        txn.commit().map_err(self.storage())
+    }
+
+    /// The node's identity keypair (opaque bytes), created by `generate` at first start.
+    pub fn identity_or_create(
+        &self,
+        generate: impl FnOnce() -> Vec<u8>,
+    ) -> Result<(Vec<u8>, bool), StoreError> {
+        if let Some(bytes) = self.get_meta(META_IDENTITY)? {
+            return Ok((bytes, false));
+        }
+        let bytes = generate();
+        self.put_meta(META_IDENTITY, &bytes)?;
+        Ok((bytes, true))
+    }
+
+    /// Records the verifier of `secret` at first start; afterwards, refuses another one.
+    /// Only a salted hash is stored, never the secret.
+    pub fn bind_secret(&self, secret: Option<&[u8]>) -> Result<SecretCheck, StoreError> {
+        match self.get_meta(META_SECRET_VERIFIER)? {
+            None => {
+                let record = match secret {
+                    None => OPEN_CLUSTER_MARK.to_vec(),
+                    Some(s) => {
+                        let salt: [u8; 16] = rand::random();
+                        let mut rec = salt.to_vec();
+                        rec.extend_from_slice(&verifier(&salt, s));
+                        rec
+                    }
+                };
+                self.put_meta(META_SECRET_VERIFIER, &record)?;
+                Ok(SecretCheck::Recorded)
+            }
+            Some(stored) => {
+                let mismatch = |detail: &str| StoreError::SecretMismatch {
+                    dir: self.dir.clone(),
+                    detail: detail.to_string(),
+                };
+                match (stored.as_slice(), secret) {
+                    (OPEN_CLUSTER_MARK, None) => Ok(SecretCheck::Matches),
+                    (OPEN_CLUSTER_MARK, Some(_)) => Err(mismatch(
+                        "was created for an open cluster (no secret), but a cluster secret was given",
+                    )),
+                    (_, None) => Err(mismatch(
+                        "was created with a cluster secret, but none was given",
+                    )),
+                    (rec, Some(s)) if rec.len() == 48 => {
+                        if verifier(&rec[..16], s).as_slice() == &rec[16..] {
+                            Ok(SecretCheck::Matches)
+                        } else {
+                            Err(mismatch(
+                                "was created with a different cluster secret than the one given",
+                            ))
+                        }
+                    }
+                    _ => Err(StoreError::Corrupt {
+                        path: self.path.clone(),
+                        what: "secret verifier".into(),
+                        detail: format!("{} bytes, expected 48", stored.len()),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The cluster this data directory belongs to, once known.
+    pub fn cluster_id(&self) -> Result<Option<String>, StoreError> {
+        match self.get_meta(META_CLUSTER_ID)? {
+            None => Ok(None),
+            Some(b) => String::from_utf8(b)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: "cluster id".into(),
+                    detail: e.to_string(),
+                }),
+        }
+    }
+
+    /// Records the cluster id; refuses to change it once recorded.
+    pub fn set_cluster_id(&self, id: &str) -> Result<(), StoreError> {
+        match self.cluster_id()? {
+            Some(stored) if stored == id => Ok(()),
+            Some(stored) => Err(StoreError::ClusterMismatch {
+                dir: self.dir.clone(),
+                stored,
+                offered: id.to_string(),
+            }),
+            None => self.put_meta(META_CLUSTER_ID, id.as_bytes()),
+        }
+    }
+
+    /// Bumps and returns this node's incarnation: every start outranks what the
+    /// cluster remembers of the previous run (including a `dead` verdict).
+    pub fn next_incarnation(&self) -> Result<u64, StoreError> {
+        let current = match self.get_meta(META_INCARNATION)? {
+            None => 0,
+            Some(b) => {
+                let arr: [u8; 8] = b.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: "incarnation".into(),
+                    detail: format!("{} bytes, expected 8", b.len()),
+                })?;
+                u64::from_le_bytes(arr)
+            }
+        };
+        self.store_incarnation(current + 1)?;
+        Ok(current + 1)
+    }
+
+    /// Persists an incarnation raised at run time (a refutation).
+    pub fn store_incarnation(&self, incarnation: u64) -> Result<(), StoreError> {
+        self.put_meta(META_INCARNATION, &incarnation.to_le_bytes())
+    }
+
+    /// Every member persisted. A record that cannot be decoded is skipped with a
+    /// warning: gossip will teach the member again.
+    pub fn load_members(&self) -> Result<Vec<StoredMember>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let table = txn.open_table(MEMBERS).map_err(self.storage())?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(self.storage())? {
+            let (k, v) = row.map_err(self.storage())?;
+            match ciborium::from_reader::<StoredMember, _>(v.value()) {
+                Ok(m) => out.push(m),
+                Err(e) => tracing::warn!(
+                    file = %self.path.display(), member = k.value(), error = %e,
+                    "skipping undecodable member record"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Members forgotten on purpose, with the incarnation up to which they stay forgotten.
+    pub fn load_forgotten(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let table = txn.open_table(FORGOTTEN).map_err(self.storage())?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(self.storage())? {
+            let (k, v) = row.map_err(self.storage())?;
+            out.push((k.value().to_string(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Applies member changes in one fsynced transaction.
+    pub fn save_members(
+        &self,
+        upserts: &[StoredMember],
+        forgotten: &[(String, u64)],
+    ) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(self.storage())?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(self.storage())?;
+        {
+            let mut members = txn.open_table(MEMBERS).map_err(self.storage())?;
+            for m in upserts {
+                let mut buf = Vec::with_capacity(128);
+                ciborium::into_writer(m, &mut buf).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("member {}", m.id),
+                    detail: e.to_string(),
+                })?;
+                members
+                    .insert(m.id.as_str(), buf.as_slice())
+                    .map_err(self.storage())?;
+            }
+            let mut tomb = txn.open_table(FORGOTTEN).map_err(self.storage())?;
+            for (id, inc) in forgotten {
+                members.remove(id.as_str()).map_err(self.storage())?;
+                tomb.insert(id.as_str(), *inc).map_err(self.storage())?;
+            }
+        }
+        txn.commit().map_err(self.storage())
+    }
+}
+
+fn verifier(salt: &[u8], secret: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(VERIFIER_DOMAIN);
+    h.update(salt);
+    h.update(secret);
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str, state: MemberState) -> StoredMember {
+        StoredMember {
+            id: id.into(),
+            name: format!("n-{id}"),
+            addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+            incarnation: 3,
+            started_ms: 10,
+            state,
+            state_since_unix_ms: 20,
+        }
+    }
+
+    #[test]
+    fn identity_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, created) = NodeStore::open(dir.path())
+            .unwrap()
+            .identity_or_create(|| vec![1, 2, 3])
+            .unwrap();
+        assert!(created);
+        let store = NodeStore::open(dir.path()).unwrap();
+        let (b, created) = store.identity_or_create(|| vec![9]).unwrap();
+        assert!(!created);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn secret_is_verified_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = NodeStore::open(dir.path()).unwrap();
+            assert_eq!(s.bind_secret(Some(b"s3cret")).unwrap(), SecretCheck::Recorded);
+        }
+        let raw = std::fs::read(dir.path().join(NODE_DB_FILE)).unwrap();
+        assert!(!raw.windows(6).any(|w| w == b"s3cret"));
+        let s = NodeStore::open(dir.path()).unwrap();
+        assert_eq!(s.bind_secret(Some(b"s3cret")).unwrap(), SecretCheck::Matches);
+        assert!(matches!(
+            s.bind_secret(Some(b"other")),
+            Err(StoreError::SecretMismatch { .. })
+        ));
+        assert!(matches!(s.bind_secret(None), Err(StoreError::SecretMismatch { .. })));
+    }
+
+    #[test]
+    fn garbage_file_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NODE_DB_FILE);
+        let garbage = b"this is not a database at all, just some text\n".repeat(200);
+        std::fs::write(&path, &garbage).unwrap();
+        let err = NodeStore::open(dir.path()).err().expect("must refuse");
+        assert!(matches!(err, StoreError::NotKiln { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), garbage);
+    }
+
+    #[test]
+    fn foreign_redb_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NODE_DB_FILE);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let t: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("other_app");
+            txn.open_table(t).unwrap().insert("a", "b").unwrap();
+            txn.commit().unwrap();
+        }
+        let err = NodeStore::open(dir.path()).err().expect("must refuse");
+        assert!(matches!(err, StoreError::NotKiln { .. }), "{err}");
+    }
+
+    #[test]
+    fn newer_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = NodeStore::open(dir.path()).unwrap();
+            s.put_meta(META_FORMAT_VERSION, &(FORMAT_VERSION + 1).to_le_bytes())
+                .unwrap();
+        }
+        let err = NodeStore::open(dir.path()).err().expect("must refuse");
+        assert!(matches!(err, StoreError::NewerFormat { .. }), "{err}");
+    }
+
+    #[test]
+    fn second_open_is_refused_while_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = NodeStore::open(dir.path()).unwrap();
+        let err = NodeStore::open(dir.path()).err().expect("must refuse");
+        assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    }
+
+    #[test]
+    fn cluster_id_is_fixed_once_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(dir.path()).unwrap();
+        assert_eq!(s.cluster_id().unwrap(), None);
+        s.set_cluster_id("abc").unwrap();
+        s.set_cluster_id("abc").unwrap();
+        assert!(matches!(
+            s.set_cluster_id("xyz"),
+            Err(StoreError::ClusterMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn incarnation_grows_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = NodeStore::open(dir.path()).unwrap().next_incarnation().unwrap();
+        let b = NodeStore::open(dir.path()).unwrap().next_incarnation().unwrap();
+        assert!(b > a);
+    }
+
+    #[test]
+    fn members_round_trip_and_forget() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(dir.path()).unwrap();
+        s.save_members(&[member("a", MemberState::Alive), member("b", MemberState::Dead)], &[])
+            .unwrap();
+        s.save_members(&[], &[("b".into(), 3)]).unwrap();
+        drop(s);
+        let s = NodeStore::open(dir.path()).unwrap();
+        assert_eq!(s.load_members().unwrap(), vec![member("a", MemberState::Alive)]);
+        assert_eq!(s.load_forgotten().unwrap(), vec![("b".to_string(), 3)]);
+    }
+}
