@@ -1,0 +1,538 @@
+//! The actix actor around the membership state machine: turns network events into
+//! state-machine inputs and effects into libp2p commands, redb writes and logs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use kiln_net::addr::PeerAddr;
+use kiln_net::wire::{MemberRecord, MemberStatus, MembershipGossip, Request, Response};
+use kiln_net::{Multiaddr, NetCommand, NetEvent, NetHandle, PeerId};
+use kiln_persistence::{MemberState, NodeStore, StoredMember};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+
+use super::state::{Effect, ForgetError, MemberView, Membership, MembershipConfig, Now};
+
+const TICK: Duration = Duration::from_millis(100);
+/// How often seeds are dialled again while this node has no connection at all.
+const SEED_REDIAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// Membership metrics, registered under `kiln_membership_*`.
+#[derive(Clone, Default)]
+pub struct MembershipMetrics {
+    members: Family<StateLabel, Gauge>,
+    announcements_sent: Counter,
+    announcements_received: Counter,
+    claims_received: Counter,
+    suspicions: Counter,
+    refutations: Counter,
+    deaths_declared: Counter,
+    syncs: Counter,
+}
+
+impl MembershipMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = MembershipMetrics::default();
+        let r = registry.sub_registry_with_prefix("kiln_membership");
+        r.register("members", "Members of the cluster as this node sees them, by state (this node included)", m.members.clone());
+        r.register("announcements_sent", "Membership announcements published by this node", m.announcements_sent.clone());
+        r.register("announcements_received", "Membership announcements received from other members", m.announcements_received.clone());
+        r.register("claims_received", "Suspect, dead and left claims received", m.claims_received.clone());
+        r.register("suspicions", "Times this node started suspecting a member", m.suspicions.clone());
+        r.register("refutations", "Times this node refuted a claim about itself with a higher incarnation", m.refutations.clone());
+        r.register("deaths_declared", "Members this node declared dead", m.deaths_declared.clone());
+        r.register("syncs", "Push-pull member table exchanges completed", m.syncs.clone());
+        m
+    }
+}
+
+fn state_name(s: MemberStatus) -> &'static str {
+    match s {
+        MemberStatus::Alive => "alive",
+        MemberStatus::Suspect => "suspect",
+        MemberStatus::Dead => "dead",
+        MemberStatus::Left => "left",
+    }
+}
+
+fn to_stored(r: &MemberRecord, since: u64) -> StoredMember {
+    StoredMember {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        addrs: r.addrs.clone(),
+        incarnation: r.incarnation,
+        started_ms: r.started_ms,
+        state: match r.status {
+            MemberStatus::Alive => MemberState::Alive,
+            MemberStatus::Suspect => MemberState::Suspect,
+            MemberStatus::Dead => MemberState::Dead,
+            MemberStatus::Left => MemberState::Left,
+        },
+        state_since_unix_ms: since,
+    }
+}
+
+/// A persisted member, as the state machine knows it.
+pub fn from_stored(m: StoredMember) -> (MemberRecord, u64) {
+    (
+        MemberRecord {
+            id: m.id,
+            name: m.name,
+            addrs: m.addrs,
+            incarnation: m.incarnation,
+            started_ms: m.started_ms,
+            status: match m.state {
+                MemberState::Alive => MemberStatus::Alive,
+                MemberState::Suspect => MemberStatus::Suspect,
+                MemberState::Dead => MemberStatus::Dead,
+                MemberState::Left => MemberStatus::Left,
+            },
+        },
+        m.state_since_unix_ms,
+    )
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What `GET /v1/node` shows.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub id: String,
+    pub name: String,
+    pub addrs: Vec<String>,
+    pub cluster: Option<String>,
+    pub incarnation: u64,
+}
+
+#[derive(Message)]
+#[rtype(result = "NodeInfo")]
+pub struct GetNodeInfo;
+
+#[derive(Message)]
+#[rtype(result = "Vec<MemberView>")]
+pub struct ListMembers;
+
+#[derive(Message)]
+#[rtype(result = "Result<(), ForgetError>")]
+pub struct ForgetMember(pub String);
+
+/// Graceful leave: announce `left`, give gossip a moment to carry it, then answer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave;
+
+pub struct MembershipActor {
+    state: Membership,
+    net: NetHandle,
+    events: Option<mpsc::UnboundedReceiver<NetEvent>>,
+    store: Arc<NodeStore>,
+    cluster: Option<String>,
+    seeds: Vec<PeerAddr>,
+    connected: usize,
+    last_seed_dial: Option<Instant>,
+    epoch: Instant,
+    metrics: MembershipMetrics,
+    pending_forgotten: Vec<(String, u64)>,
+    leaving: bool,
+}
+
+impl MembershipActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: MemberRecord,
+        store: Arc<NodeStore>,
+        cluster: Option<String>,
+        seeds: Vec<PeerAddr>,
+        net: NetHandle,
+        events: mpsc::UnboundedReceiver<NetEvent>,
+        cfg: MembershipConfig,
+        metrics: MembershipMetrics,
+    ) -> Result<Self, kiln_persistence::StoreError> {
+        let known = store.load_members()?.into_iter().map(from_stored).collect();
+        let forgotten = store.load_forgotten()?;
+        Ok(MembershipActor {
+            state: Membership::new(me, known, forgotten, cfg),
+            net,
+            events: Some(events),
+            store,
+            cluster,
+            seeds,
+            connected: 0,
+            last_seed_dial: None,
+            epoch: Instant::now(),
+            metrics,
+            pending_forgotten: Vec::new(),
+            leaving: false,
+        })
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono_ms: self.epoch.elapsed().as_millis() as u64,
+            unix_ms: unix_ms(),
+        }
+    }
+
+    fn dial_seeds(&mut self) {
+        self.last_seed_dial = Some(Instant::now());
+        for s in &self.seeds {
+            self.net.send(NetCommand::Dial {
+                peer: s.peer,
+                addrs: vec![s.addr.clone()],
+            });
+        }
+    }
+
+    fn run(&mut self, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Publish(g) => {
+                    if matches!(g, MembershipGossip::Announce { .. }) {
+                        self.metrics.announcements_sent.inc();
+                    }
+                    self.net.send(NetCommand::PublishMembership(g));
+                }
+                Effect::Dial { id, addrs } => {
+                    let Ok(peer) = id.parse::<PeerId>() else {
+                        continue;
+                    };
+                    let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    self.net.send(NetCommand::Dial {
+                        peer: Some(peer),
+                        addrs,
+                    });
+                }
+                Effect::Sync { id } => {
+                    let Ok(peer) = id.parse::<PeerId>() else {
+                        continue;
+                    };
+                    self.net.send(NetCommand::Request {
+                        peer,
+                        request: Request::MembershipSync {
+                            cluster: self.cluster.clone(),
+                            members: self.state.table(),
+                        },
+                    });
+                }
+                Effect::PersistIncarnation(inc) => {
+                    let store = self.store.clone();
+                    actix_rt::task::spawn_blocking(move || {
+                        if let Err(e) = store.store_incarnation(inc) {
+                            tracing::error!(error = %e, "cannot persist incarnation");
+                        }
+                    });
+                }
+                Effect::StatusChanged {
+                    id,
+                    from,
+                    to,
+                    incarnation,
+                } => {
+                    let name = self.state.member(&id).map(|m| m.record.name.clone()).unwrap_or_default();
+                    tracing::info!(peer = %id, peer_name = %name, from = from.map(state_name), to = state_name(to),
+                        incarnation, "member state changed");
+                }
+                Effect::Suspected { .. } => {
+                    self.metrics.suspicions.inc();
+                }
+                Effect::DeclaredDead { .. } => {
+                    self.metrics.deaths_declared.inc();
+                }
+                Effect::Refuted { .. } => {
+                    self.metrics.refutations.inc();
+                }
+                Effect::Forgotten { id, incarnation } => {
+                    tracing::info!(peer = %id, incarnation, "member forgotten");
+                    self.pending_forgotten.push((id, incarnation));
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let dirty = self.state.take_dirty();
+        let forgotten = std::mem::take(&mut self.pending_forgotten);
+        if dirty.is_empty() && forgotten.is_empty() {
+            return;
+        }
+        let stored: Vec<StoredMember> = dirty.iter().map(|(r, since)| to_stored(r, *since)).collect();
+        let store = self.store.clone();
+        actix_rt::task::spawn_blocking(move || {
+            if let Err(e) = store.save_members(&stored, &forgotten) {
+                tracing::error!(error = %e, "cannot persist the member table");
+            }
+        });
+    }
+
+    fn update_gauges(&self) {
+        for (s, n) in self.state.counts() {
+            self.metrics
+                .members
+                .get_or_create(&StateLabel { state: state_name(s) })
+                .set(n as i64);
+        }
+    }
+
+    /// Checks (and, for a joining node, adopts) the cluster id of a peer.
+    fn accept_cluster(&mut self, peer: &PeerId, theirs: &Option<String>) -> bool {
+        match (&self.cluster, theirs) {
+            (_, None) => true,
+            (Some(ours), Some(t)) if ours == t => true,
+            (Some(ours), Some(t)) => {
+                tracing::warn!(%peer, ours = %ours, theirs = %t,
+                    "peer belongs to another cluster (same secret, different cluster id); disconnecting it");
+                self.net.send(NetCommand::Disconnect(*peer));
+                false
+            }
+            (None, Some(t)) => match self.store.set_cluster_id(t) {
+                Ok(()) => {
+                    tracing::info!(cluster = %t, via = %peer, "joined cluster");
+                    self.cluster = Some(t.clone());
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record the cluster id");
+                    false
+                }
+            },
+        }
+    }
+
+    fn valid_records(peer: &PeerId, records: Vec<MemberRecord>) -> Vec<MemberRecord> {
+        records
+            .into_iter()
+            .filter(|r| {
+                let ok = r.id.parse::<PeerId>().is_ok();
+                if !ok {
+                    tracing::warn!(%peer, id = %r.id, "ignoring a member record with an invalid peer id");
+                }
+                ok
+            })
+            .collect()
+    }
+
+    fn on_net_event(&mut self, ev: NetEvent) {
+        let now = self.now();
+        let effects = match ev {
+            NetEvent::ListenAddr(addr) => {
+                let mut addrs = self.state.me().addrs.clone();
+                let a = addr.to_string();
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+                self.state.set_addrs(now, addrs)
+            }
+            NetEvent::ConnectionUp { peer, .. } => {
+                self.connected += 1;
+                self.state.on_connected(now, &peer.to_string())
+            }
+            NetEvent::ConnectionDown { peer } => {
+                self.connected = self.connected.saturating_sub(1);
+                self.state.on_disconnected(now, &peer.to_string())
+            }
+            NetEvent::DialFailed { peer, error } => {
+                tracing::debug!(peer = ?peer, %error, "dial failed");
+                match peer {
+                    Some(p) => self.state.on_dial_failed(now, &p.to_string()),
+                    None => vec![],
+                }
+            }
+            NetEvent::Membership { source, msg } => match msg {
+                MembershipGossip::Announce { member, beat } => {
+                    self.metrics.announcements_received.inc();
+                    if member.id.parse::<PeerId>().is_err() {
+                        tracing::warn!(%source, id = %member.id, "ignoring an announcement with an invalid peer id");
+                        vec![]
+                    } else {
+                        self.state.on_announce(now, member, beat)
+                    }
+                }
+                MembershipGossip::Claim {
+                    subject,
+                    incarnation,
+                    status,
+                    by,
+                } => {
+                    self.metrics.claims_received.inc();
+                    tracing::debug!(peer = %subject, by = %by, claimed = state_name(status), incarnation, "claim received");
+                    self.state.on_claim(now, &subject, incarnation, status)
+                }
+                MembershipGossip::Forget {
+                    subject,
+                    incarnation,
+                } => self.state.on_forget(now, &subject, incarnation),
+            },
+            NetEvent::MembershipSubscribed { .. } => vec![],
+            NetEvent::Request {
+                peer,
+                request: Request::MembershipSync { cluster, members },
+                reply,
+            } => {
+                if !self.accept_cluster(&peer, &cluster) {
+                    self.net.send(NetCommand::Respond {
+                        reply,
+                        response: Response::Refused {
+                            reason: format!(
+                                "this node belongs to cluster {}",
+                                self.cluster.as_deref().unwrap_or("?")
+                            ),
+                        },
+                    });
+                    return;
+                }
+                let fx = self.state.on_sync(now, Self::valid_records(&peer, members));
+                self.net.send(NetCommand::Respond {
+                    reply,
+                    response: Response::MembershipSync {
+                        cluster: self.cluster.clone(),
+                        members: self.state.table(),
+                    },
+                });
+                fx
+            }
+            NetEvent::Response {
+                peer,
+                response: Response::MembershipSync { cluster, members },
+            } => {
+                if !self.accept_cluster(&peer, &cluster) {
+                    return;
+                }
+                self.metrics.syncs.inc();
+                self.state.on_sync(now, Self::valid_records(&peer, members))
+            }
+            NetEvent::Response {
+                peer,
+                response: Response::Refused { reason },
+            } => {
+                tracing::warn!(%peer, %reason, "peer refused to sync membership");
+                vec![]
+            }
+            NetEvent::RequestFailed { peer, error } => {
+                tracing::debug!(%peer, %error, "request failed");
+                vec![]
+            }
+            NetEvent::ProbeOk { peer, .. } => self.state.on_probe_ok(now, &peer.to_string()),
+            NetEvent::ProbeFailed { peer, error } => {
+                tracing::debug!(%peer, %error, "ping failed");
+                vec![]
+            }
+            NetEvent::Identified { .. } => vec![],
+            NetEvent::Banned { peer } => {
+                tracing::warn!(%peer, "peer banned for bad frames");
+                vec![]
+            }
+        };
+        self.run(effects);
+    }
+}
+
+impl Actor for MembershipActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(rx) = self.events.take() {
+            ctx.add_stream(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|e| (e, rx))
+            }));
+        }
+        if self.cluster.is_none() && self.seeds.is_empty() && self.state.table().len() == 1 {
+            let id = format!("{:032x}", rand::random::<u128>());
+            match self.store.set_cluster_id(&id) {
+                Ok(()) => {
+                    tracing::info!(cluster = %id, "created a new cluster");
+                    self.cluster = Some(id);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot record the new cluster id"),
+            }
+        }
+        let now = self.now();
+        let fx = self.state.start(now);
+        self.run(fx);
+        self.dial_seeds();
+        ctx.run_interval(TICK, |act, _| {
+            if act.leaving {
+                return;
+            }
+            let fx = act.state.tick(act.now());
+            act.run(fx);
+            if act.connected == 0
+                && !act.seeds.is_empty()
+                && act.last_seed_dial.is_none_or(|t| t.elapsed() >= SEED_REDIAL)
+            {
+                act.dial_seeds();
+            }
+            act.flush();
+            act.update_gauges();
+        });
+    }
+}
+
+impl StreamHandler<NetEvent> for MembershipActor {
+    fn handle(&mut self, ev: NetEvent, _: &mut Self::Context) {
+        if !self.leaving {
+            self.on_net_event(ev);
+        }
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {
+        tracing::debug!("network event stream ended");
+    }
+}
+
+impl Handler<GetNodeInfo> for MembershipActor {
+    type Result = MessageResult<GetNodeInfo>;
+    fn handle(&mut self, _: GetNodeInfo, _: &mut Self::Context) -> Self::Result {
+        let me = self.state.me();
+        MessageResult(NodeInfo {
+            id: me.id.clone(),
+            name: me.name.clone(),
+            addrs: me.addrs.clone(),
+            cluster: self.cluster.clone(),
+            incarnation: me.incarnation,
+        })
+    }
+}
+
+impl Handler<ListMembers> for MembershipActor {
+    type Result = MessageResult<ListMembers>;
+    fn handle(&mut self, _: ListMembers, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.state.view(self.now()))
+    }
+}
+
+impl Handler<ForgetMember> for MembershipActor {
+    type Result = Result<(), ForgetError>;
+    fn handle(&mut self, msg: ForgetMember, _: &mut Self::Context) -> Self::Result {
+        let fx = self.state.forget(&msg.0)?;
+        self.run(fx);
+        self.flush();
+        Ok(())
+    }
+}
+
+impl Handler<Leave> for MembershipActor {
+    type Result = ResponseActFuture<Self, ()>;
+    fn handle(&mut self, _: Leave, _: &mut Self::Context) -> Self::Result {
+        let fx = self.state.leave();
+        tracing::info!(incarnation = self.state.me().incarnation, "leaving the cluster");
+        self.run(fx);
+        self.leaving = true;
+        self.flush();
+        Box::pin(actix::clock::sleep(Duration::from_millis(300)).into_actor(self))
+    }
+}

@@ -1,0 +1,655 @@
+//! The membership protocol as a plain state machine: events in, effects out, time
+//! passed in by the caller. No sockets, no clock, no disk.
+//!
+//! Liveness is judged by each node from its own evidence (a ping answered on the
+//! direct connection, a fresh announcement heard through gossip):
+//! - `alive → suspect` after `suspect_timeout_ms` without evidence, or at once when
+//!   the connection is gone and a redial failed;
+//! - `→ dead` after `dead_timeout_ms` without evidence, or after
+//!   `suspect_timeout_ms` when the member is also unreachable (connection closed and
+//!   redial refused: a crashed process). A paused process keeps its connections, so
+//!   a short pause never takes the fast path;
+//! - suspicion and death are gossiped as claims; the subject refutes a claim by
+//!   announcing a higher incarnation, which outranks every claim about an older one;
+//! - `left` is announced by the member itself on a graceful shutdown.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use kiln_net::wire::{MemberRecord, MemberStatus, MembershipGossip};
+
+/// Timing of the membership protocol. Every field is also a configuration key.
+#[derive(Debug, Clone)]
+pub struct MembershipConfig {
+    pub announce_interval_ms: u64,
+    pub suspect_timeout_ms: u64,
+    pub dead_timeout_ms: u64,
+    pub redial_interval_ms: u64,
+    /// How often a dead member is dialled again, so that a healed partition reunites.
+    pub dead_redial_interval_ms: u64,
+    pub dead_member_ttl_ms: u64,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig {
+            announce_interval_ms: 1000,
+            suspect_timeout_ms: 1500,
+            dead_timeout_ms: 5000,
+            redial_interval_ms: 1000,
+            dead_redial_interval_ms: 10_000,
+            dead_member_ttl_ms: 86_400_000,
+        }
+    }
+}
+
+/// The time of an event: monotonic milliseconds for timeouts, Unix milliseconds
+/// for what is shown and persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub mono_ms: u64,
+    pub unix_ms: u64,
+}
+
+/// What the state machine asks its actor to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Publish(MembershipGossip),
+    Dial { id: String, addrs: Vec<String> },
+    /// Push-pull: send our member table to `id` and merge its answer.
+    Sync { id: String },
+    /// Our incarnation went up (refutation); it must survive a restart.
+    PersistIncarnation(u64),
+    StatusChanged {
+        id: String,
+        from: Option<MemberStatus>,
+        to: MemberStatus,
+        incarnation: u64,
+    },
+    Suspected { id: String },
+    DeclaredDead { id: String },
+    Refuted { incarnation: u64 },
+    Forgotten { id: String, incarnation: u64 },
+}
+
+/// One known member, with this node's view of its liveness.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub record: MemberRecord,
+    /// Monotonic ms of the last evidence of life; `None` if never heard this run.
+    pub last_heard_ms: Option<u64>,
+    pub status_since_unix_ms: u64,
+    pub connected: bool,
+    /// The connection is gone and a redial failed since.
+    pub unreachable: bool,
+    last_beat: u64,
+    last_dial_ms: Option<u64>,
+    /// When we last re-told this member a claim about itself it has not refuted.
+    last_reclaim_ms: Option<u64>,
+    /// When this node started suspecting it (monotonic).
+    suspect_since_ms: Option<u64>,
+}
+
+/// A row of the member table as shown to operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    pub record: MemberRecord,
+    /// Unix ms of the last evidence of life (for this node itself: now).
+    pub last_seen_unix_ms: Option<u64>,
+    pub is_self: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForgetError {
+    #[error("member {0} is not known")]
+    Unknown(String),
+    #[error("member {id} is {status:?}; only dead or left members can be forgotten")]
+    NotGone { id: String, status: MemberStatus },
+    #[error("a node cannot forget itself")]
+    IsSelf,
+}
+
+fn rank(s: MemberStatus) -> u8 {
+    match s {
+        MemberStatus::Alive => 0,
+        MemberStatus::Suspect => 1,
+        MemberStatus::Dead => 2,
+        MemberStatus::Left => 3,
+    }
+}
+
+fn gone(s: MemberStatus) -> bool {
+    matches!(s, MemberStatus::Dead | MemberStatus::Left)
+}
+
+pub struct Membership {
+    me: MemberRecord,
+    beat: u64,
+    last_announce_ms: Option<u64>,
+    members: BTreeMap<String, Member>,
+    forgotten: HashMap<String, u64>,
+    dirty: BTreeSet<String>,
+    cfg: MembershipConfig,
+}
+
+impl Membership {
+    /// `me` is this node at its (already raised) incarnation; `known` what was persisted.
+    pub fn new(
+        me: MemberRecord,
+        known: Vec<(MemberRecord, u64)>,
+        forgotten: Vec<(String, u64)>,
+        cfg: MembershipConfig,
+    ) -> Self {
+        let mut members = BTreeMap::new();
+        for (record, status_since_unix_ms) in known {
+            if record.id == me.id {
+                continue;
+            }
+            members.insert(
+                record.id.clone(),
+                Member {
+                    record,
+                    last_heard_ms: None,
+                    status_since_unix_ms,
+                    connected: false,
+                    unreachable: false,
+                    last_beat: 0,
+                    last_dial_ms: None,
+                    last_reclaim_ms: None,
+                    suspect_since_ms: None,
+                },
+            );
+        }
+        Membership {
+            me,
+            beat: 0,
+            last_announce_ms: None,
+            members,
+            forgotten: forgotten.into_iter().collect(),
+            dirty: BTreeSet::new(),
+            cfg,
+        }
+    }
+
+    pub fn me(&self) -> &MemberRecord {
+        &self.me
+    }
+
+    pub fn member(&self, id: &str) -> Option<&Member> {
+        self.members.get(id)
+    }
+
+    /// Ids of members whose persisted record changed since the last call.
+    pub fn take_dirty(&mut self) -> Vec<(MemberRecord, u64)> {
+        let ids = std::mem::take(&mut self.dirty);
+        ids.into_iter()
+            .filter_map(|id| self.members.get(&id))
+            .map(|m| (m.record.clone(), m.status_since_unix_ms))
+            .collect()
+    }
+
+    /// The table this node sends in a push-pull sync, itself included.
+    pub fn table(&self) -> Vec<MemberRecord> {
+        std::iter::once(self.me.clone())
+            .chain(self.members.values().map(|m| m.record.clone()))
+            .collect()
+    }
+
+    pub fn view(&self, now: Now) -> Vec<MemberView> {
+        let mut rows = vec![MemberView {
+            record: self.me.clone(),
+            last_seen_unix_ms: Some(now.unix_ms),
+            is_self: true,
+        }];
+        rows.extend(self.members.values().map(|m| MemberView {
+            record: m.record.clone(),
+            last_seen_unix_ms: m
+                .last_heard_ms
+                .map(|h| now.unix_ms.saturating_sub(now.mono_ms.saturating_sub(h))),
+            is_self: false,
+        }));
+        rows
+    }
+
+    /// Count of members (this node included) by status.
+    pub fn counts(&self) -> [(MemberStatus, usize); 4] {
+        let mut c = [
+            (MemberStatus::Alive, 0),
+            (MemberStatus::Suspect, 0),
+            (MemberStatus::Dead, 0),
+            (MemberStatus::Left, 0),
+        ];
+        for s in std::iter::once(self.me.status).chain(self.members.values().map(|m| m.record.status)) {
+            c[rank(s) as usize].1 += 1;
+        }
+        c
+    }
+
+    /// Addresses to dial at start: every member not known to be gone.
+    pub fn start(&mut self, now: Now) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for m in self.members.values_mut() {
+            if !gone(m.record.status) {
+                // Grace: what we knew before the restart counts as heard just now.
+                m.last_heard_ms = Some(now.mono_ms);
+                m.last_dial_ms = Some(now.mono_ms);
+                out.push(Effect::Dial {
+                    id: m.record.id.clone(),
+                    addrs: m.record.addrs.clone(),
+                });
+            }
+        }
+        out.extend(self.announce(now));
+        out
+    }
+
+    /// This node's listen addresses changed.
+    pub fn set_addrs(&mut self, now: Now, addrs: Vec<String>) -> Vec<Effect> {
+        if addrs == self.me.addrs {
+            return vec![];
+        }
+        self.me.addrs = addrs;
+        self.announce(now)
+    }
+
+    fn announce(&mut self, now: Now) -> Vec<Effect> {
+        self.beat += 1;
+        self.last_announce_ms = Some(now.mono_ms);
+        vec![Effect::Publish(MembershipGossip::Announce {
+            member: self.me.clone(),
+            beat: self.beat,
+        })]
+    }
+
+    fn set_status(&mut self, now: Now, id: &str, to: MemberStatus, out: &mut Vec<Effect>) {
+        let Some(m) = self.members.get_mut(id) else {
+            return;
+        };
+        if m.record.status == to {
+            return;
+        }
+        let from = m.record.status;
+        m.record.status = to;
+        m.status_since_unix_ms = now.unix_ms;
+        m.suspect_since_ms = (to == MemberStatus::Suspect).then_some(now.mono_ms);
+        self.dirty.insert(id.to_string());
+        out.push(Effect::StatusChanged {
+            id: id.to_string(),
+            from: Some(from),
+            to,
+            incarnation: m.record.incarnation,
+        });
+    }
+
+    /// A claim or table says something about this node: refute what is not true.
+    fn about_me(&mut self, now: Now, incarnation: u64, status: MemberStatus) -> Vec<Effect> {
+        if status == MemberStatus::Alive || incarnation < self.me.incarnation {
+            return vec![];
+        }
+        if self.me.status == MemberStatus::Left {
+            return vec![];
+        }
+        self.me.incarnation = incarnation + 1;
+        tracing::info!(
+            incarnation = self.me.incarnation, claimed = ?status,
+            "refuting a claim about this node with a higher incarnation"
+        );
+        let mut out = vec![
+            Effect::PersistIncarnation(self.me.incarnation),
+            Effect::Refuted {
+                incarnation: self.me.incarnation,
+            },
+        ];
+        out.extend(self.announce(now));
+        out
+    }
+
+    /// Merges a record learnt from an announcement (`beat` = Some, evidence of life)
+    /// or from a peer's table (`beat` = None, hearsay).
+    fn merge(&mut self, now: Now, rec: MemberRecord, beat: Option<u64>) -> Vec<Effect> {
+        if rec.id == self.me.id {
+            return self.about_me(now, rec.incarnation, rec.status);
+        }
+        if self.forgotten.get(&rec.id).is_some_and(|inc| rec.incarnation <= *inc) {
+            return vec![];
+        }
+        let mut out = Vec::new();
+        let Some(m) = self.members.get_mut(&rec.id) else {
+            // A new member. Hearsay about a gone member is kept for the record only.
+            let status = rec.status;
+            let id = rec.id.clone();
+            let live = !gone(status);
+            if live {
+                out.push(Effect::Dial {
+                    id: id.clone(),
+                    addrs: rec.addrs.clone(),
+                });
+            }
+            out.push(Effect::StatusChanged {
+                id: id.clone(),
+                from: None,
+                to: status,
+                incarnation: rec.incarnation,
+            });
+            self.members.insert(
+                id.clone(),
+                Member {
+                    record: rec,
+                    last_heard_ms: live.then_some(now.mono_ms),
+                    status_since_unix_ms: now.unix_ms,
+                    connected: false,
+                    unreachable: false,
+                    last_beat: beat.unwrap_or(0),
+                    last_dial_ms: live.then_some(now.mono_ms),
+                    last_reclaim_ms: None,
+                    suspect_since_ms: (status == MemberStatus::Suspect).then_some(now.mono_ms),
+                },
+            );
+            self.forgotten.remove(&id);
+            self.dirty.insert(id);
+            return out;
+        };
+        let id = rec.id.clone();
+        if rec.incarnation > m.record.incarnation {
+            // A newer life of the member outranks everything said of an older one.
+            let from = m.record.status;
+            let revived = gone(from) && !gone(rec.status);
+            m.record = rec;
+            m.status_since_unix_ms = now.unix_ms;
+            m.suspect_since_ms = None;
+            m.last_beat = beat.unwrap_or(0);
+            if beat.is_some() || revived {
+                m.last_heard_ms = Some(now.mono_ms);
+                m.unreachable = false;
+            }
+            self.dirty.insert(id.clone());
+            if from != m.record.status {
+                out.push(Effect::StatusChanged {
+                    id: id.clone(),
+                    from: Some(from),
+                    to: m.record.status,
+                    incarnation: m.record.incarnation,
+                });
+            }
+            if revived && !m.connected {
+                m.last_dial_ms = Some(now.mono_ms);
+                out.push(Effect::Dial {
+                    id,
+                    addrs: m.record.addrs.clone(),
+                });
+            }
+            return out;
+        }
+        if rec.incarnation < m.record.incarnation {
+            return out;
+        }
+        // Same incarnation.
+        if let Some(b) = beat {
+            if b > m.last_beat {
+                m.last_beat = b;
+                m.last_heard_ms = Some(now.mono_ms);
+                if m.record.addrs != rec.addrs && !rec.addrs.is_empty() {
+                    m.record.addrs = rec.addrs.clone();
+                    self.dirty.insert(id.clone());
+                }
+                if gone(m.record.status) {
+                    // It announces itself but we hold it dead or left at this very
+                    // incarnation: tell it, so it refutes (rate-limited).
+                    let due = m
+                        .last_reclaim_ms
+                        .is_none_or(|t| now.mono_ms.saturating_sub(t) >= self.cfg.announce_interval_ms);
+                    if due && m.record.status == MemberStatus::Dead {
+                        m.last_reclaim_ms = Some(now.mono_ms);
+                        out.push(Effect::Publish(MembershipGossip::Claim {
+                            subject: id.clone(),
+                            incarnation: m.record.incarnation,
+                            status: MemberStatus::Dead,
+                            by: self.me.id.clone(),
+                        }));
+                    }
+                } else if m.record.status == MemberStatus::Suspect {
+                    // Our own fresh evidence clears our own suspicion.
+                    self.set_status(now, &id, MemberStatus::Alive, &mut out);
+                }
+            }
+            return out;
+        }
+        // Hearsay at the same incarnation: only death and departure are adopted;
+        // a suspicion is each node's own opinion.
+        if gone(rec.status) && rank(rec.status) > rank(m.record.status) {
+            self.set_status(now, &id, rec.status, &mut out);
+        }
+        out
+    }
+
+    pub fn on_announce(&mut self, now: Now, member: MemberRecord, beat: u64) -> Vec<Effect> {
+        self.merge(now, member, Some(beat))
+    }
+
+    pub fn on_claim(
+        &mut self,
+        now: Now,
+        subject: &str,
+        incarnation: u64,
+        status: MemberStatus,
+    ) -> Vec<Effect> {
+        if subject == self.me.id {
+            return self.about_me(now, incarnation, status);
+        }
+        let mut out = Vec::new();
+        let Some(m) = self.members.get(subject) else {
+            return out;
+        };
+        if incarnation != m.record.incarnation || status == MemberStatus::Alive {
+            return out;
+        }
+        if gone(status) && rank(status) > rank(m.record.status) {
+            self.set_status(now, subject, status, &mut out);
+        }
+        out
+    }
+
+    pub fn on_forget(&mut self, now: Now, subject: &str, incarnation: u64) -> Vec<Effect> {
+        let _ = now;
+        if subject == self.me.id {
+            return self.about_me(now, incarnation, MemberStatus::Dead);
+        }
+        let mut out = Vec::new();
+        if let Some(m) = self.members.get(subject) {
+            if m.record.incarnation <= incarnation && gone(m.record.status) {
+                self.members.remove(subject);
+                out.push(Effect::Forgotten {
+                    id: subject.to_string(),
+                    incarnation,
+                });
+            }
+        }
+        let inc = self.forgotten.entry(subject.to_string()).or_insert(incarnation);
+        *inc = (*inc).max(incarnation);
+        out
+    }
+
+    /// Push-pull: merge a peer's table.
+    pub fn on_sync(&mut self, now: Now, table: Vec<MemberRecord>) -> Vec<Effect> {
+        table
+            .into_iter()
+            .flat_map(|rec| self.merge(now, rec, None))
+            .collect()
+    }
+
+    pub fn on_probe_ok(&mut self, now: Now, id: &str) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if let Some(m) = self.members.get_mut(id) {
+            m.last_heard_ms = Some(now.mono_ms);
+            m.unreachable = false;
+            if m.record.status == MemberStatus::Suspect {
+                self.set_status(now, id, MemberStatus::Alive, &mut out);
+            }
+        }
+        out
+    }
+
+    pub fn on_connected(&mut self, now: Now, id: &str) -> Vec<Effect> {
+        if let Some(m) = self.members.get_mut(id) {
+            m.connected = true;
+            m.unreachable = false;
+            if !gone(m.record.status) {
+                m.last_heard_ms = Some(now.mono_ms);
+            }
+        }
+        vec![Effect::Sync { id: id.to_string() }]
+    }
+
+    pub fn on_disconnected(&mut self, now: Now, id: &str) -> Vec<Effect> {
+        let Some(m) = self.members.get_mut(id) else {
+            return vec![];
+        };
+        m.connected = false;
+        if gone(m.record.status) {
+            return vec![];
+        }
+        m.last_dial_ms = Some(now.mono_ms);
+        vec![Effect::Dial {
+            id: id.to_string(),
+            addrs: m.record.addrs.clone(),
+        }]
+    }
+
+    pub fn on_dial_failed(&mut self, now: Now, id: &str) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let Some(m) = self.members.get_mut(id) else {
+            return out;
+        };
+        if m.connected {
+            return out;
+        }
+        m.unreachable = true;
+        if m.record.status == MemberStatus::Alive {
+            self.suspect(now, id, &mut out);
+        }
+        out
+    }
+
+    fn suspect(&mut self, now: Now, id: &str, out: &mut Vec<Effect>) {
+        self.set_status(now, id, MemberStatus::Suspect, out);
+        if let Some(m) = self.members.get(id) {
+            out.push(Effect::Suspected { id: id.to_string() });
+            out.push(Effect::Publish(MembershipGossip::Claim {
+                subject: id.to_string(),
+                incarnation: m.record.incarnation,
+                status: MemberStatus::Suspect,
+                by: self.me.id.clone(),
+            }));
+        }
+    }
+
+    /// Timers: announce, suspect, declare dead, redial, forget after the TTL.
+    pub fn tick(&mut self, now: Now) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if self.me.status != MemberStatus::Left
+            && self
+                .last_announce_ms
+                .is_none_or(|t| now.mono_ms.saturating_sub(t) >= self.cfg.announce_interval_ms)
+        {
+            out.extend(self.announce(now));
+        }
+        let ids: Vec<String> = self.members.keys().cloned().collect();
+        for id in ids {
+            let Some(m) = self.members.get(&id) else {
+                continue;
+            };
+            let status = m.record.status;
+            let silence = m
+                .last_heard_ms
+                .map(|h| now.mono_ms.saturating_sub(h))
+                .unwrap_or(u64::MAX);
+            if !gone(status) {
+                let dead = silence >= self.cfg.dead_timeout_ms
+                    || (silence >= self.cfg.suspect_timeout_ms && m.unreachable && !m.connected);
+                if dead {
+                    let inc = m.record.incarnation;
+                    self.set_status(now, &id, MemberStatus::Dead, &mut out);
+                    out.push(Effect::DeclaredDead { id: id.clone() });
+                    out.push(Effect::Publish(MembershipGossip::Claim {
+                        subject: id.clone(),
+                        incarnation: inc,
+                        status: MemberStatus::Dead,
+                        by: self.me.id.clone(),
+                    }));
+                } else if status == MemberStatus::Alive && silence >= self.cfg.suspect_timeout_ms {
+                    self.suspect(now, &id, &mut out);
+                }
+            }
+            let Some(m) = self.members.get_mut(&id) else {
+                continue;
+            };
+            let status = m.record.status;
+            if !m.connected && status != MemberStatus::Left {
+                let every = if status == MemberStatus::Dead {
+                    self.cfg.dead_redial_interval_ms
+                } else {
+                    self.cfg.redial_interval_ms
+                };
+                if m
+                    .last_dial_ms
+                    .is_none_or(|t| now.mono_ms.saturating_sub(t) >= every)
+                {
+                    m.last_dial_ms = Some(now.mono_ms);
+                    out.push(Effect::Dial {
+                        id: id.clone(),
+                        addrs: m.record.addrs.clone(),
+                    });
+                }
+            }
+            if gone(status)
+                && now.unix_ms.saturating_sub(m.status_since_unix_ms) >= self.cfg.dead_member_ttl_ms
+            {
+                let inc = m.record.incarnation;
+                self.members.remove(&id);
+                self.forgotten.insert(id.clone(), inc);
+                out.push(Effect::Forgotten { id, incarnation: inc });
+            }
+        }
+        out
+    }
+
+    /// Graceful leave: the claim to publish before shutting down.
+    pub fn leave(&mut self) -> Vec<Effect> {
+        self.me.status = MemberStatus::Left;
+        vec![Effect::Publish(MembershipGossip::Claim {
+            subject: self.me.id.clone(),
+            incarnation: self.me.incarnation,
+            status: MemberStatus::Left,
+            by: self.me.id.clone(),
+        })]
+    }
+
+    /// Operator's `kiln members forget ID`: only a dead or left member.
+    pub fn forget(&mut self, id: &str) -> Result<Vec<Effect>, ForgetError> {
+        if id == self.me.id {
+            return Err(ForgetError::IsSelf);
+        }
+        let m = self
+            .members
+            .get(id)
+            .ok_or_else(|| ForgetError::Unknown(id.to_string()))?;
+        if !gone(m.record.status) {
+            return Err(ForgetError::NotGone {
+                id: id.to_string(),
+                status: m.record.status,
+            });
+        }
+        let inc = m.record.incarnation;
+        self.members.remove(id);
+        self.forgotten.insert(id.to_string(), inc);
+        Ok(vec![
+            Effect::Forgotten {
+                id: id.to_string(),
+                incarnation: inc,
+            },
+            Effect::Publish(MembershipGossip::Forget {
+                subject: id.to_string(),
+                incarnation: inc,
+            }),
+        ])
+    }
+}

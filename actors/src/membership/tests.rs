@@ -1,0 +1,334 @@
+use super::state::*;
+use kiln_net::wire::{MemberRecord, MemberStatus, MembershipGossip};
+
+fn rec(id: &str, inc: u64, status: MemberStatus) -> MemberRecord {
+    MemberRecord {
+        id: id.into(),
+        name: format!("node-{id}"),
+        addrs: vec![format!("/ip4/127.0.0.1/tcp/{}", 7000 + id.len())],
+        incarnation: inc,
+        started_ms: 1,
+        status,
+    }
+}
+
+fn at(ms: u64) -> Now {
+    Now {
+        mono_ms: ms,
+        unix_ms: 1_000_000 + ms,
+    }
+}
+
+fn node(id: &str) -> Membership {
+    Membership::new(rec(id, 1, MemberStatus::Alive), vec![], vec![], MembershipConfig::default())
+}
+
+fn status(m: &Membership, id: &str) -> MemberStatus {
+    m.member(id).map(|x| x.record.status).expect("member known")
+}
+
+fn published(effects: &[Effect]) -> Vec<MembershipGossip> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Publish(g) => Some(g.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn announcement_adds_member_and_dials_it() {
+    let mut a = node("a");
+    let fx = a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+    assert!(fx.iter().any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
+    assert_eq!(a.take_dirty().len(), 1);
+}
+
+#[test]
+fn silence_makes_suspect_then_dead() {
+    let cfg = MembershipConfig::default();
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_connected(at(0), "b");
+    a.tick(at(cfg.suspect_timeout_ms - 1));
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+    let fx = a.tick(at(cfg.suspect_timeout_ms));
+    assert_eq!(status(&a, "b"), MemberStatus::Suspect);
+    assert!(fx.contains(&Effect::Suspected { id: "b".into() }));
+    assert!(published(&fx).iter().any(|g| matches!(g,
+        MembershipGossip::Claim { subject, status: MemberStatus::Suspect, .. } if subject == "b")));
+    // Still connected (a paused process): only the long timeout declares it dead.
+    a.tick(at(cfg.dead_timeout_ms - 1));
+    assert_eq!(status(&a, "b"), MemberStatus::Suspect);
+    let fx = a.tick(at(cfg.dead_timeout_ms));
+    assert_eq!(status(&a, "b"), MemberStatus::Dead);
+    assert!(fx.contains(&Effect::DeclaredDead { id: "b".into() }));
+}
+
+#[test]
+fn crashed_member_is_dead_after_suspect_timeout() {
+    let cfg = MembershipConfig::default();
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_connected(at(0), "b");
+    a.on_probe_ok(at(100), "b");
+    let fx = a.on_disconnected(at(200), "b");
+    assert!(fx.iter().any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
+    a.on_dial_failed(at(210), "b");
+    assert_eq!(status(&a, "b"), MemberStatus::Suspect);
+    a.tick(at(100 + cfg.suspect_timeout_ms - 1));
+    assert_eq!(status(&a, "b"), MemberStatus::Suspect);
+    a.tick(at(100 + cfg.suspect_timeout_ms));
+    assert_eq!(status(&a, "b"), MemberStatus::Dead);
+}
+
+#[test]
+fn a_one_second_pause_changes_nothing() {
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_connected(at(0), "b");
+    let mut t = 0;
+    while t < 10_000 {
+        // b answers pings every 500 ms except during a 1 s pause from 3 s to 4 s.
+        if !(3000..4000).contains(&t) {
+            a.on_probe_ok(at(t), "b");
+        }
+        let fx = a.tick(at(t));
+        assert!(!fx.iter().any(|e| matches!(e, Effect::DeclaredDead { .. } | Effect::Suspected { .. })),
+            "at {t}: {fx:?}");
+        t += 100;
+    }
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+}
+
+#[test]
+fn own_evidence_clears_own_suspicion() {
+    let cfg = MembershipConfig::default();
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.tick(at(cfg.suspect_timeout_ms));
+    assert_eq!(status(&a, "b"), MemberStatus::Suspect);
+    a.on_announce(at(cfg.suspect_timeout_ms + 10), rec("b", 1, MemberStatus::Alive), 2);
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+}
+
+#[test]
+fn subject_refutes_suspicion_with_higher_incarnation() {
+    let mut b = node("b");
+    let fx = b.on_claim(at(0), "b", 1, MemberStatus::Suspect);
+    assert_eq!(b.me().incarnation, 2);
+    assert!(fx.contains(&Effect::PersistIncarnation(2)));
+    assert!(fx.contains(&Effect::Refuted { incarnation: 2 }));
+    let announced = published(&fx);
+    assert!(matches!(&announced[..], [MembershipGossip::Announce { member, .. }] if member.incarnation == 2));
+    // A claim about an older incarnation needs no answer.
+    assert!(b.on_claim(at(1), "b", 1, MemberStatus::Dead).is_empty());
+}
+
+#[test]
+fn higher_incarnation_outranks_dead() {
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_claim(at(10), "b", 1, MemberStatus::Dead);
+    assert_eq!(status(&a, "b"), MemberStatus::Dead);
+    // Alive at the same incarnation does not revive it; the subject is told instead.
+    let fx = a.on_announce(at(2000), rec("b", 1, MemberStatus::Alive), 2);
+    assert_eq!(status(&a, "b"), MemberStatus::Dead);
+    assert!(published(&fx).iter().any(|g| matches!(g,
+        MembershipGossip::Claim { subject, status: MemberStatus::Dead, .. } if subject == "b")));
+    a.on_announce(at(2010), rec("b", 2, MemberStatus::Alive), 1);
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+    assert_eq!(a.member("b").unwrap().record.incarnation, 2);
+}
+
+#[test]
+fn claims_about_older_incarnations_are_ignored() {
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 5, MemberStatus::Alive), 1);
+    a.on_claim(at(1), "b", 4, MemberStatus::Dead);
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+    a.on_sync(at(2), vec![rec("b", 3, MemberStatus::Left)]);
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+}
+
+#[test]
+fn hearsay_suspicion_is_not_adopted_but_death_is() {
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_claim(at(1), "b", 1, MemberStatus::Suspect);
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+    a.on_sync(at(2), vec![rec("b", 1, MemberStatus::Dead)]);
+    assert_eq!(status(&a, "b"), MemberStatus::Dead);
+}
+
+#[test]
+fn left_is_announced_and_adopted() {
+    let mut b = node("b");
+    let fx = b.leave();
+    let claim = match &published(&fx)[..] {
+        [MembershipGossip::Claim { subject, incarnation, status, .. }] => (subject.clone(), *incarnation, *status),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(claim.2, MemberStatus::Left);
+    assert!(b.tick(at(5000)).is_empty(), "a leaving node stops announcing");
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_claim(at(1), &claim.0, claim.1, claim.2);
+    assert_eq!(status(&a, "b"), MemberStatus::Left);
+    // Left members are not dialled again.
+    let fx = a.on_disconnected(at(2), "b");
+    assert!(fx.is_empty());
+    assert!(!a.tick(at(60_000)).iter().any(|e| matches!(e, Effect::Dial { .. })));
+}
+
+#[test]
+fn push_pull_teaches_the_whole_table() {
+    let mut a = node("a");
+    let fx = a.on_sync(
+        at(0),
+        vec![
+            rec("b", 1, MemberStatus::Alive),
+            rec("c", 3, MemberStatus::Alive),
+            rec("d", 1, MemberStatus::Dead),
+            rec("a", 1, MemberStatus::Alive),
+        ],
+    );
+    assert_eq!(a.table().len(), 4);
+    let dialled: Vec<_> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Dial { id, .. } => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dialled, vec!["b", "c"]);
+}
+
+#[test]
+fn forget_only_gone_members_and_keep_them_forgotten() {
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 2, MemberStatus::Alive), 1);
+    assert!(matches!(a.forget("b"), Err(ForgetError::NotGone { .. })));
+    assert!(matches!(a.forget("zz"), Err(ForgetError::Unknown(_))));
+    assert!(matches!(a.forget("a"), Err(ForgetError::IsSelf)));
+    a.on_claim(at(1), "b", 2, MemberStatus::Dead);
+    let fx = a.forget("b").unwrap();
+    assert!(fx.contains(&Effect::Forgotten { id: "b".into(), incarnation: 2 }));
+    assert!(a.member("b").is_none());
+    // Gossip of the old life does not bring it back; a new life does.
+    a.on_sync(at(2), vec![rec("b", 2, MemberStatus::Dead)]);
+    assert!(a.member("b").is_none());
+    a.on_announce(at(3), rec("b", 3, MemberStatus::Alive), 1);
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+}
+
+#[test]
+fn dead_members_expire_after_ttl() {
+    let cfg = MembershipConfig {
+        dead_member_ttl_ms: 10_000,
+        ..Default::default()
+    };
+    let mut a = Membership::new(rec("a", 1, MemberStatus::Alive), vec![], vec![], cfg);
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_claim(at(100), "b", 1, MemberStatus::Dead);
+    a.tick(at(10_099));
+    assert!(a.member("b").is_some());
+    let fx = a.tick(at(10_100));
+    assert!(fx.contains(&Effect::Forgotten { id: "b".into(), incarnation: 1 }));
+    assert!(a.member("b").is_none());
+}
+
+#[test]
+fn restart_dials_known_members_and_gives_grace() {
+    let known = vec![
+        (rec("b", 1, MemberStatus::Alive), 0),
+        (rec("c", 1, MemberStatus::Dead), 0),
+    ];
+    let mut a = Membership::new(rec("a", 2, MemberStatus::Alive), known, vec![], MembershipConfig::default());
+    let fx = a.start(at(50_000));
+    assert!(fx.iter().any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Dial { id, .. } if id == "c")));
+    assert!(!a.tick(at(50_100)).iter().any(|e| matches!(e, Effect::Suspected { .. })));
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Input {
+        Announce(u8, u64, MemberStatus),
+        Claim(u8, u64, MemberStatus),
+        Sync(u8, u64, MemberStatus),
+        Probe(u8),
+        Up(u8),
+        Down(u8),
+        DialFailed(u8),
+        Tick(u64),
+    }
+
+    fn status_strategy() -> impl Strategy<Value = MemberStatus> {
+        prop_oneof![
+            Just(MemberStatus::Alive),
+            Just(MemberStatus::Suspect),
+            Just(MemberStatus::Dead),
+            Just(MemberStatus::Left)
+        ]
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        let id = 0u8..4;
+        let inc = 0u64..5;
+        prop_oneof![
+            (id.clone(), inc.clone(), status_strategy()).prop_map(|(i, n, s)| Input::Announce(i, n, s)),
+            (id.clone(), inc.clone(), status_strategy()).prop_map(|(i, n, s)| Input::Claim(i, n, s)),
+            (id.clone(), inc, status_strategy()).prop_map(|(i, n, s)| Input::Sync(i, n, s)),
+            id.clone().prop_map(Input::Probe),
+            id.clone().prop_map(Input::Up),
+            id.clone().prop_map(Input::Down),
+            id.prop_map(Input::DialFailed),
+            (0u64..3000).prop_map(Input::Tick),
+        ]
+    }
+
+    proptest! {
+        /// Whatever arrives, in whatever order: a member's incarnation never goes
+        /// down, this node's own incarnation only grows and always outranks any
+        /// claim it has seen about itself, and the node never declares itself gone.
+        #[test]
+        fn incarnations_are_monotonic(inputs in proptest::collection::vec(input(), 1..200)) {
+            let ids = ["a", "b", "c", "d"];
+            let mut m = node("a");
+            let mut t = 0u64;
+            let mut seen: std::collections::HashMap<String, u64> = Default::default();
+            let mut max_claim_about_me = 0u64;
+            for i in inputs {
+                let now = at(t);
+                match i {
+                    Input::Announce(x, n, _) => { m.on_announce(now, rec(ids[x as usize], n, MemberStatus::Alive), t); }
+                    Input::Claim(x, n, s) => {
+                        if x == 0 && s != MemberStatus::Alive { max_claim_about_me = max_claim_about_me.max(n); }
+                        m.on_claim(now, ids[x as usize], n, s);
+                    }
+                    Input::Sync(x, n, s) => {
+                        if x == 0 && s != MemberStatus::Alive { max_claim_about_me = max_claim_about_me.max(n); }
+                        m.on_sync(now, vec![rec(ids[x as usize], n, s)]);
+                    }
+                    Input::Probe(x) => { m.on_probe_ok(now, ids[x as usize]); }
+                    Input::Up(x) => { m.on_connected(now, ids[x as usize]); }
+                    Input::Down(x) => { m.on_disconnected(now, ids[x as usize]); }
+                    Input::DialFailed(x) => { m.on_dial_failed(now, ids[x as usize]); }
+                    Input::Tick(d) => { t += d; m.tick(at(t)); }
+                }
+                prop_assert_eq!(m.me().status, MemberStatus::Alive);
+                prop_assert!(m.me().incarnation > max_claim_about_me);
+                for r in m.table() {
+                    let prev = seen.insert(r.id.clone(), r.incarnation).unwrap_or(0);
+                    prop_assert!(r.incarnation >= prev, "incarnation of {} went down", r.id);
+                }
+            }
+        }
+    }
+}
