@@ -232,7 +232,10 @@ pub fn spawn(
     let transport = build_transport(&config.keypair, config.psk)?;
     let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gossipsub_config()?)
         .map_err(|e| NetError::Gossipsub(e.to_string()))?
-        .with_metrics(registry, Default::default());
+        .with_metrics(
+            registry.sub_registry_with_prefix("libp2p_gossipsub"),
+            Default::default(),
+        );
     let behaviour = KilnBehaviour {
         blocked: Default::default(),
         identify: identify::Behaviour::new(

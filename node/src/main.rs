@@ -1,1 +1,81 @@
-fn main() {}
+//! `kiln`: run a cluster node, start a local demo cluster, or talk to a node.
+
+mod client;
+mod config;
+mod demo;
+mod http;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "kiln: a peer-to-peer cluster node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (until SIGTERM or Ctrl-C, when it leaves the cluster gracefully).
+    Run(Box<config::RunArgs>),
+    /// Start a local cluster of real nodes on loopback; Ctrl-C stops them all.
+    Demo(demo::DemoArgs),
+    /// Print a node's view of the cluster: members, their state and last contact.
+    Status(client::ApiArgs),
+    /// Manage the member table.
+    Members {
+        #[command(subcommand)]
+        command: MembersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MembersCommand {
+    /// Forget a dead or left member now, everywhere, instead of after dead_member_ttl_s.
+    Forget {
+        /// Peer id of the member.
+        id: String,
+        #[command(flatten)]
+        api: client::ApiArgs,
+    },
+    /// The member table (same as `kiln status`).
+    List(client::ApiArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => match config::Settings::resolve(*args) {
+            Ok(settings) => {
+                init_tracing();
+                run::run(settings)
+            }
+            Err(e) => {
+                eprintln!("kiln: {e}");
+                std::process::exit(2);
+            }
+        },
+        Command::Demo(args) => demo::demo(args),
+        Command::Status(api) => client::status(&api),
+        Command::Members { command } => match command {
+            MembersCommand::Forget { id, api } => client::forget(&api, &id),
+            MembersCommand::List(api) => client::status(&api),
+        },
+    };
+    if let Err(e) = result {
+        // One line an operator can act on; the chain of causes joined, no backtrace.
+        eprintln!("kiln: {e:#}");
+        std::process::exit(1);
+    }
+}

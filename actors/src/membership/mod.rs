@@ -6,5 +6,8 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
-pub use actor::{ForgetMember, Leave, ListMembers, MembershipActor, MembershipMetrics, NodeInfo, GetNodeInfo};
+pub use actor::{
+    unix_ms, ForgetMember, GetNodeInfo, Leave, ListMembers, MembershipActor, MembershipMetrics,
+    NodeInfo,
+};
 pub use state::{MemberView, MembershipConfig};

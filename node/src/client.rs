@@ -1,0 +1,151 @@
+//! Client verbs of the `kiln` command line, over a node's HTTP API.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::Args;
+use serde_json::Value;
+
+/// Where the node's HTTP API is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// HTTP address of any node.
+    #[arg(long, env = "KILN_HTTP", default_value = "127.0.0.1:8700", value_name = "ADDR")]
+    pub http: String,
+    /// Bearer token, when the node was started with one.
+    #[arg(long, env = "KILN_HTTP_TOKEN", value_name = "T")]
+    pub http_token: Option<String>,
+}
+
+pub struct Api {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(args: &ApiArgs) -> Self {
+        let base = if args.http.starts_with("http://") || args.http.starts_with("https://") {
+            args.http.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}", args.http.trim_end_matches('/'))
+        };
+        Api {
+            base,
+            token: args.http_token.clone(),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(10))
+                .build(),
+        }
+    }
+
+    fn call(&self, method: &str, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.agent.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match req.call() {
+            Ok(resp) => resp
+                .into_json::<Value>()
+                .with_context(|| format!("{url}: answer is not JSON")),
+            Err(ureq::Error::Status(code, resp)) => {
+                let body: Value = resp.into_json().unwrap_or(Value::Null);
+                let msg = body["error"].as_str().unwrap_or("no detail").to_string();
+                Err(anyhow!("{method} {url}: {code}: {msg}"))
+            }
+            Err(e) => Err(anyhow!(
+                "cannot reach kiln at {}: {e}; is the node running and is --http right?",
+                self.base
+            )),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call("GET", path)
+    }
+
+    pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        self.call("DELETE", path)
+    }
+}
+
+fn ago(now_ms: u64, then: &Value) -> String {
+    match then.as_u64() {
+        None => "never".into(),
+        Some(t) => {
+            let d = now_ms.saturating_sub(t);
+            if d < 1000 {
+                format!("{d}ms ago")
+            } else {
+                format!("{:.1}s ago", d as f64 / 1000.0)
+            }
+        }
+    }
+}
+
+/// The member table as `kiln status` prints it.
+pub fn format_members(members: &Value, now_ms: u64) -> String {
+    let me = members["self"].as_str().unwrap_or("");
+    let rows: Vec<[String; 6]> = members["members"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(&[])
+        .iter()
+        .map(|m| {
+            let id = m["id"].as_str().unwrap_or("?").to_string();
+            let mark = if id == me { "*" } else { " " };
+            [
+                format!("{mark}{id}"),
+                m["name"].as_str().unwrap_or("").to_string(),
+                m["addrs"][0].as_str().unwrap_or("").to_string(),
+                m["state"].as_str().unwrap_or("?").to_string(),
+                m["incarnation"].to_string(),
+                if id == me { "-".into() } else { ago(now_ms, &m["last_seen_ms"]) },
+            ]
+        })
+        .collect();
+    let header = [" ID", "NAME", "ADDRESS", "STATE", "INC", "LAST SEEN"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in std::iter::once(&header).chain(rows.iter()) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn status(args: &ApiArgs) -> anyhow::Result<()> {
+    let api = Api::new(args);
+    let node = api.get("/v1/node")?;
+    let members = api.get("/v1/cluster/members")?;
+    let list = members["members"].as_array().cloned().unwrap_or_default();
+    let alive = list.iter().filter(|m| m["state"] == "alive").count();
+    println!(
+        "node {} ({})  cluster {}  members {} ({} alive)",
+        node["name"].as_str().unwrap_or("?"),
+        node["id"].as_str().unwrap_or("?"),
+        node["cluster"].as_str().unwrap_or("(joining)"),
+        list.len(),
+        alive
+    );
+    print!("{}", format_members(&members, kiln_actors::membership::unix_ms()));
+    Ok(())
+}
+
+pub fn forget(args: &ApiArgs, id: &str) -> anyhow::Result<()> {
+    let api = Api::new(args);
+    api.delete(&format!("/v1/cluster/members/{id}"))?;
+    println!("forgot {id}");
+    Ok(())
+}

@@ -1,0 +1,367 @@
+//! Configuration of `kiln run`. Every setting has one name in three spellings: TOML
+//! key `snake_case` in `--config FILE`, flag `--kebab-case`, environment
+//! `KILN_UPPER_SNAKE` (lists comma-separated). Precedence: flag > environment >
+//! file > default. This file is the reference: each field says what it does and
+//! its default; the README's table is checked against it by a test.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use kiln_actors::membership::MembershipConfig;
+use kiln_net::addr::{parse_peer_addr, PeerAddr};
+use kiln_net::Multiaddr;
+use serde::Deserialize;
+
+/// Flags (and their environment variables) of `kiln run`. All optional here, so
+/// that the config file can fill what neither flag nor environment gave.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// TOML file with any of the settings below (keys in snake_case).
+    #[arg(long, env = "KILN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of this node's database. Default: ./kiln-data
+    #[arg(long, env = "KILN_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address(es) to listen on for peers: host:port or /ip4/A/tcp/P. Default: 0.0.0.0:7700
+    #[arg(long, env = "KILN_LISTEN", value_name = "ADDR", value_delimiter = ',')]
+    pub listen: Vec<String>,
+    /// Address(es) other nodes should dial, for 0.0.0.0 listeners or NAT. Default: the listen addresses
+    #[arg(long, env = "KILN_ADVERTISE", value_name = "ADDR", value_delimiter = ',')]
+    pub advertise: Vec<String>,
+    /// Address of the HTTP API. Default: 127.0.0.1:8700
+    #[arg(long, env = "KILN_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+    /// When set, every API call but /metrics needs `Authorization: Bearer T`.
+    #[arg(long, env = "KILN_HTTP_TOKEN", value_name = "T")]
+    pub http_token: Option<String>,
+    /// Peer(s) to join through: host:port or multiaddr, with or without /p2p/<id>.
+    #[arg(long, env = "KILN_SEED", value_name = "ADDR", value_delimiter = ',')]
+    pub seed: Vec<String>,
+    /// Shared secret of the cluster; nodes with another secret cannot connect.
+    #[arg(long, env = "KILN_CLUSTER_SECRET", value_name = "S")]
+    pub cluster_secret: Option<String>,
+    /// File holding the cluster secret (trailing newline ignored).
+    #[arg(long, env = "KILN_CLUSTER_SECRET_FILE", value_name = "F")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Human-readable node name. Default: kiln-<end of peer id>
+    #[arg(long, env = "KILN_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+    /// Milliseconds between a node's membership announcements. Default: 1000
+    #[arg(long, env = "KILN_ANNOUNCE_INTERVAL_MS", value_name = "MS")]
+    pub announce_interval_ms: Option<u64>,
+    /// Milliseconds between pings on every peer connection. Default: 500
+    #[arg(long, env = "KILN_PROBE_INTERVAL_MS", value_name = "MS")]
+    pub probe_interval_ms: Option<u64>,
+    /// Silence after which a member is suspect. Default: 1500
+    #[arg(long, env = "KILN_SUSPECT_TIMEOUT_MS", value_name = "MS")]
+    pub suspect_timeout_ms: Option<u64>,
+    /// Silence after which a member is dead even if its connection looks open. Default: 5000
+    #[arg(long, env = "KILN_DEAD_TIMEOUT_MS", value_name = "MS")]
+    pub dead_timeout_ms: Option<u64>,
+    /// Seconds after which dead and left members are forgotten. Default: 86400
+    #[arg(long, env = "KILN_DEAD_MEMBER_TTL_S", value_name = "S")]
+    pub dead_member_ttl_s: Option<u64>,
+}
+
+/// The same settings as read from the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<Vec<String>>,
+    pub advertise: Option<Vec<String>>,
+    pub http: Option<String>,
+    pub http_token: Option<String>,
+    pub seed: Option<Vec<String>>,
+    pub cluster_secret: Option<String>,
+    pub cluster_secret_file: Option<PathBuf>,
+    pub name: Option<String>,
+    pub announce_interval_ms: Option<u64>,
+    pub probe_interval_ms: Option<u64>,
+    pub suspect_timeout_ms: Option<u64>,
+    pub dead_timeout_ms: Option<u64>,
+    pub dead_member_ttl_s: Option<u64>,
+}
+
+/// Every setting key, in its TOML spelling (for the README check).
+#[cfg(test)]
+pub const KEYS: &[&str] = &[
+    "config",
+    "data_dir",
+    "listen",
+    "advertise",
+    "http",
+    "http_token",
+    "seed",
+    "cluster_secret",
+    "cluster_secret_file",
+    "name",
+    "announce_interval_ms",
+    "probe_interval_ms",
+    "suspect_timeout_ms",
+    "dead_timeout_ms",
+    "dead_member_ttl_s",
+];
+
+/// Resolved, validated settings of a node.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    pub advertise: Vec<Multiaddr>,
+    pub http: SocketAddr,
+    pub http_token: Option<String>,
+    pub seeds: Vec<PeerAddr>,
+    pub cluster_secret: Option<Vec<u8>>,
+    pub name: Option<String>,
+    pub probe_interval_ms: u64,
+    pub membership: MembershipConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: PathBuf, error: String },
+    #[error("config file {path}: {error}")]
+    Parse { path: PathBuf, error: String },
+    #[error("setting {key}: {error}")]
+    Invalid { key: &'static str, error: String },
+}
+
+fn non_empty(v: Vec<String>) -> Vec<String> {
+    v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+fn pick_list(cli: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
+    let cli = non_empty(cli);
+    if !cli.is_empty() {
+        cli
+    } else {
+        non_empty(file.unwrap_or_default())
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        error: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        error: e.message().to_string(),
+    })
+}
+
+fn positive(key: &'static str, v: u64) -> Result<u64, ConfigError> {
+    if v == 0 {
+        Err(ConfigError::Invalid {
+            key,
+            error: "must be greater than 0".into(),
+        })
+    } else {
+        Ok(v)
+    }
+}
+
+impl Settings {
+    pub fn resolve(cli: RunArgs) -> Result<Settings, ConfigError> {
+        let file = match &cli.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let addr_list = |key: &'static str, raw: Vec<String>| -> Result<Vec<PeerAddr>, ConfigError> {
+            raw.iter()
+                .map(|s| {
+                    parse_peer_addr(s).map_err(|e| ConfigError::Invalid {
+                        key,
+                        error: e.to_string(),
+                    })
+                })
+                .collect()
+        };
+        let mut listen_raw = pick_list(cli.listen, file.listen);
+        if listen_raw.is_empty() {
+            listen_raw.push("0.0.0.0:7700".into());
+        }
+        let listen = addr_list("listen", listen_raw)?
+            .into_iter()
+            .map(|a| a.addr)
+            .collect();
+        let advertise = addr_list("advertise", pick_list(cli.advertise, file.advertise))?
+            .into_iter()
+            .map(|a| a.addr)
+            .collect();
+        let seeds = addr_list("seed", pick_list(cli.seed, file.seed))?;
+        let http_raw = cli
+            .http
+            .or(file.http)
+            .unwrap_or_else(|| "127.0.0.1:8700".into());
+        let http = resolve_socket(&http_raw).map_err(|error| ConfigError::Invalid { key: "http", error })?;
+        let secret_file = cli.cluster_secret_file.or(file.cluster_secret_file);
+        let cluster_secret = match (cli.cluster_secret.or(file.cluster_secret), secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "cluster_secret",
+                    error: "give either cluster_secret or cluster_secret_file, not both".into(),
+                })
+            }
+            (Some(s), None) => Some(s.into_bytes()),
+            (None, Some(f)) => {
+                let text = std::fs::read(&f).map_err(|e| ConfigError::Invalid {
+                    key: "cluster_secret_file",
+                    error: format!("cannot read {}: {e}", f.display()),
+                })?;
+                let trimmed = text.strip_suffix(b"\n").unwrap_or(&text);
+                let trimmed = trimmed.strip_suffix(b"\r").unwrap_or(trimmed);
+                Some(trimmed.to_vec())
+            }
+            (None, None) => None,
+        };
+        if cluster_secret.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(ConfigError::Invalid {
+                key: "cluster_secret",
+                error: "is empty".into(),
+            });
+        }
+        let d = MembershipConfig::default();
+        let announce_interval_ms = positive(
+            "announce_interval_ms",
+            cli.announce_interval_ms.or(file.announce_interval_ms).unwrap_or(d.announce_interval_ms),
+        )?;
+        let suspect_timeout_ms = positive(
+            "suspect_timeout_ms",
+            cli.suspect_timeout_ms.or(file.suspect_timeout_ms).unwrap_or(d.suspect_timeout_ms),
+        )?;
+        let dead_timeout_ms = positive(
+            "dead_timeout_ms",
+            cli.dead_timeout_ms.or(file.dead_timeout_ms).unwrap_or(d.dead_timeout_ms),
+        )?;
+        if dead_timeout_ms < suspect_timeout_ms {
+            return Err(ConfigError::Invalid {
+                key: "dead_timeout_ms",
+                error: format!("({dead_timeout_ms}) must not be below suspect_timeout_ms ({suspect_timeout_ms})"),
+            });
+        }
+        let probe_interval_ms = positive(
+            "probe_interval_ms",
+            cli.probe_interval_ms.or(file.probe_interval_ms).unwrap_or(500),
+        )?;
+        let dead_member_ttl_s = cli
+            .dead_member_ttl_s
+            .or(file.dead_member_ttl_s)
+            .unwrap_or(d.dead_member_ttl_ms / 1000);
+        Ok(Settings {
+            data_dir: cli
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./kiln-data")),
+            listen,
+            advertise,
+            http,
+            http_token: cli.http_token.or(file.http_token).filter(|t| !t.is_empty()),
+            seeds,
+            cluster_secret,
+            name: cli.name.or(file.name).filter(|n| !n.is_empty()),
+            probe_interval_ms,
+            membership: MembershipConfig {
+                announce_interval_ms,
+                suspect_timeout_ms,
+                dead_timeout_ms,
+                dead_member_ttl_ms: dead_member_ttl_s.saturating_mul(1000),
+                ..d
+            },
+        })
+    }
+}
+
+/// `host:port` to a socket address (resolving a host name).
+pub fn resolve_socket(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not host:port ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_serve_one_node_on_one_machine() {
+        let s = Settings::resolve(RunArgs::default()).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("./kiln-data"));
+        assert_eq!(s.listen[0].to_string(), "/ip4/0.0.0.0/tcp/7700");
+        assert_eq!(s.http.to_string(), "127.0.0.1:8700");
+        assert!(s.seeds.is_empty() && s.cluster_secret.is_none());
+    }
+
+    #[test]
+    fn flag_beats_file_and_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kiln.toml");
+        std::fs::write(
+            &f,
+            "name = \"from-file\"\nhttp = \"127.0.0.1:9000\"\nseed = [\"127.0.0.1:7701\"]\nsuspect_timeout_ms = 2000\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(RunArgs {
+            config: Some(f),
+            name: Some("from-flag".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.name.as_deref(), Some("from-flag"));
+        assert_eq!(s.http.to_string(), "127.0.0.1:9000");
+        assert_eq!(s.seeds.len(), 1);
+        assert_eq!(s.membership.suspect_timeout_ms, 2000);
+    }
+
+    #[test]
+    fn bad_values_say_which_key() {
+        let e = Settings::resolve(RunArgs {
+            seed: vec!["not an address".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().starts_with("setting seed:"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kiln.toml");
+        std::fs::write(&f, "no_such_key = 1\n").unwrap();
+        let e = Settings::resolve(RunArgs {
+            config: Some(f),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("no_such_key"), "{e}");
+    }
+
+    #[test]
+    fn secret_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("secret");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let s = Settings::resolve(RunArgs {
+            cluster_secret_file: Some(f),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.cluster_secret.as_deref(), Some(&b"s3cret"[..]));
+    }
+
+    #[test]
+    fn readme_documents_every_setting() {
+        let readme = include_str!("../../README.md");
+        for key in KEYS {
+            let env = format!("KILN_{}", key.to_uppercase());
+            let flag = format!("--{}", key.replace('_', "-"));
+            for spelling in [key.to_string(), env, flag] {
+                assert!(readme.contains(&format!("`{spelling}`")), "README lacks `{spelling}`");
+            }
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The HTTP API of a node: JSON under `/v1`, Prometheus text at `/metrics`, a status
+//! page at `/`. Every error is JSON `{"error": ...}` with a fitting status code.
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::body::{BoxBody, EitherBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpResponse, ResponseError};
+use kiln_actors::membership::{
+    ForgetMember, GetNodeInfo, ListMembers, MemberView, MembershipActor,
+};
+use kiln_net::wire::MemberStatus;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use serde_json::json;
+
+pub struct ApiState {
+    pub membership: Addr<MembershipActor>,
+    pub registry: Arc<Registry>,
+    pub token: Option<String>,
+}
+
+/// An API error: status code and a message for the client.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.0
+    }
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.0).json(json!({ "error": self.1 }))
+    }
+}
+
+fn unavailable<E: std::fmt::Display>(e: E) -> ApiError {
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("node is shutting down or overloaded: {e}"),
+    )
+}
+
+#[derive(Serialize)]
+pub struct MemberJson {
+    pub id: String,
+    pub name: String,
+    pub addrs: Vec<String>,
+    pub state: &'static str,
+    pub incarnation: u64,
+    pub last_seen_ms: Option<u64>,
+}
+
+pub fn state_str(s: MemberStatus) -> &'static str {
+    match s {
+        MemberStatus::Alive => "alive",
+        MemberStatus::Suspect => "suspect",
+        MemberStatus::Dead => "dead",
+        MemberStatus::Left => "left",
+    }
+}
+
+fn member_json(v: MemberView) -> MemberJson {
+    MemberJson {
+        id: v.record.id,
+        name: v.record.name,
+        addrs: v.record.addrs,
+        state: state_str(v.record.status),
+        incarnation: v.record.incarnation,
+        last_seen_ms: v.last_seen_unix_ms,
+    }
+}
+
+async fn node(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let info = state.membership.send(GetNodeInfo).await.map_err(unavailable)?;
+    Ok(HttpResponse::Ok().json(json!({
+        "id": info.id,
+        "name": info.name,
+        "addrs": info.addrs,
+        "cluster": info.cluster,
+        "incarnation": info.incarnation,
+        "version": env!("CARGO_PKG_VERSION"),
+    })))
+}
+
+async fn members(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let rows = state.membership.send(ListMembers).await.map_err(unavailable)?;
+    let me = rows.iter().find(|r| r.is_self).map(|r| r.record.id.clone());
+    let members: Vec<MemberJson> = rows.into_iter().map(member_json).collect();
+    Ok(HttpResponse::Ok().json(json!({ "self": me, "members": members })))
+}
+
+async fn forget(
+    state: web::Data<ApiState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    use kiln_actors::membership::state::ForgetError;
+    let id = id.into_inner();
+    match state.membership.send(ForgetMember(id.clone())).await.map_err(unavailable)? {
+        Ok(()) => Ok(HttpResponse::Ok().json(json!({ "forgotten": id }))),
+        Err(e @ ForgetError::Unknown(_)) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
+        Err(e) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+    }
+}
+
+async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &state.registry).map_err(|e| {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}"))
+    })?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(out))
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+async fn status_page(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let info = state.membership.send(GetNodeInfo).await.map_err(unavailable)?;
+    let rows = state.membership.send(ListMembers).await.map_err(unavailable)?;
+    let mut html = format!(
+        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2>\
+         <title>kiln {name}</title><style>body{{font-family:sans-serif;margin:2em}}\
+         td,th{{padding:.2em .8em;text-align:left}}.alive{{color:#080}}.suspect{{color:#a60}}\
+         .dead{{color:#b00}}.left{{color:#777}}</style></head><body>\
+         <h1>kiln node {name}</h1><p>id <code>{id}</code><br>cluster <code>{cluster}</code></p>\
+         <h2>Members</h2><table><tr><th>name</th><th>id</th><th>address</th><th>state</th>\
+         <th>incarnation</th></tr>",
+        name = escape(&info.name),
+        id = escape(&info.id),
+        cluster = escape(info.cluster.as_deref().unwrap_or("(joining)")),
+    );
+    for r in rows {
+        let s = state_str(r.record.status);
+        html.push_str(&format!(
+            "<tr><td>{}{}</td><td><code>{}</code></td><td>{}</td><td class={s}>{s}</td><td>{}</td></tr>",
+            escape(&r.record.name),
+            if r.is_self { " (this node)" } else { "" },
+            escape(&r.record.id),
+            escape(r.record.addrs.first().map(String::as_str).unwrap_or("")),
+            r.record.incarnation
+        ));
+    }
+    html.push_str("</table><p><a href=/metrics>metrics</a></p></body></html>");
+    Ok(HttpResponse::Ok().content_type("text/html; charset=utf-8").body(html))
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()))
+}
+
+/// Bearer-token check for everything but `/metrics`.
+async fn require_token(
+    req: ServiceRequest,
+    next: Next<BoxBody>,
+) -> Result<ServiceResponse<EitherBody<BoxBody>>, actix_web::Error> {
+    let expected = req
+        .app_data::<web::Data<ApiState>>()
+        .and_then(|s| s.token.clone());
+    if let Some(token) = expected {
+        if req.path() != "/metrics" {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if given != Some(token.as_str()) {
+                let resp = HttpResponse::Unauthorized()
+                    .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
+                    .json(json!({ "error": "missing or wrong bearer token; send Authorization: Bearer <http_token>" }));
+                return Ok(req.into_response(resp).map_into_right_body());
+            }
+        }
+    }
+    next.call(req).await.map(|r| r.map_into_left_body())
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(status_page))
+        .route("/metrics", web::get().to(metrics))
+        .route("/v1/node", web::get().to(node))
+        .route("/v1/cluster/members", web::get().to(members))
+        .route("/v1/cluster/members/{id}", web::delete().to(forget))
+        .default_service(web::to(not_found));
+}
+
+pub fn app(
+    state: web::Data<ApiState>,
+) -> actix_web::App<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<EitherBody<BoxBody>>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    actix_web::App::new()
+        .app_data(state)
+        .app_data(web::PathConfig::default().error_handler(|e, _| {
+            ApiError(StatusCode::BAD_REQUEST, e.to_string()).into()
+        }))
+        .wrap(actix_web::middleware::from_fn(require_token))
+        .configure(configure)
+}

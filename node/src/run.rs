@@ -1,0 +1,158 @@
+//! `kiln run`: open the data directory, start the swarm, the actors and the HTTP
+//! API, and leave the cluster gracefully on SIGTERM / Ctrl-C.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use actix_web::{web, HttpServer};
+use anyhow::Context;
+use kiln_actors::membership::{Leave, MembershipActor, MembershipMetrics};
+use kiln_net::wire::{MemberRecord, MemberStatus};
+use kiln_net::{Keypair, NetConfig};
+use kiln_persistence::NodeStore;
+use prometheus_client::registry::Registry;
+
+use crate::config::Settings;
+use crate::http::{self, ApiState};
+
+/// Runs a node until SIGTERM or SIGINT. Errors are what stopped it from starting.
+pub fn run(settings: Settings) -> anyhow::Result<()> {
+    let store = NodeStore::open(&settings.data_dir)?;
+    store.bind_secret(settings.cluster_secret.as_deref())?;
+    let (key_bytes, created) = store.identity_or_create(|| {
+        Keypair::generate_ed25519()
+            .to_protobuf_encoding()
+            .unwrap_or_default()
+    })?;
+    let keypair = Keypair::from_protobuf_encoding(&key_bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: the stored node identity is corrupt ({e}); restore the file from a backup or use a new --data-dir",
+            store.path().display()
+        )
+    })?;
+    let peer_id = keypair.public().to_peer_id();
+    let incarnation = store.next_incarnation()?;
+    let cluster = store.cluster_id()?;
+    let id = peer_id.to_string();
+    let name = settings
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("kiln-{}", &id[id.len().saturating_sub(6)..]));
+    let span = tracing::info_span!("node", node = %name);
+    let _enter = span.enter();
+    tracing::info!(peer = %id, data_dir = %settings.data_dir.display(), created_identity = created,
+        incarnation, cluster = cluster.as_deref().unwrap_or("(not yet known)"), "starting kiln node");
+    if settings.cluster_secret.is_none() {
+        tracing::warn!("no cluster secret: the cluster is open to anyone who can reach its port; set --cluster-secret");
+    }
+    if settings.http_token.is_none() && !settings.http.ip().is_loopback() {
+        tracing::warn!(http = %settings.http,
+            "the HTTP API listens on a non-loopback address without --http-token; anyone who reaches it can use it");
+    }
+
+    let mut registry = Registry::default();
+    // The swarm gets a runtime and thread of its own, so that nothing the actors
+    // or the HTTP server do can stall it.
+    let net_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kiln-net")
+        .on_thread_start({
+            // The network thread logs inside the node span too.
+            let span = span.clone();
+            move || std::mem::forget(span.clone().entered())
+        })
+        .enable_all()
+        .build()
+        .context("cannot start the network runtime")?;
+    let (net, net_events) = {
+        let _guard = net_runtime.enter();
+        kiln_net::spawn(
+            NetConfig {
+                keypair,
+                listen: settings.listen.clone(),
+                advertise: settings.advertise.clone(),
+                psk: settings
+                    .cluster_secret
+                    .as_deref()
+                    .map(kiln_net::psk_from_secret),
+                probe_interval: Duration::from_millis(settings.probe_interval_ms),
+                request_timeout: Duration::from_secs(10),
+            },
+            &mut registry,
+        )?
+    };
+    let metrics = MembershipMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
+    let store = Arc::new(store);
+    let me = MemberRecord {
+        id: id.clone(),
+        name,
+        addrs: vec![],
+        incarnation,
+        started_ms: kiln_actors::membership::unix_ms(),
+        status: MemberStatus::Alive,
+    };
+
+    let system = actix_rt::System::new();
+    let result = system.block_on(async move {
+        let membership = MembershipActor::new(
+            me,
+            store,
+            cluster,
+            settings.seeds.clone(),
+            net.clone(),
+            net_events,
+            settings.membership.clone(),
+            metrics,
+        )?
+        .start();
+        let state = web::Data::new(ApiState {
+            membership: membership.clone(),
+            registry,
+            token: settings.http_token.clone(),
+        });
+        let server = HttpServer::new(move || http::app(state.clone()))
+            .workers(1)
+            // kiln handles SIGTERM/SIGINT itself: the leave must be announced
+            // before the HTTP server and the swarm go away.
+            .disable_signals()
+            .shutdown_timeout(5)
+            .bind(settings.http)
+            .with_context(|| {
+                format!(
+                    "cannot listen for HTTP on {}; is the port in use? choose another with --http",
+                    settings.http
+                )
+            })?
+            .run();
+        let handle = server.handle();
+        tracing::info!(http = %settings.http, "HTTP API ready");
+        actix_rt::spawn(server);
+        wait_for_signal().await;
+        tracing::info!("shutting down: announcing leave");
+        let _ = membership.send(Leave).await;
+        handle.stop(true).await;
+        net.shutdown().await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    });
+    net_runtime.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop this node with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}
