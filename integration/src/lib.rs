@@ -1,1 +1,347 @@
+//! Harness for tests and benchmarks that run real `kiln` processes.
+//!
+//! Each node gets its own loopback address (127.x.y.z) with fixed ports, so that
+//! tests running side by side never fight over ports, and its own data directory.
+//! The `kiln` binary is the one cargo built next to the test executable
+//! (`target/<profile>/kiln`), or `$KILN_BIN`.
 
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const PEER_PORT: u16 = 7700;
+pub const HTTP_PORT: u16 = 8700;
+
+/// Path of the `kiln` binary under test.
+pub fn kiln_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/kiln
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = dir.join("kiln");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build -p kiln-node, or cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Cluster tests share two cores: run them one at a time so that one test's load
+/// cannot make another's timing assertions lie.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+static NEXT_IP: AtomicU32 = AtomicU32::new(0);
+
+/// A loopback address whose kiln ports are free.
+pub fn free_ip() -> Ipv4Addr {
+    let base = (std::process::id() % 200) * 250;
+    loop {
+        let n = base + NEXT_IP.fetch_add(1, Ordering::Relaxed);
+        let ip = Ipv4Addr::new(
+            127,
+            10 + ((n / 62_500) % 200) as u8,
+            ((n / 250) % 250) as u8,
+            (n % 250) as u8 + 2,
+        );
+        let free = TcpListener::bind((ip, PEER_PORT)).is_ok()
+            && TcpListener::bind((ip, HTTP_PORT)).is_ok();
+        if free {
+            return ip;
+        }
+    }
+}
+
+/// Polls `cond` every 100 ms until it holds; panics with `what` after `timeout`
+/// (a guard against hanging, not a performance assertion).
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A `kiln run` process.
+pub struct Node {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub args: Vec<String>,
+    child: Option<Child>,
+    agent: ureq::Agent,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// How to start a node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOpts {
+    pub secret: Option<String>,
+    pub seeds: Vec<String>,
+    pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Node {
+    /// Starts a node in a new temporary data directory.
+    pub fn start(name: &str, opts: NodeOpts) -> Node {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("kiln-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let mut n = Node::start_in(name, &dir, free_ip(), opts);
+        n._tmp = Some(tmp);
+        n
+    }
+
+    /// Starts a node on `ip` with data directory `dir`.
+    pub fn start_in(name: &str, dir: &Path, ip: Ipv4Addr, opts: NodeOpts) -> Node {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--data-dir".into(),
+            dir.join("data").display().to_string(),
+            "--listen".into(),
+            format!("{ip}:{PEER_PORT}"),
+            "--http".into(),
+            format!("{ip}:{HTTP_PORT}"),
+            "--name".into(),
+            name.into(),
+        ];
+        if let Some(s) = &opts.secret {
+            args.push("--cluster-secret".into());
+            args.push(s.clone());
+        }
+        for s in &opts.seeds {
+            args.push("--seed".into());
+            args.push(s.clone());
+        }
+        args.extend(opts.extra.iter().cloned());
+        let mut node = Node {
+            name: name.into(),
+            ip,
+            dir: dir.to_path_buf(),
+            args,
+            child: None,
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(5))
+                .build(),
+            _tmp: None,
+        };
+        node.spawn(&opts.env);
+        node
+    }
+
+    fn spawn(&mut self, env: &[(String, String)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("kiln.log"))
+            .expect("log file");
+        let mut cmd = Command::new(kiln_bin());
+        cmd.args(&self.args)
+            .env("RUST_LOG", "info,libp2p_gossipsub=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start kiln"));
+    }
+
+    /// The address other nodes use as `--seed`.
+    pub fn seed(&self) -> String {
+        format!("{}:{PEER_PORT}", self.ip)
+    }
+
+    pub fn http(&self) -> String {
+        format!("{}:{HTTP_PORT}", self.ip)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("kiln.log")).unwrap_or_default()
+    }
+
+    /// GET a JSON document from the node's API; `None` if it does not answer.
+    pub fn get(&self, path: &str) -> Option<Value> {
+        self.agent
+            .get(&format!("http://{}{}", self.http(), path))
+            .call()
+            .ok()?
+            .into_json()
+            .ok()
+    }
+
+    pub fn id(&self) -> String {
+        let mut id = None;
+        wait_until(
+            &format!("{} answers /v1/node", self.name),
+            Duration::from_secs(30),
+            || {
+                id = self
+                    .get("/v1/node")
+                    .and_then(|v| v["id"].as_str().map(String::from));
+                id.is_some()
+            },
+        );
+        id.unwrap_or_default()
+    }
+
+    /// Member id → state, as this node sees it.
+    pub fn member_states(&self) -> Option<Vec<(String, String)>> {
+        let v = self.get("/v1/cluster/members")?;
+        Some(
+            v["members"]
+                .as_array()?
+                .iter()
+                .map(|m| {
+                    (
+                        m["id"].as_str().unwrap_or_default().to_string(),
+                        m["state"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    pub fn state_of(&self, id: &str) -> Option<String> {
+        self.member_states()?
+            .into_iter()
+            .find(|(m, _)| m == id)
+            .map(|(_, s)| s)
+    }
+
+    /// Ids this node sees alive.
+    pub fn alive(&self) -> HashSet<String> {
+        self.member_states()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, s)| s == "alive")
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let mut c = self.child.take()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("{} did not exit within 30 s of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to exit by itself (a refused start); returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the process again with the same arguments and data directory.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn(&[]);
+    }
+
+    /// Starts again with changed arguments.
+    pub fn restart_with(&mut self, args: Vec<String>) {
+        self.kill9();
+        self.args = args;
+        self.spawn(&[]);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- last log lines of {} ---", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Starts `n` nodes: the first without seeds, the others seeded by it.
+pub fn start_cluster(prefix: &str, n: usize, opts: NodeOpts) -> Vec<Node> {
+    let first = Node::start(&format!("{prefix}1"), opts.clone());
+    let seed = first.seed();
+    let mut nodes = vec![first];
+    for i in 2..=n {
+        let mut o = opts.clone();
+        o.seeds.push(seed.clone());
+        nodes.push(Node::start(&format!("{prefix}{i}"), o));
+    }
+    nodes
+}
+
+/// Waits until every node sees every other one alive.
+pub fn wait_converged(nodes: &[Node], timeout: Duration) -> Vec<String> {
+    let ids: Vec<String> = nodes.iter().map(|n| n.id()).collect();
+    let want: HashSet<String> = ids.iter().cloned().collect();
+    wait_until(
+        &format!("{} nodes see each other alive", nodes.len()),
+        timeout,
+        || nodes.iter().all(|n| want.is_subset(&n.alive())),
+    );
+    ids
+}

@@ -46,8 +46,13 @@ pub fn parse_peer_addr(input: &str) -> Result<PeerAddr, AddrError> {
             (Some(Protocol::Tcp(_)), None) => {}
             _ => return Err(bad("only TCP multiaddrs (/ip4/A/tcp/P) are supported; the cluster secret protects TCP only")),
         }
-        if matches!(addr.iter().next(), Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_))) {
-            return Err(bad("use an IP address or host:port; /dns multiaddrs are not resolved"));
+        if matches!(
+            addr.iter().next(),
+            Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_))
+        ) {
+            return Err(bad(
+                "use an IP address or host:port; /dns multiaddrs are not resolved",
+            ));
         }
         return Ok(PeerAddr { addr, peer });
     }
@@ -57,7 +62,9 @@ pub fn parse_peer_addr(input: &str) -> Result<PeerAddr, AddrError> {
             let (host, port) = s
                 .rsplit_once(':')
                 .ok_or_else(|| bad("expected host:port or a multiaddr"))?;
-            let port: u16 = port.parse().map_err(|_| bad("port is not a number 0-65535"))?;
+            let port: u16 = port
+                .parse()
+                .map_err(|_| bad("port is not a number 0-65535"))?;
             (host, port)
                 .to_socket_addrs()
                 .map_err(|e| bad(&format!("cannot resolve host {host:?}: {e}")))?
@@ -109,7 +116,13 @@ mod tests {
 
     #[test]
     fn bad_addresses_say_why() {
-        for bad in ["", "nonsense", "1.2.3.4:99999", "/ip4/1.2.3.4/udp/1/quic-v1", "/ip4/1.2.3.4"] {
+        for bad in [
+            "",
+            "nonsense",
+            "1.2.3.4:99999",
+            "/ip4/1.2.3.4/udp/1/quic-v1",
+            "/ip4/1.2.3.4",
+        ] {
             assert!(parse_peer_addr(bad).is_err(), "{bad} should fail");
         }
     }

@@ -77,8 +77,10 @@ impl<P: Eq + Hash + Clone> Offences<P> {
         for p in &over {
             self.banned.remove(p);
         }
-        self.recent
-            .retain(|_, t| t.back().is_some_and(|last| now_ms.saturating_sub(*last) < OFFENCE_WINDOW_MS));
+        self.recent.retain(|_, t| {
+            t.back()
+                .is_some_and(|last| now_ms.saturating_sub(*last) < OFFENCE_WINDOW_MS)
+        });
         over
     }
 }

@@ -10,13 +10,15 @@ use libp2p::core::transport::upgrade::Version;
 use libp2p::core::{muxing::StreamMuxerBox, transport::Boxed};
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
+use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{allow_block_list, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm, Transport};
-use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
+use libp2p::{
+    allow_block_list, identify, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm, Transport,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -62,10 +64,19 @@ impl std::fmt::Debug for Reply {
 #[derive(Debug)]
 pub enum NetCommand {
     /// Dial a peer at any of `addrs` unless already connected or dialing.
-    Dial { peer: Option<PeerId>, addrs: Vec<Multiaddr> },
+    Dial {
+        peer: Option<PeerId>,
+        addrs: Vec<Multiaddr>,
+    },
     PublishMembership(MembershipGossip),
-    Request { peer: PeerId, request: Request },
-    Respond { reply: Reply, response: Response },
+    Request {
+        peer: PeerId,
+        request: Request,
+    },
+    Respond {
+        reply: Reply,
+        response: Response,
+    },
     Disconnect(PeerId),
     /// Stop the swarm; answered once every connection is being closed.
     Shutdown(oneshot::Sender<()>),
@@ -76,21 +87,56 @@ pub enum NetCommand {
 pub enum NetEvent {
     /// The swarm listens on (or advertises) this address.
     ListenAddr(Multiaddr),
-    ConnectionUp { peer: PeerId, remote: Multiaddr, outbound: bool },
+    ConnectionUp {
+        peer: PeerId,
+        remote: Multiaddr,
+        outbound: bool,
+    },
     /// The last connection to `peer` closed.
-    ConnectionDown { peer: PeerId },
-    DialFailed { peer: Option<PeerId>, error: String },
-    Membership { source: PeerId, msg: MembershipGossip },
+    ConnectionDown {
+        peer: PeerId,
+    },
+    DialFailed {
+        peer: Option<PeerId>,
+        error: String,
+    },
+    Membership {
+        source: PeerId,
+        msg: MembershipGossip,
+    },
     /// A peer subscribed to the membership topic: a publish now reaches it.
-    MembershipSubscribed { peer: PeerId },
-    Request { peer: PeerId, request: Request, reply: Reply },
-    Response { peer: PeerId, response: Response },
-    RequestFailed { peer: PeerId, error: String },
-    ProbeOk { peer: PeerId, rtt: Duration },
-    ProbeFailed { peer: PeerId, error: String },
-    Identified { peer: PeerId, listen_addrs: Vec<Multiaddr> },
+    MembershipSubscribed {
+        peer: PeerId,
+    },
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: Reply,
+    },
+    Response {
+        peer: PeerId,
+        response: Response,
+    },
+    RequestFailed {
+        peer: PeerId,
+        error: String,
+    },
+    ProbeOk {
+        peer: PeerId,
+        rtt: Duration,
+    },
+    ProbeFailed {
+        peer: PeerId,
+        error: String,
+    },
+    Identified {
+        peer: PeerId,
+        listen_addrs: Vec<Multiaddr>,
+    },
     /// A peer was banned for repeated bad frames.
-    Banned { peer: PeerId },
+    Banned {
+        peer: PeerId,
+    },
 }
 
 /// Handle to the running swarm task.
@@ -145,6 +191,12 @@ impl NetMetrics {
             "Frames from peers rejected, by kind of error",
             m.decode_errors_by_kind.clone(),
         );
+        for kind in ["gossip", "request", "response"] {
+            // Present at zero from the start, so a dashboard sees the series.
+            let _ = m
+                .decode_errors_by_kind
+                .get_or_create(&KindLabel { kind: kind.into() });
+        }
         r.register(
             "peers_banned",
             "Peers disconnected and refused for repeated bad frames",
@@ -270,10 +322,12 @@ pub fn spawn(
         .subscribe(&topic)
         .map_err(|e| NetError::Gossipsub(e.to_string()))?;
     for addr in &config.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
-            addr: addr.clone(),
-            error: e.to_string(),
-        })?;
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                error: e.to_string(),
+            })?;
     }
     for addr in &config.advertise {
         swarm.add_external_address(addr.clone());
@@ -369,7 +423,9 @@ impl SwarmTask {
                         .addresses(addrs)
                         .condition(PeerCondition::DisconnectedAndNotDialing)
                         .build(),
-                    None => DialOpts::unknown_peer_id().address(addrs[0].clone()).build(),
+                    None => DialOpts::unknown_peer_id()
+                        .address(addrs[0].clone())
+                        .build(),
                 };
                 if let Err(e) = self.swarm.dial(opts) {
                     use libp2p::swarm::DialError;
@@ -399,7 +455,11 @@ impl SwarmTask {
                 self.swarm.behaviour_mut().rr.send_request(&peer, request);
             }
             NetCommand::Respond { reply, response } => {
-                let _ = self.swarm.behaviour_mut().rr.send_response(reply.0, response);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_response(reply.0, response);
             }
             NetCommand::Disconnect(peer) => {
                 let _ = self.swarm.disconnect_peer_id(peer);
@@ -446,26 +506,22 @@ impl SwarmTask {
                 endpoint,
                 num_established,
                 ..
-            } => {
-                if num_established.get() == 1 {
-                    tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), "connected");
-                    self.emit(NetEvent::ConnectionUp {
-                        peer: peer_id,
-                        remote: endpoint.get_remote_address().clone(),
-                        outbound: endpoint.is_dialer(),
-                    });
-                }
+            } if num_established.get() == 1 => {
+                tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), "connected");
+                self.emit(NetEvent::ConnectionUp {
+                    peer: peer_id,
+                    remote: endpoint.get_remote_address().clone(),
+                    outbound: endpoint.is_dialer(),
+                });
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 cause,
                 ..
             } => {
-                if num_established == 0 {
-                    tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
-                    self.emit(NetEvent::ConnectionDown { peer: peer_id });
-                }
+                tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
+                self.emit(NetEvent::ConnectionDown { peer: peer_id });
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 self.emit(NetEvent::DialFailed {
@@ -499,7 +555,9 @@ impl SwarmTask {
                             Err(e) => self.offence(propagation_source, "gossip", &e.to_string()),
                         }
                     }
-                    gossipsub::Event::Subscribed { peer_id, topic } if topic == self.topic.hash() => {
+                    gossipsub::Event::Subscribed { peer_id, topic }
+                        if topic == self.topic.hash() =>
+                    {
                         self.emit(NetEvent::MembershipSubscribed { peer: peer_id });
                     }
                     _ => {}

@@ -117,7 +117,13 @@ struct EnvelopeIn<T> {
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     let mut buf = Vec::with_capacity(256);
     // Writing into a Vec cannot fail, and our types always serialize.
-    if let Err(e) = ciborium::into_writer(&EnvelopeOut { v: WIRE_VERSION, m: msg }, &mut buf) {
+    if let Err(e) = ciborium::into_writer(
+        &EnvelopeOut {
+            v: WIRE_VERSION,
+            m: msg,
+        },
+        &mut buf,
+    ) {
         tracing::error!(error = %e, "failed to encode a wire message");
     }
     buf
@@ -177,7 +183,10 @@ mod tests {
         ];
         for m in msgs {
             let bytes = encode(&m);
-            assert_eq!(decode::<MembershipGossip>(&bytes, MAX_GOSSIP_BYTES).unwrap(), m);
+            assert_eq!(
+                decode::<MembershipGossip>(&bytes, MAX_GOSSIP_BYTES).unwrap(),
+                m
+            );
         }
     }
 
@@ -187,11 +196,17 @@ mod tests {
             cluster: Some("c".into()),
             members: vec![record()],
         };
-        assert_eq!(decode::<Request>(&encode(&req), MAX_FRAME_BYTES).unwrap(), req);
+        assert_eq!(
+            decode::<Request>(&encode(&req), MAX_FRAME_BYTES).unwrap(),
+            req
+        );
         let resp = Response::Refused {
             reason: "no".into(),
         };
-        assert_eq!(decode::<Response>(&encode(&resp), MAX_FRAME_BYTES).unwrap(), resp);
+        assert_eq!(
+            decode::<Response>(&encode(&resp), MAX_FRAME_BYTES).unwrap(),
+            resp
+        );
     }
 
     #[test]

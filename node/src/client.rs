@@ -10,7 +10,12 @@ use serde_json::Value;
 #[derive(Debug, Clone, Args)]
 pub struct ApiArgs {
     /// HTTP address of any node.
-    #[arg(long, env = "KILN_HTTP", default_value = "127.0.0.1:8700", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "KILN_HTTP",
+        default_value = "127.0.0.1:8700",
+        value_name = "ADDR"
+    )]
     pub http: String,
     /// Bearer token, when the node was started with one.
     #[arg(long, env = "KILN_HTTP_TOKEN", value_name = "T")]
@@ -101,7 +106,11 @@ pub fn format_members(members: &Value, now_ms: u64) -> String {
                 m["addrs"][0].as_str().unwrap_or("").to_string(),
                 m["state"].as_str().unwrap_or("?").to_string(),
                 m["incarnation"].to_string(),
-                if id == me { "-".into() } else { ago(now_ms, &m["last_seen_ms"]) },
+                if id == me {
+                    "-".into()
+                } else {
+                    ago(now_ms, &m["last_seen_ms"])
+                },
             ]
         })
         .collect();
@@ -139,7 +148,10 @@ pub fn status(args: &ApiArgs) -> anyhow::Result<()> {
         list.len(),
         alive
     );
-    print!("{}", format_members(&members, kiln_actors::membership::unix_ms()));
+    print!(
+        "{}",
+        format_members(&members, kiln_actors::membership::unix_ms())
+    );
     Ok(())
 }
 

@@ -27,7 +27,12 @@ pub struct RunArgs {
     #[arg(long, env = "KILN_LISTEN", value_name = "ADDR", value_delimiter = ',')]
     pub listen: Vec<String>,
     /// Address(es) other nodes should dial, for 0.0.0.0 listeners or NAT. Default: the listen addresses
-    #[arg(long, env = "KILN_ADVERTISE", value_name = "ADDR", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "KILN_ADVERTISE",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
     pub advertise: Vec<String>,
     /// Address of the HTTP API. Default: 127.0.0.1:8700
     #[arg(long, env = "KILN_HTTP", value_name = "ADDR")]
@@ -130,7 +135,10 @@ pub enum ConfigError {
 }
 
 fn non_empty(v: Vec<String>) -> Vec<String> {
-    v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+    v.into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn pick_list(cli: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
@@ -170,16 +178,17 @@ impl Settings {
             Some(p) => load_file(p)?,
             None => FileConfig::default(),
         };
-        let addr_list = |key: &'static str, raw: Vec<String>| -> Result<Vec<PeerAddr>, ConfigError> {
-            raw.iter()
-                .map(|s| {
-                    parse_peer_addr(s).map_err(|e| ConfigError::Invalid {
-                        key,
-                        error: e.to_string(),
+        let addr_list =
+            |key: &'static str, raw: Vec<String>| -> Result<Vec<PeerAddr>, ConfigError> {
+                raw.iter()
+                    .map(|s| {
+                        parse_peer_addr(s).map_err(|e| ConfigError::Invalid {
+                            key,
+                            error: e.to_string(),
+                        })
                     })
-                })
-                .collect()
-        };
+                    .collect()
+            };
         let mut listen_raw = pick_list(cli.listen, file.listen);
         if listen_raw.is_empty() {
             listen_raw.push("0.0.0.0:7700".into());
@@ -197,7 +206,8 @@ impl Settings {
             .http
             .or(file.http)
             .unwrap_or_else(|| "127.0.0.1:8700".into());
-        let http = resolve_socket(&http_raw).map_err(|error| ConfigError::Invalid { key: "http", error })?;
+        let http = resolve_socket(&http_raw)
+            .map_err(|error| ConfigError::Invalid { key: "http", error })?;
         let secret_file = cli.cluster_secret_file.or(file.cluster_secret_file);
         let cluster_secret = match (cli.cluster_secret.or(file.cluster_secret), secret_file) {
             (Some(_), Some(_)) => {
@@ -227,15 +237,21 @@ impl Settings {
         let d = MembershipConfig::default();
         let announce_interval_ms = positive(
             "announce_interval_ms",
-            cli.announce_interval_ms.or(file.announce_interval_ms).unwrap_or(d.announce_interval_ms),
+            cli.announce_interval_ms
+                .or(file.announce_interval_ms)
+                .unwrap_or(d.announce_interval_ms),
         )?;
         let suspect_timeout_ms = positive(
             "suspect_timeout_ms",
-            cli.suspect_timeout_ms.or(file.suspect_timeout_ms).unwrap_or(d.suspect_timeout_ms),
+            cli.suspect_timeout_ms
+                .or(file.suspect_timeout_ms)
+                .unwrap_or(d.suspect_timeout_ms),
         )?;
         let dead_timeout_ms = positive(
             "dead_timeout_ms",
-            cli.dead_timeout_ms.or(file.dead_timeout_ms).unwrap_or(d.dead_timeout_ms),
+            cli.dead_timeout_ms
+                .or(file.dead_timeout_ms)
+                .unwrap_or(d.dead_timeout_ms),
         )?;
         if dead_timeout_ms < suspect_timeout_ms {
             return Err(ConfigError::Invalid {
@@ -245,7 +261,9 @@ impl Settings {
         }
         let probe_interval_ms = positive(
             "probe_interval_ms",
-            cli.probe_interval_ms.or(file.probe_interval_ms).unwrap_or(500),
+            cli.probe_interval_ms
+                .or(file.probe_interval_ms)
+                .unwrap_or(500),
         )?;
         let dead_member_ttl_s = cli
             .dead_member_ttl_s
@@ -360,7 +378,10 @@ mod tests {
             let env = format!("KILN_{}", key.to_uppercase());
             let flag = format!("--{}", key.replace('_', "-"));
             for spelling in [key.to_string(), env, flag] {
-                assert!(readme.contains(&format!("`{spelling}`")), "README lacks `{spelling}`");
+                assert!(
+                    readme.contains(&format!("`{spelling}`")),
+                    "README lacks `{spelling}`"
+                );
             }
         }
     }

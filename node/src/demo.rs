@@ -57,7 +57,11 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         bail!("--nodes must be at least 1");
     }
     if args.base_port.checked_add(1000 + args.nodes).is_none() {
-        bail!("--base-port {} leaves no room for {} nodes", args.base_port, args.nodes);
+        bail!(
+            "--base-port {} leaves no room for {} nodes",
+            args.base_port,
+            args.nodes
+        );
     }
     let exe = std::env::current_exe().context("cannot find the kiln binary to start nodes")?;
     std::fs::create_dir_all(&args.dir)
@@ -90,7 +94,14 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
             cmd.arg("--seed").arg(&seed);
         }
         // Clear settings that would apply to every node alike.
-        for var in ["KILN_CONFIG", "KILN_DATA_DIR", "KILN_LISTEN", "KILN_HTTP", "KILN_SEED", "KILN_NAME"] {
+        for var in [
+            "KILN_CONFIG",
+            "KILN_DATA_DIR",
+            "KILN_LISTEN",
+            "KILN_HTTP",
+            "KILN_SEED",
+            "KILN_NAME",
+        ] {
             cmd.env_remove(var);
         }
         let child = match cmd.spawn() {
@@ -100,7 +111,12 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 bail!("cannot start {}: {e}", exe.display());
             }
         };
-        println!("started node{} (pid {}) http://{http}  log {}", i + 1, child.id(), dir.join("kiln.log").display());
+        println!(
+            "started node{} (pid {}) http://{http}  log {}",
+            i + 1,
+            child.id(),
+            dir.join("kiln.log").display()
+        );
         nodes.push(DemoNode { child, http });
     }
     let result = wait_converged(&mut nodes, args.nodes as usize);
@@ -113,9 +129,15 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         http_token: None,
     });
     if let Ok(members) = api.get("/v1/cluster/members") {
-        print!("{}", format_members(&members, kiln_actors::membership::unix_ms()));
+        print!(
+            "{}",
+            format_members(&members, kiln_actors::membership::unix_ms())
+        );
     }
-    println!("\nkiln demo: {} nodes up. Try: kiln status --http {}", args.nodes, nodes[0].http);
+    println!(
+        "\nkiln demo: {} nodes up. Try: kiln status --http {}",
+        args.nodes, nodes[0].http
+    );
     println!("Press Ctrl-C to stop the cluster.");
     wait_for_ctrl_c();
     println!("stopping: every node leaves gracefully");
@@ -164,13 +186,19 @@ fn wait_converged(nodes: &mut [DemoNode], n: usize) -> anyhow::Result<()> {
 }
 
 fn wait_for_ctrl_c() {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(_) => return,
     };
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
-        if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        if let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             tokio::select! {
                 _ = term.recv() => {},
                 _ = int.recv() => {},

@@ -80,7 +80,11 @@ fn member_json(v: MemberView) -> MemberJson {
 }
 
 async fn node(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
-    let info = state.membership.send(GetNodeInfo).await.map_err(unavailable)?;
+    let info = state
+        .membership
+        .send(GetNodeInfo)
+        .await
+        .map_err(unavailable)?;
     Ok(HttpResponse::Ok().json(json!({
         "id": info.id,
         "name": info.name,
@@ -92,7 +96,11 @@ async fn node(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
 }
 
 async fn members(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
-    let rows = state.membership.send(ListMembers).await.map_err(unavailable)?;
+    let rows = state
+        .membership
+        .send(ListMembers)
+        .await
+        .map_err(unavailable)?;
     let me = rows.iter().find(|r| r.is_self).map(|r| r.record.id.clone());
     let members: Vec<MemberJson> = rows.into_iter().map(member_json).collect();
     Ok(HttpResponse::Ok().json(json!({ "self": me, "members": members })))
@@ -104,7 +112,12 @@ async fn forget(
 ) -> Result<HttpResponse, ApiError> {
     use kiln_actors::membership::state::ForgetError;
     let id = id.into_inner();
-    match state.membership.send(ForgetMember(id.clone())).await.map_err(unavailable)? {
+    match state
+        .membership
+        .send(ForgetMember(id.clone()))
+        .await
+        .map_err(unavailable)?
+    {
         Ok(()) => Ok(HttpResponse::Ok().json(json!({ "forgotten": id }))),
         Err(e @ ForgetError::Unknown(_)) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
         Err(e) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
@@ -114,7 +127,10 @@ async fn forget(
 async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &state.registry).map_err(|e| {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}"))
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {e}"),
+        )
     })?;
     Ok(HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
@@ -122,12 +138,23 @@ async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 async fn status_page(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
-    let info = state.membership.send(GetNodeInfo).await.map_err(unavailable)?;
-    let rows = state.membership.send(ListMembers).await.map_err(unavailable)?;
+    let info = state
+        .membership
+        .send(GetNodeInfo)
+        .await
+        .map_err(unavailable)?;
+    let rows = state
+        .membership
+        .send(ListMembers)
+        .await
+        .map_err(unavailable)?;
     let mut html = format!(
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2>\
          <title>kiln {name}</title><style>body{{font-family:sans-serif;margin:2em}}\
@@ -152,7 +179,9 @@ async fn status_page(state: web::Data<ApiState>) -> Result<HttpResponse, ApiErro
         ));
     }
     html.push_str("</table><p><a href=/metrics>metrics</a></p></body></html>");
-    Ok(HttpResponse::Ok().content_type("text/html; charset=utf-8").body(html))
+    Ok(HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(html))
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {
@@ -207,9 +236,10 @@ pub fn app(
 > {
     actix_web::App::new()
         .app_data(state)
-        .app_data(web::PathConfig::default().error_handler(|e, _| {
-            ApiError(StatusCode::BAD_REQUEST, e.to_string()).into()
-        }))
+        .app_data(
+            web::PathConfig::default()
+                .error_handler(|e, _| ApiError(StatusCode::BAD_REQUEST, e.to_string()).into()),
+        )
         .wrap(actix_web::middleware::from_fn(require_token))
         .configure(configure)
 }

@@ -18,6 +18,7 @@ use crate::http::{self, ApiState};
 
 /// Runs a node until SIGTERM or SIGINT. Errors are what stopped it from starting.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
+    kiln_persistence::verify_untouched(&settings.data_dir, settings.cluster_secret.as_deref())?;
     let store = NodeStore::open(&settings.data_dir)?;
     store.bind_secret(settings.cluster_secret.as_deref())?;
     let (key_bytes, created) = store.identity_or_create(|| {
@@ -143,7 +144,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),

@@ -11,10 +11,16 @@ pub enum StoreError {
     },
     #[error("{path} is already in use by another kiln process; stop it or use another --data-dir")]
     InUse { path: PathBuf },
-    #[error("{path} is not a kiln database ({detail}); use another --data-dir or move the file away")]
+    #[error(
+        "{path} is not a kiln database ({detail}); use another --data-dir or move the file away"
+    )]
     NotKiln { path: PathBuf, detail: String },
     #[error("{path} was written by a newer kiln (format {found}, this binary knows {known}); run a newer kiln")]
-    NewerFormat { path: PathBuf, found: u32, known: u32 },
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
     #[error("data directory {dir} {detail}; start it with the secret it was created with, or use a new --data-dir")]
     SecretMismatch { dir: PathBuf, detail: String },
     #[error("data directory {dir} belongs to cluster {stored}, not {offered}; use a new --data-dir to join cluster {offered}")]
@@ -30,8 +36,5 @@ pub enum StoreError {
         detail: String,
     },
     #[error("{path}: storage error: {source}")]
-    Storage {
-        path: PathBuf,
-        source: redb::Error,
-    },
+    Storage { path: PathBuf, source: redb::Error },
 }

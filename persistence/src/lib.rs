@@ -9,4 +9,4 @@ mod node_store;
 pub mod schema;
 
 pub use error::StoreError;
-pub use node_store::{MemberState, NodeStore, SecretCheck, StoredMember};
+pub use node_store::{verify_untouched, MemberState, NodeStore, SecretCheck, StoredMember};

@@ -1,6 +1,9 @@
 use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+
+#[cfg(test)]
+use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -59,29 +62,7 @@ impl NodeStore {
         })?;
         let path = dir.join(NODE_DB_FILE);
         let existed = path.exists();
-        let map_open = |e: redb::DatabaseError| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
-            redb::DatabaseError::UpgradeRequired(v) => StoreError::NotKiln {
-                path: path.clone(),
-                detail: format!("redb file format {v}"),
-            },
-            redb::DatabaseError::Storage(redb::StorageError::Io(io))
-                if io.kind() == std::io::ErrorKind::InvalidData =>
-            {
-                StoreError::NotKiln {
-                    path: path.clone(),
-                    detail: io.to_string(),
-                }
-            }
-            redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Storage {
-                path: path.clone(),
-                source: redb::StorageError::Io(io).into(),
-            },
-            other => StoreError::NotKiln {
-                path: path.clone(),
-                detail: other.to_string(),
-            },
-        };
+        let map_open = |e: redb::DatabaseError| map_open_error(e, &path);
         let db = if existed {
             Database::open(&path).map_err(map_open)?
         } else {
@@ -124,35 +105,8 @@ impl NodeStore {
     }
 
     fn check_format(&self) -> Result<(), StoreError> {
-        let not_kiln = |detail: &str| StoreError::NotKiln {
-            path: self.path.clone(),
-            detail: detail.to_string(),
-        };
         let txn = self.db.begin_read().map_err(self.storage())?;
-        let meta = match txn.open_table(META) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => {
-                return Err(not_kiln("it has no kiln metadata table"))
-            }
-            Err(e) => return Err(not_kiln(&e.to_string())),
-        };
-        let raw = meta
-            .get(META_FORMAT_VERSION)
-            .map_err(self.storage())?
-            .ok_or_else(|| not_kiln("it has no format version"))?;
-        let bytes: [u8; 4] = raw
-            .value()
-            .try_into()
-            .map_err(|_| not_kiln("its format version is malformed"))?;
-        let found = u32::from_le_bytes(bytes);
-        if found > FORMAT_VERSION {
-            return Err(StoreError::NewerFormat {
-                path: self.path.clone(),
-                found,
-                known: FORMAT_VERSION,
-            });
-        }
-        Ok(())
+        check_format(&txn, &self.path)
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -206,33 +160,8 @@ impl NodeStore {
                 Ok(SecretCheck::Recorded)
             }
             Some(stored) => {
-                let mismatch = |detail: &str| StoreError::SecretMismatch {
-                    dir: self.dir.clone(),
-                    detail: detail.to_string(),
-                };
-                match (stored.as_slice(), secret) {
-                    (OPEN_CLUSTER_MARK, None) => Ok(SecretCheck::Matches),
-                    (OPEN_CLUSTER_MARK, Some(_)) => Err(mismatch(
-                        "was created for an open cluster (no secret), but a cluster secret was given",
-                    )),
-                    (_, None) => Err(mismatch(
-                        "was created with a cluster secret, but none was given",
-                    )),
-                    (rec, Some(s)) if rec.len() == 48 => {
-                        if verifier(&rec[..16], s).as_slice() == &rec[16..] {
-                            Ok(SecretCheck::Matches)
-                        } else {
-                            Err(mismatch(
-                                "was created with a different cluster secret than the one given",
-                            ))
-                        }
-                    }
-                    _ => Err(StoreError::Corrupt {
-                        path: self.path.clone(),
-                        what: "secret verifier".into(),
-                        detail: format!("{} bytes, expected 48", stored.len()),
-                    }),
-                }
+                compare_secret(&stored, secret, &self.dir, &self.path)?;
+                Ok(SecretCheck::Matches)
             }
         }
     }
@@ -350,6 +279,132 @@ impl NodeStore {
     }
 }
 
+/// Checks an existing data directory without writing to it: a refused start (not a
+/// kiln file, newer format, another secret) leaves the file byte for byte as it
+/// was. A database that needs recovery after a crash cannot be opened read-only;
+/// it passes here and is checked again after `NodeStore::open` recovered it.
+pub fn verify_untouched(dir: &Path, secret: Option<&[u8]>) -> Result<(), StoreError> {
+    let path = dir.join(NODE_DB_FILE);
+    if !path.exists() {
+        return Ok(());
+    }
+    let db = match redb::Builder::new().open_read_only(&path) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::RepairAborted) => return Ok(()),
+        Err(e) => return Err(map_open_error(e, &path)),
+    };
+    let storage = |e: redb::Error| StoreError::Storage {
+        path: path.clone(),
+        source: e,
+    };
+    let txn = db.begin_read().map_err(|e| storage(e.into()))?;
+    check_format(&txn, &path)?;
+    let meta = txn.open_table(META).map_err(|e| storage(e.into()))?;
+    if let Some(stored) = meta
+        .get(META_SECRET_VERIFIER)
+        .map_err(|e| storage(e.into()))?
+    {
+        compare_secret(stored.value(), secret, dir, &path)?;
+    }
+    Ok(())
+}
+
+fn map_open_error(e: redb::DatabaseError, path: &Path) -> StoreError {
+    let path = path.to_path_buf();
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path },
+        redb::DatabaseError::UpgradeRequired(v) => StoreError::NotKiln {
+            path,
+            detail: format!("redb file format {v}"),
+        },
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            StoreError::NotKiln {
+                path,
+                detail: io.to_string(),
+            }
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Storage {
+            path,
+            source: redb::StorageError::Io(io).into(),
+        },
+        other => StoreError::NotKiln {
+            path,
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn check_format(txn: &redb::ReadTransaction, path: &Path) -> Result<(), StoreError> {
+    let not_kiln = |detail: &str| StoreError::NotKiln {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    };
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            return Err(not_kiln("it has no kiln metadata table"))
+        }
+        Err(e) => return Err(not_kiln(&e.to_string())),
+    };
+    let raw = meta
+        .get(META_FORMAT_VERSION)
+        .map_err(|e| StoreError::Storage {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?
+        .ok_or_else(|| not_kiln("it has no format version"))?;
+    let bytes: [u8; 4] = raw
+        .value()
+        .try_into()
+        .map_err(|_| not_kiln("its format version is malformed"))?;
+    let found = u32::from_le_bytes(bytes);
+    if found > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found,
+            known: FORMAT_VERSION,
+        });
+    }
+    Ok(())
+}
+
+fn compare_secret(
+    stored: &[u8],
+    secret: Option<&[u8]>,
+    dir: &Path,
+    path: &Path,
+) -> Result<(), StoreError> {
+    let mismatch = |detail: &str| StoreError::SecretMismatch {
+        dir: dir.to_path_buf(),
+        detail: detail.to_string(),
+    };
+    match (stored, secret) {
+        (OPEN_CLUSTER_MARK, None) => Ok(()),
+        (OPEN_CLUSTER_MARK, Some(_)) => Err(mismatch(
+            "was created for an open cluster (no secret), but a cluster secret was given",
+        )),
+        (_, None) => Err(mismatch(
+            "was created with a cluster secret, but none was given",
+        )),
+        (rec, Some(s)) if rec.len() == 48 => {
+            if verifier(&rec[..16], s).as_slice() == &rec[16..] {
+                Ok(())
+            } else {
+                Err(mismatch(
+                    "was created with a different cluster secret than the one given",
+                ))
+            }
+        }
+        _ => Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            what: "secret verifier".into(),
+            detail: format!("{} bytes, expected 48", stored.len()),
+        }),
+    }
+}
+
 fn verifier(salt: &[u8], secret: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(VERIFIER_DOMAIN);
@@ -393,17 +448,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = NodeStore::open(dir.path()).unwrap();
-            assert_eq!(s.bind_secret(Some(b"s3cret")).unwrap(), SecretCheck::Recorded);
+            assert_eq!(
+                s.bind_secret(Some(b"s3cret")).unwrap(),
+                SecretCheck::Recorded
+            );
         }
         let raw = std::fs::read(dir.path().join(NODE_DB_FILE)).unwrap();
         assert!(!raw.windows(6).any(|w| w == b"s3cret"));
         let s = NodeStore::open(dir.path()).unwrap();
-        assert_eq!(s.bind_secret(Some(b"s3cret")).unwrap(), SecretCheck::Matches);
+        assert_eq!(
+            s.bind_secret(Some(b"s3cret")).unwrap(),
+            SecretCheck::Matches
+        );
         assert!(matches!(
             s.bind_secret(Some(b"other")),
             Err(StoreError::SecretMismatch { .. })
         ));
-        assert!(matches!(s.bind_secret(None), Err(StoreError::SecretMismatch { .. })));
+        assert!(matches!(
+            s.bind_secret(None),
+            Err(StoreError::SecretMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_secret_is_refused_without_touching_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        NodeStore::open(dir.path())
+            .unwrap()
+            .bind_secret(Some(b"one"))
+            .unwrap();
+        let path = dir.path().join(NODE_DB_FILE);
+        let before = std::fs::read(&path).unwrap();
+        assert!(matches!(
+            verify_untouched(dir.path(), Some(b"two")),
+            Err(StoreError::SecretMismatch { .. })
+        ));
+        assert!(verify_untouched(dir.path(), Some(b"one")).is_ok());
+        assert!(std::fs::read(&path).unwrap() == before, "file changed");
     }
 
     #[test]
@@ -414,7 +495,7 @@ mod tests {
         std::fs::write(&path, &garbage).unwrap();
         let err = NodeStore::open(dir.path()).err().expect("must refuse");
         assert!(matches!(err, StoreError::NotKiln { .. }), "{err}");
-        assert_eq!(std::fs::read(&path).unwrap(), garbage);
+        assert!(std::fs::read(&path).unwrap() == garbage, "file changed");
     }
 
     #[test]
@@ -424,7 +505,7 @@ mod tests {
         {
             let db = Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();
-            let t: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("other_app");
+            let t: TableDefinition<&str, &str> = TableDefinition::new("other_app");
             txn.open_table(t).unwrap().insert("a", "b").unwrap();
             txn.commit().unwrap();
         }
@@ -468,8 +549,14 @@ mod tests {
     #[test]
     fn incarnation_grows_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let a = NodeStore::open(dir.path()).unwrap().next_incarnation().unwrap();
-        let b = NodeStore::open(dir.path()).unwrap().next_incarnation().unwrap();
+        let a = NodeStore::open(dir.path())
+            .unwrap()
+            .next_incarnation()
+            .unwrap();
+        let b = NodeStore::open(dir.path())
+            .unwrap()
+            .next_incarnation()
+            .unwrap();
         assert!(b > a);
     }
 
@@ -477,12 +564,21 @@ mod tests {
     fn members_round_trip_and_forget() {
         let dir = tempfile::tempdir().unwrap();
         let s = NodeStore::open(dir.path()).unwrap();
-        s.save_members(&[member("a", MemberState::Alive), member("b", MemberState::Dead)], &[])
-            .unwrap();
+        s.save_members(
+            &[
+                member("a", MemberState::Alive),
+                member("b", MemberState::Dead),
+            ],
+            &[],
+        )
+        .unwrap();
         s.save_members(&[], &[("b".into(), 3)]).unwrap();
         drop(s);
         let s = NodeStore::open(dir.path()).unwrap();
-        assert_eq!(s.load_members().unwrap(), vec![member("a", MemberState::Alive)]);
+        assert_eq!(
+            s.load_members().unwrap(),
+            vec![member("a", MemberState::Alive)]
+        );
         assert_eq!(s.load_forgotten().unwrap(), vec![("b".to_string(), 3)]);
     }
 }

@@ -44,14 +44,46 @@ impl MembershipMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = MembershipMetrics::default();
         let r = registry.sub_registry_with_prefix("kiln_membership");
-        r.register("members", "Members of the cluster as this node sees them, by state (this node included)", m.members.clone());
-        r.register("announcements_sent", "Membership announcements published by this node", m.announcements_sent.clone());
-        r.register("announcements_received", "Membership announcements received from other members", m.announcements_received.clone());
-        r.register("claims_received", "Suspect, dead and left claims received", m.claims_received.clone());
-        r.register("suspicions", "Times this node started suspecting a member", m.suspicions.clone());
-        r.register("refutations", "Times this node refuted a claim about itself with a higher incarnation", m.refutations.clone());
-        r.register("deaths_declared", "Members this node declared dead", m.deaths_declared.clone());
-        r.register("syncs", "Push-pull member table exchanges completed", m.syncs.clone());
+        r.register(
+            "members",
+            "Members of the cluster as this node sees them, by state (this node included)",
+            m.members.clone(),
+        );
+        r.register(
+            "announcements_sent",
+            "Membership announcements published by this node",
+            m.announcements_sent.clone(),
+        );
+        r.register(
+            "announcements_received",
+            "Membership announcements received from other members",
+            m.announcements_received.clone(),
+        );
+        r.register(
+            "claims_received",
+            "Suspect, dead and left claims received",
+            m.claims_received.clone(),
+        );
+        r.register(
+            "suspicions",
+            "Times this node started suspecting a member",
+            m.suspicions.clone(),
+        );
+        r.register(
+            "refutations",
+            "Times this node refuted a claim about itself with a higher incarnation",
+            m.refutations.clone(),
+        );
+        r.register(
+            "deaths_declared",
+            "Members this node declared dead",
+            m.deaths_declared.clone(),
+        );
+        r.register(
+            "syncs",
+            "Push-pull member table exchanges completed",
+            m.syncs.clone(),
+        );
         m
     }
 }
@@ -211,7 +243,8 @@ impl MembershipActor {
                     let Ok(peer) = id.parse::<PeerId>() else {
                         continue;
                     };
-                    let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    let addrs: Vec<Multiaddr> =
+                        addrs.iter().filter_map(|a| a.parse().ok()).collect();
                     self.net.send(NetCommand::Dial {
                         peer: Some(peer),
                         addrs,
@@ -243,7 +276,11 @@ impl MembershipActor {
                     to,
                     incarnation,
                 } => {
-                    let name = self.state.member(&id).map(|m| m.record.name.clone()).unwrap_or_default();
+                    let name = self
+                        .state
+                        .member(&id)
+                        .map(|m| m.record.name.clone())
+                        .unwrap_or_default();
                     tracing::info!(peer = %id, peer_name = %name, from = from.map(state_name), to = state_name(to),
                         incarnation, "member state changed");
                 }
@@ -270,7 +307,10 @@ impl MembershipActor {
         if dirty.is_empty() && forgotten.is_empty() {
             return;
         }
-        let stored: Vec<StoredMember> = dirty.iter().map(|(r, since)| to_stored(r, *since)).collect();
+        let stored: Vec<StoredMember> = dirty
+            .iter()
+            .map(|(r, since)| to_stored(r, *since))
+            .collect();
         let store = self.store.clone();
         actix_rt::task::spawn_blocking(move || {
             if let Err(e) = store.save_members(&stored, &forgotten) {
@@ -283,7 +323,9 @@ impl MembershipActor {
         for (s, n) in self.state.counts() {
             self.metrics
                 .members
-                .get_or_create(&StateLabel { state: state_name(s) })
+                .get_or_create(&StateLabel {
+                    state: state_name(s),
+                })
                 .set(n as i64);
         }
     }
@@ -472,7 +514,9 @@ impl Actor for MembershipActor {
             act.run(fx);
             if act.connected == 0
                 && !act.seeds.is_empty()
-                && act.last_seed_dial.is_none_or(|t| t.elapsed() >= SEED_REDIAL)
+                && act
+                    .last_seed_dial
+                    .is_none_or(|t| t.elapsed() >= SEED_REDIAL)
             {
                 act.dial_seeds();
             }
@@ -529,7 +573,10 @@ impl Handler<Leave> for MembershipActor {
     type Result = ResponseActFuture<Self, ()>;
     fn handle(&mut self, _: Leave, _: &mut Self::Context) -> Self::Result {
         let fx = self.state.leave();
-        tracing::info!(incarnation = self.state.me().incarnation, "leaving the cluster");
+        tracing::info!(
+            incarnation = self.state.me().incarnation,
+            "leaving the cluster"
+        );
         self.run(fx);
         self.leaving = true;
         self.flush();

@@ -54,9 +54,14 @@ pub struct Now {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     Publish(MembershipGossip),
-    Dial { id: String, addrs: Vec<String> },
+    Dial {
+        id: String,
+        addrs: Vec<String>,
+    },
     /// Push-pull: send our member table to `id` and merge its answer.
-    Sync { id: String },
+    Sync {
+        id: String,
+    },
     /// Our incarnation went up (refutation); it must survive a restart.
     PersistIncarnation(u64),
     StatusChanged {
@@ -65,10 +70,19 @@ pub enum Effect {
         to: MemberStatus,
         incarnation: u64,
     },
-    Suspected { id: String },
-    DeclaredDead { id: String },
-    Refuted { incarnation: u64 },
-    Forgotten { id: String, incarnation: u64 },
+    Suspected {
+        id: String,
+    },
+    DeclaredDead {
+        id: String,
+    },
+    Refuted {
+        incarnation: u64,
+    },
+    Forgotten {
+        id: String,
+        incarnation: u64,
+    },
 }
 
 /// One known member, with this node's view of its liveness.
@@ -200,12 +214,14 @@ impl Membership {
             last_seen_unix_ms: Some(now.unix_ms),
             is_self: true,
         }];
-        rows.extend(self.members.values().map(|m| MemberView {
-            record: m.record.clone(),
-            last_seen_unix_ms: m
-                .last_heard_ms
-                .map(|h| now.unix_ms.saturating_sub(now.mono_ms.saturating_sub(h))),
-            is_self: false,
+        rows.extend(self.members.values().map(|m| {
+            MemberView {
+                record: m.record.clone(),
+                last_seen_unix_ms: m
+                    .last_heard_ms
+                    .map(|h| now.unix_ms.saturating_sub(now.mono_ms.saturating_sub(h))),
+                is_self: false,
+            }
         }));
         rows
     }
@@ -218,7 +234,9 @@ impl Membership {
             (MemberStatus::Dead, 0),
             (MemberStatus::Left, 0),
         ];
-        for s in std::iter::once(self.me.status).chain(self.members.values().map(|m| m.record.status)) {
+        for s in
+            std::iter::once(self.me.status).chain(self.members.values().map(|m| m.record.status))
+        {
             c[rank(s) as usize].1 += 1;
         }
         c
@@ -309,7 +327,11 @@ impl Membership {
         if rec.id == self.me.id {
             return self.about_me(now, rec.incarnation, rec.status);
         }
-        if self.forgotten.get(&rec.id).is_some_and(|inc| rec.incarnation <= *inc) {
+        if self
+            .forgotten
+            .get(&rec.id)
+            .is_some_and(|inc| rec.incarnation <= *inc)
+        {
             return vec![];
         }
         let mut out = Vec::new();
@@ -394,9 +416,9 @@ impl Membership {
                 if gone(m.record.status) {
                     // It announces itself but we hold it dead or left at this very
                     // incarnation: tell it, so it refutes (rate-limited).
-                    let due = m
-                        .last_reclaim_ms
-                        .is_none_or(|t| now.mono_ms.saturating_sub(t) >= self.cfg.announce_interval_ms);
+                    let due = m.last_reclaim_ms.is_none_or(|t| {
+                        now.mono_ms.saturating_sub(t) >= self.cfg.announce_interval_ms
+                    });
                     if due && m.record.status == MemberStatus::Dead {
                         m.last_reclaim_ms = Some(now.mono_ms);
                         out.push(Effect::Publish(MembershipGossip::Claim {
@@ -463,7 +485,10 @@ impl Membership {
                 });
             }
         }
-        let inc = self.forgotten.entry(subject.to_string()).or_insert(incarnation);
+        let inc = self
+            .forgotten
+            .entry(subject.to_string())
+            .or_insert(incarnation);
         *inc = (*inc).max(incarnation);
         out
     }
@@ -589,8 +614,7 @@ impl Membership {
                 } else {
                     self.cfg.redial_interval_ms
                 };
-                if m
-                    .last_dial_ms
+                if m.last_dial_ms
                     .is_none_or(|t| now.mono_ms.saturating_sub(t) >= every)
                 {
                     m.last_dial_ms = Some(now.mono_ms);
@@ -606,7 +630,10 @@ impl Membership {
                 let inc = m.record.incarnation;
                 self.members.remove(&id);
                 self.forgotten.insert(id.clone(), inc);
-                out.push(Effect::Forgotten { id, incarnation: inc });
+                out.push(Effect::Forgotten {
+                    id,
+                    incarnation: inc,
+                });
             }
         }
         out

@@ -20,7 +20,12 @@ fn at(ms: u64) -> Now {
 }
 
 fn node(id: &str) -> Membership {
-    Membership::new(rec(id, 1, MemberStatus::Alive), vec![], vec![], MembershipConfig::default())
+    Membership::new(
+        rec(id, 1, MemberStatus::Alive),
+        vec![],
+        vec![],
+        MembershipConfig::default(),
+    )
 }
 
 fn status(m: &Membership, id: &str) -> MemberStatus {
@@ -42,7 +47,9 @@ fn announcement_adds_member_and_dials_it() {
     let mut a = node("a");
     let fx = a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
     assert_eq!(status(&a, "b"), MemberStatus::Alive);
-    assert!(fx.iter().any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
+    assert!(fx
+        .iter()
+        .any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
     assert_eq!(a.take_dirty().len(), 1);
 }
 
@@ -75,7 +82,9 @@ fn crashed_member_is_dead_after_suspect_timeout() {
     a.on_connected(at(0), "b");
     a.on_probe_ok(at(100), "b");
     let fx = a.on_disconnected(at(200), "b");
-    assert!(fx.iter().any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
+    assert!(fx
+        .iter()
+        .any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
     a.on_dial_failed(at(210), "b");
     assert_eq!(status(&a, "b"), MemberStatus::Suspect);
     a.tick(at(100 + cfg.suspect_timeout_ms - 1));
@@ -96,8 +105,11 @@ fn a_one_second_pause_changes_nothing() {
             a.on_probe_ok(at(t), "b");
         }
         let fx = a.tick(at(t));
-        assert!(!fx.iter().any(|e| matches!(e, Effect::DeclaredDead { .. } | Effect::Suspected { .. })),
-            "at {t}: {fx:?}");
+        assert!(
+            !fx.iter()
+                .any(|e| matches!(e, Effect::DeclaredDead { .. } | Effect::Suspected { .. })),
+            "at {t}: {fx:?}"
+        );
         t += 100;
     }
     assert_eq!(status(&a, "b"), MemberStatus::Alive);
@@ -110,7 +122,11 @@ fn own_evidence_clears_own_suspicion() {
     a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
     a.tick(at(cfg.suspect_timeout_ms));
     assert_eq!(status(&a, "b"), MemberStatus::Suspect);
-    a.on_announce(at(cfg.suspect_timeout_ms + 10), rec("b", 1, MemberStatus::Alive), 2);
+    a.on_announce(
+        at(cfg.suspect_timeout_ms + 10),
+        rec("b", 1, MemberStatus::Alive),
+        2,
+    );
     assert_eq!(status(&a, "b"), MemberStatus::Alive);
 }
 
@@ -122,7 +138,9 @@ fn subject_refutes_suspicion_with_higher_incarnation() {
     assert!(fx.contains(&Effect::PersistIncarnation(2)));
     assert!(fx.contains(&Effect::Refuted { incarnation: 2 }));
     let announced = published(&fx);
-    assert!(matches!(&announced[..], [MembershipGossip::Announce { member, .. }] if member.incarnation == 2));
+    assert!(
+        matches!(&announced[..], [MembershipGossip::Announce { member, .. }] if member.incarnation == 2)
+    );
     // A claim about an older incarnation needs no answer.
     assert!(b.on_claim(at(1), "b", 1, MemberStatus::Dead).is_empty());
 }
@@ -168,11 +186,19 @@ fn left_is_announced_and_adopted() {
     let mut b = node("b");
     let fx = b.leave();
     let claim = match &published(&fx)[..] {
-        [MembershipGossip::Claim { subject, incarnation, status, .. }] => (subject.clone(), *incarnation, *status),
+        [MembershipGossip::Claim {
+            subject,
+            incarnation,
+            status,
+            ..
+        }] => (subject.clone(), *incarnation, *status),
         other => panic!("unexpected {other:?}"),
     };
     assert_eq!(claim.2, MemberStatus::Left);
-    assert!(b.tick(at(5000)).is_empty(), "a leaving node stops announcing");
+    assert!(
+        b.tick(at(5000)).is_empty(),
+        "a leaving node stops announcing"
+    );
     let mut a = node("a");
     a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
     a.on_claim(at(1), &claim.0, claim.1, claim.2);
@@ -180,7 +206,10 @@ fn left_is_announced_and_adopted() {
     // Left members are not dialled again.
     let fx = a.on_disconnected(at(2), "b");
     assert!(fx.is_empty());
-    assert!(!a.tick(at(60_000)).iter().any(|e| matches!(e, Effect::Dial { .. })));
+    assert!(!a
+        .tick(at(60_000))
+        .iter()
+        .any(|e| matches!(e, Effect::Dial { .. })));
 }
 
 #[test]
@@ -215,7 +244,10 @@ fn forget_only_gone_members_and_keep_them_forgotten() {
     assert!(matches!(a.forget("a"), Err(ForgetError::IsSelf)));
     a.on_claim(at(1), "b", 2, MemberStatus::Dead);
     let fx = a.forget("b").unwrap();
-    assert!(fx.contains(&Effect::Forgotten { id: "b".into(), incarnation: 2 }));
+    assert!(fx.contains(&Effect::Forgotten {
+        id: "b".into(),
+        incarnation: 2
+    }));
     assert!(a.member("b").is_none());
     // Gossip of the old life does not bring it back; a new life does.
     a.on_sync(at(2), vec![rec("b", 2, MemberStatus::Dead)]);
@@ -236,7 +268,10 @@ fn dead_members_expire_after_ttl() {
     a.tick(at(10_099));
     assert!(a.member("b").is_some());
     let fx = a.tick(at(10_100));
-    assert!(fx.contains(&Effect::Forgotten { id: "b".into(), incarnation: 1 }));
+    assert!(fx.contains(&Effect::Forgotten {
+        id: "b".into(),
+        incarnation: 1
+    }));
     assert!(a.member("b").is_none());
 }
 
@@ -246,11 +281,23 @@ fn restart_dials_known_members_and_gives_grace() {
         (rec("b", 1, MemberStatus::Alive), 0),
         (rec("c", 1, MemberStatus::Dead), 0),
     ];
-    let mut a = Membership::new(rec("a", 2, MemberStatus::Alive), known, vec![], MembershipConfig::default());
+    let mut a = Membership::new(
+        rec("a", 2, MemberStatus::Alive),
+        known,
+        vec![],
+        MembershipConfig::default(),
+    );
     let fx = a.start(at(50_000));
-    assert!(fx.iter().any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
-    assert!(!fx.iter().any(|e| matches!(e, Effect::Dial { id, .. } if id == "c")));
-    assert!(!a.tick(at(50_100)).iter().any(|e| matches!(e, Effect::Suspected { .. })));
+    assert!(fx
+        .iter()
+        .any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
+    assert!(!fx
+        .iter()
+        .any(|e| matches!(e, Effect::Dial { id, .. } if id == "c")));
+    assert!(!a
+        .tick(at(50_100))
+        .iter()
+        .any(|e| matches!(e, Effect::Suspected { .. })));
 }
 
 mod prop {
@@ -282,8 +329,10 @@ mod prop {
         let id = 0u8..4;
         let inc = 0u64..5;
         prop_oneof![
-            (id.clone(), inc.clone(), status_strategy()).prop_map(|(i, n, s)| Input::Announce(i, n, s)),
-            (id.clone(), inc.clone(), status_strategy()).prop_map(|(i, n, s)| Input::Claim(i, n, s)),
+            (id.clone(), inc.clone(), status_strategy())
+                .prop_map(|(i, n, s)| Input::Announce(i, n, s)),
+            (id.clone(), inc.clone(), status_strategy())
+                .prop_map(|(i, n, s)| Input::Claim(i, n, s)),
             (id.clone(), inc, status_strategy()).prop_map(|(i, n, s)| Input::Sync(i, n, s)),
             id.clone().prop_map(Input::Probe),
             id.clone().prop_map(Input::Up),
@@ -307,7 +356,7 @@ mod prop {
             for i in inputs {
                 let now = at(t);
                 match i {
-                    Input::Announce(x, n, _) => { m.on_announce(now, rec(ids[x as usize], n, MemberStatus::Alive), t); }
+                    Input::Announce(x, n, s) => { m.on_announce(now, rec(ids[x as usize], n, s), t); }
                     Input::Claim(x, n, s) => {
                         if x == 0 && s != MemberStatus::Alive { max_claim_about_me = max_claim_about_me.max(n); }
                         m.on_claim(now, ids[x as usize], n, s);

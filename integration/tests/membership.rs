@@ -1,0 +1,206 @@
+//! Real `kiln` processes on loopback: forming, joining, failure detection, restart,
+//! isolation by secret. Deadlines here only guard against hanging.
+
+use std::time::{Duration, Instant};
+
+use kiln_integration::*;
+
+const SECRET: &str = "membership-test-secret";
+
+fn opts() -> NodeOpts {
+    NodeOpts {
+        secret: Some(SECRET.into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn three_converge_from_one_seed_and_a_fourth_joins_through_a_non_seed() {
+    let _serial = serial();
+    let mut nodes = start_cluster("conv", 3, opts());
+    wait_converged(&nodes, Duration::from_secs(60));
+    let cluster = nodes[0].get("/v1/node").unwrap()["cluster"].clone();
+    assert!(cluster.is_string(), "first node created a cluster id");
+    for n in &nodes {
+        assert_eq!(
+            n.get("/v1/node").unwrap()["cluster"],
+            cluster,
+            "{} adopted the cluster id",
+            n.name
+        );
+    }
+    // The fourth knows only node 3, which is not anyone's seed.
+    let fourth = Node::start(
+        "conv4",
+        NodeOpts {
+            seeds: vec![nodes[2].seed()],
+            ..opts()
+        },
+    );
+    nodes.push(fourth);
+    wait_converged(&nodes, Duration::from_secs(60));
+    assert_eq!(nodes[3].get("/v1/node").unwrap()["cluster"], cluster);
+    let members = nodes[0].get("/v1/cluster/members").unwrap();
+    assert_eq!(members["self"], serde_json::json!(nodes[0].id()));
+    for m in members["members"].as_array().unwrap() {
+        assert!(m["name"].as_str().unwrap().starts_with("conv"));
+        assert!(m["addrs"][0].as_str().unwrap().starts_with("/ip4/127."));
+        assert!(m["incarnation"].as_u64().unwrap() >= 1);
+        assert!(m["last_seen_ms"].as_u64().is_some());
+    }
+}
+
+#[test]
+fn kill_9_is_seen_dead_by_all_but_a_one_second_pause_is_not() {
+    let _serial = serial();
+    let mut nodes = start_cluster("fd", 4, opts());
+    let ids = wait_converged(&nodes, Duration::from_secs(60));
+
+    // SIGSTOP node 3 for one second; watch every other node for 4 s.
+    nodes[2].signal(libc::SIGSTOP);
+    let paused_at = Instant::now();
+    let mut resumed = false;
+    while paused_at.elapsed() < Duration::from_secs(4) {
+        if !resumed && paused_at.elapsed() >= Duration::from_secs(1) {
+            nodes[2].signal(libc::SIGCONT);
+            resumed = true;
+        }
+        for n in [&nodes[0], &nodes[1], &nodes[3]] {
+            if let Some(s) = n.state_of(&ids[2]) {
+                assert_ne!(s, "dead", "{} declared the paused node dead", n.name);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_until(
+        "the paused node is alive everywhere",
+        Duration::from_secs(30),
+        || nodes.iter().all(|n| n.alive().contains(&ids[2])),
+    );
+
+    nodes[3].kill9();
+    wait_until(
+        "every survivor sees the killed node dead",
+        Duration::from_secs(30),
+        || {
+            nodes[..3]
+                .iter()
+                .all(|n| n.state_of(&ids[3]).as_deref() == Some("dead"))
+        },
+    );
+    // And nobody else was harmed.
+    for n in &nodes[..3] {
+        let alive = n.alive();
+        assert!(
+            ids[..3].iter().all(|i| alive.contains(i)),
+            "{} lost a live member",
+            n.name
+        );
+    }
+}
+
+#[test]
+fn graceful_leave_then_forget() {
+    let _serial = serial();
+    let mut nodes = start_cluster("leave", 3, opts());
+    let ids = wait_converged(&nodes, Duration::from_secs(60));
+    let code = nodes[2].terminate();
+    assert_eq!(code, Some(0), "SIGTERM ends the node cleanly");
+    assert!(nodes[2].log().contains("leaving the cluster"));
+    wait_until("both see the node as left", Duration::from_secs(30), || {
+        nodes[..2]
+            .iter()
+            .all(|n| n.state_of(&ids[2]).as_deref() == Some("left"))
+    });
+    // Forget it on one node: it disappears everywhere.
+    let out = std::process::Command::new(kiln_bin())
+        .args(["members", "forget", &ids[2], "--http", &nodes[0].http()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        "the left node is forgotten everywhere",
+        Duration::from_secs(30),
+        || {
+            nodes[..2].iter().all(|n| {
+                n.member_states()
+                    .is_some_and(|m| m.iter().all(|(id, _)| id != &ids[2]))
+            })
+        },
+    );
+    // A live member cannot be forgotten.
+    let out = std::process::Command::new(kiln_bin())
+        .args(["members", "forget", &ids[1], "--http", &nodes[0].http()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only dead or left"));
+}
+
+#[test]
+fn restart_keeps_peer_id_and_rejoins_with_the_seed_down() {
+    let _serial = serial();
+    let mut nodes = start_cluster("rs", 3, opts());
+    let ids = wait_converged(&nodes, Duration::from_secs(60));
+    nodes[1].terminate();
+    nodes[0].kill9(); // the seed is gone for good
+    nodes[1].restart();
+    assert_eq!(nodes[1].id(), ids[1], "peer id survives the restart");
+    wait_until(
+        "the restarted node and node 3 see each other alive",
+        Duration::from_secs(60),
+        || nodes[1].alive().contains(&ids[2]) && nodes[2].alive().contains(&ids[1]),
+    );
+    let inc = nodes[2].get("/v1/cluster/members").unwrap()["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == ids[1].as_str())
+        .unwrap()["incarnation"]
+        .as_u64()
+        .unwrap();
+    assert!(inc >= 2, "a restart raises the incarnation");
+}
+
+#[test]
+fn a_node_with_another_secret_never_appears() {
+    let _serial = serial();
+    let nodes = start_cluster("sec", 2, opts());
+    let ids = wait_converged(&nodes, Duration::from_secs(60));
+    let stranger = Node::start(
+        "stranger",
+        NodeOpts {
+            secret: Some("some-other-secret".into()),
+            seeds: vec![nodes[0].seed(), nodes[1].seed()],
+            ..Default::default()
+        },
+    );
+    let stranger_id = stranger.id();
+    // Give it many redial rounds (seeds are redialled every 2 s).
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        for n in &nodes {
+            let states = n.member_states().unwrap_or_default();
+            assert!(
+                states.iter().all(|(id, _)| id != &stranger_id),
+                "{} let the stranger in",
+                n.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let seen = stranger.member_states().unwrap();
+    assert_eq!(seen.len(), 1, "the stranger learnt nobody: {seen:?}");
+    assert!(ids.iter().all(|i| !seen.iter().any(|(s, _)| s == i)));
+}
+
+#[test]
+fn twenty_nodes_converge() {
+    let _serial = serial();
+    let nodes = start_cluster("big", 20, opts());
+    wait_converged(&nodes, Duration::from_secs(180));
+}
