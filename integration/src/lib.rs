@@ -23,12 +23,14 @@ pub fn kiln_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("KILN_BIN") {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/kiln
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    let exe = std::env::current_exe().expect("own executable path");
+    // A test lives in target/<profile>/deps/, a benchmark binary in target/<profile>/.
+    let dir = exe.parent().expect("executable has a directory");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
     let bin = dir.join("kiln");
     assert!(
         bin.exists(),
