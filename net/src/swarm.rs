@@ -26,7 +26,7 @@ use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::codec::{KilnCodec, PROTOCOL};
+use crate::codec::{Inbound, KilnCodec, PROTOCOL};
 use crate::offences::{Offences, Verdict};
 use crate::wire::{self, MembershipGossip, Request, Response, MAX_GOSSIP_BYTES, MEMBERSHIP_TOPIC};
 
@@ -52,7 +52,7 @@ pub fn psk_from_secret(secret: &[u8]) -> [u8; 32] {
 }
 
 /// How an actor answers an inbound request.
-pub struct Reply(ResponseChannel<Response>);
+pub struct Reply(ResponseChannel<Inbound<Response>>);
 
 impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -225,7 +225,9 @@ pub enum NetError {
     Listen { addr: Multiaddr, error: String },
 }
 
-fn build_transport(
+/// The transport of a kiln node: TCP, then the cluster secret (pnet), then noise
+/// and yamux. Without a secret, pnet is skipped (an open cluster).
+pub fn transport(
     keypair: &Keypair,
     psk: Option<[u8; 32]>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
@@ -281,7 +283,7 @@ pub fn spawn(
     registry: &mut Registry,
 ) -> Result<(NetHandle, mpsc::UnboundedReceiver<NetEvent>), NetError> {
     let local_peer_id = config.keypair.public().to_peer_id();
-    let transport = build_transport(&config.keypair, config.psk)?;
+    let transport = transport(&config.keypair, config.psk)?;
     let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gossipsub_config()?)
         .map_err(|e| NetError::Gossipsub(e.to_string()))?
         .with_metrics(
@@ -452,14 +454,17 @@ impl SwarmTask {
                 }
             }
             NetCommand::Request { peer, request } => {
-                self.swarm.behaviour_mut().rr.send_request(&peer, request);
+                self.swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_request(&peer, Inbound::Valid(request));
             }
             NetCommand::Respond { reply, response } => {
                 let _ = self
                     .swarm
                     .behaviour_mut()
                     .rr
-                    .send_response(reply.0, response);
+                    .send_response(reply.0, Inbound::Valid(response));
             }
             NetCommand::Disconnect(peer) => {
                 let _ = self.swarm.disconnect_peer_id(peer);
@@ -592,39 +597,38 @@ impl SwarmTask {
         }
     }
 
-    fn on_rr_event(&mut self, ev: request_response::Event<Request, Response>) {
-        use request_response::{Event, InboundFailure, Message, OutboundFailure};
+    fn on_rr_event(&mut self, ev: request_response::Event<Inbound<Request>, Inbound<Response>>) {
+        use request_response::{Event, Message};
         match ev {
             Event::Message { peer, message, .. } => match message {
                 Message::Request {
-                    request, channel, ..
+                    request: Inbound::Valid(request),
+                    channel,
+                    ..
                 } => self.emit(NetEvent::Request {
                     peer,
                     request,
                     reply: Reply(channel),
                 }),
-                Message::Response { response, .. } => {
-                    self.emit(NetEvent::Response { peer, response })
+                Message::Request {
+                    request: Inbound::Invalid(e),
+                    ..
+                } => self.offence(peer, "request", &e.to_string()),
+                Message::Response {
+                    response: Inbound::Valid(response),
+                    ..
+                } => self.emit(NetEvent::Response { peer, response }),
+                Message::Response {
+                    response: Inbound::Invalid(e),
+                    ..
+                } => {
+                    self.offence(peer, "response", &e.to_string());
+                    self.emit(NetEvent::RequestFailed {
+                        peer,
+                        error: e.to_string(),
+                    });
                 }
             },
-            Event::InboundFailure {
-                peer,
-                error: InboundFailure::Io(e),
-                ..
-            } if e.kind() == std::io::ErrorKind::InvalidData => {
-                self.offence(peer, "request", &e.to_string())
-            }
-            Event::OutboundFailure {
-                peer,
-                error: OutboundFailure::Io(e),
-                ..
-            } if e.kind() == std::io::ErrorKind::InvalidData => {
-                self.offence(peer, "response", &e.to_string());
-                self.emit(NetEvent::RequestFailed {
-                    peer,
-                    error: e.to_string(),
-                });
-            }
             Event::OutboundFailure { peer, error, .. } => self.emit(NetEvent::RequestFailed {
                 peer,
                 error: error.to_string(),
