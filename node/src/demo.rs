@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -52,7 +54,36 @@ fn stop_all(nodes: &mut [DemoNode]) {
     }
 }
 
+/// Installs SIGINT/SIGTERM handling at once (before any node starts, so that a
+/// Ctrl-C at any moment stops the nodes too) and returns the flag it raises.
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime for signal handling")?;
+    let (mut term, mut int) = rt.block_on(async {
+        anyhow::Ok((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
+    let flag = Arc::new(AtomicBool::new(false));
+    let raised = flag.clone();
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        });
+        raised.store(true, Ordering::SeqCst);
+    });
+    Ok(flag)
+}
+
 pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let stop = stop_flag()?;
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
@@ -119,7 +150,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         );
         nodes.push(DemoNode { child, http });
     }
-    let result = wait_converged(&mut nodes, args.nodes as usize);
+    let result = wait_converged(&mut nodes, args.nodes as usize, &stop);
     if let Err(e) = result {
         stop_all(&mut nodes);
         return Err(e);
@@ -139,16 +170,26 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         args.nodes, nodes[0].http
     );
     println!("Press Ctrl-C to stop the cluster.");
-    wait_for_ctrl_c();
+    while !stop.load(Ordering::SeqCst) {
+        for (i, node) in nodes.iter_mut().enumerate() {
+            if let Ok(Some(status)) = node.child.try_wait() {
+                println!("node{} exited ({status}); see its kiln.log", i + 1);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     println!("stopping: every node leaves gracefully");
     stop_all(&mut nodes);
     Ok(())
 }
 
-fn wait_converged(nodes: &mut [DemoNode], n: usize) -> anyhow::Result<()> {
+fn wait_converged(nodes: &mut [DemoNode], n: usize, stop: &AtomicBool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last_report = 0;
     loop {
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted before the cluster formed");
+        }
         for (i, node) in nodes.iter_mut().enumerate() {
             if let Ok(Some(status)) = node.child.try_wait() {
                 bail!(
@@ -183,26 +224,4 @@ fn wait_converged(nodes: &mut [DemoNode], n: usize) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-fn wait_for_ctrl_c() {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(_) => return,
-    };
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-        }
-    });
 }
