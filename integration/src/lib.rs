@@ -40,6 +40,14 @@ pub fn kiln_bin() -> PathBuf {
     bin
 }
 
+/// Runs a `kiln` client verb (status, members, …) to completion.
+pub fn kiln_cli(args: &[&str]) -> std::process::Output {
+    Command::new(kiln_bin())
+        .args(args)
+        .output()
+        .expect("run the kiln binary")
+}
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Cluster tests share two cores: run them one at a time so that one test's load

@@ -113,10 +113,7 @@ fn graceful_leave_then_forget() {
             .all(|n| n.state_of(&ids[2]).as_deref() == Some("left"))
     });
     // Forget it on one node: it disappears everywhere.
-    let out = std::process::Command::new(kiln_bin())
-        .args(["members", "forget", &ids[2], "--http", &nodes[0].http()])
-        .output()
-        .unwrap();
+    let out = kiln_cli(&["members", "forget", &ids[2], "--http", &nodes[0].http()]);
     assert!(
         out.status.success(),
         "{}",
@@ -133,10 +130,7 @@ fn graceful_leave_then_forget() {
         },
     );
     // A live member cannot be forgotten.
-    let out = std::process::Command::new(kiln_bin())
-        .args(["members", "forget", &ids[1], "--http", &nodes[0].http()])
-        .output()
-        .unwrap();
+    let out = kiln_cli(&["members", "forget", &ids[1], "--http", &nodes[0].http()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("only dead or left"));
 }

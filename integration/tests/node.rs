@@ -79,10 +79,7 @@ fn http_token_guards_everything_but_metrics() {
             .call(),
         Err(ureq::Error::Status(401, _))
     ));
-    let out = std::process::Command::new(kiln_bin())
-        .args(["status", "--http", &n.http(), "--http-token", "t0ken"])
-        .output()
-        .unwrap();
+    let out = kiln_cli(&["status", "--http", &n.http(), "--http-token", "t0ken"]);
     assert!(
         out.status.success(),
         "{}",

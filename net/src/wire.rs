@@ -31,6 +31,18 @@ pub enum MemberStatus {
     Left,
 }
 
+impl MemberStatus {
+    /// The lower-case name used in the HTTP API, logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberStatus::Alive => "alive",
+            MemberStatus::Suspect => "suspect",
+            MemberStatus::Dead => "dead",
+            MemberStatus::Left => "left",
+        }
+    }
+}
+
 /// What the cluster knows of one member.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberRecord {

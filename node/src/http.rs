@@ -12,7 +12,6 @@ use actix_web::{web, HttpResponse, ResponseError};
 use kiln_actors::membership::{
     ForgetMember, GetNodeInfo, ListMembers, MemberView, MembershipActor,
 };
-use kiln_net::wire::MemberStatus;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
@@ -59,21 +58,12 @@ pub struct MemberJson {
     pub last_seen_ms: Option<u64>,
 }
 
-pub fn state_str(s: MemberStatus) -> &'static str {
-    match s {
-        MemberStatus::Alive => "alive",
-        MemberStatus::Suspect => "suspect",
-        MemberStatus::Dead => "dead",
-        MemberStatus::Left => "left",
-    }
-}
-
 fn member_json(v: MemberView) -> MemberJson {
     MemberJson {
         id: v.record.id,
         name: v.record.name,
         addrs: v.record.addrs,
-        state: state_str(v.record.status),
+        state: v.record.status.as_str(),
         incarnation: v.record.incarnation,
         last_seen_ms: v.last_seen_unix_ms,
     }
@@ -168,7 +158,7 @@ async fn status_page(state: web::Data<ApiState>) -> Result<HttpResponse, ApiErro
         cluster = escape(info.cluster.as_deref().unwrap_or("(joining)")),
     );
     for r in rows {
-        let s = state_str(r.record.status);
+        let s = r.record.status.as_str();
         html.push_str(&format!(
             "<tr><td>{}{}</td><td><code>{}</code></td><td>{}</td><td class={s}>{s}</td><td>{}</td></tr>",
             escape(&r.record.name),

@@ -88,15 +88,6 @@ impl MembershipMetrics {
     }
 }
 
-fn state_name(s: MemberStatus) -> &'static str {
-    match s {
-        MemberStatus::Alive => "alive",
-        MemberStatus::Suspect => "suspect",
-        MemberStatus::Dead => "dead",
-        MemberStatus::Left => "left",
-    }
-}
-
 fn to_stored(r: &MemberRecord, since: u64) -> StoredMember {
     StoredMember {
         id: r.id.clone(),
@@ -281,7 +272,7 @@ impl MembershipActor {
                         .member(&id)
                         .map(|m| m.record.name.clone())
                         .unwrap_or_default();
-                    tracing::info!(peer = %id, peer_name = %name, from = from.map(state_name), to = state_name(to),
+                    tracing::info!(peer = %id, peer_name = %name, from = from.map(MemberStatus::as_str), to = to.as_str(),
                         incarnation, "member state changed");
                 }
                 Effect::Suspected { .. } => {
@@ -323,9 +314,7 @@ impl MembershipActor {
         for (s, n) in self.state.counts() {
             self.metrics
                 .members
-                .get_or_create(&StateLabel {
-                    state: state_name(s),
-                })
+                .get_or_create(&StateLabel { state: s.as_str() })
                 .set(n as i64);
         }
     }
@@ -411,7 +400,7 @@ impl MembershipActor {
                     by,
                 } => {
                     self.metrics.claims_received.inc();
-                    tracing::debug!(peer = %subject, by = %by, claimed = state_name(status), incarnation, "claim received");
+                    tracing::debug!(peer = %subject, by = %by, claimed = status.as_str(), incarnation, "claim received");
                     self.state.on_claim(now, &subject, incarnation, status)
                 }
                 MembershipGossip::Forget {
