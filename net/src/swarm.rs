@@ -251,17 +251,21 @@ pub fn transport(
 }
 
 fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
-    // Tuned for a cluster of tens of nodes on a LAN, not the public network: a
-    // fast heartbeat, a first heartbeat soon after start, a mesh wide enough that
-    // flood-publish plus one forwarding hop reaches everyone, no signatures (pnet
-    // and noise already authenticate every peer), and content-addressed ids.
+    // Tuned for a cluster of tens of nodes on a LAN, not the public network. Nodes
+    // hold connections to every member, so flood-publish reaches everyone in one
+    // hop; the mesh only covers members that are not directly connected, and a
+    // narrow one keeps the duplicates every node receives (about mesh_n copies of
+    // each message) and the gossip of message ids low. A first heartbeat soon after
+    // start; no signatures (pnet and noise already authenticate every peer);
+    // content-addressed ids.
     gossipsub::ConfigBuilder::default()
-        .heartbeat_interval(Duration::from_millis(500))
+        .heartbeat_interval(Duration::from_secs(1))
         .heartbeat_initial_delay(Duration::from_millis(100))
-        .mesh_n(8)
-        .mesh_n_low(4)
-        .mesh_n_high(12)
-        .mesh_outbound_min(2)
+        .mesh_n(4)
+        .mesh_n_low(3)
+        .mesh_n_high(8)
+        .mesh_outbound_min(1)
+        .gossip_lazy(3)
         .flood_publish(true)
         .max_transmit_size(MAX_GOSSIP_BYTES + 1024)
         .validation_mode(ValidationMode::Anonymous)

@@ -52,10 +52,10 @@ pub struct RunArgs {
     /// Human-readable node name. Default: kiln-<end of peer id>
     #[arg(long, env = "KILN_NAME", value_name = "NAME")]
     pub name: Option<String>,
-    /// Milliseconds between a node's membership announcements. Default: 1000
+    /// Milliseconds between a node's membership announcements. Default: 2000
     #[arg(long, env = "KILN_ANNOUNCE_INTERVAL_MS", value_name = "MS")]
     pub announce_interval_ms: Option<u64>,
-    /// Milliseconds between pings on every peer connection. Default: 500
+    /// Milliseconds between pings on every peer connection. Default: 1000
     #[arg(long, env = "KILN_PROBE_INTERVAL_MS", value_name = "MS")]
     pub probe_interval_ms: Option<u64>,
     /// Silence after which a member is suspect. Default: 1500
@@ -263,8 +263,16 @@ impl Settings {
             "probe_interval_ms",
             cli.probe_interval_ms
                 .or(file.probe_interval_ms)
-                .unwrap_or(500),
+                .unwrap_or(1000),
         )?;
+        if probe_interval_ms >= suspect_timeout_ms {
+            return Err(ConfigError::Invalid {
+                key: "probe_interval_ms",
+                error: format!(
+                    "({probe_interval_ms}) must be below suspect_timeout_ms ({suspect_timeout_ms}), or every member looks suspect between two pings"
+                ),
+            });
+        }
         let dead_member_ttl_s = cli
             .dead_member_ttl_s
             .or(file.dead_member_ttl_s)

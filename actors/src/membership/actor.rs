@@ -19,8 +19,10 @@ use tokio::sync::mpsc;
 use super::state::{Effect, ForgetError, MemberView, Membership, MembershipConfig, Now};
 
 const TICK: Duration = Duration::from_millis(100);
-/// How often seeds are dialled again while this node has no connection at all.
-const SEED_REDIAL: Duration = Duration::from_secs(2);
+/// Seeds are dialled again while this node has no connection at all: soon at
+/// first (the seed may be starting at the same moment), then backing off.
+const SEED_REDIAL_FIRST: Duration = Duration::from_millis(250);
+const SEED_REDIAL_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -168,6 +170,7 @@ pub struct MembershipActor {
     seeds: Vec<PeerAddr>,
     connected: usize,
     last_seed_dial: Option<Instant>,
+    seed_redial: Duration,
     epoch: Instant,
     metrics: MembershipMetrics,
     pending_forgotten: Vec<(String, u64)>,
@@ -197,6 +200,7 @@ impl MembershipActor {
             seeds,
             connected: 0,
             last_seed_dial: None,
+            seed_redial: SEED_REDIAL_FIRST,
             epoch: Instant::now(),
             metrics,
             pending_forgotten: Vec::new(),
@@ -212,6 +216,9 @@ impl MembershipActor {
     }
 
     fn dial_seeds(&mut self) {
+        if self.last_seed_dial.is_some() {
+            self.seed_redial = (self.seed_redial * 2).min(SEED_REDIAL_MAX);
+        }
         self.last_seed_dial = Some(Instant::now());
         for s in &self.seeds {
             self.net.send(NetCommand::Dial {
@@ -370,6 +377,7 @@ impl MembershipActor {
             }
             NetEvent::ConnectionUp { peer, .. } => {
                 self.connected += 1;
+                self.seed_redial = SEED_REDIAL_FIRST;
                 self.state.on_connected(now, &peer.to_string())
             }
             NetEvent::ConnectionDown { peer } => {
@@ -505,7 +513,7 @@ impl Actor for MembershipActor {
                 && !act.seeds.is_empty()
                 && act
                     .last_seed_dial
-                    .is_none_or(|t| t.elapsed() >= SEED_REDIAL)
+                    .is_none_or(|t| t.elapsed() >= act.seed_redial)
             {
                 act.dial_seeds();
             }

@@ -9,8 +9,9 @@
 //!   `suspect_timeout_ms` when the member is also unreachable (connection closed and
 //!   redial refused: a crashed process). A paused process keeps its connections, so
 //!   a short pause never takes the fast path;
-//! - suspicion and death are gossiped as claims; the subject refutes a claim by
-//!   announcing a higher incarnation, which outranks every claim about an older one;
+//! - suspicion stays this node's own opinion; death is gossiped as a claim that
+//!   every node adopts, and the subject refutes it by announcing a higher
+//!   incarnation, which outranks every claim about an older one;
 //! - `left` is announced by the member itself on a graceful shutdown.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -32,7 +33,7 @@ pub struct MembershipConfig {
 impl Default for MembershipConfig {
     fn default() -> Self {
         MembershipConfig {
-            announce_interval_ms: 1000,
+            announce_interval_ms: 2000,
             suspect_timeout_ms: 1500,
             dead_timeout_ms: 5000,
             redial_interval_ms: 1000,
@@ -93,6 +94,10 @@ pub struct Member {
     pub last_heard_ms: Option<u64>,
     pub status_since_unix_ms: u64,
     pub connected: bool,
+    /// This node has had a direct connection to the member during this run. Until
+    /// then, the member only gets suspect after `dead_timeout_ms`: right after it
+    /// is learnt of (many nodes starting at once) connecting may take a while.
+    pub ever_connected: bool,
     /// The connection is gone and a redial failed since.
     pub unreachable: bool,
     last_beat: u64,
@@ -165,6 +170,7 @@ impl Membership {
                     last_heard_ms: None,
                     status_since_unix_ms,
                     connected: false,
+                    ever_connected: false,
                     unreachable: false,
                     last_beat: 0,
                     last_dial_ms: None,
@@ -359,6 +365,7 @@ impl Membership {
                     last_heard_ms: live.then_some(now.mono_ms),
                     status_since_unix_ms: now.unix_ms,
                     connected: false,
+                    ever_connected: false,
                     unreachable: false,
                     last_beat: beat.unwrap_or(0),
                     last_dial_ms: live.then_some(now.mono_ms),
@@ -516,6 +523,7 @@ impl Membership {
     pub fn on_connected(&mut self, now: Now, id: &str) -> Vec<Effect> {
         if let Some(m) = self.members.get_mut(id) {
             m.connected = true;
+            m.ever_connected = true;
             m.unreachable = false;
             if !gone(m.record.status) {
                 m.last_heard_ms = Some(now.mono_ms);
@@ -554,17 +562,13 @@ impl Membership {
         out
     }
 
+    /// Suspicion is this node's own opinion and is not gossiped: others judge by
+    /// their own evidence, and a gossiped suspicion would only make the subject
+    /// raise its incarnation, which under load (many nodes, two cores) turns into
+    /// a storm of claims and refutations.
     fn suspect(&mut self, now: Now, id: &str, out: &mut Vec<Effect>) {
         self.set_status(now, id, MemberStatus::Suspect, out);
-        if let Some(m) = self.members.get(id) {
-            out.push(Effect::Suspected { id: id.to_string() });
-            out.push(Effect::Publish(MembershipGossip::Claim {
-                subject: id.to_string(),
-                incarnation: m.record.incarnation,
-                status: MemberStatus::Suspect,
-                by: self.me.id.clone(),
-            }));
-        }
+        out.push(Effect::Suspected { id: id.to_string() });
     }
 
     /// Timers: announce, suspect, declare dead, redial, forget after the TTL.
@@ -600,7 +604,10 @@ impl Membership {
                         status: MemberStatus::Dead,
                         by: self.me.id.clone(),
                     }));
-                } else if status == MemberStatus::Alive && silence >= self.cfg.suspect_timeout_ms {
+                } else if status == MemberStatus::Alive
+                    && m.ever_connected
+                    && silence >= self.cfg.suspect_timeout_ms
+                {
                     self.suspect(now, &id, &mut out);
                 }
             }

@@ -64,14 +64,29 @@ fn silence_makes_suspect_then_dead() {
     let fx = a.tick(at(cfg.suspect_timeout_ms));
     assert_eq!(status(&a, "b"), MemberStatus::Suspect);
     assert!(fx.contains(&Effect::Suspected { id: "b".into() }));
-    assert!(published(&fx).iter().any(|g| matches!(g,
-        MembershipGossip::Claim { subject, status: MemberStatus::Suspect, .. } if subject == "b")));
+    assert!(
+        published(&fx)
+            .iter()
+            .all(|g| !matches!(g, MembershipGossip::Claim { .. })),
+        "a suspicion is not gossiped"
+    );
     // Still connected (a paused process): only the long timeout declares it dead.
     a.tick(at(cfg.dead_timeout_ms - 1));
     assert_eq!(status(&a, "b"), MemberStatus::Suspect);
     let fx = a.tick(at(cfg.dead_timeout_ms));
     assert_eq!(status(&a, "b"), MemberStatus::Dead);
     assert!(fx.contains(&Effect::DeclaredDead { id: "b".into() }));
+}
+
+#[test]
+fn a_member_not_yet_connected_gets_the_long_timeout() {
+    let cfg = MembershipConfig::default();
+    let mut a = node("a");
+    a.on_sync(at(0), vec![rec("b", 1, MemberStatus::Alive)]);
+    a.tick(at(cfg.dead_timeout_ms - 1));
+    assert_eq!(status(&a, "b"), MemberStatus::Alive, "still connecting");
+    a.tick(at(cfg.dead_timeout_ms));
+    assert_eq!(status(&a, "b"), MemberStatus::Dead, "never answered at all");
 }
 
 #[test]
@@ -120,6 +135,7 @@ fn own_evidence_clears_own_suspicion() {
     let cfg = MembershipConfig::default();
     let mut a = node("a");
     a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_connected(at(0), "b");
     a.tick(at(cfg.suspect_timeout_ms));
     assert_eq!(status(&a, "b"), MemberStatus::Suspect);
     a.on_announce(
