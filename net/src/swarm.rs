@@ -2,6 +2,7 @@
 //! in on a channel, events go out on another. The task never blocks; it only
 //! encodes, decodes, and keeps the offence books for bad frames.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures::future::Either;
@@ -121,9 +122,11 @@ pub enum NetEvent {
         peer: PeerId,
         error: String,
     },
-    ProbeOk {
-        peer: PeerId,
-        rtt: Duration,
+    /// These peers answered a ping since the last such event. Pings are reported
+    /// in batches (every `PROBE_REPORT_INTERVAL`): one event per ping would wake
+    /// the actors' thread tens of times a second per node for nothing.
+    ProbesOk {
+        peers: Vec<PeerId>,
     },
     ProbeFailed {
         peer: PeerId,
@@ -351,6 +354,7 @@ pub fn spawn(
         libp2p_metrics,
         net_metrics,
         advertise: !config.advertise.is_empty(),
+        probes_ok: HashSet::new(),
     };
     for addr in config.advertise {
         let _ = task.events.send(NetEvent::ListenAddr(addr));
@@ -375,13 +379,26 @@ struct SwarmTask {
     net_metrics: NetMetrics,
     /// Advertised addresses replace listen addresses in what is announced.
     advertise: bool,
+    /// Peers that answered a ping since the last report.
+    probes_ok: HashSet<PeerId>,
 }
+
+/// How often answered pings are reported to the actors.
+pub const PROBE_REPORT_INTERVAL: Duration = Duration::from_millis(200);
 
 impl SwarmTask {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<NetCommand>) {
         let mut unban = tokio::time::interval(Duration::from_secs(5));
+        let mut probe_report = tokio::time::interval(PROBE_REPORT_INTERVAL);
+        probe_report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = probe_report.tick() => {
+                    if !self.probes_ok.is_empty() {
+                        let peers = self.probes_ok.drain().collect();
+                        self.emit(NetEvent::ProbesOk { peers });
+                    }
+                }
                 cmd = commands.recv() => match cmd {
                     Some(NetCommand::Shutdown(done)) => {
                         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
@@ -589,7 +606,9 @@ impl SwarmTask {
             KilnBehaviourEvent::Ping(ev) => {
                 self.libp2p_metrics.record(&ev);
                 match ev.result {
-                    Ok(rtt) => self.emit(NetEvent::ProbeOk { peer: ev.peer, rtt }),
+                    Ok(_) => {
+                        self.probes_ok.insert(ev.peer);
+                    }
                     Err(e) => self.emit(NetEvent::ProbeFailed {
                         peer: ev.peer,
                         error: e.to_string(),

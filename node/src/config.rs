@@ -52,16 +52,16 @@ pub struct RunArgs {
     /// Human-readable node name. Default: kiln-<end of peer id>
     #[arg(long, env = "KILN_NAME", value_name = "NAME")]
     pub name: Option<String>,
-    /// Milliseconds between a node's membership announcements. Default: 2000
+    /// Milliseconds between a node's membership announcements. Default: 3000
     #[arg(long, env = "KILN_ANNOUNCE_INTERVAL_MS", value_name = "MS")]
     pub announce_interval_ms: Option<u64>,
-    /// Milliseconds between pings on every peer connection. Default: 1000
+    /// Milliseconds between pings on every peer connection. Default: 2000
     #[arg(long, env = "KILN_PROBE_INTERVAL_MS", value_name = "MS")]
     pub probe_interval_ms: Option<u64>,
-    /// Silence after which a member is suspect. Default: 1500
+    /// Silence after which a member is suspect. Default: 3000
     #[arg(long, env = "KILN_SUSPECT_TIMEOUT_MS", value_name = "MS")]
     pub suspect_timeout_ms: Option<u64>,
-    /// Silence after which a member is dead even if its connection looks open. Default: 5000
+    /// Silence after which a member is dead even if its connection looks open. Default: 6000
     #[arg(long, env = "KILN_DEAD_TIMEOUT_MS", value_name = "MS")]
     pub dead_timeout_ms: Option<u64>,
     /// Seconds after which dead and left members are forgotten. Default: 86400
@@ -263,7 +263,7 @@ impl Settings {
             "probe_interval_ms",
             cli.probe_interval_ms
                 .or(file.probe_interval_ms)
-                .unwrap_or(1000),
+                .unwrap_or(2000),
         )?;
         if probe_interval_ms >= suspect_timeout_ms {
             return Err(ConfigError::Invalid {
@@ -332,7 +332,7 @@ mod tests {
         let f = dir.path().join("kiln.toml");
         std::fs::write(
             &f,
-            "name = \"from-file\"\nhttp = \"127.0.0.1:9000\"\nseed = [\"127.0.0.1:7701\"]\nsuspect_timeout_ms = 2000\n",
+            "name = \"from-file\"\nhttp = \"127.0.0.1:9000\"\nseed = [\"127.0.0.1:7701\"]\nsuspect_timeout_ms = 2500\n",
         )
         .unwrap();
         let s = Settings::resolve(RunArgs {
@@ -344,7 +344,7 @@ mod tests {
         assert_eq!(s.name.as_deref(), Some("from-flag"));
         assert_eq!(s.http.to_string(), "127.0.0.1:9000");
         assert_eq!(s.seeds.len(), 1);
-        assert_eq!(s.membership.suspect_timeout_ms, 2000);
+        assert_eq!(s.membership.suspect_timeout_ms, 2500);
     }
 
     #[test]

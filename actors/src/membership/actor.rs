@@ -465,7 +465,10 @@ impl MembershipActor {
                 tracing::debug!(%peer, %error, "request failed");
                 vec![]
             }
-            NetEvent::ProbeOk { peer, .. } => self.state.on_probe_ok(now, &peer.to_string()),
+            NetEvent::ProbesOk { peers } => peers
+                .iter()
+                .flat_map(|p| self.state.on_probe_ok(now, &p.to_string()))
+                .collect(),
             NetEvent::ProbeFailed { peer, error } => {
                 tracing::debug!(%peer, %error, "ping failed");
                 vec![]

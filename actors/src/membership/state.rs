@@ -5,10 +5,12 @@
 //! direct connection, a fresh announcement heard through gossip):
 //! - `alive → suspect` after `suspect_timeout_ms` without evidence, or at once when
 //!   the connection is gone and a redial failed;
-//! - `→ dead` after `dead_timeout_ms` without evidence, or after
-//!   `suspect_timeout_ms` when the member is also unreachable (connection closed and
-//!   redial refused: a crashed process). A paused process keeps its connections, so
-//!   a short pause never takes the fast path;
+//! - `→ dead` after `dead_timeout_ms` without evidence (a hung or cut-off
+//!   process), or once the member has stayed unreachable for
+//!   `unreachable_confirm_ms`: its connection closed and redials keep failing (a
+//!   crashed process: the kernel closed its sockets and refuses connections). A
+//!   paused process keeps its connections and still accepts TCP, so a pause never
+//!   takes that fast path;
 //! - suspicion stays this node's own opinion; death is gossiped as a claim that
 //!   every node adopts, and the subject refutes it by announcing a higher
 //!   incarnation, which outranks every claim about an older one;
@@ -25,6 +27,9 @@ pub struct MembershipConfig {
     pub suspect_timeout_ms: u64,
     pub dead_timeout_ms: u64,
     pub redial_interval_ms: u64,
+    /// How long a member must stay unreachable (connection closed, redials failing)
+    /// before it is declared dead without waiting for `dead_timeout_ms`.
+    pub unreachable_confirm_ms: u64,
     /// How often a dead member is dialled again, so that a healed partition reunites.
     pub dead_redial_interval_ms: u64,
     pub dead_member_ttl_ms: u64,
@@ -33,10 +38,11 @@ pub struct MembershipConfig {
 impl Default for MembershipConfig {
     fn default() -> Self {
         MembershipConfig {
-            announce_interval_ms: 2000,
-            suspect_timeout_ms: 1500,
-            dead_timeout_ms: 5000,
-            redial_interval_ms: 1000,
+            announce_interval_ms: 3000,
+            suspect_timeout_ms: 3000,
+            dead_timeout_ms: 6000,
+            redial_interval_ms: 500,
+            unreachable_confirm_ms: 500,
             dead_redial_interval_ms: 10_000,
             dead_member_ttl_ms: 86_400_000,
         }
@@ -98,8 +104,8 @@ pub struct Member {
     /// then, the member only gets suspect after `dead_timeout_ms`: right after it
     /// is learnt of (many nodes starting at once) connecting may take a while.
     pub ever_connected: bool,
-    /// The connection is gone and a redial failed since.
-    pub unreachable: bool,
+    /// Since when the connection is gone and redials fail (monotonic ms).
+    pub unreachable_since_ms: Option<u64>,
     last_beat: u64,
     last_dial_ms: Option<u64>,
     /// When we last re-told this member a claim about itself it has not refuted.
@@ -171,7 +177,7 @@ impl Membership {
                     status_since_unix_ms,
                     connected: false,
                     ever_connected: false,
-                    unreachable: false,
+                    unreachable_since_ms: None,
                     last_beat: 0,
                     last_dial_ms: None,
                     last_reclaim_ms: None,
@@ -366,7 +372,7 @@ impl Membership {
                     status_since_unix_ms: now.unix_ms,
                     connected: false,
                     ever_connected: false,
-                    unreachable: false,
+                    unreachable_since_ms: None,
                     last_beat: beat.unwrap_or(0),
                     last_dial_ms: live.then_some(now.mono_ms),
                     last_reclaim_ms: None,
@@ -388,7 +394,7 @@ impl Membership {
             m.last_beat = beat.unwrap_or(0);
             if beat.is_some() || revived {
                 m.last_heard_ms = Some(now.mono_ms);
-                m.unreachable = false;
+                m.unreachable_since_ms = None;
             }
             self.dirty.insert(id.clone());
             if from != m.record.status {
@@ -512,7 +518,7 @@ impl Membership {
         let mut out = Vec::new();
         if let Some(m) = self.members.get_mut(id) {
             m.last_heard_ms = Some(now.mono_ms);
-            m.unreachable = false;
+            m.unreachable_since_ms = None;
             if m.record.status == MemberStatus::Suspect {
                 self.set_status(now, id, MemberStatus::Alive, &mut out);
             }
@@ -524,7 +530,7 @@ impl Membership {
         if let Some(m) = self.members.get_mut(id) {
             m.connected = true;
             m.ever_connected = true;
-            m.unreachable = false;
+            m.unreachable_since_ms = None;
             if !gone(m.record.status) {
                 m.last_heard_ms = Some(now.mono_ms);
             }
@@ -555,7 +561,7 @@ impl Membership {
         if m.connected {
             return out;
         }
-        m.unreachable = true;
+        m.unreachable_since_ms.get_or_insert(now.mono_ms);
         if m.record.status == MemberStatus::Alive {
             self.suspect(now, id, &mut out);
         }
@@ -593,7 +599,10 @@ impl Membership {
                 .unwrap_or(u64::MAX);
             if !gone(status) {
                 let dead = silence >= self.cfg.dead_timeout_ms
-                    || (silence >= self.cfg.suspect_timeout_ms && m.unreachable && !m.connected);
+                    || (!m.connected
+                        && m.unreachable_since_ms.is_some_and(|t| {
+                            now.mono_ms.saturating_sub(t) >= self.cfg.unreachable_confirm_ms
+                        }));
                 if dead {
                     let inc = m.record.incarnation;
                     self.set_status(now, &id, MemberStatus::Dead, &mut out);

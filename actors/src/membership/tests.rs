@@ -90,7 +90,7 @@ fn a_member_not_yet_connected_gets_the_long_timeout() {
 }
 
 #[test]
-fn crashed_member_is_dead_after_suspect_timeout() {
+fn crashed_member_is_dead_once_unreachable_is_confirmed() {
     let cfg = MembershipConfig::default();
     let mut a = node("a");
     a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
@@ -102,10 +102,23 @@ fn crashed_member_is_dead_after_suspect_timeout() {
         .any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
     a.on_dial_failed(at(210), "b");
     assert_eq!(status(&a, "b"), MemberStatus::Suspect);
-    a.tick(at(100 + cfg.suspect_timeout_ms - 1));
+    a.tick(at(210 + cfg.unreachable_confirm_ms - 1));
     assert_eq!(status(&a, "b"), MemberStatus::Suspect);
-    a.tick(at(100 + cfg.suspect_timeout_ms));
+    a.tick(at(210 + cfg.unreachable_confirm_ms));
     assert_eq!(status(&a, "b"), MemberStatus::Dead);
+}
+
+#[test]
+fn a_successful_redial_cancels_the_fast_path() {
+    let cfg = MembershipConfig::default();
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_connected(at(0), "b");
+    a.on_disconnected(at(100), "b");
+    a.on_dial_failed(at(110), "b");
+    a.on_connected(at(300), "b");
+    a.tick(at(110 + cfg.unreachable_confirm_ms));
+    assert_ne!(status(&a, "b"), MemberStatus::Dead);
 }
 
 #[test]
