@@ -416,7 +416,7 @@ impl MembershipActor {
                     incarnation,
                 } => self.state.on_forget(now, &subject, incarnation),
             },
-            NetEvent::MembershipSubscribed { .. } => vec![],
+            NetEvent::MembershipSubscribed { .. } => self.state.on_peer_subscribed(now),
             NetEvent::Request {
                 peer,
                 request: Request::MembershipSync { cluster, members },

@@ -514,6 +514,25 @@ impl Membership {
             .collect()
     }
 
+    /// A peer subscribed to the membership topic: a publish now reaches it. A
+    /// node that just connected announces itself at once (not at its next
+    /// interval), so that gossip spreads the news while connections are still
+    /// being made; at most every 500 ms, so that many subscriptions at once do not
+    /// turn into many announcements.
+    pub fn on_peer_subscribed(&mut self, now: Now) -> Vec<Effect> {
+        if self.me.status == MemberStatus::Left {
+            return vec![];
+        }
+        let recent = self
+            .last_announce_ms
+            .is_some_and(|t| now.mono_ms.saturating_sub(t) < 500)
+            && self.beat > 1;
+        if recent {
+            return vec![];
+        }
+        self.announce(now)
+    }
+
     pub fn on_probe_ok(&mut self, now: Now, id: &str) -> Vec<Effect> {
         let mut out = Vec::new();
         if let Some(m) = self.members.get_mut(id) {

@@ -144,6 +144,17 @@ fn a_one_second_pause_changes_nothing() {
 }
 
 #[test]
+fn a_new_subscriber_gets_an_announcement_at_once_but_not_a_flood() {
+    let mut a = node("a");
+    a.start(at(0));
+    let first = published(&a.on_peer_subscribed(at(10)));
+    assert!(matches!(&first[..], [MembershipGossip::Announce { .. }]));
+    assert!(a.on_peer_subscribed(at(20)).is_empty());
+    assert!(a.on_peer_subscribed(at(400)).is_empty());
+    assert_eq!(published(&a.on_peer_subscribed(at(600))).len(), 1);
+}
+
+#[test]
 fn own_evidence_clears_own_suspicion() {
     let cfg = MembershipConfig::default();
     let mut a = node("a");
