@@ -554,7 +554,14 @@ impl Membership {
                 m.last_heard_ms = Some(now.mono_ms);
             }
         }
-        vec![Effect::Sync { id: id.to_string() }]
+        // Push-pull once per connection, not twice: the side with the smaller id
+        // sends its table, the other answers with its own. Both sides agree on who
+        // that is whichever way the connection was dialled.
+        if self.me.id.as_str() < id {
+            vec![Effect::Sync { id: id.to_string() }]
+        } else {
+            vec![]
+        }
     }
 
     pub fn on_disconnected(&mut self, now: Now, id: &str) -> Vec<Effect> {

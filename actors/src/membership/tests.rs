@@ -253,6 +253,21 @@ fn left_is_announced_and_adopted() {
 }
 
 #[test]
+fn exactly_one_side_of_a_connection_starts_the_push_pull() {
+    let mut a = node("a");
+    let mut b = node("b");
+    let syncs = |fx: Vec<Effect>| {
+        fx.iter()
+            .filter(|e| matches!(e, Effect::Sync { .. }))
+            .count()
+    };
+    assert_eq!(
+        syncs(a.on_connected(at(0), "b")) + syncs(b.on_connected(at(0), "a")),
+        1
+    );
+}
+
+#[test]
 fn push_pull_teaches_the_whole_table() {
     let mut a = node("a");
     let fx = a.on_sync(
