@@ -272,6 +272,10 @@ fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
         .flood_publish(true)
         .max_transmit_size(MAX_GOSSIP_BYTES + 1024)
         .validation_mode(ValidationMode::Anonymous)
+        // Forward a message only after kiln decoded it: a bad frame then goes no
+        // further than its first hop, and its offence is charged to its sender,
+        // not to the honest members that would otherwise have passed it on.
+        .validate_messages()
         .message_id_fn(|m: &gossipsub::Message| {
             let digest = Sha256::new()
                 .chain_update(m.topic.as_str())
@@ -567,19 +571,38 @@ impl SwarmTask {
                 match ev {
                     gossipsub::Event::Message {
                         propagation_source,
+                        message_id,
                         message,
-                        ..
                     } => {
-                        if message.topic != self.topic.hash() {
-                            return;
-                        }
-                        match wire::decode::<MembershipGossip>(&message.data, MAX_GOSSIP_BYTES) {
-                            Ok(msg) => self.emit(NetEvent::Membership {
-                                source: propagation_source,
-                                msg,
-                            }),
-                            Err(e) => self.offence(propagation_source, "gossip", &e.to_string()),
-                        }
+                        let decoded = if message.topic == self.topic.hash() {
+                            wire::decode::<MembershipGossip>(&message.data, MAX_GOSSIP_BYTES)
+                        } else {
+                            Err(wire::WireError::Malformed(format!(
+                                "message on unknown topic {}",
+                                message.topic
+                            )))
+                        };
+                        let acceptance = match decoded {
+                            Ok(msg) => {
+                                self.emit(NetEvent::Membership {
+                                    source: propagation_source,
+                                    msg,
+                                });
+                                gossipsub::MessageAcceptance::Accept
+                            }
+                            Err(e) => {
+                                self.offence(propagation_source, "gossip", &e.to_string());
+                                gossipsub::MessageAcceptance::Reject
+                            }
+                        };
+                        self.swarm
+                            .behaviour_mut()
+                            .gossipsub
+                            .report_message_validation_result(
+                                &message_id,
+                                &propagation_source,
+                                acceptance,
+                            );
                     }
                     gossipsub::Event::Subscribed { peer_id, topic }
                         if topic == self.topic.hash() =>

@@ -208,8 +208,15 @@ impl Settings {
             .unwrap_or_else(|| "127.0.0.1:8700".into());
         let http = resolve_socket(&http_raw)
             .map_err(|error| ConfigError::Invalid { key: "http", error })?;
-        let secret_file = cli.cluster_secret_file.or(file.cluster_secret_file);
-        let cluster_secret = match (cli.cluster_secret.or(file.cluster_secret), secret_file) {
+        // The secret and the secret file are one setting: the first layer (flag or
+        // environment, then file) that gives either of them decides.
+        let (secret, secret_file) =
+            if cli.cluster_secret.is_some() || cli.cluster_secret_file.is_some() {
+                (cli.cluster_secret, cli.cluster_secret_file)
+            } else {
+                (file.cluster_secret, file.cluster_secret_file)
+            };
+        let cluster_secret = match (secret, secret_file) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid {
                     key: "cluster_secret",
@@ -364,6 +371,20 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("no_such_key"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_flag_beats_a_secret_file_in_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kiln.toml");
+        std::fs::write(&f, "cluster_secret_file = \"/nonexistent\"\n").unwrap();
+        let s = Settings::resolve(RunArgs {
+            config: Some(f),
+            cluster_secret: Some("flag".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.cluster_secret.as_deref(), Some(&b"flag"[..]));
     }
 
     #[test]

@@ -211,9 +211,25 @@ impl NodeStore {
         Ok(current + 1)
     }
 
-    /// Persists an incarnation raised at run time (a refutation).
+    /// Persists an incarnation raised at run time (a refutation). The stored value
+    /// never goes down, whatever order writes arrive in.
     pub fn store_incarnation(&self, incarnation: u64) -> Result<(), StoreError> {
-        self.put_meta(META_INCARNATION, &incarnation.to_le_bytes())
+        let mut txn = self.db.begin_write().map_err(self.storage())?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(self.storage())?;
+        {
+            let mut meta = txn.open_table(META).map_err(self.storage())?;
+            let stored = meta
+                .get(META_INCARNATION)
+                .map_err(self.storage())?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or(0);
+            let value = stored.max(incarnation);
+            meta.insert(META_INCARNATION, value.to_le_bytes().as_slice())
+                .map_err(self.storage())?;
+        }
+        txn.commit().map_err(self.storage())
     }
 
     /// Every member persisted. A record that cannot be decoded is skipped with a
@@ -258,6 +274,16 @@ impl NodeStore {
             .map_err(self.storage())?;
         {
             let mut members = txn.open_table(MEMBERS).map_err(self.storage())?;
+            let mut tomb = txn.open_table(FORGOTTEN).map_err(self.storage())?;
+            // Forgets first: a member forgotten and then heard of again (a newer
+            // life) within one batch must end up stored, not deleted.
+            for (id, inc) in forgotten {
+                let relearnt = upserts.iter().any(|m| m.id == *id && m.incarnation > *inc);
+                if !relearnt {
+                    members.remove(id.as_str()).map_err(self.storage())?;
+                }
+                tomb.insert(id.as_str(), *inc).map_err(self.storage())?;
+            }
             for m in upserts {
                 let mut buf = Vec::with_capacity(128);
                 ciborium::into_writer(m, &mut buf).map_err(|e| StoreError::Corrupt {
@@ -268,11 +294,6 @@ impl NodeStore {
                 members
                     .insert(m.id.as_str(), buf.as_slice())
                     .map_err(self.storage())?;
-            }
-            let mut tomb = txn.open_table(FORGOTTEN).map_err(self.storage())?;
-            for (id, inc) in forgotten {
-                members.remove(id.as_str()).map_err(self.storage())?;
-                tomb.insert(id.as_str(), *inc).map_err(self.storage())?;
             }
         }
         txn.commit().map_err(self.storage())
@@ -558,6 +579,33 @@ mod tests {
             .next_incarnation()
             .unwrap();
         assert!(b > a);
+    }
+
+    #[test]
+    fn incarnation_never_goes_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(dir.path()).unwrap();
+        s.store_incarnation(7).unwrap();
+        s.store_incarnation(6).unwrap();
+        drop(s);
+        assert_eq!(
+            NodeStore::open(dir.path())
+                .unwrap()
+                .next_incarnation()
+                .unwrap(),
+            8
+        );
+    }
+
+    #[test]
+    fn a_member_forgotten_and_relearnt_in_one_batch_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = NodeStore::open(dir.path()).unwrap();
+        let mut newer = member("b", MemberState::Alive);
+        newer.incarnation = 4;
+        s.save_members(&[newer.clone()], &[("b".into(), 3)])
+            .unwrap();
+        assert_eq!(s.load_members().unwrap(), vec![newer]);
     }
 
     #[test]

@@ -134,6 +134,61 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A write to the node database, done off the actor's thread.
+enum StoreWrite {
+    Members {
+        stored: Vec<StoredMember>,
+        forgotten: Vec<(String, u64)>,
+    },
+}
+
+/// One thread applies the actor's writes in the order they were made (fsync
+/// blocks; the actor must not), so a later write never lands before an earlier one.
+/// Dropping it waits for the queued writes, so the database is closed cleanly.
+struct StoreWriter {
+    queue: Option<std::sync::mpsc::Sender<StoreWrite>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StoreWriter {
+    fn start(store: Arc<NodeStore>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<StoreWrite>();
+        let span = tracing::Span::current();
+        let thread = std::thread::Builder::new()
+            .name("kiln-store".into())
+            .spawn(move || {
+                let _span = span.entered();
+                for StoreWrite::Members { stored, forgotten } in rx {
+                    if let Err(e) = store.save_members(&stored, &forgotten) {
+                        tracing::error!(error = %e, "cannot persist the member table");
+                    }
+                }
+            })
+            .map_err(|e| tracing::error!(error = %e, "cannot start the store writer thread"))
+            .ok();
+        StoreWriter {
+            queue: Some(tx),
+            thread,
+        }
+    }
+
+    fn send(&self, write: StoreWrite) {
+        if let Some(q) = &self.queue {
+            // Fails only when the writer thread is gone, which it reports itself.
+            let _ = q.send(write);
+        }
+    }
+}
+
+impl Drop for StoreWriter {
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// What `GET /v1/node` shows.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
@@ -175,6 +230,7 @@ pub struct MembershipActor {
     metrics: MembershipMetrics,
     pending_forgotten: Vec<(String, u64)>,
     leaving: bool,
+    writer: StoreWriter,
 }
 
 impl MembershipActor {
@@ -195,7 +251,7 @@ impl MembershipActor {
             state: Membership::new(me, known, forgotten, cfg),
             net,
             events: Some(events),
-            store,
+            store: store.clone(),
             cluster,
             seeds,
             connected: 0,
@@ -205,6 +261,7 @@ impl MembershipActor {
             metrics,
             pending_forgotten: Vec::new(),
             leaving: false,
+            writer: StoreWriter::start(store.clone()),
         })
     }
 
@@ -261,12 +318,11 @@ impl MembershipActor {
                     });
                 }
                 Effect::PersistIncarnation(inc) => {
-                    let store = self.store.clone();
-                    actix_rt::task::spawn_blocking(move || {
-                        if let Err(e) = store.store_incarnation(inc) {
-                            tracing::error!(error = %e, "cannot persist incarnation");
-                        }
-                    });
+                    // On this thread, before the announcement that follows it: a
+                    // refuted incarnation must never be reused after a crash.
+                    if let Err(e) = self.store.store_incarnation(inc) {
+                        tracing::error!(error = %e, incarnation = inc, "cannot persist the incarnation");
+                    }
                 }
                 Effect::StatusChanged {
                     id,
@@ -309,12 +365,7 @@ impl MembershipActor {
             .iter()
             .map(|(r, since)| to_stored(r, *since))
             .collect();
-        let store = self.store.clone();
-        actix_rt::task::spawn_blocking(move || {
-            if let Err(e) = store.save_members(&stored, &forgotten) {
-                tracing::error!(error = %e, "cannot persist the member table");
-            }
-        });
+        self.writer.send(StoreWrite::Members { stored, forgotten });
     }
 
     fn update_gauges(&self) {

@@ -133,6 +133,11 @@ pub enum ForgetError {
     IsSelf,
 }
 
+/// Incarnations above this are refused from peers: a member raises its
+/// incarnation once per restart or refutation, so a real one never gets near it,
+/// and one at `u64::MAX` could never be outranked.
+pub const MAX_INCARNATION: u64 = u64::MAX / 2;
+
 fn rank(s: MemberStatus) -> u8 {
     match s {
         MemberStatus::Alive => 0,
@@ -152,6 +157,9 @@ pub struct Membership {
     last_announce_ms: Option<u64>,
     members: BTreeMap<String, Member>,
     forgotten: HashMap<String, u64>,
+    /// Peers with a live connection, members or not yet: a member learnt of after
+    /// its connection came up must still count as connected.
+    connected: BTreeSet<String>,
     dirty: BTreeSet<String>,
     cfg: MembershipConfig,
 }
@@ -191,6 +199,7 @@ impl Membership {
             last_announce_ms: None,
             members,
             forgotten: forgotten.into_iter().collect(),
+            connected: BTreeSet::new(),
             dirty: BTreeSet::new(),
             cfg,
         }
@@ -214,9 +223,16 @@ impl Membership {
     }
 
     /// The table this node sends in a push-pull sync, itself included.
+    /// A local suspicion is sent as `alive`: it is this node's opinion only.
     pub fn table(&self) -> Vec<MemberRecord> {
         std::iter::once(self.me.clone())
-            .chain(self.members.values().map(|m| m.record.clone()))
+            .chain(self.members.values().map(|m| {
+                let mut r = m.record.clone();
+                if r.status == MemberStatus::Suspect {
+                    r.status = MemberStatus::Alive;
+                }
+                r
+            }))
             .collect()
     }
 
@@ -312,7 +328,15 @@ impl Membership {
 
     /// A claim or table says something about this node: refute what is not true.
     fn about_me(&mut self, now: Now, incarnation: u64, status: MemberStatus) -> Vec<Effect> {
-        if status == MemberStatus::Alive || incarnation < self.me.incarnation {
+        // Any claim at or above our incarnation is refuted, and so is our own
+        // record at a higher incarnation (our stored incarnation was lost): others
+        // would otherwise ignore our announcements as old news.
+        let outdated = if status == MemberStatus::Alive {
+            incarnation > self.me.incarnation
+        } else {
+            incarnation >= self.me.incarnation
+        };
+        if !outdated || incarnation > MAX_INCARNATION {
             return vec![];
         }
         if self.me.status == MemberStatus::Left {
@@ -335,7 +359,16 @@ impl Membership {
 
     /// Merges a record learnt from an announcement (`beat` = Some, evidence of life)
     /// or from a peer's table (`beat` = None, hearsay).
-    fn merge(&mut self, now: Now, rec: MemberRecord, beat: Option<u64>) -> Vec<Effect> {
+    fn merge(&mut self, now: Now, mut rec: MemberRecord, beat: Option<u64>) -> Vec<Effect> {
+        if rec.incarnation > MAX_INCARNATION {
+            // No member restarts or refutes that often: a broken or hostile
+            // peer. Taking it would leave the member unable to ever outrank it.
+            return vec![];
+        }
+        if rec.status == MemberStatus::Suspect {
+            // Suspicion is each node's own opinion, never taken from others.
+            rec.status = MemberStatus::Alive;
+        }
         if rec.id == self.me.id {
             return self.about_me(now, rec.incarnation, rec.status);
         }
@@ -352,7 +385,8 @@ impl Membership {
             let status = rec.status;
             let id = rec.id.clone();
             let live = !gone(status);
-            if live {
+            let connected = self.connected.contains(&id);
+            if live && !connected {
                 out.push(Effect::Dial {
                     id: id.clone(),
                     addrs: rec.addrs.clone(),
@@ -370,8 +404,8 @@ impl Membership {
                     record: rec,
                     last_heard_ms: live.then_some(now.mono_ms),
                     status_since_unix_ms: now.unix_ms,
-                    connected: false,
-                    ever_connected: false,
+                    connected,
+                    ever_connected: connected,
                     unreachable_since_ms: None,
                     last_beat: beat.unwrap_or(0),
                     last_dial_ms: live.then_some(now.mono_ms),
@@ -467,6 +501,9 @@ impl Membership {
         incarnation: u64,
         status: MemberStatus,
     ) -> Vec<Effect> {
+        if incarnation > MAX_INCARNATION {
+            return vec![];
+        }
         if subject == self.me.id {
             return self.about_me(now, incarnation, status);
         }
@@ -546,6 +583,7 @@ impl Membership {
     }
 
     pub fn on_connected(&mut self, now: Now, id: &str) -> Vec<Effect> {
+        self.connected.insert(id.to_string());
         if let Some(m) = self.members.get_mut(id) {
             m.connected = true;
             m.ever_connected = true;
@@ -565,6 +603,7 @@ impl Membership {
     }
 
     pub fn on_disconnected(&mut self, now: Now, id: &str) -> Vec<Effect> {
+        self.connected.remove(id);
         let Some(m) = self.members.get_mut(id) else {
             return vec![];
         };

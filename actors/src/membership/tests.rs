@@ -268,6 +268,57 @@ fn exactly_one_side_of_a_connection_starts_the_push_pull() {
 }
 
 #[test]
+fn a_member_learnt_after_its_connection_counts_as_connected() {
+    let mut a = node("a");
+    a.on_connected(at(0), "b");
+    let fx = a.on_sync(at(1), vec![rec("b", 1, MemberStatus::Alive)]);
+    assert!(
+        !fx.iter().any(|e| matches!(e, Effect::Dial { .. })),
+        "no dial to a connected peer"
+    );
+    assert!(a.member("b").unwrap().connected);
+}
+
+#[test]
+fn a_node_behind_its_own_record_jumps_above_it() {
+    let mut a = node("a");
+    let fx = a.on_sync(at(0), vec![rec("a", 5, MemberStatus::Alive)]);
+    assert_eq!(a.me().incarnation, 6);
+    assert!(fx.contains(&Effect::PersistIncarnation(6)));
+    assert!(a
+        .on_sync(at(1), vec![rec("a", 6, MemberStatus::Alive)])
+        .is_empty());
+}
+
+#[test]
+fn absurd_incarnations_from_peers_are_refused() {
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_claim(at(1), "b", u64::MAX, MemberStatus::Dead);
+    a.on_sync(at(2), vec![rec("b", u64::MAX, MemberStatus::Dead)]);
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+    assert!(a
+        .on_claim(at(3), "a", u64::MAX, MemberStatus::Dead)
+        .is_empty());
+    assert_eq!(a.me().incarnation, 1);
+}
+
+#[test]
+fn local_suspicion_is_neither_sent_nor_taken() {
+    let cfg = MembershipConfig::default();
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_connected(at(0), "b");
+    a.tick(at(cfg.suspect_timeout_ms));
+    assert_eq!(status(&a, "b"), MemberStatus::Suspect);
+    let sent = a.table();
+    assert!(sent.iter().all(|r| r.status != MemberStatus::Suspect));
+    let mut c = node("c");
+    c.on_sync(at(0), vec![rec("b", 1, MemberStatus::Suspect)]);
+    assert_eq!(status(&c, "b"), MemberStatus::Alive);
+}
+
+#[test]
 fn push_pull_teaches_the_whole_table() {
     let mut a = node("a");
     let fx = a.on_sync(
@@ -417,7 +468,7 @@ mod prop {
                         m.on_claim(now, ids[x as usize], n, s);
                     }
                     Input::Sync(x, n, s) => {
-                        if x == 0 && s != MemberStatus::Alive { max_claim_about_me = max_claim_about_me.max(n); }
+                        if x == 0 && matches!(s, MemberStatus::Dead | MemberStatus::Left) { max_claim_about_me = max_claim_about_me.max(n); }
                         m.on_sync(now, vec![rec(ids[x as usize], n, s)]);
                     }
                     Input::Probe(x) => { m.on_probe_ok(now, ids[x as usize]); }
