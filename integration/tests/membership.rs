@@ -198,3 +198,42 @@ fn twenty_nodes_converge() {
     let nodes = start_cluster("big", 20, opts());
     wait_converged(&nodes, Duration::from_secs(180));
 }
+
+#[test]
+fn nodes_that_all_have_seeds_still_agree_on_one_cluster_id() {
+    let _serial = serial();
+    let ips: Vec<_> = (0..3).map(|_| free_ip()).collect();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let seeds = ips
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, ip)| format!("{ip}:{PEER_PORT}"))
+                .collect();
+            Node::start_in(
+                &format!("sym{}", i + 1),
+                dirs[i].path(),
+                ips[i],
+                NodeOpts { seeds, ..opts() },
+            )
+        })
+        .collect();
+    wait_converged(&nodes, Duration::from_secs(60));
+    let mut cluster = None;
+    wait_until(
+        "all three share one cluster id",
+        Duration::from_secs(30),
+        || {
+            let ids: Vec<_> = nodes
+                .iter()
+                .map(|n| n.get("/v1/node").map(|v| v["cluster"].clone()))
+                .collect();
+            cluster = ids[0].clone();
+            ids.iter()
+                .all(|c| c.as_ref().is_some_and(|c| c.is_string()) && *c == ids[0])
+        },
+    );
+    assert!(cluster.is_some());
+}

@@ -62,8 +62,14 @@ pub struct MemberRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MembershipGossip {
     /// The sender announces itself. `beat` grows with every announcement so that
-    /// each is a distinct gossipsub message and a fresh sign of life.
-    Announce { member: MemberRecord, beat: u64 },
+    /// each is a distinct gossipsub message and a fresh sign of life. `cluster` is
+    /// the sender's cluster id once it has one: receivers ignore announcements of
+    /// another cluster and a node without one adopts it.
+    Announce {
+        member: MemberRecord,
+        beat: u64,
+        cluster: Option<String>,
+    },
     /// `by` claims that `subject` at `incarnation` is in `status` (suspect, dead or
     /// left). The subject refutes a suspect or dead claim by announcing a higher
     /// incarnation.
@@ -72,6 +78,9 @@ pub enum MembershipGossip {
         incarnation: u64,
         status: MemberStatus,
         by: String,
+        /// Unix ms when the claim was made: a claim repeated later is a new
+        /// gossipsub message, not a duplicate dropped for the next minute.
+        sent_ms: u64,
     },
     /// An operator asked the cluster to forget a dead or left member.
     Forget { subject: String, incarnation: u64 },
@@ -181,12 +190,14 @@ mod tests {
             MembershipGossip::Announce {
                 member: record(),
                 beat: 42,
+                cluster: Some("c".into()),
             },
             MembershipGossip::Claim {
                 subject: "x".into(),
                 incarnation: 3,
                 status: MemberStatus::Suspect,
                 by: "y".into(),
+                sent_ms: 1_700_000_000_000,
             },
             MembershipGossip::Forget {
                 subject: "x".into(),
@@ -266,7 +277,7 @@ mod tests {
 
         #[test]
         fn mutated_valid_frames_never_panic(pos in 0usize..64, byte in any::<u8>()) {
-            let mut bytes = encode(&MembershipGossip::Announce { member: record(), beat: 1 });
+            let mut bytes = encode(&MembershipGossip::Announce { member: record(), beat: 1, cluster: None });
             let i = pos % bytes.len();
             bytes[i] = byte;
             let _ = decode::<MembershipGossip>(&bytes, MAX_GOSSIP_BYTES);

@@ -23,6 +23,9 @@ const TICK: Duration = Duration::from_millis(100);
 /// first (the seed may be starting at the same moment), then backing off.
 const SEED_REDIAL_FIRST: Duration = Duration::from_millis(250);
 const SEED_REDIAL_MAX: Duration = Duration::from_secs(5);
+/// How long a node started with seeds waits for a cluster id from its peers
+/// before the smallest member creates one.
+const CLUSTER_ID_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -231,6 +234,8 @@ pub struct MembershipActor {
     pending_forgotten: Vec<(String, u64)>,
     leaving: bool,
     writer: StoreWriter,
+    /// A push-pull showed a peer without a cluster id either: nobody founded one.
+    met_peer_without_cluster: bool,
 }
 
 impl MembershipActor {
@@ -262,6 +267,7 @@ impl MembershipActor {
             pending_forgotten: Vec::new(),
             leaving: false,
             writer: StoreWriter::start(store.clone()),
+            met_peer_without_cluster: false,
         })
     }
 
@@ -288,9 +294,10 @@ impl MembershipActor {
     fn run(&mut self, effects: Vec<Effect>) {
         for e in effects {
             match e {
-                Effect::Publish(g) => {
-                    if matches!(g, MembershipGossip::Announce { .. }) {
+                Effect::Publish(mut g) => {
+                    if let MembershipGossip::Announce { cluster, .. } = &mut g {
                         self.metrics.announcements_sent.inc();
+                        cluster.clone_from(&self.cluster);
                     }
                     self.net.send(NetCommand::PublishMembership(g));
                 }
@@ -380,6 +387,10 @@ impl MembershipActor {
     /// Checks (and, for a joining node, adopts) the cluster id of a peer.
     fn accept_cluster(&mut self, peer: &PeerId, theirs: &Option<String>) -> bool {
         match (&self.cluster, theirs) {
+            (None, None) => {
+                self.met_peer_without_cluster = true;
+                true
+            }
             (_, None) => true,
             (Some(ours), Some(t)) if ours == t => true,
             (Some(ours), Some(t)) => {
@@ -399,6 +410,58 @@ impl MembershipActor {
                     false
                 }
             },
+        }
+    }
+
+    /// Whether gossip stamped with `theirs` belongs to this node's cluster; a node
+    /// that has no cluster id yet adopts the first one it hears.
+    fn same_cluster(&mut self, theirs: &Option<String>) -> bool {
+        match (&self.cluster, theirs) {
+            (_, None) => true,
+            (Some(ours), Some(t)) => ours == t,
+            (None, Some(t)) => match self.store.set_cluster_id(t) {
+                Ok(()) => {
+                    tracing::info!(cluster = %t, "joined cluster (from an announcement)");
+                    self.cluster = Some(t.clone());
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record the cluster id");
+                    false
+                }
+            },
+        }
+    }
+
+    /// Every node was started with seeds and none of them created a cluster (no
+    /// lone first node). Once the member tables had time to converge, the member
+    /// with the smallest peer id creates the cluster id; its announcements and
+    /// push-pulls hand it to the others.
+    fn create_cluster_if_smallest(&mut self) {
+        if self.cluster.is_some() || self.connected == 0 || self.epoch.elapsed() < CLUSTER_ID_GRACE
+        {
+            return;
+        }
+        let me = self.state.me().id.clone();
+        let smallest = self
+            .state
+            .view(self.now())
+            .iter()
+            .filter(|m| m.record.status == MemberStatus::Alive)
+            .all(|m| m.record.id >= me);
+        if smallest {
+            self.create_cluster();
+        }
+    }
+
+    fn create_cluster(&mut self) {
+        let id = format!("{:032x}", rand::random::<u128>());
+        match self.store.set_cluster_id(&id) {
+            Ok(()) => {
+                tracing::info!(cluster = %id, "created a new cluster");
+                self.cluster = Some(id);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot record the new cluster id"),
         }
     }
 
@@ -443,9 +506,17 @@ impl MembershipActor {
                 }
             }
             NetEvent::Membership { source, msg } => match msg {
-                MembershipGossip::Announce { member, beat } => {
+                MembershipGossip::Announce {
+                    member,
+                    beat,
+                    cluster,
+                } => {
                     self.metrics.announcements_received.inc();
-                    if member.id.parse::<PeerId>().is_err() {
+                    if !self.same_cluster(&cluster) {
+                        tracing::debug!(peer = %member.id, cluster = ?cluster,
+                            "ignoring an announcement of another cluster");
+                        vec![]
+                    } else if member.id.parse::<PeerId>().is_err() {
                         tracing::warn!(%source, id = %member.id, "ignoring an announcement with an invalid peer id");
                         vec![]
                     } else {
@@ -457,6 +528,7 @@ impl MembershipActor {
                     incarnation,
                     status,
                     by,
+                    ..
                 } => {
                     self.metrics.claims_received.inc();
                     tracing::debug!(peer = %subject, by = %by, claimed = status.as_str(), incarnation, "claim received");
@@ -544,14 +616,7 @@ impl Actor for MembershipActor {
             }));
         }
         if self.cluster.is_none() && self.seeds.is_empty() && self.state.table().len() == 1 {
-            let id = format!("{:032x}", rand::random::<u128>());
-            match self.store.set_cluster_id(&id) {
-                Ok(()) => {
-                    tracing::info!(cluster = %id, "created a new cluster");
-                    self.cluster = Some(id);
-                }
-                Err(e) => tracing::error!(error = %e, "cannot record the new cluster id"),
-            }
+            self.create_cluster();
         }
         let now = self.now();
         let fx = self.state.start(now);
@@ -571,6 +636,7 @@ impl Actor for MembershipActor {
             {
                 act.dial_seeds();
             }
+            act.create_cluster_if_smallest();
             act.flush();
             act.update_gauges();
         });
@@ -623,7 +689,8 @@ impl Handler<ForgetMember> for MembershipActor {
 impl Handler<Leave> for MembershipActor {
     type Result = ResponseActFuture<Self, ()>;
     fn handle(&mut self, _: Leave, _: &mut Self::Context) -> Self::Result {
-        let fx = self.state.leave();
+        let now = self.now();
+        let fx = self.state.leave(now);
         tracing::info!(
             incarnation = self.state.me().incarnation,
             "leaving the cluster"

@@ -303,6 +303,8 @@ impl Membership {
         vec![Effect::Publish(MembershipGossip::Announce {
             member: self.me.clone(),
             beat: self.beat,
+            // The actor, which owns the cluster id, fills it in.
+            cluster: None,
         })]
     }
 
@@ -473,6 +475,7 @@ impl Membership {
                             incarnation: m.record.incarnation,
                             status: MemberStatus::Dead,
                             by: self.me.id.clone(),
+                            sent_ms: now.unix_ms,
                         }));
                     }
                 } else if m.record.status == MemberStatus::Suspect {
@@ -677,6 +680,7 @@ impl Membership {
                         incarnation: inc,
                         status: MemberStatus::Dead,
                         by: self.me.id.clone(),
+                        sent_ms: now.unix_ms,
                     }));
                 } else if status == MemberStatus::Alive
                     && m.ever_connected
@@ -721,13 +725,14 @@ impl Membership {
     }
 
     /// Graceful leave: the claim to publish before shutting down.
-    pub fn leave(&mut self) -> Vec<Effect> {
+    pub fn leave(&mut self, now: Now) -> Vec<Effect> {
         self.me.status = MemberStatus::Left;
         vec![Effect::Publish(MembershipGossip::Claim {
             subject: self.me.id.clone(),
             incarnation: self.me.incarnation,
             status: MemberStatus::Left,
             by: self.me.id.clone(),
+            sent_ms: now.unix_ms,
         })]
     }
 

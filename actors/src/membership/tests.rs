@@ -224,7 +224,7 @@ fn hearsay_suspicion_is_not_adopted_but_death_is() {
 #[test]
 fn left_is_announced_and_adopted() {
     let mut b = node("b");
-    let fx = b.leave();
+    let fx = b.leave(at(0));
     let claim = match &published(&fx)[..] {
         [MembershipGossip::Claim {
             subject,
