@@ -563,6 +563,7 @@ impl Membership {
         if self.me.status == MemberStatus::Left {
             return vec![];
         }
+        // The announcement made at start (beat 1) reached nobody, so it does not count.
         let recent = self
             .last_announce_ms
             .is_some_and(|t| now.mono_ms.saturating_sub(t) < 500)
