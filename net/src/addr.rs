@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
-use libp2p::multiaddr::Protocol;
+pub use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 #[derive(Debug, thiserror::Error)]

@@ -89,7 +89,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let me = MemberRecord {
         id: id.clone(),
         name,
-        addrs: vec![],
+        // Known addresses from the start, so that the very first push-pull already
+        // tells others where to dial; `0.0.0.0` and port 0 wait for the listener.
+        addrs: initial_addrs(&settings),
         incarnation,
         started_ms: kiln_actors::membership::unix_ms(),
         status: MemberStatus::Alive,
@@ -140,6 +142,23 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     });
     net_runtime.shutdown_timeout(Duration::from_secs(2));
     result
+}
+
+fn initial_addrs(settings: &Settings) -> Vec<String> {
+    if !settings.advertise.is_empty() {
+        return settings.advertise.iter().map(|a| a.to_string()).collect();
+    }
+    settings
+        .listen
+        .iter()
+        .filter(|a| {
+            !kiln_net::addr::is_unspecified(a)
+                && !a
+                    .iter()
+                    .any(|p| matches!(p, kiln_net::addr::Protocol::Tcp(0)))
+        })
+        .map(|a| a.to_string())
+        .collect()
 }
 
 async fn wait_for_signal() {

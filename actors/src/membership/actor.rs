@@ -596,7 +596,11 @@ impl MembershipActor {
                 tracing::debug!(%peer, %error, "ping failed");
                 vec![]
             }
-            NetEvent::Identified { .. } => vec![],
+            NetEvent::Identified { peer, listen_addrs } => self.state.on_identified(
+                now,
+                &peer.to_string(),
+                listen_addrs.iter().map(|a| a.to_string()).collect(),
+            ),
             NetEvent::Banned { peer } => {
                 tracing::warn!(%peer, "peer banned for bad frames");
                 vec![]

@@ -574,6 +574,19 @@ impl Membership {
         self.announce(now)
     }
 
+    /// identify told us where a peer listens: fills in the addresses of a member
+    /// known without any (learnt from a table sent before its listener was up).
+    pub fn on_identified(&mut self, now: Now, id: &str, addrs: Vec<String>) -> Vec<Effect> {
+        let _ = now;
+        if let Some(m) = self.members.get_mut(id) {
+            if m.record.addrs.is_empty() && !addrs.is_empty() {
+                m.record.addrs = addrs;
+                self.dirty.insert(id.to_string());
+            }
+        }
+        vec![]
+    }
+
     pub fn on_probe_ok(&mut self, now: Now, id: &str) -> Vec<Effect> {
         let mut out = Vec::new();
         if let Some(m) = self.members.get_mut(id) {
