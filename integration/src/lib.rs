@@ -221,6 +221,11 @@ impl Node {
 
     /// Member id → state, as this node sees it.
     pub fn member_states(&self) -> Option<Vec<(String, String)>> {
+        self.member_rows("id")
+    }
+
+    /// Member `key` (id or name) → state, as this node sees it.
+    pub fn member_rows(&self, key: &str) -> Option<Vec<(String, String)>> {
         let v = self.get("/v1/cluster/members")?;
         Some(
             v["members"]
@@ -228,7 +233,7 @@ impl Node {
                 .iter()
                 .map(|m| {
                     (
-                        m["id"].as_str().unwrap_or_default().to_string(),
+                        m[key].as_str().unwrap_or_default().to_string(),
                         m["state"].as_str().unwrap_or_default().to_string(),
                     )
                 })

@@ -90,8 +90,6 @@ pub enum NetEvent {
     ListenAddr(Multiaddr),
     ConnectionUp {
         peer: PeerId,
-        remote: Multiaddr,
-        outbound: bool,
     },
     /// The last connection to `peer` closed.
     ConnectionDown {
@@ -538,11 +536,7 @@ impl SwarmTask {
                 ..
             } if num_established.get() == 1 => {
                 tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), "connected");
-                self.emit(NetEvent::ConnectionUp {
-                    peer: peer_id,
-                    remote: endpoint.get_remote_address().clone(),
-                    outbound: endpoint.is_dialer(),
-                });
+                self.emit(NetEvent::ConnectionUp { peer: peer_id });
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,

@@ -597,7 +597,6 @@ impl MembershipActor {
                 vec![]
             }
             NetEvent::Identified { peer, listen_addrs } => self.state.on_identified(
-                now,
                 &peer.to_string(),
                 listen_addrs.iter().map(|a| a.to_string()).collect(),
             ),

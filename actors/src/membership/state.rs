@@ -110,8 +110,6 @@ pub struct Member {
     last_dial_ms: Option<u64>,
     /// When we last re-told this member a claim about itself it has not refuted.
     last_reclaim_ms: Option<u64>,
-    /// When this node started suspecting it (monotonic).
-    suspect_since_ms: Option<u64>,
 }
 
 /// A row of the member table as shown to operators.
@@ -189,7 +187,6 @@ impl Membership {
                     last_beat: 0,
                     last_dial_ms: None,
                     last_reclaim_ms: None,
-                    suspect_since_ms: None,
                 },
             );
         }
@@ -318,7 +315,6 @@ impl Membership {
         let from = m.record.status;
         m.record.status = to;
         m.status_since_unix_ms = now.unix_ms;
-        m.suspect_since_ms = (to == MemberStatus::Suspect).then_some(now.mono_ms);
         self.dirty.insert(id.to_string());
         out.push(Effect::StatusChanged {
             id: id.to_string(),
@@ -412,7 +408,6 @@ impl Membership {
                     last_beat: beat.unwrap_or(0),
                     last_dial_ms: live.then_some(now.mono_ms),
                     last_reclaim_ms: None,
-                    suspect_since_ms: (status == MemberStatus::Suspect).then_some(now.mono_ms),
                 },
             );
             self.forgotten.remove(&id);
@@ -426,7 +421,6 @@ impl Membership {
             let revived = gone(from) && !gone(rec.status);
             m.record = rec;
             m.status_since_unix_ms = now.unix_ms;
-            m.suspect_since_ms = None;
             m.last_beat = beat.unwrap_or(0);
             if beat.is_some() || revived {
                 m.last_heard_ms = Some(now.mono_ms);
@@ -524,7 +518,6 @@ impl Membership {
     }
 
     pub fn on_forget(&mut self, now: Now, subject: &str, incarnation: u64) -> Vec<Effect> {
-        let _ = now;
         if subject == self.me.id {
             return self.about_me(now, incarnation, MemberStatus::Dead);
         }
@@ -576,8 +569,7 @@ impl Membership {
 
     /// identify told us where a peer listens: fills in the addresses of a member
     /// known without any (learnt from a table sent before its listener was up).
-    pub fn on_identified(&mut self, now: Now, id: &str, addrs: Vec<String>) -> Vec<Effect> {
-        let _ = now;
+    pub fn on_identified(&mut self, id: &str, addrs: Vec<String>) -> Vec<Effect> {
         if let Some(m) = self.members.get_mut(id) {
             if m.record.addrs.is_empty() && !addrs.is_empty() {
                 m.record.addrs = addrs;

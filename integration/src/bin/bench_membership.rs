@@ -62,19 +62,7 @@ impl Cluster for KilnCluster {
         self.nodes[i].name.clone()
     }
     fn view(&mut self, i: usize) -> Option<View> {
-        let v = self.nodes[i].get("/v1/cluster/members")?;
-        Some(
-            v["members"]
-                .as_array()?
-                .iter()
-                .map(|m| {
-                    (
-                        m["name"].as_str().unwrap_or_default().to_string(),
-                        m["state"].as_str().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect(),
-        )
+        self.nodes[i].member_rows("name")
     }
     fn pid(&self, i: usize) -> i32 {
         self.nodes[i].pid()
