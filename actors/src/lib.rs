@@ -1,4 +1,5 @@
 //! actors: the cluster's behaviour. Each protocol is a plain state machine (events
 //! in, effects out) wrapped by an actix actor that only does I/O and timers.
 
+pub mod control;
 pub mod membership;

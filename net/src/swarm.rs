@@ -2,7 +2,7 @@
 //! in on a channel, events go out on another. The task never blocks; it only
 //! encodes, decodes, and keeps the offence books for bad frames.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::future::Either;
@@ -14,7 +14,7 @@ use libp2p::identity::Keypair;
 use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
@@ -73,6 +73,14 @@ pub enum NetCommand {
     Request {
         peer: PeerId,
         request: Request,
+    },
+    /// A request whose response (or failure) goes back on `reply` instead of the
+    /// event channel. `addrs` are dialled if the peer is not connected.
+    Call {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, CallError>>,
     },
     Respond {
         reply: Reply,
@@ -140,6 +148,24 @@ pub enum NetEvent {
     },
 }
 
+/// Why a `NetHandle::call` got no response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("request to {peer} failed: {reason}")]
+    Failed { peer: PeerId, reason: String },
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+/// A request for one of the node's services (everything but membership), with the
+/// means to answer it.
+#[derive(Debug)]
+pub struct ServiceRequest {
+    pub peer: PeerId,
+    pub request: Request,
+    pub reply: Reply,
+}
+
 /// Handle to the running swarm task.
 #[derive(Clone, Debug)]
 pub struct NetHandle {
@@ -151,6 +177,24 @@ impl NetHandle {
     pub fn send(&self, cmd: NetCommand) {
         // A closed channel means the swarm is shutting down; nothing to do then.
         let _ = self.commands.send(cmd);
+    }
+
+    /// Sends `request` to `peer` (dialling `addrs` if needed) and waits for its
+    /// response, up to the request timeout of the swarm.
+    pub async fn call(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Request,
+    ) -> Result<Response, CallError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(NetCommand::Call {
+            peer,
+            addrs,
+            request,
+            reply: tx,
+        });
+        rx.await.unwrap_or(Err(CallError::Stopped))
     }
 
     pub async fn shutdown(&self) {
@@ -287,10 +331,19 @@ fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
 
 /// Builds the swarm, starts listening, and spawns the task that owns it on the
 /// current tokio runtime. Registers libp2p, gossipsub and kiln network metrics.
+/// Returns the handle, the event stream (for the membership actor) and the stream
+/// of service requests (for everything else a peer may ask).
 pub fn spawn(
     config: NetConfig,
     registry: &mut Registry,
-) -> Result<(NetHandle, mpsc::UnboundedReceiver<NetEvent>), NetError> {
+) -> Result<
+    (
+        NetHandle,
+        mpsc::UnboundedReceiver<NetEvent>,
+        mpsc::UnboundedReceiver<ServiceRequest>,
+    ),
+    NetError,
+> {
     let local_peer_id = config.keypair.public().to_peer_id();
     let transport = transport(&config.keypair, config.psk)?;
     let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gossipsub_config()?)
@@ -347,10 +400,13 @@ pub fn spawn(
     let net_metrics = NetMetrics::register(registry);
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let (svc_tx, svc_rx) = mpsc::unbounded_channel();
     let task = SwarmTask {
         swarm,
         topic,
         events: ev_tx,
+        services: svc_tx,
+        calls: HashMap::new(),
         offences: Offences::default(),
         started: Instant::now(),
         libp2p_metrics,
@@ -368,6 +424,7 @@ pub fn spawn(
             commands: cmd_tx,
         },
         ev_rx,
+        svc_rx,
     ))
 }
 
@@ -375,6 +432,9 @@ struct SwarmTask {
     swarm: Swarm<KilnBehaviour>,
     topic: IdentTopic,
     events: mpsc::UnboundedSender<NetEvent>,
+    services: mpsc::UnboundedSender<ServiceRequest>,
+    /// Outstanding `Call`s, answered when their response or failure arrives.
+    calls: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, CallError>>>,
     offences: Offences<PeerId>,
     started: Instant,
     libp2p_metrics: Libp2pMetrics,
@@ -481,6 +541,29 @@ impl SwarmTask {
                     .behaviour_mut()
                     .rr
                     .send_request(&peer, Inbound::Valid(request));
+            }
+            NetCommand::Call {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
+                if self.offences.is_banned(&peer) {
+                    let _ = reply.send(Err(CallError::Failed {
+                        peer,
+                        reason: "peer is banned for bad frames".into(),
+                    }));
+                    return;
+                }
+                for addr in addrs {
+                    self.swarm.add_peer_address(peer, addr);
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_request(&peer, Inbound::Valid(request));
+                self.calls.insert(id, reply);
             }
             NetCommand::Respond { reply, response } => {
                 let _ = self
@@ -645,34 +728,71 @@ impl SwarmTask {
                     request: Inbound::Valid(request),
                     channel,
                     ..
-                } => self.emit(NetEvent::Request {
-                    peer,
-                    request,
-                    reply: Reply(channel),
-                }),
+                } => {
+                    let reply = Reply(channel);
+                    if request.is_service() {
+                        let _ = self.services.send(ServiceRequest {
+                            peer,
+                            request,
+                            reply,
+                        });
+                    } else {
+                        self.emit(NetEvent::Request {
+                            peer,
+                            request,
+                            reply,
+                        });
+                    }
+                }
                 Message::Request {
                     request: Inbound::Invalid(e),
                     ..
                 } => self.offence(peer, "request", &e.to_string()),
                 Message::Response {
+                    request_id,
                     response: Inbound::Valid(response),
-                    ..
-                } => self.emit(NetEvent::Response { peer, response }),
+                } => match self.calls.remove(&request_id) {
+                    Some(reply) => {
+                        let _ = reply.send(Ok(response));
+                    }
+                    None => self.emit(NetEvent::Response { peer, response }),
+                },
                 Message::Response {
+                    request_id,
                     response: Inbound::Invalid(e),
-                    ..
                 } => {
                     self.offence(peer, "response", &e.to_string());
-                    self.emit(NetEvent::RequestFailed {
-                        peer,
-                        error: e.to_string(),
-                    });
+                    match self.calls.remove(&request_id) {
+                        Some(reply) => {
+                            let _ = reply.send(Err(CallError::Failed {
+                                peer,
+                                reason: e.to_string(),
+                            }));
+                        }
+                        None => self.emit(NetEvent::RequestFailed {
+                            peer,
+                            error: e.to_string(),
+                        }),
+                    }
                 }
             },
-            Event::OutboundFailure { peer, error, .. } => self.emit(NetEvent::RequestFailed {
+            Event::OutboundFailure {
                 peer,
-                error: error.to_string(),
-            }),
+                request_id,
+                error,
+                ..
+            } => match self.calls.remove(&request_id) {
+                Some(reply) => {
+                    let _ = reply.send(Err(CallError::Failed {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+                None => self.emit(NetEvent::RequestFailed {
+                    peer,
+                    error: error.to_string(),
+                }),
+            },
             Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "inbound request failed");
             }

@@ -94,6 +94,18 @@ pub enum Request {
         cluster: Option<String>,
         members: Vec<MemberRecord>,
     },
+    /// A control-plane (Raft) message. The body is encoded by the control plane
+    /// itself, which owns the schema of its messages (they embed openraft types);
+    /// here it is a size-limited byte string like any other frame.
+    ControlPlane { body: serde_bytes::ByteBuf },
+}
+
+impl Request {
+    /// Requests for a service other than membership, routed to the node's
+    /// services channel instead of the membership actor.
+    pub fn is_service(&self) -> bool {
+        !matches!(self, Request::MembershipSync { .. })
+    }
 }
 
 /// Responses of kiln's request-response protocol.
@@ -103,8 +115,13 @@ pub enum Response {
         cluster: Option<String>,
         members: Vec<MemberRecord>,
     },
+    ControlPlane {
+        body: serde_bytes::ByteBuf,
+    },
     /// The receiver would not serve the request; `reason` says why.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 /// Why a frame from a peer was rejected.

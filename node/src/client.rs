@@ -115,14 +115,19 @@ pub fn format_members(members: &Value, now_ms: u64) -> String {
         })
         .collect();
     let header = [" ID", "NAME", "ADDRESS", "STATE", "INC", "LAST SEEN"].map(String::from);
+    format_table(&header, &rows)
+}
+
+/// Left-aligned columns, two spaces apart.
+fn format_table<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String {
     let mut widths = header.clone().map(|h| h.len());
-    for r in &rows {
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
         }
     }
     let mut out = String::new();
-    for r in std::iter::once(&header).chain(rows.iter()) {
+    for r in std::iter::once(header).chain(rows.iter()) {
         let line: Vec<String> = r
             .iter()
             .zip(widths)
@@ -131,6 +136,50 @@ pub fn format_members(members: &Value, now_ms: u64) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    out
+}
+
+/// The stripes of `GET /v1/cluster/stripes` as `kiln status` prints them.
+pub fn format_stripes(view: &Value) -> String {
+    let mut out = format!(
+        "control plane: leader {}  voters {}  this node: {}\n",
+        view["leader"].as_str().unwrap_or("(none known)"),
+        view["voters"].as_array().map(|v| v.len()).unwrap_or(0),
+        view["placement"].as_str().unwrap_or("?"),
+    );
+    for w in view["warnings"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(&[])
+    {
+        out.push_str(&format!("warning: {}\n", w.as_str().unwrap_or("?")));
+    }
+    let mut rows: Vec<[String; 6]> = Vec::new();
+    for st in view["stripes"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(&[])
+    {
+        for m in st["members"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or(&[])
+        {
+            rows.push([
+                st["id"].to_string(),
+                st["epoch"].to_string(),
+                st["slots"].to_string(),
+                m["id"].as_str().unwrap_or("?").to_string(),
+                m["role"].as_str().unwrap_or("?").to_string(),
+                match m["lag"].as_u64() {
+                    Some(l) => l.to_string(),
+                    None => "-".into(),
+                },
+            ]);
+        }
+    }
+    let header = ["STRIPE", "EPOCH", "SLOTS", "MEMBER", "ROLE", "LAG"].map(String::from);
+    out.push_str(&format_table(&header, &rows));
     out
 }
 
@@ -152,6 +201,8 @@ pub fn status(args: &ApiArgs) -> anyhow::Result<()> {
         "{}",
         format_members(&members, kiln_actors::membership::unix_ms())
     );
+    println!();
+    print!("{}", format_stripes(&api.get("/v1/cluster/stripes")?));
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use kiln_actors::control::{state::MAX_STRIPES, ControlPlaneConfig};
 use kiln_actors::membership::MembershipConfig;
 use kiln_net::addr::{parse_peer_addr, PeerAddr};
 use kiln_net::Multiaddr;
@@ -67,6 +68,18 @@ pub struct RunArgs {
     /// Seconds after which dead and left members are forgotten. Default: 86400
     #[arg(long, env = "KILN_DEAD_MEMBER_TTL_S", value_name = "S")]
     pub dead_member_ttl_s: Option<u64>,
+    /// Stripes of a cluster this node creates (fixed for the cluster's life; ignored when joining). Default: 1
+    #[arg(long, env = "KILN_STRIPES", value_name = "N")]
+    pub stripes: Option<u32>,
+    /// Stripe this node asks to join. Default: the stripe with the fewest members
+    #[arg(long, env = "KILN_STRIPE", value_name = "K")]
+    pub stripe: Option<u32>,
+    /// Run as a witness: a control-plane voter that holds no stripe data. Default: false
+    #[arg(long, env = "KILN_WITNESS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub witness: Option<bool>,
+    /// Seconds a control-plane voter may be dead before a live node replaces it. Default: 30
+    #[arg(long, env = "KILN_VOTER_REPLACE_AFTER_S", value_name = "S")]
+    pub voter_replace_after_s: Option<u64>,
 }
 
 /// The same settings as read from the TOML file.
@@ -87,6 +100,10 @@ pub struct FileConfig {
     pub suspect_timeout_ms: Option<u64>,
     pub dead_timeout_ms: Option<u64>,
     pub dead_member_ttl_s: Option<u64>,
+    pub stripes: Option<u32>,
+    pub stripe: Option<u32>,
+    pub witness: Option<bool>,
+    pub voter_replace_after_s: Option<u64>,
 }
 
 /// Every setting key, in its TOML spelling (for the README check).
@@ -107,6 +124,10 @@ pub const KEYS: &[&str] = &[
     "suspect_timeout_ms",
     "dead_timeout_ms",
     "dead_member_ttl_s",
+    "stripes",
+    "stripe",
+    "witness",
+    "voter_replace_after_s",
 ];
 
 /// Resolved, validated settings of a node.
@@ -122,6 +143,7 @@ pub struct Settings {
     pub name: Option<String>,
     pub probe_interval_ms: u64,
     pub membership: MembershipConfig,
+    pub control: ControlPlaneConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,7 +306,32 @@ impl Settings {
             .dead_member_ttl_s
             .or(file.dead_member_ttl_s)
             .unwrap_or(d.dead_member_ttl_ms / 1000);
+        let stripes = cli.stripes.or(file.stripes).unwrap_or(1);
+        if stripes == 0 || stripes > MAX_STRIPES {
+            return Err(ConfigError::Invalid {
+                key: "stripes",
+                error: format!("must be between 1 and {MAX_STRIPES}, not {stripes}"),
+            });
+        }
+        let witness = cli.witness.or(file.witness).unwrap_or(false);
+        let stripe = cli.stripe.or(file.stripe);
+        if witness && stripe.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "stripe",
+                error: "a witness holds no stripe data; give either witness or stripe".into(),
+            });
+        }
+        let voter_replace_after_s = cli
+            .voter_replace_after_s
+            .or(file.voter_replace_after_s)
+            .unwrap_or(30);
         Ok(Settings {
+            control: ControlPlaneConfig {
+                stripes,
+                stripe,
+                witness,
+                voter_replace_after: std::time::Duration::from_secs(voter_replace_after_s),
+            },
             data_dir: cli
                 .data_dir
                 .or(file.data_dir)

@@ -9,6 +9,9 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::{web, HttpResponse, ResponseError};
+use kiln_actors::control::state::ControlCommand;
+use kiln_actors::control::types::node_id_of;
+use kiln_actors::control::{ControlPlane, GetStripes, Propose};
 use kiln_actors::membership::{
     ForgetMember, GetNodeInfo, ListMembers, MemberView, MembershipActor,
 };
@@ -18,6 +21,7 @@ use serde_json::json;
 
 pub struct ApiState {
     pub membership: Addr<MembershipActor>,
+    pub control: Addr<ControlPlane>,
     pub registry: Arc<Registry>,
     pub token: Option<String>,
 }
@@ -108,10 +112,29 @@ async fn forget(
         .await
         .map_err(unavailable)?
     {
-        Ok(()) => Ok(HttpResponse::Ok().json(json!({ "forgotten": id }))),
+        Ok(()) => {
+            // The forgotten node also loses its place in its stripe. Best effort:
+            // without a control-plane majority the place stays until it has one.
+            let removed = state
+                .control
+                .send(Propose(ControlCommand::Remove {
+                    node: node_id_of(&id),
+                }))
+                .await
+                .map_err(unavailable)?;
+            if let Err(e) = &removed {
+                tracing::warn!(peer = %id, error = %e, "forgotten member keeps its stripe place for now");
+            }
+            Ok(HttpResponse::Ok().json(json!({ "forgotten": id })))
+        }
         Err(e @ ForgetError::Unknown(_)) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
         Err(e) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
     }
+}
+
+async fn stripes(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let view = state.control.send(GetStripes).await.map_err(unavailable)?;
+    Ok(HttpResponse::Ok().json(view))
 }
 
 async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
@@ -168,6 +191,32 @@ async fn status_page(state: web::Data<ApiState>) -> Result<HttpResponse, ApiErro
             r.record.incarnation
         ));
     }
+    html.push_str("</table>");
+    let view = state.control.send(GetStripes).await.map_err(unavailable)?;
+    html.push_str(&format!(
+        "<h2>Stripes</h2><p>this node: {}<br>control-plane leader <code>{}</code>, voters {}</p>",
+        escape(&view.placement),
+        escape(view.leader.as_deref().unwrap_or("(none known)")),
+        view.voters.len()
+    ));
+    for w in &view.warnings {
+        html.push_str(&format!("<p class=suspect>{}</p>", escape(w)));
+    }
+    html.push_str(
+        "<table><tr><th>stripe</th><th>epoch</th><th>slots</th><th>member</th><th>role</th></tr>",
+    );
+    for st in &view.stripes {
+        for m in &st.members {
+            html.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                st.id,
+                st.epoch,
+                st.slots,
+                escape(&m.id),
+                m.role
+            ));
+        }
+    }
     html.push_str("</table><p><a href=/metrics>metrics</a></p></body></html>");
     Ok(HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
@@ -210,6 +259,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/node", web::get().to(node))
         .route("/v1/cluster/members", web::get().to(members))
         .route("/v1/cluster/members/{id}", web::delete().to(forget))
+        .route("/v1/cluster/stripes", web::get().to(stripes))
         .default_service(web::to(not_found));
 }
 

@@ -7,10 +7,15 @@ use std::time::Duration;
 use actix::Actor;
 use actix_web::{web, HttpServer};
 use anyhow::Context;
+use kiln_actors::control::types::node_id_of;
+use kiln_actors::control::{
+    raft_config, AddressBook, ControlMetrics, ControlNetwork, ControlPlane, LogStore, StateMachine,
+};
 use kiln_actors::membership::{Leave, MembershipActor, MembershipMetrics};
 use kiln_net::wire::{MemberRecord, MemberStatus};
 use kiln_net::{Keypair, NetConfig};
-use kiln_persistence::NodeStore;
+use kiln_persistence::{ControlStore, NodeStore};
+use openraft::Raft;
 use prometheus_client::registry::Registry;
 
 use crate::config::Settings;
@@ -66,7 +71,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the network runtime")?;
-    let (net, net_events) = {
+    let (net, net_events, services) = {
         let _guard = net_runtime.enter();
         kiln_net::spawn(
             NetConfig {
@@ -84,6 +89,11 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         )?
     };
     let metrics = MembershipMetrics::register(&mut registry);
+    let control_metrics = ControlMetrics::register(&mut registry);
+    let control_store = Arc::new(ControlStore::open(&settings.data_dir)?);
+    let state_machine = StateMachine::open(control_store.clone())?;
+    let applied = state_machine.shared();
+    let raft_config = Arc::new(raft_config().context("invalid control-plane timing")?);
     let registry = Arc::new(registry);
     let store = Arc::new(store);
     let me = MemberRecord {
@@ -101,7 +111,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let result = system.block_on(async move {
         let membership = MembershipActor::new(
             me,
-            store,
+            store.clone(),
             cluster,
             settings.seeds.clone(),
             net.clone(),
@@ -110,8 +120,35 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             metrics,
         )?
         .start();
+        let book = AddressBook::default();
+        let raft = Raft::new(
+            node_id_of(&id),
+            raft_config,
+            ControlNetwork {
+                net: net.clone(),
+                book: book.clone(),
+            },
+            LogStore::new(control_store),
+            state_machine,
+        )
+        .await
+        .context("cannot start the control plane")?;
+        let control = ControlPlane::new(
+            peer_id,
+            raft.clone(),
+            applied,
+            net.clone(),
+            book,
+            membership.clone(),
+            store.clone(),
+            settings.control.clone(),
+            control_metrics,
+            services,
+        )
+        .start();
         let state = web::Data::new(ApiState {
             membership: membership.clone(),
+            control,
             registry,
             token: settings.http_token.clone(),
         });
@@ -136,6 +173,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::info!("shutting down: announcing leave");
         let _ = membership.send(Leave).await;
         handle.stop(true).await;
+        if let Err(e) = raft.shutdown().await {
+            tracing::warn!(error = %e, "control plane did not stop cleanly");
+        }
         net.shutdown().await;
         tracing::info!("stopped");
         anyhow::Ok(())

@@ -4,9 +4,11 @@
 //! plain records. Identity, membership and cluster facts are always committed with
 //! `Durability::Immediate` (fsync), whatever the node's persistence mode.
 
+mod control_store;
 mod error;
 mod node_store;
 pub mod schema;
 
+pub use control_store::ControlStore;
 pub use error::StoreError;
 pub use node_store::{verify_untouched, MemberState, NodeStore, SecretCheck, StoredMember};

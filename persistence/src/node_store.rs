@@ -180,6 +180,34 @@ impl NodeStore {
         }
     }
 
+    /// Records the id of a cluster this node creates, and that it is its founder,
+    /// in one transaction.
+    pub fn create_cluster_id(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(stored) = self.cluster_id()? {
+            return Err(StoreError::ClusterMismatch {
+                dir: self.dir.clone(),
+                stored,
+                offered: id.to_string(),
+            });
+        }
+        let mut txn = self.db.begin_write().map_err(self.storage())?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(self.storage())?;
+        {
+            let mut meta = txn.open_table(META).map_err(self.storage())?;
+            meta.insert(META_CLUSTER_ID, id.as_bytes())
+                .map_err(self.storage())?;
+            meta.insert(META_CLUSTER_FOUNDER, [1u8].as_slice())
+                .map_err(self.storage())?;
+        }
+        txn.commit().map_err(self.storage())
+    }
+
+    /// Whether this node created its cluster (and so bootstraps the control plane).
+    pub fn is_cluster_founder(&self) -> Result<bool, StoreError> {
+        Ok(self.get_meta(META_CLUSTER_FOUNDER)?.is_some())
+    }
+
     /// Records the cluster id; refuses to change it once recorded.
     pub fn set_cluster_id(&self, id: &str) -> Result<(), StoreError> {
         match self.cluster_id()? {
@@ -330,7 +358,7 @@ pub fn verify_untouched(dir: &Path, secret: Option<&[u8]>) -> Result<(), StoreEr
     Ok(())
 }
 
-fn map_open_error(e: redb::DatabaseError, path: &Path) -> StoreError {
+pub(crate) fn map_open_error(e: redb::DatabaseError, path: &Path) -> StoreError {
     let path = path.to_path_buf();
     match e {
         redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path },
@@ -357,12 +385,21 @@ fn map_open_error(e: redb::DatabaseError, path: &Path) -> StoreError {
     }
 }
 
-fn check_format(txn: &redb::ReadTransaction, path: &Path) -> Result<(), StoreError> {
+pub(crate) fn check_format(txn: &redb::ReadTransaction, path: &Path) -> Result<(), StoreError> {
+    check_format_in(txn, META, path)
+}
+
+/// Checks the format version recorded in `table` of a kiln database.
+pub(crate) fn check_format_in(
+    txn: &redb::ReadTransaction,
+    table: redb::TableDefinition<&str, &[u8]>,
+    path: &Path,
+) -> Result<(), StoreError> {
     let not_kiln = |detail: &str| StoreError::NotKiln {
         path: path.to_path_buf(),
         detail: detail.to_string(),
     };
-    let meta = match txn.open_table(META) {
+    let meta = match txn.open_table(table) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => {
             return Err(not_kiln("it has no kiln metadata table"))

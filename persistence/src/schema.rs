@@ -25,3 +25,23 @@ pub const META_IDENTITY: &str = "identity_keypair";
 pub const META_CLUSTER_ID: &str = "cluster_id";
 pub const META_SECRET_VERIFIER: &str = "secret_verifier";
 pub const META_INCARNATION: &str = "incarnation";
+/// Set (to `[1]`) in the same transaction that records a cluster id this node
+/// created itself: the founder bootstraps the control plane, also after a crash
+/// between creating the cluster and bootstrapping it.
+pub const META_CLUSTER_FOUNDER: &str = "cluster_founder";
+
+/// File name of the control-plane database inside the data directory. Always
+/// fsynced: a voter must never forget a vote, whatever the persistence mode.
+pub const CONTROL_DB_FILE: &str = "control.redb";
+
+/// Control-plane facts: format version, the Raft vote, the committed log id, the
+/// last purged log id and the latest state-machine snapshot. Keys are `CONTROL_*`.
+pub const CONTROL_META: TableDefinition<&str, &[u8]> = TableDefinition::new("kiln_control_meta");
+
+/// The control plane's Raft log: index → one CBOR-encoded entry.
+pub const CONTROL_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("kiln_control_log");
+
+pub const CONTROL_VOTE: &str = "vote";
+pub const CONTROL_COMMITTED: &str = "committed";
+pub const CONTROL_LAST_PURGED: &str = "last_purged";
+pub const CONTROL_SNAPSHOT: &str = "snapshot";

@@ -200,6 +200,8 @@ pub struct NodeInfo {
     pub addrs: Vec<String>,
     pub cluster: Option<String>,
     pub incarnation: u64,
+    /// This node created the cluster (and bootstraps its control plane).
+    pub founder: bool,
 }
 
 #[derive(Message)]
@@ -220,6 +222,7 @@ pub struct ForgetMember(pub String);
 pub struct Leave;
 
 pub struct MembershipActor {
+    founder: bool,
     state: Membership,
     net: NetHandle,
     events: Option<mpsc::UnboundedReceiver<NetEvent>>,
@@ -268,6 +271,7 @@ impl MembershipActor {
             leaving: false,
             writer: StoreWriter::start(store.clone()),
             met_peer_without_cluster: false,
+            founder: store.is_cluster_founder()?,
         })
     }
 
@@ -456,10 +460,11 @@ impl MembershipActor {
 
     fn create_cluster(&mut self) {
         let id = format!("{:032x}", rand::random::<u128>());
-        match self.store.set_cluster_id(&id) {
+        match self.store.create_cluster_id(&id) {
             Ok(()) => {
                 tracing::info!(cluster = %id, "created a new cluster");
                 self.cluster = Some(id);
+                self.founder = true;
             }
             Err(e) => tracing::error!(error = %e, "cannot record the new cluster id"),
         }
@@ -584,6 +589,18 @@ impl MembershipActor {
                 tracing::warn!(%peer, %reason, "peer refused to sync membership");
                 vec![]
             }
+            // Service requests and call responses never reach this stream; the
+            // swarm routes them elsewhere.
+            NetEvent::Request { reply, .. } => {
+                self.net.send(NetCommand::Respond {
+                    reply,
+                    response: Response::Refused {
+                        reason: "request not served by membership".into(),
+                    },
+                });
+                vec![]
+            }
+            NetEvent::Response { .. } => vec![],
             NetEvent::RequestFailed { peer, error } => {
                 tracing::debug!(%peer, %error, "request failed");
                 vec![]
@@ -668,6 +685,7 @@ impl Handler<GetNodeInfo> for MembershipActor {
             addrs: me.addrs.clone(),
             cluster: self.cluster.clone(),
             incarnation: me.incarnation,
+            founder: self.founder,
         })
     }
 }

@@ -1,0 +1,761 @@
+//! The control-plane actor: runs the node's openraft instance, answers peers'
+//! control-plane requests, gets the node placed in a stripe, and — on the Raft
+//! leader — keeps the voter set healthy: every placed live node follows the log as
+//! a learner, the voters are 1, 3 or 5 of them spread across stripes, and a voter
+//! dead for longer than `voter_replace_after` is swapped for a live node.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use kiln_net::wire::{MemberStatus, Request, Response};
+use kiln_net::{Multiaddr, NetCommand, NetHandle, PeerId, ServiceRequest};
+use kiln_persistence::NodeStore;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Raft, ServerState};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_bytes::ByteBuf;
+
+use super::network::AddressBook;
+use super::state::{plan_voters, ControlCommand, ControlOutcome, ControlState, Placement};
+use super::storage::SharedApplied;
+use super::types::{node_id_of, ControlNode, ControlTypes, NodeId};
+use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTROL_BODY};
+use crate::membership::{GetNodeInfo, ListMembers, MemberView, MembershipActor};
+
+/// How often the actor looks at membership and, on the leader, at the voters.
+const TICK: Duration = Duration::from_millis(300);
+/// How long a proposal may take before the proposer gives up and retries.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause between two join attempts of a node that is not placed yet.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
+
+/// What the control plane of this node is asked to do at start.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    /// Stripes of a cluster this node creates (ignored when joining one).
+    pub stripes: u32,
+    /// Stripe this node asks to join (`--stripe K`).
+    pub stripe: Option<u32>,
+    /// A voter without stripe data.
+    pub witness: bool,
+    /// How long a voter may be dead or gone before a live node replaces it.
+    pub voter_replace_after: Duration,
+}
+
+/// openraft's timing for kiln: a LAN cluster, where a leader heard from every
+/// 100 ms and replaced after 400–600 ms of silence keeps failover of a stripe
+/// whose active was also the Raft leader under a second.
+#[allow(clippy::result_large_err)] // openraft's own error type
+pub fn raft_config() -> Result<openraft::Config, openraft::ConfigError> {
+    openraft::Config {
+        cluster_name: "kiln".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 600,
+        install_snapshot_timeout: 2_000,
+        max_payload_entries: 256,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_max_chunk_size: 1024 * 1024,
+        ..Default::default()
+    }
+    .validate()
+}
+
+/// Control-plane metrics, `kiln_control_*`.
+#[derive(Clone, Default)]
+pub struct ControlMetrics {
+    is_leader: Gauge,
+    voters: Gauge,
+    learners: Gauge,
+    term: Gauge,
+    last_applied: Gauge,
+    placed_nodes: Gauge,
+}
+
+impl ControlMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ControlMetrics::default();
+        let r = registry.sub_registry_with_prefix("kiln_control");
+        r.register(
+            "is_leader",
+            "1 if this node leads the control plane",
+            m.is_leader.clone(),
+        );
+        r.register("voters", "Voters of the control plane", m.voters.clone());
+        r.register(
+            "learners",
+            "Non-voting followers of the control plane",
+            m.learners.clone(),
+        );
+        r.register("term", "Current Raft term", m.term.clone());
+        r.register(
+            "last_applied",
+            "Index of the last control-plane entry applied here",
+            m.last_applied.clone(),
+        );
+        r.register(
+            "placed_nodes",
+            "Nodes placed in a stripe or as witness",
+            m.placed_nodes.clone(),
+        );
+        m
+    }
+}
+
+/// One stripe as `GET /v1/cluster/stripes` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StripeView {
+    pub id: u32,
+    pub active: Option<String>,
+    pub epoch: u64,
+    pub slots: usize,
+    pub members: Vec<StripeMemberView>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StripeMemberView {
+    pub id: String,
+    /// `active`, `standby` (in sync, electable) or `syncing`.
+    pub role: &'static str,
+    /// Entries behind the active; `None` until the stripe's replication reports it.
+    pub lag: Option<u64>,
+}
+
+/// The control plane as this node sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterStripes {
+    pub stripes: Vec<StripeView>,
+    pub voters: Vec<String>,
+    pub witnesses: Vec<String>,
+    /// Peer id of the control-plane leader, if known.
+    pub leader: Option<String>,
+    /// This node's place: `stripe K`, `witness`, or `unplaced`.
+    pub placement: String,
+    /// Conditions an operator should act on.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "ClusterStripes")]
+pub struct GetStripes;
+
+/// Proposes a command from this node (through the leader).
+#[derive(Message)]
+#[rtype(result = "Result<ControlOutcome, String>")]
+pub struct Propose(pub ControlCommand);
+
+pub struct ControlPlane {
+    me: NodeId,
+    me_peer: PeerId,
+    raft: Raft<ControlTypes>,
+    applied: SharedApplied,
+    net: NetHandle,
+    book: AddressBook,
+    membership: Addr<MembershipActor>,
+    store: Arc<NodeStore>,
+    cfg: ControlPlaneConfig,
+    metrics: ControlMetrics,
+    services: Option<tokio::sync::mpsc::UnboundedReceiver<ServiceRequest>>,
+    members: Vec<MemberView>,
+    my_addrs: Vec<String>,
+    founder: bool,
+    initializing: bool,
+    last_join: Option<Instant>,
+    joining: bool,
+    /// A membership change of the Raft group is running (one at a time).
+    changing: bool,
+    /// When each voter or learner was first seen dead, left or unknown.
+    gone_since: HashMap<NodeId, Instant>,
+    warned_no_failover: bool,
+    last_leader: Option<NodeId>,
+}
+
+impl ControlPlane {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me_peer: PeerId,
+        raft: Raft<ControlTypes>,
+        applied: SharedApplied,
+        net: NetHandle,
+        book: AddressBook,
+        membership: Addr<MembershipActor>,
+        store: Arc<NodeStore>,
+        cfg: ControlPlaneConfig,
+        metrics: ControlMetrics,
+        services: tokio::sync::mpsc::UnboundedReceiver<ServiceRequest>,
+    ) -> Self {
+        ControlPlane {
+            me: node_id_of(&me_peer.to_string()),
+            me_peer,
+            raft,
+            applied,
+            net,
+            book,
+            membership,
+            store,
+            cfg,
+            metrics,
+            services: Some(services),
+            members: Vec::new(),
+            my_addrs: Vec::new(),
+            founder: false,
+            initializing: false,
+            last_join: None,
+            joining: false,
+            changing: false,
+            gone_since: HashMap::new(),
+            warned_no_failover: false,
+            last_leader: None,
+        }
+    }
+
+    fn state(&self) -> ControlState {
+        match self.applied.read() {
+            Ok(a) => a.state.clone(),
+            Err(p) => p.into_inner().state.clone(),
+        }
+    }
+
+    fn me_node(&self) -> ControlNode {
+        ControlNode {
+            peer: self.me_peer.to_string(),
+            addrs: self.my_addrs.clone(),
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let membership = self.membership.clone();
+        let fut = async move {
+            let info = membership.send(GetNodeInfo).await.ok();
+            let members = membership.send(ListMembers).await.ok();
+            (info, members)
+        };
+        ctx.spawn(fut.into_actor(self).map(|(info, members), act, ctx| {
+            if let Some(info) = info {
+                act.my_addrs = info.addrs;
+                act.founder = info.founder;
+            }
+            if let Some(members) = members {
+                act.remember_addresses(&members);
+                act.members = members;
+            }
+            act.after_tick(ctx);
+        }));
+    }
+
+    fn remember_addresses(&self, members: &[MemberView]) {
+        if let Ok(mut book) = self.book.write() {
+            for m in members {
+                if let Ok(peer) = m.record.id.parse::<PeerId>() {
+                    let addrs: Vec<Multiaddr> = m
+                        .record
+                        .addrs
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .collect();
+                    book.insert(peer, addrs);
+                }
+            }
+        }
+    }
+
+    fn after_tick(&mut self, ctx: &mut Context<Self>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let state = self.state();
+        self.metrics
+            .is_leader
+            .set(i64::from(metrics.state == ServerState::Leader));
+        self.metrics.voters.set(voters.len() as i64);
+        self.metrics.learners.set(learners.len() as i64);
+        self.metrics.term.set(metrics.current_term as i64);
+        self.metrics
+            .last_applied
+            .set(metrics.last_applied.map(|l| l.index as i64).unwrap_or(0));
+        self.metrics.placed_nodes.set(state.nodes.len() as i64);
+        if metrics.current_leader != self.last_leader {
+            let leader = metrics.current_leader.and_then(|l| {
+                membership
+                    .get_node(&l)
+                    .map(|n| n.peer.clone())
+                    .or_else(|| state.peer_of(l).map(str::to_string))
+            });
+            tracing::info!(term = metrics.current_term, leader = ?leader,
+                voters = voters.len(), "control-plane leader changed");
+            self.last_leader = metrics.current_leader;
+        }
+
+        let uninitialized = voters.is_empty();
+        if uninitialized && self.founder && !self.initializing {
+            self.initialize(ctx);
+        }
+        if !state.nodes.contains_key(&self.me) {
+            self.join(ctx, &state);
+        }
+        if metrics.state == ServerState::Leader && !self.changing {
+            self.reconcile(ctx, &state, &voters, &learners);
+        }
+        let data_nodes = state
+            .nodes
+            .values()
+            .filter(|n| matches!(n.placement, Placement::Stripe(_)))
+            .count();
+        if voters.len() < 3 && data_nodes >= 2 {
+            if !self.warned_no_failover {
+                tracing::warn!(voters = voters.len(), data_nodes,
+                    "the control plane has fewer than 3 voters: a stripe cannot fail over safely; add a third node or a `kiln run --witness`");
+                self.warned_no_failover = true;
+            }
+        } else {
+            self.warned_no_failover = false;
+        }
+    }
+
+    /// The founder makes itself the first voter of a new control plane.
+    fn initialize(&mut self, ctx: &mut Context<Self>) {
+        self.initializing = true;
+        let raft = self.raft.clone();
+        let nodes = BTreeMap::from([(self.me, self.me_node())]);
+        ctx.spawn(
+            async move { raft.initialize(nodes).await }
+                .into_actor(self)
+                .map(|res, act, _| {
+                    act.initializing = false;
+                    match res {
+                        Ok(()) => {
+                            tracing::info!("bootstrapped the control plane as its first voter")
+                        }
+                        Err(e) => tracing::debug!(error = %e, "control plane not initialized"),
+                    }
+                }),
+        );
+    }
+
+    /// Asks the control plane for this node's place (the founder first sets the
+    /// stripe count).
+    fn join(&mut self, ctx: &mut Context<Self>, state: &ControlState) {
+        if self.joining || self.last_join.is_some_and(|t| t.elapsed() < JOIN_RETRY) {
+            return;
+        }
+        self.joining = true;
+        self.last_join = Some(Instant::now());
+        let mut commands = Vec::new();
+        if self.founder && state.stripe_count == 0 {
+            commands.push(ControlCommand::Configure {
+                stripes: self.cfg.stripes,
+            });
+        }
+        commands.push(ControlCommand::Join {
+            node: self.me,
+            peer: self.me_peer.to_string(),
+            witness: self.cfg.witness,
+            stripe: self.cfg.stripe,
+        });
+        let proposer = self.proposer();
+        ctx.spawn(
+            async move {
+                let mut last = Err("nothing proposed".to_string());
+                for cmd in commands {
+                    last = proposer.propose(cmd, false).await;
+                    if last.is_err() {
+                        break;
+                    }
+                }
+                last
+            }
+            .into_actor(self)
+            .map(|res, act, _| {
+                act.joining = false;
+                match res {
+                    Ok(ControlOutcome::Placed { placement }) => {
+                        tracing::info!(?placement, "placed by the control plane")
+                    }
+                    Ok(ControlOutcome::Unconfigured) => {
+                        tracing::debug!("the cluster is not configured yet; will retry")
+                    }
+                    Ok(ControlOutcome::Rejected { reason }) => {
+                        tracing::error!(%reason, "the control plane refused to place this node; fix the setting and restart it")
+                    }
+                    Ok(other) => tracing::debug!(?other, "join answered"),
+                    Err(e) => tracing::debug!(error = %e, "join not accepted yet; will retry"),
+                }
+            }),
+        );
+    }
+
+    fn proposer(&self) -> Proposer {
+        let alive: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|m| !m.is_self && m.record.status == MemberStatus::Alive)
+            .filter_map(|m| m.record.id.parse().ok())
+            .collect();
+        Proposer {
+            raft: self.raft.clone(),
+            net: self.net.clone(),
+            book: self.book.clone(),
+            fallback: alive,
+        }
+    }
+
+    /// On the leader: learners for every placed live node, and a healthy voter set.
+    fn reconcile(
+        &mut self,
+        ctx: &mut Context<Self>,
+        state: &ControlState,
+        voters: &BTreeSet<NodeId>,
+        learners: &BTreeSet<NodeId>,
+    ) {
+        let now = Instant::now();
+        let mut alive: BTreeMap<NodeId, ControlNode> = BTreeMap::new();
+        let mut status: HashMap<NodeId, MemberStatus> = HashMap::new();
+        for m in &self.members {
+            let id = node_id_of(&m.record.id);
+            status.insert(id, m.record.status);
+            if m.record.status == MemberStatus::Alive && state.nodes.contains_key(&id) {
+                alive.insert(
+                    id,
+                    ControlNode {
+                        peer: m.record.id.clone(),
+                        addrs: m.record.addrs.clone(),
+                    },
+                );
+            }
+        }
+        // Followers that are not alive: how long they have been gone.
+        let followers: BTreeSet<NodeId> = voters.union(learners).copied().collect();
+        self.gone_since.retain(|id, _| followers.contains(id));
+        let mut gone = BTreeSet::new();
+        for id in &followers {
+            let st = status.get(id).copied();
+            if *id == self.me
+                || st == Some(MemberStatus::Alive)
+                || st == Some(MemberStatus::Suspect)
+            {
+                self.gone_since.remove(id);
+                continue;
+            }
+            let since = *self.gone_since.entry(*id).or_insert(now);
+            // A member that left said so itself: no need to wait.
+            if st == Some(MemberStatus::Left) || now - since >= self.cfg.voter_replace_after {
+                gone.insert(*id);
+            }
+        }
+
+        let new_learners: Vec<(NodeId, ControlNode)> = alive
+            .iter()
+            .filter(|(id, _)| !followers.contains(id))
+            .map(|(id, n)| (*id, n.clone()))
+            .collect();
+        let live: BTreeSet<NodeId> = alive
+            .keys()
+            .filter(|id| followers.contains(id))
+            .copied()
+            .collect();
+        let raft = self.raft.clone();
+        if !new_learners.is_empty() {
+            self.changing = true;
+            ctx.spawn(
+                async move {
+                    for (id, node) in new_learners {
+                        let peer = node.peer.clone();
+                        match raft.add_learner(id, node, false).await {
+                            Ok(_) => tracing::info!(%peer, "added a control-plane learner"),
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "cannot add a control-plane learner")
+                            }
+                        }
+                    }
+                }
+                .into_actor(self)
+                .map(|_, act, _| act.changing = false),
+            );
+            return;
+        }
+        if let Some(next) = plan_voters(state, voters, &live, &gone) {
+            let peers = |ids: &BTreeSet<NodeId>| -> Vec<String> {
+                ids.iter()
+                    .map(|id| state.peer_of(*id).unwrap_or("?").to_string())
+                    .collect()
+            };
+            tracing::info!(from = ?peers(voters), to = ?peers(&next), "changing the control-plane voters");
+            self.changing = true;
+            ctx.spawn(
+                async move { raft.change_membership(next, false).await }
+                    .into_actor(self)
+                    .map(|res, act, _| {
+                        act.changing = false;
+                        if let Err(e) = res {
+                            tracing::warn!(error = %e, "control-plane voter change failed; will retry");
+                        }
+                    }),
+            );
+            return;
+        }
+        // Learners gone for good are dropped: replicating to them is wasted work.
+        let gone_learners: BTreeSet<NodeId> = learners.intersection(&gone).copied().collect();
+        if !gone_learners.is_empty() {
+            self.changing = true;
+            ctx.spawn(
+                async move {
+                    raft.change_membership(ChangeMembers::RemoveNodes(gone_learners), false)
+                        .await
+                }
+                .into_actor(self)
+                .map(|res, act, _| {
+                    act.changing = false;
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "cannot drop gone learners");
+                    }
+                }),
+            );
+        }
+    }
+
+    fn on_service_request(&mut self, req: ServiceRequest) {
+        let ServiceRequest {
+            peer,
+            request,
+            reply,
+        } = req;
+        let Request::ControlPlane { body } = request else {
+            self.net.send(NetCommand::Respond {
+                reply,
+                response: Response::Refused {
+                    reason: "this node does not serve that request".into(),
+                },
+            });
+            return;
+        };
+        let request: ControlRequest = match from_cbor(&body, MAX_CONTROL_BODY) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "rejected a malformed control-plane request");
+                self.net.send(NetCommand::Respond {
+                    reply,
+                    response: Response::Refused {
+                        reason: format!("malformed control-plane request: {e}"),
+                    },
+                });
+                return;
+            }
+        };
+        let raft = self.raft.clone();
+        let net = self.net.clone();
+        let proposer = self.proposer();
+        actix_rt::spawn(async move {
+            let response = match request {
+                ControlRequest::AppendEntries(r) => {
+                    ControlResponse::AppendEntries(raft.append_entries(r).await)
+                }
+                ControlRequest::Vote(r) => ControlResponse::Vote(raft.vote(r).await),
+                ControlRequest::InstallSnapshot(r) => {
+                    ControlResponse::InstallSnapshot(raft.install_snapshot(r).await)
+                }
+                ControlRequest::Propose { command, forwarded } => {
+                    ControlResponse::Propose(proposer.propose(command, forwarded).await)
+                }
+            };
+            net.send(NetCommand::Respond {
+                reply,
+                response: Response::ControlPlane {
+                    body: ByteBuf::from(to_cbor(&response)),
+                },
+            });
+        });
+    }
+
+    fn view(&self) -> ClusterStripes {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let state = self.state();
+        let peer = |id: NodeId| {
+            state
+                .peer_of(id)
+                .map(str::to_string)
+                .or_else(|| membership.get_node(&id).map(|n| n.peer.clone()))
+                .unwrap_or_else(|| format!("node-{id:016x}"))
+        };
+        let stripes = state
+            .stripes
+            .iter()
+            .map(|(k, s)| StripeView {
+                id: *k,
+                active: s.active.map(peer),
+                epoch: s.epoch,
+                slots: state.slots_of(*k),
+                members: s
+                    .members
+                    .iter()
+                    .map(|m| StripeMemberView {
+                        id: peer(*m),
+                        role: if s.active == Some(*m) {
+                            "active"
+                        } else if s.in_sync.contains(m) {
+                            "standby"
+                        } else {
+                            "syncing"
+                        },
+                        lag: None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let voters: Vec<String> = membership.voter_ids().map(peer).collect();
+        let witnesses = state
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.placement == Placement::Witness)
+            .map(|(_, n)| n.peer.clone())
+            .collect();
+        let placement = match state.nodes.get(&self.me).map(|n| n.placement) {
+            Some(Placement::Stripe(k)) => format!("stripe {k}"),
+            Some(Placement::Witness) => "witness".into(),
+            None => "unplaced".into(),
+        };
+        let mut warnings = Vec::new();
+        let data_nodes = state
+            .nodes
+            .values()
+            .filter(|n| matches!(n.placement, Placement::Stripe(_)))
+            .count();
+        if voters.len() < 3 && data_nodes >= 2 {
+            warnings.push(format!(
+                "the control plane has {} voter(s): a stripe cannot fail over safely; add a third node or a `kiln run --witness`",
+                voters.len()
+            ));
+        }
+        if metrics.current_leader.is_none() {
+            warnings.push("no control-plane leader is known to this node".into());
+        }
+        ClusterStripes {
+            stripes,
+            voters,
+            witnesses,
+            leader: metrics.current_leader.map(peer),
+            placement,
+            warnings,
+        }
+    }
+}
+
+/// Sends a command to the control-plane leader: through the local Raft if this
+/// node leads, else to the leader it knows, else (a node that does not follow the
+/// log yet) to live members, which forward it once.
+#[derive(Clone)]
+struct Proposer {
+    raft: Raft<ControlTypes>,
+    net: NetHandle,
+    book: AddressBook,
+    fallback: Vec<PeerId>,
+}
+
+impl Proposer {
+    async fn propose(
+        &self,
+        cmd: ControlCommand,
+        forwarded: bool,
+    ) -> Result<ControlOutcome, String> {
+        let local =
+            tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd.clone())).await;
+        let leader = match local {
+            Err(_) => return Err("the control plane did not commit in time".into()),
+            Ok(Ok(resp)) => return Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                f.leader_node.and_then(|n| n.peer.parse::<PeerId>().ok())
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+        };
+        if forwarded {
+            return Err("this node is not the control-plane leader".into());
+        }
+        let targets: Vec<PeerId> = match leader {
+            Some(l) => vec![l],
+            None => self.fallback.iter().take(3).copied().collect(),
+        };
+        let mut last = Err("no control-plane leader known and no live member to ask".to_string());
+        for peer in targets {
+            last = self.forward(peer, cmd.clone()).await;
+            if last.is_ok() {
+                break;
+            }
+        }
+        last
+    }
+
+    async fn forward(
+        &self,
+        peer: PeerId,
+        command: ControlCommand,
+    ) -> Result<ControlOutcome, String> {
+        let addrs = self
+            .book
+            .read()
+            .ok()
+            .and_then(|b| b.get(&peer).cloned())
+            .unwrap_or_default();
+        let body = ByteBuf::from(to_cbor(&ControlRequest::Propose {
+            command,
+            forwarded: true,
+        }));
+        let call = self.net.call(peer, addrs, Request::ControlPlane { body });
+        match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
+            Err(_) => Err(format!("{peer} did not answer the proposal in time")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(Response::ControlPlane { body })) => {
+                match from_cbor::<ControlResponse>(&body, MAX_CONTROL_BODY) {
+                    Ok(ControlResponse::Propose(r)) => r,
+                    Ok(other) => Err(format!("{peer} answered a proposal with {other:?}")),
+                    Err(e) => Err(format!("{peer} sent a malformed answer: {e}")),
+                }
+            }
+            Ok(Ok(other)) => Err(format!("{peer} answered a proposal with {other:?}")),
+        }
+    }
+}
+
+impl Actor for ControlPlane {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(rx) = self.services.take() {
+            ctx.add_stream(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|e| (e, rx))
+            }));
+        }
+        self.founder = self.store.is_cluster_founder().unwrap_or(false);
+        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+        self.tick(ctx);
+    }
+}
+
+impl StreamHandler<ServiceRequest> for ControlPlane {
+    fn handle(&mut self, req: ServiceRequest, _: &mut Self::Context) {
+        self.on_service_request(req);
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {
+        tracing::debug!("service request stream ended");
+    }
+}
+
+impl Handler<GetStripes> for ControlPlane {
+    type Result = MessageResult<GetStripes>;
+    fn handle(&mut self, _: GetStripes, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.view())
+    }
+}
+
+impl Handler<Propose> for ControlPlane {
+    type Result = ResponseFuture<Result<ControlOutcome, String>>;
+    fn handle(&mut self, msg: Propose, _: &mut Self::Context) -> Self::Result {
+        let proposer = self.proposer();
+        Box::pin(async move { proposer.propose(msg.0, false).await })
+    }
+}

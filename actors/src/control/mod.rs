@@ -1,0 +1,24 @@
+//! The control plane: the decisions that must never be made twice (placement of
+//! nodes, active and epoch of each stripe, in-sync sets, slot map), agreed by a
+//! majority of a few voters through openraft, over libp2p and `control.redb`.
+
+mod actor;
+mod network;
+pub mod state;
+mod storage;
+pub mod types;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use actor::{
+    raft_config, ClusterStripes, ControlMetrics, ControlPlane, ControlPlaneConfig, GetStripes,
+    Propose, StripeMemberView, StripeView,
+};
+pub use network::{AddressBook, ControlNetwork};
+pub use storage::{Applied, LogStore, SharedApplied, StateMachine};
+
+pub(crate) fn unix_ms() -> u64 {
+    crate::membership::unix_ms()
+}

@@ -1,0 +1,220 @@
+//! Real `kiln` processes: the control plane places nodes in stripes, keeps 1, 3 or
+//! 5 voters (witnesses first), replaces a dead voter, elects a new leader, and
+//! keeps every decision across a full restart. Deadlines only guard against hanging.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kiln_integration::*;
+use serde_json::Value;
+
+const SECRET: &str = "control-plane-test-secret";
+const LONG: Duration = Duration::from_secs(90);
+
+fn opts(extra: &[&str]) -> NodeOpts {
+    NodeOpts {
+        secret: Some(SECRET.into()),
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn stripes(n: &Node) -> Option<Value> {
+    n.get("/v1/cluster/stripes")
+}
+
+fn voters(v: &Value) -> BTreeSet<String> {
+    v["voters"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (stripe id, member id, role) of every stripe member, sorted.
+fn placement(v: &Value) -> Vec<(u64, String, String)> {
+    let mut out = Vec::new();
+    for st in v["stripes"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+        for m in st["members"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or(&[])
+        {
+            out.push((
+                st["id"].as_u64().unwrap_or(u64::MAX),
+                m["id"].as_str().unwrap_or_default().to_string(),
+                m["role"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Waits until every node reports the same placement and voters, with `placed`
+/// nodes placed, `n_voters` voters and a leader; returns that view.
+fn wait_agreed(nodes: &[&Node], placed: usize, n_voters: usize) -> Value {
+    let mut agreed = Value::Null;
+    wait_until(
+        &format!(
+            "{} nodes agree on {placed} placed, {n_voters} voters",
+            nodes.len()
+        ),
+        LONG,
+        || {
+            let views: Vec<Value> = match nodes.iter().map(|n| stripes(n)).collect() {
+                Some(v) => v,
+                None => return false,
+            };
+            let first = &views[0];
+            let ok = placement(first).len() == placed
+                && voters(first).len() == n_voters
+                && first["leader"].is_string()
+                && views.iter().all(|v| {
+                    placement(v) == placement(first)
+                        && voters(v) == voters(first)
+                        && v["leader"] == first["leader"]
+                });
+            if ok {
+                agreed = first.clone();
+            }
+            ok
+        },
+    );
+    agreed
+}
+
+#[test]
+fn nodes_are_placed_in_the_emptiest_stripe_and_every_node_agrees() {
+    let _serial = serial();
+    let nodes = start_cluster("cpp", 3, opts(&["--stripes", "2"]));
+    let ids = wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let view = wait_agreed(&all, 3, 3);
+
+    let stripes = view["stripes"].as_array().unwrap();
+    assert_eq!(stripes.len(), 2);
+    let sizes: Vec<usize> = stripes
+        .iter()
+        .map(|s| s["members"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(
+        sizes,
+        vec![2, 1],
+        "the third node went to the emptier stripe"
+    );
+    for s in stripes {
+        assert_eq!(s["slots"], 128);
+        assert_eq!(s["epoch"], 1);
+        let active = s["active"].as_str().expect("every stripe has an active");
+        assert!(ids.iter().any(|i| i == active));
+    }
+    assert_eq!(voters(&view), ids.iter().cloned().collect());
+    assert_eq!(view["warnings"], serde_json::json!([]));
+    // Each node knows its own place.
+    for n in &nodes {
+        let p = stripes_of(n);
+        assert!(p.starts_with("stripe "), "{}: {p}", n.name);
+    }
+    // `kiln status` prints the stripes.
+    let out = kiln_cli(&["status", "--http", &nodes[1].http()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("STRIPE") && text.contains("active"), "{text}");
+}
+
+fn stripes_of(n: &Node) -> String {
+    stripes(n)
+        .and_then(|v| v["placement"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_dead_leader_is_replaced_as_leader_and_as_voter() {
+    let _serial = serial();
+    let mut nodes = start_cluster("cpv", 4, opts(&["--voter-replace-after-s", "2"]));
+    let ids = wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let view = wait_agreed(&all, 4, 3);
+    let leader = view["leader"].as_str().unwrap().to_string();
+    let before = voters(&view);
+    assert!(before.contains(&leader));
+    let spare = ids
+        .iter()
+        .find(|i| !before.contains(*i))
+        .expect("one node is not a voter")
+        .clone();
+
+    let victim = ids.iter().position(|i| *i == leader).unwrap();
+    nodes[victim].kill9();
+    let survivors: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, n)| n)
+        .collect();
+    wait_until(
+        "a new control-plane leader and the dead voter replaced",
+        LONG,
+        || {
+            survivors.iter().all(|n| {
+                stripes(n).is_some_and(|v| {
+                    let vs = voters(&v);
+                    v["leader"].as_str().is_some_and(|l| l != leader)
+                        && vs.len() == 3
+                        && !vs.contains(&leader)
+                        && vs.contains(&spare)
+                })
+            })
+        },
+    );
+}
+
+#[test]
+fn a_witness_completes_the_majority_of_a_two_node_stripe() {
+    let _serial = serial();
+    let nodes = start_cluster("cpw", 2, opts(&[]));
+    wait_converged(&nodes, LONG);
+    let pair: Vec<&Node> = nodes.iter().collect();
+    let view = wait_agreed(&pair, 2, 1);
+    let warnings = view["warnings"].to_string();
+    assert!(warnings.contains("cannot fail over safely"), "{warnings}");
+
+    let witness = Node::start(
+        "cpw-witness",
+        NodeOpts {
+            seeds: vec![nodes[0].seed()],
+            ..opts(&["--witness"])
+        },
+    );
+    let witness_id = witness.id();
+    let all: Vec<&Node> = nodes.iter().chain(std::iter::once(&witness)).collect();
+    let view = wait_agreed(&all, 2, 3);
+    assert!(voters(&view).contains(&witness_id));
+    assert_eq!(view["witnesses"], serde_json::json!([witness_id]));
+    assert!(placement(&view).iter().all(|(_, id, _)| *id != witness_id));
+    assert_eq!(stripes_of(&witness), "witness");
+    assert_eq!(view["warnings"], serde_json::json!([]));
+}
+
+#[test]
+fn every_decision_survives_a_full_restart_in_reverse_order() {
+    let _serial = serial();
+    let mut nodes = start_cluster("cpr", 3, opts(&["--stripes", "2"]));
+    wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let before = wait_agreed(&all, 3, 3);
+    for n in nodes.iter_mut() {
+        assert_eq!(n.terminate(), Some(0));
+    }
+    for n in nodes.iter_mut().rev() {
+        n.restart();
+    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    let after = wait_agreed(&all, 3, 3);
+    assert_eq!(placement(&after), placement(&before));
+    assert_eq!(voters(&after), voters(&before));
+}
