@@ -1,0 +1,1022 @@
+//! Replication of one stripe, as seen by one of its members: a plain state machine.
+//!
+//! The active orders writes into a log and sends them to every other member of its
+//! stripe; an entry is committed (and its write acknowledged) once it is durable on
+//! the active and on every in-sync standby. Who is active, in which epoch, and who is
+//! in sync is decided by the control plane and fed in with [`Replica::on_view`];
+//! this machine never decides it alone. It only asks (`Effect::Propose`).
+//!
+//! Fencing: a member promises, durably, not to accept entries of older epochs — when
+//! it sees a newer active, and when an election asks for its log position
+//! ([`Replica::on_prepare`]). An active needs the acknowledgement of every in-sync
+//! standby, and every electable standby is in sync, so once an election has begun no
+//! deposed active can acknowledge another write, and the standby elected (the one
+//! with the most up-to-date log among those that answered) holds every write ever
+//! acknowledged.
+//!
+//! No I/O and no clock: inputs are messages, views, ticks with a time in ms, and
+//! client proposals; outputs are effects the caller executes in order (persist
+//! before send: a `Persist` effect must be durable before any later effect runs).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+pub type NodeId = u64;
+
+/// Position of a log entry: the epoch it was written in, and its index (from 1).
+/// Ordered by epoch, then index: the greater position is the more up-to-date log.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct LogPos {
+    pub epoch: u64,
+    pub index: u64,
+}
+
+/// One write of a stripe's log. What a write means (a key/value operation) is the
+/// caller's; replication moves opaque bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub epoch: u64,
+    /// Empty for the no-op an active writes when it takes over.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// The control plane's decision for this stripe, as last committed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StripeView {
+    /// Grows with every control-plane decision (its log index): a view older than
+    /// the one held is ignored, so a delayed view never undoes a newer one.
+    pub version: u64,
+    pub epoch: u64,
+    pub active: Option<NodeId>,
+    pub members: BTreeSet<NodeId>,
+    pub in_sync: BTreeSet<NodeId>,
+}
+
+/// Messages between members of a stripe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Active → member: entries following `prev` (none for a heartbeat), the
+    /// active's commit index, and the heartbeat round (for linearizable reads).
+    Append {
+        epoch: u64,
+        prev: LogPos,
+        entries: Vec<Entry>,
+        commit: u64,
+        round: u64,
+    },
+    /// Member → active. `ok`: the member's log matches up to `matched`. Not ok:
+    /// `matched` is where the active should retry from (+1), or `stale` is the newer
+    /// epoch the member has promised to.
+    AppendAck {
+        epoch: u64,
+        ok: bool,
+        matched: u64,
+        round: u64,
+        stale: Option<u64>,
+    },
+    /// Active → member too far behind for entries: install a snapshot of the
+    /// committed state at `at` (the caller ships the data).
+    SnapshotOffer { epoch: u64, at: LogPos },
+}
+
+/// A request to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proposal {
+    /// This in-sync standby has not heard its active of `epoch` for the election
+    /// timeout: elect a new one.
+    Election { epoch: u64 },
+    /// The active of `epoch` adds or removes `node` from the in-sync set.
+    InSync {
+        epoch: u64,
+        node: NodeId,
+        in_sync: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Make durable, in this order: drop log entries from `truncate_from`, append
+    /// `entries` (index, entry), record `promised`. Must complete before the
+    /// effects after it.
+    Persist {
+        truncate_from: Option<u64>,
+        entries: Vec<(u64, Entry)>,
+        promised: Option<u64>,
+    },
+    /// Replace the state with the snapshot received at `at` (a follower); the log
+    /// entries after `at` stay if `keep_log`, else the whole log goes.
+    InstallSnapshot {
+        at: LogPos,
+        keep_log: bool,
+    },
+    Send {
+        to: NodeId,
+        msg: Message,
+    },
+    /// Ship a snapshot of the committed state to `to` (active), then report it
+    /// with [`Replica::on_snapshot_sent`].
+    SendSnapshot {
+        to: NodeId,
+    },
+    /// Entries up to `upto` are committed: apply them.
+    Commit {
+        upto: u64,
+    },
+    Propose(Proposal),
+    /// The linearizable read `id` may be served once entries up to `index` are applied.
+    ReadReady {
+        id: u64,
+        index: u64,
+    },
+    /// This node stopped being active: pending writes and reads get no answer
+    /// from it (their clients retry elsewhere).
+    SteppedDown {
+        epoch: u64,
+    },
+    /// Entries up to `upto` are no longer needed in the log (applied and held by
+    /// every member, or covered by snapshots).
+    Compact {
+        upto: u64,
+    },
+}
+
+/// Timing and limits of replication.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// An in-sync standby that has not heard its active this long asks for an election.
+    pub election_timeout_ms: u64,
+    /// How often an active sends to every member (with entries or empty).
+    pub heartbeat_ms: u64,
+    /// An in-sync standby silent this long while it holds up commits is dropped
+    /// from the in-sync set (through the control plane).
+    pub in_sync_timeout_ms: u64,
+    /// Most entries in one `Append`.
+    pub max_batch: usize,
+    /// Entries kept in the log beyond what every member holds, for followers that
+    /// fall a little behind; further behind, they get a snapshot.
+    pub retain_entries: u64,
+    /// A snapshot transfer not reported done or failed after this long is
+    /// assumed lost and offered again.
+    pub snapshot_retry_ms: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            election_timeout_ms: 500,
+            heartbeat_ms: 100,
+            in_sync_timeout_ms: 500,
+            max_batch: 512,
+            retain_entries: 10_000,
+            snapshot_retry_ms: 60_000,
+        }
+    }
+}
+
+/// What the active knows of one other member.
+#[derive(Debug, Clone)]
+struct Progress {
+    /// Next index to send.
+    next: u64,
+    /// Highest index known to match the active's log.
+    matched: u64,
+    /// Highest heartbeat round acknowledged in the current epoch.
+    round: u64,
+    last_ack_ms: u64,
+    /// Entries sent and not yet acknowledged: wait for the answer (or a heartbeat
+    /// later) instead of sending them again.
+    in_flight: bool,
+    /// When a snapshot transfer to this member started, until it is reported.
+    snapshot_since_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct PendingRead {
+    id: u64,
+    index: u64,
+    round: u64,
+}
+
+/// Durable state a replica restarts from.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    pub promised: u64,
+    /// Position of the last entry covered by the snapshot or compaction (the log
+    /// starts after it); `LogPos::default()` for none.
+    pub base: LogPos,
+    /// Entries after `base`, in order.
+    pub entries: Vec<Entry>,
+    /// Highest index known committed (applied) before the restart.
+    pub applied: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Orders and acknowledges writes in this epoch.
+    Active { epoch: u64 },
+    /// Follows the active (in sync or not: that is the view's business).
+    Follower,
+}
+
+pub struct Replica {
+    me: NodeId,
+    cfg: ReplicaConfig,
+    view: StripeView,
+    role: Role,
+    /// Never accept entries of an epoch below this (durable).
+    promised: u64,
+    base: LogPos,
+    log: VecDeque<Entry>,
+    commit: u64,
+    now_ms: u64,
+    // Follower side.
+    last_heard_ms: u64,
+    last_election_ask_ms: Option<u64>,
+    /// Epoch an election asked this member about (its promise is `epoch + 1`).
+    prepared_for: Option<u64>,
+    // Active side.
+    progress: BTreeMap<NodeId, Progress>,
+    /// Index of the no-op this active wrote on taking over; reads wait for it.
+    start_index: u64,
+    /// Standbys proposed for the in-sync set: already waited for.
+    adding: BTreeSet<NodeId>,
+    /// In-sync standbys proposed for removal (still waited for until decided).
+    removing: BTreeSet<NodeId>,
+    round: u64,
+    last_heartbeat_ms: u64,
+    reads: Vec<PendingRead>,
+}
+
+impl Replica {
+    pub fn new(me: NodeId, cfg: ReplicaConfig, recovered: Recovered) -> Replica {
+        Replica {
+            me,
+            cfg,
+            view: StripeView::default(),
+            role: Role::Follower,
+            promised: recovered.promised,
+            base: recovered.base,
+            log: recovered.entries.into(),
+            commit: recovered.applied.max(recovered.base.index),
+            now_ms: 0,
+            last_heard_ms: 0,
+            last_election_ask_ms: None,
+            prepared_for: None,
+            progress: BTreeMap::new(),
+            start_index: 0,
+            adding: BTreeSet::new(),
+            removing: BTreeSet::new(),
+            round: 0,
+            last_heartbeat_ms: 0,
+            reads: Vec::new(),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.commit
+    }
+
+    pub fn promised(&self) -> u64 {
+        self.promised
+    }
+
+    pub fn view(&self) -> &StripeView {
+        &self.view
+    }
+
+    /// Position of the last entry in the log.
+    pub fn last(&self) -> LogPos {
+        match self.log.back() {
+            Some(e) => LogPos {
+                epoch: e.epoch,
+                index: self.base.index + self.log.len() as u64,
+            },
+            None => self.base,
+        }
+    }
+
+    /// Epoch of the entry at `index`, if the log (or its base) covers it.
+    pub fn epoch_at(&self, index: u64) -> Option<u64> {
+        if index == self.base.index {
+            return Some(self.base.epoch);
+        }
+        if index < self.base.index {
+            return None;
+        }
+        self.log
+            .get((index - self.base.index - 1) as usize)
+            .map(|e| e.epoch)
+    }
+
+    /// The entry at `index`, if still in the log.
+    pub fn entry(&self, index: u64) -> Option<&Entry> {
+        if index <= self.base.index {
+            return None;
+        }
+        self.log.get((index - self.base.index - 1) as usize)
+    }
+
+    /// Lag of each member behind the active's last entry (active only).
+    pub fn lags(&self) -> BTreeMap<NodeId, u64> {
+        let last = self.last().index;
+        self.progress
+            .iter()
+            .map(|(n, p)| (*n, last.saturating_sub(p.matched)))
+            .collect()
+    }
+
+    fn is_active(&self) -> bool {
+        matches!(self.role, Role::Active { .. })
+    }
+
+    /// Standbys whose acknowledgement every commit needs.
+    fn required(&self) -> BTreeSet<NodeId> {
+        self.view
+            .in_sync
+            .union(&self.adding)
+            .copied()
+            .filter(|n| *n != self.me)
+            .collect()
+    }
+
+    /// The control plane committed a new decision for this stripe.
+    pub fn on_view(&mut self, view: StripeView) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if view.version <= self.view.version && self.view.version > 0 {
+            return fx;
+        }
+        let newer = view.epoch > self.view.epoch;
+        self.view = view;
+        if let Role::Active { epoch } = self.role {
+            if self.view.epoch > epoch || self.view.active != Some(self.me) {
+                self.step_down(&mut fx);
+            }
+        }
+        if newer {
+            self.last_heard_ms = self.now_ms;
+            self.last_election_ask_ms = None;
+        }
+        self.release_promise(&mut fx);
+        if self.view.active == Some(self.me)
+            && !self.is_active()
+            && self.view.epoch >= self.promised
+            && self.view.epoch > 0
+        {
+            self.take_over(&mut fx);
+        }
+        if self.is_active() {
+            self.adding.retain(|n| !self.view.in_sync.contains(n));
+            self.removing.retain(|n| self.view.in_sync.contains(n));
+            let members: BTreeSet<NodeId> = self
+                .view
+                .members
+                .iter()
+                .copied()
+                .filter(|n| *n != self.me)
+                .collect();
+            self.progress.retain(|n, _| members.contains(n));
+            let next = self.last().index + 1;
+            for n in members {
+                self.progress.entry(n).or_insert(Progress {
+                    next,
+                    matched: 0,
+                    round: 0,
+                    last_ack_ms: self.now_ms,
+                    in_flight: false,
+                    snapshot_since_ms: None,
+                });
+            }
+            self.advance_commit(&mut fx);
+        }
+        fx
+    }
+
+    /// An election asked this member for its position, then the control plane
+    /// took it out of the in-sync set without electing anyone: its promise no
+    /// longer protects anything (the active does not wait for it), and keeping it
+    /// would stop it from ever catching up with the active it refuses.
+    fn release_promise(&mut self, fx: &mut Vec<Effect>) {
+        let Some(e) = self.prepared_for else { return };
+        if self.view.epoch > e {
+            self.prepared_for = None;
+        } else if self.view.epoch == e
+            && !self.view.in_sync.contains(&self.me)
+            && self.promised == e + 1
+        {
+            self.prepared_for = None;
+            self.promised = e;
+            fx.push(Effect::Persist {
+                truncate_from: None,
+                entries: vec![],
+                promised: Some(e),
+            });
+        }
+    }
+
+    fn take_over(&mut self, fx: &mut Vec<Effect>) {
+        let epoch = self.view.epoch;
+        let index = self.last().index + 1;
+        let noop = Entry {
+            epoch,
+            data: Vec::new(),
+        };
+        self.log.push_back(noop.clone());
+        let promised = (epoch > self.promised).then_some(epoch);
+        self.promised = self.promised.max(epoch);
+        fx.push(Effect::Persist {
+            truncate_from: None,
+            entries: vec![(index, noop)],
+            promised,
+        });
+        self.role = Role::Active { epoch };
+        self.start_index = index;
+        self.progress.clear();
+        self.adding.clear();
+        self.removing.clear();
+        self.reads.clear();
+        self.last_heartbeat_ms = 0;
+    }
+
+    fn step_down(&mut self, fx: &mut Vec<Effect>) {
+        if let Role::Active { epoch } = self.role {
+            self.role = Role::Follower;
+            self.progress.clear();
+            self.adding.clear();
+            self.removing.clear();
+            self.reads.clear();
+            self.last_heard_ms = self.now_ms;
+            fx.push(Effect::SteppedDown { epoch });
+        }
+    }
+
+    /// Client writes: appended at once if this node is active (their indexes are
+    /// returned; the writes are acknowledged when `Commit` covers them).
+    pub fn propose(&mut self, writes: Vec<Vec<u8>>) -> Result<(Vec<u64>, Vec<Effect>), NotActive> {
+        let Role::Active { epoch } = self.role else {
+            return Err(NotActive {
+                epoch: self.view.epoch,
+                active: self.view.active,
+            });
+        };
+        let first = self.last().index + 1;
+        let mut entries = Vec::with_capacity(writes.len());
+        for (k, data) in writes.into_iter().enumerate() {
+            let e = Entry { epoch, data };
+            self.log.push_back(e.clone());
+            entries.push((first + k as u64, e));
+        }
+        let indexes = entries.iter().map(|(i, _)| *i).collect();
+        let mut fx = vec![Effect::Persist {
+            truncate_from: None,
+            entries,
+            promised: None,
+        }];
+        self.replicate(&mut fx, false);
+        self.advance_commit(&mut fx);
+        Ok((indexes, fx))
+    }
+
+    /// A linearizable read: answered with `ReadReady` once every in-sync standby
+    /// has confirmed this node is still active after the read arrived.
+    pub fn read(&mut self, id: u64) -> Result<Vec<Effect>, NotActive> {
+        if !self.is_active() {
+            return Err(NotActive {
+                epoch: self.view.epoch,
+                active: self.view.active,
+            });
+        }
+        self.round += 1;
+        self.reads.push(PendingRead {
+            id,
+            index: self.commit.max(self.start_index),
+            round: self.round,
+        });
+        let mut fx = Vec::new();
+        self.replicate(&mut fx, true);
+        self.serve_reads(&mut fx);
+        Ok(fx)
+    }
+
+    /// Time passes: heartbeats, in-sync upkeep (active); election requests (standby).
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Effect> {
+        self.now_ms = now_ms;
+        let mut fx = Vec::new();
+        match self.role {
+            Role::Active { epoch } => {
+                if now_ms.saturating_sub(self.last_heartbeat_ms) >= self.cfg.heartbeat_ms {
+                    self.round += 1;
+                    self.replicate(&mut fx, true);
+                }
+                let last = self.last().index;
+                for n in self.required() {
+                    let Some(p) = self.progress.get(&n) else {
+                        continue;
+                    };
+                    let holding_up =
+                        p.matched < last || self.reads.iter().any(|r| p.round < r.round);
+                    let silent =
+                        now_ms.saturating_sub(p.last_ack_ms) >= self.cfg.in_sync_timeout_ms;
+                    if holding_up
+                        && silent
+                        && self.view.in_sync.contains(&n)
+                        && self.removing.insert(n)
+                    {
+                        fx.push(Effect::Propose(Proposal::InSync {
+                            epoch,
+                            node: n,
+                            in_sync: false,
+                        }));
+                    }
+                }
+                // A member that holds every committed entry joins the in-sync set;
+                // it is waited for from now on, before the control plane agrees.
+                let candidates: Vec<NodeId> = self
+                    .progress
+                    .iter()
+                    .filter(|(n, p)| {
+                        !self.view.in_sync.contains(n)
+                            && !self.adding.contains(n)
+                            && p.matched >= self.commit
+                            && p.matched >= self.start_index
+                            && now_ms.saturating_sub(p.last_ack_ms) < self.cfg.in_sync_timeout_ms
+                    })
+                    .map(|(n, _)| *n)
+                    .collect();
+                for n in candidates {
+                    self.adding.insert(n);
+                    fx.push(Effect::Propose(Proposal::InSync {
+                        epoch,
+                        node: n,
+                        in_sync: true,
+                    }));
+                }
+                self.compact(&mut fx);
+            }
+            Role::Follower => {
+                let electable = self.view.in_sync.contains(&self.me) && self.view.active.is_some();
+                let silent =
+                    now_ms.saturating_sub(self.last_heard_ms) >= self.cfg.election_timeout_ms;
+                let asked_recently = self
+                    .last_election_ask_ms
+                    .is_some_and(|t| now_ms.saturating_sub(t) < self.cfg.election_timeout_ms);
+                if electable && silent && !asked_recently {
+                    self.last_election_ask_ms = Some(now_ms);
+                    fx.push(Effect::Propose(Proposal::Election {
+                        epoch: self.view.epoch,
+                    }));
+                }
+            }
+        }
+        fx
+    }
+
+    /// Sends entries (or a heartbeat) to members that need them.
+    fn replicate(&mut self, fx: &mut Vec<Effect>, heartbeat: bool) {
+        let Role::Active { epoch } = self.role else {
+            return;
+        };
+        if heartbeat {
+            self.last_heartbeat_ms = self.now_ms;
+        }
+        let last = self.last().index;
+        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        for n in peers {
+            let (next, in_flight, snapshot_since) = {
+                let p = &self.progress[&n];
+                (p.next, p.in_flight, p.snapshot_since_ms)
+            };
+            if snapshot_since
+                .is_some_and(|t| self.now_ms.saturating_sub(t) < self.cfg.snapshot_retry_ms)
+            {
+                continue;
+            }
+            if next <= self.base.index {
+                if let Some(p) = self.progress.get_mut(&n) {
+                    p.snapshot_since_ms = Some(self.now_ms);
+                }
+                fx.push(Effect::Send {
+                    to: n,
+                    msg: Message::SnapshotOffer {
+                        epoch,
+                        at: self.base,
+                    },
+                });
+                fx.push(Effect::SendSnapshot { to: n });
+                continue;
+            }
+            let has_new = next <= last && !in_flight;
+            if !has_new && !heartbeat {
+                continue;
+            }
+            let prev_index = next - 1;
+            let prev = LogPos {
+                epoch: self.epoch_at(prev_index).unwrap_or(0),
+                index: prev_index,
+            };
+            let entries: Vec<Entry> = if has_new {
+                (next..=last)
+                    .take(self.cfg.max_batch)
+                    .filter_map(|i| self.entry(i).cloned())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if let Some(p) = self.progress.get_mut(&n) {
+                if !entries.is_empty() {
+                    p.in_flight = true;
+                }
+            }
+            fx.push(Effect::Send {
+                to: n,
+                msg: Message::Append {
+                    epoch,
+                    prev,
+                    entries,
+                    commit: self.commit,
+                    round: self.round,
+                },
+            });
+        }
+    }
+
+    fn advance_commit(&mut self, fx: &mut Vec<Effect>) {
+        if !self.is_active() {
+            return;
+        }
+        let mut candidate = self.last().index;
+        for n in self.required() {
+            let matched = self.progress.get(&n).map(|p| p.matched).unwrap_or(0);
+            candidate = candidate.min(matched);
+        }
+        if candidate > self.commit {
+            self.commit = candidate;
+            fx.push(Effect::Commit { upto: candidate });
+        }
+        self.serve_reads(fx);
+    }
+
+    fn serve_reads(&mut self, fx: &mut Vec<Effect>) {
+        if !self.is_active() || self.commit < self.start_index {
+            return;
+        }
+        let required = self.required();
+        let confirmed_round = required
+            .iter()
+            .map(|n| self.progress.get(n).map(|p| p.round).unwrap_or(0))
+            .min()
+            .unwrap_or(u64::MAX);
+        let start = self.start_index;
+        self.reads.retain(|r| {
+            if r.round <= confirmed_round {
+                fx.push(Effect::ReadReady {
+                    id: r.id,
+                    index: r.index.max(start),
+                });
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn compact(&mut self, fx: &mut Vec<Effect>) {
+        let held_by_all = self
+            .progress
+            .values()
+            .map(|p| p.matched)
+            .min()
+            .unwrap_or(self.commit)
+            .min(self.commit);
+        let keep_from = self.commit.saturating_sub(self.cfg.retain_entries);
+        let upto = held_by_all.max(keep_from).min(self.commit);
+        if upto > self.base.index + self.cfg.retain_entries {
+            self.compact_to(upto);
+            fx.push(Effect::Compact { upto });
+        }
+    }
+
+    fn compact_to(&mut self, upto: u64) {
+        let epoch = self.epoch_at(upto).unwrap_or(self.base.epoch);
+        let drop = (upto - self.base.index) as usize;
+        self.log.drain(..drop.min(self.log.len()));
+        self.base = LogPos { epoch, index: upto };
+    }
+
+    /// A message from another member of the stripe.
+    pub fn on_message(&mut self, from: NodeId, msg: Message) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        match msg {
+            Message::Append {
+                epoch,
+                prev,
+                entries,
+                commit,
+                round,
+            } => self.on_append(from, epoch, prev, entries, commit, round, &mut fx),
+            Message::AppendAck {
+                epoch,
+                ok,
+                matched,
+                round,
+                stale,
+            } => self.on_ack(from, epoch, ok, matched, round, stale, &mut fx),
+            Message::SnapshotOffer { epoch, .. } => {
+                // The data follows out of band; only fencing matters here.
+                if epoch < self.promised {
+                    fx.push(self.stale_ack(from, epoch));
+                }
+            }
+        }
+        fx
+    }
+
+    fn stale_ack(&self, to: NodeId, epoch: u64) -> Effect {
+        Effect::Send {
+            to,
+            msg: Message::AppendAck {
+                epoch,
+                ok: false,
+                matched: 0,
+                round: 0,
+                stale: Some(self.promised),
+            },
+        }
+    }
+
+    /// Accepts an entry stream from the active of `epoch` (raising the promise).
+    fn accept_epoch(&mut self, epoch: u64, fx: &mut Vec<Effect>) -> Option<u64> {
+        if let Role::Active { epoch: mine } = self.role {
+            if epoch > mine {
+                self.step_down(fx);
+            }
+        }
+        if epoch > self.promised {
+            self.promised = epoch;
+            self.prepared_for = None;
+            return Some(epoch);
+        }
+        None
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_append(
+        &mut self,
+        from: NodeId,
+        epoch: u64,
+        prev: LogPos,
+        entries: Vec<Entry>,
+        commit: u64,
+        round: u64,
+        fx: &mut Vec<Effect>,
+    ) {
+        if epoch < self.promised || (self.is_active() && self.role == (Role::Active { epoch })) {
+            fx.push(self.stale_ack(from, epoch));
+            return;
+        }
+        let promised = self.accept_epoch(epoch, fx);
+        self.last_heard_ms = self.now_ms;
+        let nack = |matched: u64| Effect::Send {
+            to: from,
+            msg: Message::AppendAck {
+                epoch,
+                ok: false,
+                matched,
+                round,
+                stale: None,
+            },
+        };
+        let last = self.last();
+        if prev.index > last.index {
+            if let Some(p) = promised {
+                fx.push(Effect::Persist {
+                    truncate_from: None,
+                    entries: vec![],
+                    promised: Some(p),
+                });
+            }
+            fx.push(nack(last.index));
+            return;
+        }
+        // Below the base everything is committed, hence identical: skip it.
+        let mut skip = 0usize;
+        if prev.index < self.base.index {
+            skip = (self.base.index - prev.index) as usize;
+        } else if self.epoch_at(prev.index) != Some(prev.epoch) {
+            if let Some(p) = promised {
+                fx.push(Effect::Persist {
+                    truncate_from: None,
+                    entries: vec![],
+                    promised: Some(p),
+                });
+            }
+            // Skip back over the whole run of the conflicting epoch (a deposed
+            // active's unacknowledged tail): one round trip instead of one per entry.
+            let conflict = self.epoch_at(prev.index);
+            let mut hint = prev.index.saturating_sub(1);
+            while hint > self.commit && conflict.is_some() && self.epoch_at(hint) == conflict {
+                hint -= 1;
+            }
+            fx.push(nack(hint.max(self.commit)));
+            return;
+        }
+        // Walk the incoming entries against the log: identical ones are kept, the
+        // first conflicting one truncates the log, the rest are appended.
+        let start = prev.index.max(self.base.index) + 1;
+        let incoming: Vec<Entry> = entries.into_iter().skip(skip).collect();
+        let mut matched = prev
+            .index
+            .max(self.base.index.min(prev.index + skip as u64));
+        let mut truncate_from = None;
+        let mut fresh = Vec::new();
+        for (k, e) in incoming.into_iter().enumerate() {
+            let i = start + k as u64;
+            match self.epoch_at(i) {
+                Some(ep) if ep == e.epoch => {
+                    matched = i;
+                    continue;
+                }
+                Some(_) => {
+                    if i <= self.commit {
+                        // Never happens with a correct active: committed entries
+                        // are on every electable member.
+                        tracing::error!(
+                            index = i,
+                            commit = self.commit,
+                            "an active tried to overwrite a committed entry; refusing"
+                        );
+                        fx.push(nack(self.commit));
+                        return;
+                    }
+                    truncate_from = Some(i);
+                    self.log.truncate((i - self.base.index - 1) as usize);
+                }
+                None => {}
+            }
+            self.log.push_back(e.clone());
+            fresh.push((i, e));
+            matched = i;
+        }
+        if truncate_from.is_some() || !fresh.is_empty() || promised.is_some() {
+            fx.push(Effect::Persist {
+                truncate_from,
+                entries: fresh,
+                promised,
+            });
+        }
+        let new_commit = commit.min(matched);
+        if new_commit > self.commit {
+            self.commit = new_commit;
+            fx.push(Effect::Commit { upto: new_commit });
+        }
+        fx.push(Effect::Send {
+            to: from,
+            msg: Message::AppendAck {
+                epoch,
+                ok: true,
+                matched,
+                round,
+                stale: None,
+            },
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_ack(
+        &mut self,
+        from: NodeId,
+        epoch: u64,
+        ok: bool,
+        matched: u64,
+        round: u64,
+        stale: Option<u64>,
+        fx: &mut Vec<Effect>,
+    ) {
+        let Role::Active { epoch: mine } = self.role else {
+            return;
+        };
+        if let Some(newer) = stale {
+            if newer > mine {
+                tracing::info!(
+                    epoch = mine,
+                    newer,
+                    peer = from,
+                    "a member promised a newer epoch; stepping down"
+                );
+                self.step_down(fx);
+            }
+            return;
+        }
+        if epoch != mine {
+            return;
+        }
+        let last = self.last().index;
+        let Some(p) = self.progress.get_mut(&from) else {
+            return;
+        };
+        p.last_ack_ms = self.now_ms;
+        p.in_flight = false;
+        p.round = p.round.max(round);
+        if ok {
+            p.matched = p.matched.max(matched.min(last));
+            p.next = p.next.max(p.matched + 1);
+        } else {
+            // Retry from the member's hint, and at least one entry further back.
+            p.next = (matched + 1).min(p.next.saturating_sub(1)).max(1);
+        }
+        self.replicate(fx, false);
+        self.advance_commit(fx);
+    }
+
+    /// The snapshot offered to `to` arrived there, covering entries up to `at`.
+    pub fn on_snapshot_sent(&mut self, to: NodeId, at: LogPos, ok: bool) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if let Some(p) = self.progress.get_mut(&to) {
+            p.snapshot_since_ms = None;
+            if ok {
+                p.matched = p.matched.max(at.index);
+                p.next = at.index + 1;
+                p.last_ack_ms = self.now_ms;
+            }
+        }
+        self.replicate(&mut fx, false);
+        self.advance_commit(&mut fx);
+        fx
+    }
+
+    /// This follower received a snapshot of the active's committed state at `at`.
+    /// Answers `InstallSnapshot` if it should be installed: a snapshot older than
+    /// what is committed here, or from a fenced epoch, is dropped. Entries after
+    /// `at` are kept when the log agrees with the snapshot at `at` (they may be
+    /// acknowledged writes the snapshot does not cover).
+    pub fn on_snapshot_received(&mut self, epoch: u64, at: LogPos) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if epoch < self.promised || at.index <= self.commit {
+            return fx;
+        }
+        let promised = self.accept_epoch(epoch, &mut fx);
+        let keep_log = self.epoch_at(at.index) == Some(at.epoch);
+        if keep_log {
+            self.compact_to(at.index);
+        } else {
+            self.log.clear();
+            self.base = at;
+        }
+        self.commit = at.index;
+        fx.push(Effect::InstallSnapshot { at, keep_log });
+        if let Some(p) = promised {
+            fx.push(Effect::Persist {
+                truncate_from: None,
+                entries: vec![],
+                promised: Some(p),
+            });
+        }
+        fx
+    }
+
+    /// An election for the epoch after `epoch` asks for this member's position:
+    /// from now on it refuses entries of `epoch` and older (durably, before it
+    /// answers).
+    pub fn on_prepare(&mut self, epoch: u64) -> (LogPos, Vec<Effect>) {
+        let mut fx = Vec::new();
+        if let Role::Active { epoch: mine } = self.role {
+            if mine <= epoch {
+                self.step_down(&mut fx);
+            }
+        }
+        if self.promised <= epoch {
+            self.promised = epoch + 1;
+            self.prepared_for = Some(epoch);
+            fx.push(Effect::Persist {
+                truncate_from: None,
+                entries: vec![],
+                promised: Some(self.promised),
+            });
+        }
+        (self.last(), fx)
+    }
+}
+
+/// Why a write or read cannot be served here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not the active of this stripe (epoch {epoch}, active {active:?})")]
+pub struct NotActive {
+    pub epoch: u64,
+    pub active: Option<NodeId>,
+}
+
+/// The election's choice among the positions in-sync standbys reported: the most
+/// up-to-date log (then the lowest node id, so every coordinator picks the same).
+pub fn choose_candidate(positions: &[(NodeId, LogPos)]) -> Option<NodeId> {
+    positions
+        .iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(n, _)| *n)
+}
