@@ -197,6 +197,30 @@ fn twenty_nodes_converge() {
     let _serial = serial();
     let nodes = start_cluster("big", 20, opts());
     wait_converged(&nodes, Duration::from_secs(180));
+    // Every node is placed, also those whose join reached a follower first, and
+    // the control plane settles on five voters.
+    wait_until(
+        "20 nodes placed with 5 voters",
+        Duration::from_secs(180),
+        || {
+            let lagging: Vec<String> = nodes
+                .iter()
+                .filter(|n| {
+                    !n.get("/v1/cluster/stripes").is_some_and(|v| {
+                        v["placement"]
+                            .as_str()
+                            .is_some_and(|p| p.starts_with("stripe "))
+                            && v["voters"].as_array().is_some_and(|a| a.len() == 5)
+                    })
+                })
+                .map(|n| n.name.clone())
+                .collect();
+            if !lagging.is_empty() {
+                eprintln!("not yet placed with 5 voters: {lagging:?}");
+            }
+            lagging.is_empty()
+        },
+    );
 }
 
 #[test]
@@ -236,4 +260,21 @@ fn nodes_that_all_have_seeds_still_agree_on_one_cluster_id() {
         },
     );
     assert!(cluster.is_some());
+    // The node that created the cluster bootstrapped its one control plane.
+    wait_until(
+        "all three placed under one control-plane leader",
+        Duration::from_secs(60),
+        || {
+            let views: Vec<_> = nodes
+                .iter()
+                .filter_map(|n| n.get("/v1/cluster/stripes"))
+                .collect();
+            views.len() == 3
+                && views.iter().all(|v| {
+                    v["leader"].is_string()
+                        && v["leader"] == views[0]["leader"]
+                        && v["placement"] == "stripe 0"
+                })
+        },
+    );
 }

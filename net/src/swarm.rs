@@ -555,8 +555,10 @@ impl SwarmTask {
                     }));
                     return;
                 }
-                for addr in addrs {
-                    self.swarm.add_peer_address(peer, addr);
+                if !self.swarm.is_connected(&peer) {
+                    for addr in addrs {
+                        self.swarm.add_peer_address(peer, addr);
+                    }
                 }
                 let id = self
                     .swarm

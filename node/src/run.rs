@@ -38,8 +38,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         )
     })?;
     let peer_id = keypair.public().to_peer_id();
-    let incarnation = store.next_incarnation()?;
     let cluster = store.cluster_id()?;
+    // Before anything else is written: a member that lost control.redb is refused.
+    let control_store = Arc::new(ControlStore::open(&settings.data_dir, cluster.as_deref())?);
+    let incarnation = store.next_incarnation()?;
     let id = peer_id.to_string();
     let name = settings
         .name
@@ -90,7 +92,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let metrics = MembershipMetrics::register(&mut registry);
     let control_metrics = ControlMetrics::register(&mut registry);
-    let control_store = Arc::new(ControlStore::open(&settings.data_dir)?);
     let state_machine = StateMachine::open(control_store.clone())?;
     let applied = state_machine.shared();
     let raft_config = Arc::new(raft_config().context("invalid control-plane timing")?);

@@ -20,10 +20,18 @@ pub struct ControlStore {
 }
 
 impl ControlStore {
-    /// Opens (or creates) `control.redb` in `dir`, which must exist.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) `control.redb` in `dir`, which must exist. A node that
+    /// already belongs to a cluster (`member_of`) must find its file: recreating
+    /// it would forget the node's votes, which Raft's safety rests on.
+    pub fn open(dir: &Path, member_of: Option<&str>) -> Result<Self, StoreError> {
         let path = dir.join(CONTROL_DB_FILE);
         let existed = path.exists();
+        if let (false, Some(cluster)) = (existed, member_of) {
+            return Err(StoreError::ControlMissing {
+                path,
+                cluster: cluster.to_string(),
+            });
+        }
         let db = if existed {
             Database::open(&path)
         } else {
@@ -158,12 +166,12 @@ mod tests {
     fn log_survives_reopen_and_truncates_and_purges() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = ControlStore::open(dir.path()).unwrap();
+            let s = ControlStore::open(dir.path(), None).unwrap();
             let entries: Vec<_> = (1..=10).map(|i| (i, vec![i as u8])).collect();
             s.append(&entries).unwrap();
             s.put_meta(CONTROL_VOTE, b"v").unwrap();
         }
-        let s = ControlStore::open(dir.path()).unwrap();
+        let s = ControlStore::open(dir.path(), None).unwrap();
         assert_eq!(s.get_meta(CONTROL_VOTE).unwrap(), Some(b"v".to_vec()));
         assert_eq!(s.last().unwrap(), Some((10, vec![10])));
         s.truncate_from(8).unwrap();
@@ -183,8 +191,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CONTROL_DB_FILE), b"not a database at all").unwrap();
         assert!(matches!(
-            ControlStore::open(dir.path()),
+            ControlStore::open(dir.path(), None),
             Err(StoreError::NotKiln { .. })
         ));
+    }
+
+    #[test]
+    fn a_member_without_its_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = ControlStore::open(dir.path(), Some("c1")).err().unwrap();
+        assert!(e.to_string().contains("votes"), "{e}");
+        assert!(!dir.path().join(CONTROL_DB_FILE).exists());
     }
 }

@@ -29,6 +29,8 @@ pub enum StoreError {
         stored: String,
         offered: String,
     },
+    #[error("{path} is missing, but this data directory belongs to cluster {cluster}: the file holds this node's control-plane votes and log, and a node that forgot them could elect two actives; restore it from a backup, or start with a new --data-dir")]
+    ControlMissing { path: PathBuf, cluster: String },
     #[error("{path}: corrupt record {what}: {detail}")]
     Corrupt {
         path: PathBuf,

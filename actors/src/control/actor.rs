@@ -1,7 +1,7 @@
 //! The control-plane actor: runs the node's openraft instance, answers peers'
 //! control-plane requests, gets the node placed in a stripe, and — on the Raft
-//! leader — keeps the voter set healthy: every placed live node follows the log as
-//! a learner, the voters are 1, 3 or 5 of them spread across stripes, and a voter
+//! leader — keeps the voter set healthy: every live member follows the log as a
+//! learner, the voters are 1, 3 or 5 placed nodes spread across stripes, and a voter
 //! dead for longer than `voter_replace_after` is swapped for a live node.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -16,6 +16,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Raft, ServerState};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use rand::seq::SliceRandom;
 use serde_bytes::ByteBuf;
 
 use super::network::AddressBook;
@@ -299,7 +300,14 @@ impl ControlPlane {
             self.join(ctx, &state);
         }
         if metrics.state == ServerState::Leader && !self.changing {
-            self.reconcile(ctx, &state, &voters, &learners);
+            let joint = membership.get_joint_config();
+            if joint.len() > 1 {
+                // A leader died between the two steps of a voter change: finish it.
+                let last = joint.last().cloned().unwrap_or_default();
+                self.finish_joint(ctx, last);
+            } else {
+                self.reconcile(ctx, &state, &voters, &learners);
+            }
         }
         let data_nodes = state
             .nodes
@@ -315,6 +323,25 @@ impl ControlPlane {
         } else {
             self.warned_no_failover = false;
         }
+    }
+
+    fn finish_joint(&mut self, ctx: &mut Context<Self>, voters: BTreeSet<NodeId>) {
+        self.changing = true;
+        let raft = self.raft.clone();
+        tracing::info!(
+            voters = voters.len(),
+            "completing an unfinished control-plane voter change"
+        );
+        ctx.spawn(
+            async move { raft.change_membership(voters, false).await }
+                .into_actor(self)
+                .map(|res, act, _| {
+                    act.changing = false;
+                    if let Err(e) = res {
+                        tracing::warn!(error = %e, "cannot complete the voter change; will retry");
+                    }
+                }),
+        );
     }
 
     /// The founder makes itself the first voter of a new control plane.
@@ -362,7 +389,7 @@ impl ControlPlane {
             async move {
                 let mut last = Err("nothing proposed".to_string());
                 for cmd in commands {
-                    last = proposer.propose(cmd, false).await;
+                    last = proposer.propose(cmd, Hop::Local).await;
                     if last.is_err() {
                         break;
                     }
@@ -390,12 +417,14 @@ impl ControlPlane {
     }
 
     fn proposer(&self) -> Proposer {
-        let alive: Vec<PeerId> = self
+        let mut alive: Vec<PeerId> = self
             .members
             .iter()
             .filter(|m| !m.is_self && m.record.status == MemberStatus::Alive)
             .filter_map(|m| m.record.id.parse().ok())
             .collect();
+        // Spread the relaying of a joining node's proposals over the members.
+        alive.shuffle(&mut rand::thread_rng());
         Proposer {
             raft: self.raft.clone(),
             net: self.net.clone(),
@@ -418,7 +447,9 @@ impl ControlPlane {
         for m in &self.members {
             let id = node_id_of(&m.record.id);
             status.insert(id, m.record.status);
-            if m.record.status == MemberStatus::Alive && state.nodes.contains_key(&id) {
+            // Every live member follows the log, placed or not: a node learns who
+            // leads the control plane (to ask for its place) by following it.
+            if m.record.status == MemberStatus::Alive {
                 alive.insert(
                     id,
                     ControlNode {
@@ -455,7 +486,7 @@ impl ControlPlane {
             .collect();
         let live: BTreeSet<NodeId> = alive
             .keys()
-            .filter(|id| followers.contains(id))
+            .filter(|id| followers.contains(id) && state.nodes.contains_key(id))
             .copied()
             .collect();
         let raft = self.raft.clone();
@@ -559,7 +590,8 @@ impl ControlPlane {
                     ControlResponse::InstallSnapshot(raft.install_snapshot(r).await)
                 }
                 ControlRequest::Propose { command, forwarded } => {
-                    ControlResponse::Propose(proposer.propose(command, forwarded).await)
+                    let hop = if forwarded { Hop::Final } else { Hop::Relay };
+                    ControlResponse::Propose(proposer.propose(command, hop).await)
                 }
             };
             net.send(NetCommand::Respond {
@@ -656,12 +688,20 @@ struct Proposer {
     fallback: Vec<PeerId>,
 }
 
+/// Where a proposal comes from, which bounds how far it may travel: at most
+/// origin → any member → leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    /// Proposed on this node.
+    Local,
+    /// Relayed by a member for a node that knows no leader: may go to the leader.
+    Relay,
+    /// Sent to this node as the leader: must be decided here.
+    Final,
+}
+
 impl Proposer {
-    async fn propose(
-        &self,
-        cmd: ControlCommand,
-        forwarded: bool,
-    ) -> Result<ControlOutcome, String> {
+    async fn propose(&self, cmd: ControlCommand, hop: Hop) -> Result<ControlOutcome, String> {
         let local =
             tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd.clone())).await;
         let leader = match local {
@@ -672,16 +712,17 @@ impl Proposer {
             }
             Ok(Err(e)) => return Err(e.to_string()),
         };
-        if forwarded {
-            return Err("this node is not the control-plane leader".into());
-        }
-        let targets: Vec<PeerId> = match leader {
-            Some(l) => vec![l],
-            None => self.fallback.iter().take(3).copied().collect(),
+        let targets: Vec<(PeerId, bool)> = match (hop, leader) {
+            (Hop::Final, _) => return Err("this node is not the control-plane leader".into()),
+            (_, Some(l)) => vec![(l, true)],
+            (Hop::Relay, None) => return Err("this node knows no control-plane leader".into()),
+            // A node that does not follow the log yet asks live members, which
+            // relay it once to the leader they know.
+            (Hop::Local, None) => self.fallback.iter().take(3).map(|p| (*p, false)).collect(),
         };
         let mut last = Err("no control-plane leader known and no live member to ask".to_string());
-        for peer in targets {
-            last = self.forward(peer, cmd.clone()).await;
+        for (peer, to_leader) in targets {
+            last = self.forward(peer, cmd.clone(), to_leader).await;
             if last.is_ok() {
                 break;
             }
@@ -693,6 +734,7 @@ impl Proposer {
         &self,
         peer: PeerId,
         command: ControlCommand,
+        forwarded: bool,
     ) -> Result<ControlOutcome, String> {
         let addrs = self
             .book
@@ -700,10 +742,7 @@ impl Proposer {
             .ok()
             .and_then(|b| b.get(&peer).cloned())
             .unwrap_or_default();
-        let body = ByteBuf::from(to_cbor(&ControlRequest::Propose {
-            command,
-            forwarded: true,
-        }));
+        let body = ByteBuf::from(to_cbor(&ControlRequest::Propose { command, forwarded }));
         let call = self.net.call(peer, addrs, Request::ControlPlane { body });
         match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
             Err(_) => Err(format!("{peer} did not answer the proposal in time")),
@@ -756,6 +795,6 @@ impl Handler<Propose> for ControlPlane {
     type Result = ResponseFuture<Result<ControlOutcome, String>>;
     fn handle(&mut self, msg: Propose, _: &mut Self::Context) -> Self::Result {
         let proposer = self.proposer();
-        Box::pin(async move { proposer.propose(msg.0, false).await })
+        Box::pin(async move { proposer.propose(msg.0, Hop::Local).await })
     }
 }

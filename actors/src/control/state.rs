@@ -56,6 +56,9 @@ pub struct ControlState {
     pub slots: Vec<u32>,
     pub nodes: BTreeMap<NodeId, NodeEntry>,
     pub stripes: BTreeMap<u32, StripeEntry>,
+    /// Nodes an operator removed: their data directories hold stale stripe data,
+    /// so they may not join again (a new data directory is a new node).
+    pub removed: BTreeSet<NodeId>,
 }
 
 /// A decision proposed to the control plane.
@@ -82,11 +85,12 @@ pub enum ControlCommand {
         node: NodeId,
         in_sync: BTreeSet<NodeId>,
     },
-    /// Adds (`in_sync = true`) or removes a standby from the in-sync set of
-    /// `stripe`, on behalf of the active of `epoch`.
+    /// The active `by` of `epoch` adds (`in_sync = true`) or removes a standby
+    /// from the in-sync set of `stripe`.
     SetInSync {
         stripe: u32,
         epoch: u64,
+        by: NodeId,
         node: NodeId,
         in_sync: bool,
     },
@@ -143,9 +147,10 @@ impl ControlState {
             ControlCommand::SetInSync {
                 stripe,
                 epoch,
+                by,
                 node,
                 in_sync,
-            } => self.set_in_sync(*stripe, *epoch, *node, *in_sync),
+            } => self.set_in_sync(*stripe, *epoch, *by, *node, *in_sync),
         }
     }
 
@@ -180,6 +185,11 @@ impl ControlState {
             return ControlOutcome::Placed {
                 placement: entry.placement,
             };
+        }
+        if self.removed.contains(&node) {
+            return rejected(
+                "this node was removed from the cluster by an operator and its data is stale; start it with a new --data-dir",
+            );
         }
         if self.stripe_count == 0 {
             return ControlOutcome::Unconfigured;
@@ -230,6 +240,7 @@ impl ControlState {
         let Some(entry) = self.nodes.remove(&node) else {
             return rejected(format!("node {node} is not placed"));
         };
+        self.removed.insert(node);
         if let Placement::Stripe(k) = entry.placement {
             if let Some(stripe) = self.stripes.get_mut(&k) {
                 stripe.members.remove(&node);
@@ -277,7 +288,14 @@ impl ControlState {
         }
     }
 
-    fn set_in_sync(&mut self, k: u32, epoch: u64, node: NodeId, in_sync: bool) -> ControlOutcome {
+    fn set_in_sync(
+        &mut self,
+        k: u32,
+        epoch: u64,
+        by: NodeId,
+        node: NodeId,
+        in_sync: bool,
+    ) -> ControlOutcome {
         let Some(stripe) = self.stripes.get_mut(&k) else {
             return rejected(format!("stripe {k} does not exist"));
         };
@@ -285,6 +303,11 @@ impl ControlState {
             return rejected(format!(
                 "stripe {k} is in epoch {}, not {epoch}",
                 stripe.epoch
+            ));
+        }
+        if stripe.active != Some(by) {
+            return rejected(format!(
+                "node {by} is not the active of stripe {k} in epoch {epoch}"
             ));
         }
         if !stripe.members.contains(&node) || stripe.active == Some(node) {

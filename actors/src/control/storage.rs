@@ -202,14 +202,11 @@ impl RaftLogStorage<ControlTypes> for LogStore {
             .map(|e| (e.log_id.index, to_cbor(&e)))
             .collect();
         let store = self.store.clone();
-        // The callback reports durability; the caller does not wait for it here.
-        tokio::task::spawn_blocking(move || {
-            let result = store
-                .append(&rows)
-                .map_err(|e| std::io::Error::other(e.to_string()));
-            callback.log_io_completed(result);
-        });
-        Ok(())
+        // Durable and readable before returning, as the trait asks; the callback
+        // reports the same.
+        let result = blocking(move || store.append(&rows)).await;
+        callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+        result.map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
@@ -233,6 +230,7 @@ impl RaftLogStorage<ControlTypes> for LogStore {
 pub struct StateMachine {
     store: Arc<ControlStore>,
     applied: SharedApplied,
+    snapshot_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl StateMachine {
@@ -255,6 +253,7 @@ impl StateMachine {
         Ok(StateMachine {
             store,
             applied: Arc::new(RwLock::new(applied)),
+            snapshot_lock: Arc::default(),
         })
     }
 
@@ -276,8 +275,20 @@ impl StateMachine {
         }
     }
 
+    /// Stores a snapshot unless a newer one is stored already: a snapshot built
+    /// from older state must not replace one installed meanwhile (the log before
+    /// the newer one may be purged).
     async fn save_snapshot(&self, snap: StoredSnapshot) -> Result<(), StorageError<NodeId>> {
+        let _one_at_a_time = self.snapshot_lock.lock().await;
         let store = self.store.clone();
+        if let Some(bytes) = store.get_meta(CONTROL_SNAPSHOT).map_err(read_err)? {
+            if let Ok(stored) = from_cbor::<StoredSnapshot>(&bytes, MAX_RECORD) {
+                if stored.meta.last_log_id > snap.meta.last_log_id {
+                    tracing::debug!("a newer control-plane snapshot is stored; keeping it");
+                    return Ok(());
+                }
+            }
+        }
         let bytes = to_cbor(&snap);
         blocking(move || store.put_meta(CONTROL_SNAPSHOT, &bytes))
             .await

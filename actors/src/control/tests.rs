@@ -98,6 +98,7 @@ fn promote_needs_the_current_epoch_and_an_in_sync_standby() {
     let set = |epoch, node, in_sync| ControlCommand::SetInSync {
         stripe: 0,
         epoch,
+        by: 1,
         node,
         in_sync,
     };
@@ -150,6 +151,11 @@ fn removing_the_active_fences_its_epoch() {
     assert_eq!(s.stripes[&0].active, None);
     assert_eq!(s.stripes[&0].epoch, 2);
     assert!(!s.nodes.contains_key(&1));
+    // Its data directory is stale: it may not come back as it was.
+    assert!(matches!(
+        join(&mut s, 1, false, None),
+        ControlOutcome::Rejected { .. }
+    ));
 }
 
 fn ids(v: &[u64]) -> BTreeSet<u64> {

@@ -22,7 +22,8 @@ pub enum ControlRequest {
     AppendEntries(AppendEntriesRequest<ControlTypes>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<ControlTypes>),
-    /// Propose a command; a follower forwards it once to the leader it knows.
+    /// Propose a command. `forwarded`: sent to this node as the leader, decide
+    /// here; otherwise relayed by this node to the leader it knows (once).
     Propose {
         command: ControlCommand,
         forwarded: bool,

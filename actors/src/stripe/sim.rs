@@ -360,6 +360,7 @@ impl Sim {
                     self.apply_cp(ControlCommand::SetInSync {
                         stripe: 0,
                         epoch,
+                        by: from,
                         node,
                         in_sync,
                     });
