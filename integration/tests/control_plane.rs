@@ -215,6 +215,10 @@ fn every_decision_survives_a_full_restart_in_reverse_order() {
     }
     let all: Vec<&Node> = nodes.iter().collect();
     let after = wait_agreed(&all, 3, 3);
-    assert_eq!(placement(&after), placement(&before));
+    // Same places and voters (roles may move: a standby back first may be elected).
+    let places = |v: &Value| -> Vec<(u64, String)> {
+        placement(v).into_iter().map(|(k, id, _)| (k, id)).collect()
+    };
+    assert_eq!(places(&after), places(&before));
     assert_eq!(voters(&after), voters(&before));
 }

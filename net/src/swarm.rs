@@ -181,12 +181,14 @@ impl NetHandle {
 
     /// Sends `request` to `peer` (dialling `addrs` if needed) and waits for its
     /// response, up to the request timeout of the swarm.
-    pub async fn call(
+    /// The request leaves at once; the returned future (which borrows nothing)
+    /// resolves with its answer.
+    pub fn call(
         &self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         request: Request,
-    ) -> Result<Response, CallError> {
+    ) -> impl std::future::Future<Output = Result<Response, CallError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         self.send(NetCommand::Call {
             peer,
@@ -194,7 +196,7 @@ impl NetHandle {
             request,
             reply: tx,
         });
-        rx.await.unwrap_or(Err(CallError::Stopped))
+        async move { rx.await.unwrap_or(Err(CallError::Stopped)) }
     }
 
     pub async fn shutdown(&self) {

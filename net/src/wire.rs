@@ -98,6 +98,9 @@ pub enum Request {
     /// itself, which owns the schema of its messages (they embed openraft types);
     /// here it is a size-limited byte string like any other frame.
     ControlPlane { body: serde_bytes::ByteBuf },
+    /// A stripe message (replication, election, client operation), encoded by the
+    /// stripe module, which owns its schema.
+    Stripe { body: serde_bytes::ByteBuf },
 }
 
 impl Request {
@@ -116,6 +119,9 @@ pub enum Response {
         members: Vec<MemberRecord>,
     },
     ControlPlane {
+        body: serde_bytes::ByteBuf,
+    },
+    Stripe {
         body: serde_bytes::ByteBuf,
     },
     /// The receiver would not serve the request; `reason` says why.

@@ -80,6 +80,18 @@ pub struct RunArgs {
     /// Seconds a control-plane voter may be dead before a live node replaces it. Default: 30
     #[arg(long, env = "KILN_VOTER_REPLACE_AFTER_S", value_name = "S")]
     pub voter_replace_after_s: Option<u64>,
+    /// Silence of a stripe's active after which its standbys ask for an election. Default: 500
+    #[arg(long, env = "KILN_ELECTION_TIMEOUT_MS", value_name = "MS")]
+    pub election_timeout_ms: Option<u64>,
+    /// "permanent" (fsync stripe data before acknowledging) or "temporary". Default: permanent
+    #[arg(long, env = "KILN_PERSISTENCE", value_name = "MODE")]
+    pub persistence: Option<String>,
+    /// How long a key/value request waits for a stripe's active before answering 503. Default: 5000
+    #[arg(long, env = "KILN_REQUEST_TIMEOUT_MS", value_name = "MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Largest value a PUT accepts. Default: 1048576
+    #[arg(long, env = "KILN_MAX_VALUE_BYTES", value_name = "BYTES")]
+    pub max_value_bytes: Option<usize>,
 }
 
 /// The same settings as read from the TOML file.
@@ -104,6 +116,10 @@ pub struct FileConfig {
     pub stripe: Option<u32>,
     pub witness: Option<bool>,
     pub voter_replace_after_s: Option<u64>,
+    pub election_timeout_ms: Option<u64>,
+    pub persistence: Option<String>,
+    pub request_timeout_ms: Option<u64>,
+    pub max_value_bytes: Option<usize>,
 }
 
 /// Every setting key, in its TOML spelling (for the README check).
@@ -128,6 +144,10 @@ pub const KEYS: &[&str] = &[
     "stripe",
     "witness",
     "voter_replace_after_s",
+    "election_timeout_ms",
+    "persistence",
+    "request_timeout_ms",
+    "max_value_bytes",
 ];
 
 /// Resolved, validated settings of a node.
@@ -144,6 +164,11 @@ pub struct Settings {
     pub probe_interval_ms: u64,
     pub membership: MembershipConfig,
     pub control: ControlPlaneConfig,
+    pub election_timeout_ms: u64,
+    /// `persistence = "permanent"`: stripe writes are fsynced before acknowledged.
+    pub permanent: bool,
+    pub request_timeout_ms: u64,
+    pub max_value_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -325,7 +350,48 @@ impl Settings {
             .voter_replace_after_s
             .or(file.voter_replace_after_s)
             .unwrap_or(30);
+        let election_timeout_ms = positive(
+            "election_timeout_ms",
+            cli.election_timeout_ms
+                .or(file.election_timeout_ms)
+                .unwrap_or(500),
+        )?;
+        let permanent = match cli
+            .persistence
+            .or(file.persistence)
+            .as_deref()
+            .unwrap_or("permanent")
+        {
+            "permanent" => true,
+            "temporary" => false,
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "persistence",
+                    error: format!("must be \"permanent\" or \"temporary\", not {other:?}"),
+                })
+            }
+        };
+        let request_timeout_ms = positive(
+            "request_timeout_ms",
+            cli.request_timeout_ms
+                .or(file.request_timeout_ms)
+                .unwrap_or(5000),
+        )?;
+        let max_value_bytes = cli
+            .max_value_bytes
+            .or(file.max_value_bytes)
+            .unwrap_or(1024 * 1024);
+        if max_value_bytes == 0 || max_value_bytes > 3 * 1024 * 1024 {
+            return Err(ConfigError::Invalid {
+                key: "max_value_bytes",
+                error: "must be between 1 and 3145728 (values travel in one 4 MiB frame)".into(),
+            });
+        }
         Ok(Settings {
+            election_timeout_ms,
+            permanent,
+            request_timeout_ms,
+            max_value_bytes,
             control: ControlPlaneConfig {
                 stripes,
                 stripe,

@@ -25,6 +25,9 @@ pub struct DemoArgs {
     /// Cluster secret of the demo cluster.
     #[arg(long, default_value = "kiln-demo-secret")]
     pub cluster_secret: String,
+    /// Stripes of the demo cluster (6 nodes make 2 stripes of 3).
+    #[arg(long, default_value_t = 2)]
+    pub stripes: u32,
 }
 
 struct DemoNode {
@@ -123,6 +126,8 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
             .stderr(log);
         if i > 0 {
             cmd.arg("--seed").arg(&seed);
+        } else {
+            cmd.arg("--stripes").arg(args.stripes.to_string());
         }
         // Clear settings that would apply to every node alike.
         for var in [

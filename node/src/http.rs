@@ -22,6 +22,7 @@ use serde_json::json;
 pub struct ApiState {
     pub membership: Addr<MembershipActor>,
     pub control: Addr<ControlPlane>,
+    pub kv: Option<Arc<crate::kv_api::KvRouter>>,
     pub registry: Arc<Registry>,
     pub token: Option<String>,
 }
@@ -29,6 +30,17 @@ pub struct ApiState {
 /// An API error: status code and a message for the client.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, msg: String) -> Self {
+        ApiError(status, msg)
+    }
+
+    /// `503` with `Retry-After`: the cluster is between actives or not ready.
+    pub fn retry_later(msg: String) -> Self {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, msg)
+    }
+}
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,7 +53,11 @@ impl ResponseError for ApiError {
         self.0
     }
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.0).json(json!({ "error": self.1 }))
+        let mut resp = HttpResponse::build(self.0);
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            resp.insert_header((header::RETRY_AFTER, "1"));
+        }
+        resp.json(json!({ "error": self.1 }))
     }
 }
 
@@ -260,6 +276,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/cluster/members", web::get().to(members))
         .route("/v1/cluster/members/{id}", web::delete().to(forget))
         .route("/v1/cluster/stripes", web::get().to(stripes))
+        .route("/v1/kv/{map}", web::get().to(crate::kv_api::list))
+        .route("/v1/kv/{map}/{key}", web::put().to(crate::kv_api::put))
+        .route("/v1/kv/{map}/{key}", web::get().to(crate::kv_api::get))
+        .route(
+            "/v1/kv/{map}/{key}",
+            web::delete().to(crate::kv_api::delete),
+        )
         .default_service(web::to(not_found));
 }
 
@@ -278,6 +301,10 @@ pub fn app(
         .app_data(state)
         .app_data(
             web::PathConfig::default()
+                .error_handler(|e, _| ApiError(StatusCode::BAD_REQUEST, e.to_string()).into()),
+        )
+        .app_data(
+            web::QueryConfig::default()
                 .error_handler(|e, _| ApiError(StatusCode::BAD_REQUEST, e.to_string()).into()),
         )
         .wrap(actix_web::middleware::from_fn(require_token))

@@ -4,6 +4,7 @@ mod client;
 mod config;
 mod demo;
 mod http;
+mod kv_api;
 mod run;
 
 use clap::{Parser, Subcommand};

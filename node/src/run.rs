@@ -8,18 +8,24 @@ use actix::Actor;
 use actix_web::{web, HttpServer};
 use anyhow::Context;
 use kiln_actors::control::types::node_id_of;
+use kiln_actors::control::wire::{from_cbor, MAX_CONTROL_BODY};
 use kiln_actors::control::{
-    raft_config, AddressBook, ControlMetrics, ControlNetwork, ControlPlane, LogStore, StateMachine,
+    raft_config, AddressBook, ControlMetrics, ControlNetwork, ControlPlane, LogStore, ServeControl,
+    StateMachine,
 };
 use kiln_actors::membership::{Leave, MembershipActor, MembershipMetrics};
-use kiln_net::wire::{MemberRecord, MemberStatus};
-use kiln_net::{Keypair, NetConfig};
-use kiln_persistence::{ControlStore, NodeStore};
+use kiln_actors::stripe::replica::ReplicaConfig;
+use kiln_actors::stripe::wire::StripeRequest;
+use kiln_actors::stripe::{ServeStripe, StripeActor};
+use kiln_net::wire::{MemberRecord, MemberStatus, Request, Response};
+use kiln_net::{Keypair, NetCommand, NetConfig, NetHandle, ServiceRequest};
+use kiln_persistence::{ControlStore, NodeStore, StripeStore};
 use openraft::Raft;
 use prometheus_client::registry::Registry;
 
 use crate::config::Settings;
 use crate::http::{self, ApiState};
+use crate::kv_api::KvRouter;
 
 /// Runs a node until SIGTERM or SIGINT. Errors are what stopped it from starting.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
@@ -73,7 +79,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the network runtime")?;
-    let (net, net_events, services) = {
+    let (net, net_events, mut services) = {
         let _guard = net_runtime.enter();
         kiln_net::spawn(
             NetConfig {
@@ -93,6 +99,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = MembershipMetrics::register(&mut registry);
     let control_metrics = ControlMetrics::register(&mut registry);
     let state_machine = StateMachine::open(control_store.clone())?;
+    let stripe_store = Arc::new(StripeStore::open(&settings.data_dir, settings.permanent)?);
+    if !settings.permanent {
+        tracing::warn!("persistence = \"temporary\": stripe data is not fsynced and starts empty at every restart");
+    }
     let applied = state_machine.shared();
     let raft_config = Arc::new(raft_config().context("invalid control-plane timing")?);
     let registry = Arc::new(registry);
@@ -137,19 +147,53 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         let control = ControlPlane::new(
             peer_id,
             raft.clone(),
-            applied,
+            applied.clone(),
             net.clone(),
-            book,
+            book.clone(),
             membership.clone(),
             store.clone(),
             settings.control.clone(),
             control_metrics,
-            services,
         )
         .start();
+        let me = node_id_of(&id);
+        let stripe = (!settings.control.witness).then(|| {
+            StripeActor::new(
+                me,
+                replica_config(settings.election_timeout_ms),
+                stripe_store.clone(),
+                net.clone(),
+                book.clone(),
+                applied.clone(),
+                control.clone(),
+            )
+            .start()
+        });
+        // Peers' requests go to the actor that serves them.
+        {
+            let control = control.clone();
+            let stripe = stripe.clone();
+            let net = net.clone();
+            actix_rt::spawn(async move {
+                while let Some(req) = services.recv().await {
+                    route_service(req, &control, stripe.as_ref(), &net);
+                }
+            });
+        }
+        let kv = Arc::new(KvRouter {
+            me,
+            applied,
+            stripe: stripe.clone(),
+            store: stripe_store.clone(),
+            net: net.clone(),
+            book,
+            request_timeout: Duration::from_millis(settings.request_timeout_ms),
+            max_value_bytes: settings.max_value_bytes,
+        });
         let state = web::Data::new(ApiState {
             membership: membership.clone(),
             control,
+            kv: Some(kv),
             registry,
             token: settings.http_token.clone(),
         });
@@ -183,6 +227,58 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     });
     net_runtime.shutdown_timeout(Duration::from_secs(2));
     result
+}
+
+/// Replication timing derived from the election timeout: heartbeats five times
+/// per timeout, and an in-sync standby dropped after one timeout of silence.
+fn replica_config(election_timeout_ms: u64) -> ReplicaConfig {
+    ReplicaConfig {
+        election_timeout_ms,
+        heartbeat_ms: (election_timeout_ms / 5).max(10),
+        in_sync_timeout_ms: election_timeout_ms,
+        max_batch: 512,
+        // The log is kept whole until snapshots for standby sync land.
+        retain_entries: u64::MAX / 4,
+        snapshot_retry_ms: 60_000,
+    }
+}
+
+/// Hands a peer's request to the actor that serves it.
+fn route_service(
+    req: ServiceRequest,
+    control: &actix::Addr<ControlPlane>,
+    stripe: Option<&actix::Addr<StripeActor>>,
+    net: &NetHandle,
+) {
+    let refuse = |reply, reason: String| {
+        net.send(NetCommand::Respond {
+            reply,
+            response: Response::Refused { reason },
+        })
+    };
+    match &req.request {
+        Request::ControlPlane { .. } => control.do_send(ServeControl(req)),
+        Request::Stripe { body } => {
+            let Some(stripe) = stripe else {
+                return refuse(
+                    req.reply,
+                    "this node is a witness and holds no stripe".into(),
+                );
+            };
+            match from_cbor::<StripeRequest>(body, MAX_CONTROL_BODY) {
+                Ok(request) => stripe.do_send(ServeStripe {
+                    peer: req.peer,
+                    request,
+                    reply: req.reply,
+                }),
+                Err(e) => {
+                    tracing::warn!(peer = %req.peer, error = %e, "rejected a malformed stripe request");
+                    refuse(req.reply, format!("malformed stripe request: {e}"))
+                }
+            }
+        }
+        Request::MembershipSync { .. } => refuse(req.reply, "not a service request".into()),
+    }
 }
 
 fn initial_addrs(settings: &Settings) -> Vec<String> {

@@ -8,7 +8,9 @@ mod control_store;
 mod error;
 mod node_store;
 pub mod schema;
+mod stripe_store;
 
 pub use control_store::ControlStore;
 pub use error::StoreError;
 pub use node_store::{verify_untouched, MemberState, NodeStore, SecretCheck, StoredMember};
+pub use stripe_store::{KvTxn, StripeRecovered, StripeStore};

@@ -45,3 +45,24 @@ pub const CONTROL_VOTE: &str = "vote";
 pub const CONTROL_COMMITTED: &str = "committed";
 pub const CONTROL_LAST_PURGED: &str = "last_purged";
 pub const CONTROL_SNAPSHOT: &str = "snapshot";
+
+/// File name of the stripe database (the node's share of the data).
+pub const STRIPE_DB_FILE: &str = "stripe.redb";
+
+/// Stripe facts: format version, promised epoch, log base, applied index. Keys are `STRIPE_*`.
+pub const STRIPE_META: TableDefinition<&str, &[u8]> = TableDefinition::new("kiln_stripe_meta");
+
+/// The stripe's replication log: index → one CBOR-encoded entry.
+pub const STRIPE_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("kiln_stripe_log");
+
+/// The key/value data: (map, key) → (version, value).
+pub const KV: TableDefinition<(&str, &str), (u64, &[u8])> = TableDefinition::new("kiln_kv");
+
+/// Results of recent client requests by request id (idempotency keys and the
+/// node's own retry ids), CBOR-encoded, so a retry is answered, not re-applied.
+pub const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("kiln_requests");
+
+pub const STRIPE_PROMISED: &str = "promised";
+pub const STRIPE_BASE: &str = "base";
+pub const STRIPE_APPLIED: &str = "applied";
+pub const STRIPE_ID: &str = "stripe";

@@ -12,7 +12,7 @@ use actix::prelude::*;
 use kiln_net::wire::{MemberStatus, Request, Response};
 use kiln_net::{Multiaddr, NetCommand, NetHandle, PeerId, ServiceRequest};
 use kiln_persistence::NodeStore;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Raft, ServerState};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -25,11 +25,16 @@ use super::storage::SharedApplied;
 use super::types::{node_id_of, ControlNode, ControlTypes, NodeId};
 use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTROL_BODY};
 use crate::membership::{GetNodeInfo, ListMembers, MemberView, MembershipActor};
+use crate::stripe::replica::{choose_candidate, LogPos};
+use crate::stripe::wire::{StripeRequest, StripeResponse};
+use crate::stripe::{stripe_request, stripe_response};
 
 /// How often the actor looks at membership and, on the leader, at the voters.
 const TICK: Duration = Duration::from_millis(300);
 /// How long a proposal may take before the proposer gives up and retries.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an election waits for the active's or a standby's answer.
+const ELECTION_PROBE: Duration = Duration::from_millis(250);
 /// Pause between two join attempts of a node that is not placed yet.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
 
@@ -160,7 +165,8 @@ pub struct ControlPlane {
     store: Arc<NodeStore>,
     cfg: ControlPlaneConfig,
     metrics: ControlMetrics,
-    services: Option<tokio::sync::mpsc::UnboundedReceiver<ServiceRequest>>,
+    /// Stripes with an election under way on this node (the leader coordinates).
+    elections: BTreeSet<u32>,
     members: Vec<MemberView>,
     my_addrs: Vec<String>,
     founder: bool,
@@ -187,7 +193,6 @@ impl ControlPlane {
         store: Arc<NodeStore>,
         cfg: ControlPlaneConfig,
         metrics: ControlMetrics,
-        services: tokio::sync::mpsc::UnboundedReceiver<ServiceRequest>,
     ) -> Self {
         ControlPlane {
             me: node_id_of(&me_peer.to_string()),
@@ -200,7 +205,7 @@ impl ControlPlane {
             store,
             cfg,
             metrics,
-            services: Some(services),
+            elections: BTreeSet::new(),
             members: Vec::new(),
             my_addrs: Vec::new(),
             founder: false,
@@ -426,6 +431,7 @@ impl ControlPlane {
         // Spread the relaying of a joining node's proposals over the members.
         alive.shuffle(&mut rand::thread_rng());
         Proposer {
+            applied: self.applied.clone(),
             raft: self.raft.clone(),
             net: self.net.clone(),
             book: self.book.clone(),
@@ -549,7 +555,7 @@ impl ControlPlane {
         }
     }
 
-    fn on_service_request(&mut self, req: ServiceRequest) {
+    fn on_service_request(&mut self, req: ServiceRequest, ctx: &mut Context<Self>) {
         let ServiceRequest {
             peer,
             request,
@@ -577,6 +583,18 @@ impl ControlPlane {
                 return;
             }
         };
+        if let ControlRequest::Elect { stripe, epoch } = request {
+            if self.raft.metrics().borrow().current_leader == Some(self.me) {
+                self.coordinate(stripe, epoch, ctx);
+            }
+            self.net.send(NetCommand::Respond {
+                reply,
+                response: Response::ControlPlane {
+                    body: ByteBuf::from(to_cbor(&ControlResponse::Elect)),
+                },
+            });
+            return;
+        }
         let raft = self.raft.clone();
         let net = self.net.clone();
         let proposer = self.proposer();
@@ -593,6 +611,16 @@ impl ControlPlane {
                     let hop = if forwarded { Hop::Final } else { Hop::Relay };
                     ControlResponse::Propose(proposer.propose(command, hop).await)
                 }
+                ControlRequest::Elect { .. } => ControlResponse::Elect,
+                ControlRequest::ConfirmActive {
+                    stripe,
+                    epoch,
+                    node,
+                } => ControlResponse::Confirmed(
+                    proposer
+                        .confirm_active(stripe, epoch, node, Hop::Final)
+                        .await,
+                ),
             };
             net.send(NetCommand::Respond {
                 reply,
@@ -601,6 +629,101 @@ impl ControlPlane {
                 },
             });
         });
+    }
+
+    /// On the leader: elects a new active for `stripe` if its active of `epoch`
+    /// really is silent. The in-sync standbys are asked for their log positions
+    /// (which fences them against the old active), and the most up-to-date one is
+    /// promoted, with those that answered as its in-sync set.
+    fn coordinate(&mut self, stripe: u32, epoch: u64, ctx: &mut Context<Self>) {
+        let state = self.state();
+        let Some(entry) = state.stripes.get(&stripe) else {
+            return;
+        };
+        if entry.epoch != epoch || entry.in_sync.is_empty() || !self.elections.insert(stripe) {
+            return;
+        }
+        let peer_of = |n: NodeId| -> Option<PeerId> { state.peer_of(n)?.parse().ok() };
+        let active = entry.active.and_then(&peer_of);
+        let standbys: Vec<(NodeId, PeerId)> = entry
+            .in_sync
+            .iter()
+            .filter_map(|n| peer_of(*n).map(|p| (*n, p)))
+            .collect();
+        let net = self.net.clone();
+        let book = self.book.clone();
+        let addrs_of = move |p: &PeerId| -> Vec<Multiaddr> {
+            book.read()
+                .ok()
+                .and_then(|b| b.get(p).cloned())
+                .unwrap_or_default()
+        };
+        let proposer = self.proposer();
+        let fut = async move {
+            if let Some(a) = active {
+                let ping = net.call(
+                    a,
+                    addrs_of(&a),
+                    stripe_request(&StripeRequest::Ping { stripe }),
+                );
+                if let Ok(Ok(resp)) = tokio::time::timeout(ELECTION_PROBE, ping).await {
+                    if let Ok(StripeResponse::Pong { active_in: Some(e) }) = stripe_response(resp) {
+                        if e == epoch {
+                            return Err("the active answers the control-plane leader".to_string());
+                        }
+                    }
+                }
+            }
+            let prepares = standbys.iter().map(|(n, p)| {
+                let call = net.call(
+                    *p,
+                    addrs_of(p),
+                    stripe_request(&StripeRequest::Prepare { stripe, epoch }),
+                );
+                let n = *n;
+                async move {
+                    match tokio::time::timeout(ELECTION_PROBE, call).await {
+                        Ok(Ok(resp)) => match stripe_response(resp) {
+                            Ok(StripeResponse::Prepared(Ok(pos))) => Some((n, pos)),
+                            _ => None,
+                        },
+                        _ => None,
+                    }
+                }
+            });
+            let positions: Vec<(NodeId, LogPos)> = futures::future::join_all(prepares)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            let Some(winner) = choose_candidate(&positions) else {
+                return Err("no in-sync standby answered".to_string());
+            };
+            let in_sync = positions.iter().map(|(n, _)| *n).collect();
+            proposer
+                .propose(
+                    ControlCommand::Promote {
+                        stripe,
+                        epoch,
+                        node: winner,
+                        in_sync,
+                    },
+                    Hop::Local,
+                )
+                .await
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
+            act.elections.remove(&stripe);
+            match res {
+                Ok(ControlOutcome::Promoted { epoch: new }) => {
+                    tracing::info!(stripe, epoch = new, "elected a new active")
+                }
+                Ok(other) => {
+                    tracing::info!(stripe, epoch, outcome = ?other, "election not applied")
+                }
+                Err(e) => tracing::info!(stripe, epoch, reason = %e, "no election"),
+            }
+        }));
     }
 
     fn view(&self) -> ClusterStripes {
@@ -682,6 +805,7 @@ impl ControlPlane {
 /// log yet) to live members, which forward it once.
 #[derive(Clone)]
 struct Proposer {
+    applied: SharedApplied,
     raft: Raft<ControlTypes>,
     net: NetHandle,
     book: AddressBook,
@@ -730,6 +854,63 @@ impl Proposer {
         last
     }
 
+    /// Whether `node` is the active of `stripe` in `epoch`, read linearizably on
+    /// the leader (which first confirms it still leads).
+    async fn confirm_active(
+        &self,
+        stripe: u32,
+        epoch: u64,
+        node: NodeId,
+        hop: Hop,
+    ) -> Result<bool, String> {
+        let linearizable =
+            tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.ensure_linearizable()).await;
+        let leader = match linearizable {
+            Err(_) => return Err("the control plane did not answer in time".into()),
+            Ok(Ok(_)) => {
+                let a = self
+                    .applied
+                    .read()
+                    .map_err(|_| "control state unreadable")?;
+                return Ok(a
+                    .state
+                    .stripes
+                    .get(&stripe)
+                    .is_some_and(|s| s.epoch == epoch && s.active == Some(node)));
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                f.leader_node.and_then(|n| n.peer.parse::<PeerId>().ok())
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+        };
+        let Some(leader) = leader.filter(|_| hop == Hop::Local) else {
+            return Err("no control-plane leader to confirm with".into());
+        };
+        let addrs = self
+            .book
+            .read()
+            .ok()
+            .and_then(|b| b.get(&leader).cloned())
+            .unwrap_or_default();
+        let body = ByteBuf::from(to_cbor(&ControlRequest::ConfirmActive {
+            stripe,
+            epoch,
+            node,
+        }));
+        let call = self.net.call(leader, addrs, Request::ControlPlane { body });
+        match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
+            Ok(Ok(Response::ControlPlane { body })) => {
+                match from_cbor::<ControlResponse>(&body, MAX_CONTROL_BODY) {
+                    Ok(ControlResponse::Confirmed(r)) => r,
+                    _ => Err(format!("{leader} sent an unexpected answer")),
+                }
+            }
+            Ok(Ok(other)) => Err(format!("{leader} answered {other:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("{leader} did not answer in time")),
+        }
+    }
+
     async fn forward(
         &self,
         peer: PeerId,
@@ -763,24 +944,86 @@ impl Actor for ControlPlane {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        if let Some(rx) = self.services.take() {
-            ctx.add_stream(futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|e| (e, rx))
-            }));
-        }
         self.founder = self.store.is_cluster_founder().unwrap_or(false);
         ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
         self.tick(ctx);
     }
 }
 
-impl StreamHandler<ServiceRequest> for ControlPlane {
-    fn handle(&mut self, req: ServiceRequest, _: &mut Self::Context) {
-        self.on_service_request(req);
-    }
+/// A control-plane request from a peer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ServeControl(pub ServiceRequest);
 
-    fn finished(&mut self, _: &mut Self::Context) {
-        tracing::debug!("service request stream ended");
+impl Handler<ServeControl> for ControlPlane {
+    type Result = ();
+    fn handle(&mut self, req: ServeControl, ctx: &mut Self::Context) {
+        self.on_service_request(req.0, ctx);
+    }
+}
+
+/// Asks the control plane whether this node is the active of `stripe` in `epoch`.
+#[derive(Message)]
+#[rtype(result = "Result<bool, String>")]
+pub struct ConfirmActive {
+    pub stripe: u32,
+    pub epoch: u64,
+}
+
+impl Handler<ConfirmActive> for ControlPlane {
+    type Result = ResponseFuture<Result<bool, String>>;
+    fn handle(&mut self, msg: ConfirmActive, _: &mut Self::Context) -> Self::Result {
+        let proposer = self.proposer();
+        let me = self.me;
+        Box::pin(async move {
+            proposer
+                .confirm_active(msg.stripe, msg.epoch, me, Hop::Local)
+                .await
+        })
+    }
+}
+
+/// A standby of `stripe` has not heard its active of `epoch`: the control-plane
+/// leader coordinates an election.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RequestElection {
+    pub stripe: u32,
+    pub epoch: u64,
+}
+
+impl Handler<RequestElection> for ControlPlane {
+    type Result = ();
+    fn handle(&mut self, msg: RequestElection, ctx: &mut Self::Context) {
+        let leader = self.raft.metrics().borrow().current_leader;
+        if leader == Some(self.me) {
+            self.coordinate(msg.stripe, msg.epoch, ctx);
+            return;
+        }
+        let Some(peer) = leader.and_then(|l| self.state().peer_of(l).map(str::to_string)) else {
+            tracing::debug!(
+                stripe = msg.stripe,
+                "no control-plane leader to run an election"
+            );
+            return;
+        };
+        let Ok(peer) = peer.parse::<PeerId>() else {
+            return;
+        };
+        let addrs = self
+            .book
+            .read()
+            .ok()
+            .and_then(|b| b.get(&peer).cloned())
+            .unwrap_or_default();
+        let body = ByteBuf::from(to_cbor(&ControlRequest::Elect {
+            stripe: msg.stripe,
+            epoch: msg.epoch,
+        }));
+        let call = self.net.call(peer, addrs, Request::ControlPlane { body });
+        actix_rt::spawn(async move {
+            let _ = tokio::time::timeout(PROPOSE_TIMEOUT, call).await;
+        });
     }
 }
 

@@ -28,6 +28,18 @@ pub enum ControlRequest {
         command: ControlCommand,
         forwarded: bool,
     },
+    /// A standby of `stripe` has not heard its active of `epoch`: the leader
+    /// coordinates an election.
+    Elect {
+        stripe: u32,
+        epoch: u64,
+    },
+    /// Is `node` the active of `stripe` in `epoch`, as of now (linearizable)?
+    ConfirmActive {
+        stripe: u32,
+        epoch: u64,
+        node: NodeId,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,6 +52,8 @@ pub enum ControlResponse {
     /// The outcome of a committed proposal, or why it was not committed (no leader
     /// known, not reachable, ...): the proposer retries.
     Propose(Result<ControlOutcome, String>),
+    Elect,
+    Confirmed(Result<bool, String>),
 }
 
 /// Encodes a control-plane body (CBOR).

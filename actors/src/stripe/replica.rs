@@ -95,6 +95,11 @@ pub enum Proposal {
         node: NodeId,
         in_sync: bool,
     },
+    /// This node took over as active of `epoch` from its own copy of the
+    /// control plane's state, which may be stale (after a restart, say): it
+    /// commits and serves reads only once the control plane confirms the epoch
+    /// is current ([`Replica::on_confirmed`]).
+    ConfirmActive { epoch: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,6 +247,9 @@ pub struct Replica {
     progress: BTreeMap<NodeId, Progress>,
     /// Index of the no-op this active wrote on taking over; reads wait for it.
     start_index: u64,
+    /// The control plane confirmed this node is the active of its epoch.
+    confirmed: bool,
+    confirm_asked: bool,
     /// Standbys proposed for the in-sync set: already waited for.
     adding: BTreeSet<NodeId>,
     /// In-sync standbys proposed for removal (still waited for until decided).
@@ -268,6 +276,8 @@ impl Replica {
             prepared_for: None,
             progress: BTreeMap::new(),
             start_index: 0,
+            confirmed: false,
+            confirm_asked: false,
             adding: BTreeSet::new(),
             removing: BTreeSet::new(),
             round: 0,
@@ -438,6 +448,9 @@ impl Replica {
         });
         self.role = Role::Active { epoch };
         self.start_index = index;
+        self.confirmed = false;
+        self.confirm_asked = true;
+        fx.push(Effect::Propose(Proposal::ConfirmActive { epoch }));
         self.progress.clear();
         self.adding.clear();
         self.removing.clear();
@@ -511,6 +524,10 @@ impl Replica {
         let mut fx = Vec::new();
         match self.role {
             Role::Active { epoch } => {
+                if !self.confirmed && !self.confirm_asked {
+                    self.confirm_asked = true;
+                    fx.push(Effect::Propose(Proposal::ConfirmActive { epoch }));
+                }
                 if now_ms.saturating_sub(self.last_heartbeat_ms) >= self.cfg.heartbeat_ms {
                     self.round += 1;
                     self.replicate(&mut fx, true);
@@ -564,9 +581,11 @@ impl Replica {
                 let electable = self.view.in_sync.contains(&self.me) && self.view.active.is_some();
                 let silent =
                     now_ms.saturating_sub(self.last_heard_ms) >= self.cfg.election_timeout_ms;
+                // Asked again every heartbeat interval while silent: the first ask
+                // may reach a control-plane leader that died with the active.
                 let asked_recently = self
                     .last_election_ask_ms
-                    .is_some_and(|t| now_ms.saturating_sub(t) < self.cfg.election_timeout_ms);
+                    .is_some_and(|t| now_ms.saturating_sub(t) < self.cfg.heartbeat_ms);
                 if electable && silent && !asked_recently {
                     self.last_election_ask_ms = Some(now_ms);
                     fx.push(Effect::Propose(Proposal::Election {
@@ -648,7 +667,7 @@ impl Replica {
     }
 
     fn advance_commit(&mut self, fx: &mut Vec<Effect>) {
-        if !self.is_active() {
+        if !self.is_active() || !self.confirmed {
             return;
         }
         let mut candidate = self.last().index;
@@ -664,7 +683,7 @@ impl Replica {
     }
 
     fn serve_reads(&mut self, fx: &mut Vec<Effect>) {
-        if !self.is_active() || self.commit < self.start_index {
+        if !self.is_active() || !self.confirmed || self.commit < self.start_index {
             return;
         }
         let required = self.required();
@@ -948,6 +967,46 @@ impl Replica {
         }
         self.replicate(&mut fx, false);
         self.advance_commit(&mut fx);
+        fx
+    }
+
+    /// A proposal this replica made did not reach the control plane: forget it,
+    /// so the next tick proposes it again (an addition the control plane did take
+    /// shows up in the view and is waited for from there).
+    pub fn on_proposal_failed(&mut self, proposal: &Proposal) {
+        match proposal {
+            Proposal::InSync {
+                node,
+                in_sync: true,
+                ..
+            } => {
+                self.adding.remove(node);
+            }
+            Proposal::InSync {
+                node,
+                in_sync: false,
+                ..
+            } => {
+                self.removing.remove(node);
+            }
+            Proposal::Election { .. } => self.last_election_ask_ms = None,
+            Proposal::ConfirmActive { .. } => self.confirm_asked = false,
+        }
+    }
+
+    /// The control plane confirmed that this node is the active of `epoch` (or,
+    /// `current = false`, that it is not: it steps down and waits for the view).
+    pub fn on_confirmed(&mut self, epoch: u64, current: bool) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.role != (Role::Active { epoch }) {
+            return fx;
+        }
+        if current {
+            self.confirmed = true;
+            self.advance_commit(&mut fx);
+        } else {
+            self.step_down(&mut fx);
+        }
         fx
     }
 

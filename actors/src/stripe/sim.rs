@@ -63,6 +63,10 @@ fn write_id(data: &[u8]) -> Option<u64> {
 enum SimMsg {
     Stripe(Message),
     View(StripeView),
+    Confirmed {
+        epoch: u64,
+        current: bool,
+    },
     Prepare {
         epoch: u64,
         election: u64,
@@ -366,6 +370,14 @@ impl Sim {
                     });
                 }
                 SimMsg::Propose(Proposal::Election { epoch }) => self.start_election(epoch),
+                SimMsg::Propose(Proposal::ConfirmActive { epoch }) => {
+                    let v = self.view();
+                    let current = v.epoch == epoch && v.active == Some(from);
+                    self.send(CP, from, SimMsg::Confirmed { epoch, current });
+                    if !current {
+                        self.send(CP, from, SimMsg::View(v));
+                    }
+                }
                 SimMsg::Prepared { election, pos } => {
                     if let Some(e) = self.election.as_mut() {
                         if e.id == election {
@@ -373,7 +385,10 @@ impl Sim {
                         }
                     }
                 }
-                SimMsg::SnapshotDone { .. } | SimMsg::Stripe(_) | SimMsg::View(_) => {}
+                SimMsg::SnapshotDone { .. }
+                | SimMsg::Stripe(_)
+                | SimMsg::View(_)
+                | SimMsg::Confirmed { .. } => {}
                 SimMsg::Prepare { .. } | SimMsg::Snapshot { .. } => {}
             }
             return;
@@ -402,6 +417,9 @@ impl Sim {
                 return;
             }
             SimMsg::SnapshotDone { at } => self.nodes[i].replica.on_snapshot_sent(from, at, true),
+            SimMsg::Confirmed { epoch, current } => {
+                self.nodes[i].replica.on_confirmed(epoch, current)
+            }
             SimMsg::Prepared { .. } | SimMsg::Propose(_) => return,
         };
         self.run(to, fx);

@@ -1,0 +1,779 @@
+//! The stripe actor: runs this node's [`Replica`] and does its I/O — the stripe
+//! database (on blocking threads, one job at a time, in effect order: nothing
+//! leaves the node before what precedes it is durable), replication requests to
+//! the other members, client writes (batched: many writes share one log append and
+//! one fsync) and reads, and proposals to the control plane.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use kiln_net::wire::{Request, Response};
+use kiln_net::{NetCommand, NetHandle, PeerId, Reply};
+use kiln_persistence::{StoreError, StripeStore};
+use serde_bytes::ByteBuf;
+use tokio::sync::oneshot;
+
+use super::kv::{self, KvCommand, KvOutcome};
+use super::replica::{
+    Effect, Entry, LogPos, Message, Proposal, Recovered, Replica, ReplicaConfig, Role, StripeView,
+};
+use super::wire::{ServeError, StripeRequest, StripeResponse};
+use crate::control::state::{ControlCommand, Placement};
+use crate::control::wire::{from_cbor, to_cbor, MAX_CONTROL_BODY};
+use crate::control::{
+    AddressBook, ConfirmActive, ControlPlane, Propose, RequestElection, SharedApplied,
+};
+
+/// How often the replica's timers run and the control plane's view is read.
+const TICK: Duration = Duration::from_millis(20);
+/// A replication request not answered this long counts as lost.
+const REPLICATION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Encodes a stripe message for the wire.
+pub fn stripe_request(req: &StripeRequest) -> Request {
+    Request::Stripe {
+        body: ByteBuf::from(to_cbor(req)),
+    }
+}
+
+/// Decodes a stripe answer.
+pub fn stripe_response(resp: Response) -> Result<StripeResponse, String> {
+    match resp {
+        Response::Stripe { body } => from_cbor(&body, MAX_CONTROL_BODY),
+        Response::Refused { reason } => Err(reason),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// The view of `stripe` in the control plane's applied state.
+pub fn stripe_view(applied: &SharedApplied, stripe: u32) -> Option<StripeView> {
+    let a = applied.read().ok()?;
+    let s = a.state.stripes.get(&stripe)?;
+    Some(StripeView {
+        version: a.last_applied.map(|l| l.index).unwrap_or(0),
+        epoch: s.epoch,
+        active: s.active,
+        members: s.members.clone(),
+        in_sync: s.in_sync.clone(),
+    })
+}
+
+enum Step {
+    Fx(Effect),
+    Reply(Reply, StripeResponse),
+}
+
+type WriteReply = oneshot::Sender<Result<KvOutcome, ServeError>>;
+type ReadReply = oneshot::Sender<Result<Option<(u64, Vec<u8>)>, ServeError>>;
+
+/// A client write for this node's stripe.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ClientWrite(pub KvCommand, pub WriteReply);
+
+/// A client read of this node's stripe.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ClientRead {
+    pub map: String,
+    pub key: String,
+    pub stale: bool,
+    pub reply: ReadReply,
+}
+
+/// A stripe request from a peer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ServeStripe {
+    pub peer: PeerId,
+    pub request: StripeRequest,
+    pub reply: Reply,
+}
+
+/// Replication state of this node's stripe, for status and metrics.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReplicationStatus {
+    pub stripe: Option<u32>,
+    pub role: &'static str,
+    pub epoch: u64,
+    pub last_index: u64,
+    pub commit_index: u64,
+    /// Entries each other member is behind (on the active only), by peer id.
+    pub lags: BTreeMap<String, u64>,
+}
+
+#[derive(Message)]
+#[rtype(result = "ReplicationStatus")]
+pub struct GetReplication;
+
+pub struct StripeActor {
+    me: u64,
+    stripe: Option<u32>,
+    replica: Option<Replica>,
+    cfg: ReplicaConfig,
+    store: Arc<StripeStore>,
+    net: NetHandle,
+    book: AddressBook,
+    applied: SharedApplied,
+    control: Addr<ControlPlane>,
+    started: Instant,
+    queue: VecDeque<Step>,
+    busy: bool,
+    applied_index: u64,
+    /// Client writes waiting for the next log append (group commit).
+    batch: Vec<(Vec<u8>, WriteReply)>,
+    /// Appended client writes waiting for their commit, by log index.
+    waiting: BTreeMap<u64, WriteReply>,
+    reads: HashMap<u64, (String, String, ReadReply)>,
+    next_read: u64,
+    view_version: u64,
+}
+
+impl StripeActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: u64,
+        cfg: ReplicaConfig,
+        store: Arc<StripeStore>,
+        net: NetHandle,
+        book: AddressBook,
+        applied: SharedApplied,
+        control: Addr<ControlPlane>,
+    ) -> Self {
+        StripeActor {
+            me,
+            stripe: None,
+            replica: None,
+            cfg,
+            store,
+            net,
+            book,
+            applied,
+            control,
+            started: Instant::now(),
+            queue: VecDeque::new(),
+            busy: false,
+            applied_index: 0,
+            batch: Vec::new(),
+            waiting: BTreeMap::new(),
+            reads: HashMap::new(),
+            next_read: 1,
+            view_version: 0,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Starts replication once the control plane has placed this node.
+    fn start_replica(&mut self, stripe: u32) -> Result<(), StoreError> {
+        let r = self.store.recover()?;
+        match r.stripe {
+            Some(k) if k != stripe => {
+                tracing::error!(stored = k, placed = stripe,
+                    "the stripe data here belongs to another stripe; not serving it (start this node with a new --data-dir)");
+                return Ok(());
+            }
+            Some(_) => {}
+            None => self.store.set_stripe(stripe)?,
+        }
+        let entries: Vec<Entry> = r
+            .entries
+            .iter()
+            .filter_map(|(_, b)| from_cbor::<Entry>(b, usize::MAX).ok())
+            .collect();
+        if entries.len() != r.entries.len() {
+            tracing::error!(path = %self.store.path().display(),
+                "corrupt entries in the stripe log; serving what precedes them");
+        }
+        self.applied_index = r.applied;
+        self.replica = Some(Replica::new(
+            self.me,
+            self.cfg.clone(),
+            Recovered {
+                promised: r.promised,
+                base: LogPos {
+                    epoch: r.base.0,
+                    index: r.base.1,
+                },
+                entries,
+                applied: r.applied,
+            },
+        ));
+        self.stripe = Some(stripe);
+        tracing::info!(
+            stripe,
+            promised = r.promised,
+            applied = r.applied,
+            log = r.entries.len(),
+            "stripe replication started"
+        );
+        Ok(())
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.stripe.is_none() {
+            let placed = self
+                .applied
+                .read()
+                .ok()
+                .and_then(|a| a.state.nodes.get(&self.me).map(|n| n.placement));
+            if let Some(Placement::Stripe(k)) = placed {
+                if let Err(e) = self.start_replica(k) {
+                    tracing::error!(error = %e, "cannot open the stripe data");
+                }
+            }
+            return;
+        }
+        let Some(stripe) = self.stripe else { return };
+        let mut fx = Vec::new();
+        if let Some(view) = stripe_view(&self.applied, stripe) {
+            if view.version != self.view_version {
+                self.view_version = view.version;
+                if let Some(r) = self.replica.as_mut() {
+                    let before = r.role();
+                    fx.extend(r.on_view(view.clone()));
+                    if r.role() != before {
+                        tracing::info!(stripe, epoch = view.epoch, role = ?r.role(), "stripe role changed");
+                    }
+                }
+            }
+        }
+        let now = self.now_ms();
+        if let Some(r) = self.replica.as_mut() {
+            fx.extend(r.tick(now));
+        }
+        self.push(fx, ctx);
+    }
+
+    fn push(&mut self, fx: Vec<Effect>, ctx: &mut Context<Self>) {
+        self.queue.extend(fx.into_iter().map(Step::Fx));
+        self.pump(ctx);
+    }
+
+    /// Executes queued steps in order; a storage job pauses the queue until done.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        while !self.busy {
+            let Some(step) = self.queue.pop_front() else {
+                break;
+            };
+            match step {
+                Step::Reply(reply, resp) => self.respond(reply, &resp),
+                Step::Fx(e) => self.run(e, ctx),
+            }
+        }
+        if !self.busy && self.queue.is_empty() {
+            self.flush_batch(ctx);
+        }
+    }
+
+    fn run(&mut self, e: Effect, ctx: &mut Context<Self>) {
+        match e {
+            Effect::Persist {
+                truncate_from,
+                entries,
+                promised,
+            } => {
+                self.busy = true;
+                let store = self.store.clone();
+                let rows: Vec<(u64, Vec<u8>)> =
+                    entries.iter().map(|(i, e)| (*i, to_cbor(e))).collect();
+                ctx.spawn(
+                    blocking(move || store.persist(truncate_from, &rows, promised))
+                        .into_actor(self)
+                        .map(|res, act, ctx| {
+                            act.busy = false;
+                            if let Err(e) = res {
+                                act.storage_failed(&e);
+                            }
+                            act.pump(ctx);
+                        }),
+                );
+            }
+            Effect::Commit { upto } => {
+                if upto <= self.applied_index {
+                    return;
+                }
+                self.busy = true;
+                let from = self.applied_index + 1;
+                let store = self.store.clone();
+                ctx.spawn(
+                    blocking(move || {
+                        let entries = store.entries(from, upto)?;
+                        let rows: Vec<(u64, Vec<u8>)> = entries
+                            .into_iter()
+                            .map(|(i, b)| {
+                                let data = from_cbor::<Entry>(&b, usize::MAX)
+                                    .map(|e| e.data)
+                                    .unwrap_or_else(|_| vec![0xff]);
+                                (i, data)
+                            })
+                            .collect();
+                        let outcomes = store.apply(&rows, kv::apply)?;
+                        Ok(rows.iter().map(|r| r.0).zip(outcomes).collect::<Vec<_>>())
+                    })
+                    .into_actor(self)
+                    .map(move |res, act, ctx| {
+                        act.busy = false;
+                        match res {
+                            Ok(done) => {
+                                act.applied_index = act.applied_index.max(upto);
+                                for (index, outcome) in done {
+                                    if let Some(reply) = act.waiting.remove(&index) {
+                                        let _ = reply.send(Ok(outcome));
+                                    }
+                                }
+                            }
+                            Err(e) => act.storage_failed(&e),
+                        }
+                        act.pump(ctx);
+                    }),
+                );
+            }
+            Effect::Send { to, msg } => self.send(to, msg, ctx),
+            Effect::SendSnapshot { to } => {
+                // The log is kept whole for now (no compaction), so a member is
+                // never behind the start of the log.
+                tracing::warn!(peer = to, "snapshot transfer requested but not available");
+            }
+            Effect::InstallSnapshot { .. } | Effect::Compact { .. } => {}
+            Effect::Propose(p) => self.propose(p, ctx),
+            Effect::ReadReady { id, .. } => {
+                if let Some((map, key, reply)) = self.reads.remove(&id) {
+                    let _ = reply.send(
+                        self.store
+                            .get(&map, &key)
+                            .map_err(|e| ServeError::Storage(e.to_string())),
+                    );
+                }
+            }
+            Effect::SteppedDown { epoch } => {
+                tracing::info!(stripe = ?self.stripe, epoch, "no longer active; pending requests go to the new active");
+                for (_, reply) in std::mem::take(&mut self.waiting) {
+                    let _ = reply.send(Err(ServeError::SteppedDown));
+                }
+                for (_, (_, _, reply)) in std::mem::take(&mut self.reads) {
+                    let _ = reply.send(Err(ServeError::SteppedDown));
+                }
+            }
+        }
+    }
+
+    fn storage_failed(&mut self, e: &StoreError) {
+        tracing::error!(error = %e, stripe = ?self.stripe, "stripe storage failed");
+        for (_, reply) in std::mem::take(&mut self.waiting) {
+            let _ = reply.send(Err(ServeError::Storage(e.to_string())));
+        }
+    }
+
+    fn respond(&self, reply: Reply, resp: &StripeResponse) {
+        self.net.send(NetCommand::Respond {
+            reply,
+            response: Response::Stripe {
+                body: ByteBuf::from(to_cbor(resp)),
+            },
+        });
+    }
+
+    fn peer_of(&self, node: u64) -> Option<PeerId> {
+        self.applied
+            .read()
+            .ok()?
+            .state
+            .peer_of(node)
+            .and_then(|p| p.parse().ok())
+    }
+
+    fn send(&mut self, to: u64, msg: Message, ctx: &mut Context<Self>) {
+        let (Some(stripe), Some(peer)) = (self.stripe, self.peer_of(to)) else {
+            return;
+        };
+        let addrs = self
+            .book
+            .read()
+            .ok()
+            .and_then(|b| b.get(&peer).cloned())
+            .unwrap_or_default();
+        let call = self.net.call(
+            peer,
+            addrs,
+            stripe_request(&StripeRequest::Replicate { stripe, msg }),
+        );
+        ctx.spawn(
+            async move { tokio::time::timeout(REPLICATION_TIMEOUT, call).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    let reply = match res {
+                        Ok(Ok(r)) => stripe_response(r),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("timed out".into()),
+                    };
+                    match reply {
+                        Ok(StripeResponse::Replicated(Some(m))) => {
+                            if let Some(r) = act.replica.as_mut() {
+                                let fx = r.on_message(to, m);
+                                act.push(fx, ctx);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::trace!(%peer, error = %e, "replication request failed"),
+                    }
+                }),
+        );
+    }
+
+    fn propose(&mut self, p: Proposal, ctx: &mut Context<Self>) {
+        let Some(stripe) = self.stripe else { return };
+        match p.clone() {
+            Proposal::ConfirmActive { epoch } => {
+                ctx.spawn(
+                    self.control
+                        .send(ConfirmActive { stripe, epoch })
+                        .into_actor(self)
+                        .map(move |res, act, ctx| {
+                            let Some(r) = act.replica.as_mut() else {
+                                return;
+                            };
+                            match res {
+                                Ok(Ok(current)) => {
+                                    if !current {
+                                        tracing::warn!(
+                                            stripe,
+                                            epoch,
+                                            "the control plane says this node is no longer active"
+                                        );
+                                    }
+                                    let fx = r.on_confirmed(epoch, current);
+                                    act.push(fx, ctx);
+                                }
+                                _ => r.on_proposal_failed(&p),
+                            }
+                        }),
+                );
+            }
+            Proposal::Election { epoch } => {
+                tracing::info!(
+                    stripe,
+                    epoch,
+                    "the active is silent; asking for an election"
+                );
+                self.control.do_send(RequestElection { stripe, epoch });
+            }
+            Proposal::InSync {
+                epoch,
+                node,
+                in_sync,
+            } => {
+                let cmd = ControlCommand::SetInSync {
+                    stripe,
+                    epoch,
+                    by: self.me,
+                    node,
+                    in_sync,
+                };
+                tracing::info!(stripe, epoch, node, in_sync, "proposing an in-sync change");
+                ctx.spawn(self.control.send(Propose(cmd)).into_actor(self).map(
+                    move |res, act, _| {
+                        let failed = !matches!(res, Ok(Ok(_)));
+                        if failed {
+                            if let Some(r) = act.replica.as_mut() {
+                                r.on_proposal_failed(&p);
+                            }
+                        }
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Appends the waiting client writes as one batch (one log append, one fsync).
+    fn flush_batch(&mut self, ctx: &mut Context<Self>) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let Some(r) = self.replica.as_mut() else {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(ServeError::NotMember(self.stripe.unwrap_or(0))));
+            }
+            return;
+        };
+        let (datas, replies): (Vec<Vec<u8>>, Vec<WriteReply>) = batch.into_iter().unzip();
+        match r.propose(datas) {
+            Ok((indexes, fx)) => {
+                for (i, reply) in indexes.into_iter().zip(replies) {
+                    self.waiting.insert(i, reply);
+                }
+                self.push(fx, ctx);
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(ServeError::NotActive {
+                        stripe: self.stripe.unwrap_or(0),
+                        epoch: e.epoch,
+                    }));
+                }
+            }
+        }
+    }
+
+    fn not_active(&self) -> ServeError {
+        let epoch = self.replica.as_ref().map(|r| r.view().epoch).unwrap_or(0);
+        ServeError::NotActive {
+            stripe: self.stripe.unwrap_or(0),
+            epoch,
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        self.replica
+            .as_ref()
+            .is_some_and(|r| matches!(r.role(), Role::Active { .. }))
+    }
+
+    fn write(&mut self, cmd: KvCommand, reply: WriteReply, ctx: &mut Context<Self>) {
+        if !self.is_active() {
+            let _ = reply.send(Err(self.not_active()));
+            return;
+        }
+        self.batch.push((kv::encode(&cmd), reply));
+        if !self.busy && self.queue.is_empty() {
+            self.flush_batch(ctx);
+        }
+    }
+
+    fn read(
+        &mut self,
+        map: String,
+        key: String,
+        stale: bool,
+        reply: ReadReply,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.replica.is_none() {
+            let _ = reply.send(Err(ServeError::NotMember(self.stripe.unwrap_or(0))));
+            return;
+        }
+        if stale {
+            let _ = reply.send(
+                self.store
+                    .get(&map, &key)
+                    .map_err(|e| ServeError::Storage(e.to_string())),
+            );
+            return;
+        }
+        let id = self.next_read;
+        self.next_read += 1;
+        let Some(r) = self.replica.as_mut() else {
+            return;
+        };
+        match r.read(id) {
+            Ok(fx) => {
+                self.reads.insert(id, (map, key, reply));
+                self.push(fx, ctx);
+            }
+            Err(_) => {
+                let _ = reply.send(Err(self.not_active()));
+            }
+        }
+    }
+
+    fn serve(&mut self, msg: ServeStripe, ctx: &mut Context<Self>) {
+        let ServeStripe {
+            peer,
+            request,
+            reply,
+        } = msg;
+        let mine = |k: u32| self.stripe == Some(k) && self.replica.is_some();
+        match request {
+            StripeRequest::Replicate { stripe, msg } if mine(stripe) => {
+                let from = crate::control::types::node_id_of(&peer.to_string());
+                let Some(r) = self.replica.as_mut() else {
+                    return;
+                };
+                let mut fx = r.on_message(from, msg);
+                // The member's answer goes back on this request, after whatever
+                // it had to make durable first.
+                let pos = fx.iter().position(
+                    |e| matches!(e, Effect::Send { to, msg: Message::AppendAck { .. } } if *to == from),
+                );
+                let answer = pos.and_then(|p| match fx.remove(p) {
+                    Effect::Send { msg, .. } => Some((p, msg)),
+                    _ => None,
+                });
+                let mut steps: Vec<Step> = fx.into_iter().map(Step::Fx).collect();
+                match answer {
+                    Some((p, m)) => {
+                        steps.insert(p, Step::Reply(reply, StripeResponse::Replicated(Some(m))))
+                    }
+                    None => steps.push(Step::Reply(reply, StripeResponse::Replicated(None))),
+                }
+                self.queue.extend(steps);
+                self.pump(ctx);
+            }
+            StripeRequest::Prepare { stripe, epoch } if mine(stripe) => {
+                let Some(r) = self.replica.as_mut() else {
+                    return;
+                };
+                let (pos, fx) = r.on_prepare(epoch);
+                tracing::info!(
+                    stripe,
+                    epoch,
+                    last = pos.index,
+                    "an election asked for this standby's position"
+                );
+                self.queue.extend(fx.into_iter().map(Step::Fx));
+                self.queue
+                    .push_back(Step::Reply(reply, StripeResponse::Prepared(Ok(pos))));
+                self.pump(ctx);
+            }
+            StripeRequest::Ping { .. } => {
+                let active_in = match self.replica.as_ref().map(|r| r.role()) {
+                    Some(Role::Active { epoch }) => Some(epoch),
+                    _ => None,
+                };
+                self.respond(reply, &StripeResponse::Pong { active_in });
+            }
+            StripeRequest::Write { stripe, cmd } if mine(stripe) => {
+                let (tx, rx) = oneshot::channel();
+                self.write(cmd, tx, ctx);
+                let net = self.net.clone();
+                actix_rt::spawn(async move {
+                    let resp = rx.await.unwrap_or(Err(ServeError::SteppedDown));
+                    respond_with(&net, reply, &StripeResponse::Written(resp));
+                });
+            }
+            StripeRequest::Read {
+                stripe,
+                map,
+                key,
+                stale,
+            } if mine(stripe) => {
+                let (tx, rx) = oneshot::channel();
+                self.read(map, key, stale, tx, ctx);
+                let net = self.net.clone();
+                actix_rt::spawn(async move {
+                    let resp = rx
+                        .await
+                        .unwrap_or(Err(ServeError::SteppedDown))
+                        .map(|v| v.map(|(ver, val)| (ver, ByteBuf::from(val))));
+                    respond_with(&net, reply, &StripeResponse::Value(resp));
+                });
+            }
+            StripeRequest::Keys {
+                stripe,
+                map,
+                prefix,
+                after,
+                limit,
+            } if mine(stripe) => {
+                let keys = self
+                    .store
+                    .keys(&map, &prefix, after.as_deref(), limit as usize)
+                    .map_err(|e| ServeError::Storage(e.to_string()));
+                self.respond(reply, &StripeResponse::Keys(keys));
+            }
+            other => {
+                let stripe = match other {
+                    StripeRequest::Replicate { stripe, .. }
+                    | StripeRequest::Prepare { stripe, .. }
+                    | StripeRequest::Ping { stripe }
+                    | StripeRequest::Write { stripe, .. }
+                    | StripeRequest::Read { stripe, .. }
+                    | StripeRequest::Keys { stripe, .. } => stripe,
+                };
+                let err = ServeError::NotMember(stripe);
+                let resp = match other {
+                    StripeRequest::Prepare { .. } => StripeResponse::Prepared(Err(err)),
+                    StripeRequest::Write { .. } => StripeResponse::Written(Err(err)),
+                    StripeRequest::Read { .. } => StripeResponse::Value(Err(err)),
+                    StripeRequest::Keys { .. } => StripeResponse::Keys(Err(err)),
+                    _ => StripeResponse::Replicated(None),
+                };
+                self.respond(reply, &resp);
+            }
+        }
+    }
+}
+
+fn respond_with(net: &NetHandle, reply: Reply, resp: &StripeResponse) {
+    net.send(NetCommand::Respond {
+        reply,
+        response: Response::Stripe {
+            body: ByteBuf::from(to_cbor(resp)),
+        },
+    });
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(StoreError::Corrupt {
+            path: Default::default(),
+            what: "stripe storage task".into(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+impl Actor for StripeActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+    }
+}
+
+impl Handler<ClientWrite> for StripeActor {
+    type Result = ();
+    fn handle(&mut self, msg: ClientWrite, ctx: &mut Self::Context) {
+        self.write(msg.0, msg.1, ctx);
+    }
+}
+
+impl Handler<ClientRead> for StripeActor {
+    type Result = ();
+    fn handle(&mut self, msg: ClientRead, ctx: &mut Self::Context) {
+        self.read(msg.map, msg.key, msg.stale, msg.reply, ctx);
+    }
+}
+
+impl Handler<ServeStripe> for StripeActor {
+    type Result = ();
+    fn handle(&mut self, msg: ServeStripe, ctx: &mut Self::Context) {
+        self.serve(msg, ctx);
+    }
+}
+
+impl Handler<GetReplication> for StripeActor {
+    type Result = MessageResult<GetReplication>;
+    fn handle(&mut self, _: GetReplication, _: &mut Self::Context) -> Self::Result {
+        let Some(r) = self.replica.as_ref() else {
+            return MessageResult(ReplicationStatus {
+                role: "none",
+                ..Default::default()
+            });
+        };
+        let lags = r
+            .lags()
+            .into_iter()
+            .filter_map(|(n, l)| self.peer_of(n).map(|p| (p.to_string(), l)))
+            .collect();
+        MessageResult(ReplicationStatus {
+            stripe: self.stripe,
+            role: match r.role() {
+                Role::Active { .. } => "active",
+                Role::Follower => "follower",
+            },
+            epoch: r.view().epoch,
+            last_index: r.last().index,
+            commit_index: r.commit_index(),
+            lags,
+        })
+    }
+}

@@ -1,0 +1,276 @@
+//! What a stripe's log entries mean: key/value writes, applied deterministically
+//! on every member (the same entries give the same state and the same answers).
+//! Conditions and request ids are evaluated at apply time, in log order, so a
+//! compare-and-set or a retried request means the same on every member and after
+//! any failover.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use kiln_persistence::{KvTxn, StoreError};
+
+/// Precondition of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Condition {
+    None,
+    /// `If-Match: "n"`: the key's current version is `n`.
+    IfVersion(u64),
+    /// `If-None-Match: *`: the key does not exist.
+    IfAbsent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvOp {
+    Put {
+        map: String,
+        key: String,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        cond: Condition,
+    },
+    Delete {
+        map: String,
+        key: String,
+        cond: Condition,
+    },
+}
+
+impl KvOp {
+    pub fn map_key(&self) -> (&str, &str) {
+        match self {
+            KvOp::Put { map, key, .. } | KvOp::Delete { map, key, .. } => (map, key),
+        }
+    }
+}
+
+/// One client write as it travels and as it sits in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvCommand {
+    /// `k:<Idempotency-Key>` from the client, or `r:<random>` chosen by the node
+    /// that took the request (so its own retries across failover apply once).
+    pub request: String,
+    pub op: KvOp,
+}
+
+impl KvCommand {
+    /// What makes two requests under one id the same request.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut buf = Vec::new();
+        let _ = ciborium::into_writer(&self.op, &mut buf);
+        Sha256::digest(&buf).into()
+    }
+}
+
+/// The answer to a write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvOutcome {
+    /// Written (or deleted) at this version: the index of its log entry, which
+    /// grows with every write of any key of the stripe.
+    Done {
+        version: u64,
+    },
+    NotFound,
+    PreconditionFailed {
+        current: Option<u64>,
+    },
+    /// The request id was used before for a different request.
+    RequestIdReused,
+    /// The entry could not be decoded (never written by a correct node).
+    Invalid,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RequestRecord {
+    fingerprint: [u8; 32],
+    outcome: KvOutcome,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    ciborium::from_reader(bytes).ok()
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let _ = ciborium::into_writer(v, &mut buf);
+    buf
+}
+
+/// Applies the entry at `index` (an empty entry is an active's no-op).
+pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, StoreError> {
+    if data.is_empty() {
+        return Ok(KvOutcome::Done { version: index });
+    }
+    let Some(cmd) = decode::<KvCommand>(data) else {
+        return Ok(KvOutcome::Invalid);
+    };
+    let fingerprint = cmd.fingerprint();
+    if let Some(rec) = tx
+        .request(&cmd.request)?
+        .and_then(|b| decode::<RequestRecord>(&b))
+    {
+        return Ok(if rec.fingerprint == fingerprint {
+            rec.outcome
+        } else {
+            KvOutcome::RequestIdReused
+        });
+    }
+    let (map, key) = cmd.op.map_key();
+    let current = tx.get(map, key)?.map(|(v, _)| v);
+    let cond = match &cmd.op {
+        KvOp::Put { cond, .. } | KvOp::Delete { cond, .. } => *cond,
+    };
+    let holds = match cond {
+        Condition::None => true,
+        Condition::IfVersion(v) => current == Some(v),
+        Condition::IfAbsent => current.is_none(),
+    };
+    let outcome = if !holds {
+        KvOutcome::PreconditionFailed { current }
+    } else {
+        match &cmd.op {
+            KvOp::Put {
+                map, key, value, ..
+            } => {
+                tx.put(map, key, index, value)?;
+                KvOutcome::Done { version: index }
+            }
+            KvOp::Delete { map, key, .. } => {
+                if current.is_none() {
+                    KvOutcome::NotFound
+                } else {
+                    tx.delete(map, key)?;
+                    KvOutcome::Done { version: index }
+                }
+            }
+        }
+    };
+    tx.record_request(
+        &cmd.request,
+        &encode(&RequestRecord {
+            fingerprint,
+            outcome: outcome.clone(),
+        }),
+    )?;
+    Ok(outcome)
+}
+
+/// The slot of a key: a stable hash, so every node routes a key the same way.
+pub fn slot_of(map: &str, key: &str, slots: u32) -> u32 {
+    let d = Sha256::new()
+        .chain_update(map.as_bytes())
+        .chain_update([0u8])
+        .chain_update(key.as_bytes())
+        .finalize();
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]]) % slots.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Default)]
+    struct Mem {
+        kv: BTreeMap<(String, String), (u64, Vec<u8>)>,
+        req: BTreeMap<String, Vec<u8>>,
+    }
+
+    impl KvTxn for Mem {
+        fn get(&self, m: &str, k: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+            Ok(self.kv.get(&(m.into(), k.into())).cloned())
+        }
+        fn put(&mut self, m: &str, k: &str, v: u64, val: &[u8]) -> Result<(), StoreError> {
+            self.kv.insert((m.into(), k.into()), (v, val.to_vec()));
+            Ok(())
+        }
+        fn delete(&mut self, m: &str, k: &str) -> Result<(), StoreError> {
+            self.kv.remove(&(m.into(), k.into()));
+            Ok(())
+        }
+        fn request(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.req.get(id).cloned())
+        }
+        fn record_request(&mut self, id: &str, r: &[u8]) -> Result<(), StoreError> {
+            self.req.insert(id.into(), r.to_vec());
+            Ok(())
+        }
+    }
+
+    fn put(req: &str, value: &[u8], cond: Condition) -> Vec<u8> {
+        encode(&KvCommand {
+            request: req.into(),
+            op: KvOp::Put {
+                map: "m".into(),
+                key: "k".into(),
+                value: value.to_vec(),
+                cond,
+            },
+        })
+    }
+
+    #[test]
+    fn versions_conditions_and_retries() {
+        let mut tx = Mem::default();
+        assert_eq!(
+            apply(&mut tx, 5, &put("a", b"1", Condition::IfAbsent)).unwrap(),
+            KvOutcome::Done { version: 5 }
+        );
+        assert_eq!(
+            apply(&mut tx, 6, &put("b", b"2", Condition::IfAbsent)).unwrap(),
+            KvOutcome::PreconditionFailed { current: Some(5) }
+        );
+        assert_eq!(
+            apply(&mut tx, 7, &put("c", b"3", Condition::IfVersion(5))).unwrap(),
+            KvOutcome::Done { version: 7 }
+        );
+        // The same request again: the first answer, nothing written.
+        assert_eq!(
+            apply(&mut tx, 8, &put("c", b"3", Condition::IfVersion(5))).unwrap(),
+            KvOutcome::Done { version: 7 }
+        );
+        assert_eq!(tx.kv[&("m".into(), "k".into())].0, 7);
+        // Another request under a used id.
+        assert_eq!(
+            apply(&mut tx, 9, &put("c", b"other", Condition::None)).unwrap(),
+            KvOutcome::RequestIdReused
+        );
+        let del = encode(&KvCommand {
+            request: "d".into(),
+            op: KvOp::Delete {
+                map: "m".into(),
+                key: "k".into(),
+                cond: Condition::None,
+            },
+        });
+        assert_eq!(
+            apply(&mut tx, 10, &del).unwrap(),
+            KvOutcome::Done { version: 10 }
+        );
+        let del2 = encode(&KvCommand {
+            request: "d2".into(),
+            op: KvOp::Delete {
+                map: "m".into(),
+                key: "k".into(),
+                cond: Condition::None,
+            },
+        });
+        assert_eq!(apply(&mut tx, 11, &del2).unwrap(), KvOutcome::NotFound);
+        assert_eq!(
+            apply(&mut tx, 12, b"\xff\x00garbage").unwrap(),
+            KvOutcome::Invalid
+        );
+        assert_eq!(
+            apply(&mut tx, 13, b"").unwrap(),
+            KvOutcome::Done { version: 13 }
+        );
+    }
+
+    #[test]
+    fn slots_are_stable_and_spread() {
+        assert_eq!(slot_of("m", "k", 256), slot_of("m", "k", 256));
+        let used: std::collections::BTreeSet<u32> = (0..2000)
+            .map(|i| slot_of("m", &i.to_string(), 256))
+            .collect();
+        assert!(used.len() > 200);
+    }
+}

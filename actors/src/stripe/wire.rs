@@ -1,0 +1,110 @@
+//! Messages between nodes about stripes: replication, elections, and client
+//! operations forwarded to a stripe's active. Carried as the body of
+//! `Request::Stripe` / `Response::Stripe` of the net crate's versioned envelope.
+
+use serde::{Deserialize, Serialize};
+
+use super::kv::{KvCommand, KvOutcome};
+use super::replica::{LogPos, Message};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StripeRequest {
+    /// Replication within a stripe; the answer carries the member's reply.
+    Replicate { stripe: u32, msg: Message },
+    /// An election asks an in-sync standby for its position (and fences it).
+    Prepare { stripe: u32, epoch: u64 },
+    /// An election coordinator checks whether the active still answers.
+    Ping { stripe: u32 },
+    /// A client write for the active.
+    Write { stripe: u32, cmd: KvCommand },
+    /// A client read: linearizable at the active, or `stale` at any member.
+    Read {
+        stripe: u32,
+        map: String,
+        key: String,
+        stale: bool,
+    },
+    /// Keys of a map, for listing.
+    Keys {
+        stripe: u32,
+        map: String,
+        prefix: String,
+        after: Option<String>,
+        limit: u32,
+    },
+}
+
+/// Why a node could not serve a stripe request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ServeError {
+    #[error("not the active of stripe {stripe} (epoch {epoch})")]
+    NotActive { stripe: u32, epoch: u64 },
+    #[error("not a member of stripe {0}")]
+    NotMember(u32),
+    #[error("the stripe's storage failed: {0}")]
+    Storage(String),
+    #[error("the node stepped down before the operation completed")]
+    SteppedDown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StripeResponse {
+    Replicated(Option<Message>),
+    Prepared(Result<LogPos, ServeError>),
+    /// The epoch in which the answering node is active, if it is.
+    Pong {
+        active_in: Option<u64>,
+    },
+    Written(Result<KvOutcome, ServeError>),
+    Value(Result<Option<(u64, serde_bytes::ByteBuf)>, ServeError>),
+    Keys(Result<Vec<String>, ServeError>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::wire::{from_cbor, to_cbor};
+    use crate::stripe::kv::{Condition, KvOp};
+    use crate::stripe::replica::Entry;
+
+    #[test]
+    fn round_trips() {
+        let reqs = vec![
+            StripeRequest::Replicate {
+                stripe: 1,
+                msg: Message::Append {
+                    epoch: 3,
+                    prev: LogPos { epoch: 2, index: 9 },
+                    entries: vec![Entry {
+                        epoch: 3,
+                        data: vec![1, 2, 3],
+                    }],
+                    commit: 8,
+                    round: 4,
+                },
+            },
+            StripeRequest::Write {
+                stripe: 0,
+                cmd: KvCommand {
+                    request: "k:abc".into(),
+                    op: KvOp::Put {
+                        map: "orders".into(),
+                        key: "42".into(),
+                        value: vec![0; 10],
+                        cond: Condition::IfVersion(7),
+                    },
+                },
+            },
+        ];
+        for r in reqs {
+            let back: StripeRequest = from_cbor(&to_cbor(&r), 1 << 20).unwrap();
+            assert_eq!(back, r);
+        }
+        let resp = StripeResponse::Written(Err(ServeError::NotActive {
+            stripe: 1,
+            epoch: 2,
+        }));
+        let back: StripeResponse = from_cbor(&to_cbor(&resp), 1 << 20).unwrap();
+        assert_eq!(back, resp);
+    }
+}

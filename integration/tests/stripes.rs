@@ -1,0 +1,206 @@
+//! Real `kiln` processes: the replicated key/value store keeps every acknowledged
+//! write across a kill -9 of the active, and answers retries once. Deadlines only
+//! guard against hanging.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_integration::*;
+use serde_json::Value;
+
+const SECRET: &str = "stripes-test-secret";
+const LONG: Duration = Duration::from_secs(90);
+
+fn opts() -> NodeOpts {
+    NodeOpts {
+        secret: Some(SECRET.into()),
+        ..Default::default()
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build()
+}
+
+/// PUT a value; the version if acknowledged.
+fn put(agent: &ureq::Agent, node: &Node, key: &str, value: &str) -> Option<u64> {
+    let resp = agent
+        .put(&format!("http://{}/v1/kv/test/{key}", node.http()))
+        .send_string(value)
+        .ok()?;
+    let v: Value = resp.into_json().ok()?;
+    v["version"].as_u64()
+}
+
+fn get(agent: &ureq::Agent, node: &Node, key: &str) -> Option<String> {
+    agent
+        .get(&format!("http://{}/v1/kv/test/{key}", node.http()))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()
+}
+
+/// The peer id of the stripe's active and its standbys, once all are in sync.
+fn wait_in_sync(nodes: &[&Node], standbys: usize) -> String {
+    let mut active = String::new();
+    wait_until(
+        &format!("an active with {standbys} in-sync standbys"),
+        LONG,
+        || {
+            let Some(v) = nodes[0].get("/v1/cluster/stripes") else {
+                return false;
+            };
+            let members = v["stripes"][0]["members"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let in_sync = members.iter().filter(|m| m["role"] == "standby").count();
+            active = v["stripes"][0]["active"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            in_sync == standbys && !active.is_empty()
+        },
+    );
+    active
+}
+
+#[test]
+fn every_acknowledged_write_survives_kill_9_of_the_active() {
+    let _serial = serial();
+    let mut nodes = start_cluster("kv", 3, opts());
+    let ids = wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let active = wait_in_sync(&all, 2);
+    let victim = ids.iter().position(|i| *i == active).unwrap();
+    // Writers go through the two other nodes, so they keep going across the kill.
+    let entry: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let nodes = Arc::new(Mutex::new(std::mem::take(&mut nodes)));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let acked = acked.clone();
+            let nodes = nodes.clone();
+            let entry = entry.clone();
+            std::thread::spawn(move || {
+                let agent = agent();
+                for i in 0..1250 {
+                    let key = format!("w{w}-{i}");
+                    let value = format!("value-{w}-{i}");
+                    let target = {
+                        let nodes = nodes.lock().unwrap();
+                        let n = &nodes[entry[i % 2]];
+                        (n.http(), n.ip)
+                    };
+                    let resp = agent
+                        .put(&format!("http://{}/v1/kv/test/{key}", target.0))
+                        .send_string(&value);
+                    if resp.is_ok_and(|r| r.status() == 200) {
+                        acked.lock().unwrap().insert(key, value);
+                    }
+                }
+            })
+        })
+        .collect();
+    // Kill the active once a good share of the writes is in.
+    wait_until("2000 writes acknowledged", LONG, || {
+        acked.lock().unwrap().len() >= 2000
+    });
+    nodes.lock().unwrap()[victim].kill9();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let nodes = Arc::try_unwrap(nodes).ok().unwrap().into_inner().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 9_000,
+        "only {} of 10000 writes acknowledged",
+        acked.len()
+    );
+
+    // The new active serves every acknowledged write (linearizable reads).
+    let reader = &nodes[entry[0]];
+    let view = reader.get("/v1/cluster/stripes").unwrap();
+    assert_ne!(view["stripes"][0]["active"].as_str().unwrap(), active);
+    assert!(view["stripes"][0]["epoch"].as_u64().unwrap() >= 2);
+    let agent = agent();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|(k, v)| get(&agent, reader, k).as_deref() != Some(v.as_str()))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged writes lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+#[test]
+fn a_retry_with_the_same_idempotency_key_is_applied_once() {
+    let _serial = serial();
+    let nodes = start_cluster("idem", 2, opts());
+    wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_in_sync(&all, 1);
+    let agent = agent();
+    let send = |node: &Node, body: &str, key: &str| {
+        agent
+            .put(&format!("http://{}/v1/kv/test/counter", node.http()))
+            .set("Idempotency-Key", key)
+            .send_string(body)
+            .map_err(Box::new)
+    };
+    let first: Value = send(&nodes[0], "1", "req-1").unwrap().into_json().unwrap();
+    // The retry arrives at the other node: same answer, no second write.
+    let again: Value = send(&nodes[1], "1", "req-1").unwrap().into_json().unwrap();
+    assert_eq!(first, again);
+    let other = send(&nodes[1], "2", "req-1").map_err(|e| *e);
+    assert!(
+        matches!(other, Err(ureq::Error::Status(422, _))),
+        "{other:?}"
+    );
+    assert_eq!(get(&agent, &nodes[1], "counter").as_deref(), Some("1"));
+    // Conditional writes.
+    let v = first["version"].as_u64().unwrap();
+    let stale = agent
+        .put(&format!("http://{}/v1/kv/test/counter", nodes[0].http()))
+        .set("If-Match", &format!("\"{}\"", v + 1000))
+        .send_string("x");
+    assert!(
+        matches!(stale, Err(ureq::Error::Status(412, _))),
+        "{stale:?}"
+    );
+    let ok = agent
+        .put(&format!("http://{}/v1/kv/test/counter", nodes[0].http()))
+        .set("If-Match", &format!("\"{v}\""))
+        .send_string("2");
+    assert!(ok.is_ok());
+    let create = agent
+        .put(&format!("http://{}/v1/kv/test/counter", nodes[0].http()))
+        .set("If-None-Match", "*")
+        .send_string("3");
+    assert!(
+        matches!(create, Err(ureq::Error::Status(412, _))),
+        "{create:?}"
+    );
+    assert!(put(&agent, &nodes[1], "other", "o").is_some());
+    let big = agent
+        .put(&format!("http://{}/v1/kv/test/big", nodes[0].http()))
+        .send_bytes(&vec![0u8; 2 * 1024 * 1024]);
+    assert!(matches!(big, Err(ureq::Error::Status(413, _))), "{big:?}");
+    let list: Value = agent
+        .get(&format!("http://{}/v1/kv/test?limit=1", nodes[1].http()))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(list["keys"], serde_json::json!(["counter"]));
+    assert_eq!(list["next"], "counter");
+}

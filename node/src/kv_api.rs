@@ -1,0 +1,448 @@
+//! The key/value HTTP API: `/v1/kv/{map}/{key}` on every node, routed to the
+//! active of the key's stripe (this node's own stripe actor, or a peer over
+//! request-response). During a failover a request waits and retries, with the
+//! same request id (so it is applied once), for up to `request_timeout_ms`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures::StreamExt;
+use kiln_actors::control::state::SLOT_COUNT;
+use kiln_actors::control::{AddressBook, SharedApplied};
+use kiln_actors::stripe::kv::{slot_of, Condition, KvCommand, KvOp, KvOutcome};
+use kiln_actors::stripe::wire::{ServeError, StripeRequest, StripeResponse};
+use kiln_actors::stripe::{
+    stripe_request, stripe_response, stripe_view, ClientRead, ClientWrite, StripeActor,
+};
+use kiln_net::{NetHandle, PeerId};
+use kiln_persistence::StripeStore;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::http::{ApiError, ApiState};
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Pause between two attempts while a stripe has no reachable active.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// One attempt at a peer.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where key/value requests go.
+pub struct KvRouter {
+    pub me: u64,
+    pub applied: SharedApplied,
+    pub stripe: Option<Addr<StripeActor>>,
+    /// This node's stripe data, for listing keys of its own stripe.
+    pub store: Arc<StripeStore>,
+    pub net: NetHandle,
+    pub book: AddressBook,
+    pub request_timeout: Duration,
+    pub max_value_bytes: usize,
+}
+
+enum Attempt<T> {
+    Done(T),
+    /// Worth retrying (no active, stepped down, unreachable).
+    Retry(String),
+    Fail(ApiError),
+}
+
+impl KvRouter {
+    fn stripe_of(&self, map: &str, key: &str) -> Result<u32, ApiError> {
+        let a = self
+            .applied
+            .read()
+            .map_err(|_| unavailable("control state"))?;
+        if a.state.slots.is_empty() {
+            return Err(unavailable("the cluster is not configured yet"));
+        }
+        let slot = slot_of(map, key, SLOT_COUNT);
+        Ok(a.state.slots[slot as usize])
+    }
+
+    fn peer(&self, node: u64) -> Option<PeerId> {
+        self.applied.read().ok()?.state.peer_of(node)?.parse().ok()
+    }
+
+    async fn call_peer(&self, node: u64, req: &StripeRequest) -> Result<StripeResponse, String> {
+        let peer = self.peer(node).ok_or("the active's address is unknown")?;
+        let addrs = self
+            .book
+            .read()
+            .ok()
+            .and_then(|b| b.get(&peer).cloned())
+            .unwrap_or_default();
+        let call = self.net.call(peer, addrs, stripe_request(req));
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, call).await {
+            Err(_) => Err(format!("{peer} did not answer in time")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(resp)) => stripe_response(resp),
+        }
+    }
+
+    /// Retries `attempt` against the stripe's current active until it answers or
+    /// the request timeout passes.
+    async fn routed<T>(
+        &self,
+        stripe: u32,
+        mut attempt: impl AsyncFnMut(Option<u64>) -> Attempt<T>,
+    ) -> Result<T, ApiError> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let active = stripe_view(&self.applied, stripe).and_then(|v| v.active);
+            let why = match attempt(active).await {
+                Attempt::Done(t) => return Ok(t),
+                Attempt::Fail(e) => return Err(e),
+                Attempt::Retry(why) => why,
+            };
+            if Instant::now() >= deadline {
+                return Err(ApiError::retry_later(format!(
+                    "stripe {stripe} has no reachable active ({why}); retry later"
+                )));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    pub async fn write(&self, cmd: KvCommand) -> Result<KvOutcome, ApiError> {
+        let (map, key) = cmd.op.map_key();
+        let stripe = self.stripe_of(map, key)?;
+        self.routed(stripe, async |active| {
+            let res = match active {
+                None => return Attempt::Retry("no active".into()),
+                Some(a) if a == self.me => match &self.stripe {
+                    Some(addr) => {
+                        let (tx, rx) = oneshot::channel();
+                        addr.do_send(ClientWrite(cmd.clone(), tx));
+                        rx.await.unwrap_or(Err(ServeError::SteppedDown))
+                    }
+                    None => return Attempt::Retry("this node holds no stripe".into()),
+                },
+                Some(a) => match self
+                    .call_peer(
+                        a,
+                        &StripeRequest::Write {
+                            stripe,
+                            cmd: cmd.clone(),
+                        },
+                    )
+                    .await
+                {
+                    Ok(StripeResponse::Written(r)) => r,
+                    Ok(other) => return Attempt::Retry(format!("unexpected answer {other:?}")),
+                    Err(e) => return Attempt::Retry(e),
+                },
+            };
+            classify(res)
+        })
+        .await
+    }
+
+    pub async fn read(
+        &self,
+        map: &str,
+        key: &str,
+        stale: bool,
+    ) -> Result<Option<(u64, Vec<u8>)>, ApiError> {
+        let stripe = self.stripe_of(map, key)?;
+        self.routed(stripe, async |active| {
+            let res = match active {
+                None => return Attempt::Retry("no active".into()),
+                Some(a) if a == self.me => match &self.stripe {
+                    Some(addr) => {
+                        let (tx, rx) = oneshot::channel();
+                        addr.do_send(ClientRead {
+                            map: map.into(),
+                            key: key.into(),
+                            stale,
+                            reply: tx,
+                        });
+                        rx.await.unwrap_or(Err(ServeError::SteppedDown))
+                    }
+                    None => return Attempt::Retry("this node holds no stripe".into()),
+                },
+                Some(a) => match self
+                    .call_peer(
+                        a,
+                        &StripeRequest::Read {
+                            stripe,
+                            map: map.into(),
+                            key: key.into(),
+                            stale,
+                        },
+                    )
+                    .await
+                {
+                    Ok(StripeResponse::Value(r)) => {
+                        r.map(|v| v.map(|(ver, b)| (ver, b.into_vec())))
+                    }
+                    Ok(other) => return Attempt::Retry(format!("unexpected answer {other:?}")),
+                    Err(e) => return Attempt::Retry(e),
+                },
+            };
+            classify(res)
+        })
+        .await
+    }
+
+    /// Keys of `map` across all stripes, in order.
+    pub async fn keys(
+        &self,
+        map: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<String>), ApiError> {
+        let stripes: Vec<u32> = self
+            .applied
+            .read()
+            .map_err(|_| unavailable("control state"))?
+            .state
+            .stripes
+            .keys()
+            .copied()
+            .collect();
+        let mut all = Vec::new();
+        for stripe in stripes {
+            let req = StripeRequest::Keys {
+                stripe,
+                map: map.into(),
+                prefix: prefix.into(),
+                after: after.map(String::from),
+                limit: (limit + 1) as u32,
+            };
+            let keys = self
+                .routed(stripe, async |active| {
+                    let Some(a) = active else {
+                        return Attempt::Retry("no active".into());
+                    };
+                    if a == self.me {
+                        return classify(
+                            self.store
+                                .keys(map, prefix, after, limit + 1)
+                                .map_err(|e| ServeError::Storage(e.to_string())),
+                        );
+                    }
+                    match self.call_peer(a, &req).await {
+                        Ok(StripeResponse::Keys(r)) => classify(r),
+                        Ok(other) => Attempt::Retry(format!("unexpected answer {other:?}")),
+                        Err(e) => Attempt::Retry(e),
+                    }
+                })
+                .await?;
+            all.extend(keys);
+        }
+        all.sort();
+        let next = (all.len() > limit).then(|| all[limit - 1].clone());
+        all.truncate(limit);
+        Ok((all, next))
+    }
+}
+
+fn classify<T>(res: Result<T, ServeError>) -> Attempt<T> {
+    match res {
+        Ok(t) => Attempt::Done(t),
+        Err(ServeError::Storage(e)) => Attempt::Fail(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("the write could not be persisted: {e}"),
+        )),
+        Err(e) => Attempt::Retry(e.to_string()),
+    }
+}
+
+fn unavailable(what: &str) -> ApiError {
+    ApiError::retry_later(format!("{what}; retry later"))
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn check_names(map: &str, key: &str) -> Result<(), ApiError> {
+    if map.is_empty() || key.is_empty() {
+        return Err(bad_request("map and key must not be empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(bad_request(format!(
+            "key of {} bytes exceeds the limit of {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    if map.len() > MAX_KEY_BYTES {
+        return Err(bad_request("map name exceeds 1024 bytes"));
+    }
+    Ok(())
+}
+
+fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match req.headers().get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.trim()))
+            .map_err(|_| bad_request(format!("header {name} is not text"))),
+    }
+}
+
+fn condition(req: &HttpRequest) -> Result<Condition, ApiError> {
+    let if_match = header_str(req, "if-match")?;
+    let if_none = header_str(req, "if-none-match")?;
+    match (if_match, if_none) {
+        (Some(_), Some(_)) => Err(bad_request("give If-Match or If-None-Match, not both")),
+        (Some(v), None) => v
+            .trim_matches('"')
+            .parse::<u64>()
+            .map(Condition::IfVersion)
+            .map_err(|_| bad_request(format!("If-Match must be a version like \"12\", not {v}"))),
+        (None, Some("*")) => Ok(Condition::IfAbsent),
+        (None, Some(v)) => Err(bad_request(format!(
+            "If-None-Match supports only *, not {v}"
+        ))),
+        (None, None) => Ok(Condition::None),
+    }
+}
+
+fn request_id(req: &HttpRequest) -> Result<String, ApiError> {
+    match header_str(req, "idempotency-key")? {
+        Some(k) if k.is_empty() || k.len() > 256 => {
+            Err(bad_request("Idempotency-Key must be 1 to 256 characters"))
+        }
+        Some(k) => Ok(format!("k:{k}")),
+        None => Ok(format!("r:{:032x}", rand::random::<u128>())),
+    }
+}
+
+fn outcome_response(outcome: KvOutcome) -> HttpResponse {
+    match outcome {
+        KvOutcome::Done { version } => HttpResponse::Ok()
+            .insert_header((header::ETAG, format!("\"{version}\"")))
+            .json(json!({ "version": version })),
+        KvOutcome::NotFound => HttpResponse::NotFound().json(json!({ "error": "no such key" })),
+        KvOutcome::PreconditionFailed { current } => HttpResponse::PreconditionFailed()
+            .json(json!({ "error": "precondition failed", "version": current })),
+        KvOutcome::RequestIdReused => HttpResponse::UnprocessableEntity().json(json!({
+            "error": "this Idempotency-Key was used for a different request"
+        })),
+        KvOutcome::Invalid => HttpResponse::InternalServerError()
+            .json(json!({ "error": "the stripe log holds an entry this node cannot read" })),
+    }
+}
+
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| bad_request(format!("cannot read the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("value exceeds max_value_bytes ({limit})"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn router(state: &ApiState) -> Result<&Arc<KvRouter>, ApiError> {
+    state
+        .kv
+        .as_ref()
+        .ok_or_else(|| unavailable("the key/value API is not ready"))
+}
+
+pub async fn put(
+    state: web::Data<ApiState>,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (map, key) = path.into_inner();
+    check_names(&map, &key)?;
+    let kv = router(&state)?;
+    let cond = condition(&req)?;
+    let request = request_id(&req)?;
+    let value = read_body(payload, kv.max_value_bytes).await?;
+    let outcome = kv
+        .write(KvCommand {
+            request,
+            op: KvOp::Put {
+                map,
+                key,
+                value,
+                cond,
+            },
+        })
+        .await?;
+    Ok(outcome_response(outcome))
+}
+
+pub async fn delete(
+    state: web::Data<ApiState>,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let (map, key) = path.into_inner();
+    check_names(&map, &key)?;
+    let kv = router(&state)?;
+    let cond = condition(&req)?;
+    let request = request_id(&req)?;
+    let outcome = kv
+        .write(KvCommand {
+            request,
+            op: KvOp::Delete { map, key, cond },
+        })
+        .await?;
+    Ok(outcome_response(outcome))
+}
+
+#[derive(serde::Deserialize)]
+pub struct ReadQuery {
+    #[serde(default)]
+    stale: bool,
+}
+
+pub async fn get(
+    state: web::Data<ApiState>,
+    path: web::Path<(String, String)>,
+    query: web::Query<ReadQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let (map, key) = path.into_inner();
+    check_names(&map, &key)?;
+    let kv = router(&state)?;
+    match kv.read(&map, &key, query.stale).await? {
+        Some((version, value)) => Ok(HttpResponse::Ok()
+            .insert_header((header::ETAG, format!("\"{version}\"")))
+            .content_type("application/octet-stream")
+            .body(value)),
+        None => Ok(HttpResponse::NotFound().json(json!({ "error": "no such key" }))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+pub async fn list(
+    state: web::Data<ApiState>,
+    map: web::Path<String>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let map = map.into_inner();
+    let kv = router(&state)?;
+    let limit = query.limit.unwrap_or(1000);
+    if limit == 0 || limit > 10_000 {
+        return Err(bad_request("limit must be between 1 and 10000"));
+    }
+    let (keys, next) = kv
+        .keys(&map, &query.prefix, query.after.as_deref(), limit)
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "keys": keys, "next": next })))
+}

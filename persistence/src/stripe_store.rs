@@ -1,0 +1,387 @@
+//! `stripe.redb`: this node's share of the data — the stripe's replication log,
+//! the key/value state it materializes, and recent request results.
+//!
+//! Log entries and request records are opaque bytes here; what a write means is
+//! decided in the actors crate, which applies committed entries through
+//! [`KvTxn`] inside one transaction per batch.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+
+use crate::node_store::{check_format_in, map_open_error};
+use crate::schema::*;
+use crate::StoreError;
+
+/// The stripe database of one data directory.
+pub struct StripeStore {
+    db: Database,
+    path: PathBuf,
+    /// Fsync log appends before they are acknowledged (`persistence = "permanent"`).
+    durable: bool,
+}
+
+/// What the stripe database held at open.
+#[derive(Debug, Clone, Default)]
+pub struct StripeRecovered {
+    pub stripe: Option<u32>,
+    pub promised: u64,
+    /// (epoch, index) of the last entry covered by applied state the log no longer holds.
+    pub base: (u64, u64),
+    /// Log entries after `base`, in order: (index, bytes).
+    pub entries: Vec<(u64, Vec<u8>)>,
+    pub applied: u64,
+}
+
+/// The key/value state as one batch of committed entries sees it.
+pub trait KvTxn {
+    fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    fn put(&mut self, map: &str, key: &str, version: u64, value: &[u8]) -> Result<(), StoreError>;
+    fn delete(&mut self, map: &str, key: &str) -> Result<(), StoreError>;
+    fn request(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn record_request(&mut self, id: &str, record: &[u8]) -> Result<(), StoreError>;
+}
+
+fn u64_of(bytes: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    let n = bytes.len().min(8);
+    a[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(a)
+}
+
+impl StripeStore {
+    /// Opens (or creates) `stripe.redb` in `dir`. With `durable = false`
+    /// (temporary persistence) existing stripe data is discarded first.
+    pub fn open(dir: &Path, durable: bool) -> Result<Self, StoreError> {
+        let path = dir.join(STRIPE_DB_FILE);
+        if !durable && path.exists() {
+            std::fs::remove_file(&path).map_err(|e| StoreError::Storage {
+                path: path.clone(),
+                source: redb::StorageError::Io(e).into(),
+            })?;
+        }
+        let existed = path.exists();
+        let db = if existed {
+            Database::open(&path)
+        } else {
+            Database::create(&path)
+        }
+        .map_err(|e| map_open_error(e, &path))?;
+        let store = StripeStore { db, path, durable };
+        if existed {
+            let txn = store.db.begin_read().map_err(store.storage())?;
+            check_format_in(&txn, STRIPE_META, &store.path)?;
+        } else {
+            let txn = store.write_txn(true)?;
+            {
+                let mut meta = txn.open_table(STRIPE_META).map_err(store.storage())?;
+                meta.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())
+                    .map_err(store.storage())?;
+                txn.open_table(STRIPE_LOG).map_err(store.storage())?;
+                txn.open_table(KV).map_err(store.storage())?;
+                txn.open_table(REQUESTS).map_err(store.storage())?;
+            }
+            txn.commit().map_err(store.storage())?;
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn storage<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
+        move |e| StoreError::Storage {
+            path: self.path.clone(),
+            source: e.into(),
+        }
+    }
+
+    fn write_txn(&self, durable: bool) -> Result<redb::WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write().map_err(self.storage())?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(self.storage())?;
+        Ok(txn)
+    }
+
+    /// Everything needed to restart replication where it stopped.
+    pub fn recover(&self) -> Result<StripeRecovered, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+        let get = |k: &str| -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(meta
+                .get(k)
+                .map_err(self.storage())?
+                .map(|v| v.value().to_vec()))
+        };
+        let base = get(STRIPE_BASE)?
+            .map(|b| {
+                (
+                    u64_of(&b[..b.len().min(8)]),
+                    u64_of(b.get(8..).unwrap_or(&[])),
+                )
+            })
+            .unwrap_or((0, 0));
+        let log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
+        let mut entries = Vec::new();
+        for row in log.range(base.1 + 1..).map_err(self.storage())? {
+            let (k, v) = row.map_err(self.storage())?;
+            entries.push((k.value(), v.value().to_vec()));
+        }
+        Ok(StripeRecovered {
+            stripe: get(STRIPE_ID)?.map(|b| u64_of(&b) as u32),
+            promised: get(STRIPE_PROMISED)?.map(|b| u64_of(&b)).unwrap_or(0),
+            base,
+            entries,
+            applied: get(STRIPE_APPLIED)?.map(|b| u64_of(&b)).unwrap_or(0),
+        })
+    }
+
+    /// Records which stripe this data belongs to (a node placed elsewhere must
+    /// not serve it).
+    pub fn set_stripe(&self, stripe: u32) -> Result<(), StoreError> {
+        let txn = self.write_txn(true)?;
+        {
+            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+            meta.insert(STRIPE_ID, u64::from(stripe).to_le_bytes().as_slice())
+                .map_err(self.storage())?;
+        }
+        txn.commit().map_err(self.storage())
+    }
+
+    /// Log changes in one transaction, fsynced in permanent mode: drop entries
+    /// from `truncate_from`, append `entries`, record `promised`.
+    pub fn persist(
+        &self,
+        truncate_from: Option<u64>,
+        entries: &[(u64, Vec<u8>)],
+        promised: Option<u64>,
+    ) -> Result<(), StoreError> {
+        // A promise is a vote: always durable, whatever the persistence mode.
+        let txn = self.write_txn(self.durable || promised.is_some())?;
+        {
+            let mut log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
+            if let Some(from) = truncate_from {
+                log.retain_in(from.., |_, _| false)
+                    .map_err(self.storage())?;
+            }
+            for (index, bytes) in entries {
+                log.insert(*index, bytes.as_slice())
+                    .map_err(self.storage())?;
+            }
+            if let Some(p) = promised {
+                let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+                meta.insert(STRIPE_PROMISED, p.to_le_bytes().as_slice())
+                    .map_err(self.storage())?;
+            }
+        }
+        txn.commit().map_err(self.storage())
+    }
+
+    /// Log entries with `from <= index <= to`.
+    pub fn entries(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
+        let mut out = Vec::new();
+        for row in log.range(from..=to).map_err(self.storage())? {
+            let (k, v) = row.map_err(self.storage())?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Applies committed entries `(index, bytes)` with `f` in one transaction and
+    /// records the applied index. Not fsynced: the log holds what a crash undoes,
+    /// and it is applied again at restart.
+    pub fn apply<R>(
+        &self,
+        entries: &[(u64, Vec<u8>)],
+        mut f: impl FnMut(&mut dyn KvTxn, u64, &[u8]) -> Result<R, StoreError>,
+    ) -> Result<Vec<R>, StoreError> {
+        let Some(last) = entries.last().map(|e| e.0) else {
+            return Ok(Vec::new());
+        };
+        let txn = self.write_txn(false)?;
+        let mut out = Vec::with_capacity(entries.len());
+        {
+            let mut tx = WriteKv {
+                kv: txn.open_table(KV).map_err(self.storage())?,
+                requests: txn.open_table(REQUESTS).map_err(self.storage())?,
+                path: &self.path,
+            };
+            for (index, bytes) in entries {
+                out.push(f(&mut tx, *index, bytes)?);
+            }
+            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+            meta.insert(STRIPE_APPLIED, last.to_le_bytes().as_slice())
+                .map_err(self.storage())?;
+        }
+        txn.commit().map_err(self.storage())?;
+        Ok(out)
+    }
+
+    /// The current value of a key: (version, value).
+    pub fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let kv = txn.open_table(KV).map_err(self.storage())?;
+        Ok(kv.get((map, key)).map_err(self.storage())?.map(|v| {
+            let (version, value) = v.value();
+            (version, value.to_vec())
+        }))
+    }
+
+    /// Keys of `map` starting with `prefix`, after `after`, at most `limit`.
+    pub fn keys(
+        &self,
+        map: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let kv = txn.open_table(KV).map_err(self.storage())?;
+        let start = match after {
+            Some(a) if a >= prefix => a,
+            _ => prefix,
+        };
+        let mut out = Vec::new();
+        for row in kv.range((map, start)..).map_err(self.storage())? {
+            let (k, _) = row.map_err(self.storage())?;
+            let (m, key) = k.value();
+            if m != map || !key.starts_with(prefix) {
+                break;
+            }
+            if after == Some(key) {
+                continue;
+            }
+            out.push(key.to_string());
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct WriteKv<'t> {
+    kv: redb::Table<'t, (&'static str, &'static str), (u64, &'static [u8])>,
+    requests: redb::Table<'t, &'static str, &'static [u8]>,
+    path: &'t Path,
+}
+
+impl WriteKv<'_> {
+    fn err<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
+        move |e| StoreError::Storage {
+            path: self.path.to_path_buf(),
+            source: e.into(),
+        }
+    }
+}
+
+impl KvTxn for WriteKv<'_> {
+    fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self.kv.get((map, key)).map_err(self.err())?.map(|v| {
+            let (version, value) = v.value();
+            (version, value.to_vec())
+        }))
+    }
+
+    fn put(&mut self, map: &str, key: &str, version: u64, value: &[u8]) -> Result<(), StoreError> {
+        let path = self.path.to_path_buf();
+        self.kv
+            .insert((map, key), (version, value))
+            .map_err(|e| StoreError::Storage {
+                path,
+                source: e.into(),
+            })?;
+        Ok(())
+    }
+
+    fn delete(&mut self, map: &str, key: &str) -> Result<(), StoreError> {
+        let path = self.path.to_path_buf();
+        self.kv
+            .remove((map, key))
+            .map_err(|e| StoreError::Storage {
+                path,
+                source: e.into(),
+            })?;
+        Ok(())
+    }
+
+    fn request(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .requests
+            .get(id)
+            .map_err(self.err())?
+            .map(|v| v.value().to_vec()))
+    }
+
+    fn record_request(&mut self, id: &str, record: &[u8]) -> Result<(), StoreError> {
+        let path = self.path.to_path_buf();
+        self.requests
+            .insert(id, record)
+            .map_err(|e| StoreError::Storage {
+                path,
+                source: e.into(),
+            })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_and_promise_survive_reopen_and_apply_writes_state() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = StripeStore::open(dir.path(), true).unwrap();
+            s.set_stripe(1).unwrap();
+            s.persist(
+                None,
+                &[(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"c".to_vec())],
+                Some(4),
+            )
+            .unwrap();
+            s.persist(Some(3), &[(3, b"C".to_vec())], None).unwrap();
+            let n = s
+                .apply(&s.entries(1, 2).unwrap(), |tx, i, bytes| {
+                    let key = String::from_utf8_lossy(bytes).to_string();
+                    tx.put("m", &key, i, bytes)?;
+                    tx.record_request(&key, b"done")?;
+                    Ok(i)
+                })
+                .unwrap();
+            assert_eq!(n, vec![1, 2]);
+        }
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        let r = s.recover().unwrap();
+        assert_eq!(r.stripe, Some(1));
+        assert_eq!(r.promised, 4);
+        assert_eq!(r.applied, 2);
+        assert_eq!(
+            r.entries,
+            vec![(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"C".to_vec())]
+        );
+        assert_eq!(s.get("m", "b").unwrap(), Some((2, b"b".to_vec())));
+        assert_eq!(s.keys("m", "", None, 10).unwrap(), vec!["a", "b"]);
+        assert_eq!(s.keys("m", "", Some("a"), 10).unwrap(), vec!["b"]);
+        assert!(s.keys("other", "", None, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn temporary_mode_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = StripeStore::open(dir.path(), true).unwrap();
+            s.persist(None, &[(1, b"a".to_vec())], Some(2)).unwrap();
+        }
+        let s = StripeStore::open(dir.path(), false).unwrap();
+        assert!(s.recover().unwrap().entries.is_empty());
+    }
+}
