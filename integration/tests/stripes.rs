@@ -203,4 +203,22 @@ fn a_retry_with_the_same_idempotency_key_is_applied_once() {
         .unwrap();
     assert_eq!(list["keys"], serde_json::json!(["counter"]));
     assert_eq!(list["next"], "counter");
+
+    // The same through `kiln kv`, with a key that needs percent-encoding.
+    let http = nodes[1].http();
+    let out = kiln_cli(&["kv", "put", "test", "cli/key 1", "hello", "--http", &http]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("version "));
+    let out = kiln_cli(&["kv", "get", "test", "cli/key 1", "--http", &nodes[0].http()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello");
+    let out = kiln_cli(&["kv", "ls", "test", "--prefix", "cli", "--http", &http]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "cli/key 1\n");
+    let out = kiln_cli(&["kv", "del", "test", "cli/key 1", "--http", &http]);
+    assert!(out.status.success(), "{out:?}");
+    let out = kiln_cli(&["kv", "get", "test", "cli/key 1", "--http", &http]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404"),
+        "{out:?}"
+    );
 }

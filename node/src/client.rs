@@ -212,3 +212,222 @@ pub fn forget(args: &ApiArgs, id: &str) -> anyhow::Result<()> {
     println!("forgot {id}");
     Ok(())
 }
+
+/// Percent-encodes one URL path segment (everything but unreserved characters).
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `kiln kv ...`: the key/value API from the command line.
+#[derive(Debug, clap::Subcommand)]
+pub enum KvCommand {
+    /// Print a key's value (linearizable unless --stale).
+    Get {
+        map: String,
+        key: String,
+        /// Any member of the stripe may answer, possibly behind the active.
+        #[arg(long)]
+        stale: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Write a key: the value from the argument, --file, or standard input.
+    Put {
+        map: String,
+        key: String,
+        value: Option<String>,
+        #[arg(long, conflicts_with = "value")]
+        file: Option<std::path::PathBuf>,
+        /// Compare-and-set: only if the key's version is N.
+        #[arg(long, value_name = "N")]
+        if_version: Option<u64>,
+        /// Create-only: only if the key does not exist.
+        #[arg(long, conflicts_with = "if_version")]
+        if_absent: bool,
+        /// A retry with the same key is answered once, not applied twice.
+        #[arg(long, value_name = "K")]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a key.
+    Del {
+        map: String,
+        key: String,
+        #[arg(long, value_name = "N")]
+        if_version: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the keys of a map, across all stripes.
+    Ls {
+        map: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+impl Api {
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<ureq::Response> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.agent.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let res = match body {
+            Some(b) => req.send_bytes(b),
+            None => req.call(),
+        };
+        match res {
+            Ok(resp) => Ok(resp),
+            Err(ureq::Error::Status(code, resp)) => {
+                let body: Value = resp.into_json().unwrap_or(Value::Null);
+                let msg = body["error"].as_str().unwrap_or("no detail").to_string();
+                Err(anyhow!("{method} {url}: {code}: {msg}"))
+            }
+            Err(e) => Err(anyhow!(
+                "cannot reach kiln at {}: {e}; is the node running and is --http right?",
+                self.base
+            )),
+        }
+    }
+}
+
+pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let path =
+        |map: &str, key: &str| format!("/v1/kv/{}/{}", encode_segment(map), encode_segment(key));
+    match cmd {
+        KvCommand::Get {
+            map,
+            key,
+            stale,
+            api,
+        } => {
+            let api = Api::new(&api);
+            let q = if stale { "?stale=true" } else { "" };
+            let resp = api.send("GET", &format!("{}{q}", path(&map, &key)), &[], None)?;
+            let mut value = Vec::new();
+            resp.into_reader()
+                .read_to_end(&mut value)
+                .context("cannot read the value")?;
+            std::io::stdout().write_all(&value)?;
+        }
+        KvCommand::Put {
+            map,
+            key,
+            value,
+            file,
+            if_version,
+            if_absent,
+            idempotency_key,
+            api,
+        } => {
+            let api = Api::new(&api);
+            let body = match (value, file) {
+                (Some(v), _) => v.into_bytes(),
+                (None, Some(f)) => {
+                    std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?
+                }
+                (None, None) => {
+                    let mut b = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut b)
+                        .context("cannot read the value from standard input")?;
+                    b
+                }
+            };
+            let mut headers = Vec::new();
+            if let Some(v) = if_version {
+                headers.push(("If-Match", format!("\"{v}\"")));
+            }
+            if if_absent {
+                headers.push(("If-None-Match", "*".to_string()));
+            }
+            if let Some(k) = idempotency_key {
+                headers.push(("Idempotency-Key", k));
+            }
+            let resp = api.send("PUT", &path(&map, &key), &headers, Some(&body))?;
+            let v: Value = resp.into_json().context("answer is not JSON")?;
+            println!("version {}", v["version"]);
+        }
+        KvCommand::Del {
+            map,
+            key,
+            if_version,
+            api,
+        } => {
+            let api = Api::new(&api);
+            let headers: Vec<(&str, String)> = if_version
+                .map(|v| vec![("If-Match", format!("\"{v}\""))])
+                .unwrap_or_default();
+            let resp = api.send("DELETE", &path(&map, &key), &headers, None)?;
+            let v: Value = resp.into_json().context("answer is not JSON")?;
+            println!("deleted at version {}", v["version"]);
+        }
+        KvCommand::Ls {
+            map,
+            prefix,
+            limit,
+            api,
+        } => {
+            let api = Api::new(&api);
+            let mut after: Option<String> = None;
+            let mut printed = 0;
+            loop {
+                let mut q = format!(
+                    "/v1/kv/{}?prefix={}&limit={}",
+                    encode_segment(&map),
+                    encode_segment(&prefix),
+                    limit.clamp(1, 10_000)
+                );
+                if let Some(a) = &after {
+                    q.push_str(&format!("&after={}", encode_segment(a)));
+                }
+                let v = api.get(&q)?;
+                for k in v["keys"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+                    println!("{}", k.as_str().unwrap_or("?"));
+                    printed += 1;
+                }
+                match v["next"].as_str() {
+                    Some(n) if printed < limit => after = Some(n.to_string()),
+                    _ => break,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_percent_encoded() {
+        assert_eq!(encode_segment("orders/42 x"), "orders%2F42%20x");
+        assert_eq!(encode_segment("a-b_c.d~"), "a-b_c.d~");
+        assert_eq!(encode_segment("é"), "%C3%A9");
+    }
+}

@@ -22,8 +22,13 @@ enum Command {
     Run(Box<config::RunArgs>),
     /// Start a local cluster of real nodes on loopback; Ctrl-C stops them all.
     Demo(demo::DemoArgs),
-    /// Print a node's view of the cluster: members, their state and last contact.
+    /// Print a node's view of the cluster: members and their state, stripes and their roles.
     Status(client::ApiArgs),
+    /// Read and write the replicated key/value store.
+    Kv {
+        #[command(subcommand)]
+        command: client::KvCommand,
+    },
     /// Manage the member table.
     Members {
         #[command(subcommand)]
@@ -69,6 +74,7 @@ fn main() {
         },
         Command::Demo(args) => demo::demo(args),
         Command::Status(api) => client::status(&api),
+        Command::Kv { command } => client::kv(command),
         Command::Members { command } => match command {
             MembersCommand::Forget { id, api } => client::forget(&api, &id),
             MembersCommand::List(api) => client::status(&api),
