@@ -222,3 +222,76 @@ fn a_retry_with_the_same_idempotency_key_is_applied_once() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_graceful_stop_or_a_handover_of_the_active_fails_no_request() {
+    let _serial = serial();
+    let mut nodes = start_cluster("ho", 3, opts());
+    let ids = wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let active = wait_in_sync(&all, 2);
+    let victim = ids.iter().position(|i| *i == active).unwrap();
+    let entry: Vec<String> = (0..3)
+        .filter(|i| *i != victim)
+        .map(|i| nodes[i].http())
+        .collect();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (stop, failures, done, entry) =
+                (stop.clone(), failures.clone(), done.clone(), entry.clone());
+            std::thread::spawn(move || {
+                let agent = agent();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let url = format!("http://{}/v1/kv/test/h{w}-{i}", entry[i % 2]);
+                    match agent.put(&url).send_string("v") {
+                        Ok(_) => {
+                            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!("{url}: {e}")),
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let progress = |n: usize| {
+        let start = done.load(std::sync::atomic::Ordering::SeqCst);
+        wait_until(&format!("{n} more writes"), LONG, || {
+            done.load(std::sync::atomic::Ordering::SeqCst) >= start + n
+        });
+    };
+    progress(200);
+    // SIGTERM of the active: it hands over before it leaves.
+    assert_eq!(nodes[victim].terminate(), Some(0));
+    progress(200);
+    // And a handover on demand, at the new active.
+    let http = entry[0].clone();
+    let out = kiln_cli(&["stripe", "handover", "--stripe", "0", "--http", &http]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("active is now"),
+        "{out:?}"
+    );
+    progress(200);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let log = nodes[victim].log();
+    assert!(
+        log.contains("handed the active role over"),
+        "the stopped active handed over"
+    );
+}

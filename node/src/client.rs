@@ -73,6 +73,10 @@ impl Api {
     pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
         self.call("DELETE", path)
     }
+
+    pub fn post(&self, path: &str) -> anyhow::Result<Value> {
+        self.call("POST", path)
+    }
 }
 
 fn ago(now_ms: u64, then: &Value) -> String {
@@ -416,6 +420,21 @@ pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `kiln stripe handover`: move a stripe's active role to an in-sync standby.
+pub fn handover(api: &ApiArgs, stripe: u32, to: Option<&str>) -> anyhow::Result<()> {
+    let api = Api::new(api);
+    let mut path = format!("/v1/cluster/stripes/{stripe}/handover");
+    if let Some(t) = to {
+        path.push_str(&format!("?to={}", encode_segment(t)));
+    }
+    let v = api.post(&path)?;
+    match v["active"].as_str() {
+        Some(a) => println!("stripe {stripe}: active is now {a}"),
+        None => println!("stripe {stripe}: nothing to hand over"),
     }
     Ok(())
 }

@@ -276,6 +276,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/cluster/members", web::get().to(members))
         .route("/v1/cluster/members/{id}", web::delete().to(forget))
         .route("/v1/cluster/stripes", web::get().to(stripes))
+        .route(
+            "/v1/cluster/stripes/{stripe}/handover",
+            web::post().to(crate::kv_api::handover),
+        )
         .route("/v1/kv/{map}", web::get().to(crate::kv_api::list))
         .route("/v1/kv/{map}/{key}", web::put().to(crate::kv_api::put))
         .route("/v1/kv/{map}/{key}", web::get().to(crate::kv_api::get))

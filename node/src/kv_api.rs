@@ -15,7 +15,7 @@ use kiln_actors::control::{AddressBook, SharedApplied};
 use kiln_actors::stripe::kv::{slot_of, Condition, KvCommand, KvOp, KvOutcome};
 use kiln_actors::stripe::wire::{ServeError, StripeRequest, StripeResponse};
 use kiln_actors::stripe::{
-    stripe_request, stripe_response, stripe_view, ClientRead, ClientWrite, StripeActor,
+    stripe_request, stripe_response, stripe_view, ClientRead, ClientWrite, HandOver, StripeActor,
 };
 use kiln_net::{NetHandle, PeerId};
 use kiln_persistence::StripeStore;
@@ -187,6 +187,46 @@ impl KvRouter {
             classify(res)
         })
         .await
+    }
+
+    /// Planned handover of `stripe`'s active role; answers the new active.
+    pub async fn handover(
+        &self,
+        stripe: u32,
+        to: Option<String>,
+    ) -> Result<Option<String>, ApiError> {
+        let active = stripe_view(&self.applied, stripe)
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no stripe {stripe}")))?
+            .active
+            .ok_or_else(|| unavailable(&format!("stripe {stripe} has no active")))?;
+        let result = if active == self.me {
+            let Some(addr) = &self.stripe else {
+                return Err(unavailable("this node holds no stripe"));
+            };
+            let to = to.as_deref().map(kiln_actors::control::types::node_id_of);
+            let (tx, rx) = oneshot::channel();
+            addr.do_send(HandOver { to, reply: tx });
+            match tokio::time::timeout(Duration::from_secs(10), rx).await {
+                Ok(Ok(Ok(n))) => Ok(n.and_then(|n| self.peer(n).map(|p| p.to_string()))),
+                Ok(Ok(Err(e))) => Err(e),
+                _ => Err("the handover did not complete in time".to_string()),
+            }
+        } else {
+            match self
+                .call_peer(active, &StripeRequest::HandOver { stripe, to })
+                .await
+            {
+                Ok(StripeResponse::HandedOver(r)) => r,
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(e) => Err(e),
+            }
+        };
+        result.map_err(|e| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                format!("handover of stripe {stripe} failed: {e}"),
+            )
+        })
     }
 
     /// Keys of `map` across all stripes, in order.
@@ -445,4 +485,21 @@ pub async fn list(
         .keys(&map, &query.prefix, query.after.as_deref(), limit)
         .await?;
     Ok(HttpResponse::Ok().json(json!({ "keys": keys, "next": next })))
+}
+
+#[derive(serde::Deserialize)]
+pub struct HandOverQuery {
+    to: Option<String>,
+}
+
+pub async fn handover(
+    state: web::Data<ApiState>,
+    stripe: web::Path<u32>,
+    query: web::Query<HandOverQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let kv = router(&state)?;
+    let active = kv
+        .handover(stripe.into_inner(), query.into_inner().to)
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "active": active })))
 }

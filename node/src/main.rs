@@ -29,10 +29,29 @@ enum Command {
         #[command(subcommand)]
         command: client::KvCommand,
     },
+    /// Stripe maintenance.
+    Stripe {
+        #[command(subcommand)]
+        command: StripeCommand,
+    },
     /// Manage the member table.
     Members {
         #[command(subcommand)]
         command: MembersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StripeCommand {
+    /// Hand a stripe's active role to an in-sync standby without failing a request.
+    Handover {
+        #[arg(long)]
+        stripe: u32,
+        /// Peer id of the standby to hand over to (default: the most up to date).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        api: client::ApiArgs,
     },
 }
 
@@ -75,6 +94,11 @@ fn main() {
         Command::Demo(args) => demo::demo(args),
         Command::Status(api) => client::status(&api),
         Command::Kv { command } => client::kv(command),
+        Command::Stripe { command } => match command {
+            StripeCommand::Handover { stripe, to, api } => {
+                client::handover(&api, stripe, to.as_deref())
+            }
+        },
         Command::Members { command } => match command {
             MembersCommand::Forget { id, api } => client::forget(&api, &id),
             MembersCommand::List(api) => client::status(&api),

@@ -16,7 +16,7 @@ use kiln_actors::control::{
 use kiln_actors::membership::{Leave, MembershipActor, MembershipMetrics};
 use kiln_actors::stripe::replica::ReplicaConfig;
 use kiln_actors::stripe::wire::StripeRequest;
-use kiln_actors::stripe::{ServeStripe, StripeActor};
+use kiln_actors::stripe::{HandOver, ServeStripe, StripeActor};
 use kiln_net::wire::{MemberRecord, MemberStatus, Request, Response};
 use kiln_net::{Keypair, NetCommand, NetConfig, NetHandle, ServiceRequest};
 use kiln_persistence::{ControlStore, NodeStore, StripeStore};
@@ -215,6 +215,21 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::info!(http = %settings.http, "HTTP API ready");
         actix_rt::spawn(server);
         wait_for_signal().await;
+        if let Some(stripe) = &stripe {
+            // An active hands its role to an in-sync standby first, so that no
+            // client request fails because this node goes away.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            stripe.do_send(HandOver {
+                to: None,
+                reply: tx,
+            });
+            match tokio::time::timeout(Duration::from_secs(5), rx).await {
+                Ok(Ok(Ok(Some(_)))) => tracing::info!("handed the active role over"),
+                Ok(Ok(Ok(None))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(reason = %e, "stopping without a handover"),
+                _ => tracing::warn!("the handover did not complete within 5 s; stopping anyway"),
+            }
+        }
         tracing::info!("shutting down: announcing leave");
         let _ = membership.send(Leave).await;
         handle.stop(true).await;

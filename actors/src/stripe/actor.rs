@@ -20,7 +20,7 @@ use super::replica::{
     Effect, Entry, LogPos, Message, Proposal, Recovered, Replica, ReplicaConfig, Role, StripeView,
 };
 use super::wire::{ServeError, StripeRequest, StripeResponse};
-use crate::control::state::{ControlCommand, Placement};
+use crate::control::state::{ControlCommand, ControlOutcome, Placement};
 use crate::control::wire::{from_cbor, to_cbor, MAX_CONTROL_BODY};
 use crate::control::{
     AddressBook, ConfirmActive, ControlPlane, Propose, RequestElection, SharedApplied,
@@ -108,6 +108,16 @@ pub struct ReplicationStatus {
 #[rtype(result = "ReplicationStatus")]
 pub struct GetReplication;
 
+/// Planned handover of this node's active role (to `to`, or the most
+/// up-to-date in-sync standby). Answers the new active once the control plane
+/// made it so; `Ok(None)` if this node is not active (nothing to hand over).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HandOver {
+    pub to: Option<u64>,
+    pub reply: oneshot::Sender<Result<Option<u64>, String>>,
+}
+
 pub struct StripeActor {
     me: u64,
     stripe: Option<u32>,
@@ -129,6 +139,7 @@ pub struct StripeActor {
     reads: HashMap<u64, (String, String, ReadReply)>,
     next_read: u64,
     view_version: u64,
+    handover_waiters: Vec<oneshot::Sender<Result<Option<u64>, String>>>,
 }
 
 impl StripeActor {
@@ -161,6 +172,7 @@ impl StripeActor {
             reads: HashMap::new(),
             next_read: 1,
             view_version: 0,
+            handover_waiters: Vec::new(),
         }
     }
 
@@ -245,6 +257,12 @@ impl StripeActor {
         let now = self.now_ms();
         if let Some(r) = self.replica.as_mut() {
             fx.extend(r.tick(now));
+        }
+        if !self.handover_waiters.is_empty() && !self.is_active() {
+            let active = self.replica.as_ref().and_then(|r| r.view().active);
+            for w in self.handover_waiters.drain(..) {
+                let _ = w.send(Ok(active));
+            }
         }
         self.push(fx, ctx);
     }
@@ -428,6 +446,30 @@ impl StripeActor {
     fn propose(&mut self, p: Proposal, ctx: &mut Context<Self>) {
         let Some(stripe) = self.stripe else { return };
         match p.clone() {
+            Proposal::HandOver { epoch, to } => {
+                let in_sync = self
+                    .applied
+                    .read()
+                    .ok()
+                    .and_then(|a| a.state.stripes.get(&stripe).map(|s| s.in_sync.clone()))
+                    .unwrap_or_default();
+                tracing::info!(stripe, epoch, to, "handing the active role over");
+                let cmd = ControlCommand::Promote {
+                    stripe,
+                    epoch,
+                    node: to,
+                    in_sync,
+                };
+                ctx.spawn(self.control.send(Propose(cmd)).into_actor(self).map(
+                    move |res, act, _| {
+                        if !matches!(res, Ok(Ok(ControlOutcome::Promoted { .. }))) {
+                            if let Some(r) = act.replica.as_mut() {
+                                r.on_proposal_failed(&p);
+                            }
+                        }
+                    },
+                ));
+            }
             Proposal::ConfirmActive { epoch } => {
                 ctx.spawn(
                     self.control
@@ -663,6 +705,31 @@ impl StripeActor {
                     respond_with(&net, reply, &StripeResponse::Value(resp));
                 });
             }
+            StripeRequest::HandOver { stripe, to } if mine(stripe) => {
+                let to = match to.map(|p| crate::control::types::node_id_of(&p)) {
+                    Some(n) if self.peer_of(n).is_none() => {
+                        self.respond(
+                            reply,
+                            &StripeResponse::HandedOver(Err("unknown peer".into())),
+                        );
+                        return;
+                    }
+                    other => other,
+                };
+                let (tx, rx) = oneshot::channel();
+                ctx.notify(HandOver { to, reply: tx });
+                let net = self.net.clone();
+                let applied = self.applied.clone();
+                actix_rt::spawn(async move {
+                    let resp = match tokio::time::timeout(Duration::from_secs(10), rx).await {
+                        Ok(Ok(Ok(active))) => Ok(active
+                            .and_then(|n| applied.read().ok()?.state.peer_of(n).map(String::from))),
+                        Ok(Ok(Err(e))) => Err(e),
+                        _ => Err("the handover did not complete in time".into()),
+                    };
+                    respond_with(&net, reply, &StripeResponse::HandedOver(resp));
+                });
+            }
             StripeRequest::Keys {
                 stripe,
                 map,
@@ -683,6 +750,7 @@ impl StripeActor {
                     | StripeRequest::Ping { stripe }
                     | StripeRequest::Write { stripe, .. }
                     | StripeRequest::Read { stripe, .. }
+                    | StripeRequest::HandOver { stripe, .. }
                     | StripeRequest::Keys { stripe, .. } => stripe,
                 };
                 let err = ServeError::NotMember(stripe);
@@ -691,6 +759,9 @@ impl StripeActor {
                     StripeRequest::Write { .. } => StripeResponse::Written(Err(err)),
                     StripeRequest::Read { .. } => StripeResponse::Value(Err(err)),
                     StripeRequest::Keys { .. } => StripeResponse::Keys(Err(err)),
+                    StripeRequest::HandOver { .. } => {
+                        StripeResponse::HandedOver(Err(err.to_string()))
+                    }
                     _ => StripeResponse::Replicated(None),
                 };
                 self.respond(reply, &resp);
@@ -747,6 +818,30 @@ impl Handler<ServeStripe> for StripeActor {
     type Result = ();
     fn handle(&mut self, msg: ServeStripe, ctx: &mut Self::Context) {
         self.serve(msg, ctx);
+    }
+}
+
+impl Handler<HandOver> for StripeActor {
+    type Result = ();
+    fn handle(&mut self, msg: HandOver, ctx: &mut Self::Context) {
+        let Some(r) = self.replica.as_mut() else {
+            let _ = msg.reply.send(Ok(None));
+            return;
+        };
+        if !matches!(r.role(), Role::Active { .. }) {
+            let _ = msg.reply.send(Ok(None));
+            return;
+        }
+        match r.hand_over(msg.to) {
+            Ok((to, fx)) => {
+                tracing::info!(stripe = ?self.stripe, to, "planned handover started");
+                self.handover_waiters.push(msg.reply);
+                self.push(fx, ctx);
+            }
+            Err(e) => {
+                let _ = msg.reply.send(Err(e.to_string()));
+            }
+        }
     }
 }
 

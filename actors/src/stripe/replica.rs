@@ -100,6 +100,9 @@ pub enum Proposal {
     /// commits and serves reads only once the control plane confirms the epoch
     /// is current ([`Replica::on_confirmed`]).
     ConfirmActive { epoch: u64 },
+    /// Planned handover: make `to`, which holds every entry of this active of
+    /// `epoch`, the next active (no election: this active stopped writing).
+    HandOver { epoch: u64, to: NodeId },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +253,9 @@ pub struct Replica {
     /// The control plane confirmed this node is the active of its epoch.
     confirmed: bool,
     confirm_asked: bool,
+    /// A planned handover to this standby is under way: no new writes.
+    handing_over: Option<NodeId>,
+    handover_asked: bool,
     /// Standbys proposed for the in-sync set: already waited for.
     adding: BTreeSet<NodeId>,
     /// In-sync standbys proposed for removal (still waited for until decided).
@@ -278,6 +284,8 @@ impl Replica {
             start_index: 0,
             confirmed: false,
             confirm_asked: false,
+            handing_over: None,
+            handover_asked: false,
             adding: BTreeSet::new(),
             removing: BTreeSet::new(),
             round: 0,
@@ -450,6 +458,8 @@ impl Replica {
         self.start_index = index;
         self.confirmed = false;
         self.confirm_asked = true;
+        self.handing_over = None;
+        self.handover_asked = false;
         fx.push(Effect::Propose(Proposal::ConfirmActive { epoch }));
         self.progress.clear();
         self.adding.clear();
@@ -461,6 +471,8 @@ impl Replica {
     fn step_down(&mut self, fx: &mut Vec<Effect>) {
         if let Role::Active { epoch } = self.role {
             self.role = Role::Follower;
+            self.handing_over = None;
+            self.handover_asked = false;
             self.progress.clear();
             self.adding.clear();
             self.removing.clear();
@@ -479,6 +491,12 @@ impl Replica {
                 active: self.view.active,
             });
         };
+        if self.handing_over.is_some() {
+            return Err(NotActive {
+                epoch: self.view.epoch,
+                active: self.view.active,
+            });
+        }
         let first = self.last().index + 1;
         let mut entries = Vec::with_capacity(writes.len());
         for (k, data) in writes.into_iter().enumerate() {
@@ -575,6 +593,7 @@ impl Replica {
                         in_sync: true,
                     }));
                 }
+                self.maybe_hand_over(&mut fx);
                 self.compact(&mut fx);
             }
             Role::Follower => {
@@ -952,6 +971,7 @@ impl Replica {
         }
         self.replicate(fx, false);
         self.advance_commit(fx);
+        self.maybe_hand_over(fx);
     }
 
     /// The snapshot offered to `to` arrived there, covering entries up to `at`.
@@ -991,6 +1011,50 @@ impl Replica {
             }
             Proposal::Election { .. } => self.last_election_ask_ms = None,
             Proposal::ConfirmActive { .. } => self.confirm_asked = false,
+            Proposal::HandOver { .. } => self.handover_asked = false,
+        }
+    }
+
+    /// Starts a planned handover (graceful stop, maintenance): no new writes are
+    /// taken; once `to` (or the most up-to-date in-sync standby) holds every
+    /// entry, the control plane is asked to make it active. Returns the standby.
+    pub fn hand_over(
+        &mut self,
+        to: Option<NodeId>,
+    ) -> Result<(NodeId, Vec<Effect>), HandOverError> {
+        if !self.is_active() || !self.confirmed {
+            return Err(HandOverError::NotActive);
+        }
+        let target = match to {
+            Some(t) if self.view.in_sync.contains(&t) => t,
+            Some(t) => return Err(HandOverError::NotInSync(t)),
+            None => self
+                .view
+                .in_sync
+                .iter()
+                .max_by_key(|n| (self.progress.get(n).map(|p| p.matched).unwrap_or(0), **n))
+                .copied()
+                .ok_or(HandOverError::NoStandby)?,
+        };
+        self.handing_over = Some(target);
+        self.handover_asked = false;
+        let mut fx = Vec::new();
+        self.replicate(&mut fx, true);
+        self.maybe_hand_over(&mut fx);
+        Ok((target, fx))
+    }
+
+    fn maybe_hand_over(&mut self, fx: &mut Vec<Effect>) {
+        let (Some(to), Role::Active { epoch }) = (self.handing_over, self.role) else {
+            return;
+        };
+        let caught_up = self
+            .progress
+            .get(&to)
+            .is_some_and(|p| p.matched >= self.last().index);
+        if caught_up && self.commit >= self.last().index && !self.handover_asked {
+            self.handover_asked = true;
+            fx.push(Effect::Propose(Proposal::HandOver { epoch, to }));
         }
     }
 
@@ -1061,6 +1125,17 @@ impl Replica {
         }
         (self.last(), fx)
     }
+}
+
+/// Why a planned handover cannot start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandOverError {
+    #[error("this node is not the confirmed active of its stripe")]
+    NotActive,
+    #[error("node {0} is not an in-sync standby")]
+    NotInSync(NodeId),
+    #[error("the stripe has no in-sync standby to hand over to")]
+    NoStandby,
 }
 
 /// Why a write or read cannot be served here.

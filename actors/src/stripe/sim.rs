@@ -370,6 +370,15 @@ impl Sim {
                     });
                 }
                 SimMsg::Propose(Proposal::Election { epoch }) => self.start_election(epoch),
+                SimMsg::Propose(Proposal::HandOver { epoch, to }) => {
+                    let in_sync = self.view().in_sync;
+                    self.apply_cp(ControlCommand::Promote {
+                        stripe: 0,
+                        epoch,
+                        node: to,
+                        in_sync,
+                    });
+                }
                 SimMsg::Propose(Proposal::ConfirmActive { epoch }) => {
                     let v = self.view();
                     let current = v.epoch == epoch && v.active == Some(from);
@@ -529,6 +538,16 @@ impl Sim {
             self.cp_down_until = self.now + self.rng.gen_range(1..100) * STEP_MS;
         } else if r < 0.012 {
             self.isolated.clear();
+        } else if r < 0.013 {
+            // A planned handover on whichever node is active.
+            for id in 1..=n {
+                let i = (id - 1) as usize;
+                if self.nodes[i].up {
+                    if let Ok((_, fx)) = self.nodes[i].replica.hand_over(None) {
+                        self.run(id, fx);
+                    }
+                }
+            }
         }
         for id in 1..=n {
             if self.chaos && !self.nodes[(id - 1) as usize].up && self.rng.gen_bool(0.02) {
@@ -688,6 +707,39 @@ fn five_member_stripes_too() {
         let mut sim = run_seed(seed, 5, 3_000);
         assert!(sim.recovers(), "seed {seed}: no progress after healing");
     }
+}
+
+#[test]
+fn a_planned_handover_moves_the_active_without_an_election() {
+    let mut sim = Sim::new(11, 3);
+    sim.loss = 0.0;
+    sim.chaos = false;
+    for _ in 0..200 {
+        sim.step();
+    }
+    let before = sim.view();
+    let old = before.active.unwrap();
+    let (to, fx) = sim.nodes[(old - 1) as usize]
+        .replica
+        .hand_over(None)
+        .unwrap();
+    sim.run(old, fx);
+    let acked = sim.acked.len();
+    for _ in 0..100 {
+        sim.step();
+    }
+    let after = sim.view();
+    assert_eq!(after.active, Some(to));
+    assert_eq!(after.epoch, before.epoch + 1);
+    assert!(sim.next_election == 1, "no election was needed");
+    assert!(sim.acked.len() > acked, "writes go on at the new active");
+    for _ in 0..300 {
+        sim.step();
+    }
+    assert!(
+        sim.view().in_sync.contains(&old),
+        "the old active is a standby again"
+    );
 }
 
 #[test]

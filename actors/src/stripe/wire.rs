@@ -24,6 +24,9 @@ pub enum StripeRequest {
         key: String,
         stale: bool,
     },
+    /// Planned handover of the active role, to `to` (a peer id) or the most
+    /// up-to-date in-sync standby.
+    HandOver { stripe: u32, to: Option<String> },
     /// Keys of a map, for listing.
     Keys {
         stripe: u32,
@@ -58,6 +61,8 @@ pub enum StripeResponse {
     Written(Result<KvOutcome, ServeError>),
     Value(Result<Option<(u64, serde_bytes::ByteBuf)>, ServeError>),
     Keys(Result<Vec<String>, ServeError>),
+    /// The new active's peer id (`None`: the node was not active).
+    HandedOver(Result<Option<String>, String>),
 }
 
 #[cfg(test)]
