@@ -15,6 +15,7 @@ use kiln_actors::control::{ControlPlane, GetStripes, Propose};
 use kiln_actors::membership::{
     ForgetMember, GetNodeInfo, ListMembers, MemberView, MembershipActor,
 };
+use kiln_actors::stripe::GetReplication;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
@@ -149,7 +150,22 @@ async fn forget(
 }
 
 async fn stripes(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
-    let view = state.control.send(GetStripes).await.map_err(unavailable)?;
+    let mut view = state.control.send(GetStripes).await.map_err(unavailable)?;
+    // The active of this node's stripe knows how far behind each member is.
+    if let Some(addr) = state.kv.as_ref().and_then(|kv| kv.stripe.clone()) {
+        let rep = addr.send(GetReplication).await.map_err(unavailable)?;
+        if rep.role == "active" {
+            for st in view.stripes.iter_mut().filter(|s| Some(s.id) == rep.stripe) {
+                for m in st.members.iter_mut() {
+                    m.lag = if m.role == "active" {
+                        Some(0)
+                    } else {
+                        rep.lags.get(&m.id).copied()
+                    };
+                }
+            }
+        }
+    }
     Ok(HttpResponse::Ok().json(view))
 }
 

@@ -16,7 +16,7 @@ use kiln_actors::control::{
 use kiln_actors::membership::{Leave, MembershipActor, MembershipMetrics};
 use kiln_actors::stripe::replica::ReplicaConfig;
 use kiln_actors::stripe::wire::StripeRequest;
-use kiln_actors::stripe::{HandOver, ServeStripe, StripeActor};
+use kiln_actors::stripe::{HandOver, ServeStripe, StripeActor, StripeMetrics};
 use kiln_net::wire::{MemberRecord, MemberStatus, Request, Response};
 use kiln_net::{Keypair, NetCommand, NetConfig, NetHandle, ServiceRequest};
 use kiln_persistence::{ControlStore, NodeStore, StripeStore};
@@ -98,6 +98,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let metrics = MembershipMetrics::register(&mut registry);
     let control_metrics = ControlMetrics::register(&mut registry);
+    let stripe_metrics = StripeMetrics::register(&mut registry);
     let state_machine = StateMachine::open(control_store.clone())?;
     let stripe_store = Arc::new(StripeStore::open(&settings.data_dir, settings.permanent)?);
     if !settings.permanent {
@@ -166,6 +167,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 book.clone(),
                 applied.clone(),
                 control.clone(),
+                stripe_metrics,
             )
             .start()
         });

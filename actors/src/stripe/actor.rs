@@ -12,6 +12,10 @@ use actix::prelude::*;
 use kiln_net::wire::{Request, Response};
 use kiln_net::{NetCommand, NetHandle, PeerId, Reply};
 use kiln_persistence::{StoreError, StripeStore};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde_bytes::ByteBuf;
 use tokio::sync::oneshot;
 
@@ -92,6 +96,72 @@ pub struct ServeStripe {
     pub reply: Reply,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PeerLabel {
+    peer: String,
+}
+
+/// Stripe metrics, `kiln_stripe_*`.
+#[derive(Clone, Default)]
+pub struct StripeMetrics {
+    is_active: Gauge,
+    epoch: Gauge,
+    last_index: Gauge,
+    commit_index: Gauge,
+    member_lag: Family<PeerLabel, Gauge>,
+    writes: Counter,
+    write_batches: Counter,
+    elections_requested: Counter,
+}
+
+impl StripeMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = StripeMetrics::default();
+        let r = registry.sub_registry_with_prefix("kiln_stripe");
+        r.register(
+            "is_active",
+            "1 if this node is the active of its stripe",
+            m.is_active.clone(),
+        );
+        r.register(
+            "epoch",
+            "Epoch of this node's stripe as it knows it",
+            m.epoch.clone(),
+        );
+        r.register(
+            "last_index",
+            "Index of the last entry in this node's stripe log",
+            m.last_index.clone(),
+        );
+        r.register(
+            "commit_index",
+            "Highest committed index known here",
+            m.commit_index.clone(),
+        );
+        r.register(
+            "member_lag",
+            "Entries each member is behind the active (reported by the active)",
+            m.member_lag.clone(),
+        );
+        r.register(
+            "writes",
+            "Client writes appended by this node as active",
+            m.writes.clone(),
+        );
+        r.register(
+            "write_batches",
+            "Log appends of client writes (writes / batches = group commit factor)",
+            m.write_batches.clone(),
+        );
+        r.register(
+            "elections_requested",
+            "Times this standby asked for an election",
+            m.elections_requested.clone(),
+        );
+        m
+    }
+}
+
 /// Replication state of this node's stripe, for status and metrics.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ReplicationStatus {
@@ -140,6 +210,7 @@ pub struct StripeActor {
     next_read: u64,
     view_version: u64,
     handover_waiters: Vec<oneshot::Sender<Result<Option<u64>, String>>>,
+    metrics: StripeMetrics,
 }
 
 impl StripeActor {
@@ -152,6 +223,7 @@ impl StripeActor {
         book: AddressBook,
         applied: SharedApplied,
         control: Addr<ControlPlane>,
+        metrics: StripeMetrics,
     ) -> Self {
         StripeActor {
             me,
@@ -173,6 +245,7 @@ impl StripeActor {
             next_read: 1,
             view_version: 0,
             handover_waiters: Vec::new(),
+            metrics,
         }
     }
 
@@ -258,6 +331,7 @@ impl StripeActor {
         if let Some(r) = self.replica.as_mut() {
             fx.extend(r.tick(now));
         }
+        self.update_metrics();
         if !self.handover_waiters.is_empty() && !self.is_active() {
             let active = self.replica.as_ref().and_then(|r| r.view().active);
             for w in self.handover_waiters.drain(..) {
@@ -265,6 +339,28 @@ impl StripeActor {
             }
         }
         self.push(fx, ctx);
+    }
+
+    fn update_metrics(&self) {
+        let Some(r) = self.replica.as_ref() else {
+            return;
+        };
+        self.metrics.is_active.set(i64::from(self.is_active()));
+        self.metrics.epoch.set(r.view().epoch as i64);
+        self.metrics.last_index.set(r.last().index as i64);
+        self.metrics.commit_index.set(r.commit_index() as i64);
+        if self.is_active() {
+            for (n, lag) in r.lags() {
+                if let Some(p) = self.peer_of(n) {
+                    self.metrics
+                        .member_lag
+                        .get_or_create(&PeerLabel {
+                            peer: p.to_string(),
+                        })
+                        .set(lag as i64);
+                }
+            }
+        }
     }
 
     fn push(&mut self, fx: Vec<Effect>, ctx: &mut Context<Self>) {
@@ -544,8 +640,11 @@ impl StripeActor {
             return;
         };
         let (datas, replies): (Vec<Vec<u8>>, Vec<WriteReply>) = batch.into_iter().unzip();
+        let n = datas.len() as u64;
         match r.propose(datas) {
             Ok((indexes, fx)) => {
+                self.metrics.writes.inc_by(n);
+                self.metrics.write_batches.inc();
                 for (i, reply) in indexes.into_iter().zip(replies) {
                     self.waiting.insert(i, reply);
                 }
