@@ -1,0 +1,417 @@
+//! Key/value benchmark: kiln (1 stripe × 3 nodes, permanent persistence) against a
+//! 3-member etcd cluster (Debian `etcd-server`, JSON gateway `/v3/kv/put`), same
+//! machine, same run, same closed-loop load generator.
+//!
+//! - Throughput and p50/p99 latency of 1 KiB puts at 1, 16 and 64 clients (each
+//!   client sends its next put when the previous one is answered; clients are
+//!   spread over all nodes, which forward to the active / leader).
+//! - Failover: kill -9 of the active (etcd: the leader) under 16 clients → time from
+//!   the kill to the first acknowledgement of a put sent after the kill; median and
+//!   max of N runs.
+//!
+//! It prints numbers and ratios; it asserts nothing. Run it with
+//! `apt-get install -y etcd-server && cargo build --release --workspace --bins &&
+//! target/release/bench-kv [seconds-per-point] [failover-runs]`.
+
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use kiln_integration::{free_ip, wait_until, Node, NodeOpts};
+use serde_json::{json, Value};
+
+const VALUE_BYTES: usize = 1024;
+
+/// One put against an endpoint; true if acknowledged.
+type Putter = Arc<dyn Fn(&ureq::Agent, &str, &str, &[u8]) -> bool + Send + Sync>;
+
+trait KvSystem {
+    fn name(&self) -> &'static str;
+    fn endpoints(&self) -> Vec<String>;
+    fn putter(&self) -> Putter;
+    /// Index of the node that orders writes now.
+    fn leader(&self) -> Option<usize>;
+    fn kill9(&mut self, i: usize);
+    fn restart(&mut self, i: usize);
+    /// Waits until the cluster is whole again (all members replicating).
+    fn wait_whole(&self);
+}
+
+struct Kiln {
+    nodes: Vec<Node>,
+    ids: Vec<String>,
+}
+
+impl Kiln {
+    fn start() -> Kiln {
+        let opts = NodeOpts {
+            secret: Some("bench-kv".into()),
+            extra: vec!["--persistence".into(), "permanent".into()],
+            ..Default::default()
+        };
+        let first = Node::start("kv1", opts.clone());
+        let seed = first.seed();
+        let mut nodes = vec![first];
+        for i in 2..=3 {
+            let mut o = opts.clone();
+            o.seeds.push(seed.clone());
+            nodes.push(Node::start(&format!("kv{i}"), o));
+        }
+        let ids = nodes.iter().map(|n| n.id()).collect();
+        let k = Kiln { nodes, ids };
+        k.wait_whole();
+        k
+    }
+}
+
+impl KvSystem for Kiln {
+    fn name(&self) -> &'static str {
+        "kiln"
+    }
+    fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.http()).collect()
+    }
+    fn putter(&self) -> Putter {
+        Arc::new(|agent, endpoint, key, value| {
+            agent
+                .put(&format!("http://{endpoint}/v1/kv/bench/{key}"))
+                .send_bytes(value)
+                .is_ok()
+        })
+    }
+    fn leader(&self) -> Option<usize> {
+        for n in &self.nodes {
+            if let Some(v) = n.get("/v1/cluster/stripes") {
+                if let Some(a) = v["stripes"][0]["active"].as_str() {
+                    return self.ids.iter().position(|i| i == a);
+                }
+            }
+        }
+        None
+    }
+    fn kill9(&mut self, i: usize) {
+        self.nodes[i].kill9();
+    }
+    fn restart(&mut self, i: usize) {
+        self.nodes[i].restart();
+    }
+    fn wait_whole(&self) {
+        wait_until("kiln: an active with 2 in-sync standbys", Duration::from_secs(120), || {
+            self.nodes.iter().all(|n| {
+                n.get("/v1/cluster/stripes").is_some_and(|v| {
+                    let m = v["stripes"][0]["members"].as_array().cloned().unwrap_or_default();
+                    m.len() == 3 && m.iter().filter(|m| m["role"] == "standby").count() == 2
+                })
+            })
+        });
+    }
+}
+
+struct Etcd {
+    ips: Vec<Ipv4Addr>,
+    dirs: Vec<tempfile::TempDir>,
+    children: Vec<Option<Child>>,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let ips: Vec<Ipv4Addr> = (0..3).map(|_| free_ip()).collect();
+        let dirs = (0..3)
+            .map(|_| tempfile::Builder::new().prefix("etcd-bench-").tempdir().expect("temp dir"))
+            .collect();
+        let mut e = Etcd {
+            ips,
+            dirs,
+            children: vec![None, None, None],
+        };
+        for i in 0..3 {
+            e.spawn(i);
+        }
+        e.wait_whole();
+        e
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let cluster: Vec<String> = self
+            .ips
+            .iter()
+            .enumerate()
+            .map(|(j, ip)| format!("e{j}=http://{ip}:2380"))
+            .collect();
+        let ip = self.ips[i];
+        let child = Command::new("etcd")
+            .args([
+                "--name",
+                &format!("e{i}"),
+                "--data-dir",
+                &self.dirs[i].path().join("data").display().to_string(),
+                "--listen-client-urls",
+                &format!("http://{ip}:2379"),
+                "--advertise-client-urls",
+                &format!("http://{ip}:2379"),
+                "--listen-peer-urls",
+                &format!("http://{ip}:2380"),
+                "--initial-advertise-peer-urls",
+                &format!("http://{ip}:2380"),
+                "--initial-cluster",
+                &cluster.join(","),
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "bench",
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd (apt-get install etcd-server)");
+        self.children[i] = Some(child);
+    }
+
+    fn status(&self, i: usize) -> Option<Value> {
+        ureq::post(&format!("http://{}:2379/v3/maintenance/status", self.ips[i]))
+            .timeout(Duration::from_secs(2))
+            .send_json(json!({}))
+            .ok()?
+            .into_json()
+            .ok()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl KvSystem for Etcd {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+    fn endpoints(&self) -> Vec<String> {
+        self.ips.iter().map(|ip| format!("{ip}:2379")).collect()
+    }
+    fn putter(&self) -> Putter {
+        Arc::new(|agent, endpoint, key, value| {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            agent
+                .post(&format!("http://{endpoint}/v3/kv/put"))
+                .send_json(json!({ "key": b64.encode(key), "value": b64.encode(value) }))
+                .is_ok()
+        })
+    }
+    fn leader(&self) -> Option<usize> {
+        for i in 0..3 {
+            if let Some(s) = self.status(i) {
+                let leader = s["leader"].as_str()?.to_string();
+                for j in 0..3 {
+                    if self.status(j).is_some_and(|t| t["header"]["member_id"] == leader.as_str()) {
+                        return Some(j);
+                    }
+                }
+            }
+        }
+        None
+    }
+    fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    fn restart(&mut self, i: usize) {
+        self.kill9(i);
+        self.spawn(i);
+    }
+    fn wait_whole(&self) {
+        wait_until("etcd: 3 members with a leader", Duration::from_secs(120), || {
+            (0..3).all(|i| self.status(i).is_some_and(|s| s["leader"].is_string()))
+        });
+    }
+}
+
+struct LoadResult {
+    puts_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Closed-loop load: `clients` threads, each putting 1 KiB values back to back.
+fn load(sys: &dyn KvSystem, clients: usize, secs: f64, tag: &str) -> LoadResult {
+    let endpoints = sys.endpoints();
+    let put = sys.putter();
+    let value = vec![b'x'; VALUE_BYTES];
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let lat: Mutex<Vec<f64>> = Mutex::default();
+    let errors = Mutex::new(0usize);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for c in 0..clients {
+            let (endpoints, value, lat, errors, put) = (&endpoints, &value, &lat, &errors, &put);
+            s.spawn(move || {
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(Duration::from_secs(10))
+                    .build();
+                let endpoint = &endpoints[c % endpoints.len()];
+                let mut mine = Vec::new();
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    if put(&agent, endpoint, &format!("{tag}-{c}-{i}"), value) {
+                        mine.push(t.elapsed().as_secs_f64() * 1000.0);
+                    } else {
+                        *errors.lock().unwrap() += 1;
+                    }
+                    i += 1;
+                }
+                lat.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut lat = lat.into_inner().unwrap();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    LoadResult {
+        puts_per_s: lat.len() as f64 / elapsed,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        errors: errors.into_inner().unwrap(),
+    }
+}
+
+/// Kills the leader under 16 clients (on the other nodes); seconds from the kill to
+/// the first put acknowledged after it.
+fn failover(sys: &mut dyn KvSystem, run: usize) -> Option<f64> {
+    let victim = sys.leader()?;
+    let endpoints: Arc<Vec<String>> = Arc::new(
+        sys.endpoints()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != victim)
+            .map(|(_, e)| e)
+            .collect(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    // (sent, acknowledged) of every acknowledged put.
+    let acks: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
+    let clients: Vec<_> = (0..16)
+        .map(|c| {
+            let (endpoints, stop, acks, put) =
+                (endpoints.clone(), stop.clone(), acks.clone(), sys.putter());
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(Duration::from_secs(10))
+                    .build();
+                let value = vec![b'y'; VALUE_BYTES];
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let endpoint = &endpoints[c % endpoints.len()];
+                    let sent = Instant::now();
+                    if put(&agent, endpoint, &format!("f{run}-{c}-{i}"), &value) {
+                        acks.lock().unwrap().push((sent, Instant::now()));
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let kill_at = Instant::now();
+    sys.kill9(victim);
+    std::thread::sleep(Duration::from_secs(8));
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        let _ = c.join();
+    }
+    let first = acks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(sent, _)| *sent > kill_at)
+        .map(|(_, acked)| *acked)
+        .min();
+    sys.restart(victim);
+    sys.wait_whole();
+    first.map(|f| (f - kill_at).as_secs_f64())
+}
+
+fn main() {
+    let secs: f64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10.0);
+    let runs: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let etcd_available = Command::new("etcd").arg("--version").output().is_ok();
+    if !etcd_available {
+        eprintln!("etcd is not installed (apt-get install etcd-server); measuring kiln only");
+    }
+    let mut systems: Vec<Box<dyn KvSystem>> = vec![Box::new(Kiln::start())];
+    if etcd_available {
+        systems.push(Box::new(Etcd::start()));
+    }
+    println!("| system | clients | puts/s | p50 ms | p99 ms | errors |");
+    println!("|---|---|---|---|---|---|");
+    let mut table: Vec<(String, usize, f64, f64)> = Vec::new();
+    for sys in &systems {
+        for clients in [1, 16, 64] {
+            let r = load(sys.as_ref(), clients, secs, &format!("{}{clients}", sys.name()));
+            println!(
+                "| {} | {clients} | {:.0} | {:.2} | {:.2} | {} |",
+                sys.name(),
+                r.puts_per_s,
+                r.p50_ms,
+                r.p99_ms,
+                r.errors
+            );
+            table.push((sys.name().to_string(), clients, r.puts_per_s, r.p99_ms));
+        }
+    }
+    if etcd_available {
+        for clients in [1, 16, 64] {
+            let get = |name: &str| table.iter().find(|r| r.0 == name && r.1 == clients);
+            if let (Some(k), Some(e)) = (get("kiln"), get("etcd")) {
+                println!(
+                    "ratio kiln/etcd at {clients} clients: throughput {:.2}, p99 {:.2}",
+                    k.2 / e.2,
+                    k.3 / e.3
+                );
+            }
+        }
+    }
+    println!();
+    println!("| system | failover runs | median s | max s |");
+    println!("|---|---|---|---|");
+    for sys in systems.iter_mut() {
+        let mut times = Vec::new();
+        for run in 0..runs {
+            match failover(sys.as_mut(), run) {
+                Some(t) => {
+                    eprintln!("{} failover run {run}: {t:.3} s", sys.name());
+                    times.push(t)
+                }
+                None => eprintln!("{} failover run {run}: no acknowledged write after the kill", sys.name()),
+            }
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "| {} | {} | {:.3} | {:.3} |",
+            sys.name(),
+            times.len(),
+            percentile(&times, 0.5),
+            times.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+}
+
