@@ -295,3 +295,128 @@ fn a_graceful_stop_or_a_handover_of_the_active_fails_no_request() {
         "the stopped active handed over"
     );
 }
+
+#[test]
+fn a_standby_joining_under_write_load_reaches_standby() {
+    let _serial = serial();
+    let mut nodes = start_cluster("join", 2, opts());
+    wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_in_sync(&all, 1);
+    let http = nodes[0].http();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let agent = agent();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = agent
+                    .put(&format!("http://{http}/v1/kv/test/j{i}"))
+                    .send_string("value");
+                i += 1;
+            }
+            i
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let third = Node::start(
+        "join3",
+        NodeOpts {
+            seeds: vec![nodes[0].seed()],
+            ..opts()
+        },
+    );
+    let third_id = third.id();
+    nodes.push(third);
+    wait_until("the new node is an in-sync standby", LONG, || {
+        nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
+            v["stripes"][0]["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["id"] == third_id.as_str() && m["role"] == "standby"))
+        })
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.join().unwrap();
+    assert!(written > 10, "the writer made progress during the join");
+    // The newcomer serves what was written before it joined.
+    let agent = agent();
+    let stale = agent
+        .get(&format!("http://{}/v1/kv/test/j0?stale=true", nodes[2].http()))
+        .call();
+    assert!(stale.is_ok(), "{stale:?}");
+}
+
+#[test]
+fn a_two_node_stripe_fails_over_with_voters_from_another_stripe() {
+    let _serial = serial();
+    // Stripe 0 gets nodes 1 and 3, stripe 1 gets node 2: three voters across stripes.
+    let mut nodes = start_cluster("two", 3, NodeOpts {
+        extra: vec!["--stripes".into(), "2".into()],
+        ..opts()
+    });
+    let ids = wait_converged(&nodes, LONG);
+    let mut stripe0 = Vec::new();
+    wait_until("stripe 0 has an active and an in-sync standby, 3 voters", LONG, || {
+        nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
+            let members = v["stripes"][0]["members"].as_array().cloned().unwrap_or_default();
+            stripe0 = members.iter().filter_map(|m| m["id"].as_str().map(String::from)).collect();
+            v["voters"].as_array().is_some_and(|a| a.len() == 3)
+                && members.len() == 2
+                && members.iter().any(|m| m["role"] == "standby")
+        })
+    });
+    let agent = agent();
+    // A key of stripe 0: try keys until one is placed there (2 stripes, 256 slots).
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        if let Some(v) = put(&agent, &nodes[1], &format!("two{i}"), "v") {
+            acked.push((format!("two{i}"), v));
+        }
+    }
+    let active = nodes[0].get("/v1/cluster/stripes").unwrap()["stripes"][0]["active"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let victim = ids.iter().position(|i| *i == active).unwrap();
+    nodes[victim].kill9();
+    let survivor = stripe0.iter().find(|i| **i != active).unwrap().clone();
+    let observer = (0..3).find(|i| *i != victim).unwrap();
+    wait_until("the standby of stripe 0 becomes active", LONG, || {
+        nodes[observer]
+            .get("/v1/cluster/stripes")
+            .is_some_and(|v| v["stripes"][0]["active"] == survivor.as_str())
+    });
+    for (k, _) in &acked {
+        assert_eq!(get(&agent, &nodes[observer], k).as_deref(), Some("v"), "key {k}");
+    }
+}
+
+#[test]
+fn a_full_restart_in_reverse_order_keeps_every_acknowledged_write() {
+    let _serial = serial();
+    let mut nodes = start_cluster("rst", 3, opts());
+    wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_in_sync(&all, 2);
+    let agent = agent();
+    let mut acked = BTreeMap::new();
+    for i in 0..300 {
+        let key = format!("r{i}");
+        if put(&agent, &nodes[i % 3], &key, &format!("v{i}")).is_some() {
+            acked.insert(key, format!("v{i}"));
+        }
+    }
+    assert_eq!(acked.len(), 300);
+    for n in nodes.iter_mut() {
+        n.kill9();
+    }
+    for n in nodes.iter_mut().rev() {
+        n.restart();
+    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_in_sync(&all, 2);
+    for (k, v) in &acked {
+        assert_eq!(get(&agent, &nodes[1], k).as_deref(), Some(v.as_str()), "key {k}");
+    }
+}
