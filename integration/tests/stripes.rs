@@ -331,9 +331,10 @@ fn a_standby_joining_under_write_load_reaches_standby() {
     nodes.push(third);
     wait_until("the new node is an in-sync standby", LONG, || {
         nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
-            v["stripes"][0]["members"]
-                .as_array()
-                .is_some_and(|m| m.iter().any(|m| m["id"] == third_id.as_str() && m["role"] == "standby"))
+            v["stripes"][0]["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["id"] == third_id.as_str() && m["role"] == "standby")
+            })
         })
     });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -342,7 +343,10 @@ fn a_standby_joining_under_write_load_reaches_standby() {
     // The newcomer serves what was written before it joined.
     let agent = agent();
     let stale = agent
-        .get(&format!("http://{}/v1/kv/test/j0?stale=true", nodes[2].http()))
+        .get(&format!(
+            "http://{}/v1/kv/test/j0?stale=true",
+            nodes[2].http()
+        ))
         .call();
     assert!(stale.is_ok(), "{stale:?}");
 }
@@ -351,21 +355,35 @@ fn a_standby_joining_under_write_load_reaches_standby() {
 fn a_two_node_stripe_fails_over_with_voters_from_another_stripe() {
     let _serial = serial();
     // Stripe 0 gets nodes 1 and 3, stripe 1 gets node 2: three voters across stripes.
-    let mut nodes = start_cluster("two", 3, NodeOpts {
-        extra: vec!["--stripes".into(), "2".into()],
-        ..opts()
-    });
+    let mut nodes = start_cluster(
+        "two",
+        3,
+        NodeOpts {
+            extra: vec!["--stripes".into(), "2".into()],
+            ..opts()
+        },
+    );
     let ids = wait_converged(&nodes, LONG);
     let mut stripe0 = Vec::new();
-    wait_until("stripe 0 has an active and an in-sync standby, 3 voters", LONG, || {
-        nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
-            let members = v["stripes"][0]["members"].as_array().cloned().unwrap_or_default();
-            stripe0 = members.iter().filter_map(|m| m["id"].as_str().map(String::from)).collect();
-            v["voters"].as_array().is_some_and(|a| a.len() == 3)
-                && members.len() == 2
-                && members.iter().any(|m| m["role"] == "standby")
-        })
-    });
+    wait_until(
+        "stripe 0 has an active and an in-sync standby, 3 voters",
+        LONG,
+        || {
+            nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
+                let members = v["stripes"][0]["members"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                stripe0 = members
+                    .iter()
+                    .filter_map(|m| m["id"].as_str().map(String::from))
+                    .collect();
+                v["voters"].as_array().is_some_and(|a| a.len() == 3)
+                    && members.len() == 2
+                    && members.iter().any(|m| m["role"] == "standby")
+            })
+        },
+    );
     let agent = agent();
     // A key of stripe 0: try keys until one is placed there (2 stripes, 256 slots).
     let mut acked = Vec::new();
@@ -388,7 +406,11 @@ fn a_two_node_stripe_fails_over_with_voters_from_another_stripe() {
             .is_some_and(|v| v["stripes"][0]["active"] == survivor.as_str())
     });
     for (k, _) in &acked {
-        assert_eq!(get(&agent, &nodes[observer], k).as_deref(), Some("v"), "key {k}");
+        assert_eq!(
+            get(&agent, &nodes[observer], k).as_deref(),
+            Some("v"),
+            "key {k}"
+        );
     }
 }
 
@@ -417,6 +439,10 @@ fn a_full_restart_in_reverse_order_keeps_every_acknowledged_write() {
     let all: Vec<&Node> = nodes.iter().collect();
     wait_in_sync(&all, 2);
     for (k, v) in &acked {
-        assert_eq!(get(&agent, &nodes[1], k).as_deref(), Some(v.as_str()), "key {k}");
+        assert_eq!(
+            get(&agent, &nodes[1], k).as_deref(),
+            Some(v.as_str()),
+            "key {k}"
+        );
     }
 }

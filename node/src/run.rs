@@ -10,13 +10,13 @@ use anyhow::Context;
 use kiln_actors::control::types::node_id_of;
 use kiln_actors::control::wire::{from_cbor, MAX_CONTROL_BODY};
 use kiln_actors::control::{
-    raft_config, AddressBook, ControlMetrics, ControlNetwork, ControlPlane, LogStore, ServeControl,
-    StateMachine,
+    raft_config, AddressBook, AttachStripe, ControlMetrics, ControlNetwork, ControlPlane, LogStore,
+    ServeControl, StateMachine,
 };
 use kiln_actors::membership::{Leave, MembershipActor, MembershipMetrics};
 use kiln_actors::stripe::replica::ReplicaConfig;
 use kiln_actors::stripe::wire::StripeRequest;
-use kiln_actors::stripe::{HandOver, ServeStripe, StripeActor, StripeMetrics};
+use kiln_actors::stripe::{HandOver, Responder, ServeStripe, StripeActor, StripeMetrics};
 use kiln_net::wire::{MemberRecord, MemberStatus, Request, Response};
 use kiln_net::{Keypair, NetCommand, NetConfig, NetHandle, ServiceRequest};
 use kiln_persistence::{ControlStore, NodeStore, StripeStore};
@@ -171,6 +171,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             )
             .start()
         });
+        if let Some(addr) = &stripe {
+            control.do_send(AttachStripe(addr.clone()));
+        }
         // Peers' requests go to the actor that serves them.
         {
             let control = control.clone();
@@ -286,7 +289,7 @@ fn route_service(
                 Ok(request) => stripe.do_send(ServeStripe {
                     peer: req.peer,
                     request,
-                    reply: req.reply,
+                    reply: Responder::Peer(req.reply),
                 }),
                 Err(e) => {
                     tracing::warn!(peer = %req.peer, error = %e, "rejected a malformed stripe request");

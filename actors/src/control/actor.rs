@@ -27,7 +27,7 @@ use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTR
 use crate::membership::{GetNodeInfo, ListMembers, MemberView, MembershipActor};
 use crate::stripe::replica::{choose_candidate, LogPos};
 use crate::stripe::wire::{StripeRequest, StripeResponse};
-use crate::stripe::{stripe_request, stripe_response};
+use crate::stripe::{stripe_request, stripe_response, Responder, ServeStripe, StripeActor};
 
 /// How often the actor looks at membership and, on the leader, at the voters.
 const TICK: Duration = Duration::from_millis(300);
@@ -167,6 +167,9 @@ pub struct ControlPlane {
     metrics: ControlMetrics,
     /// Stripes with an election under way on this node (the leader coordinates).
     elections: BTreeSet<u32>,
+    /// This node's stripe actor: an election coordinated here asks it directly
+    /// (a node does not dial itself).
+    local_stripe: Option<Addr<StripeActor>>,
     members: Vec<MemberView>,
     my_addrs: Vec<String>,
     founder: bool,
@@ -206,6 +209,7 @@ impl ControlPlane {
             cfg,
             metrics,
             elections: BTreeSet::new(),
+            local_stripe: None,
             members: Vec::new(),
             my_addrs: Vec::new(),
             founder: false,
@@ -644,49 +648,37 @@ impl ControlPlane {
             return;
         }
         let peer_of = |n: NodeId| -> Option<PeerId> { state.peer_of(n)?.parse().ok() };
-        let active = entry.active.and_then(&peer_of);
+        let active = entry.active.and_then(|a| peer_of(a).map(|p| (a, p)));
         let standbys: Vec<(NodeId, PeerId)> = entry
             .in_sync
             .iter()
             .filter_map(|n| peer_of(*n).map(|p| (*n, p)))
             .collect();
-        let net = self.net.clone();
-        let book = self.book.clone();
-        let addrs_of = move |p: &PeerId| -> Vec<Multiaddr> {
-            book.read()
-                .ok()
-                .and_then(|b| b.get(p).cloned())
-                .unwrap_or_default()
+        let asker = StripeAsker {
+            me: self.me,
+            me_peer: self.me_peer,
+            local: self.local_stripe.clone(),
+            net: self.net.clone(),
+            book: self.book.clone(),
         };
         let proposer = self.proposer();
         let fut = async move {
-            if let Some(a) = active {
-                let ping = net.call(
-                    a,
-                    addrs_of(&a),
-                    stripe_request(&StripeRequest::Ping { stripe }),
-                );
-                if let Ok(Ok(resp)) = tokio::time::timeout(ELECTION_PROBE, ping).await {
-                    if let Ok(StripeResponse::Pong { active_in: Some(e) }) = stripe_response(resp) {
-                        if e == epoch {
-                            return Err("the active answers the control-plane leader".to_string());
-                        }
+            if let Some((a, peer)) = active {
+                let ping = asker.ask(a, peer, StripeRequest::Ping { stripe });
+                if let Ok(Ok(StripeResponse::Pong { active_in: Some(e) })) =
+                    tokio::time::timeout(ELECTION_PROBE, ping).await
+                {
+                    if e == epoch {
+                        return Err("the active answers the control-plane leader".to_string());
                     }
                 }
             }
             let prepares = standbys.iter().map(|(n, p)| {
-                let call = net.call(
-                    *p,
-                    addrs_of(p),
-                    stripe_request(&StripeRequest::Prepare { stripe, epoch }),
-                );
+                let ask = asker.ask(*n, *p, StripeRequest::Prepare { stripe, epoch });
                 let n = *n;
                 async move {
-                    match tokio::time::timeout(ELECTION_PROBE, call).await {
-                        Ok(Ok(resp)) => match stripe_response(resp) {
-                            Ok(StripeResponse::Prepared(Ok(pos))) => Some((n, pos)),
-                            _ => None,
-                        },
+                    match tokio::time::timeout(ELECTION_PROBE, ask).await {
+                        Ok(Ok(StripeResponse::Prepared(Ok(pos)))) => Some((n, pos)),
                         _ => None,
                     }
                 }
@@ -959,6 +951,68 @@ impl Handler<ServeControl> for ControlPlane {
     type Result = ();
     fn handle(&mut self, req: ServeControl, ctx: &mut Self::Context) {
         self.on_service_request(req.0, ctx);
+    }
+}
+
+/// Sends stripe requests for an election: to this node's own stripe actor, or
+/// to a peer.
+struct StripeAsker {
+    me: NodeId,
+    me_peer: PeerId,
+    local: Option<Addr<StripeActor>>,
+    net: NetHandle,
+    book: AddressBook,
+}
+
+impl StripeAsker {
+    fn ask(
+        &self,
+        node: NodeId,
+        peer: PeerId,
+        request: StripeRequest,
+    ) -> impl std::future::Future<Output = Result<StripeResponse, String>> + 'static {
+        let local = (node == self.me).then(|| self.local.clone()).flatten();
+        let me_peer = self.me_peer;
+        let remote = (node != self.me).then(|| {
+            let addrs = self
+                .book
+                .read()
+                .ok()
+                .and_then(|b| b.get(&peer).cloned())
+                .unwrap_or_default();
+            self.net.call(peer, addrs, stripe_request(&request))
+        });
+        async move {
+            if let Some(call) = remote {
+                return match call.await {
+                    Ok(resp) => stripe_response(resp),
+                    Err(e) => Err(e.to_string()),
+                };
+            }
+            let Some(addr) = local else {
+                return Err("this node holds no stripe".into());
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            addr.do_send(ServeStripe {
+                peer: me_peer,
+                request,
+                reply: Responder::Local(tx),
+            });
+            rx.await
+                .map_err(|_| "the stripe actor did not answer".to_string())
+        }
+    }
+}
+
+/// Gives the control plane this node's stripe actor (for elections it coordinates).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachStripe(pub Addr<StripeActor>);
+
+impl Handler<AttachStripe> for ControlPlane {
+    type Result = ();
+    fn handle(&mut self, msg: AttachStripe, _: &mut Self::Context) {
+        self.local_stripe = Some(msg.0);
     }
 }
 

@@ -13,8 +13,9 @@ pub mod wire;
 mod tests;
 
 pub use actor::{
-    raft_config, ClusterStripes, ConfirmActive, ControlMetrics, ControlPlane, ControlPlaneConfig,
-    GetStripes, Propose, RequestElection, ServeControl, StripeMemberView, StripeView,
+    raft_config, AttachStripe, ClusterStripes, ConfirmActive, ControlMetrics, ControlPlane,
+    ControlPlaneConfig, GetStripes, Propose, RequestElection, ServeControl, StripeMemberView,
+    StripeView,
 };
 pub use network::{AddressBook, ControlNetwork};
 pub use storage::{Applied, LogStore, SharedApplied, StateMachine};

@@ -64,9 +64,16 @@ pub fn stripe_view(applied: &SharedApplied, stripe: u32) -> Option<StripeView> {
     })
 }
 
+/// Where the answer to a stripe request goes: a peer, or this node's own
+/// control plane (an election coordinated here asks this node too).
+pub enum Responder {
+    Peer(Reply),
+    Local(oneshot::Sender<StripeResponse>),
+}
+
 enum Step {
     Fx(Effect),
-    Reply(Reply, StripeResponse),
+    Reply(Responder, StripeResponse),
 }
 
 type WriteReply = oneshot::Sender<Result<KvOutcome, ServeError>>;
@@ -87,13 +94,13 @@ pub struct ClientRead {
     pub reply: ReadReply,
 }
 
-/// A stripe request from a peer.
+/// A stripe request from a peer (or from this node, with `Responder::Local`).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ServeStripe {
     pub peer: PeerId,
     pub request: StripeRequest,
-    pub reply: Reply,
+    pub reply: Responder,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -483,13 +490,8 @@ impl StripeActor {
         }
     }
 
-    fn respond(&self, reply: Reply, resp: &StripeResponse) {
-        self.net.send(NetCommand::Respond {
-            reply,
-            response: Response::Stripe {
-                body: ByteBuf::from(to_cbor(resp)),
-            },
-        });
+    fn respond(&self, reply: Responder, resp: &StripeResponse) {
+        respond_with(&self.net, reply, resp);
     }
 
     fn peer_of(&self, node: u64) -> Option<PeerId> {
@@ -869,13 +871,18 @@ impl StripeActor {
     }
 }
 
-fn respond_with(net: &NetHandle, reply: Reply, resp: &StripeResponse) {
-    net.send(NetCommand::Respond {
-        reply,
-        response: Response::Stripe {
-            body: ByteBuf::from(to_cbor(resp)),
-        },
-    });
+fn respond_with(net: &NetHandle, reply: Responder, resp: &StripeResponse) {
+    match reply {
+        Responder::Peer(reply) => net.send(NetCommand::Respond {
+            reply,
+            response: Response::Stripe {
+                body: ByteBuf::from(to_cbor(resp)),
+            },
+        }),
+        Responder::Local(tx) => {
+            let _ = tx.send(resp.clone());
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static>(

@@ -99,14 +99,21 @@ impl KvSystem for Kiln {
         self.nodes[i].restart();
     }
     fn wait_whole(&self) {
-        wait_until("kiln: an active with 2 in-sync standbys", Duration::from_secs(120), || {
-            self.nodes.iter().all(|n| {
-                n.get("/v1/cluster/stripes").is_some_and(|v| {
-                    let m = v["stripes"][0]["members"].as_array().cloned().unwrap_or_default();
-                    m.len() == 3 && m.iter().filter(|m| m["role"] == "standby").count() == 2
+        wait_until(
+            "kiln: an active with 2 in-sync standbys",
+            Duration::from_secs(120),
+            || {
+                self.nodes.iter().all(|n| {
+                    n.get("/v1/cluster/stripes").is_some_and(|v| {
+                        let m = v["stripes"][0]["members"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default();
+                        m.len() == 3 && m.iter().filter(|m| m["role"] == "standby").count() == 2
+                    })
                 })
-            })
-        });
+            },
+        );
     }
 }
 
@@ -120,7 +127,12 @@ impl Etcd {
     fn start() -> Etcd {
         let ips: Vec<Ipv4Addr> = (0..3).map(|_| free_ip()).collect();
         let dirs = (0..3)
-            .map(|_| tempfile::Builder::new().prefix("etcd-bench-").tempdir().expect("temp dir"))
+            .map(|_| {
+                tempfile::Builder::new()
+                    .prefix("etcd-bench-")
+                    .tempdir()
+                    .expect("temp dir")
+            })
             .collect();
         let mut e = Etcd {
             ips,
@@ -173,12 +185,15 @@ impl Etcd {
     }
 
     fn status(&self, i: usize) -> Option<Value> {
-        ureq::post(&format!("http://{}:2379/v3/maintenance/status", self.ips[i]))
-            .timeout(Duration::from_secs(2))
-            .send_json(json!({}))
-            .ok()?
-            .into_json()
-            .ok()
+        ureq::post(&format!(
+            "http://{}:2379/v3/maintenance/status",
+            self.ips[i]
+        ))
+        .timeout(Duration::from_secs(2))
+        .send_json(json!({}))
+        .ok()?
+        .into_json()
+        .ok()
     }
 }
 
@@ -212,7 +227,10 @@ impl KvSystem for Etcd {
             if let Some(s) = self.status(i) {
                 let leader = s["leader"].as_str()?.to_string();
                 for j in 0..3 {
-                    if self.status(j).is_some_and(|t| t["header"]["member_id"] == leader.as_str()) {
+                    if self
+                        .status(j)
+                        .is_some_and(|t| t["header"]["member_id"] == leader.as_str())
+                    {
                         return Some(j);
                     }
                 }
@@ -231,9 +249,11 @@ impl KvSystem for Etcd {
         self.spawn(i);
     }
     fn wait_whole(&self) {
-        wait_until("etcd: 3 members with a leader", Duration::from_secs(120), || {
-            (0..3).all(|i| self.status(i).is_some_and(|s| s["leader"].is_string()))
-        });
+        wait_until(
+            "etcd: 3 members with a leader",
+            Duration::from_secs(120),
+            || (0..3).all(|i| self.status(i).is_some_and(|s| s["leader"].is_string())),
+        );
     }
 }
 
@@ -351,8 +371,14 @@ fn failover(sys: &mut dyn KvSystem, run: usize) -> Option<f64> {
 }
 
 fn main() {
-    let secs: f64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10.0);
-    let runs: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let secs: f64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10.0);
+    let runs: usize = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     let etcd_available = Command::new("etcd").arg("--version").output().is_ok();
     if !etcd_available {
         eprintln!("etcd is not installed (apt-get install etcd-server); measuring kiln only");
@@ -366,7 +392,12 @@ fn main() {
     let mut table: Vec<(String, usize, f64, f64)> = Vec::new();
     for sys in &systems {
         for clients in [1, 16, 64] {
-            let r = load(sys.as_ref(), clients, secs, &format!("{}{clients}", sys.name()));
+            let r = load(
+                sys.as_ref(),
+                clients,
+                secs,
+                &format!("{}{clients}", sys.name()),
+            );
             println!(
                 "| {} | {clients} | {:.0} | {:.2} | {:.2} | {} |",
                 sys.name(),
@@ -401,7 +432,10 @@ fn main() {
                     eprintln!("{} failover run {run}: {t:.3} s", sys.name());
                     times.push(t)
                 }
-                None => eprintln!("{} failover run {run}: no acknowledged write after the kill", sys.name()),
+                None => eprintln!(
+                    "{} failover run {run}: no acknowledged write after the kill",
+                    sys.name()
+                ),
             }
         }
         times.sort_by(|a, b| a.total_cmp(b));
@@ -414,4 +448,3 @@ fn main() {
         );
     }
 }
-
