@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod netns;
+
 pub const PEER_PORT: u16 = 7700;
 pub const HTTP_PORT: u16 = 8700;
 
@@ -95,6 +97,7 @@ pub struct Node {
     pub ip: Ipv4Addr,
     pub dir: PathBuf,
     pub args: Vec<String>,
+    netns: Option<String>,
     child: Option<Child>,
     agent: ureq::Agent,
     _tmp: Option<tempfile::TempDir>,
@@ -103,6 +106,8 @@ pub struct Node {
 /// How to start a node.
 #[derive(Clone, Debug, Default)]
 pub struct NodeOpts {
+    /// Network namespace to run the node in (see [`netns::Lab`]).
+    pub netns: Option<String>,
     pub secret: Option<String>,
     pub seeds: Vec<String>,
     pub extra: Vec<String>,
@@ -149,6 +154,7 @@ impl Node {
             ip,
             dir: dir.to_path_buf(),
             args,
+            netns: opts.netns.clone(),
             child: None,
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(5))
@@ -165,7 +171,14 @@ impl Node {
             .append(true)
             .open(self.dir.join("kiln.log"))
             .expect("log file");
-        let mut cmd = Command::new(kiln_bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(kiln_bin());
+                c
+            }
+            None => Command::new(kiln_bin()),
+        };
         cmd.args(&self.args)
             .env("RUST_LOG", "info,libp2p_gossipsub=warn")
             .stdin(Stdio::null())

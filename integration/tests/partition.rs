@@ -1,0 +1,182 @@
+//! Real `kiln` processes in network namespaces: an active cut off by nftables never
+//! acknowledges a write once a new active is elected, and after healing it holds
+//! the same data as the new active. Needs root, iproute2 and nftables (`.ci/run`
+//! installs them). Deadlines only guard against hanging.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_integration::netns::Lab;
+use kiln_integration::*;
+
+const LONG: Duration = Duration::from_secs(90);
+
+#[test]
+fn a_cut_off_active_acknowledges_nothing_after_the_election_and_converges_after_healing() {
+    let _serial = serial();
+    let lab = Lab::new(3).unwrap_or_else(|e| panic!("cannot build the network namespaces: {e}"));
+    let opts = |i: usize, seeds: Vec<String>| NodeOpts {
+        netns: Some(lab.namespace(i)),
+        secret: Some("partition-test".into()),
+        seeds,
+        ..Default::default()
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = Node::start_in("part1", dirs[0].path(), lab.ip(0), opts(0, vec![]));
+    let seed = first.seed();
+    let mut nodes = vec![first];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        nodes.push(Node::start_in(
+            &format!("part{}", i + 1),
+            dir.path(),
+            lab.ip(i),
+            opts(i, vec![seed.clone()]),
+        ));
+    }
+    let ids = wait_converged(&nodes, LONG);
+    let mut active = String::new();
+    let mut epoch = 0;
+    wait_until("an active with 2 in-sync standbys", LONG, || {
+        nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
+            let m = v["stripes"][0]["members"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            active = v["stripes"][0]["active"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            epoch = v["stripes"][0]["epoch"].as_u64().unwrap_or(0);
+            m.iter().filter(|m| m["role"] == "standby").count() == 2
+        })
+    });
+    let old = ids.iter().position(|i| *i == active).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+
+    // Writers: two through the majority side, one straight at the old active.
+    let stop = Arc::new(AtomicBool::new(false));
+    // key → (value, when acknowledged, node written to)
+    type Acked = BTreeMap<String, (String, Instant, usize)>;
+    let acked: Arc<Mutex<Acked>> = Arc::default();
+    let writers: Vec<_> = [others[0], others[1], old]
+        .into_iter()
+        .enumerate()
+        .map(|(w, target)| {
+            let (stop, acked) = (stop.clone(), acked.clone());
+            let http = nodes[target].http();
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(Duration::from_secs(10))
+                    .build();
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let key = format!("p{w}-{i}");
+                    let value = format!("v{w}-{i}");
+                    if agent
+                        .put(&format!("http://{http}/v1/kv/test/{key}"))
+                        .send_string(&value)
+                        .is_ok()
+                    {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert(key, (value, Instant::now(), target));
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let cut_at = Instant::now();
+    lab.cut(old).unwrap();
+    // The majority side elects a new active.
+    let mut elected_at = Instant::now();
+    wait_until("the majority side elects a new active", LONG, || {
+        nodes[others[0]]
+            .get("/v1/cluster/stripes")
+            .is_some_and(|v| {
+                let ok = v["stripes"][0]["epoch"].as_u64().unwrap_or(0) > epoch
+                    && v["stripes"][0]["active"]
+                        .as_str()
+                        .is_some_and(|a| a != active);
+                if ok {
+                    elected_at = Instant::now();
+                }
+                ok
+            })
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    {
+        let acked = acked.lock().unwrap();
+        let late: Vec<&String> = acked
+            .iter()
+            .filter(|(_, (_, at, target))| *target == old && *at > elected_at)
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            late.is_empty(),
+            "the cut-off active acknowledged {late:?} after the election"
+        );
+        let before = acked
+            .values()
+            .filter(|(_, at, target)| *target == old && *at < cut_at)
+            .count();
+        assert!(
+            before > 0,
+            "the writer at the old active worked before the cut"
+        );
+    }
+    lab.heal(old).unwrap();
+    wait_until("the old active is an in-sync standby again", LONG, || {
+        nodes[others[0]]
+            .get("/v1/cluster/stripes")
+            .is_some_and(|v| {
+                v["stripes"][0]["members"].as_array().is_some_and(|m| {
+                    m.iter()
+                        .any(|m| m["id"] == ids[old].as_str() && m["role"] == "standby")
+                })
+            })
+    });
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    // Same data: every acknowledged write, read from the old active's own copy,
+    // equals the new active's answer.
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 50, "only {} writes acknowledged", acked.len());
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    let read = |node: &Node, key: &str, stale: bool| -> Option<String> {
+        let q = if stale { "?stale=true" } else { "" };
+        agent
+            .get(&format!("http://{}/v1/kv/test/{key}{q}", node.http()))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()
+    };
+    wait_until("the old active has applied everything", LONG, || {
+        acked
+            .iter()
+            .rev()
+            .take(20)
+            .all(|(k, (v, ..))| read(&nodes[old], k, true).as_deref() == Some(v.as_str()))
+    });
+    for (k, (v, ..)) in &acked {
+        assert_eq!(
+            read(&nodes[others[1]], k, false).as_deref(),
+            Some(v.as_str()),
+            "key {k} on the new active"
+        );
+        assert_eq!(
+            read(&nodes[old], k, true).as_deref(),
+            Some(v.as_str()),
+            "key {k} on the old active"
+        );
+    }
+}
