@@ -85,6 +85,12 @@ pub enum ControlCommand {
         node: NodeId,
         in_sync: BTreeSet<NodeId>,
     },
+    /// The active of `epoch`, restarted, continues in a new epoch (`epoch + 1`).
+    Renew {
+        stripe: u32,
+        epoch: u64,
+        node: NodeId,
+    },
     /// The active `by` of `epoch` adds (`in_sync = true`) or removes a standby
     /// from the in-sync set of `stripe`.
     SetInSync {
@@ -151,6 +157,11 @@ impl ControlState {
                 node,
                 in_sync,
             } => self.set_in_sync(*stripe, *epoch, *by, *node, *in_sync),
+            ControlCommand::Renew {
+                stripe,
+                epoch,
+                node,
+            } => self.renew(*stripe, *epoch, *node),
         }
     }
 
@@ -283,6 +294,21 @@ impl ControlState {
         stripe.active = Some(node);
         stripe.epoch += 1;
         stripe.in_sync = in_sync.iter().copied().filter(|n| *n != node).collect();
+        ControlOutcome::Promoted {
+            epoch: stripe.epoch,
+        }
+    }
+
+    fn renew(&mut self, k: u32, epoch: u64, node: NodeId) -> ControlOutcome {
+        let Some(stripe) = self.stripes.get_mut(&k) else {
+            return rejected(format!("stripe {k} does not exist"));
+        };
+        if stripe.epoch != epoch || stripe.active != Some(node) {
+            return rejected(format!(
+                "node {node} is not the active of stripe {k} in epoch {epoch}"
+            ));
+        }
+        stripe.epoch += 1;
         ControlOutcome::Promoted {
             epoch: stripe.epoch,
         }

@@ -218,6 +218,9 @@ pub struct StripeActor {
     view_version: u64,
     handover_waiters: Vec<oneshot::Sender<Result<Option<u64>, String>>>,
     metrics: StripeMetrics,
+    /// The active's own appends waiting for their fsync, in order; one runs at a time.
+    local_queue: VecDeque<Vec<(u64, Vec<u8>)>>,
+    local_busy: bool,
 }
 
 impl StripeActor {
@@ -253,6 +256,8 @@ impl StripeActor {
             view_version: 0,
             handover_waiters: Vec::new(),
             metrics,
+            local_queue: VecDeque::new(),
+            local_busy: false,
         }
     }
 
@@ -378,6 +383,20 @@ impl StripeActor {
     /// Executes queued steps in order; a storage job pauses the queue until done.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         while !self.busy {
+            // A `Persist` (a follower's, or a take-over's) follows every earlier
+            // local append: a late append must not land after a truncation.
+            let local_pending = self.local_busy || !self.local_queue.is_empty();
+            let rewrites_log = matches!(
+                self.queue.front(),
+                Some(Step::Fx(
+                    Effect::Persist { .. }
+                        | Effect::InstallSnapshot { .. }
+                        | Effect::Compact { .. }
+                ))
+            );
+            if local_pending && rewrites_log {
+                break;
+            }
             let Some(step) = self.queue.pop_front() else {
                 break;
             };
@@ -393,6 +412,11 @@ impl StripeActor {
 
     fn run(&mut self, e: Effect, ctx: &mut Context<Self>) {
         match e {
+            Effect::AppendLocal { entries } => {
+                let rows = entries.iter().map(|(i, e)| (*i, to_cbor(e))).collect();
+                self.local_queue.push_back(rows);
+                self.start_local(ctx);
+            }
             Effect::Persist {
                 truncate_from,
                 entries,
@@ -483,6 +507,37 @@ impl StripeActor {
         }
     }
 
+    /// Runs the next local append (one at a time, in order).
+    fn start_local(&mut self, ctx: &mut Context<Self>) {
+        if self.local_busy {
+            return;
+        }
+        let Some(rows) = self.local_queue.pop_front() else {
+            return;
+        };
+        self.local_busy = true;
+        let last = rows.last().map(|r: &(u64, Vec<u8>)| r.0).unwrap_or(0);
+        let store = self.store.clone();
+        ctx.spawn(
+            blocking(move || store.persist(None, &rows, None))
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    act.local_busy = false;
+                    match res {
+                        Ok(()) => {
+                            if let Some(r) = act.replica.as_mut() {
+                                let fx = r.on_persisted(last);
+                                act.queue.extend(fx.into_iter().map(Step::Fx));
+                            }
+                        }
+                        Err(e) => act.storage_failed(&e),
+                    }
+                    act.start_local(ctx);
+                    act.pump(ctx);
+                }),
+        );
+    }
+
     fn storage_failed(&mut self, e: &StoreError) {
         tracing::error!(error = %e, stripe = ?self.stripe, "stripe storage failed");
         for (_, reply) in std::mem::take(&mut self.waiting) {
@@ -544,6 +599,23 @@ impl StripeActor {
     fn propose(&mut self, p: Proposal, ctx: &mut Context<Self>) {
         let Some(stripe) = self.stripe else { return };
         match p.clone() {
+            Proposal::Renew { epoch } => {
+                tracing::info!(stripe, epoch, "restarted as active: asking for a new epoch");
+                let cmd = ControlCommand::Renew {
+                    stripe,
+                    epoch,
+                    node: self.me,
+                };
+                ctx.spawn(self.control.send(Propose(cmd)).into_actor(self).map(
+                    move |res, act, _| {
+                        if !matches!(res, Ok(Ok(ControlOutcome::Promoted { .. }))) {
+                            if let Some(r) = act.replica.as_mut() {
+                                r.on_proposal_failed(&p);
+                            }
+                        }
+                    },
+                ));
+            }
             Proposal::HandOver { epoch, to } => {
                 let in_sync = self
                     .applied

@@ -100,6 +100,11 @@ pub enum Proposal {
     /// commits and serves reads only once the control plane confirms the epoch
     /// is current ([`Replica::on_confirmed`]).
     ConfirmActive { epoch: u64 },
+    /// This node is the active of `epoch` by the control plane's state but its log
+    /// already holds entries of `epoch`: it was active before a restart and may
+    /// have lost entries it had sent. It takes over only in a new epoch, so that
+    /// no index of one epoch ever holds two different entries.
+    Renew { epoch: u64 },
     /// Planned handover: make `to`, which holds every entry of this active of
     /// `epoch`, the next active (no election: this active stopped writing).
     HandOver { epoch: u64, to: NodeId },
@@ -114,6 +119,13 @@ pub enum Effect {
         truncate_from: Option<u64>,
         entries: Vec<(u64, Entry)>,
         promised: Option<u64>,
+    },
+    /// The active's own new entries: make them durable in the background, in
+    /// order, then report with [`Replica::on_persisted`]. Later effects need not
+    /// wait (replication runs in parallel with the local fsync; commits wait for
+    /// it), except a `Persist`, which must follow every earlier append.
+    AppendLocal {
+        entries: Vec<(u64, Entry)>,
     },
     /// Replace the state with the snapshot received at `at` (a follower); the log
     /// entries after `at` stay if `keep_log`, else the whole log goes.
@@ -250,12 +262,17 @@ pub struct Replica {
     progress: BTreeMap<NodeId, Progress>,
     /// Index of the no-op this active wrote on taking over; reads wait for it.
     start_index: u64,
+    /// Highest index of this active's log known durable here (commits wait for it).
+    durable: u64,
     /// The control plane confirmed this node is the active of its epoch.
     confirmed: bool,
     confirm_asked: bool,
     /// A planned handover to this standby is under way: no new writes.
     handing_over: Option<NodeId>,
     handover_asked: bool,
+    /// When a `Renew` was last asked (it is asked again after an election
+    /// timeout: the request or its answer may be lost).
+    renew_asked_ms: Option<u64>,
     /// Standbys proposed for the in-sync set: already waited for.
     adding: BTreeSet<NodeId>,
     /// In-sync standbys proposed for removal (still waited for until decided).
@@ -282,10 +299,12 @@ impl Replica {
             prepared_for: None,
             progress: BTreeMap::new(),
             start_index: 0,
+            durable: 0,
             confirmed: false,
             confirm_asked: false,
             handing_over: None,
             handover_asked: false,
+            renew_asked_ms: None,
             adding: BTreeSet::new(),
             removing: BTreeSet::new(),
             round: 0,
@@ -388,7 +407,14 @@ impl Replica {
             && self.view.epoch >= self.promised
             && self.view.epoch > 0
         {
-            self.take_over(&mut fx);
+            if self.last().epoch < self.view.epoch {
+                self.take_over(&mut fx);
+            } else if self.renew_asked_ms.is_none() {
+                self.renew_asked_ms = Some(self.now_ms);
+                fx.push(Effect::Propose(Proposal::Renew {
+                    epoch: self.view.epoch,
+                }));
+            }
         }
         if self.is_active() {
             self.adding.retain(|n| !self.view.in_sync.contains(n));
@@ -456,6 +482,8 @@ impl Replica {
         });
         self.role = Role::Active { epoch };
         self.start_index = index;
+        // The no-op's `Persist` precedes every later effect: durable by then.
+        self.durable = index;
         self.confirmed = false;
         self.confirm_asked = true;
         self.handing_over = None;
@@ -505,14 +533,21 @@ impl Replica {
             entries.push((first + k as u64, e));
         }
         let indexes = entries.iter().map(|(i, _)| *i).collect();
-        let mut fx = vec![Effect::Persist {
-            truncate_from: None,
-            entries,
-            promised: None,
-        }];
+        let mut fx = vec![Effect::AppendLocal { entries }];
         self.replicate(&mut fx, false);
         self.advance_commit(&mut fx);
         Ok((indexes, fx))
+    }
+
+    /// This active's own entries up to `upto` are durable.
+    pub fn on_persisted(&mut self, upto: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.is_active() && upto > self.durable {
+            self.durable = upto.min(self.last().index);
+            self.advance_commit(&mut fx);
+            self.maybe_hand_over(&mut fx);
+        }
+        fx
     }
 
     /// A linearizable read: answered with `ReadReady` once every in-sync standby
@@ -597,6 +632,19 @@ impl Replica {
                 self.compact(&mut fx);
             }
             Role::Follower => {
+                let renew_due = self
+                    .renew_asked_ms
+                    .is_none_or(|t| now_ms.saturating_sub(t) >= self.cfg.election_timeout_ms);
+                if self.view.active == Some(self.me)
+                    && renew_due
+                    && self.last().epoch >= self.view.epoch
+                    && self.view.epoch >= self.promised
+                {
+                    self.renew_asked_ms = Some(now_ms);
+                    fx.push(Effect::Propose(Proposal::Renew {
+                        epoch: self.view.epoch,
+                    }));
+                }
                 let electable = self.view.in_sync.contains(&self.me) && self.view.active.is_some();
                 let silent =
                     now_ms.saturating_sub(self.last_heard_ms) >= self.cfg.election_timeout_ms;
@@ -689,7 +737,7 @@ impl Replica {
         if !self.is_active() || !self.confirmed {
             return;
         }
-        let mut candidate = self.last().index;
+        let mut candidate = self.last().index.min(self.durable);
         for n in self.required() {
             let matched = self.progress.get(&n).map(|p| p.matched).unwrap_or(0);
             candidate = candidate.min(matched);
@@ -1012,6 +1060,7 @@ impl Replica {
             Proposal::Election { .. } => self.last_election_ask_ms = None,
             Proposal::ConfirmActive { .. } => self.confirm_asked = false,
             Proposal::HandOver { .. } => self.handover_asked = false,
+            Proposal::Renew { .. } => self.renew_asked_ms = None,
         }
     }
 
