@@ -405,9 +405,15 @@ impl StripeActor {
                 Step::Fx(e) => self.run(e, ctx),
             }
         }
-        if !self.busy && self.queue.is_empty() {
+        if self.ready_for_batch() {
             self.flush_batch(ctx);
         }
+    }
+
+    /// Group commit: a new batch starts once the previous local append is
+    /// durable, so writes arriving meanwhile share the next fsync.
+    fn ready_for_batch(&self) -> bool {
+        !self.busy && self.queue.is_empty() && !self.local_busy && self.local_queue.is_empty()
     }
 
     fn run(&mut self, e: Effect, ctx: &mut Context<Self>) {
@@ -755,7 +761,7 @@ impl StripeActor {
             return;
         }
         self.batch.push((kv::encode(&cmd), reply));
-        if !self.busy && self.queue.is_empty() {
+        if self.ready_for_batch() {
             self.flush_batch(ctx);
         }
     }
