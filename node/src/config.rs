@@ -92,6 +92,9 @@ pub struct RunArgs {
     /// Largest value a PUT accepts. Default: 1048576
     #[arg(long, env = "KILN_MAX_VALUE_BYTES", value_name = "BYTES")]
     pub max_value_bytes: Option<usize>,
+    /// Seconds a write's result is remembered for retries (Idempotency-Key), across failover. Default: 120
+    #[arg(long, env = "KILN_RECONNECT_WINDOW_S", value_name = "S")]
+    pub reconnect_window_s: Option<u64>,
 }
 
 /// The same settings as read from the TOML file.
@@ -120,6 +123,7 @@ pub struct FileConfig {
     pub persistence: Option<String>,
     pub request_timeout_ms: Option<u64>,
     pub max_value_bytes: Option<usize>,
+    pub reconnect_window_s: Option<u64>,
 }
 
 /// Every setting key, in its TOML spelling (for the README check).
@@ -148,6 +152,7 @@ pub const KEYS: &[&str] = &[
     "persistence",
     "request_timeout_ms",
     "max_value_bytes",
+    "reconnect_window_s",
 ];
 
 /// Resolved, validated settings of a node.
@@ -169,6 +174,7 @@ pub struct Settings {
     pub permanent: bool,
     pub request_timeout_ms: u64,
     pub max_value_bytes: usize,
+    pub reconnect_window_s: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -387,7 +393,14 @@ impl Settings {
                 error: "must be between 1 and 3145728 (values travel in one 4 MiB frame)".into(),
             });
         }
+        let reconnect_window_s = positive(
+            "reconnect_window_s",
+            cli.reconnect_window_s
+                .or(file.reconnect_window_s)
+                .unwrap_or(120),
+        )?;
         Ok(Settings {
+            reconnect_window_s,
             election_timeout_ms,
             permanent,
             request_timeout_ms,

@@ -42,6 +42,8 @@ pub struct KvRouter {
     pub book: AddressBook,
     pub request_timeout: Duration,
     pub max_value_bytes: usize,
+    /// How long a request's result is remembered for retries (`reconnect_window_s`).
+    pub reconnect_window: Duration,
 }
 
 enum Attempt<T> {
@@ -52,6 +54,12 @@ enum Attempt<T> {
 }
 
 impl KvRouter {
+    /// When a request arrives, and until when its result is remembered.
+    fn stamp(&self) -> (u64, u64) {
+        let now = kiln_actors::membership::unix_ms();
+        (now, now + self.reconnect_window.as_millis() as u64)
+    }
+
     fn stripe_of(&self, map: &str, key: &str) -> Result<u32, ApiError> {
         let a = self
             .applied
@@ -406,6 +414,7 @@ pub async fn put(
     let cond = condition(&req)?;
     let request = request_id(&req)?;
     let value = read_body(payload, kv.max_value_bytes).await?;
+    let (received_ms, remember_until_ms) = kv.stamp();
     let outcome = kv
         .write(KvCommand {
             request,
@@ -415,6 +424,8 @@ pub async fn put(
                 value,
                 cond,
             },
+            received_ms,
+            remember_until_ms,
         })
         .await?;
     Ok(outcome_response(outcome))
@@ -430,10 +441,13 @@ pub async fn delete(
     let kv = router(&state)?;
     let cond = condition(&req)?;
     let request = request_id(&req)?;
+    let (received_ms, remember_until_ms) = kv.stamp();
     let outcome = kv
         .write(KvCommand {
             request,
             op: KvOp::Delete { map, key, cond },
+            received_ms,
+            remember_until_ms,
         })
         .await?;
     Ok(outcome_response(outcome))

@@ -194,6 +194,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             book,
             request_timeout: Duration::from_millis(settings.request_timeout_ms),
             max_value_bytes: settings.max_value_bytes,
+            reconnect_window: Duration::from_secs(settings.reconnect_window_s),
         });
         let state = web::Data::new(ApiState {
             membership: membership.clone(),

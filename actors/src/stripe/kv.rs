@@ -50,6 +50,14 @@ pub struct KvCommand {
     /// that took the request (so its own retries across failover apply once).
     pub request: String,
     pub op: KvOp,
+    /// Unix ms when the node that took the request received it (kept across its
+    /// retries), and until when its result is remembered for retries (the
+    /// reconnect window). Both travel in the entry, so every member expires
+    /// request records alike.
+    #[serde(default)]
+    pub received_ms: u64,
+    #[serde(default)]
+    pub remember_until_ms: u64,
 }
 
 impl KvCommand {
@@ -83,6 +91,8 @@ pub enum KvOutcome {
 struct RequestRecord {
     fingerprint: [u8; 32],
     outcome: KvOutcome,
+    #[serde(default)]
+    remember_until_ms: u64,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
@@ -104,10 +114,12 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
         return Ok(KvOutcome::Invalid);
     };
     let fingerprint = cmd.fingerprint();
-    if let Some(rec) = tx
+    let remembered = tx
         .request(&cmd.request)?
         .and_then(|b| decode::<RequestRecord>(&b))
-    {
+        // Past the reconnect window a request id is free again.
+        .filter(|rec| rec.remember_until_ms == 0 || rec.remember_until_ms >= cmd.received_ms);
+    if let Some(rec) = remembered {
         return Ok(if rec.fingerprint == fingerprint {
             rec.outcome
         } else {
@@ -149,6 +161,7 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
         &encode(&RequestRecord {
             fingerprint,
             outcome: outcome.clone(),
+            remember_until_ms: cmd.remember_until_ms,
         }),
     )?;
     Ok(outcome)
@@ -205,6 +218,8 @@ mod tests {
                 value: value.to_vec(),
                 cond,
             },
+            received_ms: 1_000,
+            remember_until_ms: 121_000,
         })
     }
 
@@ -241,6 +256,8 @@ mod tests {
                 key: "k".into(),
                 cond: Condition::None,
             },
+            received_ms: 2_000,
+            remember_until_ms: 122_000,
         });
         assert_eq!(
             apply(&mut tx, 10, &del).unwrap(),
@@ -253,6 +270,8 @@ mod tests {
                 key: "k".into(),
                 cond: Condition::None,
             },
+            received_ms: 3_000,
+            remember_until_ms: 123_000,
         });
         assert_eq!(apply(&mut tx, 11, &del2).unwrap(), KvOutcome::NotFound);
         assert_eq!(
@@ -262,6 +281,38 @@ mod tests {
         assert_eq!(
             apply(&mut tx, 13, b"").unwrap(),
             KvOutcome::Done { version: 13 }
+        );
+    }
+
+    #[test]
+    fn request_ids_are_free_again_after_the_reconnect_window() {
+        let mut tx = Mem::default();
+        let at = |received_ms: u64, value: &[u8]| {
+            encode(&KvCommand {
+                request: "k:retry".into(),
+                op: KvOp::Put {
+                    map: "m".into(),
+                    key: "k".into(),
+                    value: value.to_vec(),
+                    cond: Condition::None,
+                },
+                received_ms,
+                remember_until_ms: received_ms + 120_000,
+            })
+        };
+        assert_eq!(
+            apply(&mut tx, 1, &at(0, b"a")).unwrap(),
+            KvOutcome::Done { version: 1 }
+        );
+        // Within the window a different request under the id is refused…
+        assert_eq!(
+            apply(&mut tx, 2, &at(60_000, b"b")).unwrap(),
+            KvOutcome::RequestIdReused
+        );
+        // …after it, the id is new again.
+        assert_eq!(
+            apply(&mut tx, 3, &at(200_000, b"b")).unwrap(),
+            KvOutcome::Done { version: 3 }
         );
     }
 

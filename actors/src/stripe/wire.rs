@@ -98,6 +98,8 @@ mod tests {
                         value: vec![0; 10],
                         cond: Condition::IfVersion(7),
                     },
+                    received_ms: 5,
+                    remember_until_ms: 120_005,
                 },
             },
         ];
