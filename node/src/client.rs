@@ -46,24 +46,9 @@ impl Api {
 
     fn call(&self, method: &str, path: &str) -> anyhow::Result<Value> {
         let url = format!("{}{}", self.base, path);
-        let mut req = self.agent.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        match req.call() {
-            Ok(resp) => resp
-                .into_json::<Value>()
-                .with_context(|| format!("{url}: answer is not JSON")),
-            Err(ureq::Error::Status(code, resp)) => {
-                let body: Value = resp.into_json().unwrap_or(Value::Null);
-                let msg = body["error"].as_str().unwrap_or("no detail").to_string();
-                Err(anyhow!("{method} {url}: {code}: {msg}"))
-            }
-            Err(e) => Err(anyhow!(
-                "cannot reach kiln at {}: {e}; is the node running and is --http right?",
-                self.base
-            )),
-        }
+        self.send(method, path, &[], None)?
+            .into_json::<Value>()
+            .with_context(|| format!("{url}: answer is not JSON"))
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {

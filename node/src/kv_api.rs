@@ -11,7 +11,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures::StreamExt;
 use kiln_actors::control::state::SLOT_COUNT;
-use kiln_actors::control::{AddressBook, SharedApplied};
+use kiln_actors::control::{addresses, AddressBook, SharedApplied};
 use kiln_actors::stripe::kv::{slot_of, Condition, KvCommand, KvOp, KvOutcome};
 use kiln_actors::stripe::wire::{ServeError, StripeRequest, StripeResponse};
 use kiln_actors::stripe::{
@@ -78,12 +78,7 @@ impl KvRouter {
 
     async fn call_peer(&self, node: u64, req: &StripeRequest) -> Result<StripeResponse, String> {
         let peer = self.peer(node).ok_or("the active's address is unknown")?;
-        let addrs = self
-            .book
-            .read()
-            .ok()
-            .and_then(|b| b.get(&peer).cloned())
-            .unwrap_or_default();
+        let addrs = addresses(&self.book, &peer);
         let call = self.net.call(peer, addrs, stripe_request(req));
         match tokio::time::timeout(ATTEMPT_TIMEOUT, call).await {
             Err(_) => Err(format!("{peer} did not answer in time")),

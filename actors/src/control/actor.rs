@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 use rand::seq::SliceRandom;
 use serde_bytes::ByteBuf;
 
-use super::network::AddressBook;
+use super::network::{addresses, AddressBook};
 use super::state::{plan_voters, ControlCommand, ControlOutcome, ControlState, Placement};
 use super::storage::SharedApplied;
 use super::types::{node_id_of, ControlNode, ControlTypes, NodeId};
@@ -878,12 +878,7 @@ impl Proposer {
         let Some(leader) = leader.filter(|_| hop == Hop::Local) else {
             return Err("no control-plane leader to confirm with".into());
         };
-        let addrs = self
-            .book
-            .read()
-            .ok()
-            .and_then(|b| b.get(&leader).cloned())
-            .unwrap_or_default();
+        let addrs = addresses(&self.book, &leader);
         let body = ByteBuf::from(to_cbor(&ControlRequest::ConfirmActive {
             stripe,
             epoch,
@@ -909,12 +904,7 @@ impl Proposer {
         command: ControlCommand,
         forwarded: bool,
     ) -> Result<ControlOutcome, String> {
-        let addrs = self
-            .book
-            .read()
-            .ok()
-            .and_then(|b| b.get(&peer).cloned())
-            .unwrap_or_default();
+        let addrs = addresses(&self.book, &peer);
         let body = ByteBuf::from(to_cbor(&ControlRequest::Propose { command, forwarded }));
         let call = self.net.call(peer, addrs, Request::ControlPlane { body });
         match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
@@ -974,12 +964,7 @@ impl StripeAsker {
         let local = (node == self.me).then(|| self.local.clone()).flatten();
         let me_peer = self.me_peer;
         let remote = (node != self.me).then(|| {
-            let addrs = self
-                .book
-                .read()
-                .ok()
-                .and_then(|b| b.get(&peer).cloned())
-                .unwrap_or_default();
+            let addrs = addresses(&self.book, &peer);
             self.net.call(peer, addrs, stripe_request(&request))
         });
         async move {
@@ -1064,12 +1049,7 @@ impl Handler<RequestElection> for ControlPlane {
         let Ok(peer) = peer.parse::<PeerId>() else {
             return;
         };
-        let addrs = self
-            .book
-            .read()
-            .ok()
-            .and_then(|b| b.get(&peer).cloned())
-            .unwrap_or_default();
+        let addrs = addresses(&self.book, &peer);
         let body = ByteBuf::from(to_cbor(&ControlRequest::Elect {
             stripe: msg.stripe,
             epoch: msg.epoch,

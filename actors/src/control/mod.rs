@@ -17,7 +17,7 @@ pub use actor::{
     ControlPlaneConfig, GetStripes, Propose, RequestElection, ServeControl, StripeMemberView,
     StripeView,
 };
-pub use network::{AddressBook, ControlNetwork};
+pub use network::{addresses, AddressBook, ControlNetwork};
 pub use storage::{Applied, LogStore, SharedApplied, StateMachine};
 
 pub(crate) fn unix_ms() -> u64 {

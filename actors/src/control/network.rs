@@ -22,6 +22,14 @@ use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTR
 /// control plane's membership config recorded when a node was added.
 pub type AddressBook = Arc<RwLock<HashMap<PeerId, Vec<Multiaddr>>>>;
 
+/// The addresses the book knows for `peer` (none if it knows none).
+pub fn addresses(book: &AddressBook, peer: &PeerId) -> Vec<Multiaddr> {
+    book.read()
+        .ok()
+        .and_then(|b| b.get(peer).cloned())
+        .unwrap_or_default()
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Failure(String);

@@ -27,7 +27,7 @@ use super::wire::{ServeError, StripeRequest, StripeResponse};
 use crate::control::state::{ControlCommand, ControlOutcome, Placement};
 use crate::control::wire::{from_cbor, to_cbor, MAX_CONTROL_BODY};
 use crate::control::{
-    AddressBook, ConfirmActive, ControlPlane, Propose, RequestElection, SharedApplied,
+    addresses, AddressBook, ConfirmActive, ControlPlane, Propose, RequestElection, SharedApplied,
 };
 
 /// How often the replica's timers run and the control plane's view is read.
@@ -568,12 +568,7 @@ impl StripeActor {
         let (Some(stripe), Some(peer)) = (self.stripe, self.peer_of(to)) else {
             return;
         };
-        let addrs = self
-            .book
-            .read()
-            .ok()
-            .and_then(|b| b.get(&peer).cloned())
-            .unwrap_or_default();
+        let addrs = addresses(&self.book, &peer);
         let call = self.net.call(
             peer,
             addrs,
