@@ -15,10 +15,9 @@ use kiln_actors::control::{addresses, AddressBook, SharedApplied};
 use kiln_actors::stripe::kv::{slot_of, Condition, KvCommand, KvOp, KvOutcome};
 use kiln_actors::stripe::wire::{ServeError, StripeRequest, StripeResponse};
 use kiln_actors::stripe::{
-    stripe_request, stripe_response, stripe_view, ClientRead, ClientWrite, HandOver, StripeActor,
+    stripe_request, stripe_response, stripe_view, Responder, ServeStripe, StripeActor,
 };
 use kiln_net::{NetHandle, PeerId};
-use kiln_persistence::StripeStore;
 use serde_json::json;
 use tokio::sync::oneshot;
 
@@ -28,29 +27,22 @@ use crate::http::{ApiError, ApiState};
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Pause between two attempts while a stripe has no reachable active.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
-/// One attempt at a peer.
+/// One attempt at the active.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A planned handover waits for the standby to catch up.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where key/value requests go.
 pub struct KvRouter {
     pub me: u64,
     pub applied: SharedApplied,
     pub stripe: Option<Addr<StripeActor>>,
-    /// This node's stripe data, for listing keys of its own stripe.
-    pub store: Arc<StripeStore>,
     pub net: NetHandle,
     pub book: AddressBook,
     pub request_timeout: Duration,
     pub max_value_bytes: usize,
     /// How long a request's result is remembered for retries (`reconnect_window_s`).
     pub reconnect_window: Duration,
-}
-
-enum Attempt<T> {
-    Done(T),
-    /// Worth retrying (no active, stepped down, unreachable).
-    Retry(String),
-    Fail(ApiError),
 }
 
 impl KvRouter {
@@ -76,31 +68,66 @@ impl KvRouter {
         self.applied.read().ok()?.state.peer_of(node)?.parse().ok()
     }
 
-    async fn call_peer(&self, node: u64, req: &StripeRequest) -> Result<StripeResponse, String> {
+    /// Sends a stripe request to `node`: this node's own stripe actor (a node
+    /// does not dial itself) or a peer.
+    async fn ask(
+        &self,
+        node: u64,
+        request: StripeRequest,
+        timeout: Duration,
+    ) -> Result<StripeResponse, String> {
+        if node == self.me {
+            let addr = self.stripe.as_ref().ok_or("this node holds no stripe")?;
+            let (tx, rx) = oneshot::channel();
+            addr.do_send(ServeStripe {
+                peer: self.net.local_peer_id,
+                request,
+                reply: Responder::Local(tx),
+            });
+            return match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(resp)) => Ok(resp),
+                _ => Err("this node's stripe did not answer in time".into()),
+            };
+        }
         let peer = self.peer(node).ok_or("the active's address is unknown")?;
-        let addrs = addresses(&self.book, &peer);
-        let call = self.net.call(peer, addrs, stripe_request(req));
-        match tokio::time::timeout(ATTEMPT_TIMEOUT, call).await {
+        let call = self
+            .net
+            .call(peer, addresses(&self.book, &peer), stripe_request(&request));
+        match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(format!("{peer} did not answer in time")),
             Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(resp)) => stripe_response(resp),
         }
     }
 
-    /// Retries `attempt` against the stripe's current active until it answers or
-    /// the request timeout passes.
+    /// Sends `request` to the stripe's current active until `answer` takes its
+    /// reply or the request timeout passes; a retry is the same request (the
+    /// same request id), so it is applied once.
     async fn routed<T>(
         &self,
         stripe: u32,
-        mut attempt: impl AsyncFnMut(Option<u64>) -> Attempt<T>,
+        request: StripeRequest,
+        answer: impl Fn(StripeResponse) -> Option<Result<T, ServeError>>,
     ) -> Result<T, ApiError> {
         let deadline = Instant::now() + self.request_timeout;
         loop {
             let active = stripe_view(&self.applied, stripe).and_then(|v| v.active);
-            let why = match attempt(active).await {
-                Attempt::Done(t) => return Ok(t),
-                Attempt::Fail(e) => return Err(e),
-                Attempt::Retry(why) => why,
+            let why = match active {
+                None => "no active".to_string(),
+                Some(a) => match self.ask(a, request.clone(), ATTEMPT_TIMEOUT).await {
+                    Err(e) => e,
+                    Ok(resp) => match answer(resp) {
+                        None => "unexpected answer".to_string(),
+                        Some(Ok(t)) => return Ok(t),
+                        Some(Err(ServeError::Storage(e))) => {
+                            return Err(ApiError::new(
+                                StatusCode::INSUFFICIENT_STORAGE,
+                                format!("the write could not be persisted: {e}"),
+                            ))
+                        }
+                        Some(Err(e)) => e.to_string(),
+                    },
+                },
             };
             if Instant::now() >= deadline {
                 return Err(ApiError::retry_later(format!(
@@ -114,33 +141,9 @@ impl KvRouter {
     pub async fn write(&self, cmd: KvCommand) -> Result<KvOutcome, ApiError> {
         let (map, key) = cmd.op.map_key();
         let stripe = self.stripe_of(map, key)?;
-        self.routed(stripe, async |active| {
-            let res = match active {
-                None => return Attempt::Retry("no active".into()),
-                Some(a) if a == self.me => match &self.stripe {
-                    Some(addr) => {
-                        let (tx, rx) = oneshot::channel();
-                        addr.do_send(ClientWrite(cmd.clone(), tx));
-                        rx.await.unwrap_or(Err(ServeError::SteppedDown))
-                    }
-                    None => return Attempt::Retry("this node holds no stripe".into()),
-                },
-                Some(a) => match self
-                    .call_peer(
-                        a,
-                        &StripeRequest::Write {
-                            stripe,
-                            cmd: cmd.clone(),
-                        },
-                    )
-                    .await
-                {
-                    Ok(StripeResponse::Written(r)) => r,
-                    Ok(other) => return Attempt::Retry(format!("unexpected answer {other:?}")),
-                    Err(e) => return Attempt::Retry(e),
-                },
-            };
-            classify(res)
+        self.routed(stripe, StripeRequest::Write { stripe, cmd }, |r| match r {
+            StripeResponse::Written(w) => Some(w),
+            _ => None,
         })
         .await
     }
@@ -152,42 +155,15 @@ impl KvRouter {
         stale: bool,
     ) -> Result<Option<(u64, Vec<u8>)>, ApiError> {
         let stripe = self.stripe_of(map, key)?;
-        self.routed(stripe, async |active| {
-            let res = match active {
-                None => return Attempt::Retry("no active".into()),
-                Some(a) if a == self.me => match &self.stripe {
-                    Some(addr) => {
-                        let (tx, rx) = oneshot::channel();
-                        addr.do_send(ClientRead {
-                            map: map.into(),
-                            key: key.into(),
-                            stale,
-                            reply: tx,
-                        });
-                        rx.await.unwrap_or(Err(ServeError::SteppedDown))
-                    }
-                    None => return Attempt::Retry("this node holds no stripe".into()),
-                },
-                Some(a) => match self
-                    .call_peer(
-                        a,
-                        &StripeRequest::Read {
-                            stripe,
-                            map: map.into(),
-                            key: key.into(),
-                            stale,
-                        },
-                    )
-                    .await
-                {
-                    Ok(StripeResponse::Value(r)) => {
-                        r.map(|v| v.map(|(ver, b)| (ver, b.into_vec())))
-                    }
-                    Ok(other) => return Attempt::Retry(format!("unexpected answer {other:?}")),
-                    Err(e) => return Attempt::Retry(e),
-                },
-            };
-            classify(res)
+        let request = StripeRequest::Read {
+            stripe,
+            map: map.into(),
+            key: key.into(),
+            stale,
+        };
+        self.routed(stripe, request, |r| match r {
+            StripeResponse::Value(v) => Some(v.map(|v| v.map(|(ver, b)| (ver, b.into_vec())))),
+            _ => None,
         })
         .await
     }
@@ -202,27 +178,17 @@ impl KvRouter {
             .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no stripe {stripe}")))?
             .active
             .ok_or_else(|| unavailable(&format!("stripe {stripe} has no active")))?;
-        let result = if active == self.me {
-            let Some(addr) = &self.stripe else {
-                return Err(unavailable("this node holds no stripe"));
-            };
-            let to = to.as_deref().map(kiln_actors::control::types::node_id_of);
-            let (tx, rx) = oneshot::channel();
-            addr.do_send(HandOver { to, reply: tx });
-            match tokio::time::timeout(Duration::from_secs(10), rx).await {
-                Ok(Ok(Ok(n))) => Ok(n.and_then(|n| self.peer(n).map(|p| p.to_string()))),
-                Ok(Ok(Err(e))) => Err(e),
-                _ => Err("the handover did not complete in time".to_string()),
-            }
-        } else {
-            match self
-                .call_peer(active, &StripeRequest::HandOver { stripe, to })
-                .await
-            {
-                Ok(StripeResponse::HandedOver(r)) => r,
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(e) => Err(e),
-            }
+        let result = match self
+            .ask(
+                active,
+                StripeRequest::HandOver { stripe, to },
+                HANDOVER_TIMEOUT,
+            )
+            .await
+        {
+            Ok(StripeResponse::HandedOver(r)) => r,
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e),
         };
         result.map_err(|e| {
             ApiError::new(
@@ -251,7 +217,7 @@ impl KvRouter {
             .collect();
         let mut all = Vec::new();
         for stripe in stripes {
-            let req = StripeRequest::Keys {
+            let request = StripeRequest::Keys {
                 stripe,
                 map: map.into(),
                 prefix: prefix.into(),
@@ -259,22 +225,9 @@ impl KvRouter {
                 limit: (limit + 1) as u32,
             };
             let keys = self
-                .routed(stripe, async |active| {
-                    let Some(a) = active else {
-                        return Attempt::Retry("no active".into());
-                    };
-                    if a == self.me {
-                        return classify(
-                            self.store
-                                .keys(map, prefix, after, limit + 1)
-                                .map_err(|e| ServeError::Storage(e.to_string())),
-                        );
-                    }
-                    match self.call_peer(a, &req).await {
-                        Ok(StripeResponse::Keys(r)) => classify(r),
-                        Ok(other) => Attempt::Retry(format!("unexpected answer {other:?}")),
-                        Err(e) => Attempt::Retry(e),
-                    }
+                .routed(stripe, request, |r| match r {
+                    StripeResponse::Keys(k) => Some(k),
+                    _ => None,
                 })
                 .await?;
             all.extend(keys);
@@ -283,17 +236,6 @@ impl KvRouter {
         let next = (all.len() > limit).then(|| all[limit - 1].clone());
         all.truncate(limit);
         Ok((all, next))
-    }
-}
-
-fn classify<T>(res: Result<T, ServeError>) -> Attempt<T> {
-    match res {
-        Ok(t) => Attempt::Done(t),
-        Err(ServeError::Storage(e)) => Attempt::Fail(ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!("the write could not be persisted: {e}"),
-        )),
-        Err(e) => Attempt::Retry(e.to_string()),
     }
 }
 

@@ -189,7 +189,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             me,
             applied,
             stripe: stripe.clone(),
-            store: stripe_store.clone(),
             net: net.clone(),
             book,
             request_timeout: Duration::from_millis(settings.request_timeout_ms),

@@ -79,21 +79,6 @@ enum Step {
 type WriteReply = oneshot::Sender<Result<KvOutcome, ServeError>>;
 type ReadReply = oneshot::Sender<Result<Option<(u64, Vec<u8>)>, ServeError>>;
 
-/// A client write for this node's stripe.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ClientWrite(pub KvCommand, pub WriteReply);
-
-/// A client read of this node's stripe.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ClientRead {
-    pub map: String,
-    pub key: String,
-    pub stale: bool,
-    pub reply: ReadReply,
-}
-
 /// A stripe request from a peer (or from this node, with `Responder::Local`).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -976,20 +961,6 @@ impl Actor for StripeActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
-    }
-}
-
-impl Handler<ClientWrite> for StripeActor {
-    type Result = ();
-    fn handle(&mut self, msg: ClientWrite, ctx: &mut Self::Context) {
-        self.write(msg.0, msg.1, ctx);
-    }
-}
-
-impl Handler<ClientRead> for StripeActor {
-    type Result = ();
-    fn handle(&mut self, msg: ClientRead, ctx: &mut Self::Context) {
-        self.read(msg.map, msg.key, msg.stale, msg.reply, ctx);
     }
 }
 
