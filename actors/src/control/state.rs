@@ -274,15 +274,10 @@ impl ControlState {
         node: NodeId,
         in_sync: &BTreeSet<NodeId>,
     ) -> ControlOutcome {
-        let Some(stripe) = self.stripes.get_mut(&k) else {
-            return rejected(format!("stripe {k} does not exist"));
+        let stripe = match self.stripe_in_epoch(k, epoch) {
+            Ok(s) => s,
+            Err(rejection) => return rejection,
         };
-        if stripe.epoch != epoch {
-            return rejected(format!(
-                "stripe {k} is in epoch {}, not {epoch}",
-                stripe.epoch
-            ));
-        }
         if !stripe.in_sync.contains(&node) {
             return rejected(format!(
                 "node {node} is not an in-sync standby of stripe {k}"
@@ -299,11 +294,26 @@ impl ControlState {
         }
     }
 
-    fn renew(&mut self, k: u32, epoch: u64, node: NodeId) -> ControlOutcome {
+    /// Stripe `k`, if it is in `epoch`: a decision taken in another epoch is stale.
+    fn stripe_in_epoch(&mut self, k: u32, epoch: u64) -> Result<&mut StripeEntry, ControlOutcome> {
         let Some(stripe) = self.stripes.get_mut(&k) else {
-            return rejected(format!("stripe {k} does not exist"));
+            return Err(rejected(format!("stripe {k} does not exist")));
         };
-        if stripe.epoch != epoch || stripe.active != Some(node) {
+        if stripe.epoch != epoch {
+            return Err(rejected(format!(
+                "stripe {k} is in epoch {}, not {epoch}",
+                stripe.epoch
+            )));
+        }
+        Ok(stripe)
+    }
+
+    fn renew(&mut self, k: u32, epoch: u64, node: NodeId) -> ControlOutcome {
+        let stripe = match self.stripe_in_epoch(k, epoch) {
+            Ok(s) => s,
+            Err(rejection) => return rejection,
+        };
+        if stripe.active != Some(node) {
             return rejected(format!(
                 "node {node} is not the active of stripe {k} in epoch {epoch}"
             ));
@@ -322,15 +332,10 @@ impl ControlState {
         node: NodeId,
         in_sync: bool,
     ) -> ControlOutcome {
-        let Some(stripe) = self.stripes.get_mut(&k) else {
-            return rejected(format!("stripe {k} does not exist"));
+        let stripe = match self.stripe_in_epoch(k, epoch) {
+            Ok(s) => s,
+            Err(rejection) => return rejection,
         };
-        if stripe.epoch != epoch {
-            return rejected(format!(
-                "stripe {k} is in epoch {}, not {epoch}",
-                stripe.epoch
-            ));
-        }
         if stripe.active != Some(by) {
             return rejected(format!(
                 "node {by} is not the active of stripe {k} in epoch {epoch}"

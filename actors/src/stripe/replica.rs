@@ -407,13 +407,10 @@ impl Replica {
             && self.view.epoch >= self.promised
             && self.view.epoch > 0
         {
+            // Otherwise (entries of this epoch already in the log) `tick` asks
+            // for a new epoch.
             if self.last().epoch < self.view.epoch {
                 self.take_over(&mut fx);
-            } else if self.renew_asked_ms.is_none() {
-                self.renew_asked_ms = Some(self.now_ms);
-                fx.push(Effect::Propose(Proposal::Renew {
-                    epoch: self.view.epoch,
-                }));
             }
         }
         if self.is_active() {
