@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 
-use crate::node_store::{check_format_in, map_open_error};
+use crate::node_store::open_or_create;
 use crate::schema::*;
 use crate::StoreError;
 
@@ -32,26 +32,11 @@ impl ControlStore {
                 cluster: cluster.to_string(),
             });
         }
-        let db = if existed {
-            Database::open(&path)
-        } else {
-            Database::create(&path)
-        }
-        .map_err(|e| map_open_error(e, &path))?;
+        let db = open_or_create(&path, CONTROL_META, |txn| {
+            txn.open_table(CONTROL_LOG)?;
+            Ok(())
+        })?;
         let store = ControlStore { db, path };
-        if existed {
-            let txn = store.db.begin_read().map_err(store.storage())?;
-            check_format_in(&txn, CONTROL_META, &store.path)?;
-        } else {
-            let txn = store.write_txn()?;
-            {
-                let mut meta = txn.open_table(CONTROL_META).map_err(store.storage())?;
-                meta.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())
-                    .map_err(store.storage())?;
-                txn.open_table(CONTROL_LOG).map_err(store.storage())?;
-            }
-            txn.commit().map_err(store.storage())?;
-        }
         Ok(store)
     }
 

@@ -2,7 +2,6 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 
-#[cfg(test)]
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -356,6 +355,39 @@ pub fn verify_untouched(dir: &Path, secret: Option<&[u8]>) -> Result<(), StoreEr
         compare_secret(stored.value(), secret, dir, &path)?;
     }
     Ok(())
+}
+
+/// Opens the kiln database at `path`, or creates it. A new file gets the format
+/// version in `meta` and the tables `create` opens, in one fsynced transaction;
+/// an existing one must carry a format this binary knows.
+pub(crate) fn open_or_create(
+    path: &Path,
+    meta: TableDefinition<&str, &[u8]>,
+    create: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::TableError>,
+) -> Result<Database, StoreError> {
+    let storage = |e: redb::Error| StoreError::Storage {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    if path.exists() {
+        let db = Database::open(path).map_err(|e| map_open_error(e, path))?;
+        let txn = db.begin_read().map_err(|e| storage(e.into()))?;
+        check_format_in(&txn, meta, path)?;
+        drop(txn);
+        return Ok(db);
+    }
+    let db = Database::create(path).map_err(|e| map_open_error(e, path))?;
+    let mut txn = db.begin_write().map_err(|e| storage(e.into()))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| storage(e.into()))?;
+    {
+        let mut m = txn.open_table(meta).map_err(|e| storage(e.into()))?;
+        m.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())
+            .map_err(|e| storage(e.into()))?;
+    }
+    create(&txn).map_err(|e| storage(e.into()))?;
+    txn.commit().map_err(|e| storage(e.into()))?;
+    Ok(db)
 }
 
 pub(crate) fn map_open_error(e: redb::DatabaseError, path: &Path) -> StoreError {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 
-use crate::node_store::{check_format_in, map_open_error};
+use crate::node_store::open_or_create;
 use crate::schema::*;
 use crate::StoreError;
 
@@ -60,29 +60,13 @@ impl StripeStore {
                 source: redb::StorageError::Io(e).into(),
             })?;
         }
-        let existed = path.exists();
-        let db = if existed {
-            Database::open(&path)
-        } else {
-            Database::create(&path)
-        }
-        .map_err(|e| map_open_error(e, &path))?;
+        let db = open_or_create(&path, STRIPE_META, |txn| {
+            txn.open_table(STRIPE_LOG)?;
+            txn.open_table(KV)?;
+            txn.open_table(REQUESTS)?;
+            Ok(())
+        })?;
         let store = StripeStore { db, path, durable };
-        if existed {
-            let txn = store.db.begin_read().map_err(store.storage())?;
-            check_format_in(&txn, STRIPE_META, &store.path)?;
-        } else {
-            let txn = store.write_txn(true)?;
-            {
-                let mut meta = txn.open_table(STRIPE_META).map_err(store.storage())?;
-                meta.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())
-                    .map_err(store.storage())?;
-                txn.open_table(STRIPE_LOG).map_err(store.storage())?;
-                txn.open_table(KV).map_err(store.storage())?;
-                txn.open_table(REQUESTS).map_err(store.storage())?;
-            }
-            txn.commit().map_err(store.storage())?;
-        }
         Ok(store)
     }
 
