@@ -373,3 +373,139 @@ pub fn wait_converged(nodes: &[Node], timeout: Duration) -> Vec<String> {
     );
     ids
 }
+
+/// One message of an event stream: the event JSON and the id that came with it.
+#[derive(Debug, Clone)]
+pub struct Streamed {
+    pub event: Value,
+    pub id: Option<String>,
+    /// When the test process read it.
+    pub at: Instant,
+}
+
+/// Follows `GET /v1/broadcast/stream` of a node on a thread of its own and records
+/// every message. When the stream breaks (the node restarts, `lagged`) it reconnects
+/// with the last id as `Last-Event-ID`, as a real client does. `from` is the
+/// starting token (`Some("")`: everything the node's log holds; `None`: live end).
+pub struct Subscriber {
+    pub events: std::sync::Arc<Mutex<Vec<Streamed>>>,
+    /// Connections made (1 + reconnects).
+    pub connections: std::sync::Arc<AtomicU32>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Subscriber {
+    pub fn follow(http: String, from: Option<String>) -> Subscriber {
+        use std::io::BufRead;
+        let events: std::sync::Arc<Mutex<Vec<Streamed>>> = Default::default();
+        let connections: std::sync::Arc<AtomicU32> = Default::default();
+        let stop: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let thread = {
+            let (events, connections, stop) = (events.clone(), connections.clone(), stop.clone());
+            std::thread::spawn(move || {
+                // Reads time out so that the thread notices `stop`; keepalives
+                // come every 15 s, so a 20 s silence means a dead connection.
+                let agent = ureq::AgentBuilder::new()
+                    .timeout_connect(Duration::from_secs(3))
+                    .timeout_read(Duration::from_secs(20))
+                    .build();
+                let mut last_id = from;
+                while !stop.load(Ordering::SeqCst) {
+                    let mut req = agent.get(&format!("http://{http}/v1/broadcast/stream"));
+                    if let Some(id) = &last_id {
+                        req = req.set("Last-Event-ID", id);
+                    }
+                    let Ok(resp) = req.call() else {
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    };
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    let reader = std::io::BufReader::new(resp.into_reader());
+                    let mut id = None;
+                    let mut data = None;
+                    for line in reader.lines() {
+                        let Ok(line) = line else { break };
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        if let Some(v) = line.strip_prefix("id: ") {
+                            id = Some(v.to_string());
+                        } else if let Some(v) = line.strip_prefix("data: ") {
+                            data = serde_json::from_str::<Value>(v).ok();
+                        } else if line.is_empty() {
+                            if id.is_some() {
+                                last_id = id.clone();
+                            }
+                            if let Some(event) = data.take() {
+                                events
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(Streamed {
+                                        event,
+                                        id: id.take(),
+                                        at: Instant::now(),
+                                    });
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        Subscriber {
+            events,
+            connections,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Streamed> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // The thread ends at its next line or read timeout; do not wait for it.
+        drop(self.thread.take());
+    }
+}
+
+/// Checks a recorded stream: per origin, seqs are exactly `1, 2, 3, ...` (nothing
+/// twice, nothing skipped, in order), and no `resync` or unknown message came.
+/// Returns the last seq seen per origin.
+pub fn check_stream(
+    events: &[Streamed],
+) -> Result<std::collections::BTreeMap<String, u64>, String> {
+    let mut last: std::collections::BTreeMap<String, u64> = Default::default();
+    for (i, s) in events.iter().enumerate() {
+        let e = &s.event;
+        if e["kind"] == "lagged" {
+            continue;
+        }
+        let (Some(origin), Some(seq)) = (e["origin"].as_str(), e["seq"].as_u64()) else {
+            return Err(format!("message {i} is not an event: {e}"));
+        };
+        if e["kind"] == "resync" {
+            return Err(format!("message {i} is a resync: {e}"));
+        }
+        let prev = last.entry(origin.to_string()).or_insert(0);
+        if seq != *prev + 1 {
+            return Err(format!(
+                "message {i}: origin {origin} seq {seq} after {prev} (duplicate, gap or reorder)"
+            ));
+        }
+        *prev = seq;
+    }
+    Ok(last)
+}

@@ -10,6 +10,6 @@ pub mod wire;
 pub use libp2p::identity::Keypair;
 pub use libp2p::{Multiaddr, PeerId};
 pub use swarm::{
-    psk_from_secret, spawn, transport, CallError, NetCommand, NetConfig, NetError, NetEvent,
-    NetHandle, Reply, ServiceRequest,
+    psk_from_secret, spawn, transport, BroadcastIn, CallError, NetChannels, NetCommand, NetConfig,
+    NetError, NetEvent, NetHandle, Reply, ServiceRequest,
 };

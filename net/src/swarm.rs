@@ -29,7 +29,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{Inbound, KilnCodec, PROTOCOL};
 use crate::offences::{Offences, Verdict};
-use crate::wire::{self, MembershipGossip, Request, Response, MAX_GOSSIP_BYTES, MEMBERSHIP_TOPIC};
+use crate::wire::{
+    self, BroadcastGossip, MembershipGossip, Request, Response, BROADCAST_TOPIC, MAX_GOSSIP_BYTES,
+    MEMBERSHIP_TOPIC,
+};
 
 /// Everything the swarm task needs to start.
 pub struct NetConfig {
@@ -70,6 +73,7 @@ pub enum NetCommand {
         addrs: Vec<Multiaddr>,
     },
     PublishMembership(MembershipGossip),
+    PublishBroadcast(BroadcastGossip),
     Request {
         peer: PeerId,
         request: Request,
@@ -164,6 +168,21 @@ pub struct ServiceRequest {
     pub peer: PeerId,
     pub request: Request,
     pub reply: Reply,
+}
+
+/// A databroadcast gossip message and the peer it came from.
+#[derive(Debug)]
+pub struct BroadcastIn {
+    pub source: PeerId,
+    pub msg: BroadcastGossip,
+}
+
+/// What the swarm task hands to the node: events for the membership actor,
+/// requests for the node's services, and databroadcast gossip.
+pub struct NetChannels {
+    pub events: mpsc::UnboundedReceiver<NetEvent>,
+    pub services: mpsc::UnboundedReceiver<ServiceRequest>,
+    pub broadcast: mpsc::UnboundedReceiver<BroadcastIn>,
 }
 
 /// Handle to the running swarm task.
@@ -333,19 +352,11 @@ fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
 
 /// Builds the swarm, starts listening, and spawns the task that owns it on the
 /// current tokio runtime. Registers libp2p, gossipsub and kiln network metrics.
-/// Returns the handle, the event stream (for the membership actor) and the stream
-/// of service requests (for everything else a peer may ask).
+/// Returns the handle and the channels of what arrives from peers.
 pub fn spawn(
     config: NetConfig,
     registry: &mut Registry,
-) -> Result<
-    (
-        NetHandle,
-        mpsc::UnboundedReceiver<NetEvent>,
-        mpsc::UnboundedReceiver<ServiceRequest>,
-    ),
-    NetError,
-> {
+) -> Result<(NetHandle, NetChannels), NetError> {
     let local_peer_id = config.keypair.public().to_peer_id();
     let transport = transport(&config.keypair, config.psk)?;
     let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gossipsub_config()?)
@@ -382,11 +393,14 @@ pub fn spawn(
             .with_idle_connection_timeout(Duration::MAX),
     );
     let topic = IdentTopic::new(MEMBERSHIP_TOPIC);
-    swarm
-        .behaviour_mut()
-        .gossipsub
-        .subscribe(&topic)
-        .map_err(|e| NetError::Gossipsub(e.to_string()))?;
+    let broadcast_topic = IdentTopic::new(BROADCAST_TOPIC);
+    for t in [&topic, &broadcast_topic] {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(t)
+            .map_err(|e| NetError::Gossipsub(e.to_string()))?;
+    }
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -403,11 +417,14 @@ pub fn spawn(
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let (svc_tx, svc_rx) = mpsc::unbounded_channel();
+    let (bc_tx, bc_rx) = mpsc::unbounded_channel();
     let task = SwarmTask {
         swarm,
         topic,
+        broadcast_topic,
         events: ev_tx,
         services: svc_tx,
+        broadcast: bc_tx,
         calls: HashMap::new(),
         offences: Offences::default(),
         started: Instant::now(),
@@ -425,16 +442,21 @@ pub fn spawn(
             local_peer_id,
             commands: cmd_tx,
         },
-        ev_rx,
-        svc_rx,
+        NetChannels {
+            events: ev_rx,
+            services: svc_rx,
+            broadcast: bc_rx,
+        },
     ))
 }
 
 struct SwarmTask {
     swarm: Swarm<KilnBehaviour>,
     topic: IdentTopic,
+    broadcast_topic: IdentTopic,
     events: mpsc::UnboundedSender<NetEvent>,
     services: mpsc::UnboundedSender<ServiceRequest>,
+    broadcast: mpsc::UnboundedSender<BroadcastIn>,
     /// Outstanding `Call`s, answered when their response or failure arrives.
     calls: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, CallError>>>,
     offences: Offences<PeerId>,
@@ -535,6 +557,19 @@ impl SwarmTask {
                     // No subscribed peer yet (a lone node) is normal, not an error.
                     if !matches!(e, gossipsub::PublishError::NoPeersSubscribedToTopic) {
                         tracing::debug!(error = %e, "membership publish failed");
+                    }
+                }
+            }
+            NetCommand::PublishBroadcast(msg) => {
+                let bytes = wire::encode(&msg);
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.broadcast_topic.clone(), bytes)
+                {
+                    if !matches!(e, gossipsub::PublishError::NoPeersSubscribedToTopic) {
+                        tracing::debug!(error = %e, "broadcast publish failed");
                     }
                 }
             }
@@ -657,6 +692,10 @@ impl SwarmTask {
                     } => {
                         let decoded = if message.topic == self.topic.hash() {
                             wire::decode::<MembershipGossip>(&message.data, MAX_GOSSIP_BYTES)
+                                .map(Either::Left)
+                        } else if message.topic == self.broadcast_topic.hash() {
+                            wire::decode::<BroadcastGossip>(&message.data, MAX_GOSSIP_BYTES)
+                                .map(Either::Right)
                         } else {
                             Err(wire::WireError::Malformed(format!(
                                 "message on unknown topic {}",
@@ -664,8 +703,15 @@ impl SwarmTask {
                             )))
                         };
                         let acceptance = match decoded {
-                            Ok(msg) => {
+                            Ok(Either::Left(msg)) => {
                                 self.emit(NetEvent::Membership {
+                                    source: propagation_source,
+                                    msg,
+                                });
+                                gossipsub::MessageAcceptance::Accept
+                            }
+                            Ok(Either::Right(msg)) => {
+                                let _ = self.broadcast.send(BroadcastIn {
                                     source: propagation_source,
                                     msg,
                                 });

@@ -22,6 +22,43 @@ pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 /// Gossipsub topic of membership announcements and claims.
 pub const MEMBERSHIP_TOPIC: &str = "kiln/membership/1";
 
+/// Gossipsub topic of databroadcast events and heads.
+pub const BROADCAST_TOPIC: &str = "kiln/broadcast/1";
+
+/// One databroadcast event on the wire: its place in its origin's sequence, when it
+/// was published (Unix ms) and its content, encoded by the broadcast module (which
+/// owns the event schema) and stored as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventFrame {
+    pub seq: u64,
+    pub ts: u64,
+    pub body: serde_bytes::ByteBuf,
+}
+
+/// The run of an origin's events a node holds: `first..=last`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginHead {
+    pub origin: String,
+    pub first: u64,
+    pub last: u64,
+}
+
+/// Messages on the broadcast gossipsub topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BroadcastGossip {
+    /// Consecutive events of one origin.
+    Events {
+        origin: String,
+        events: Vec<EventFrame>,
+    },
+    /// What the sender holds of every origin it knows, so that a node that
+    /// missed the last events of an origin notices and fetches them.
+    Heads {
+        heads: Vec<OriginHead>,
+        sent_ms: u64,
+    },
+}
+
 /// Liveness state of a member as the cluster sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum MemberStatus {
@@ -101,6 +138,8 @@ pub enum Request {
     /// A stripe message (replication, election, client operation), encoded by the
     /// stripe module, which owns its schema.
     Stripe { body: serde_bytes::ByteBuf },
+    /// Databroadcast repair: the events of `origin` from seq `from` on.
+    BroadcastFetch { origin: String, from: u64 },
 }
 
 impl Request {
@@ -123,6 +162,15 @@ pub enum Response {
     },
     Stripe {
         body: serde_bytes::ByteBuf,
+    },
+    /// Events of `origin` from the requested seq on (as many as fit a frame); the
+    /// responder holds `first..=last`. A `first` beyond the requested seq means the
+    /// events before it are gone from this node's log.
+    BroadcastEvents {
+        origin: String,
+        first: u64,
+        last: u64,
+        events: Vec<EventFrame>,
     },
     /// The receiver would not serve the request; `reason` says why.
     Refused {

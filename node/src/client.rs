@@ -303,6 +303,175 @@ impl Api {
     }
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum BroadcastCommand {
+    /// Publish one event with this node as its origin: a row change (--action),
+    /// a flush of a datasource (--flush), or an application message (--topic).
+    Publish {
+        #[arg(long, required_unless_present = "topic")]
+        server: Option<String>,
+        #[arg(long, required_unless_present = "topic")]
+        table: Option<String>,
+        /// insert, update or delete.
+        #[arg(long, conflicts_with_all = ["flush", "topic"], required_unless_present_any = ["flush", "topic"])]
+        action: Option<String>,
+        /// Primary key of a changed row (repeatable); a composite key as a,b.
+        #[arg(long = "pk", value_name = "PK")]
+        pks: Vec<String>,
+        /// The whole datasource is stale.
+        #[arg(long, conflicts_with = "topic")]
+        flush: bool,
+        /// Topic of an application message.
+        #[arg(long, conflicts_with_all = ["server", "table"])]
+        topic: Option<String>,
+        /// Payload of the message, JSON (a plain word is taken as a string).
+        #[arg(long, requires = "topic", default_value = "null")]
+        payload: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Follow the event stream, one JSON event per line; reconnects and resumes
+    /// where it stopped if the node goes away.
+    Tail {
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long)]
+        topic: Option<String>,
+        /// Resume after this event id (an earlier line's `id`), not at the live end.
+        #[arg(long, value_name = "ID")]
+        from: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// A primary-key value from the command line: a number if it is one, else text.
+fn pk_value(s: &str) -> Value {
+    s.parse::<i64>()
+        .map(Value::from)
+        .unwrap_or_else(|_| Value::String(s.to_string()))
+}
+
+pub fn broadcast(cmd: BroadcastCommand) -> anyhow::Result<()> {
+    match cmd {
+        BroadcastCommand::Publish {
+            server,
+            table,
+            action,
+            pks,
+            flush,
+            topic,
+            payload,
+            api,
+        } => {
+            let event = if let Some(topic) = topic {
+                let payload = serde_json::from_str::<Value>(&payload)
+                    .unwrap_or_else(|_| Value::String(payload.clone()));
+                serde_json::json!({"kind": "message", "topic": topic, "payload": payload})
+            } else if flush {
+                serde_json::json!({"kind": "flush", "server": server, "table": table})
+            } else {
+                let pks: Vec<Vec<Value>> = pks
+                    .iter()
+                    .map(|pk| pk.split(',').map(pk_value).collect())
+                    .collect();
+                if pks.is_empty() {
+                    return Err(anyhow!("a change needs at least one --pk"));
+                }
+                serde_json::json!({"kind": "change", "server": server, "table": table,
+                    "action": action, "pks": pks})
+            };
+            let api = Api::new(&api);
+            let body = serde_json::to_vec(&event)?;
+            let resp: Value = api
+                .send(
+                    "POST",
+                    "/v1/broadcast",
+                    &[("Content-Type", "application/json".into())],
+                    Some(&body),
+                )?
+                .into_json()?;
+            println!("{resp}");
+            Ok(())
+        }
+        BroadcastCommand::Tail {
+            server,
+            table,
+            topic,
+            from,
+            api,
+        } => tail(&api, server, table, topic, from),
+    }
+}
+
+fn tail(
+    args: &ApiArgs,
+    server: Option<String>,
+    table: Option<String>,
+    topic: Option<String>,
+    mut last_id: Option<String>,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let mut query = Vec::new();
+    for (k, v) in [("server", server), ("table", table), ("topic", topic)] {
+        if let Some(v) = v {
+            query.push(format!("{k}={}", encode_segment(&v)));
+        }
+    }
+    let path = format!("/v1/broadcast/stream?{}", query.join("&"));
+    // No read timeout: a quiet stream is not a dead one (the node sends keepalives).
+    let api = Api {
+        agent: ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .build(),
+        ..Api::new(args)
+    };
+    let mut failures = 0u32;
+    loop {
+        let headers: Vec<(&str, String)> = last_id
+            .iter()
+            .map(|id| ("Last-Event-ID", id.clone()))
+            .collect();
+        match api.send("GET", &path, &headers, None) {
+            Ok(resp) => {
+                failures = 0;
+                let reader = std::io::BufReader::new(resp.into_reader());
+                let mut id = None;
+                for line in reader.lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.to_string());
+                    } else if let Some(data) = line.strip_prefix("data: ") {
+                        let mut out = std::io::stdout().lock();
+                        if writeln!(out, "{data}").is_err() {
+                            return Ok(());
+                        }
+                        let _ = out.flush();
+                        if data.contains("\"kind\":\"lagged\"") {
+                            eprintln!("kiln: fell behind the node's buffer; resuming");
+                        }
+                    } else if line.is_empty() {
+                        if let Some(i) = id.take() {
+                            last_id = Some(i);
+                        }
+                    }
+                }
+                eprintln!("kiln: stream ended; reconnecting");
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= 30 {
+                    return Err(e.context("giving up after 30 attempts"));
+                }
+                eprintln!("kiln: {e:#}; retrying");
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let path =

@@ -95,6 +95,18 @@ pub struct RunArgs {
     /// Seconds a write's result is remembered for retries (Idempotency-Key), across failover. Default: 120
     #[arg(long, env = "KILN_RECONNECT_WINDOW_S", value_name = "S")]
     pub reconnect_window_s: Option<u64>,
+    /// Events the broadcast log keeps at most (all origins). Default: 1000000
+    #[arg(long, env = "KILN_BROADCAST_RETENTION_EVENTS", value_name = "N")]
+    pub broadcast_retention_events: Option<u64>,
+    /// Bytes of events the broadcast log keeps at most. Default: 1073741824
+    #[arg(long, env = "KILN_BROADCAST_RETENTION_BYTES", value_name = "BYTES")]
+    pub broadcast_retention_bytes: Option<u64>,
+    /// Seconds the broadcast log keeps an event at most. Default: 86400
+    #[arg(long, env = "KILN_BROADCAST_RETENTION_S", value_name = "S")]
+    pub broadcast_retention_s: Option<u64>,
+    /// Largest event POST /v1/broadcast accepts, as JSON. Default: 65536
+    #[arg(long, env = "KILN_MAX_EVENT_BYTES", value_name = "BYTES")]
+    pub max_event_bytes: Option<usize>,
 }
 
 /// The same settings as read from the TOML file.
@@ -124,6 +136,10 @@ pub struct FileConfig {
     pub request_timeout_ms: Option<u64>,
     pub max_value_bytes: Option<usize>,
     pub reconnect_window_s: Option<u64>,
+    pub broadcast_retention_events: Option<u64>,
+    pub broadcast_retention_bytes: Option<u64>,
+    pub broadcast_retention_s: Option<u64>,
+    pub max_event_bytes: Option<usize>,
 }
 
 /// Every setting key, in its TOML spelling (for the README check).
@@ -153,6 +169,10 @@ pub const KEYS: &[&str] = &[
     "request_timeout_ms",
     "max_value_bytes",
     "reconnect_window_s",
+    "broadcast_retention_events",
+    "broadcast_retention_bytes",
+    "broadcast_retention_s",
+    "max_event_bytes",
 ];
 
 /// Resolved, validated settings of a node.
@@ -175,6 +195,8 @@ pub struct Settings {
     pub request_timeout_ms: u64,
     pub max_value_bytes: usize,
     pub reconnect_window_s: u64,
+    pub broadcast_retention: kiln_persistence::Retention,
+    pub max_event_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -399,7 +421,41 @@ impl Settings {
                 .or(file.reconnect_window_s)
                 .unwrap_or(120),
         )?;
+        let broadcast_retention = kiln_persistence::Retention {
+            max_events: positive(
+                "broadcast_retention_events",
+                cli.broadcast_retention_events
+                    .or(file.broadcast_retention_events)
+                    .unwrap_or(1_000_000),
+            )?,
+            max_bytes: positive(
+                "broadcast_retention_bytes",
+                cli.broadcast_retention_bytes
+                    .or(file.broadcast_retention_bytes)
+                    .unwrap_or(1 << 30),
+            )?,
+            max_age_ms: positive(
+                "broadcast_retention_s",
+                cli.broadcast_retention_s
+                    .or(file.broadcast_retention_s)
+                    .unwrap_or(86_400),
+            )?
+            .saturating_mul(1000),
+        };
+        let max_event_bytes = cli
+            .max_event_bytes
+            .or(file.max_event_bytes)
+            .unwrap_or(64 * 1024);
+        if max_event_bytes == 0 || max_event_bytes > 128 * 1024 {
+            return Err(ConfigError::Invalid {
+                key: "max_event_bytes",
+                error: "must be between 1 and 131072 (events travel in 256 KiB gossip messages)"
+                    .into(),
+            });
+        }
         Ok(Settings {
+            broadcast_retention,
+            max_event_bytes,
             reconnect_window_s,
             election_timeout_ms,
             permanent,

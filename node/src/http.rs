@@ -24,6 +24,7 @@ pub struct ApiState {
     pub membership: Addr<MembershipActor>,
     pub control: Addr<ControlPlane>,
     pub kv: Option<Arc<crate::kv_api::KvRouter>>,
+    pub broadcast: Option<crate::broadcast_api::BroadcastApi>,
     pub registry: Arc<Registry>,
     pub token: Option<String>,
 }
@@ -35,6 +36,11 @@ pub struct ApiError(StatusCode, String);
 impl ApiError {
     pub fn new(status: StatusCode, msg: String) -> Self {
         ApiError(status, msg)
+    }
+
+    #[cfg(test)]
+    pub fn status(&self) -> StatusCode {
+        self.0
     }
 
     /// `503` with `Retry-After`: the cluster is between actives or not ready.
@@ -295,6 +301,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/v1/cluster/stripes/{stripe}/handover",
             web::post().to(crate::kv_api::handover),
+        )
+        .route(
+            "/v1/broadcast",
+            web::post().to(crate::broadcast_api::publish),
+        )
+        .route(
+            "/v1/broadcast/stream",
+            web::get().to(crate::broadcast_api::stream),
+        )
+        .route(
+            "/v1/broadcast/origins",
+            web::get().to(crate::broadcast_api::origins),
         )
         .route("/v1/kv/{map}", web::get().to(crate::kv_api::list))
         .route("/v1/kv/{map}/{key}", web::put().to(crate::kv_api::put))

@@ -317,14 +317,19 @@ fn outcome_response(outcome: KvOutcome) -> HttpResponse {
     }
 }
 
-async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// Reads a request body of at most `limit` bytes (`413` naming `setting` beyond).
+pub(crate) async fn read_body(
+    mut payload: web::Payload,
+    limit: usize,
+    setting: &str,
+) -> Result<Vec<u8>, ApiError> {
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| bad_request(format!("cannot read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("value exceeds max_value_bytes ({limit})"),
+                format!("body exceeds {setting} ({limit} bytes)"),
             ));
         }
         body.extend_from_slice(&chunk);
@@ -350,7 +355,7 @@ pub async fn put(
     let kv = router(&state)?;
     let cond = condition(&req)?;
     let request = request_id(&req)?;
-    let value = read_body(payload, kv.max_value_bytes).await?;
+    let value = read_body(payload, kv.max_value_bytes, "max_value_bytes").await?;
     let (received_ms, remember_until_ms) = kv.stamp();
     let outcome = kv
         .write(KvCommand {

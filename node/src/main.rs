@@ -1,5 +1,6 @@
 //! `kiln`: run a cluster node, start a local demo cluster, or talk to a node.
 
+mod broadcast_api;
 mod client;
 mod config;
 mod demo;
@@ -28,6 +29,11 @@ enum Command {
     Kv {
         #[command(subcommand)]
         command: client::KvCommand,
+    },
+    /// Publish databroadcast events and follow the stream.
+    Broadcast {
+        #[command(subcommand)]
+        command: client::BroadcastCommand,
     },
     /// Stripe maintenance.
     Stripe {
@@ -94,6 +100,7 @@ fn main() {
         Command::Demo(args) => demo::demo(args),
         Command::Status(api) => client::status(&api),
         Command::Kv { command } => client::kv(command),
+        Command::Broadcast { command } => client::broadcast(command),
         Command::Stripe { command } => match command {
             StripeCommand::Handover { stripe, to, api } => {
                 client::handover(&api, stripe, to.as_deref())

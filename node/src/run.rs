@@ -7,6 +7,9 @@ use std::time::Duration;
 use actix::Actor;
 use actix_web::{web, HttpServer};
 use anyhow::Context;
+use kiln_actors::broadcast::{
+    BroadcastActor, BroadcastConfig, BroadcastMetrics, GossipIn, ServeFetch,
+};
 use kiln_actors::control::types::node_id_of;
 use kiln_actors::control::wire::{from_cbor, MAX_CONTROL_BODY};
 use kiln_actors::control::{
@@ -19,7 +22,7 @@ use kiln_actors::stripe::wire::StripeRequest;
 use kiln_actors::stripe::{HandOver, Responder, ServeStripe, StripeActor, StripeMetrics};
 use kiln_net::wire::{MemberRecord, MemberStatus, Request, Response};
 use kiln_net::{Keypair, NetCommand, NetConfig, NetHandle, ServiceRequest};
-use kiln_persistence::{ControlStore, NodeStore, StripeStore};
+use kiln_persistence::{BroadcastStore, ControlStore, NodeStore, StripeStore};
 use openraft::Raft;
 use prometheus_client::registry::Registry;
 
@@ -79,7 +82,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the network runtime")?;
-    let (net, net_events, mut services) = {
+    let (net, channels) = {
         let _guard = net_runtime.enter();
         kiln_net::spawn(
             NetConfig {
@@ -99,6 +102,8 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = MembershipMetrics::register(&mut registry);
     let control_metrics = ControlMetrics::register(&mut registry);
     let stripe_metrics = StripeMetrics::register(&mut registry);
+    let broadcast_metrics = BroadcastMetrics::register(&mut registry);
+    let broadcast_store = Arc::new(BroadcastStore::open(&settings.data_dir)?);
     let state_machine = StateMachine::open(control_store.clone())?;
     let stripe_store = Arc::new(StripeStore::open(&settings.data_dir, settings.permanent)?);
     if !settings.permanent {
@@ -127,7 +132,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             cluster,
             settings.seeds.clone(),
             net.clone(),
-            net_events,
+            channels.events,
             settings.membership.clone(),
             metrics,
         )?
@@ -174,14 +179,40 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         if let Some(addr) = &stripe {
             control.do_send(AttachStripe(addr.clone()));
         }
+        let broadcast = BroadcastActor::new(
+            peer_id,
+            me,
+            broadcast_store,
+            (!settings.control.witness).then(|| stripe_store.clone()),
+            applied.clone(),
+            net.clone(),
+            book.clone(),
+            BroadcastConfig {
+                retention: settings.broadcast_retention,
+                subscriber_buffer: 65_536,
+            },
+            broadcast_metrics,
+        )?
+        .start();
         // Peers' requests go to the actor that serves them.
         {
             let control = control.clone();
             let stripe = stripe.clone();
+            let broadcast = broadcast.clone();
             let net = net.clone();
+            let mut services = channels.services;
             actix_rt::spawn(async move {
                 while let Some(req) = services.recv().await {
-                    route_service(req, &control, stripe.as_ref(), &net);
+                    route_service(req, &control, stripe.as_ref(), &broadcast, &net);
+                }
+            });
+        }
+        {
+            let broadcast = broadcast.clone();
+            let mut gossip = channels.broadcast;
+            actix_rt::spawn(async move {
+                while let Some(msg) = gossip.recv().await {
+                    broadcast.do_send(GossipIn(msg));
                 }
             });
         }
@@ -199,6 +230,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             membership: membership.clone(),
             control,
             kv: Some(kv),
+            broadcast: Some(crate::broadcast_api::BroadcastApi {
+                actor: broadcast,
+                max_event_bytes: settings.max_event_bytes,
+            }),
             registry,
             token: settings.http_token.clone(),
         });
@@ -268,6 +303,7 @@ fn route_service(
     req: ServiceRequest,
     control: &actix::Addr<ControlPlane>,
     stripe: Option<&actix::Addr<StripeActor>>,
+    broadcast: &actix::Addr<BroadcastActor>,
     net: &NetHandle,
 ) {
     let refuse = |reply, reason: String| {
@@ -297,6 +333,12 @@ fn route_service(
                 }
             }
         }
+        Request::BroadcastFetch { origin, from } => broadcast.do_send(ServeFetch {
+            peer: req.peer,
+            origin: origin.clone(),
+            from: *from,
+            reply: req.reply,
+        }),
         Request::MembershipSync { .. } => refuse(req.reply, "not a service request".into()),
     }
 }

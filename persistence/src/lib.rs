@@ -4,12 +4,14 @@
 //! plain records. Identity, membership and cluster facts are always committed with
 //! `Durability::Immediate` (fsync), whatever the node's persistence mode.
 
+mod broadcast_store;
 mod control_store;
 mod error;
 mod node_store;
 pub mod schema;
 mod stripe_store;
 
+pub use broadcast_store::{BroadcastStore, OriginRun, Retention, StoredEvent, BROADCAST_DB_FILE};
 pub use control_store::ControlStore;
 pub use error::StoreError;
 pub use node_store::{verify_untouched, MemberState, NodeStore, SecretCheck, StoredMember};

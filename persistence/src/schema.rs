@@ -62,7 +62,14 @@ pub const KV: TableDefinition<(&str, &str), (u64, &[u8])> = TableDefinition::new
 /// node's own retry ids), CBOR-encoded, so a retry is answered, not re-applied.
 pub const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("kiln_requests");
 
+/// Outbox of the stripe's change events: change seq → CBOR change, written in the
+/// same transaction as the write it describes, so an applied write always has its
+/// event. The broadcast log takes them from here.
+pub const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("kiln_stripe_changes");
+
 pub const STRIPE_PROMISED: &str = "promised";
 pub const STRIPE_BASE: &str = "base";
 pub const STRIPE_APPLIED: &str = "applied";
 pub const STRIPE_ID: &str = "stripe";
+/// Number of change events the applied writes produced (the last change seq).
+pub const STRIPE_CHANGES: &str = "changes";

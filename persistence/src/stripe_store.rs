@@ -6,6 +6,7 @@
 //! [`KvTxn`] inside one transaction per batch.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 
@@ -19,6 +20,8 @@ pub struct StripeStore {
     path: PathBuf,
     /// Fsync log appends before they are acknowledged (`persistence = "permanent"`).
     durable: bool,
+    /// The last change seq applied writes produced (see [`CHANGES`]).
+    changes_head: AtomicU64,
 }
 
 /// What the stripe database held at open.
@@ -40,6 +43,9 @@ pub trait KvTxn {
     fn delete(&mut self, map: &str, key: &str) -> Result<(), StoreError>;
     fn request(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn record_request(&mut self, id: &str, record: &[u8]) -> Result<(), StoreError>;
+    /// Appends a change event to the stripe's outbox; returns its change seq
+    /// (gap-free from 1, the same on every member since apply is deterministic).
+    fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError>;
 }
 
 fn u64_of(bytes: &[u8]) -> u64 {
@@ -64,9 +70,32 @@ impl StripeStore {
             txn.open_table(STRIPE_LOG)?;
             txn.open_table(KV)?;
             txn.open_table(REQUESTS)?;
+            txn.open_table(CHANGES)?;
             Ok(())
         })?;
-        let store = StripeStore { db, path, durable };
+        let changes_head = {
+            let txn = db.begin_read().map_err(|e| StoreError::Storage {
+                path: path.clone(),
+                source: e.into(),
+            })?;
+            let meta = txn
+                .open_table(STRIPE_META)
+                .map_err(|e| StoreError::Storage {
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
+            let head = meta.get(STRIPE_CHANGES).map_err(|e| StoreError::Storage {
+                path: path.clone(),
+                source: e.into(),
+            })?;
+            head.map(|v| u64_of(v.value())).unwrap_or(0)
+        };
+        let store = StripeStore {
+            db,
+            path,
+            durable,
+            changes_head: AtomicU64::new(changes_head),
+        };
         Ok(store)
     }
 
@@ -191,21 +220,73 @@ impl StripeStore {
         };
         let txn = self.write_txn(false)?;
         let mut out = Vec::with_capacity(entries.len());
-        {
+        let last_change = {
+            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+            let changes = meta
+                .get(STRIPE_CHANGES)
+                .map_err(self.storage())?
+                .map(|v| u64_of(v.value()))
+                .unwrap_or(0);
             let mut tx = WriteKv {
                 kv: txn.open_table(KV).map_err(self.storage())?,
                 requests: txn.open_table(REQUESTS).map_err(self.storage())?,
+                changes: txn.open_table(CHANGES).map_err(self.storage())?,
+                last_change: changes,
                 path: &self.path,
             };
             for (index, bytes) in entries {
                 out.push(f(&mut tx, *index, bytes)?);
             }
-            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+            if tx.last_change != changes {
+                meta.insert(STRIPE_CHANGES, tx.last_change.to_le_bytes().as_slice())
+                    .map_err(self.storage())?;
+            }
             meta.insert(STRIPE_APPLIED, last.to_le_bytes().as_slice())
+                .map_err(self.storage())?;
+            tx.last_change
+        };
+        txn.commit().map_err(self.storage())?;
+        self.changes_head.store(last_change, Ordering::Release);
+        Ok(out)
+    }
+
+    /// The last change seq produced by applied writes.
+    pub fn changes_head(&self) -> u64 {
+        self.changes_head.load(Ordering::Acquire)
+    }
+
+    /// Change events in the outbox from change seq `from` on, at most `limit`.
+    pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let table = match txn.open_table(CHANGES) {
+            Ok(t) => t,
+            // A file from before the outbox: no write has produced a change yet.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.storage()(e)),
+        };
+        let mut out = Vec::new();
+        for row in table.range(from..).map_err(self.storage())? {
+            let (k, v) = row.map_err(self.storage())?;
+            out.push((k.value(), v.value().to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes change events up to `upto` from the outbox once the broadcast log
+    /// holds them. Not fsynced: a crash only leaves a few to be skipped again.
+    pub fn prune_changes(&self, upto: u64) -> Result<(), StoreError> {
+        let txn = self.write_txn(false)?;
+        {
+            let mut table = txn.open_table(CHANGES).map_err(self.storage())?;
+            table
+                .retain_in(..=upto, |_, _| false)
                 .map_err(self.storage())?;
         }
         txn.commit().map_err(self.storage())?;
-        Ok(out)
+        Ok(())
     }
 
     /// The current value of a key: (version, value).
@@ -254,6 +335,8 @@ impl StripeStore {
 struct WriteKv<'t> {
     kv: redb::Table<'t, (&'static str, &'static str), (u64, &'static [u8])>,
     requests: redb::Table<'t, &'static str, &'static [u8]>,
+    changes: redb::Table<'t, u64, &'static [u8]>,
+    last_change: u64,
     path: &'t Path,
 }
 
@@ -313,6 +396,19 @@ impl KvTxn for WriteKv<'_> {
                 source: e.into(),
             })?;
         Ok(())
+    }
+
+    fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {
+        let seq = self.last_change + 1;
+        let path = self.path.to_path_buf();
+        self.changes
+            .insert(seq, change)
+            .map_err(|e| StoreError::Storage {
+                path,
+                source: e.into(),
+            })?;
+        self.last_change = seq;
+        Ok(seq)
     }
 }
 

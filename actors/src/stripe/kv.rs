@@ -87,6 +87,24 @@ pub enum KvOutcome {
     Invalid,
 }
 
+/// What a write did to a key, as recorded in the stripe's change outbox; the
+/// databroadcast turns it into a `change` event of origin `stripe:<k>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvChange {
+    pub map: String,
+    pub key: String,
+    pub action: ChangeAction,
+    /// When the active received the write (Unix ms): the same on every member.
+    pub ts: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeAction {
+    Insert,
+    Update,
+    Delete,
+}
+
 #[derive(Serialize, Deserialize)]
 struct RequestRecord {
     fingerprint: [u8; 32],
@@ -144,6 +162,11 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
                 map, key, value, ..
             } => {
                 tx.put(map, key, index, value)?;
+                let action = match current {
+                    Some(_) => ChangeAction::Update,
+                    None => ChangeAction::Insert,
+                };
+                record_change(tx, map, key, action, cmd.received_ms)?;
                 KvOutcome::Done { version: index }
             }
             KvOp::Delete { map, key, .. } => {
@@ -151,6 +174,7 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
                     KvOutcome::NotFound
                 } else {
                     tx.delete(map, key)?;
+                    record_change(tx, map, key, ChangeAction::Delete, cmd.received_ms)?;
                     KvOutcome::Done { version: index }
                 }
             }
@@ -165,6 +189,21 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
         }),
     )?;
     Ok(outcome)
+}
+
+fn record_change(
+    tx: &mut dyn KvTxn,
+    map: &str,
+    key: &str,
+    action: ChangeAction,
+    ts: u64,
+) -> Result<u64, StoreError> {
+    tx.record_change(&encode(&KvChange {
+        map: map.into(),
+        key: key.into(),
+        action,
+        ts,
+    }))
 }
 
 /// The slot of a key: a stable hash, so every node routes a key the same way.
@@ -186,6 +225,7 @@ mod tests {
     struct Mem {
         kv: BTreeMap<(String, String), (u64, Vec<u8>)>,
         req: BTreeMap<String, Vec<u8>>,
+        changes: Vec<KvChange>,
     }
 
     impl KvTxn for Mem {
@@ -206,6 +246,11 @@ mod tests {
         fn record_request(&mut self, id: &str, r: &[u8]) -> Result<(), StoreError> {
             self.req.insert(id.into(), r.to_vec());
             Ok(())
+        }
+        fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {
+            self.changes
+                .push(decode(change).expect("a change we encoded"));
+            Ok(self.changes.len() as u64)
         }
     }
 
@@ -281,6 +326,18 @@ mod tests {
         assert_eq!(
             apply(&mut tx, 13, b"").unwrap(),
             KvOutcome::Done { version: 13 }
+        );
+        // One change per write that took effect: no retries, failed conditions,
+        // deletes of absent keys or no-ops.
+        let actions: Vec<(ChangeAction, u64)> =
+            tx.changes.iter().map(|c| (c.action, c.ts)).collect();
+        assert_eq!(
+            actions,
+            vec![
+                (ChangeAction::Insert, 1_000),
+                (ChangeAction::Update, 1_000),
+                (ChangeAction::Delete, 2_000)
+            ]
         );
     }
 

@@ -1,0 +1,868 @@
+//! The broadcast actor: runs this node's [`Origins`] and does its I/O — the
+//! broadcast log (one storage job at a time, later appends merged into one
+//! transaction), gossip of the node's own events and of its stripe's change events,
+//! heads digests, repair fetches, and the hand-off of every appended event to the
+//! node's subscribers.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use kiln_net::wire::{BroadcastGossip, EventFrame, OriginHead, Request, Response};
+use kiln_net::{BroadcastIn, CallError, NetCommand, NetHandle, PeerId, Reply};
+use kiln_persistence::{BroadcastStore, Retention, StoreError, StoredEvent, StripeStore};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde_bytes::ByteBuf;
+use tokio::sync::{broadcast, oneshot};
+
+use super::event::{stripe_origin, EventBody};
+use super::state::{Effect, Origins, RepairConfig};
+use crate::control::state::Placement;
+use crate::control::types::NodeId;
+use crate::control::{addresses, AddressBook, SharedApplied};
+use crate::stripe::kv::KvChange;
+
+const TICK: Duration = Duration::from_millis(20);
+const HEADS_EVERY: Duration = Duration::from_secs(1);
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// Non-durable appends (received events) are made durable at least this often
+/// (whatever the persistence mode: redb reclaims space only at durable commits).
+/// A node's own events are fsynced before they are acknowledged, in both modes:
+/// a seq must never be given out twice.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// Bytes of events in one gossip message (gossip frames are limited to 256 KiB).
+const GOSSIP_BATCH_BYTES: usize = 192 * 1024;
+/// Bytes of events in one fetch answer (frames are limited to 4 MiB).
+const FETCH_BATCH_BYTES: usize = 2 * 1024 * 1024;
+const FETCH_BATCH_EVENTS: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct BroadcastConfig {
+    pub retention: Retention,
+    /// Events a subscriber may be behind the node before it is told `lagged`.
+    pub subscriber_buffer: usize,
+}
+
+/// One event appended to this node's log, as subscribers get it.
+#[derive(Debug)]
+pub struct Delivered {
+    pub origin: String,
+    pub seq: u64,
+    pub ts: u64,
+    /// `None` if the stored bytes do not decode (an event of a newer kiln):
+    /// subscribers step over it.
+    pub body: Option<EventBody>,
+}
+
+impl Delivered {
+    pub fn decode(origin: &str, seq: u64, ts: u64, bytes: &[u8]) -> Delivered {
+        Delivered {
+            origin: origin.to_string(),
+            seq,
+            ts,
+            body: EventBody::from_cbor(bytes),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OriginLabel {
+    origin: String,
+}
+
+/// kiln_broadcast_* metrics.
+#[derive(Clone)]
+pub struct BroadcastMetrics {
+    published: Family<OriginLabel, Counter>,
+    delivered: Family<OriginLabel, Counter>,
+    repaired: Family<OriginLabel, Counter>,
+    gap_repairs: Counter,
+    holes_skipped: Counter,
+    pub resyncs: Counter,
+    pub subscribers: Gauge,
+    pub subscribers_lagged: Counter,
+    pruned: Counter,
+    latency: Histogram,
+}
+
+impl BroadcastMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = BroadcastMetrics {
+            published: Default::default(),
+            delivered: Default::default(),
+            repaired: Default::default(),
+            gap_repairs: Default::default(),
+            holes_skipped: Default::default(),
+            resyncs: Default::default(),
+            subscribers: Default::default(),
+            subscribers_lagged: Default::default(),
+            pruned: Default::default(),
+            latency: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
+        };
+        let r = registry.sub_registry_with_prefix("kiln_broadcast");
+        r.register(
+            "events_published",
+            "Events this node published as their origin, by origin",
+            m.published.clone(),
+        );
+        r.register(
+            "events_delivered",
+            "Events appended to this node's log and handed to its subscribers, by origin",
+            m.delivered.clone(),
+        );
+        r.register(
+            "events_repaired",
+            "Events this node fetched from a peer after missing them in gossip, by origin",
+            m.repaired.clone(),
+        );
+        r.register(
+            "gap_repairs",
+            "Fetches of missed events answered by a peer",
+            m.gap_repairs.clone(),
+        );
+        r.register(
+            "holes_skipped",
+            "Runs of events no peer held any more (older than retention)",
+            m.holes_skipped.clone(),
+        );
+        r.register(
+            "resyncs",
+            "resync events sent to subscribers that were behind the log's retention",
+            m.resyncs.clone(),
+        );
+        r.register(
+            "subscribers",
+            "Open event streams on this node",
+            m.subscribers.clone(),
+        );
+        r.register(
+            "subscribers_lagged",
+            "Event streams closed with `lagged` because the subscriber fell too far behind",
+            m.subscribers_lagged.clone(),
+        );
+        r.register(
+            "events_pruned",
+            "Events removed from the log by retention",
+            m.pruned.clone(),
+        );
+        r.register(
+            "delivery_latency_seconds",
+            "From an event's publication at its origin to its append on this node",
+            m.latency.clone(),
+        );
+        m
+    }
+
+    fn origin(f: &Family<OriginLabel, Counter>, origin: &str) -> Counter {
+        f.get_or_create(&OriginLabel {
+            origin: origin.to_string(),
+        })
+        .clone()
+    }
+}
+
+type PublishReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
+
+/// Work for the storage thread, in order.
+enum Job {
+    /// Events to append; `own` are this node's new events, numbered when the job
+    /// starts (so a failed append never leaves a gap in its seqs).
+    Append {
+        received: Vec<(String, Vec<EventFrame>, bool)>,
+        own: Vec<(Vec<Vec<u8>>, PublishReply)>,
+    },
+    SkipTo {
+        origin: String,
+        first: u64,
+    },
+    Prune,
+    Sync,
+}
+
+pub struct BroadcastActor {
+    me: PeerId,
+    /// The origin of this node's own events: its peer id.
+    origin: String,
+    node: NodeId,
+    store: Arc<BroadcastStore>,
+    stripe_store: Option<Arc<StripeStore>>,
+    applied: SharedApplied,
+    net: NetHandle,
+    book: AddressBook,
+    origins: Origins,
+    config: BroadcastConfig,
+    metrics: BroadcastMetrics,
+    jobs: VecDeque<Job>,
+    busy: bool,
+    importing: bool,
+    unsynced: bool,
+    subscribers: broadcast::Sender<Arc<Delivered>>,
+    started: Instant,
+    last_heads: Instant,
+    last_prune: Instant,
+    last_sync: Instant,
+}
+
+impl BroadcastActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: PeerId,
+        node: NodeId,
+        store: Arc<BroadcastStore>,
+        stripe_store: Option<Arc<StripeStore>>,
+        applied: SharedApplied,
+        net: NetHandle,
+        book: AddressBook,
+        config: BroadcastConfig,
+        metrics: BroadcastMetrics,
+    ) -> Result<Self, StoreError> {
+        let runs = store.runs()?;
+        let origins = Origins::new(
+            RepairConfig::default(),
+            runs.into_iter().map(|(o, r)| (o, r.first, r.last)),
+        );
+        let (subscribers, _) = broadcast::channel(config.subscriber_buffer.max(16));
+        let now = Instant::now();
+        Ok(BroadcastActor {
+            me,
+            origin: me.to_string(),
+            node,
+            store,
+            stripe_store,
+            applied,
+            net,
+            book,
+            origins,
+            config,
+            metrics,
+            jobs: VecDeque::new(),
+            busy: false,
+            importing: false,
+            unsynced: false,
+            subscribers,
+            started: now,
+            last_heads: now,
+            last_prune: now,
+            last_sync: now,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The stripe this node holds data of, and whether it is its active.
+    fn my_stripe(&self) -> Option<(u32, bool)> {
+        let a = self.applied.read().ok()?;
+        match a.state.nodes.get(&self.node)?.placement {
+            Placement::Stripe(k) => {
+                let active = a.state.stripes.get(&k).and_then(|s| s.active) == Some(self.node);
+                Some((k, active))
+            }
+            Placement::Witness => None,
+        }
+    }
+
+    fn peers(&self) -> Vec<PeerId> {
+        self.book
+            .read()
+            .map(|b| b.keys().filter(|p| **p != self.me).copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn apply_effects(&mut self, effects: Vec<Effect>, gossip: bool, ctx: &mut Context<Self>) {
+        for effect in effects {
+            match effect {
+                Effect::Append { origin, events } => {
+                    self.enqueue_received(origin, events, gossip);
+                }
+                Effect::Fetch { peer, origin, from } => self.fetch(peer, origin, from, ctx),
+                Effect::SkipTo { origin, first } => {
+                    tracing::warn!(%origin, first,
+                        "events of this origin are gone from every log asked (older than retention); subscribers behind them get a resync");
+                    self.metrics.holes_skipped.inc();
+                    self.jobs.push_back(Job::SkipTo { origin, first });
+                }
+            }
+        }
+        self.run_jobs(ctx);
+    }
+
+    fn enqueue_received(&mut self, origin: String, events: Vec<EventFrame>, gossip: bool) {
+        if let Some(Job::Append { received, .. }) = self.jobs.back_mut() {
+            received.push((origin, events, gossip));
+        } else {
+            self.jobs.push_back(Job::Append {
+                received: vec![(origin, events, gossip)],
+                own: Vec::new(),
+            });
+        }
+    }
+
+    fn fetch(&mut self, peer: PeerId, origin: String, from: u64, ctx: &mut Context<Self>) {
+        tracing::debug!(%peer, %origin, from, "fetching missed broadcast events");
+        let call = self.net.call(
+            peer,
+            addresses(&self.book, &peer),
+            Request::BroadcastFetch {
+                origin: origin.clone(),
+                from,
+            },
+        );
+        ctx.spawn(
+            call.into_actor(self)
+                .map(move |result, act, ctx| act.on_fetched(peer, origin, result, ctx)),
+        );
+    }
+
+    fn on_fetched(
+        &mut self,
+        peer: PeerId,
+        origin: String,
+        result: Result<Response, CallError>,
+        ctx: &mut Context<Self>,
+    ) {
+        match result {
+            Ok(Response::BroadcastEvents {
+                origin: o,
+                first,
+                last,
+                events,
+            }) if o == origin => {
+                if !events.is_empty() {
+                    self.metrics.gap_repairs.inc();
+                    BroadcastMetrics::origin(&self.metrics.repaired, &origin)
+                        .inc_by(events.len() as u64);
+                }
+                let now = self.now_ms();
+                let fx = self
+                    .origins
+                    .fetched(peer, &origin, first, last, events, now);
+                self.apply_effects(fx, false, ctx);
+            }
+            other => {
+                tracing::debug!(%peer, %origin, answer = ?other.map(|_| ()), "broadcast fetch failed");
+                self.origins.fetch_failed(peer, &origin);
+            }
+        }
+    }
+
+    fn run_jobs(&mut self, ctx: &mut Context<Self>) {
+        if self.busy {
+            return;
+        }
+        let Some(mut job) = self.jobs.pop_front() else {
+            return;
+        };
+        // Group commit: consecutive appends share one transaction and one fsync.
+        if let Job::Append { received, own } = &mut job {
+            while let Some(Job::Append { .. }) = self.jobs.front() {
+                if let Some(Job::Append {
+                    received: r,
+                    own: o,
+                }) = self.jobs.pop_front()
+                {
+                    received.extend(r);
+                    own.extend(o);
+                }
+            }
+        }
+        self.busy = true;
+        match job {
+            Job::Append { received, own } => self.start_append(received, own, ctx),
+            Job::SkipTo { origin, first } => {
+                let store = self.store.clone();
+                let o = origin.clone();
+                ctx.spawn(
+                    blocking(move || store.skip_to(&o, first))
+                        .into_actor(self)
+                        .map(move |r, act, ctx| {
+                            if let Err(e) = r {
+                                tracing::error!(error = %e, %origin, "cannot record a hole in the broadcast log");
+                            }
+                            act.busy = false;
+                            act.run_jobs(ctx);
+                        }),
+                );
+            }
+            Job::Prune => {
+                let store = self.store.clone();
+                let now = crate::membership::unix_ms();
+                let limits = self.config.retention;
+                ctx.spawn(
+                    blocking(move || {
+                        let n = store.prune(now, limits)?;
+                        Ok((n, store.runs()?))
+                    })
+                    .into_actor(self)
+                    .map(|r, act, ctx| {
+                        match r {
+                            Ok((n, runs)) => {
+                                act.metrics.pruned.inc_by(n);
+                                if n > 0 {
+                                    tracing::debug!(events = n, "broadcast log pruned");
+                                }
+                                for (origin, run) in runs {
+                                    act.origins.pruned(&origin, run.first);
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "broadcast log pruning failed"),
+                        }
+                        act.busy = false;
+                        act.run_jobs(ctx);
+                    }),
+                );
+            }
+            Job::Sync => {
+                let store = self.store.clone();
+                ctx.spawn(
+                    blocking(move || store.sync())
+                        .into_actor(self)
+                        .map(|r, act, ctx| {
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, "cannot fsync the broadcast log");
+                            }
+                            act.busy = false;
+                            act.run_jobs(ctx);
+                        }),
+                );
+            }
+        }
+    }
+
+    fn start_append(
+        &mut self,
+        received: Vec<(String, Vec<EventFrame>, bool)>,
+        own: Vec<(Vec<Vec<u8>>, PublishReply)>,
+        ctx: &mut Context<Self>,
+    ) {
+        let ts = crate::membership::unix_ms();
+        let mut batches: Vec<(String, Vec<EventFrame>, bool)> = received;
+        let mut replies = Vec::new();
+        let mut own_frames = Vec::new();
+        for (bodies, reply) in own {
+            let first = self.origins.reserve(&self.origin, bodies.len() as u64);
+            let seqs: Vec<u64> = (first..first + bodies.len() as u64).collect();
+            for (seq, body) in seqs.iter().zip(bodies) {
+                own_frames.push(EventFrame {
+                    seq: *seq,
+                    ts,
+                    body: ByteBuf::from(body),
+                });
+            }
+            replies.push((reply, seqs));
+        }
+        // Received events are not fsynced one by one: their origin holds them
+        // durably, and what a crash loses here is fetched again.
+        let durable = !own_frames.is_empty();
+        if !own_frames.is_empty() {
+            batches.push((self.origin.clone(), own_frames, true));
+        }
+        let rows: Vec<StoredEvent> = batches
+            .iter()
+            .flat_map(|(origin, events, _)| {
+                events.iter().map(move |e| StoredEvent {
+                    origin: origin.clone(),
+                    seq: e.seq,
+                    ts: e.ts,
+                    bytes: e.body.to_vec(),
+                })
+            })
+            .collect();
+        let store = self.store.clone();
+        ctx.spawn(
+            blocking(move || store.append(&rows, durable))
+                .into_actor(self)
+                .map(move |r, act, ctx| {
+                    act.busy = false;
+                    match r {
+                        Ok(()) => {
+                            if !durable {
+                                act.unsynced = true;
+                            }
+                            for (reply, seqs) in replies {
+                                let _ = reply.send(Ok(seqs));
+                            }
+                            act.appended(batches);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot append to the broadcast log");
+                            for (origin, _, _) in &batches {
+                                act.origins.rollback(origin);
+                            }
+                            for (reply, _) in replies {
+                                let _ = reply.send(Err(again(&e)));
+                            }
+                        }
+                    }
+                    act.run_jobs(ctx);
+                }),
+        );
+    }
+
+    /// Events are in the log: tell subscribers, gossip what this node originates.
+    fn appended(&mut self, batches: Vec<(String, Vec<EventFrame>, bool)>) {
+        let now = crate::membership::unix_ms();
+        for (origin, events, gossip) in batches {
+            let Some(last) = events.last().map(|e| e.seq) else {
+                continue;
+            };
+            self.origins.appended(&origin, last);
+            BroadcastMetrics::origin(&self.metrics.delivered, &origin).inc_by(events.len() as u64);
+            if origin == self.origin {
+                BroadcastMetrics::origin(&self.metrics.published, &origin)
+                    .inc_by(events.len() as u64);
+            }
+            for e in &events {
+                self.metrics
+                    .latency
+                    .observe(now.saturating_sub(e.ts) as f64 / 1000.0);
+                // No subscriber is not an error.
+                let _ = self
+                    .subscribers
+                    .send(Arc::new(Delivered::decode(&origin, e.seq, e.ts, &e.body)));
+            }
+            if gossip {
+                self.gossip(origin, events);
+            }
+        }
+    }
+
+    fn gossip(&self, origin: String, events: Vec<EventFrame>) {
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for e in events {
+            if !batch.is_empty() && size + e.body.len() > GOSSIP_BATCH_BYTES {
+                self.net
+                    .send(NetCommand::PublishBroadcast(BroadcastGossip::Events {
+                        origin: origin.clone(),
+                        events: std::mem::take(&mut batch),
+                    }));
+                size = 0;
+            }
+            size += e.body.len() + 32;
+            batch.push(e);
+        }
+        if !batch.is_empty() {
+            self.net
+                .send(NetCommand::PublishBroadcast(BroadcastGossip::Events {
+                    origin,
+                    events: batch,
+                }));
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let now = self.now_ms();
+        let peers = self.peers();
+        let fx = self.origins.tick(now, &peers);
+        self.apply_effects(fx, false, ctx);
+        self.import_changes(ctx);
+        if self.last_heads.elapsed() >= HEADS_EVERY {
+            self.last_heads = Instant::now();
+            let heads = self.origins.heads();
+            if !heads.is_empty() {
+                self.net
+                    .send(NetCommand::PublishBroadcast(BroadcastGossip::Heads {
+                        heads,
+                        sent_ms: crate::membership::unix_ms(),
+                    }));
+            }
+        }
+        if self.last_prune.elapsed() >= PRUNE_EVERY {
+            self.last_prune = Instant::now();
+            self.jobs.push_back(Job::Prune);
+            self.prune_outbox();
+        }
+        if self.unsynced && self.last_sync.elapsed() >= SYNC_EVERY {
+            self.last_sync = Instant::now();
+            self.unsynced = false;
+            self.jobs.push_back(Job::Sync);
+        }
+        self.run_jobs(ctx);
+    }
+
+    /// Takes the change events of this node's stripe from its outbox into the log
+    /// (the active also gossips them).
+    fn import_changes(&mut self, ctx: &mut Context<Self>) {
+        let Some(stripe_store) = self.stripe_store.clone() else {
+            return;
+        };
+        if self.importing {
+            return;
+        }
+        let Some((stripe, _)) = self.my_stripe() else {
+            return;
+        };
+        let origin = stripe_origin(stripe);
+        let next = self.origins.next(&origin);
+        if stripe_store.changes_head() < next {
+            return;
+        }
+        self.importing = true;
+        ctx.spawn(
+            blocking(move || stripe_store.changes(next, 4_096))
+                .into_actor(self)
+                .map(move |r, act, ctx| {
+                    act.importing = false;
+                    let changes = match r {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the stripe's change outbox");
+                            return;
+                        }
+                    };
+                    let frames: Vec<EventFrame> = changes
+                        .into_iter()
+                        .filter_map(|(seq, bytes)| {
+                            let change: KvChange = ciborium::from_reader(bytes.as_slice()).ok()?;
+                            Some(EventFrame {
+                                seq,
+                                ts: change.ts,
+                                body: ByteBuf::from(EventBody::of_kv_change(&change).to_cbor()),
+                            })
+                        })
+                        .collect();
+                    let active = act.my_stripe().is_some_and(|(k, a)| k == stripe && a);
+                    let now = act.now_ms();
+                    let fx = act.origins.receive(&origin, frames, None, now);
+                    act.apply_effects(fx, active, ctx);
+                }),
+        );
+    }
+
+    /// Drops outbox entries the log holds (now and then; they are small).
+    fn prune_outbox(&self) {
+        let (Some(stripe_store), Some((stripe, _))) = (self.stripe_store.clone(), self.my_stripe())
+        else {
+            return;
+        };
+        let Some(stored) = self
+            .origins
+            .status(&stripe_origin(stripe))
+            .map(|s| s.stored)
+        else {
+            return;
+        };
+        if stored == 0 {
+            return;
+        }
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = stripe_store.prune_changes(stored) {
+                tracing::warn!(error = %e, "cannot prune the stripe's change outbox");
+            }
+        });
+    }
+}
+
+/// The error again, for another recipient (redb errors are not `Clone`).
+fn again(e: &StoreError) -> StoreError {
+    StoreError::Corrupt {
+        path: Default::default(),
+        what: "broadcast log append".into(),
+        detail: e.to_string(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(StoreError::Corrupt {
+            path: Default::default(),
+            what: "broadcast storage task".into(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+impl Actor for BroadcastActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+    }
+}
+
+/// Publishes events with this node as their origin; answered with their seqs
+/// once they are durable in the log.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Publish {
+    pub bodies: Vec<EventBody>,
+    pub reply: oneshot::Sender<Result<(String, Vec<u64>), String>>,
+}
+
+impl Handler<Publish> for BroadcastActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
+        let bodies = msg.bodies.iter().map(EventBody::to_cbor).collect();
+        let (tx, rx) = oneshot::channel();
+        self.jobs.push_back(Job::Append {
+            received: Vec::new(),
+            own: vec![(bodies, tx)],
+        });
+        let origin = self.origin.clone();
+        let reply = msg.reply;
+        actix_rt::spawn(async move {
+            let r = match rx.await {
+                Ok(Ok(seqs)) => Ok((origin, seqs)),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("the broadcast actor stopped".into()),
+            };
+            let _ = reply.send(r);
+        });
+        self.run_jobs(ctx);
+    }
+}
+
+/// Gossip from the broadcast topic.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GossipIn(pub BroadcastIn);
+
+impl Handler<GossipIn> for BroadcastActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: GossipIn, ctx: &mut Self::Context) {
+        let now = self.now_ms();
+        let BroadcastIn { source, msg } = msg.0;
+        match msg {
+            BroadcastGossip::Events { origin, events } => {
+                if origin == self.origin {
+                    // Our own events coming back: nothing new.
+                    return;
+                }
+                let fx = self.origins.receive(&origin, events, Some(source), now);
+                self.apply_effects(fx, false, ctx);
+            }
+            BroadcastGossip::Heads { heads, .. } => {
+                let heads: Vec<OriginHead> = heads
+                    .into_iter()
+                    .filter(|h| h.origin != self.origin)
+                    .collect();
+                self.origins.peer_heads(source, &heads, now);
+            }
+        }
+    }
+}
+
+/// A peer asks for events it missed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ServeFetch {
+    pub peer: PeerId,
+    pub origin: String,
+    pub from: u64,
+    pub reply: Reply,
+}
+
+impl Handler<ServeFetch> for BroadcastActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ServeFetch, _ctx: &mut Self::Context) {
+        let store = self.store.clone();
+        let net = self.net.clone();
+        let status = self.origins.status(&msg.origin);
+        actix_rt::spawn(async move {
+            let (first, last) = status.map(|s| (s.first, s.stored)).unwrap_or((1, 0));
+            let origin = msg.origin;
+            let from = msg.from.max(first);
+            let o = origin.clone();
+            let events = if from <= last {
+                blocking(move || store.range(&o, from, FETCH_BATCH_EVENTS, FETCH_BATCH_BYTES)).await
+            } else {
+                Ok(Vec::new())
+            };
+            let response = match events {
+                Ok(rows) => Response::BroadcastEvents {
+                    origin,
+                    first,
+                    last,
+                    events: rows
+                        .into_iter()
+                        .filter(|(seq, _, _)| *seq <= last)
+                        .map(|(seq, ts, bytes)| EventFrame {
+                            seq,
+                            ts,
+                            body: ByteBuf::from(bytes),
+                        })
+                        .collect(),
+                },
+                Err(e) => Response::Refused {
+                    reason: format!("cannot read the broadcast log: {e}"),
+                },
+            };
+            net.send(NetCommand::Respond {
+                reply: msg.reply,
+                response,
+            });
+        });
+    }
+}
+
+/// What a new subscription needs: the live feed (taken first, so nothing falls
+/// between it and the backlog), where each origin's log is now, and the log.
+pub struct Subscription {
+    pub feed: broadcast::Receiver<Arc<Delivered>>,
+    pub runs: HashMap<String, (u64, u64)>,
+    pub store: Arc<BroadcastStore>,
+    pub metrics: BroadcastMetrics,
+}
+
+#[derive(Message)]
+#[rtype(result = "Subscription")]
+pub struct Subscribe;
+
+impl Handler<Subscribe> for BroadcastActor {
+    type Result = MessageResult<Subscribe>;
+
+    fn handle(&mut self, _: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
+        let feed = self.subscribers.subscribe();
+        let runs = self
+            .origins
+            .heads()
+            .into_iter()
+            .map(|h| (h.origin, (h.first, h.last)))
+            .collect();
+        MessageResult(Subscription {
+            feed,
+            runs,
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+        })
+    }
+}
+
+/// Every origin this node knows: what it holds and the highest seq it knows of.
+#[derive(Message)]
+#[rtype(result = "Vec<(String, u64, u64, u64)>")]
+pub struct GetOrigins;
+
+impl Handler<GetOrigins> for BroadcastActor {
+    type Result = MessageResult<GetOrigins>;
+
+    fn handle(&mut self, _: GetOrigins, _ctx: &mut Self::Context) -> Self::Result {
+        let mut out: Vec<(String, u64, u64, u64)> = self
+            .origins
+            .origin_names()
+            .into_iter()
+            .filter_map(|o| {
+                let s = self.origins.status(&o)?;
+                Some((o, s.first, s.stored, s.head))
+            })
+            .collect();
+        out.sort();
+        MessageResult(out)
+    }
+}

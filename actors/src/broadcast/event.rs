@@ -1,0 +1,304 @@
+//! The databroadcast event model (Servoy's data notification), its JSON form for
+//! HTTP clients, and the resume token of a subscription.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::stripe::kv::{ChangeAction, KvChange};
+
+/// What happened to rows of a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// The content of an event; every event also has an origin, a seq and a time,
+/// which the log keeps beside it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum EventBody {
+    /// Rows of `server`.`table` changed.
+    Change {
+        server: String,
+        table: String,
+        /// Primary keys of the rows, one tuple per row.
+        pks: Vec<Vec<Value>>,
+        action: Action,
+        /// Column → value of inserted rows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        columns: Option<BTreeMap<String, Value>>,
+    },
+    /// The whole datasource is stale.
+    Flush { server: String, table: String },
+    /// A free-form application message.
+    Message { topic: String, payload: Value },
+    /// A new artifact version is complete on the origin node.
+    Artifact {
+        name: String,
+        version: u64,
+        sha256: String,
+    },
+}
+
+/// Why a client's event is refused (`400`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl EventBody {
+    /// Checks an event a client publishes: only data changes, flushes and
+    /// messages, with the names they need.
+    pub fn check_publishable(&self) -> Result<(), EventError> {
+        let need = |what: &str, v: &str| {
+            if v.is_empty() {
+                Err(EventError::Invalid(format!("`{what}` must not be empty")))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            EventBody::Change {
+                server, table, pks, ..
+            } => {
+                need("server", server)?;
+                need("table", table)?;
+                if pks.is_empty() {
+                    return Err(EventError::Invalid(
+                        "`pks` must list at least one primary-key tuple".into(),
+                    ));
+                }
+                Ok(())
+            }
+            EventBody::Flush { server, table } => {
+                need("server", server)?;
+                need("table", table)
+            }
+            EventBody::Message { topic, .. } => need("topic", topic),
+            EventBody::Artifact { .. } => Err(EventError::Invalid(
+                "events of kind `artifact` are announced by nodes, not published".into(),
+            )),
+        }
+    }
+
+    /// CBOR, as stored in the log and sent between nodes.
+    pub fn to_cbor(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(128);
+        let _ = ciborium::into_writer(self, &mut buf);
+        buf
+    }
+
+    pub fn from_cbor(bytes: &[u8]) -> Option<EventBody> {
+        ciborium::from_reader(bytes).ok()
+    }
+
+    /// The `change` event of a key/value write.
+    pub fn of_kv_change(change: &KvChange) -> EventBody {
+        EventBody::Change {
+            server: "kv".into(),
+            table: change.map.clone(),
+            pks: vec![vec![Value::String(change.key.clone())]],
+            action: match change.action {
+                ChangeAction::Insert => Action::Insert,
+                ChangeAction::Update => Action::Update,
+                ChangeAction::Delete => Action::Delete,
+            },
+            columns: None,
+        }
+    }
+
+    fn datasource(&self) -> Option<(&str, &str)> {
+        match self {
+            EventBody::Change { server, table, .. } | EventBody::Flush { server, table } => {
+                Some((server, table))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// An event as HTTP clients see it: the body's fields plus origin, seq and ts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventJson<'a> {
+    pub origin: &'a str,
+    pub seq: u64,
+    pub ts: u64,
+    #[serde(flatten)]
+    pub body: &'a EventBody,
+}
+
+/// A subscription's filter (`?server=&table=&topic=`). With no filter every event
+/// passes; with one, only the events it names: data events of the server/table,
+/// messages of the topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Filter {
+    pub server: Option<String>,
+    pub table: Option<String>,
+    pub topic: Option<String>,
+}
+
+impl Filter {
+    pub fn passes(&self, body: &EventBody) -> bool {
+        let data_filter = self.server.is_some() || self.table.is_some();
+        if !data_filter && self.topic.is_none() {
+            return true;
+        }
+        if let Some((server, table)) = body.datasource() {
+            return data_filter
+                && self.server.as_deref().is_none_or(|s| s == server)
+                && self.table.as_deref().is_none_or(|t| t == table);
+        }
+        match body {
+            EventBody::Message { topic, .. } => self.topic.as_deref() == Some(topic.as_str()),
+            _ => false,
+        }
+    }
+}
+
+/// Where a subscriber is in every origin's sequence: the last seq it was given
+/// (or skipped by its filter). Sent as the SSE `id:` and taken back from
+/// `Last-Event-ID`, so a client resumes on any node with exactly what it missed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Positions(pub BTreeMap<String, u64>);
+
+impl Positions {
+    /// `origin=seq,origin=seq` (origins are peer ids or `stripe:<k>`; neither
+    /// contains `=` or `,`).
+    pub fn to_token(&self) -> String {
+        let mut out = String::with_capacity(self.0.len() * 64);
+        for (i, (origin, seq)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(origin);
+            out.push('=');
+            out.push_str(&seq.to_string());
+        }
+        out
+    }
+
+    pub fn from_token(token: &str) -> Result<Positions, EventError> {
+        let mut map = BTreeMap::new();
+        for part in token.split(',').filter(|p| !p.trim().is_empty()) {
+            let (origin, seq) = part.trim().rsplit_once('=').ok_or_else(|| {
+                EventError::Invalid(format!(
+                    "bad Last-Event-ID part `{part}`: expected origin=seq"
+                ))
+            })?;
+            let seq = seq.parse::<u64>().map_err(|_| {
+                EventError::Invalid(format!(
+                    "bad Last-Event-ID part `{part}`: seq is not a number"
+                ))
+            })?;
+            if origin.is_empty() {
+                return Err(EventError::Invalid(format!(
+                    "bad Last-Event-ID part `{part}`: empty origin"
+                )));
+            }
+            map.insert(origin.to_string(), seq);
+        }
+        Ok(Positions(map))
+    }
+}
+
+/// The origin of a stripe's key/value change events.
+pub fn stripe_origin(stripe: u32) -> String {
+    format!("stripe:{stripe}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_form_matches_the_api() {
+        let body: EventBody = serde_json::from_value(json!({
+            "kind": "change", "server": "crm", "table": "orders",
+            "pks": [[42]], "action": "update"
+        }))
+        .unwrap();
+        body.check_publishable().unwrap();
+        let out = serde_json::to_value(EventJson {
+            origin: "n1",
+            seq: 7,
+            ts: 1000,
+            body: &body,
+        })
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({"origin": "n1", "seq": 7, "ts": 1000, "kind": "change", "server": "crm",
+                   "table": "orders", "pks": [[42]], "action": "update"})
+        );
+        // CBOR round trip keeps every value.
+        let msg = EventBody::Message {
+            topic: "t".into(),
+            payload: json!({"a": [1, -2, 1.5, "x", null, true]}),
+        };
+        assert_eq!(EventBody::from_cbor(&msg.to_cbor()), Some(msg));
+        assert_eq!(EventBody::from_cbor(&body.to_cbor()), Some(body));
+    }
+
+    #[test]
+    fn bad_events_are_refused() {
+        let unknown_action = serde_json::from_value::<EventBody>(json!({
+            "kind": "change", "server": "crm", "table": "o", "pks": [[1]], "action": "upsert"
+        }));
+        assert!(unknown_action.is_err());
+        let unknown_kind = serde_json::from_value::<EventBody>(json!({"kind": "boom"}));
+        assert!(unknown_kind.is_err());
+        let empty: EventBody = serde_json::from_value(json!({
+            "kind": "flush", "server": "", "table": "o"
+        }))
+        .unwrap();
+        assert!(empty.check_publishable().is_err());
+        let artifact = EventBody::Artifact {
+            name: "a".into(),
+            version: 1,
+            sha256: "x".into(),
+        };
+        assert!(artifact.check_publishable().is_err());
+    }
+
+    #[test]
+    fn filters() {
+        let change = EventBody::Flush {
+            server: "crm".into(),
+            table: "orders".into(),
+        };
+        let msg = EventBody::Message {
+            topic: "chat".into(),
+            payload: Value::Null,
+        };
+        let all = Filter::default();
+        assert!(all.passes(&change) && all.passes(&msg));
+        let table = Filter {
+            table: Some("orders".into()),
+            ..Default::default()
+        };
+        assert!(table.passes(&change) && !table.passes(&msg));
+        let topic = Filter {
+            topic: Some("chat".into()),
+            ..Default::default()
+        };
+        assert!(!topic.passes(&change) && topic.passes(&msg));
+    }
+
+    #[test]
+    fn tokens_round_trip() {
+        let mut p = Positions::default();
+        p.0.insert("12D3KooWabc".into(), 5);
+        p.0.insert("stripe:0".into(), 12);
+        assert_eq!(Positions::from_token(&p.to_token()).unwrap(), p);
+        assert!(Positions::from_token("x").is_err());
+        assert!(Positions::from_token("x=y").is_err());
+        assert_eq!(Positions::from_token("").unwrap(), Positions::default());
+    }
+}

@@ -1,0 +1,464 @@
+//! Per-origin ordering and repair of databroadcast events, as a plain state
+//! machine: events in (gossip, fetched, published, imported), effects out
+//! (append to the log, fetch from a peer, skip a hole). No I/O, no clock.
+//!
+//! For every origin the node appends events strictly in seq order. An event ahead
+//! of the next expected one waits in a bounded buffer; a gap that lasts longer
+//! than `gap_grace_ms`, or an origin whose head (learnt from any peer's heads
+//! digest) is ahead of what the node holds, is fetched from a peer that holds it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kiln_net::wire::{EventFrame, OriginHead};
+use kiln_net::PeerId;
+
+#[derive(Debug, Clone)]
+pub struct RepairConfig {
+    /// How long a gap may wait for late gossip before it is fetched.
+    pub gap_grace_ms: u64,
+    /// How long a fetch may take before another peer is asked.
+    pub fetch_timeout_ms: u64,
+    /// Events held ahead of a gap, per origin; later ones are dropped and fetched.
+    pub max_pending: usize,
+}
+
+impl Default for RepairConfig {
+    fn default() -> Self {
+        RepairConfig {
+            gap_grace_ms: 100,
+            fetch_timeout_ms: 3_000,
+            max_pending: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fetching {
+    peer: PeerId,
+    from: u64,
+    since_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct OriginLog {
+    /// First seq held in the log.
+    first: u64,
+    /// Last seq appended to the log (0: none yet).
+    stored: u64,
+    /// Next seq to hand to an append (above `stored` while appends are running).
+    next: u64,
+    pending: BTreeMap<u64, EventFrame>,
+    /// Highest seq known to exist, and a peer that holds it.
+    head: u64,
+    holder: Option<PeerId>,
+    /// Since when events are known to be missing (a gap or a head ahead).
+    missing_since: Option<u64>,
+    fetching: Option<Fetching>,
+}
+
+/// What the actor must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Append these consecutive events of `origin` (the first is the next seq).
+    Append {
+        origin: String,
+        events: Vec<EventFrame>,
+    },
+    /// Ask `peer` for the events of `origin` from `from` on.
+    Fetch {
+        peer: PeerId,
+        origin: String,
+        from: u64,
+    },
+    /// The events of `origin` before `first` are gone everywhere we asked:
+    /// continue the log at `first` (subscribers behind it get a `resync`).
+    SkipTo { origin: String, first: u64 },
+}
+
+#[derive(Debug, Default)]
+pub struct Origins {
+    config: RepairConfig,
+    logs: HashMap<String, OriginLog>,
+}
+
+/// How much of an origin this node holds and knows of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginStatus {
+    pub first: u64,
+    pub stored: u64,
+    pub head: u64,
+}
+
+impl Origins {
+    /// Starts from the runs held in the log: `(origin, first, last)`.
+    pub fn new(config: RepairConfig, runs: impl IntoIterator<Item = (String, u64, u64)>) -> Self {
+        let logs = runs
+            .into_iter()
+            .map(|(origin, first, last)| {
+                (
+                    origin,
+                    OriginLog {
+                        first,
+                        stored: last,
+                        next: last + 1,
+                        head: last,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        Origins { config, logs }
+    }
+
+    fn log(&mut self, origin: &str) -> &mut OriginLog {
+        self.logs
+            .entry(origin.to_string())
+            .or_insert_with(|| OriginLog {
+                first: 1,
+                next: 1,
+                ..Default::default()
+            })
+    }
+
+    pub fn status(&self, origin: &str) -> Option<OriginStatus> {
+        self.logs.get(origin).map(|l| OriginStatus {
+            first: l.first,
+            stored: l.stored,
+            head: l.head,
+        })
+    }
+
+    /// What this node holds of every origin, for its heads digest.
+    pub fn heads(&self) -> Vec<OriginHead> {
+        let mut out: Vec<OriginHead> = self
+            .logs
+            .iter()
+            .filter(|(_, l)| l.stored > 0)
+            .map(|(origin, l)| OriginHead {
+                origin: origin.clone(),
+                first: l.first,
+                last: l.stored,
+            })
+            .collect();
+        out.sort_by(|a, b| a.origin.cmp(&b.origin));
+        out
+    }
+
+    /// The next seq of an origin this node numbers itself (its own events):
+    /// reserves `n` seqs and returns the first.
+    pub fn reserve(&mut self, origin: &str, n: u64) -> u64 {
+        let log = self.log(origin);
+        let first = log.next;
+        log.next += n;
+        log.head = log.head.max(log.next - 1);
+        first
+    }
+
+    /// Events of `origin` arrived (from gossip when `source` is set, else
+    /// imported locally). Returns what to append now.
+    pub fn receive(
+        &mut self,
+        origin: &str,
+        events: Vec<EventFrame>,
+        source: Option<PeerId>,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        let max_pending = self.config.max_pending;
+        let log = self.log(origin);
+        for ev in events {
+            if ev.seq < log.next {
+                continue;
+            }
+            if ev.seq > log.head {
+                log.head = ev.seq;
+                if source.is_some() {
+                    log.holder = source;
+                }
+            }
+            if log.pending.len() < max_pending || ev.seq == log.next {
+                log.pending.entry(ev.seq).or_insert(ev);
+            }
+        }
+        let mut ready = Vec::new();
+        while let Some(ev) = log.pending.remove(&log.next) {
+            ready.push(ev);
+            log.next += 1;
+        }
+        if log.next <= log.head {
+            log.missing_since.get_or_insert(now_ms);
+        } else {
+            log.missing_since = None;
+        }
+        if ready.is_empty() {
+            Vec::new()
+        } else {
+            vec![Effect::Append {
+                origin: origin.to_string(),
+                events: ready,
+            }]
+        }
+    }
+
+    /// A peer's digest: where its log of every origin ends.
+    pub fn peer_heads(&mut self, peer: PeerId, heads: &[OriginHead], now_ms: u64) {
+        for h in heads {
+            let log = self.log(&h.origin);
+            if h.last > log.head || (h.last >= log.next && log.holder.is_none()) {
+                log.head = log.head.max(h.last);
+                log.holder = Some(peer);
+            }
+            if log.next <= log.head {
+                log.missing_since.get_or_insert(now_ms);
+            }
+        }
+    }
+
+    /// A fetch was answered: the peer holds `first..=last` of the origin and sent
+    /// `events` (from the seq asked for).
+    pub fn fetched(
+        &mut self,
+        peer: PeerId,
+        origin: &str,
+        first: u64,
+        last: u64,
+        events: Vec<EventFrame>,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        let log = self.log(origin);
+        let asked = log.fetching.take();
+        let mut out = Vec::new();
+        if last > log.head {
+            log.head = last;
+            log.holder = Some(peer);
+        }
+        if first > log.next && events.first().is_none_or(|e| e.seq == first) {
+            // The peer no longer holds what we miss. Only the origin's own events
+            // are authoritative about a hole, but every node prunes by the same
+            // retention, so the peer's answer stands for the cluster.
+            out.push(Effect::SkipTo {
+                origin: origin.to_string(),
+                first,
+            });
+            log.next = first;
+            log.stored = log.stored.max(first - 1);
+            log.first = log.first.max(first);
+            log.pending.retain(|s, _| *s >= first);
+        }
+        if events.is_empty() && asked.is_some() && log.next <= log.head && last < log.next {
+            // This peer does not have what we miss after all: ask someone else.
+            if log.holder == Some(peer) {
+                log.holder = None;
+            }
+        }
+        out.extend(self.receive(origin, events, None, now_ms));
+        out.extend(self.fetch_if_missing(origin, now_ms, true));
+        out
+    }
+
+    /// A fetch failed (peer gone, timeout, refused): ask another holder later.
+    pub fn fetch_failed(&mut self, peer: PeerId, origin: &str) {
+        let log = self.log(origin);
+        if log.fetching.as_ref().is_some_and(|f| f.peer == peer) {
+            log.fetching = None;
+        }
+        if log.holder == Some(peer) {
+            log.holder = None;
+        }
+    }
+
+    /// The next seq of `origin` this node will append.
+    pub fn next(&mut self, origin: &str) -> u64 {
+        self.log(origin).next
+    }
+
+    /// An append failed: what was handed to it is to be had again.
+    pub fn rollback(&mut self, origin: &str) {
+        let log = self.log(origin);
+        log.next = log.stored + 1;
+    }
+
+    /// Retention removed the events before `first`.
+    pub fn pruned(&mut self, origin: &str, first: u64) {
+        let log = self.log(origin);
+        log.first = log.first.max(first);
+    }
+
+    pub fn origin_names(&self) -> Vec<String> {
+        self.logs.keys().cloned().collect()
+    }
+
+    /// Appended to the log up to `upto`.
+    pub fn appended(&mut self, origin: &str, upto: u64) {
+        let log = self.log(origin);
+        log.stored = log.stored.max(upto);
+    }
+
+    /// Fetches what has been missing long enough; retries timed-out fetches.
+    /// `peers` are candidates when no holder is known (any peer may hold it).
+    pub fn tick(&mut self, now_ms: u64, peers: &[PeerId]) -> Vec<Effect> {
+        let timeout = self.config.fetch_timeout_ms;
+        let origins: Vec<String> = self.logs.keys().cloned().collect();
+        let mut out = Vec::new();
+        for (i, origin) in origins.iter().enumerate() {
+            let log = self.log(origin);
+            if let Some(f) = &log.fetching {
+                if now_ms.saturating_sub(f.since_ms) >= timeout {
+                    if log.holder == Some(f.peer) {
+                        log.holder = None;
+                    }
+                    log.fetching = None;
+                }
+            }
+            if log.holder.is_none() && log.next <= log.head && !peers.is_empty() {
+                // Spread the guesses over the peers.
+                log.holder = Some(peers[(now_ms as usize / 100 + i) % peers.len()]);
+            }
+            out.extend(self.fetch_if_missing(origin, now_ms, false));
+        }
+        out
+    }
+
+    fn fetch_if_missing(&mut self, origin: &str, now_ms: u64, at_once: bool) -> Vec<Effect> {
+        let grace = self.config.gap_grace_ms;
+        let log = self.log(origin);
+        if log.fetching.is_some() || log.next > log.head {
+            if log.next > log.head {
+                log.missing_since = None;
+            }
+            return Vec::new();
+        }
+        let since = *log.missing_since.get_or_insert(now_ms);
+        if !at_once && now_ms.saturating_sub(since) < grace {
+            return Vec::new();
+        }
+        let Some(peer) = log.holder else {
+            return Vec::new();
+        };
+        log.fetching = Some(Fetching {
+            peer,
+            from: log.next,
+            since_ms: now_ms,
+        });
+        vec![Effect::Fetch {
+            peer,
+            origin: origin.to_string(),
+            from: log.next,
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64) -> EventFrame {
+        EventFrame {
+            seq,
+            ts: seq,
+            body: serde_bytes::ByteBuf::from(vec![seq as u8]),
+        }
+    }
+
+    fn seqs(effects: &[Effect]) -> Vec<u64> {
+        effects
+            .iter()
+            .flat_map(|e| match e {
+                Effect::Append { events, .. } => events.iter().map(|e| e.seq).collect(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn in_order_duplicates_and_reordering() {
+        let p = PeerId::random();
+        let mut o = Origins::default();
+        assert_eq!(
+            seqs(&o.receive("a", vec![ev(1), ev(2)], Some(p), 0)),
+            vec![1, 2]
+        );
+        assert!(o.receive("a", vec![ev(2)], Some(p), 0).is_empty());
+        assert!(o.receive("a", vec![ev(4)], Some(p), 0).is_empty());
+        // Within the grace period nothing is fetched; late gossip fills the gap.
+        assert!(o.tick(50, &[p]).is_empty());
+        assert_eq!(seqs(&o.receive("a", vec![ev(3)], Some(p), 60)), vec![3, 4]);
+        assert!(o.tick(500, &[p]).is_empty());
+    }
+
+    #[test]
+    fn a_lasting_gap_is_fetched_and_retried_elsewhere() {
+        let (p, q) = (PeerId::random(), PeerId::random());
+        let mut o = Origins::default();
+        o.receive("a", vec![ev(1), ev(5)], Some(p), 0);
+        let f = o.tick(200, &[p, q]);
+        assert_eq!(
+            f,
+            vec![Effect::Fetch {
+                peer: p,
+                origin: "a".into(),
+                from: 2
+            }]
+        );
+        // No second fetch while one is running; the timeout moves on.
+        assert!(o.tick(300, &[p, q]).is_empty());
+        let f = o.tick(200 + 3_000, &[q]);
+        assert!(matches!(&f[..], [Effect::Fetch { peer, from: 2, .. }] if *peer == q));
+        let out = o.fetched(q, "a", 1, 5, vec![ev(2), ev(3), ev(4), ev(5)], 3_300);
+        assert_eq!(seqs(&out), vec![2, 3, 4, 5]);
+        o.appended("a", 5);
+        assert_eq!(o.status("a").unwrap().stored, 5);
+    }
+
+    #[test]
+    fn heads_reveal_a_missed_tail() {
+        let p = PeerId::random();
+        let mut o = Origins::default();
+        o.receive("a", vec![ev(1)], Some(p), 0);
+        o.appended("a", 1);
+        let q = PeerId::random();
+        o.peer_heads(
+            q,
+            &[OriginHead {
+                origin: "a".into(),
+                first: 1,
+                last: 3,
+            }],
+            1_000,
+        );
+        let f = o.tick(1_200, &[p, q]);
+        assert!(matches!(&f[..], [Effect::Fetch { peer, from: 2, .. }] if *peer == q));
+    }
+
+    #[test]
+    fn a_hole_beyond_retention_is_skipped() {
+        let p = PeerId::random();
+        let mut o = Origins::default();
+        o.peer_heads(
+            p,
+            &[OriginHead {
+                origin: "a".into(),
+                first: 50,
+                last: 60,
+            }],
+            0,
+        );
+        let f = o.tick(500, &[p]);
+        assert!(matches!(&f[..], [Effect::Fetch { from: 1, .. }]));
+        let out = o.fetched(p, "a", 50, 60, (50..=60).map(ev).collect(), 600);
+        assert_eq!(
+            out[0],
+            Effect::SkipTo {
+                origin: "a".into(),
+                first: 50
+            }
+        );
+        assert_eq!(seqs(&out), (50..=60).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn own_seqs_continue_after_restart() {
+        let mut o = Origins::new(RepairConfig::default(), [("me".to_string(), 1, 41)]);
+        assert_eq!(o.reserve("me", 3), 42);
+        assert_eq!(o.reserve("me", 1), 45);
+    }
+}

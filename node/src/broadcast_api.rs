@@ -1,0 +1,415 @@
+//! Databroadcast over HTTP: `POST /v1/broadcast` publishes, `GET
+//! /v1/broadcast/stream` follows the stream as Server-Sent Events and resumes from
+//! `Last-Event-ID` on any node, `GET /v1/broadcast/origins` shows the log.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use actix_web::http::{header, StatusCode};
+use actix_web::web::Bytes;
+use actix_web::{web, HttpRequest, HttpResponse};
+use kiln_actors::broadcast::event::{EventBody, EventJson, Filter, Positions};
+use kiln_actors::broadcast::{
+    BroadcastActor, Delivered, GetOrigins, Publish, Subscribe, Subscription,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot};
+
+use crate::http::{ApiError, ApiState};
+use crate::kv_api::read_body;
+
+/// Events one `POST /v1/broadcast` may carry.
+const MAX_EVENTS_PER_POST: usize = 10_000;
+/// Frames buffered towards one HTTP client before the feed waits for it.
+const CLIENT_BUFFER: usize = 64;
+/// A comment line this often keeps proxies from closing an idle stream and
+/// notices a client that went away.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Events read from the log per page of a subscriber's backlog.
+const BACKLOG_PAGE: usize = 1_000;
+
+pub struct BroadcastApi {
+    pub actor: Addr<BroadcastActor>,
+    pub max_event_bytes: usize,
+}
+
+fn broadcast(state: &ApiState) -> Result<&BroadcastApi, ApiError> {
+    state
+        .broadcast
+        .as_ref()
+        .ok_or_else(|| ApiError::retry_later("the broadcast API is not ready".into()))
+}
+
+fn bad_request(msg: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, msg)
+}
+
+/// Parses and checks the events of a publish request: one JSON object or an array.
+pub fn parse_events(body: &[u8], max_event_bytes: usize) -> Result<Vec<EventBody>, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| bad_request(format!("the body is not JSON: {e}")))?;
+    let items = match value {
+        Value::Array(items) => items,
+        one @ Value::Object(_) => vec![one],
+        _ => {
+            return Err(bad_request(
+                "expected an event object or an array of them".into(),
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(bad_request("no events to publish".into()));
+    }
+    if items.len() > MAX_EVENTS_PER_POST {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_EVENTS_PER_POST} events per request"),
+        ));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let size = item.to_string().len();
+        if size > max_event_bytes {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("event {i} is {size} bytes as JSON; max_event_bytes is {max_event_bytes}"),
+            ));
+        }
+        let event: EventBody =
+            serde_json::from_value(item).map_err(|e| bad_request(format!("event {i}: {e}")))?;
+        event
+            .check_publishable()
+            .map_err(|e| bad_request(format!("event {i}: {e}")))?;
+        out.push(event);
+    }
+    Ok(out)
+}
+
+pub async fn publish(
+    state: web::Data<ApiState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let api = broadcast(&state)?;
+    let limit = api
+        .max_event_bytes
+        .saturating_mul(MAX_EVENTS_PER_POST)
+        .min(64 << 20);
+    let body = read_body(payload, limit, "the publish limit").await?;
+    let bodies = parse_events(&body, api.max_event_bytes)?;
+    let (tx, rx) = oneshot::channel();
+    api.actor
+        .send(Publish { bodies, reply: tx })
+        .await
+        .map_err(|e| ApiError::retry_later(format!("node is shutting down: {e}")))?;
+    match rx.await {
+        Ok(Ok((origin, seqs))) => {
+            Ok(HttpResponse::Accepted().json(json!({ "origin": origin, "seqs": seqs })))
+        }
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("the events could not be persisted: {e}"),
+        )),
+        Err(_) => Err(ApiError::retry_later("node is shutting down".into())),
+    }
+}
+
+pub async fn origins(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let api = broadcast(&state)?;
+    let list = api
+        .actor
+        .send(GetOrigins)
+        .await
+        .map_err(|e| ApiError::retry_later(format!("node is shutting down: {e}")))?;
+    let origins: Vec<Value> = list
+        .into_iter()
+        .map(|(origin, first, last, head)| {
+            json!({"origin": origin, "first": first, "last": last, "head": head})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "origins": origins })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamQuery {
+    server: Option<String>,
+    table: Option<String>,
+    topic: Option<String>,
+    /// Same as the `Last-Event-ID` header, for clients that cannot set headers.
+    last_event_id: Option<String>,
+}
+
+pub async fn stream(
+    state: web::Data<ApiState>,
+    req: HttpRequest,
+    query: web::Query<StreamQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let api = broadcast(&state)?;
+    let query = query.into_inner();
+    let token = req
+        .headers()
+        .get("Last-Event-ID")
+        .map(|v| {
+            v.to_str()
+                .map(str::to_string)
+                .map_err(|_| bad_request("Last-Event-ID is not text".into()))
+        })
+        .transpose()?
+        .or(query.last_event_id);
+    let start = token
+        .map(|t| Positions::from_token(&t).map_err(|e| bad_request(e.to_string())))
+        .transpose()?;
+    let filter = Filter {
+        server: query.server,
+        table: query.table,
+        topic: query.topic,
+    };
+    let sub = api
+        .actor
+        .send(Subscribe)
+        .await
+        .map_err(|e| ApiError::retry_later(format!("node is shutting down: {e}")))?;
+    let (tx, rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
+    actix_rt::spawn(Feed::new(sub, start, filter, tx).run());
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx))
+    });
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
+}
+
+/// Why a feed ended.
+enum End {
+    ClientGone,
+    Lagged,
+    LogUnreadable,
+}
+
+/// One subscriber's stream: the backlog from the log, then the live feed.
+struct Feed {
+    sub: Subscription,
+    /// Last seq given (or stepped over) per origin.
+    pos: BTreeMap<String, u64>,
+    /// Without a resume token, the subscriber starts at the live end: an origin
+    /// first seen later starts at its first live event.
+    live_only: bool,
+    filter: Filter,
+    tx: mpsc::Sender<Bytes>,
+}
+
+struct SubscriberGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Feed {
+    fn new(
+        sub: Subscription,
+        start: Option<Positions>,
+        filter: Filter,
+        tx: mpsc::Sender<Bytes>,
+    ) -> Self {
+        let live_only = start.is_none();
+        let pos = match start {
+            Some(p) => p.0,
+            None => sub
+                .runs
+                .iter()
+                .map(|(o, (_, last))| (o.clone(), *last))
+                .collect(),
+        };
+        Feed {
+            sub,
+            pos,
+            live_only,
+            filter,
+            tx,
+        }
+    }
+
+    async fn run(mut self) {
+        self.sub.metrics.subscribers.inc();
+        let _guard = SubscriberGuard(self.sub.metrics.subscribers.clone());
+        let end = self.serve().await;
+        if let End::Lagged = end {
+            self.sub.metrics.subscribers_lagged.inc();
+            let frame = Bytes::from("data: {\"kind\":\"lagged\"}\n\n");
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.tx.send(frame)).await;
+        }
+    }
+
+    async fn serve(&mut self) -> End {
+        // Tell the client the stream is open (and since when) right away.
+        if self
+            .send(Bytes::from(": kiln event stream\n\n"))
+            .await
+            .is_err()
+        {
+            return End::ClientGone;
+        }
+        let backlog: Vec<(String, u64)> = self
+            .sub
+            .runs
+            .iter()
+            .map(|(o, (_, last))| (o.clone(), *last))
+            .collect();
+        for (origin, last) in backlog {
+            if let Err(end) = self.catch_up(&origin, last).await {
+                return end;
+            }
+        }
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.tick().await;
+        loop {
+            tokio::select! {
+                ev = self.sub.feed.recv() => match ev {
+                    Ok(ev) => {
+                        if let Err(end) = self.live(ev).await {
+                            return end;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => return End::Lagged,
+                    Err(RecvError::Closed) => return End::ClientGone,
+                },
+                _ = keepalive.tick() => {
+                    if self.send(Bytes::from(": keepalive\n\n")).await.is_err() {
+                        return End::ClientGone;
+                    }
+                }
+                _ = self.tx.closed() => return End::ClientGone,
+            }
+        }
+    }
+
+    async fn live(&mut self, ev: Arc<Delivered>) -> Result<(), End> {
+        let at = match self.pos.get(&ev.origin) {
+            Some(p) => *p,
+            None if self.live_only => ev.seq - 1,
+            None => 0,
+        };
+        if ev.seq <= at {
+            return Ok(());
+        }
+        if ev.seq > at + 1 {
+            // Appended before this subscriber caught up with that origin.
+            self.catch_up(&ev.origin, ev.seq - 1).await?;
+        }
+        self.emit(&ev).await
+    }
+
+    /// Sends what the log holds of `origin` after the subscriber's position, up
+    /// to `upto`; a `resync` first if the log no longer holds what it missed.
+    async fn catch_up(&mut self, origin: &str, upto: u64) -> Result<(), End> {
+        loop {
+            let at = *self.pos.get(origin).unwrap_or(&0);
+            if at >= upto {
+                return Ok(());
+            }
+            let store = self.sub.store.clone();
+            let o = origin.to_string();
+            let page =
+                tokio::task::spawn_blocking(move || store.range(&o, at + 1, BACKLOG_PAGE, 4 << 20))
+                    .await;
+            let rows = match page {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the broadcast log for a subscriber");
+                    return Err(End::LogUnreadable);
+                }
+                Err(_) => return Err(End::LogUnreadable),
+            };
+            let first = rows.first().map(|r| r.0);
+            if first != Some(at + 1) {
+                // What the subscriber missed is older than the log keeps.
+                let resume_at = first.map(|f| f - 1).unwrap_or(upto).min(upto);
+                self.resync(origin, resume_at).await?;
+                if first.is_none() {
+                    return Ok(());
+                }
+            }
+            for (seq, ts, bytes) in rows {
+                if seq > upto {
+                    return Ok(());
+                }
+                let ev = Delivered::decode(origin, seq, ts, &bytes);
+                self.emit(&ev).await?;
+            }
+        }
+    }
+
+    async fn resync(&mut self, origin: &str, resume_at: u64) -> Result<(), End> {
+        self.sub.metrics.resyncs.inc();
+        self.pos.insert(origin.to_string(), resume_at);
+        let data = json!({"kind": "resync", "origin": origin, "datasources": []});
+        let frame = format!("id: {}\ndata: {}\n\n", self.token(), data);
+        self.send(Bytes::from(frame))
+            .await
+            .map_err(|_| End::ClientGone)
+    }
+
+    async fn emit(&mut self, ev: &Delivered) -> Result<(), End> {
+        self.pos.insert(ev.origin.clone(), ev.seq);
+        let Some(body) = &ev.body else {
+            return Ok(());
+        };
+        if !self.filter.passes(body) {
+            return Ok(());
+        }
+        let data = match serde_json::to_string(&EventJson {
+            origin: &ev.origin,
+            seq: ev.seq,
+            ts: ev.ts,
+            body,
+        }) {
+            Ok(d) => d,
+            Err(_) => return Ok(()),
+        };
+        let frame = format!("id: {}\ndata: {}\n\n", self.token(), data);
+        self.send(Bytes::from(frame))
+            .await
+            .map_err(|_| End::ClientGone)
+    }
+
+    fn token(&self) -> String {
+        Positions(self.pos.clone()).to_token()
+    }
+
+    async fn send(&self, frame: Bytes) -> Result<(), ()> {
+        self.tx.send(frame).await.map_err(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_bodies_are_checked() {
+        let ok =
+            br#"[{"kind":"change","server":"crm","table":"orders","pks":[[42]],"action":"update"},
+                      {"kind":"message","topic":"t","payload":{"x":1}}]"#;
+        assert_eq!(parse_events(ok, 65536).unwrap().len(), 2);
+        let one = br#"{"kind":"flush","server":"crm","table":"orders"}"#;
+        assert_eq!(parse_events(one, 65536).unwrap().len(), 1);
+        let status = |b: &[u8], max| parse_events(b, max).unwrap_err().status();
+        assert_eq!(status(b"{nope", 65536), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status(
+                br#"{"kind":"change","server":"a","table":"b","pks":[[1]],"action":"upsert"}"#,
+                65536
+            ),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(status(b"[]", 65536), StatusCode::BAD_REQUEST);
+        assert_eq!(status(b"42", 65536), StatusCode::BAD_REQUEST);
+        assert_eq!(status(one, 10), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

@@ -1,0 +1,429 @@
+//! `broadcast.redb`: the node's bounded per-origin log of databroadcast events.
+//!
+//! For every origin the log holds a contiguous run of sequence numbers
+//! `first..=last`: events are appended strictly in order, and retention removes
+//! them from the front. An origin whose older events could not be had any more
+//! (pruned everywhere) starts later: its `first` jumps, and readers that were behind
+//! it learn that they must resynchronise.
+//!
+//! Events are opaque bytes here (the broadcast module owns their schema); each
+//! carries its timestamp so that age-based retention needs no decoding.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::error::StoreError;
+use crate::node_store::open_or_create;
+
+/// File name of the broadcast database inside the data directory.
+pub const BROADCAST_DB_FILE: &str = "broadcast.redb";
+
+const BROADCAST_META: TableDefinition<&str, &[u8]> = TableDefinition::new("kiln_broadcast_meta");
+
+/// (origin, seq) → (ts in Unix ms, event bytes).
+const EVENTS: TableDefinition<(&str, u64), (u64, &[u8])> =
+    TableDefinition::new("kiln_broadcast_events");
+
+/// origin → (first, last, count, bytes): the run of seqs held and its size.
+const ORIGINS: TableDefinition<&str, (u64, u64, u64, u64)> =
+    TableDefinition::new("kiln_broadcast_origins");
+
+/// The run of events held for one origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OriginRun {
+    /// First seq held (or that will be held: `last + 1` when the run is empty).
+    pub first: u64,
+    /// Last seq held; 0 before any event of the origin.
+    pub last: u64,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+impl OriginRun {
+    fn new() -> Self {
+        OriginRun {
+            first: 1,
+            ..Default::default()
+        }
+    }
+}
+
+/// One event to append.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub origin: String,
+    pub seq: u64,
+    pub ts: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// Limits of the log; whichever is reached first removes the oldest events.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_events: u64,
+    pub max_bytes: u64,
+    pub max_age_ms: u64,
+}
+
+pub struct BroadcastStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl BroadcastStore {
+    /// Opens (or creates) `broadcast.redb` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join(BROADCAST_DB_FILE);
+        let db = open_or_create(&path, BROADCAST_META, |txn| {
+            txn.open_table(EVENTS)?;
+            txn.open_table(ORIGINS)?;
+            Ok(())
+        })?;
+        Ok(BroadcastStore { db, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn storage<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
+        move |e| StoreError::Storage {
+            path: self.path.clone(),
+            source: e.into(),
+        }
+    }
+
+    fn write_txn(&self, durable: bool) -> Result<redb::WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write().map_err(self.storage())?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(self.storage())?;
+        Ok(txn)
+    }
+
+    /// Every origin's run of events.
+    pub fn runs(&self) -> Result<HashMap<String, OriginRun>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let origins = txn.open_table(ORIGINS).map_err(self.storage())?;
+        let mut out = HashMap::new();
+        for row in origins.iter().map_err(self.storage())? {
+            let (k, v) = row.map_err(self.storage())?;
+            let (first, last, count, bytes) = v.value();
+            out.insert(
+                k.value().to_string(),
+                OriginRun {
+                    first,
+                    last,
+                    count,
+                    bytes,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Appends events in one transaction. Each must be the next seq of its origin
+    /// (an event at or below the run's end is a duplicate and skipped); a gap is a
+    /// `Corrupt` error, since the caller orders events before storing them.
+    /// `durable` fsyncs the transaction.
+    pub fn append(&self, events: &[StoredEvent], durable: bool) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let txn = self.write_txn(durable)?;
+        {
+            let mut table = txn.open_table(EVENTS).map_err(self.storage())?;
+            let mut origins = txn.open_table(ORIGINS).map_err(self.storage())?;
+            let mut runs: HashMap<&str, OriginRun> = HashMap::new();
+            for ev in events {
+                let run = match runs.get_mut(ev.origin.as_str()) {
+                    Some(r) => r,
+                    None => {
+                        let r = origins
+                            .get(ev.origin.as_str())
+                            .map_err(self.storage())?
+                            .map(|v| {
+                                let (first, last, count, bytes) = v.value();
+                                OriginRun {
+                                    first,
+                                    last,
+                                    count,
+                                    bytes,
+                                }
+                            })
+                            .unwrap_or_else(OriginRun::new);
+                        runs.entry(ev.origin.as_str()).or_insert(r)
+                    }
+                };
+                if ev.seq <= run.last {
+                    continue;
+                }
+                if ev.seq != run.last + 1 {
+                    return Err(StoreError::Corrupt {
+                        path: self.path.clone(),
+                        what: format!("broadcast event {}#{}", ev.origin, ev.seq),
+                        detail: format!("appended after #{}: events must be contiguous", run.last),
+                    });
+                }
+                table
+                    .insert((ev.origin.as_str(), ev.seq), (ev.ts, ev.bytes.as_slice()))
+                    .map_err(self.storage())?;
+                run.last = ev.seq;
+                run.count += 1;
+                run.bytes += ev.bytes.len() as u64;
+            }
+            for (origin, r) in runs {
+                origins
+                    .insert(origin, (r.first, r.last, r.count, r.bytes))
+                    .map_err(self.storage())?;
+            }
+        }
+        txn.commit().map_err(self.storage())?;
+        Ok(())
+    }
+
+    /// The origin's events before `first` are gone for good: drop what is held
+    /// below it and continue the run at `first` (after a hole of events that
+    /// no peer holds any more).
+    pub fn skip_to(&self, origin: &str, first: u64) -> Result<OriginRun, StoreError> {
+        let txn = self.write_txn(true)?;
+        let run = {
+            let mut origins = txn.open_table(ORIGINS).map_err(self.storage())?;
+            let mut run = origins
+                .get(origin)
+                .map_err(self.storage())?
+                .map(|v| {
+                    let (first, last, count, bytes) = v.value();
+                    OriginRun {
+                        first,
+                        last,
+                        count,
+                        bytes,
+                    }
+                })
+                .unwrap_or_else(OriginRun::new);
+            let mut table = txn.open_table(EVENTS).map_err(self.storage())?;
+            remove_front(
+                &mut table,
+                origin,
+                &mut run,
+                first.saturating_sub(1),
+                u64::MAX,
+            )
+            .map_err(self.storage())?;
+            if run.last + 1 < first {
+                run.last = first - 1;
+            }
+            run.first = run.first.max(first);
+            origins
+                .insert(origin, (run.first, run.last, run.count, run.bytes))
+                .map_err(self.storage())?;
+            run
+        };
+        txn.commit().map_err(self.storage())?;
+        Ok(run)
+    }
+
+    /// Events of `origin` from seq `from` on, in order, as (seq, ts, bytes), up to `max_events` and
+    /// about `max_bytes` (at least one event is returned if any is held).
+    pub fn range(
+        &self,
+        origin: &str,
+        from: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let table = txn.open_table(EVENTS).map_err(self.storage())?;
+        let mut out = Vec::new();
+        let mut size = 0usize;
+        for row in table
+            .range((origin, from)..=(origin, u64::MAX))
+            .map_err(self.storage())?
+        {
+            let (k, v) = row.map_err(self.storage())?;
+            let (ts, bytes) = v.value();
+            if !out.is_empty() && (out.len() >= max_events || size + bytes.len() > max_bytes) {
+                break;
+            }
+            size += bytes.len();
+            out.push((k.value().1, ts, bytes.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Applies retention: events older than the age limit go, then the oldest
+    /// events of the largest origins until the count and size limits hold.
+    /// Returns how many events were removed.
+    pub fn prune(&self, now_ms: u64, limits: Retention) -> Result<u64, StoreError> {
+        let runs = self.runs()?;
+        let oldest_allowed = now_ms.saturating_sub(limits.max_age_ms);
+        let txn = self.write_txn(false)?;
+        let mut removed = 0;
+        {
+            let mut table = txn.open_table(EVENTS).map_err(self.storage())?;
+            let mut origins = txn.open_table(ORIGINS).map_err(self.storage())?;
+            let mut runs: Vec<(String, OriginRun)> = runs.into_iter().collect();
+            for (origin, run) in runs.iter_mut() {
+                let before = run.count;
+                remove_front(&mut table, origin, run, u64::MAX, oldest_allowed)
+                    .map_err(self.storage())?;
+                removed += before - run.count;
+            }
+            loop {
+                let count: u64 = runs.iter().map(|(_, r)| r.count).sum();
+                let bytes: u64 = runs.iter().map(|(_, r)| r.bytes).sum();
+                if count <= limits.max_events && bytes <= limits.max_bytes {
+                    break;
+                }
+                let Some((origin, run)) = runs.iter_mut().max_by_key(|(_, r)| r.bytes) else {
+                    break;
+                };
+                if run.count == 0 {
+                    break;
+                }
+                // A tenth of the excess at a time keeps the origins' shares even.
+                let avg = (run.bytes / run.count).max(1);
+                let excess = count
+                    .saturating_sub(limits.max_events)
+                    .max(bytes.saturating_sub(limits.max_bytes) / avg);
+                let step = excess.div_ceil(10).clamp(1, run.count);
+                let upto = run.first + step - 1;
+                let before = run.count;
+                remove_front(&mut table, origin, run, upto, u64::MAX).map_err(self.storage())?;
+                if before == run.count {
+                    break;
+                }
+                removed += before - run.count;
+            }
+            for (origin, r) in &runs {
+                origins
+                    .insert(origin.as_str(), (r.first, r.last, r.count, r.bytes))
+                    .map_err(self.storage())?;
+            }
+        }
+        txn.commit().map_err(self.storage())?;
+        Ok(removed)
+    }
+
+    /// Makes every earlier non-durable append durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let txn = self.write_txn(true)?;
+        txn.commit().map_err(self.storage())?;
+        Ok(())
+    }
+}
+
+/// Removes the origin's events from the front of its run while their seq is at
+/// most `upto_seq` and their timestamp below `before_ts`.
+fn remove_front(
+    table: &mut redb::Table<(&'static str, u64), (u64, &'static [u8])>,
+    origin: &str,
+    run: &mut OriginRun,
+    upto_seq: u64,
+    before_ts: u64,
+) -> Result<(), redb::StorageError> {
+    while run.count > 0 && run.first <= upto_seq {
+        let Some(v) = table.get((origin, run.first))? else {
+            // Not held (cannot happen in a consistent file): step over it.
+            run.first += 1;
+            continue;
+        };
+        let (ts, bytes) = v.value();
+        let len = bytes.len() as u64;
+        drop(v);
+        if ts >= before_ts {
+            break;
+        }
+        table.remove((origin, run.first))?;
+        run.first += 1;
+        run.count -= 1;
+        run.bytes = run.bytes.saturating_sub(len);
+    }
+    if run.count == 0 && run.first <= run.last {
+        run.first = run.last + 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(origin: &str, seq: u64, ts: u64) -> StoredEvent {
+        StoredEvent {
+            origin: origin.into(),
+            seq,
+            ts,
+            bytes: vec![seq as u8; 10],
+        }
+    }
+
+    #[test]
+    fn appends_in_order_skip_duplicates_and_refuse_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        s.append(&[ev("a", 1, 1), ev("a", 2, 2), ev("b", 1, 1)], true)
+            .unwrap();
+        s.append(&[ev("a", 2, 2), ev("a", 3, 3)], false).unwrap();
+        assert!(matches!(
+            s.append(&[ev("a", 5, 5)], false),
+            Err(StoreError::Corrupt { .. })
+        ));
+        drop(s);
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        let runs = s.runs().unwrap();
+        assert_eq!(
+            runs["a"],
+            OriginRun {
+                first: 1,
+                last: 3,
+                count: 3,
+                bytes: 30
+            }
+        );
+        assert_eq!(runs["b"].last, 1);
+        let got: Vec<u64> = s
+            .range("a", 2, 10, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(got, vec![2, 3]);
+        assert_eq!(s.range("a", 1, 10, 15).unwrap().len(), 1, "byte bound");
+    }
+
+    #[test]
+    fn retention_by_age_count_and_skip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        let events: Vec<_> = (1..=100).map(|i| ev("a", i, i)).collect();
+        s.append(&events, false).unwrap();
+        let limits = Retention {
+            max_events: 1000,
+            max_bytes: 1 << 30,
+            max_age_ms: 50,
+        };
+        // now = 100: events with ts < 50 are too old.
+        assert_eq!(s.prune(100, limits).unwrap(), 49);
+        assert_eq!(s.runs().unwrap()["a"].first, 50);
+        let limits = Retention {
+            max_events: 20,
+            max_bytes: 1 << 30,
+            max_age_ms: 1000,
+        };
+        s.prune(100, limits).unwrap();
+        let run = s.runs().unwrap()["a"];
+        assert_eq!(run.count, 20);
+        assert_eq!((run.first, run.last), (81, 100));
+        let run = s.skip_to("a", 150).unwrap();
+        assert_eq!((run.first, run.last, run.count), (150, 149, 0));
+        s.append(&[ev("a", 150, 200)], true).unwrap();
+        assert_eq!(s.runs().unwrap()["a"].last, 150);
+    }
+}
