@@ -90,7 +90,9 @@ fn every_event_reaches_every_subscriber_once_in_order_across_a_crash_and_a_parti
         .iter()
         .map(|n| Subscriber::follow(n.http(), Some(String::new())))
         .collect();
-    let accepted: Arc<Mutex<BTreeMap<String, Vec<(u64, Value)>>>> = Arc::default();
+    // origin → acknowledged (seq, payload)
+    type Accepted = BTreeMap<String, Vec<(u64, Value)>>;
+    let accepted: Arc<Mutex<Accepted>> = Arc::default();
     let publishers: Vec<_> = nodes
         .iter()
         .enumerate()
