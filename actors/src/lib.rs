@@ -1,6 +1,7 @@
 //! actors: the cluster's behaviour. Each protocol is a plain state machine (events
 //! in, effects out) wrapped by an actix actor that only does I/O and timers.
 
+pub mod artifact;
 pub mod broadcast;
 pub mod control;
 pub mod membership;

@@ -140,6 +140,10 @@ pub enum Request {
     Stripe { body: serde_bytes::ByteBuf },
     /// Databroadcast repair: the events of `origin` from seq `from` on.
     BroadcastFetch { origin: String, from: u64 },
+    /// The chunk digests of the artifact content with this SHA-256 (hex).
+    ArtifactManifest { sha256: String },
+    /// Chunk `index` of the artifact content with this SHA-256 (hex).
+    ArtifactChunk { sha256: String, index: u64 },
 }
 
 impl Request {
@@ -171,6 +175,13 @@ pub enum Response {
         first: u64,
         last: u64,
         events: Vec<EventFrame>,
+    },
+    /// The SHA-256 of every chunk, concatenated (32 bytes each).
+    ArtifactManifest {
+        digests: serde_bytes::ByteBuf,
+    },
+    ArtifactChunk {
+        data: serde_bytes::ByteBuf,
     },
     /// The receiver would not serve the request; `reason` says why.
     Refused {

@@ -192,6 +192,14 @@ pub fn status(args: &ApiArgs) -> anyhow::Result<()> {
     );
     println!();
     print!("{}", format_stripes(&api.get("/v1/cluster/stripes")?));
+    let artifacts = api.get("/v1/artifacts")?;
+    if artifacts["artifacts"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+    {
+        println!();
+        print!("{}", format_artifacts(&artifacts));
+    }
     Ok(())
 }
 
@@ -469,6 +477,183 @@ fn tail(
             }
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ArtifactCommand {
+    /// Upload a file as a new version of an artifact; every node fetches it.
+    Put {
+        name: String,
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Download a version (the newest by default) from the node's own copy.
+    Get {
+        name: String,
+        #[arg(long)]
+        version: Option<u64>,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List artifacts, their live versions and which nodes hold each.
+    Ls(ApiArgs),
+    /// Retire a version on every node.
+    Rm {
+        name: String,
+        #[arg(long)]
+        version: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// Prints the artifact table of `GET /v1/artifacts`.
+pub fn format_artifacts(view: &Value) -> String {
+    let mut rows = Vec::new();
+    for a in view["artifacts"].as_array().cloned().unwrap_or_default() {
+        for v in a["versions"].as_array().cloned().unwrap_or_default() {
+            let holders = v["holders"].as_array().map(|h| h.len()).unwrap_or(0);
+            let size = v["size"].as_u64().unwrap_or(0);
+            let here = match v["here"].as_str().unwrap_or("") {
+                "fetching" => format!(
+                    "fetching {}%",
+                    v["fetched_bytes"].as_u64().unwrap_or(0) * 100 / size.max(1)
+                ),
+                other => other.to_string(),
+            };
+            rows.push([
+                a["name"].as_str().unwrap_or("").to_string(),
+                v["version"].to_string(),
+                size.to_string(),
+                v["sha256"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(16)
+                    .collect(),
+                holders.to_string(),
+                here,
+            ]);
+        }
+    }
+    if rows.is_empty() {
+        return "no artifacts\n".into();
+    }
+    format_table(
+        &[
+            "NAME".into(),
+            "VERSION".into(),
+            "SIZE".into(),
+            "SHA256".into(),
+            "HOLDERS".into(),
+            "HERE".into(),
+        ],
+        &rows,
+    )
+}
+
+pub fn artifact(cmd: ArtifactCommand) -> anyhow::Result<()> {
+    use sha2::Digest;
+    use std::io::Read;
+    match cmd {
+        ArtifactCommand::Put { name, file, api } => {
+            let open = || {
+                std::fs::File::open(&file)
+                    .with_context(|| format!("cannot open {}", file.display()))
+            };
+            let mut f = open()?;
+            let size = f.metadata()?.len();
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            use base64::Engine;
+            let digest = base64::engine::general_purpose::STANDARD.encode(h.finalize());
+            let api = Api::new(&api);
+            let url = format!("{}/v1/artifacts/{}", api.base, encode_segment(&name));
+            // No overall timeout: a large upload takes as long as it takes.
+            let agent = ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(10))
+                .build();
+            let mut req = agent
+                .put(&url)
+                .set("Content-Digest", &format!("sha-256=:{digest}:"))
+                .set("Content-Length", &size.to_string());
+            if let Some(t) = &api.token {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            eprintln!("uploading {} ({size} bytes) as {name}", file.display());
+            match req.send(open()?) {
+                Ok(resp) => {
+                    let v: Value = resp.into_json()?;
+                    println!("{v}");
+                    Ok(())
+                }
+                Err(ureq::Error::Status(code, resp)) => {
+                    let body: Value = resp.into_json().unwrap_or(Value::Null);
+                    Err(anyhow!(
+                        "PUT {url}: {code}: {}",
+                        body["error"].as_str().unwrap_or("no detail")
+                    ))
+                }
+                Err(e) => Err(anyhow!("cannot reach kiln at {}: {e}", api.base)),
+            }
+        }
+        ArtifactCommand::Get {
+            name,
+            version,
+            output,
+            api,
+        } => {
+            let api = Api {
+                agent: ureq::AgentBuilder::new()
+                    .timeout_connect(Duration::from_secs(10))
+                    .build(),
+                ..Api::new(&api)
+            };
+            let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
+            let resp = api.send(
+                "GET",
+                &format!("/v1/artifacts/{}{q}", encode_segment(&name)),
+                &[],
+                None,
+            )?;
+            let mut reader = resp.into_reader();
+            match output {
+                Some(path) => {
+                    let mut f = std::fs::File::create(&path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    std::io::copy(&mut reader, &mut f)?;
+                }
+                None => {
+                    std::io::copy(&mut reader, &mut std::io::stdout().lock())?;
+                }
+            }
+            Ok(())
+        }
+        ArtifactCommand::Ls(api) => {
+            let view = Api::new(&api).get("/v1/artifacts")?;
+            print!("{}", format_artifacts(&view));
+            Ok(())
+        }
+        ArtifactCommand::Rm { name, version, api } => {
+            let v = Api::new(&api).delete(&format!(
+                "/v1/artifacts/{}?version={version}",
+                encode_segment(&name)
+            ))?;
+            println!("{v}");
+            Ok(())
+        }
     }
 }
 

@@ -107,6 +107,9 @@ pub struct RunArgs {
     /// Largest event POST /v1/broadcast accepts, as JSON. Default: 65536
     #[arg(long, env = "KILN_MAX_EVENT_BYTES", value_name = "BYTES")]
     pub max_event_bytes: Option<usize>,
+    /// Versions of each artifact kept; older ones are retired everywhere. Default: 3
+    #[arg(long, env = "KILN_ARTIFACT_KEEP_VERSIONS", value_name = "N")]
+    pub artifact_keep_versions: Option<u32>,
 }
 
 /// The same settings as read from the TOML file.
@@ -140,6 +143,7 @@ pub struct FileConfig {
     pub broadcast_retention_bytes: Option<u64>,
     pub broadcast_retention_s: Option<u64>,
     pub max_event_bytes: Option<usize>,
+    pub artifact_keep_versions: Option<u32>,
 }
 
 /// Every setting key, in its TOML spelling (for the README check).
@@ -173,6 +177,7 @@ pub const KEYS: &[&str] = &[
     "broadcast_retention_bytes",
     "broadcast_retention_s",
     "max_event_bytes",
+    "artifact_keep_versions",
 ];
 
 /// Resolved, validated settings of a node.
@@ -197,6 +202,7 @@ pub struct Settings {
     pub reconnect_window_s: u64,
     pub broadcast_retention: kiln_persistence::Retention,
     pub max_event_bytes: usize,
+    pub artifact_keep_versions: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -453,7 +459,15 @@ impl Settings {
                     .into(),
             });
         }
+        let artifact_keep_versions = positive(
+            "artifact_keep_versions",
+            cli.artifact_keep_versions
+                .or(file.artifact_keep_versions)
+                .unwrap_or(3) as u64,
+        )?
+        .min(u32::MAX as u64) as u32;
         Ok(Settings {
+            artifact_keep_versions,
             broadcast_retention,
             max_event_bytes,
             reconnect_window_s,

@@ -25,6 +25,7 @@ pub struct ApiState {
     pub control: Addr<ControlPlane>,
     pub kv: Option<Arc<crate::kv_api::KvRouter>>,
     pub broadcast: Option<crate::broadcast_api::BroadcastApi>,
+    pub artifacts: Option<crate::artifact_api::ArtifactApi>,
     pub registry: Arc<Registry>,
     pub token: Option<String>,
 }
@@ -313,6 +314,19 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/v1/broadcast/origins",
             web::get().to(crate::broadcast_api::origins),
+        )
+        .route("/v1/artifacts", web::get().to(crate::artifact_api::list))
+        .route(
+            "/v1/artifacts/{name}",
+            web::put().to(crate::artifact_api::put),
+        )
+        .route(
+            "/v1/artifacts/{name}",
+            web::get().to(crate::artifact_api::get),
+        )
+        .route(
+            "/v1/artifacts/{name}",
+            web::delete().to(crate::artifact_api::delete),
         )
         .route("/v1/kv/{map}", web::get().to(crate::kv_api::list))
         .route("/v1/kv/{map}/{key}", web::put().to(crate::kv_api::put))

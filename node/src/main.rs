@@ -1,5 +1,6 @@
 //! `kiln`: run a cluster node, start a local demo cluster, or talk to a node.
 
+mod artifact_api;
 mod broadcast_api;
 mod client;
 mod config;
@@ -34,6 +35,11 @@ enum Command {
     Broadcast {
         #[command(subcommand)]
         command: client::BroadcastCommand,
+    },
+    /// Publish artifacts (versioned files every node receives) and list them.
+    Artifact {
+        #[command(subcommand)]
+        command: client::ArtifactCommand,
     },
     /// Stripe maintenance.
     Stripe {
@@ -101,6 +107,7 @@ fn main() {
         Command::Status(api) => client::status(&api),
         Command::Kv { command } => client::kv(command),
         Command::Broadcast { command } => client::broadcast(command),
+        Command::Artifact { command } => client::artifact(command),
         Command::Stripe { command } => match command {
             StripeCommand::Handover { stripe, to, api } => {
                 client::handover(&api, stripe, to.as_deref())

@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix::Actor;
 use actix_web::{web, HttpServer};
 use anyhow::Context;
+use kiln_actors::artifact::{ArtifactActor, ArtifactMetrics, ServeArtifact};
 use kiln_actors::broadcast::{
     BroadcastActor, BroadcastConfig, BroadcastMetrics, GossipIn, ServeFetch,
 };
@@ -22,7 +23,7 @@ use kiln_actors::stripe::wire::StripeRequest;
 use kiln_actors::stripe::{HandOver, Responder, ServeStripe, StripeActor, StripeMetrics};
 use kiln_net::wire::{MemberRecord, MemberStatus, Request, Response};
 use kiln_net::{Keypair, NetCommand, NetConfig, NetHandle, ServiceRequest};
-use kiln_persistence::{BroadcastStore, ControlStore, NodeStore, StripeStore};
+use kiln_persistence::{ArtifactStore, BroadcastStore, ControlStore, NodeStore, StripeStore};
 use openraft::Raft;
 use prometheus_client::registry::Registry;
 
@@ -104,6 +105,8 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let stripe_metrics = StripeMetrics::register(&mut registry);
     let broadcast_metrics = BroadcastMetrics::register(&mut registry);
     let broadcast_store = Arc::new(BroadcastStore::open(&settings.data_dir)?);
+    let artifact_metrics = ArtifactMetrics::register(&mut registry);
+    let artifact_store = Arc::new(ArtifactStore::open(&settings.data_dir)?);
     let state_machine = StateMachine::open(control_store.clone())?;
     let stripe_store = Arc::new(StripeStore::open(&settings.data_dir, settings.permanent)?);
     if !settings.permanent {
@@ -194,16 +197,30 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             broadcast_metrics,
         )?
         .start();
+        let artifacts = ArtifactActor::new(
+            me,
+            artifact_store.clone(),
+            applied.clone(),
+            net.clone(),
+            book.clone(),
+            control.clone(),
+            broadcast.clone(),
+            artifact_metrics,
+        )
+        .start();
         // Peers' requests go to the actor that serves them.
         {
-            let control = control.clone();
-            let stripe = stripe.clone();
-            let broadcast = broadcast.clone();
+            let services_of = Services {
+                control: control.clone(),
+                stripe: stripe.clone(),
+                broadcast: broadcast.clone(),
+                artifacts: artifacts.clone(),
+            };
             let net = net.clone();
             let mut services = channels.services;
             actix_rt::spawn(async move {
                 while let Some(req) = services.recv().await {
-                    route_service(req, &control, stripe.as_ref(), &broadcast, &net);
+                    route_service(req, &services_of, &net);
                 }
             });
         }
@@ -218,7 +235,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         }
         let kv = Arc::new(KvRouter {
             me,
-            applied,
+            applied: applied.clone(),
             stripe: stripe.clone(),
             net: net.clone(),
             book,
@@ -228,11 +245,20 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         });
         let state = web::Data::new(ApiState {
             membership: membership.clone(),
-            control,
+            control: control.clone(),
             kv: Some(kv),
             broadcast: Some(crate::broadcast_api::BroadcastApi {
-                actor: broadcast,
+                actor: broadcast.clone(),
                 max_event_bytes: settings.max_event_bytes,
+            }),
+            artifacts: Some(crate::artifact_api::ArtifactApi {
+                actor: artifacts,
+                store: artifact_store,
+                applied,
+                control,
+                broadcast,
+                me,
+                keep_versions: settings.artifact_keep_versions,
             }),
             registry,
             token: settings.http_token.clone(),
@@ -298,14 +324,22 @@ fn replica_config(election_timeout_ms: u64) -> ReplicaConfig {
     }
 }
 
+/// The actors that serve peers' requests.
+struct Services {
+    control: actix::Addr<ControlPlane>,
+    stripe: Option<actix::Addr<StripeActor>>,
+    broadcast: actix::Addr<BroadcastActor>,
+    artifacts: actix::Addr<ArtifactActor>,
+}
+
 /// Hands a peer's request to the actor that serves it.
-fn route_service(
-    req: ServiceRequest,
-    control: &actix::Addr<ControlPlane>,
-    stripe: Option<&actix::Addr<StripeActor>>,
-    broadcast: &actix::Addr<BroadcastActor>,
-    net: &NetHandle,
-) {
+fn route_service(req: ServiceRequest, services: &Services, net: &NetHandle) {
+    let Services {
+        control,
+        stripe,
+        broadcast,
+        artifacts,
+    } = services;
     let refuse = |reply, reason: String| {
         net.send(NetCommand::Respond {
             reply,
@@ -332,6 +366,13 @@ fn route_service(
                     refuse(req.reply, format!("malformed stripe request: {e}"))
                 }
             }
+        }
+        Request::ArtifactManifest { .. } | Request::ArtifactChunk { .. } => {
+            artifacts.do_send(ServeArtifact {
+                peer: req.peer,
+                request: req.request,
+                reply: req.reply,
+            })
         }
         Request::BroadcastFetch { origin, from } => broadcast.do_send(ServeFetch {
             peer: req.peer,

@@ -4,6 +4,7 @@
 //! plain records. Identity, membership and cluster facts are always committed with
 //! `Durability::Immediate` (fsync), whatever the node's persistence mode.
 
+mod artifact_store;
 mod broadcast_store;
 mod control_store;
 mod error;
@@ -11,6 +12,9 @@ mod node_store;
 pub mod schema;
 mod stripe_store;
 
+pub use artifact_store::{
+    chunk_count, chunks_root, is_sha256_hex, ArtifactStore, Digests, Upload, ARTIFACT_CHUNK,
+};
 pub use broadcast_store::{BroadcastStore, OriginRun, Retention, StoredEvent, BROADCAST_DB_FILE};
 pub use control_store::ControlStore;
 pub use error::StoreError;

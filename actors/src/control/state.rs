@@ -47,6 +47,30 @@ pub struct StripeEntry {
     pub in_sync: BTreeSet<NodeId>,
 }
 
+/// One version of an artifact: its content (by digest) and the nodes that hold it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactVersion {
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+    pub size: u64,
+    /// Hex SHA-256 over the SHA-256 of every chunk: a node fetching the artifact
+    /// checks each chunk it gets, and fetches a bad one from another holder.
+    pub chunks_root: String,
+    /// Unix ms of the upload.
+    pub published_ms: u64,
+    /// Random id of the upload, so that a retried proposal gets the same version.
+    pub upload: String,
+    /// Nodes that hold the complete, verified content.
+    pub holders: BTreeSet<NodeId>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactEntry {
+    /// The version the next upload gets: versions are never reused, even retired ones.
+    pub next_version: u64,
+    pub versions: BTreeMap<u64, ArtifactVersion>,
+}
+
 /// The whole replicated state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlState {
@@ -59,6 +83,9 @@ pub struct ControlState {
     /// Nodes an operator removed: their data directories hold stale stripe data,
     /// so they may not join again (a new data directory is a new node).
     pub removed: BTreeSet<NodeId>,
+    /// Artifacts by name: their live versions.
+    #[serde(default)]
+    pub artifacts: BTreeMap<String, ArtifactEntry>,
 }
 
 /// A decision proposed to the control plane.
@@ -100,6 +127,29 @@ pub enum ControlCommand {
         node: NodeId,
         in_sync: bool,
     },
+    /// Artifact versions and their holders.
+    Artifact(ArtifactCommand),
+}
+
+/// Commands about artifacts, part of [`ControlCommand`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ArtifactCommand {
+    /// A new version of `name`, uploaded to `by`, which holds it. Versions beyond
+    /// the newest `keep` are retired.
+    Publish {
+        name: String,
+        version: ArtifactVersion,
+        by: NodeId,
+        keep: u32,
+    },
+    /// `node` holds version `version` of `name` now.
+    Hold {
+        name: String,
+        version: u64,
+        node: NodeId,
+    },
+    /// Version `version` of `name` is retired everywhere.
+    Retire { name: String, version: u64 },
 }
 
 /// What applying a command did.
@@ -116,6 +166,9 @@ pub enum ControlOutcome {
         epoch: u64,
     },
     InSyncChanged,
+    ArtifactPublished {
+        version: u64,
+    },
     /// Nothing changed: a membership or blank entry.
     Nothing,
     /// The founder has not set the stripe count yet: a join is retried.
@@ -162,6 +215,61 @@ impl ControlState {
                 epoch,
                 node,
             } => self.renew(*stripe, *epoch, *node),
+            ControlCommand::Artifact(cmd) => self.artifact(cmd),
+        }
+    }
+
+    fn artifact(&mut self, cmd: &ArtifactCommand) -> ControlOutcome {
+        match cmd {
+            ArtifactCommand::Publish {
+                name,
+                version,
+                by,
+                keep,
+            } => {
+                let entry = self.artifacts.entry(name.clone()).or_default();
+                if let Some((v, _)) = entry
+                    .versions
+                    .iter()
+                    .find(|(_, v)| v.upload == version.upload)
+                {
+                    return ControlOutcome::ArtifactPublished { version: *v };
+                }
+                entry.next_version = entry.next_version.max(1);
+                let n = entry.next_version;
+                entry.next_version += 1;
+                let mut version = version.clone();
+                version.holders = BTreeSet::from([*by]);
+                entry.versions.insert(n, version);
+                while entry.versions.len() > (*keep).max(1) as usize {
+                    entry.versions.pop_first();
+                }
+                ControlOutcome::ArtifactPublished { version: n }
+            }
+            ArtifactCommand::Hold {
+                name,
+                version,
+                node,
+            } => match self
+                .artifacts
+                .get_mut(name)
+                .and_then(|a| a.versions.get_mut(version))
+            {
+                Some(v) => {
+                    v.holders.insert(*node);
+                    ControlOutcome::Nothing
+                }
+                None => rejected(format!("artifact {name} has no version {version}")),
+            },
+            ArtifactCommand::Retire { name, version } => {
+                let Some(entry) = self.artifacts.get_mut(name) else {
+                    return rejected(format!("no artifact named {name}"));
+                };
+                if entry.versions.remove(version).is_none() {
+                    return rejected(format!("artifact {name} has no version {version}"));
+                }
+                ControlOutcome::Removed
+            }
         }
     }
 
@@ -252,6 +360,11 @@ impl ControlState {
             return rejected(format!("node {node} is not placed"));
         };
         self.removed.insert(node);
+        for a in self.artifacts.values_mut() {
+            for v in a.versions.values_mut() {
+                v.holders.remove(&node);
+            }
+        }
         if let Placement::Stripe(k) = entry.placement {
             if let Some(stripe) = self.stripes.get_mut(&k) {
                 stripe.members.remove(&node);

@@ -1,0 +1,705 @@
+//! The artifact actor: fetches the content of live artifact versions this node
+//! lacks, chunk by chunk from the nodes that hold it (each chunk checked against
+//! its digest; a bad one is fetched from another holder), records this node as a
+//! holder once the whole content is verified, announces it with an `artifact`
+//! event, serves chunks to other nodes and collects retired content.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use kiln_net::wire::{Request, Response};
+use kiln_net::{CallError, NetCommand, NetHandle, PeerId, Reply};
+use kiln_persistence::{chunk_count, chunks_root, ArtifactStore, StoreError, ARTIFACT_CHUNK};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_bytes::ByteBuf;
+use sha2::{Digest, Sha256};
+
+use super::{plan, Wanted};
+use crate::broadcast::event::EventBody;
+use crate::broadcast::{BroadcastActor, Publish};
+use crate::control::state::{ArtifactCommand, ControlCommand};
+use crate::control::types::NodeId;
+use crate::control::{addresses, AddressBook, ControlPlane, Propose, SharedApplied};
+
+const TICK: Duration = Duration::from_millis(500);
+/// Chunk requests in flight per transfer.
+const WINDOW: usize = 4;
+/// Transfers at once: more would only split the same bandwidth.
+const MAX_TRANSFERS: usize = 2;
+/// A holder that failed is not asked again for this long.
+const PEER_BACKOFF: Duration = Duration::from_secs(5);
+/// Unreferenced content younger than this is kept (an upload awaiting its version).
+const GC_GRACE: Duration = Duration::from_secs(600);
+const GC_EVERY: Duration = Duration::from_secs(30);
+
+/// kiln_artifact_* metrics.
+#[derive(Clone, Default)]
+pub struct ArtifactMetrics {
+    bytes_fetched: Counter,
+    bytes_served: Counter,
+    chunks_rejected: Counter,
+    transfers: Gauge,
+    transfers_completed: Counter,
+    versions_missing: Gauge,
+}
+
+impl ArtifactMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ArtifactMetrics::default();
+        let r = registry.sub_registry_with_prefix("kiln_artifact");
+        r.register(
+            "bytes_fetched",
+            "Artifact bytes this node fetched from other nodes (verified chunks)",
+            m.bytes_fetched.clone(),
+        );
+        r.register(
+            "bytes_served",
+            "Artifact bytes this node sent to other nodes",
+            m.bytes_served.clone(),
+        );
+        r.register(
+            "chunks_rejected",
+            "Fetched chunks that did not match their digest and were fetched again elsewhere",
+            m.chunks_rejected.clone(),
+        );
+        r.register(
+            "transfers",
+            "Artifact fetches under way on this node",
+            m.transfers.clone(),
+        );
+        r.register(
+            "transfers_completed",
+            "Artifact fetches completed and verified on this node",
+            m.transfers_completed.clone(),
+        );
+        r.register(
+            "versions_missing",
+            "Live artifact versions whose content this node does not hold yet",
+            m.versions_missing.clone(),
+        );
+        m
+    }
+}
+
+struct Transfer {
+    wanted: Wanted,
+    /// Chunk digests, once a holder sent them and they matched the recorded root.
+    manifest: Option<Arc<Vec<[u8; 32]>>>,
+    asking_manifest: bool,
+    /// Chunks `..written` are on disk.
+    written: u64,
+    /// Chunks not yet asked for, lowest first (failed ones come back here).
+    todo: BTreeSet<u64>,
+    inflight: HashMap<u64, PeerId>,
+    /// Verified chunks waiting for the ones before them.
+    ready: BTreeMap<u64, Vec<u8>>,
+    writing: bool,
+    /// Holders that failed or sent a bad chunk, and since when.
+    avoid: HashMap<PeerId, Instant>,
+    next_holder: usize,
+    started: Instant,
+}
+
+impl Transfer {
+    fn count(&self) -> u64 {
+        chunk_count(self.wanted.size)
+    }
+
+    fn chunk_len(&self, index: u64) -> u64 {
+        let last = self.count().saturating_sub(1);
+        if index < last {
+            ARTIFACT_CHUNK
+        } else {
+            self.wanted.size - last * ARTIFACT_CHUNK
+        }
+    }
+
+    /// A holder to ask next: round-robin over those not recently failed.
+    fn pick_holder(&mut self) -> Option<PeerId> {
+        let holders: Vec<PeerId> = self
+            .wanted
+            .holders
+            .iter()
+            .filter_map(|h| h.parse().ok())
+            .filter(|p| {
+                self.avoid
+                    .get(p)
+                    .is_none_or(|since| since.elapsed() >= PEER_BACKOFF)
+            })
+            .collect();
+        if holders.is_empty() {
+            return None;
+        }
+        self.next_holder = (self.next_holder + 1) % holders.len();
+        Some(holders[self.next_holder])
+    }
+}
+
+/// What a transfer looks like from outside.
+#[derive(Debug, Clone)]
+pub struct TransferView {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub size: u64,
+    pub bytes_done: u64,
+    pub seconds: f64,
+}
+
+pub struct ArtifactActor {
+    me: NodeId,
+    store: Arc<ArtifactStore>,
+    applied: SharedApplied,
+    net: NetHandle,
+    book: AddressBook,
+    control: Addr<ControlPlane>,
+    broadcast: Addr<BroadcastActor>,
+    metrics: ArtifactMetrics,
+    /// Digests of complete content held here.
+    local: HashSet<String>,
+    transfers: HashMap<String, Transfer>,
+    /// Hold proposals sent, and when (retried after a while if not applied).
+    holding: HashMap<(String, u64), Instant>,
+    last_gc: Instant,
+}
+
+impl ArtifactActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: NodeId,
+        store: Arc<ArtifactStore>,
+        applied: SharedApplied,
+        net: NetHandle,
+        book: AddressBook,
+        control: Addr<ControlPlane>,
+        broadcast: Addr<BroadcastActor>,
+        metrics: ArtifactMetrics,
+    ) -> Self {
+        ArtifactActor {
+            me,
+            store,
+            applied,
+            net,
+            book,
+            control,
+            broadcast,
+            metrics,
+            local: HashSet::new(),
+            transfers: HashMap::new(),
+            holding: HashMap::new(),
+            last_gc: Instant::now(),
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let Some(plan) = self
+            .applied
+            .read()
+            .ok()
+            .map(|a| plan(&a.state, self.me, &self.local))
+        else {
+            return;
+        };
+        // Content found on disk (after a restart) counts as held.
+        let mut found = false;
+        for w in &plan.fetch {
+            if !self.transfers.contains_key(&w.sha256) && self.store.has(&w.sha256) {
+                self.local.insert(w.sha256.clone());
+                found = true;
+            }
+        }
+        if found {
+            return self.tick(ctx);
+        }
+        self.metrics.versions_missing.set(plan.fetch.len() as i64);
+        for (name, version) in plan.hold {
+            self.propose_hold(name, version);
+        }
+        for w in plan.fetch {
+            if let Some(t) = self.transfers.get_mut(&w.sha256) {
+                // Holders change as other nodes complete.
+                t.wanted.holders = w.holders;
+                continue;
+            }
+            if self.transfers.len() >= MAX_TRANSFERS {
+                continue;
+            }
+            tracing::info!(name = %w.name, version = w.version, size = w.size, sha256 = %w.sha256,
+                "fetching artifact content");
+            let sha = w.sha256.clone();
+            self.transfers.insert(
+                sha.clone(),
+                Transfer {
+                    wanted: w,
+                    manifest: None,
+                    asking_manifest: false,
+                    written: 0,
+                    todo: BTreeSet::new(),
+                    inflight: HashMap::new(),
+                    ready: BTreeMap::new(),
+                    writing: false,
+                    avoid: HashMap::new(),
+                    next_holder: 0,
+                    started: Instant::now(),
+                },
+            );
+        }
+        // Retired while fetching: drop the transfer (its file is collected).
+        self.transfers
+            .retain(|sha, t| plan.live.contains(sha) || t.writing);
+        self.metrics.transfers.set(self.transfers.len() as i64);
+        let shas: Vec<String> = self.transfers.keys().cloned().collect();
+        for sha in shas {
+            self.pump(&sha, ctx);
+        }
+        if self.last_gc.elapsed() >= GC_EVERY {
+            self.last_gc = Instant::now();
+            let store = self.store.clone();
+            let live = plan.live.clone();
+            self.local.retain(|s| live.contains(s));
+            let in_transfer: HashSet<String> = self.transfers.keys().cloned().collect();
+            tokio::task::spawn_blocking(move || {
+                let keep: HashSet<String> = live.union(&in_transfer).cloned().collect();
+                match store.collect_garbage(&keep, GC_GRACE) {
+                    Ok(removed) if !removed.is_empty() => {
+                        tracing::info!(?removed, "removed retired artifact content")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot collect retired artifact content"),
+                }
+            });
+        }
+    }
+
+    fn propose_hold(&mut self, name: String, version: u64) {
+        let key = (name.clone(), version);
+        if self
+            .holding
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        self.holding.insert(key, Instant::now());
+        let sha = self
+            .applied
+            .read()
+            .ok()
+            .and_then(|a| {
+                a.state
+                    .artifacts
+                    .get(&name)?
+                    .versions
+                    .get(&version)
+                    .map(|v| v.sha256.clone())
+            })
+            .unwrap_or_default();
+        let cmd = ControlCommand::Artifact(ArtifactCommand::Hold {
+            name: name.clone(),
+            version,
+            node: self.me,
+        });
+        let control = self.control.clone();
+        let broadcast = self.broadcast.clone();
+        actix_rt::spawn(async move {
+            match control.send(Propose(cmd)).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(%name, version, "holding artifact version");
+                    announce(&broadcast, name, version, sha).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%name, version, error = %e, "hold not recorded yet"),
+                Err(_) => {}
+            }
+        });
+    }
+
+    /// Moves a transfer on: its manifest, then chunk requests up to the window.
+    fn pump(&mut self, sha: &str, ctx: &mut Context<Self>) {
+        let Some(t) = self.transfers.get_mut(sha) else {
+            return;
+        };
+        if t.manifest.is_none() {
+            if t.asking_manifest {
+                return;
+            }
+            let Some(peer) = t.pick_holder() else {
+                return;
+            };
+            t.asking_manifest = true;
+            let call = self.net.call(
+                peer,
+                addresses(&self.book, &peer),
+                Request::ArtifactManifest {
+                    sha256: sha.to_string(),
+                },
+            );
+            let sha = sha.to_string();
+            ctx.spawn(call.into_actor(self).map(move |r, act, ctx| {
+                act.on_manifest(&sha, peer, r, ctx);
+            }));
+            return;
+        }
+        let mut asks = Vec::new();
+        while t.inflight.len() < WINDOW {
+            let Some(index) = t.todo.first().copied() else {
+                break;
+            };
+            let Some(peer) = t.pick_holder() else {
+                break;
+            };
+            t.todo.remove(&index);
+            t.inflight.insert(index, peer);
+            asks.push((index, peer));
+        }
+        for (index, peer) in asks {
+            let call = self.net.call(
+                peer,
+                addresses(&self.book, &peer),
+                Request::ArtifactChunk {
+                    sha256: sha.to_string(),
+                    index,
+                },
+            );
+            let sha = sha.to_string();
+            ctx.spawn(call.into_actor(self).map(move |r, act, ctx| {
+                act.on_chunk(&sha, index, peer, r, ctx);
+            }));
+        }
+    }
+
+    fn on_manifest(
+        &mut self,
+        sha: &str,
+        peer: PeerId,
+        r: Result<Response, CallError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(t) = self.transfers.get_mut(sha) else {
+            return;
+        };
+        t.asking_manifest = false;
+        let digests = match r {
+            Ok(Response::ArtifactManifest { digests }) => digests,
+            other => {
+                tracing::debug!(%peer, sha256 = sha, answer = ?other.map(|_| ()), "manifest request failed");
+                t.avoid.insert(peer, Instant::now());
+                return;
+            }
+        };
+        let chunks: Vec<[u8; 32]> = digests
+            .chunks_exact(32)
+            .map(|c| {
+                let mut a = [0u8; 32];
+                a.copy_from_slice(c);
+                a
+            })
+            .collect();
+        if digests.len() % 32 != 0
+            || chunks.len() as u64 != t.count()
+            || chunks_root(&chunks) != t.wanted.chunks_root
+        {
+            tracing::warn!(%peer, sha256 = sha, "a holder sent chunk digests that do not match the recorded root; asking another");
+            t.avoid.insert(peer, Instant::now());
+            return;
+        }
+        let manifest = Arc::new(chunks);
+        t.manifest = Some(manifest.clone());
+        let store = self.store.clone();
+        let s = sha.to_string();
+        t.writing = true;
+        ctx.spawn(
+            blocking(move || store.resume_point(&s, &manifest))
+                .into_actor(self)
+                .map({
+                    let sha = sha.to_string();
+                    move |r, act, ctx| {
+                        let Some(t) = act.transfers.get_mut(&sha) else {
+                            return;
+                        };
+                        t.writing = false;
+                        let from = match r {
+                            Ok(n) => n,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read a partial artifact; starting over");
+                                0
+                            }
+                        };
+                        if from > 0 {
+                            tracing::info!(sha256 = %sha, chunks = from, "resuming artifact fetch");
+                        }
+                        t.written = from;
+                        t.todo = (from..t.count()).collect();
+                        if t.count() == from {
+                            act.finish(&sha, ctx);
+                        } else {
+                            act.pump(&sha, ctx);
+                        }
+                    }
+                }),
+        );
+    }
+
+    fn on_chunk(
+        &mut self,
+        sha: &str,
+        index: u64,
+        peer: PeerId,
+        r: Result<Response, CallError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(t) = self.transfers.get_mut(sha) else {
+            return;
+        };
+        t.inflight.remove(&index);
+        let good = match (&r, &t.manifest) {
+            (Ok(Response::ArtifactChunk { data }), Some(m)) => {
+                let digest: [u8; 32] = Sha256::digest(data).into();
+                data.len() as u64 == t.chunk_len(index) && m.get(index as usize) == Some(&digest)
+            }
+            _ => false,
+        };
+        if !good {
+            if matches!(r, Ok(Response::ArtifactChunk { .. })) {
+                self.metrics.chunks_rejected.inc();
+                tracing::warn!(%peer, sha256 = sha, index, "a chunk did not match its digest; fetching it from another holder");
+            }
+            t.avoid.insert(peer, Instant::now());
+            t.todo.insert(index);
+            return self.pump(sha, ctx);
+        }
+        let Ok(Response::ArtifactChunk { data }) = r else {
+            return;
+        };
+        self.metrics.bytes_fetched.inc_by(data.len() as u64);
+        t.ready.insert(index, data.into_vec());
+        self.write_ready(sha, ctx);
+        self.pump(sha, ctx);
+    }
+
+    /// Writes verified chunks in order, one storage job at a time.
+    fn write_ready(&mut self, sha: &str, ctx: &mut Context<Self>) {
+        let Some(t) = self.transfers.get_mut(sha) else {
+            return;
+        };
+        if t.writing {
+            return;
+        }
+        let mut run = Vec::new();
+        let mut next = t.written;
+        while let Some(data) = t.ready.remove(&next) {
+            run.push((next, data));
+            next += 1;
+        }
+        if run.is_empty() {
+            return;
+        }
+        t.writing = true;
+        let store = self.store.clone();
+        let s = sha.to_string();
+        ctx.spawn(
+            blocking(move || {
+                for (index, data) in &run {
+                    store.append_chunk(&s, *index, data)?;
+                }
+                Ok(run.len() as u64)
+            })
+            .into_actor(self)
+            .map({
+                let sha = sha.to_string();
+                move |r, act, ctx| {
+                    let Some(t) = act.transfers.get_mut(&sha) else {
+                        return;
+                    };
+                    t.writing = false;
+                    match r {
+                        Ok(n) => t.written += n,
+                        Err(e) => {
+                            tracing::error!(error = %e, sha256 = %sha, "cannot write artifact content; will retry");
+                            act.transfers.remove(&sha);
+                            return;
+                        }
+                    }
+                    if t.written == t.count() {
+                        act.finish(&sha, ctx);
+                    } else {
+                        act.write_ready(&sha, ctx);
+                    }
+                }
+            }),
+        );
+    }
+
+    fn finish(&mut self, sha: &str, ctx: &mut Context<Self>) {
+        let Some(t) = self.transfers.get_mut(sha) else {
+            return;
+        };
+        let Some(manifest) = t.manifest.clone() else {
+            return;
+        };
+        t.writing = true;
+        let store = self.store.clone();
+        let s = sha.to_string();
+        ctx.spawn(
+            blocking(move || store.complete(&s, &manifest))
+                .into_actor(self)
+                .map({
+                    let sha = sha.to_string();
+                    move |r, act, _ctx| {
+                        let Some(t) = act.transfers.remove(&sha) else {
+                            return;
+                        };
+                        act.metrics.transfers.set(act.transfers.len() as i64);
+                        match r {
+                            Ok(()) => {
+                                let secs = t.started.elapsed().as_secs_f64();
+                                tracing::info!(name = %t.wanted.name, version = t.wanted.version,
+                                    size = t.wanted.size, seconds = secs,
+                                    mb_per_s = t.wanted.size as f64 / 1e6 / secs.max(1e-9),
+                                    "artifact content fetched and verified");
+                                act.metrics.transfers_completed.inc();
+                                act.local.insert(sha);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "artifact content did not verify; fetching it again"),
+                        }
+                    }
+                }),
+        );
+    }
+}
+
+/// Announces on the databroadcast that this node holds a complete version.
+pub async fn announce(
+    broadcast: &Addr<BroadcastActor>,
+    name: String,
+    version: u64,
+    sha256: String,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    broadcast.do_send(Publish {
+        bodies: vec![EventBody::Artifact {
+            name,
+            version,
+            sha256,
+        }],
+        reply: tx,
+    });
+    if let Ok(Err(e)) = rx.await {
+        tracing::warn!(error = %e, "cannot announce an artifact version");
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(StoreError::Corrupt {
+            path: Default::default(),
+            what: "artifact storage task".into(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+impl Actor for ArtifactActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+    }
+}
+
+/// A peer asks for a manifest or a chunk.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ServeArtifact {
+    pub peer: PeerId,
+    pub request: Request,
+    pub reply: Reply,
+}
+
+impl Handler<ServeArtifact> for ArtifactActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ServeArtifact, _ctx: &mut Self::Context) {
+        let store = self.store.clone();
+        let net = self.net.clone();
+        let served = self.metrics.bytes_served.clone();
+        actix_rt::spawn(async move {
+            let response = match msg.request {
+                Request::ArtifactManifest { sha256 } if store.has(&sha256) => {
+                    match blocking(move || store.manifest(&sha256)).await {
+                        Ok(chunks) => Response::ArtifactManifest {
+                            digests: ByteBuf::from(chunks.concat()),
+                        },
+                        Err(e) => Response::Refused {
+                            reason: format!("cannot read the chunk digests: {e}"),
+                        },
+                    }
+                }
+                Request::ArtifactChunk { sha256, index } if store.has(&sha256) => {
+                    match blocking(move || store.read_chunk(&sha256, index)).await {
+                        Ok(data) => {
+                            served.inc_by(data.len() as u64);
+                            Response::ArtifactChunk {
+                                data: ByteBuf::from(data),
+                            }
+                        }
+                        Err(e) => Response::Refused {
+                            reason: format!("cannot read the chunk: {e}"),
+                        },
+                    }
+                }
+                _ => Response::Refused {
+                    reason: "this node does not hold that artifact content".into(),
+                },
+            };
+            net.send(NetCommand::Respond {
+                reply: msg.reply,
+                response,
+            });
+        });
+    }
+}
+
+/// Content uploaded to this node is held here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Uploaded(pub String);
+
+impl Handler<Uploaded> for ArtifactActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Uploaded, _ctx: &mut Self::Context) {
+        self.local.insert(msg.0);
+    }
+}
+
+/// Fetches under way and how far they got.
+#[derive(Message)]
+#[rtype(result = "Vec<TransferView>")]
+pub struct GetTransfers;
+
+impl Handler<GetTransfers> for ArtifactActor {
+    type Result = MessageResult<GetTransfers>;
+
+    fn handle(&mut self, _: GetTransfers, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.transfers
+                .iter()
+                .map(|(sha, t)| TransferView {
+                    name: t.wanted.name.clone(),
+                    version: t.wanted.version,
+                    sha256: sha.clone(),
+                    size: t.wanted.size,
+                    bytes_done: (t.written * ARTIFACT_CHUNK).min(t.wanted.size),
+                    seconds: t.started.elapsed().as_secs_f64(),
+                })
+                .collect(),
+        )
+    }
+}

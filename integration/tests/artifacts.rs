@@ -1,0 +1,172 @@
+//! Artifact publish with real `kiln` processes: a 100 MiB artifact reaches every
+//! node — one restarted in the middle of its transfer (it resumes) and one that
+//! joins after the upload included — and every copy has the uploaded SHA-256.
+//! Deadlines only guard against hanging.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use kiln_integration::*;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const LONG: Duration = Duration::from_secs(300);
+const SIZE: usize = 100 * 1024 * 1024;
+
+/// Deterministic, incompressible-looking content.
+fn content(size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size);
+    let mut block = Sha256::digest(b"kiln artifact test").to_vec();
+    while out.len() < size {
+        block = Sha256::digest(&block).to_vec();
+        out.extend_from_slice(&block);
+    }
+    out.truncate(size);
+    out
+}
+
+/// (state, fetched bytes) of the newest version of `name` on `node`.
+fn here(node: &Node, name: &str) -> Option<(String, u64)> {
+    let v = node.get("/v1/artifacts")?;
+    v["artifacts"].as_array()?.iter().find_map(|a| {
+        if a["name"] != name {
+            return None;
+        }
+        let last = a["versions"].as_array()?.last()?.clone();
+        Some((
+            last["here"].as_str()?.to_string(),
+            last["fetched_bytes"].as_u64()?,
+        ))
+    })
+}
+
+fn sha_of_download(node: &Node, name: &str) -> String {
+    let resp = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(5))
+        .build()
+        .get(&format!("http://{}/v1/artifacts/{name}", node.http()))
+        .call()
+        .unwrap_or_else(|e| panic!("download from {}: {e}", node.name));
+    let mut reader = resp.into_reader();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).expect("read the download");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex_of(&h.finalize())
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_100_mib_artifact_reaches_every_node_across_a_restart_and_a_late_join() {
+    let _serial = serial();
+    let mut nodes = start_cluster("art", 3, NodeOpts::default());
+    wait_converged(&nodes, LONG);
+    let data = content(SIZE);
+    let sha = hex_of(&Sha256::digest(&data));
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    file.as_file()
+        .write_all(&data)
+        .expect("write the artifact file");
+    drop(data);
+
+    // Upload with the kiln CLI (streams the file, sends Content-Digest).
+    let out = kiln_cli(&[
+        "artifact",
+        "put",
+        "crm-solution",
+        &file.path().display().to_string(),
+        "--http",
+        &nodes[0].http(),
+    ]);
+    assert!(
+        out.status.success(),
+        "upload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("upload answer is JSON");
+    assert_eq!(answer["sha256"], sha.as_str());
+    assert_eq!(answer["size"], SIZE as u64);
+    assert_eq!(answer["version"], 1);
+
+    // Restart node 3 in the middle of its transfer.
+    // Polled tightly: a release build fetches 100 MiB in about a second.
+    let mut mid = 0;
+    let start = std::time::Instant::now();
+    while mid == 0 {
+        match here(&nodes[2], "crm-solution") {
+            Some((state, bytes)) if state == "fetching" && bytes > 0 => mid = bytes,
+            Some((state, _)) if state == "complete" => {
+                panic!("node 3 completed before the test could restart it mid-transfer")
+            }
+            _ => {
+                assert!(start.elapsed() < LONG, "node 3 never started fetching");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    nodes[2].kill9();
+    nodes[2].restart();
+    eprintln!("node 3 restarted with {mid} of {SIZE} bytes fetched");
+
+    // A node that joins after the upload.
+    let seed = nodes[0].seed();
+    nodes.push(Node::start(
+        "art4",
+        NodeOpts {
+            seeds: vec![seed],
+            ..Default::default()
+        },
+    ));
+    for n in &nodes {
+        wait_until(&format!("{} holds the artifact", n.name), LONG, || {
+            here(n, "crm-solution").is_some_and(|(state, _)| state == "complete")
+        });
+    }
+    assert!(
+        nodes[2].log().contains("resuming artifact fetch"),
+        "node 3 resumed its transfer instead of starting over"
+    );
+    for n in &nodes {
+        assert_eq!(sha_of_download(n, "crm-solution"), sha, "{}'s copy", n.name);
+    }
+    // Every node is recorded as a holder, and announced it on the databroadcast.
+    let list = nodes[3].get("/v1/artifacts").expect("artifact list");
+    let holders = list["artifacts"][0]["versions"][0]["holders"]
+        .as_array()
+        .map(|h| h.len())
+        .unwrap_or(0);
+    assert_eq!(holders, 4, "{list}");
+
+    // A checksum mismatch stores nothing; retiring removes the version.
+    let bad = ureq::put(&format!("http://{}/v1/artifacts/other", nodes[1].http()))
+        .set(
+            "Content-Digest",
+            "sha-256=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:",
+        )
+        .send_bytes(b"some content");
+    assert!(matches!(bad, Err(ureq::Error::Status(422, _))), "{bad:?}");
+    let del = ureq::delete(&format!(
+        "http://{}/v1/artifacts/crm-solution?version=1",
+        nodes[1].http()
+    ))
+    .call();
+    assert!(del.is_ok(), "{del:?}");
+    for n in &nodes {
+        wait_until(
+            &format!("{} drops the retired version", n.name),
+            LONG,
+            || {
+                n.get("/v1/artifacts")
+                    .is_some_and(|v| v["artifacts"].as_array().is_some_and(|a| a.is_empty()))
+            },
+        );
+    }
+}
