@@ -317,3 +317,101 @@ fn key_value_writes_become_change_events_and_bad_events_are_refused() {
     );
     assert!(data[0].contains(r#""kind":"flush""#));
 }
+
+/// Publishes `n` message events to `node` in one request; returns their seqs.
+fn publish_messages(node: &Node, n: usize) -> Vec<u64> {
+    let events: Vec<Value> = (0..n)
+        .map(|i| json!({"kind": "message", "topic": "t", "payload": i}))
+        .collect();
+    let resp: Value = ureq::post(&format!("http://{}/v1/broadcast", node.http()))
+        .send_json(Value::Array(events))
+        .expect("publish")
+        .into_json()
+        .expect("202 body");
+    resp["seqs"]
+        .as_array()
+        .expect("seqs")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect()
+}
+
+/// (first, last) of `origin`'s run in `node`'s log.
+fn run_of(node: &Node, origin: &str) -> Option<(u64, u64)> {
+    node.get("/v1/broadcast/origins")?["origins"]
+        .as_array()?
+        .iter()
+        .find(|o| o["origin"] == origin)
+        .and_then(|o| Some((o["first"].as_u64()?, o["last"].as_u64()?)))
+}
+
+#[test]
+fn a_subscriber_or_node_behind_retention_gets_a_resync_never_a_silent_gap() {
+    let _serial = serial();
+    let opts = NodeOpts {
+        extra: vec!["--broadcast-retention-events".into(), "100".into()],
+        ..Default::default()
+    };
+    let mut nodes = start_cluster("bcr", 3, opts);
+    wait_converged(&nodes, LONG);
+    let origin = nodes[0].id();
+    assert_eq!(
+        publish_messages(&nodes[0], 50),
+        (1..=50).collect::<Vec<_>>()
+    );
+    for n in &nodes {
+        wait_until(&format!("{} holds 50 events", n.name), LONG, || {
+            run_of(n, &origin).is_some_and(|(_, last)| last == 50)
+        });
+    }
+    // A subscriber reads them and remembers where it was.
+    let token = {
+        let sub = Subscriber::follow(nodes[1].http(), Some(String::new()));
+        wait_until("the subscriber has 50 events", LONG, || sub.count() >= 50);
+        sub.snapshot()[49].id.clone().expect("an id")
+    };
+    // Node 3 is down while 500 more events push the first 450 out of every log.
+    nodes[2].kill9();
+    for _ in 0..10 {
+        publish_messages(&nodes[0], 50);
+    }
+    for n in &nodes[..2] {
+        wait_until(&format!("{} pruned to retention", n.name), LONG, || {
+            run_of(n, &origin).is_some_and(|(first, last)| last == 550 && first > 51)
+        });
+    }
+    nodes[2].restart();
+    wait_until("node 3 caught up past the hole", LONG, || {
+        run_of(&nodes[2], &origin).is_some_and(|(first, last)| last == 550 && first > 51)
+    });
+    // Resuming from before the hole, on a node that had the events and pruned
+    // them and on the node that never got them: a resync, then the rest in order.
+    for n in &nodes[1..] {
+        let sub = Subscriber::follow(n.http(), Some(token.clone()));
+        let (first, _) = run_of(n, &origin).expect("run");
+        let want = 550 - first + 2;
+        wait_until(&format!("resync and events from {}", n.name), LONG, || {
+            sub.count() >= want as usize
+        });
+        let events = sub.snapshot();
+        assert_eq!(events[0].event["kind"], "resync", "{}", events[0].event);
+        assert_eq!(events[0].event["origin"], origin.as_str());
+        let seqs: Vec<u64> = events[1..]
+            .iter()
+            .filter(|s| s.event["origin"] == origin.as_str())
+            .filter_map(|s| s.event["seq"].as_u64())
+            .collect();
+        assert_eq!(seqs, (first..=550).collect::<Vec<_>>(), "on {}", n.name);
+    }
+    let metrics = ureq::get(&format!("http://{}/metrics", nodes[2].http()))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("metrics text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kiln_broadcast_holes_skipped_total") && !l.ends_with(" 0")),
+        "node 3 recorded the hole it skipped"
+    );
+}

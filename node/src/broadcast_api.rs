@@ -200,6 +200,8 @@ struct Feed {
     live_only: bool,
     filter: Filter,
     tx: mpsc::Sender<Bytes>,
+    /// This subscriber's share of `kiln_broadcast_subscriber_lag_events`.
+    lag: i64,
 }
 
 struct SubscriberGuard(prometheus_client::metrics::gauge::Gauge);
@@ -232,6 +234,7 @@ impl Feed {
             live_only,
             filter,
             tx,
+            lag: 0,
         }
     }
 
@@ -239,6 +242,7 @@ impl Feed {
         self.sub.metrics.subscribers.inc();
         let _guard = SubscriberGuard(self.sub.metrics.subscribers.clone());
         let end = self.serve().await;
+        self.sub.metrics.subscriber_lag.dec_by(self.lag);
         if let End::Lagged = end {
             self.sub.metrics.subscribers_lagged.inc();
             let frame = Bytes::from("data: {\"kind\":\"lagged\"}\n\n");
@@ -290,6 +294,9 @@ impl Feed {
     }
 
     async fn live(&mut self, ev: Arc<Delivered>) -> Result<(), End> {
+        let lag = self.sub.feed.len() as i64;
+        self.sub.metrics.subscriber_lag.inc_by(lag - self.lag);
+        self.lag = lag;
         let at = match self.pos.get(&ev.origin) {
             Some(p) => *p,
             None if self.live_only => ev.seq - 1,

@@ -87,6 +87,8 @@ pub struct BroadcastMetrics {
     pub resyncs: Counter,
     pub subscribers: Gauge,
     pub subscribers_lagged: Counter,
+    /// Events appended but not yet sent, summed over the subscribers.
+    pub subscriber_lag: Gauge,
     pruned: Counter,
     latency: Histogram,
 }
@@ -102,6 +104,7 @@ impl BroadcastMetrics {
             resyncs: Default::default(),
             subscribers: Default::default(),
             subscribers_lagged: Default::default(),
+            subscriber_lag: Default::default(),
             pruned: Default::default(),
             latency: Histogram::new([
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -147,6 +150,11 @@ impl BroadcastMetrics {
             "subscribers_lagged",
             "Event streams closed with `lagged` because the subscriber fell too far behind",
             m.subscribers_lagged.clone(),
+        );
+        r.register(
+            "subscriber_lag_events",
+            "Events appended on this node and not yet sent to its subscribers, all subscribers together",
+            m.subscriber_lag.clone(),
         );
         r.register(
             "events_pruned",
@@ -350,7 +358,8 @@ impl BroadcastActor {
             }
             other => {
                 tracing::debug!(%peer, %origin, answer = ?other.map(|_| ()), "broadcast fetch failed");
-                self.origins.fetch_failed(peer, &origin);
+                let now = self.now_ms();
+                self.origins.fetch_failed(peer, &origin, now);
             }
         }
     }

@@ -18,6 +18,8 @@ pub struct RepairConfig {
     pub gap_grace_ms: u64,
     /// How long a fetch may take before another peer is asked.
     pub fetch_timeout_ms: u64,
+    /// After a fetch that brought nothing, how long before the next one.
+    pub retry_after_ms: u64,
     /// Events held ahead of a gap, per origin; later ones are dropped and fetched.
     pub max_pending: usize,
 }
@@ -27,6 +29,7 @@ impl Default for RepairConfig {
         RepairConfig {
             gap_grace_ms: 100,
             fetch_timeout_ms: 3_000,
+            retry_after_ms: 500,
             max_pending: 100_000,
         }
     }
@@ -54,6 +57,8 @@ struct OriginLog {
     /// Since when events are known to be missing (a gap or a head ahead).
     missing_since: Option<u64>,
     fetching: Option<Fetching>,
+    /// No fetch before this time (after one that brought nothing).
+    quiet_until: u64,
 }
 
 /// What the actor must do.
@@ -224,6 +229,7 @@ impl Origins {
         events: Vec<EventFrame>,
         now_ms: u64,
     ) -> Vec<Effect> {
+        let retry = self.config.retry_after_ms;
         let log = self.log(origin);
         let asked = log.fetching.take();
         let mut out = Vec::new();
@@ -245,10 +251,12 @@ impl Origins {
             log.pending.retain(|s, _| *s >= first);
         }
         if events.is_empty() && asked.is_some() && log.next <= log.head && last < log.next {
-            // This peer does not have what we miss after all: ask someone else.
+            // This peer does not have what we miss after all: ask someone else,
+            // in a while (nobody may have it yet).
             if log.holder == Some(peer) {
                 log.holder = None;
             }
+            log.quiet_until = now_ms + retry;
         }
         out.extend(self.receive(origin, events, None, now_ms));
         out.extend(self.fetch_if_missing(origin, now_ms, true));
@@ -256,8 +264,10 @@ impl Origins {
     }
 
     /// A fetch failed (peer gone, timeout, refused): ask another holder later.
-    pub fn fetch_failed(&mut self, peer: PeerId, origin: &str) {
+    pub fn fetch_failed(&mut self, peer: PeerId, origin: &str, now_ms: u64) {
+        let retry = self.config.retry_after_ms;
         let log = self.log(origin);
+        log.quiet_until = now_ms + retry;
         if log.fetching.as_ref().is_some_and(|f| f.peer == peer) {
             log.fetching = None;
         }
@@ -328,7 +338,7 @@ impl Origins {
             return Vec::new();
         }
         let since = *log.missing_since.get_or_insert(now_ms);
-        if !at_once && now_ms.saturating_sub(since) < grace {
+        if (!at_once && now_ms.saturating_sub(since) < grace) || now_ms < log.quiet_until {
             return Vec::new();
         }
         let Some(peer) = log.holder else {
