@@ -446,3 +446,107 @@ fn a_full_restart_in_reverse_order_keeps_every_acknowledged_write() {
         );
     }
 }
+
+#[test]
+fn a_standby_joining_after_log_compaction_syncs_by_snapshot_and_holds_every_write() {
+    let _serial = serial();
+    let small_log = || NodeOpts {
+        extra: vec!["--log-retain-entries".into(), "100".into()],
+        ..opts()
+    };
+    let mut nodes = start_cluster("snap", 2, small_log());
+    wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_in_sync(&all, 1);
+    // 1 500 acknowledged writes (some keys overwritten, some deleted) push the
+    // log far past what it keeps, with idempotency records among them.
+    let agent = agent();
+    let mut expected: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for i in 0..1500 {
+        let key = format!("s{}", i % 1000);
+        let value = format!("value-{i}-{}", "x".repeat(i % 300));
+        put(&agent, &nodes[i % 2], &key, &value).expect("write acknowledged");
+        expected.insert(key, Some(value));
+    }
+    for i in (0..1000).step_by(7) {
+        let key = format!("s{i}");
+        agent
+            .delete(&format!("http://{}/v1/kv/test/{key}", nodes[0].http()))
+            .call()
+            .expect("delete acknowledged");
+        expected.insert(key, None);
+    }
+    // A third node joins while writes go on: it is behind the start of the log.
+    let http = nodes[0].http();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let writer = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        std::thread::spawn(move || {
+            let agent = self::agent();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (key, value) = (format!("late{i}"), format!("v{i}"));
+                if agent
+                    .put(&format!("http://{http}/v1/kv/test/{key}"))
+                    .send_string(&value)
+                    .is_ok()
+                {
+                    acked.lock().unwrap().push((key, value));
+                }
+                i += 1;
+            }
+        })
+    };
+    let third = Node::start(
+        "snap3",
+        NodeOpts {
+            seeds: vec![nodes[0].seed()],
+            ..small_log()
+        },
+    );
+    let third_id = third.id();
+    nodes.push(third);
+    wait_until("the new node is an in-sync standby", LONG, || {
+        nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
+            v["stripes"][0]["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["id"] == third_id.as_str() && m["role"] == "standby")
+            })
+        })
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    assert!(
+        nodes[2].log().contains("snapshot installed"),
+        "the new node was synced by a snapshot"
+    );
+    for (key, value) in acked.lock().unwrap().iter() {
+        expected.insert(key.clone(), Some(value.clone()));
+    }
+    // Make the newcomer the active and read everything back through it.
+    let out = kiln_cli(&[
+        "stripe",
+        "handover",
+        "--stripe",
+        "0",
+        "--to",
+        &third_id,
+        "--http",
+        &nodes[0].http(),
+    ]);
+    assert!(
+        out.status.success(),
+        "handover: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("the new node is active", LONG, || {
+        nodes[2]
+            .get("/v1/cluster/stripes")
+            .is_some_and(|v| v["stripes"][0]["active"] == third_id.as_str())
+    });
+    for (key, value) in &expected {
+        let got = get(&agent, &nodes[2], key);
+        assert_eq!(got.as_ref(), value.as_ref(), "key {key} on the new active");
+    }
+}

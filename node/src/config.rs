@@ -107,6 +107,9 @@ pub struct RunArgs {
     /// Largest event POST /v1/broadcast accepts, as JSON. Default: 65536
     #[arg(long, env = "KILN_MAX_EVENT_BYTES", value_name = "BYTES")]
     pub max_event_bytes: Option<usize>,
+    /// Stripe log entries kept for members that fall behind; further behind, they get a snapshot. Default: 20000
+    #[arg(long, env = "KILN_LOG_RETAIN_ENTRIES", value_name = "N")]
+    pub log_retain_entries: Option<u64>,
     /// Versions of each artifact kept; older ones are retired everywhere. Default: 3
     #[arg(long, env = "KILN_ARTIFACT_KEEP_VERSIONS", value_name = "N")]
     pub artifact_keep_versions: Option<u32>,
@@ -144,6 +147,7 @@ pub struct FileConfig {
     pub broadcast_retention_s: Option<u64>,
     pub max_event_bytes: Option<usize>,
     pub artifact_keep_versions: Option<u32>,
+    pub log_retain_entries: Option<u64>,
 }
 
 /// Every setting key, in its TOML spelling (for the README check).
@@ -178,6 +182,7 @@ pub const KEYS: &[&str] = &[
     "broadcast_retention_s",
     "max_event_bytes",
     "artifact_keep_versions",
+    "log_retain_entries",
 ];
 
 /// Resolved, validated settings of a node.
@@ -203,6 +208,7 @@ pub struct Settings {
     pub broadcast_retention: kiln_persistence::Retention,
     pub max_event_bytes: usize,
     pub artifact_keep_versions: u32,
+    pub log_retain_entries: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -466,7 +472,14 @@ impl Settings {
                 .unwrap_or(3) as u64,
         )?
         .min(u32::MAX as u64) as u32;
+        let log_retain_entries = positive(
+            "log_retain_entries",
+            cli.log_retain_entries
+                .or(file.log_retain_entries)
+                .unwrap_or(20_000),
+        )?;
         Ok(Settings {
+            log_retain_entries,
             artifact_keep_versions,
             broadcast_retention,
             max_event_bytes,

@@ -169,7 +169,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         let stripe = (!settings.control.witness).then(|| {
             StripeActor::new(
                 me,
-                replica_config(settings.election_timeout_ms),
+                replica_config(settings.election_timeout_ms, settings.log_retain_entries),
                 stripe_store.clone(),
                 net.clone(),
                 book.clone(),
@@ -312,15 +312,18 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
 
 /// Replication timing derived from the election timeout: heartbeats five times
 /// per timeout, and an in-sync standby dropped after one timeout of silence.
-fn replica_config(election_timeout_ms: u64) -> ReplicaConfig {
+fn replica_config(election_timeout_ms: u64, retain_entries: u64) -> ReplicaConfig {
     ReplicaConfig {
         election_timeout_ms,
         heartbeat_ms: (election_timeout_ms / 5).max(10),
         in_sync_timeout_ms: election_timeout_ms,
         max_batch: 512,
-        // The log is kept whole until snapshots for standby sync land.
-        retain_entries: u64::MAX / 4,
-        snapshot_retry_ms: 60_000,
+        max_batch_bytes: 2 * 1024 * 1024,
+        // Beyond this, a member that falls behind gets a snapshot instead.
+        retain_entries,
+        // A transfer reports failure itself (every part has a request timeout);
+        // this only guards against a lost report.
+        snapshot_retry_ms: 600_000,
     }
 }
 

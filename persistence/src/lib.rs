@@ -19,4 +19,4 @@ pub use broadcast_store::{BroadcastStore, OriginRun, Retention, StoredEvent, BRO
 pub use control_store::ControlStore;
 pub use error::StoreError;
 pub use node_store::{verify_untouched, MemberState, NodeStore, SecretCheck, StoredMember};
-pub use stripe_store::{KvTxn, StripeRecovered, StripeStore};
+pub use stripe_store::{KvRow, KvTxn, SnapshotSource, StripeRecovered, StripeStore};

@@ -67,6 +67,13 @@ pub const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("kiln_re
 /// event. The broadcast log takes them from here.
 pub const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("kiln_stripe_changes");
 
+/// A snapshot being received from the active: the key/value state and request
+/// records, swapped in for [`KV`] and [`REQUESTS`] once complete.
+pub const KV_STAGING: TableDefinition<(&str, &str), (u64, &[u8])> =
+    TableDefinition::new("kiln_kv_staging");
+pub const REQUESTS_STAGING: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("kiln_requests_staging");
+
 pub const STRIPE_PROMISED: &str = "promised";
 pub const STRIPE_BASE: &str = "base";
 pub const STRIPE_APPLIED: &str = "applied";

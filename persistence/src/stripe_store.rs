@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::node_store::open_or_create;
 use crate::schema::*;
@@ -34,6 +34,113 @@ pub struct StripeRecovered {
     /// Log entries after `base`, in order: (index, bytes).
     pub entries: Vec<(u64, Vec<u8>)>,
     pub applied: u64,
+}
+
+/// A consistent view of a stripe's applied state, for a snapshot sent to a
+/// member that is too far behind for log entries. It holds a read transaction:
+/// writes go on meanwhile, and the view does not move.
+pub struct SnapshotSource {
+    txn: redb::ReadTransaction,
+    path: PathBuf,
+    /// Index of the last entry the state covers.
+    pub applied: u64,
+    /// (epoch, index) of the compaction point.
+    pub base: (u64, u64),
+    /// Change events the covered writes produced.
+    pub changes: u64,
+}
+
+/// A key/value row: map, key, version, value.
+pub type KvRow = (String, String, u64, Vec<u8>);
+
+impl SnapshotSource {
+    fn storage<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
+        move |e| StoreError::Storage {
+            path: self.path.clone(),
+            source: e.into(),
+        }
+    }
+
+    /// Keys in the view.
+    pub fn key_count(&self) -> Result<u64, StoreError> {
+        let kv = self.txn.open_table(KV).map_err(self.storage())?;
+        kv.len().map_err(self.storage())
+    }
+
+    /// The log entry at `index`, if the log still holds it.
+    pub fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let log = self.txn.open_table(STRIPE_LOG).map_err(self.storage())?;
+        Ok(log
+            .get(index)
+            .map_err(self.storage())?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Key/value rows after `after` (all from the start if `None`), up to about
+    /// `max_bytes` (at least one row if any is left).
+    pub fn kv_batch(
+        &self,
+        after: Option<&(String, String)>,
+        max_bytes: usize,
+    ) -> Result<Vec<KvRow>, StoreError> {
+        let kv = self.txn.open_table(KV).map_err(self.storage())?;
+        let mut out = Vec::new();
+        let mut size = 0;
+        let range = match after {
+            Some((m, k)) => kv.range((m.as_str(), k.as_str())..),
+            None => kv.range::<(&str, &str)>(..),
+        }
+        .map_err(self.storage())?;
+        for row in range {
+            let (k, v) = row.map_err(self.storage())?;
+            let (map, key) = k.value();
+            if after.is_some_and(|(m, a)| m == map && a == key) {
+                continue;
+            }
+            let (version, value) = v.value();
+            size += map.len() + key.len() + value.len() + 16;
+            if !out.is_empty() && size > max_bytes {
+                break;
+            }
+            out.push((map.to_string(), key.to_string(), version, value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Request records after `after`, up to about `max_bytes`.
+    pub fn requests_batch(
+        &self,
+        after: Option<&str>,
+        max_bytes: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let table = self.txn.open_table(REQUESTS).map_err(self.storage())?;
+        let mut out = Vec::new();
+        let mut size = 0;
+        let range = match after {
+            Some(a) => table.range(a..),
+            None => table.range::<&str>(..),
+        }
+        .map_err(self.storage())?;
+        for row in range {
+            let (k, v) = row.map_err(self.storage())?;
+            if after == Some(k.value()) {
+                continue;
+            }
+            size += k.value().len() + v.value().len();
+            if !out.is_empty() && size > max_bytes {
+                break;
+            }
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+fn base_bytes(base: (u64, u64)) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&base.0.to_le_bytes());
+    b[8..].copy_from_slice(&base.1.to_le_bytes());
+    b
 }
 
 /// The key/value state as one batch of committed entries sees it.
@@ -250,6 +357,128 @@ impl StripeStore {
         Ok(out)
     }
 
+    /// A consistent view of the applied state, to send as a snapshot.
+    pub fn snapshot_source(&self) -> Result<SnapshotSource, StoreError> {
+        let txn = self.db.begin_read().map_err(self.storage())?;
+        let (applied, base, changes) = {
+            let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+            let get = |k: &str| -> Result<Option<Vec<u8>>, StoreError> {
+                Ok(meta
+                    .get(k)
+                    .map_err(self.storage())?
+                    .map(|v| v.value().to_vec()))
+            };
+            let base = get(STRIPE_BASE)?
+                .map(|b| {
+                    (
+                        u64_of(&b[..b.len().min(8)]),
+                        u64_of(b.get(8..).unwrap_or(&[])),
+                    )
+                })
+                .unwrap_or((0, 0));
+            (
+                get(STRIPE_APPLIED)?.map(|b| u64_of(&b)).unwrap_or(0),
+                base,
+                get(STRIPE_CHANGES)?.map(|b| u64_of(&b)).unwrap_or(0),
+            )
+        };
+        Ok(SnapshotSource {
+            txn,
+            path: self.path.clone(),
+            applied,
+            base,
+            changes,
+        })
+    }
+
+    /// Stores part of a snapshot being received (`reset`: its first part, so
+    /// whatever an earlier, interrupted one left goes). Not fsynced: the
+    /// snapshot only counts once installed.
+    pub fn stage_snapshot(
+        &self,
+        reset: bool,
+        kv: &[KvRow],
+        requests: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let txn = self.write_txn(false)?;
+        {
+            if reset {
+                txn.delete_table(KV_STAGING).map_err(self.storage())?;
+                txn.delete_table(REQUESTS_STAGING).map_err(self.storage())?;
+            }
+            let mut staging = txn.open_table(KV_STAGING).map_err(self.storage())?;
+            for (map, key, version, value) in kv {
+                staging
+                    .insert((map.as_str(), key.as_str()), (*version, value.as_slice()))
+                    .map_err(self.storage())?;
+            }
+            let mut reqs = txn.open_table(REQUESTS_STAGING).map_err(self.storage())?;
+            for (id, record) in requests {
+                reqs.insert(id.as_str(), record.as_slice())
+                    .map_err(self.storage())?;
+            }
+        }
+        txn.commit().map_err(self.storage())
+    }
+
+    /// Makes the staged snapshot the stripe's state, covering the log up to `at`
+    /// (epoch, index): the staged tables replace the live ones, the log keeps
+    /// only the entries after `at` (or none, unless `keep_log`), and the change
+    /// outbox starts after `changes`. One fsynced transaction.
+    pub fn install_snapshot(
+        &self,
+        at: (u64, u64),
+        keep_log: bool,
+        changes: u64,
+    ) -> Result<(), StoreError> {
+        let txn = self.write_txn(true)?;
+        {
+            // Make sure both staging tables exist (an empty snapshot stages nothing).
+            txn.open_table(KV_STAGING).map_err(self.storage())?;
+            txn.open_table(REQUESTS_STAGING).map_err(self.storage())?;
+            txn.delete_table(KV).map_err(self.storage())?;
+            txn.delete_table(REQUESTS).map_err(self.storage())?;
+            txn.rename_table(KV_STAGING, KV).map_err(self.storage())?;
+            txn.rename_table(REQUESTS_STAGING, REQUESTS)
+                .map_err(self.storage())?;
+            let mut log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
+            if keep_log {
+                log.retain_in(..=at.1, |_, _| false)
+                    .map_err(self.storage())?;
+            } else {
+                log.retain(|_, _| false).map_err(self.storage())?;
+            }
+            let mut outbox = txn.open_table(CHANGES).map_err(self.storage())?;
+            outbox.retain(|_, _| false).map_err(self.storage())?;
+            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+            meta.insert(STRIPE_BASE, base_bytes(at).as_slice())
+                .map_err(self.storage())?;
+            meta.insert(STRIPE_APPLIED, at.1.to_le_bytes().as_slice())
+                .map_err(self.storage())?;
+            meta.insert(STRIPE_CHANGES, changes.to_le_bytes().as_slice())
+                .map_err(self.storage())?;
+        }
+        txn.commit().map_err(self.storage())?;
+        self.changes_head.store(changes, Ordering::Release);
+        Ok(())
+    }
+
+    /// Drops log entries up to `base.1` (applied, and held by every member or
+    /// covered by snapshots) and records `base` (epoch, index) as the point the
+    /// log starts after.
+    pub fn compact(&self, base: (u64, u64)) -> Result<(), StoreError> {
+        let txn = self.write_txn(false)?;
+        {
+            let mut log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
+            log.retain_in(..=base.1, |_, _| false)
+                .map_err(self.storage())?;
+            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+            meta.insert(STRIPE_BASE, base_bytes(base).as_slice())
+                .map_err(self.storage())?;
+        }
+        txn.commit().map_err(self.storage())
+    }
+
     /// The last change seq produced by applied writes.
     pub fn changes_head(&self) -> u64 {
         self.changes_head.load(Ordering::Acquire)
@@ -463,5 +692,63 @@ mod tests {
         }
         let s = StripeStore::open(dir.path(), false).unwrap();
         assert!(s.recover().unwrap().entries.is_empty());
+    }
+
+    fn put_all(s: &StripeStore, rows: &[(u64, &str, &[u8])]) {
+        let entries: Vec<(u64, Vec<u8>)> = rows.iter().map(|(i, _, _)| (*i, vec![])).collect();
+        s.persist(None, &entries, None).unwrap();
+        let mut i = 0;
+        s.apply(&entries, |tx, index, _| {
+            let (_, key, value) = rows[i];
+            i += 1;
+            tx.put("m", key, index, value)?;
+            tx.record_request(key, b"r")?;
+            tx.record_change(key.as_bytes())?;
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_moves_the_applied_state_consistently_and_compaction_keeps_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = StripeStore::open(dir.path(), true).unwrap();
+        put_all(&active, &[(1, "a", b"1"), (2, "b", b"2"), (3, "c", b"3")]);
+        let source = active.snapshot_source().unwrap();
+        // Writes after the view was taken do not show in it.
+        put_all(&active, &[(4, "d", b"4")]);
+        assert_eq!((source.applied, source.changes), (3, 3));
+        let first = source.kv_batch(None, 1).unwrap();
+        assert_eq!(first.len(), 1, "at least one row, then the byte bound");
+        let key = (first[0].0.clone(), first[0].1.clone());
+        let rest = source.kv_batch(Some(&key), 1 << 20).unwrap();
+        let keys: Vec<&str> = first.iter().chain(&rest).map(|r| r.1.as_str()).collect();
+        assert_eq!(keys, vec!["a", "b", "c"]);
+        let reqs = source.requests_batch(None, 1 << 20).unwrap();
+        assert_eq!(reqs.len(), 3);
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let standby = StripeStore::open(dir2.path(), true).unwrap();
+        put_all(&standby, &[(1, "stale", b"x"), (2, "zz", b"y")]);
+        standby.stage_snapshot(true, &first, &[]).unwrap();
+        standby.stage_snapshot(false, &rest, &reqs).unwrap();
+        standby
+            .install_snapshot((1, 3), false, source.changes)
+            .unwrap();
+        let r = standby.recover().unwrap();
+        assert_eq!((r.base, r.applied), ((1, 3), 3));
+        assert!(r.entries.is_empty());
+        assert_eq!(standby.get("m", "b").unwrap(), Some((2, b"2".to_vec())));
+        assert_eq!(standby.get("m", "stale").unwrap(), None);
+        assert_eq!(standby.changes_head(), 3);
+        assert!(standby.changes(1, 10).unwrap().is_empty());
+
+        active.compact((1, 2)).unwrap();
+        let r = active.recover().unwrap();
+        assert_eq!(r.base, (1, 2));
+        assert_eq!(
+            r.entries.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
     }
 }

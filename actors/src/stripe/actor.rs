@@ -4,7 +4,7 @@
 //! the other members, client writes (batched: many writes share one log append and
 //! one fsync) and reads, and proposals to the control plane.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,6 +104,13 @@ pub struct StripeMetrics {
     writes: Counter,
     write_batches: Counter,
     elections_requested: Counter,
+    snapshot_bytes_sent: Counter,
+    snapshot_bytes_received: Counter,
+    snapshot_keys_received: Counter,
+    snapshots_installed: Counter,
+    /// Keys of the snapshot being received, and of those received so far.
+    snapshot_keys_total: Gauge,
+    snapshot_keys_done: Gauge,
 }
 
 impl StripeMetrics {
@@ -149,6 +156,36 @@ impl StripeMetrics {
             "elections_requested",
             "Times this standby asked for an election",
             m.elections_requested.clone(),
+        );
+        r.register(
+            "snapshot_bytes_sent",
+            "Bytes of snapshots this node sent to members too far behind for log entries",
+            m.snapshot_bytes_sent.clone(),
+        );
+        r.register(
+            "snapshot_bytes_received",
+            "Bytes of snapshots this node received while syncing",
+            m.snapshot_bytes_received.clone(),
+        );
+        r.register(
+            "snapshot_keys_received",
+            "Keys of snapshots this node received while syncing",
+            m.snapshot_keys_received.clone(),
+        );
+        r.register(
+            "snapshots_installed",
+            "Snapshots this node installed",
+            m.snapshots_installed.clone(),
+        );
+        r.register(
+            "snapshot_keys_total",
+            "Keys in the snapshot this node is receiving (0 when none)",
+            m.snapshot_keys_total.clone(),
+        );
+        r.register(
+            "snapshot_keys_done",
+            "Keys of the snapshot this node is receiving that arrived so far",
+            m.snapshot_keys_done.clone(),
         );
         m
     }
@@ -206,6 +243,23 @@ pub struct StripeActor {
     /// The active's own appends waiting for their fsync, in order; one runs at a time.
     local_queue: VecDeque<Vec<(u64, Vec<u8>)>>,
     local_busy: bool,
+    /// A snapshot being received: its epoch, position and next part.
+    receiving: Option<Receiving>,
+    /// The answer to a snapshot's last part, sent once it is installed, and
+    /// the change count it carried.
+    install_reply: Option<(Responder, u64)>,
+    /// Members a snapshot is being sent to.
+    sending: HashSet<u64>,
+}
+
+struct Receiving {
+    epoch: u64,
+    at: LogPos,
+    next_seq: u64,
+    keys: u64,
+    bytes: u64,
+    started: Instant,
+    last_log: Instant,
 }
 
 impl StripeActor {
@@ -243,6 +297,9 @@ impl StripeActor {
             metrics,
             local_queue: VecDeque::new(),
             local_busy: false,
+            receiving: None,
+            install_reply: None,
+            sending: HashSet::new(),
         }
     }
 
@@ -470,12 +527,78 @@ impl StripeActor {
                 );
             }
             Effect::Send { to, msg } => self.send(to, msg, ctx),
-            Effect::SendSnapshot { to } => {
-                // The log is kept whole for now (no compaction), so a member is
-                // never behind the start of the log.
-                tracing::warn!(peer = to, "snapshot transfer requested but not available");
+            Effect::SendSnapshot { to } => self.send_snapshot(to, ctx),
+            Effect::InstallSnapshot { at, keep_log } => {
+                let (reply, changes) = match self.install_reply.take() {
+                    Some((reply, changes)) => (Some(reply), changes),
+                    None => (None, 0),
+                };
+                self.busy = true;
+                let store = self.store.clone();
+                ctx.spawn(
+                    blocking(move || {
+                        store.install_snapshot((at.epoch, at.index), keep_log, changes)
+                    })
+                    .into_actor(self)
+                    .map(move |res, act, ctx| {
+                        act.busy = false;
+                        let answer = match res {
+                            Ok(()) => {
+                                act.applied_index = at.index;
+                                act.metrics.snapshots_installed.inc();
+                                act.metrics.snapshot_keys_total.set(0);
+                                act.metrics.snapshot_keys_done.set(0);
+                                if let Some(rx) = act.receiving.take() {
+                                    tracing::info!(stripe = ?act.stripe, epoch = rx.epoch,
+                                            index = at.index, keys = rx.keys, bytes = rx.bytes,
+                                            seconds = rx.started.elapsed().as_secs_f64(),
+                                            "snapshot installed; catching up from the log");
+                                }
+                                Ok(())
+                            }
+                            Err(e) => {
+                                act.storage_failed(&e);
+                                Err(format!("cannot install the snapshot: {e}"))
+                            }
+                        };
+                        if let Some(reply) = reply {
+                            act.respond(reply, &StripeResponse::SnapshotStored(answer));
+                        }
+                        act.pump(ctx);
+                    }),
+                );
             }
-            Effect::InstallSnapshot { .. } | Effect::Compact { .. } => {}
+            Effect::Compact { upto } => {
+                // The store keeps every entry not yet applied here.
+                let upto = upto.min(self.applied_index);
+                if upto == 0 {
+                    return;
+                }
+                self.busy = true;
+                let store = self.store.clone();
+                ctx.spawn(
+                    blocking(move || {
+                        let epoch = store
+                            .entries(upto, upto)?
+                            .first()
+                            .and_then(|(_, b)| from_cbor::<Entry>(b, usize::MAX).ok())
+                            .map(|e| e.epoch);
+                        match epoch {
+                            Some(epoch) => store.compact((epoch, upto)),
+                            // Already compacted (or covered by a snapshot).
+                            None => Ok(()),
+                        }
+                    })
+                    .into_actor(self)
+                    .map(|res, act, ctx| {
+                        act.busy = false;
+                        if let Err(e) = res {
+                            tracing::warn!(error = %e, "log compaction failed; the log stays longer");
+                        }
+                        act.pump(ctx);
+                    }),
+                );
+            }
             Effect::Propose(p) => self.propose(p, ctx),
             Effect::ReadReady { id, .. } => {
                 if let Some((map, key, reply)) = self.reads.remove(&id) {
@@ -496,6 +619,191 @@ impl StripeActor {
                 }
             }
         }
+    }
+
+    /// Sends a snapshot of the applied state to member `to` from a blocking
+    /// thread holding one read transaction (a consistent view while writes go
+    /// on), part by part, each acknowledged before the next; then reports it.
+    fn send_snapshot(&mut self, to: u64, ctx: &mut Context<Self>) {
+        let (Some(stripe), Some(peer), Some(r)) =
+            (self.stripe, self.peer_of(to), self.replica.as_ref())
+        else {
+            return;
+        };
+        let Role::Active { epoch } = r.role() else {
+            return;
+        };
+        if !self.sending.insert(to) {
+            return;
+        }
+        let store = self.store.clone();
+        let net = self.net.clone();
+        let addrs = addresses(&self.book, &peer);
+        let sent = self.metrics.snapshot_bytes_sent.clone();
+        tracing::info!(stripe, epoch, %peer, "sending a snapshot to a member too far behind for log entries");
+        let started = Instant::now();
+        ctx.spawn(
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    stream_snapshot(&store, &net, peer, addrs, stripe, epoch, &sent)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("snapshot task failed: {e}")))
+            }
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.sending.remove(&to);
+                let (at, ok) = match res {
+                    Ok((at, keys, bytes)) => {
+                        tracing::info!(stripe, %peer, index = at.index, keys, bytes,
+                            seconds = started.elapsed().as_secs_f64(), "snapshot sent and installed");
+                        (at, true)
+                    }
+                    Err(e) => {
+                        tracing::warn!(stripe, %peer, error = %e, "snapshot transfer failed; it will be offered again");
+                        (LogPos::default(), false)
+                    }
+                };
+                if let Some(r) = act.replica.as_mut() {
+                    let fx = r.on_snapshot_sent(to, at, ok);
+                    act.push(fx, ctx);
+                }
+            }),
+        );
+    }
+
+    /// A part of a snapshot from the active.
+    #[allow(clippy::too_many_arguments)]
+    fn receive_snapshot_part(
+        &mut self,
+        epoch: u64,
+        at: LogPos,
+        seq: u64,
+        kv: Vec<(String, String, u64, ByteBuf)>,
+        requests: Vec<(String, ByteBuf)>,
+        total_keys: u64,
+        changes: u64,
+        done: bool,
+        reply: Responder,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(r) = self.replica.as_ref() else {
+            return self.respond(
+                reply,
+                &StripeResponse::SnapshotStored(Err("not a member".into())),
+            );
+        };
+        if epoch < r.promised() {
+            return self.respond(
+                reply,
+                &StripeResponse::SnapshotStored(Err(format!(
+                    "epoch {epoch} is stale (promised {})",
+                    r.promised()
+                ))),
+            );
+        }
+        let fresh = seq == 0;
+        let expected = self
+            .receiving
+            .as_ref()
+            .filter(|rx| rx.epoch == epoch && rx.at == at)
+            .map(|rx| rx.next_seq);
+        if !fresh && expected != Some(seq) {
+            return self.respond(
+                reply,
+                &StripeResponse::SnapshotStored(Err(format!(
+                    "snapshot part {seq} out of order (expected {expected:?}); start again"
+                ))),
+            );
+        }
+        if fresh {
+            tracing::info!(stripe = ?self.stripe, epoch, index = at.index, keys = total_keys,
+                "receiving a snapshot from the active");
+            self.receiving = Some(Receiving {
+                epoch,
+                at,
+                next_seq: 0,
+                keys: 0,
+                bytes: 0,
+                started: Instant::now(),
+                last_log: Instant::now(),
+            });
+            self.metrics.snapshot_keys_total.set(total_keys as i64);
+            self.metrics.snapshot_keys_done.set(0);
+        }
+        let bytes: u64 = kv
+            .iter()
+            .map(|(m, k, _, v)| (m.len() + k.len() + v.len()) as u64)
+            .sum::<u64>()
+            + requests
+                .iter()
+                .map(|(k, v)| (k.len() + v.len()) as u64)
+                .sum::<u64>();
+        let keys = kv.len() as u64;
+        let kv: Vec<kiln_persistence::KvRow> = kv
+            .into_iter()
+            .map(|(m, k, ver, v)| (m, k, ver, v.into_vec()))
+            .collect();
+        let requests: Vec<(String, Vec<u8>)> = requests
+            .into_iter()
+            .map(|(k, v)| (k, v.into_vec()))
+            .collect();
+        let store = self.store.clone();
+        ctx.spawn(
+            blocking(move || store.stage_snapshot(fresh, &kv, &requests))
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    if let Err(e) = res {
+                        act.receiving = None;
+                        return act.respond(
+                            reply,
+                            &StripeResponse::SnapshotStored(Err(format!(
+                                "cannot store the snapshot: {e}"
+                            ))),
+                        );
+                    }
+                    act.metrics.snapshot_bytes_received.inc_by(bytes);
+                    act.metrics.snapshot_keys_received.inc_by(keys);
+                    let Some(rx) = act.receiving.as_mut() else {
+                        return act.respond(
+                            reply,
+                            &StripeResponse::SnapshotStored(Err("snapshot abandoned".into())),
+                        );
+                    };
+                    rx.next_seq = seq + 1;
+                    rx.keys += keys;
+                    rx.bytes += bytes;
+                    act.metrics.snapshot_keys_done.set(rx.keys as i64);
+                    if rx.last_log.elapsed() >= Duration::from_secs(2) {
+                        rx.last_log = Instant::now();
+                        tracing::info!(stripe = ?act.stripe, keys = rx.keys, total_keys,
+                            bytes = rx.bytes, "receiving snapshot");
+                    }
+                    if !done {
+                        return act.respond(reply, &StripeResponse::SnapshotStored(Ok(())));
+                    }
+                    let Some(r) = act.replica.as_mut() else {
+                        return;
+                    };
+                    let fx = r.on_snapshot_received(epoch, at);
+                    if fx
+                        .iter()
+                        .any(|e| matches!(e, Effect::InstallSnapshot { .. }))
+                    {
+                        act.install_reply = Some((reply, changes));
+                        act.push(fx, ctx);
+                    } else {
+                        act.receiving = None;
+                        act.push(fx, ctx);
+                        act.respond(
+                            reply,
+                            &StripeResponse::SnapshotStored(Err(
+                                "the snapshot is older than what this member holds".into(),
+                            )),
+                        );
+                    }
+                }),
+        );
     }
 
     /// Runs the next local append (one at a time, in order).
@@ -889,6 +1197,19 @@ impl StripeActor {
                     respond_with(&net, reply, &StripeResponse::HandedOver(resp));
                 });
             }
+            StripeRequest::SnapshotChunk {
+                stripe,
+                epoch,
+                at,
+                seq,
+                kv,
+                requests,
+                total_keys,
+                changes,
+                done,
+            } if mine(stripe) => self.receive_snapshot_part(
+                epoch, at, seq, kv, requests, total_keys, changes, done, reply, ctx,
+            ),
             StripeRequest::Keys {
                 stripe,
                 map,
@@ -910,6 +1231,7 @@ impl StripeActor {
                     | StripeRequest::Write { stripe, .. }
                     | StripeRequest::Read { stripe, .. }
                     | StripeRequest::HandOver { stripe, .. }
+                    | StripeRequest::SnapshotChunk { stripe, .. }
                     | StripeRequest::Keys { stripe, .. } => stripe,
                 };
                 let err = ServeError::NotMember(stripe);
@@ -921,12 +1243,120 @@ impl StripeActor {
                     StripeRequest::HandOver { .. } => {
                         StripeResponse::HandedOver(Err(err.to_string()))
                     }
+                    StripeRequest::SnapshotChunk { .. } => {
+                        StripeResponse::SnapshotStored(Err(err.to_string()))
+                    }
                     _ => StripeResponse::Replicated(None),
                 };
                 self.respond(reply, &resp);
             }
         }
     }
+}
+
+/// Bytes of rows in one snapshot part (a part must fit one request frame; a
+/// single value may be up to 3 MiB and is sent alone).
+const SNAPSHOT_PART_BYTES: usize = 1024 * 1024;
+
+/// Runs on a blocking thread: sends the applied state as a snapshot to `peer`,
+/// part by part. Returns the position it covers, keys and bytes sent.
+fn stream_snapshot(
+    store: &StripeStore,
+    net: &NetHandle,
+    peer: PeerId,
+    addrs: Vec<kiln_net::Multiaddr>,
+    stripe: u32,
+    epoch: u64,
+    sent: &Counter,
+) -> Result<(LogPos, u64, u64), String> {
+    let source = store.snapshot_source().map_err(|e| e.to_string())?;
+    let at_epoch = if source.applied == source.base.1 {
+        source.base.0
+    } else {
+        source
+            .entry(source.applied)
+            .map_err(|e| e.to_string())?
+            .and_then(|b| from_cbor::<Entry>(&b, usize::MAX).ok())
+            .map(|e| e.epoch)
+            .ok_or_else(|| format!("entry {} is not in the log", source.applied))?
+    };
+    let at = LogPos {
+        epoch: at_epoch,
+        index: source.applied,
+    };
+    let total_keys = source.key_count().map_err(|e| e.to_string())?;
+    let send = |req: StripeRequest| -> Result<(), String> {
+        let call = net.call(peer, addrs.clone(), stripe_request(&req));
+        match futures::executor::block_on(call) {
+            Ok(resp) => match stripe_response(resp)? {
+                StripeResponse::SnapshotStored(r) => r,
+                other => Err(format!("unexpected answer {other:?}")),
+            },
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let (mut seq, mut keys, mut bytes) = (0u64, 0u64, 0u64);
+    let mut after_key: Option<(String, String)> = None;
+    loop {
+        let rows = source
+            .kv_batch(after_key.as_ref(), SNAPSHOT_PART_BYTES)
+            .map_err(|e| e.to_string())?;
+        let Some(last) = rows.last() else { break };
+        after_key = Some((last.0.clone(), last.1.clone()));
+        let size: u64 = rows
+            .iter()
+            .map(|r| (r.0.len() + r.1.len() + r.3.len()) as u64)
+            .sum();
+        keys += rows.len() as u64;
+        send(StripeRequest::SnapshotChunk {
+            stripe,
+            epoch,
+            at,
+            seq,
+            kv: rows
+                .into_iter()
+                .map(|(m, k, v, val)| (m, k, v, ByteBuf::from(val)))
+                .collect(),
+            requests: Vec::new(),
+            total_keys,
+            changes: source.changes,
+            done: false,
+        })?;
+        sent.inc_by(size);
+        bytes += size;
+        seq += 1;
+    }
+    let mut after_request: Option<String> = None;
+    loop {
+        let rows = source
+            .requests_batch(after_request.as_deref(), SNAPSHOT_PART_BYTES)
+            .map_err(|e| e.to_string())?;
+        let last = rows.last().map(|r| r.0.clone());
+        let done = last.is_none();
+        let size: u64 = rows.iter().map(|r| (r.0.len() + r.1.len()) as u64).sum();
+        send(StripeRequest::SnapshotChunk {
+            stripe,
+            epoch,
+            at,
+            seq,
+            kv: Vec::new(),
+            requests: rows
+                .into_iter()
+                .map(|(k, v)| (k, ByteBuf::from(v)))
+                .collect(),
+            total_keys,
+            changes: source.changes,
+            done,
+        })?;
+        sent.inc_by(size);
+        bytes += size;
+        seq += 1;
+        match last {
+            Some(l) => after_request = Some(l),
+            None => break,
+        }
+    }
+    Ok((at, keys, bytes))
 }
 
 fn respond_with(net: &NetHandle, reply: Responder, resp: &StripeResponse) {

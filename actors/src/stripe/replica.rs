@@ -176,6 +176,9 @@ pub struct ReplicaConfig {
     pub in_sync_timeout_ms: u64,
     /// Most entries in one `Append`.
     pub max_batch: usize,
+    /// Most bytes of entry data in one `Append` (at least one entry is sent):
+    /// an `Append` must fit one request frame.
+    pub max_batch_bytes: usize,
     /// Entries kept in the log beyond what every member holds, for followers that
     /// fall a little behind; further behind, they get a snapshot.
     pub retain_entries: u64,
@@ -191,6 +194,7 @@ impl Default for ReplicaConfig {
             heartbeat_ms: 100,
             in_sync_timeout_ms: 500,
             max_batch: 512,
+            max_batch_bytes: 2 * 1024 * 1024,
             retain_entries: 10_000,
             snapshot_retry_ms: 60_000,
         }
@@ -656,6 +660,7 @@ impl Replica {
                         epoch: self.view.epoch,
                     }));
                 }
+                self.compact(&mut fx);
             }
         }
         fx
@@ -705,9 +710,15 @@ impl Replica {
                 index: prev_index,
             };
             let entries: Vec<Entry> = if has_new {
+                let mut bytes = 0;
                 (next..=last)
                     .take(self.cfg.max_batch)
                     .filter_map(|i| self.entry(i).cloned())
+                    .take_while(|e| {
+                        let first = bytes == 0;
+                        bytes += e.data.len() + 16;
+                        first || bytes <= self.cfg.max_batch_bytes
+                    })
                     .collect()
             } else {
                 Vec::new()
@@ -770,16 +781,24 @@ impl Replica {
         });
     }
 
+    /// Drops committed entries from the log: on the active, those every member
+    /// holds (but always keeping at most `retain_entries` for laggards); on a
+    /// standby, all but the last `retain_entries` committed ones (kept for the
+    /// members it may serve as a future active).
     fn compact(&mut self, fx: &mut Vec<Effect>) {
-        let held_by_all = self
-            .progress
-            .values()
-            .map(|p| p.matched)
-            .min()
-            .unwrap_or(self.commit)
-            .min(self.commit);
         let keep_from = self.commit.saturating_sub(self.cfg.retain_entries);
-        let upto = held_by_all.max(keep_from).min(self.commit);
+        let upto = if matches!(self.role, Role::Active { .. }) {
+            let held_by_all = self
+                .progress
+                .values()
+                .map(|p| p.matched)
+                .min()
+                .unwrap_or(self.commit)
+                .min(self.commit);
+            held_by_all.max(keep_from).min(self.commit)
+        } else {
+            keep_from
+        };
         if upto > self.base.index + self.cfg.retain_entries {
             self.compact_to(upto);
             fx.push(Effect::Compact { upto });

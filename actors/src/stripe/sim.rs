@@ -141,6 +141,7 @@ fn cfg() -> ReplicaConfig {
         heartbeat_ms: 100,
         in_sync_timeout_ms: 500,
         max_batch: 16,
+        max_batch_bytes: 200,
         retain_entries: 40,
         snapshot_retry_ms: 1_000,
     }

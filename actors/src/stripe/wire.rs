@@ -27,6 +27,21 @@ pub enum StripeRequest {
     /// Planned handover of the active role, to `to` (a peer id) or the most
     /// up-to-date in-sync standby.
     HandOver { stripe: u32, to: Option<String> },
+    /// Part `seq` of a snapshot of the active's applied state at `at`, for a
+    /// member too far behind for log entries: key/value rows and request
+    /// records; the last part (`done`) carries the change count and completes it.
+    SnapshotChunk {
+        stripe: u32,
+        epoch: u64,
+        at: LogPos,
+        seq: u64,
+        kv: Vec<(String, String, u64, serde_bytes::ByteBuf)>,
+        requests: Vec<(String, serde_bytes::ByteBuf)>,
+        /// Keys in the whole snapshot, for progress.
+        total_keys: u64,
+        changes: u64,
+        done: bool,
+    },
     /// Keys of a map, for listing.
     Keys {
         stripe: u32,
@@ -63,6 +78,8 @@ pub enum StripeResponse {
     Keys(Result<Vec<String>, ServeError>),
     /// The new active's peer id (`None`: the node was not active).
     HandedOver(Result<Option<String>, String>),
+    /// A snapshot part was stored (the last one: installed).
+    SnapshotStored(Result<(), String>),
 }
 
 #[cfg(test)]
