@@ -211,9 +211,13 @@ struct Progress {
     /// Highest heartbeat round acknowledged in the current epoch.
     round: u64,
     last_ack_ms: u64,
-    /// Entries sent and not yet acknowledged: wait for the answer (or a heartbeat
-    /// later) instead of sending them again.
+    /// Entries up to `in_flight_upto` sent at `in_flight_since_ms` and not yet
+    /// acknowledged: wait for their answer instead of sending them again. A
+    /// heartbeat's answer does not end the wait (it would send the same entries
+    /// twice); an answer covering them, a refusal, or the timeout does.
     in_flight: bool,
+    in_flight_upto: u64,
+    in_flight_since_ms: u64,
     /// When a snapshot transfer to this member started, until it is reported.
     snapshot_since_ms: Option<u64>,
 }
@@ -436,6 +440,8 @@ impl Replica {
                     round: 0,
                     last_ack_ms: self.now_ms,
                     in_flight: false,
+                    in_flight_upto: 0,
+                    in_flight_since_ms: 0,
                     snapshot_since_ms: None,
                 });
             }
@@ -677,9 +683,17 @@ impl Replica {
         let last = self.last().index;
         let peers: Vec<NodeId> = self.progress.keys().copied().collect();
         for n in peers {
-            let (next, in_flight, snapshot_since) = {
-                let p = &self.progress[&n];
-                (p.next, p.in_flight, p.snapshot_since_ms)
+            let timeout = self.cfg.in_sync_timeout_ms.max(self.cfg.heartbeat_ms * 4);
+            let now = self.now_ms;
+            let (next, in_flight, matched, snapshot_since) = {
+                let Some(p) = self.progress.get_mut(&n) else {
+                    continue;
+                };
+                if p.in_flight && now.saturating_sub(p.in_flight_since_ms) >= timeout {
+                    // Lost: send again.
+                    p.in_flight = false;
+                }
+                (p.next, p.in_flight, p.matched, p.snapshot_since_ms)
             };
             if snapshot_since
                 .is_some_and(|t| self.now_ms.saturating_sub(t) < self.cfg.snapshot_retry_ms)
@@ -704,7 +718,14 @@ impl Replica {
             if !has_new && !heartbeat {
                 continue;
             }
-            let prev_index = next - 1;
+            // While entries are in flight a heartbeat refers to what the member
+            // is known to hold, so that it is not refused for a gap those entries
+            // are about to fill.
+            let prev_index = if in_flight && matched >= self.base.index {
+                matched
+            } else {
+                next - 1
+            };
             let prev = LogPos {
                 epoch: self.epoch_at(prev_index).unwrap_or(0),
                 index: prev_index,
@@ -726,6 +747,8 @@ impl Replica {
             if let Some(p) = self.progress.get_mut(&n) {
                 if !entries.is_empty() {
                     p.in_flight = true;
+                    p.in_flight_upto = prev_index + entries.len() as u64;
+                    p.in_flight_since_ms = now;
                 }
             }
             fx.push(Effect::Send {
@@ -1024,7 +1047,9 @@ impl Replica {
             return;
         };
         p.last_ack_ms = self.now_ms;
-        p.in_flight = false;
+        if !ok || matched >= p.in_flight_upto {
+            p.in_flight = false;
+        }
         p.round = p.round.max(round);
         if ok {
             p.matched = p.matched.max(matched.min(last));
