@@ -321,6 +321,7 @@ fn replica_config(election_timeout_ms: u64, retain_entries: u64) -> ReplicaConfi
         max_batch_bytes: 2 * 1024 * 1024,
         // Beyond this, a member that falls behind gets a snapshot instead.
         retain_entries,
+        retain_bytes: 256 * 1024 * 1024,
         // A transfer reports failure itself (every part has a request timeout);
         // this only guards against a lost report.
         snapshot_retry_ms: 600_000,

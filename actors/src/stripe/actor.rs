@@ -260,6 +260,31 @@ struct Receiving {
     bytes: u64,
     started: Instant,
     last_log: Instant,
+    /// Parts received and not yet written, in order.
+    staging: VecDeque<StagedPart>,
+    staging_busy: bool,
+    /// A part could not be written: the transfer fails at its next part.
+    failed: Option<String>,
+    /// The last part's answer and change count, once it arrived.
+    finish: Option<(Responder, u64)>,
+    /// Answers held back while too many parts wait to be written.
+    held: VecDeque<Responder>,
+    /// Parts that arrived before an earlier one: (part, change count if last, answer).
+    early: BTreeMap<u64, (StagedPart, Option<u64>, Responder)>,
+}
+
+/// Snapshot parts the sender may have on the way at once.
+const PARTS_IN_FLIGHT: usize = 3;
+/// Parts accepted ahead of the next expected one.
+const PARTS_AHEAD: u64 = 8;
+
+/// Snapshot parts received ahead of the one being written.
+const STAGING_AHEAD: usize = 2;
+
+struct StagedPart {
+    reset: bool,
+    kv: Vec<kiln_persistence::KvRow>,
+    requests: Vec<(String, Vec<u8>)>,
 }
 
 impl StripeActor {
@@ -672,7 +697,10 @@ impl StripeActor {
         );
     }
 
-    /// A part of a snapshot from the active.
+    /// A part of a snapshot from the active. Parts are answered as they arrive
+    /// (in order) and staged one at a time behind the answer, so the next part
+    /// travels while this one is written; the last part is answered once every
+    /// part is staged and the snapshot installed.
     #[allow(clippy::too_many_arguments)]
     fn receive_snapshot_part(
         &mut self,
@@ -687,35 +715,17 @@ impl StripeActor {
         reply: Responder,
         ctx: &mut Context<Self>,
     ) {
+        let refuse = |act: &Self, reply, why: String| {
+            act.respond(reply, &StripeResponse::SnapshotStored(Err(why)))
+        };
         let Some(r) = self.replica.as_ref() else {
-            return self.respond(
-                reply,
-                &StripeResponse::SnapshotStored(Err("not a member".into())),
-            );
+            return refuse(self, reply, "not a member".into());
         };
         if epoch < r.promised() {
-            return self.respond(
-                reply,
-                &StripeResponse::SnapshotStored(Err(format!(
-                    "epoch {epoch} is stale (promised {})",
-                    r.promised()
-                ))),
-            );
+            let why = format!("epoch {epoch} is stale (promised {})", r.promised());
+            return refuse(self, reply, why);
         }
         let fresh = seq == 0;
-        let expected = self
-            .receiving
-            .as_ref()
-            .filter(|rx| rx.epoch == epoch && rx.at == at)
-            .map(|rx| rx.next_seq);
-        if !fresh && expected != Some(seq) {
-            return self.respond(
-                reply,
-                &StripeResponse::SnapshotStored(Err(format!(
-                    "snapshot part {seq} out of order (expected {expected:?}); start again"
-                ))),
-            );
-        }
         if fresh {
             tracing::info!(stripe = ?self.stripe, epoch, index = at.index, keys = total_keys,
                 "receiving a snapshot from the active");
@@ -727,19 +737,28 @@ impl StripeActor {
                 bytes: 0,
                 started: Instant::now(),
                 last_log: Instant::now(),
+                staging: VecDeque::new(),
+                staging_busy: false,
+                failed: None,
+                finish: None,
+                held: VecDeque::new(),
+                early: BTreeMap::new(),
             });
             self.metrics.snapshot_keys_total.set(total_keys as i64);
             self.metrics.snapshot_keys_done.set(0);
         }
-        let bytes: u64 = kv
-            .iter()
-            .map(|(m, k, _, v)| (m.len() + k.len() + v.len()) as u64)
-            .sum::<u64>()
-            + requests
-                .iter()
-                .map(|(k, v)| (k.len() + v.len()) as u64)
-                .sum::<u64>();
-        let keys = kv.len() as u64;
+        let Some(rx) = self
+            .receiving
+            .as_mut()
+            .filter(|rx| rx.epoch == epoch && rx.at == at)
+            .filter(|rx| seq >= rx.next_seq && seq < rx.next_seq + PARTS_AHEAD)
+        else {
+            let why = format!("snapshot part {seq} out of order; start again");
+            return refuse(self, reply, why);
+        };
+        if let Some(why) = rx.failed.clone() {
+            return refuse(self, reply, why);
+        }
         let kv: Vec<kiln_persistence::KvRow> = kv
             .into_iter()
             .map(|(m, k, ver, v)| (m, k, ver, v.into_vec()))
@@ -748,62 +767,138 @@ impl StripeActor {
             .into_iter()
             .map(|(k, v)| (k, v.into_vec()))
             .collect();
+        // Parts may overtake each other on the way: take them in order.
+        rx.early.insert(
+            seq,
+            (
+                StagedPart {
+                    reset: fresh,
+                    kv,
+                    requests,
+                },
+                done.then_some(changes),
+                reply,
+            ),
+        );
+        let mut ready = Vec::new();
+        while let Some((part, finish, reply)) = rx.early.remove(&rx.next_seq) {
+            rx.next_seq += 1;
+            rx.staging.push_back(part);
+            match finish {
+                Some(changes) => rx.finish = Some((reply, changes)),
+                None if rx.staging.len() > STAGING_AHEAD => rx.held.push_back(reply),
+                None => ready.push(reply),
+            }
+        }
+        for reply in ready {
+            self.respond(reply, &StripeResponse::SnapshotStored(Ok(())));
+        }
+        self.stage_next(ctx);
+    }
+
+    /// Writes the next received snapshot part; after the last, installs.
+    fn stage_next(&mut self, ctx: &mut Context<Self>) {
+        let Some(rx) = self.receiving.as_mut() else {
+            return;
+        };
+        if rx.staging_busy {
+            return;
+        }
+        let Some(part) = rx.staging.pop_front() else {
+            if let Some((reply, changes)) = rx.finish.take() {
+                self.finish_snapshot(reply, changes, ctx);
+            }
+            return;
+        };
+        rx.staging_busy = true;
+        let keys = part.kv.len() as u64;
+        let bytes: u64 = part
+            .kv
+            .iter()
+            .map(|(m, k, _, v)| (m.len() + k.len() + v.len()) as u64)
+            .sum::<u64>()
+            + part
+                .requests
+                .iter()
+                .map(|(k, v)| (k.len() + v.len()) as u64)
+                .sum::<u64>();
         let store = self.store.clone();
         ctx.spawn(
-            blocking(move || store.stage_snapshot(fresh, &kv, &requests))
+            blocking(move || store.stage_snapshot(part.reset, &part.kv, &part.requests))
                 .into_actor(self)
                 .map(move |res, act, ctx| {
-                    if let Err(e) = res {
-                        act.receiving = None;
-                        return act.respond(
-                            reply,
-                            &StripeResponse::SnapshotStored(Err(format!(
-                                "cannot store the snapshot: {e}"
-                            ))),
-                        );
-                    }
-                    act.metrics.snapshot_bytes_received.inc_by(bytes);
-                    act.metrics.snapshot_keys_received.inc_by(keys);
                     let Some(rx) = act.receiving.as_mut() else {
-                        return act.respond(
-                            reply,
-                            &StripeResponse::SnapshotStored(Err("snapshot abandoned".into())),
-                        );
-                    };
-                    rx.next_seq = seq + 1;
-                    rx.keys += keys;
-                    rx.bytes += bytes;
-                    act.metrics.snapshot_keys_done.set(rx.keys as i64);
-                    if rx.last_log.elapsed() >= Duration::from_secs(2) {
-                        rx.last_log = Instant::now();
-                        tracing::info!(stripe = ?act.stripe, keys = rx.keys, total_keys,
-                            bytes = rx.bytes, "receiving snapshot");
-                    }
-                    if !done {
-                        return act.respond(reply, &StripeResponse::SnapshotStored(Ok(())));
-                    }
-                    let Some(r) = act.replica.as_mut() else {
                         return;
                     };
-                    let fx = r.on_snapshot_received(epoch, at);
-                    if fx
-                        .iter()
-                        .any(|e| matches!(e, Effect::InstallSnapshot { .. }))
-                    {
-                        act.install_reply = Some((reply, changes));
-                        act.push(fx, ctx);
-                    } else {
-                        act.receiving = None;
-                        act.push(fx, ctx);
-                        act.respond(
-                            reply,
-                            &StripeResponse::SnapshotStored(Err(
-                                "the snapshot is older than what this member holds".into(),
-                            )),
-                        );
+                    rx.staging_busy = false;
+                    match res {
+                        Ok(()) => {
+                            act.metrics.snapshot_bytes_received.inc_by(bytes);
+                            act.metrics.snapshot_keys_received.inc_by(keys);
+                            rx.keys += keys;
+                            rx.bytes += bytes;
+                            act.metrics.snapshot_keys_done.set(rx.keys as i64);
+                            if rx.last_log.elapsed() >= Duration::from_secs(2) {
+                                rx.last_log = Instant::now();
+                                tracing::info!(stripe = ?act.stripe, keys = rx.keys,
+                                    bytes = rx.bytes, "receiving snapshot");
+                            }
+                        }
+                        Err(e) => {
+                            rx.failed = Some(format!("cannot store the snapshot: {e}"));
+                            rx.staging.clear();
+                        }
                     }
+                    let failed = rx.failed.clone();
+                    let released: Vec<Responder> = if failed.is_some() {
+                        rx.held.drain(..).collect()
+                    } else if rx.staging.len() <= STAGING_AHEAD {
+                        rx.held.pop_front().into_iter().collect()
+                    } else {
+                        Vec::new()
+                    };
+                    for reply in released {
+                        let answer = match &failed {
+                            Some(why) => Err(why.clone()),
+                            None => Ok(()),
+                        };
+                        act.respond(reply, &StripeResponse::SnapshotStored(answer));
+                    }
+                    act.stage_next(ctx);
                 }),
         );
+    }
+
+    /// Every part is staged: install the snapshot if the replica still wants it.
+    fn finish_snapshot(&mut self, reply: Responder, changes: u64, ctx: &mut Context<Self>) {
+        let Some(rx) = self.receiving.as_ref() else {
+            return;
+        };
+        if let Some(why) = rx.failed.clone() {
+            self.receiving = None;
+            return self.respond(reply, &StripeResponse::SnapshotStored(Err(why)));
+        }
+        let (epoch, at) = (rx.epoch, rx.at);
+        let Some(r) = self.replica.as_mut() else {
+            return;
+        };
+        let fx = r.on_snapshot_received(epoch, at);
+        if fx
+            .iter()
+            .any(|e| matches!(e, Effect::InstallSnapshot { .. }))
+        {
+            self.install_reply = Some((reply, changes));
+            self.push(fx, ctx);
+        } else {
+            self.receiving = None;
+            self.push(fx, ctx);
+            self.respond(
+                reply,
+                &StripeResponse::SnapshotStored(Err(
+                    "the snapshot is older than what this member holds".into(),
+                )),
+            );
+        }
     }
 
     /// Runs the next local append (one at a time, in order).
@@ -1285,15 +1380,28 @@ fn stream_snapshot(
         index: source.applied,
     };
     let total_keys = source.key_count().map_err(|e| e.to_string())?;
-    let send = |req: StripeRequest| -> Result<(), String> {
-        let call = net.call(peer, addrs.clone(), stripe_request(&req));
-        match futures::executor::block_on(call) {
+    let answer = |resp: Result<Response, kiln_net::CallError>| -> Result<(), String> {
+        match resp {
             Ok(resp) => match stripe_response(resp)? {
                 StripeResponse::SnapshotStored(r) => r,
                 other => Err(format!("unexpected answer {other:?}")),
             },
             Err(e) => Err(e.to_string()),
         }
+    };
+    // The first part goes alone (it starts the transfer at the member); then up
+    // to PARTS_IN_FLIGHT at once, so reading, the network and the member's
+    // writes overlap.
+    let mut in_flight = VecDeque::new();
+    let mut send = |req: StripeRequest| -> Result<(), String> {
+        let first = matches!(req, StripeRequest::SnapshotChunk { seq: 0, .. });
+        in_flight.push_back(net.call(peer, addrs.clone(), stripe_request(&req)));
+        while in_flight.len() >= PARTS_IN_FLIGHT || (first && !in_flight.is_empty()) {
+            if let Some(call) = in_flight.pop_front() {
+                answer(futures::executor::block_on(call))?;
+            }
+        }
+        Ok(())
     };
     let (mut seq, mut keys, mut bytes) = (0u64, 0u64, 0u64);
     let mut after_key: Option<(String, String)> = None;
@@ -1355,6 +1463,9 @@ fn stream_snapshot(
             Some(l) => after_request = Some(l),
             None => break,
         }
+    }
+    for call in in_flight {
+        answer(futures::executor::block_on(call))?;
     }
     Ok((at, keys, bytes))
 }

@@ -182,6 +182,10 @@ pub struct ReplicaConfig {
     /// Entries kept in the log beyond what every member holds, for followers that
     /// fall a little behind; further behind, they get a snapshot.
     pub retain_entries: u64,
+    /// Bytes of entry data the log keeps at most in memory (older committed
+    /// entries go, whatever `retain_entries` says): large values must not make
+    /// the log outgrow memory.
+    pub retain_bytes: u64,
     /// A snapshot transfer not reported done or failed after this long is
     /// assumed lost and offered again.
     pub snapshot_retry_ms: u64,
@@ -196,6 +200,7 @@ impl Default for ReplicaConfig {
             max_batch: 512,
             max_batch_bytes: 2 * 1024 * 1024,
             retain_entries: 10_000,
+            retain_bytes: 256 * 1024 * 1024,
             snapshot_retry_ms: 60_000,
         }
     }
@@ -822,6 +827,23 @@ impl Replica {
         } else {
             keep_from
         };
+        // The byte bound: keep at most `retain_bytes` of committed entries.
+        let mut bytes = 0u64;
+        let mut over_bytes = self.base.index;
+        for (i, e) in self.log.iter().enumerate().rev() {
+            bytes += e.data.len() as u64 + 16;
+            if bytes > self.cfg.retain_bytes {
+                over_bytes = self.base.index + 1 + i as u64;
+                break;
+            }
+        }
+        let over_bytes = over_bytes.min(self.commit);
+        if over_bytes > self.base.index {
+            let upto = upto.max(over_bytes);
+            self.compact_to(upto);
+            fx.push(Effect::Compact { upto });
+            return;
+        }
         if upto > self.base.index + self.cfg.retain_entries {
             self.compact_to(upto);
             fx.push(Effect::Compact { upto });

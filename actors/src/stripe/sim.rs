@@ -143,6 +143,7 @@ fn cfg() -> ReplicaConfig {
         max_batch: 16,
         max_batch_bytes: 200,
         retain_entries: 40,
+        retain_bytes: 400,
         snapshot_retry_ms: 1_000,
     }
 }
