@@ -305,9 +305,12 @@ impl BroadcastActor {
     }
 
     fn enqueue_received(&mut self, origin: String, events: Vec<EventFrame>, gossip: bool) {
-        if let Some(Job::Append { received, .. }) = self.jobs.back_mut() {
-            received.push((origin, events, gossip));
-        } else {
+        if let Some(Job::Append { received, own }) = self.jobs.back_mut() {
+            if own.is_empty() {
+                return received.push((origin, events, gossip));
+            }
+        }
+        {
             self.jobs.push_back(Job::Append {
                 received: vec![(origin, events, gossip)],
                 own: Vec::new(),
@@ -371,9 +374,15 @@ impl BroadcastActor {
         let Some(mut job) = self.jobs.pop_front() else {
             return;
         };
-        // Group commit: consecutive appends share one transaction and one fsync.
+        // Group commit: consecutive appends of one kind share one transaction
+        // (this node's own events: one fsync). Received events never wait for
+        // an fsync they do not need.
         if let Job::Append { received, own } = &mut job {
-            while let Some(Job::Append { .. }) = self.jobs.front() {
+            let mine = !own.is_empty();
+            while let Some(Job::Append { own: o, .. }) = self.jobs.front() {
+                if o.is_empty() == mine {
+                    break;
+                }
                 if let Some(Job::Append {
                     received: r,
                     own: o,
@@ -717,10 +726,13 @@ impl Handler<Publish> for BroadcastActor {
     fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
         let bodies = msg.bodies.iter().map(EventBody::to_cbor).collect();
         let (tx, rx) = oneshot::channel();
-        self.jobs.push_back(Job::Append {
-            received: Vec::new(),
-            own: vec![(bodies, tx)],
-        });
+        match self.jobs.back_mut() {
+            Some(Job::Append { received, own }) if received.is_empty() => own.push((bodies, tx)),
+            _ => self.jobs.push_back(Job::Append {
+                received: Vec::new(),
+                own: vec![(bodies, tx)],
+            }),
+        }
         let origin = self.origin.clone();
         let reply = msg.reply;
         actix_rt::spawn(async move {
