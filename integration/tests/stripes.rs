@@ -524,22 +524,22 @@ fn a_standby_joining_after_log_compaction_syncs_by_snapshot_and_holds_every_writ
     for (key, value) in acked.lock().unwrap().iter() {
         expected.insert(key.clone(), Some(value.clone()));
     }
-    // Make the newcomer the active and read everything back through it.
-    let out = kiln_cli(&[
-        "stripe",
-        "handover",
-        "--stripe",
-        "0",
-        "--to",
-        &third_id,
-        "--http",
-        &nodes[0].http(),
-    ]);
-    assert!(
-        out.status.success(),
-        "handover: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Make the newcomer the active and read everything back through it. The
+    // active learns of the newcomer's in-sync membership from its own copy of
+    // the control plane's state, which may trail the node asked above: retry.
+    wait_until("the active hands over to the new node", LONG, || {
+        let out = kiln_cli(&[
+            "stripe",
+            "handover",
+            "--stripe",
+            "0",
+            "--to",
+            &third_id,
+            "--http",
+            &nodes[0].http(),
+        ]);
+        out.status.success()
+    });
     wait_until("the new node is active", LONG, || {
         nodes[2]
             .get("/v1/cluster/stripes")
