@@ -196,9 +196,19 @@ impl ArtifactStore {
             .file
             .sync_all()
             .map_err(|e| io_err(&upload.path, e))?;
-        if !self.has(&digests.sha256) {
+        let dest = self.blob_path(&digests.sha256);
+        if self.has(&digests.sha256) {
+            // Same content already here (perhaps retired, awaiting collection):
+            // it counts as new, so garbage collection grants it its grace period.
+            for path in [dest.clone(), self.manifest_path(&digests.sha256)] {
+                File::options()
+                    .append(true)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(SystemTime::now()))
+                    .map_err(|e| io_err(&path, e))?;
+            }
+        } else {
             self.write_manifest(&digests.sha256, &digests.chunks)?;
-            let dest = self.blob_path(&digests.sha256);
             fs::rename(&upload.path, &dest).map_err(|e| io_err(&dest, e))?;
             sync_dir(&self.dir.join("blobs"))?;
         }

@@ -392,15 +392,16 @@ impl StripeStore {
     }
 
     /// Stores part of a snapshot being received (`reset`: its first part, so
-    /// whatever an earlier, interrupted one left goes). Not fsynced: the
-    /// snapshot only counts once installed.
+    /// whatever an earlier, interrupted one left goes). Fsynced only if
+    /// `durable`: the snapshot counts once installed, and the install fsyncs.
     pub fn stage_snapshot(
         &self,
         reset: bool,
         kv: &[KvRow],
         requests: &[(String, Vec<u8>)],
+        durable: bool,
     ) -> Result<(), StoreError> {
-        let txn = self.write_txn(false)?;
+        let txn = self.write_txn(durable)?;
         {
             if reset {
                 txn.delete_table(KV_STAGING).map_err(self.storage())?;
@@ -730,8 +731,8 @@ mod tests {
         let dir2 = tempfile::tempdir().unwrap();
         let standby = StripeStore::open(dir2.path(), true).unwrap();
         put_all(&standby, &[(1, "stale", b"x"), (2, "zz", b"y")]);
-        standby.stage_snapshot(true, &first, &[]).unwrap();
-        standby.stage_snapshot(false, &rest, &reqs).unwrap();
+        standby.stage_snapshot(true, &first, &[], false).unwrap();
+        standby.stage_snapshot(false, &rest, &reqs, true).unwrap();
         standby
             .install_snapshot((1, 3), false, source.changes)
             .unwrap();

@@ -212,6 +212,9 @@ pub struct BroadcastActor {
     busy: bool,
     importing: bool,
     unsynced: bool,
+    /// Change events of this node's stripe that the log holds durably (the
+    /// stripe's outbox may drop them).
+    stripe_durable: u64,
     subscribers: broadcast::Sender<Arc<Delivered>>,
     started: Instant,
     last_heads: Instant,
@@ -255,6 +258,7 @@ impl BroadcastActor {
             busy: false,
             importing: false,
             unsynced: false,
+            stripe_durable: 0,
             subscribers,
             started: now,
             last_heads: now,
@@ -441,17 +445,27 @@ impl BroadcastActor {
             }
             Job::Sync => {
                 let store = self.store.clone();
-                ctx.spawn(
-                    blocking(move || store.sync())
-                        .into_actor(self)
-                        .map(|r, act, ctx| {
-                            if let Err(e) = r {
-                                tracing::warn!(error = %e, "cannot fsync the broadcast log");
+                // Everything appended so far is durable once this commit is.
+                let stripe_stored = self
+                    .my_stripe()
+                    .and_then(|(k, _)| self.origins.status(&stripe_origin(k)))
+                    .map(|s| s.stored);
+                ctx.spawn(blocking(move || store.sync()).into_actor(self).map(
+                    move |r, act, ctx| {
+                        match r {
+                            Ok(()) => {
+                                if let Some(s) = stripe_stored {
+                                    act.stripe_durable = act.stripe_durable.max(s);
+                                }
                             }
-                            act.busy = false;
-                            act.run_jobs(ctx);
-                        }),
-                );
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot fsync the broadcast log")
+                            }
+                        }
+                        act.busy = false;
+                        act.run_jobs(ctx);
+                    },
+                ));
             }
         }
     }
@@ -663,13 +677,13 @@ impl BroadcastActor {
         else {
             return;
         };
-        let Some(stored) = self
-            .origins
-            .status(&stripe_origin(stripe))
-            .map(|s| s.stored)
-        else {
-            return;
-        };
+        // Only what the broadcast log holds durably: a crash may undo the rest.
+        let stored = self.stripe_durable.min(
+            self.origins
+                .status(&stripe_origin(stripe))
+                .map(|s| s.stored)
+                .unwrap_or(0),
+        );
         if stored == 0 {
             return;
         }

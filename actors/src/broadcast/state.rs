@@ -231,7 +231,12 @@ impl Origins {
     ) -> Vec<Effect> {
         let retry = self.config.retry_after_ms;
         let log = self.log(origin);
-        let asked = log.fetching.take();
+        // A late answer to an earlier fetch does not end the current one.
+        let asked = if log.fetching.as_ref().is_some_and(|f| f.peer == peer) {
+            log.fetching.take()
+        } else {
+            None
+        };
         let mut out = Vec::new();
         if last > log.head {
             log.head = last;
@@ -267,9 +272,9 @@ impl Origins {
     pub fn fetch_failed(&mut self, peer: PeerId, origin: &str, now_ms: u64) {
         let retry = self.config.retry_after_ms;
         let log = self.log(origin);
-        log.quiet_until = now_ms + retry;
         if log.fetching.as_ref().is_some_and(|f| f.peer == peer) {
             log.fetching = None;
+            log.quiet_until = now_ms + retry;
         }
         if log.holder == Some(peer) {
             log.holder = None;

@@ -250,9 +250,13 @@ pub struct StripeActor {
     install_reply: Option<(Responder, u64)>,
     /// Members a snapshot is being sent to.
     sending: HashSet<u64>,
+    /// Snapshot transfers this node started receiving.
+    transfers_started: u64,
 }
 
 struct Receiving {
+    /// Tells this transfer's storage jobs from those of an earlier one.
+    transfer: u64,
     epoch: u64,
     at: LogPos,
     next_seq: u64,
@@ -269,9 +273,13 @@ struct Receiving {
     finish: Option<(Responder, u64)>,
     /// Answers held back while too many parts wait to be written.
     held: VecDeque<Responder>,
+    parts_staged: u64,
     /// Parts that arrived before an earlier one: (part, change count if last, answer).
     early: BTreeMap<u64, (StagedPart, Option<u64>, Responder)>,
 }
+
+/// Every this many staged snapshot parts (of up to 1 MiB) one is fsynced.
+const DURABLE_EVERY_PARTS: u64 = 32;
 
 /// Snapshot parts the sender may have on the way at once.
 const PARTS_IN_FLIGHT: usize = 3;
@@ -325,6 +333,7 @@ impl StripeActor {
             receiving: None,
             install_reply: None,
             sending: HashSet::new(),
+            transfers_started: 0,
         }
     }
 
@@ -521,6 +530,14 @@ impl StripeActor {
                 ctx.spawn(
                     blocking(move || {
                         let entries = store.entries(from, upto)?;
+                        if entries.len() as u64 != upto + 1 - from {
+                            // Never skip an entry: the state would silently miss it.
+                            return Err(StoreError::Corrupt {
+                                path: store.path().to_path_buf(),
+                                what: format!("log entries {from}..={upto}"),
+                                detail: format!("only {} of them are in the log", entries.len()),
+                            });
+                        }
                         let rows: Vec<(u64, Vec<u8>)> = entries
                             .into_iter()
                             .map(|(i, b)| {
@@ -727,9 +744,15 @@ impl StripeActor {
         }
         let fresh = seq == 0;
         if fresh {
+            if self.receiving.as_ref().is_some_and(|rx| rx.staging_busy) {
+                let why = "an earlier snapshot is still being written; offer it again".into();
+                return refuse(self, reply, why);
+            }
             tracing::info!(stripe = ?self.stripe, epoch, index = at.index, keys = total_keys,
                 "receiving a snapshot from the active");
+            self.transfers_started += 1;
             self.receiving = Some(Receiving {
+                transfer: self.transfers_started,
                 epoch,
                 at,
                 next_seq: 0,
@@ -742,6 +765,7 @@ impl StripeActor {
                 failed: None,
                 finish: None,
                 held: VecDeque::new(),
+                parts_staged: 0,
                 early: BTreeMap::new(),
             });
             self.metrics.snapshot_keys_total.set(total_keys as i64);
@@ -811,6 +835,11 @@ impl StripeActor {
             return;
         };
         rx.staging_busy = true;
+        rx.parts_staged += 1;
+        let transfer = rx.transfer;
+        // Now and then a staged part is fsynced, so that the install at the end
+        // has little left to write.
+        let durable = rx.parts_staged % DURABLE_EVERY_PARTS == 0;
         let keys = part.kv.len() as u64;
         let bytes: u64 = part
             .kv
@@ -824,10 +853,11 @@ impl StripeActor {
                 .sum::<u64>();
         let store = self.store.clone();
         ctx.spawn(
-            blocking(move || store.stage_snapshot(part.reset, &part.kv, &part.requests))
+            blocking(move || store.stage_snapshot(part.reset, &part.kv, &part.requests, durable))
                 .into_actor(self)
                 .map(move |res, act, ctx| {
-                    let Some(rx) = act.receiving.as_mut() else {
+                    let Some(rx) = act.receiving.as_mut().filter(|rx| rx.transfer == transfer)
+                    else {
                         return;
                     };
                     rx.staging_busy = false;

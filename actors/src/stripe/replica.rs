@@ -814,6 +814,16 @@ impl Replica {
     /// standby, all but the last `retain_entries` committed ones (kept for the
     /// members it may serve as a future active).
     fn compact(&mut self, fx: &mut Vec<Effect>) {
+        // While a snapshot is on its way to a member, the entries after it must
+        // stay: compacting past the snapshot's point would send the member a new
+        // snapshot at its end, and another, for as long as writes go on.
+        if self
+            .progress
+            .values()
+            .any(|p| p.snapshot_since_ms.is_some())
+        {
+            return;
+        }
         let keep_from = self.commit.saturating_sub(self.cfg.retain_entries);
         let upto = if matches!(self.role, Role::Active { .. }) {
             let held_by_all = self
