@@ -2,6 +2,7 @@
 //! in, effects out) wrapped by an actix actor that only does I/O and timers.
 
 pub mod artifact;
+mod blocking;
 pub mod broadcast;
 pub mod control;
 pub mod membership;

@@ -69,6 +69,17 @@ fn wait_in_sync(nodes: &[&Node], standbys: usize) -> String {
     active
 }
 
+/// Waits until `observer` sees member `id` of stripe 0 as an in-sync standby.
+fn wait_standby(observer: &Node, id: &str) {
+    wait_until("the new node is an in-sync standby", LONG, || {
+        observer.get("/v1/cluster/stripes").is_some_and(|v| {
+            v["stripes"][0]["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["id"] == id && m["role"] == "standby"))
+        })
+    });
+}
+
 #[test]
 fn every_acknowledged_write_survives_kill_9_of_the_active() {
     let _serial = serial();
@@ -329,14 +340,7 @@ fn a_standby_joining_under_write_load_reaches_standby() {
     );
     let third_id = third.id();
     nodes.push(third);
-    wait_until("the new node is an in-sync standby", LONG, || {
-        nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
-            v["stripes"][0]["members"].as_array().is_some_and(|m| {
-                m.iter()
-                    .any(|m| m["id"] == third_id.as_str() && m["role"] == "standby")
-            })
-        })
-    });
+    wait_standby(&nodes[0], &third_id);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let written = writer.join().unwrap();
     assert!(written > 10, "the writer made progress during the join");
@@ -507,14 +511,7 @@ fn a_standby_joining_after_log_compaction_syncs_by_snapshot_and_holds_every_writ
     );
     let third_id = third.id();
     nodes.push(third);
-    wait_until("the new node is an in-sync standby", LONG, || {
-        nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
-            v["stripes"][0]["members"].as_array().is_some_and(|m| {
-                m.iter()
-                    .any(|m| m["id"] == third_id.as_str() && m["role"] == "standby")
-            })
-        })
-    });
+    wait_standby(&nodes[0], &third_id);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().unwrap();
     assert!(

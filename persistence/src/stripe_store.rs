@@ -136,6 +136,14 @@ impl SnapshotSource {
     }
 }
 
+/// (epoch, index) from its stored form (see [`base_bytes`]).
+fn base_of(b: &[u8]) -> (u64, u64) {
+    (
+        u64_of(&b[..b.len().min(8)]),
+        u64_of(b.get(8..).unwrap_or(&[])),
+    )
+}
+
 fn base_bytes(base: (u64, u64)) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(&base.0.to_le_bytes());
@@ -238,14 +246,7 @@ impl StripeStore {
                 .map_err(self.storage())?
                 .map(|v| v.value().to_vec()))
         };
-        let base = get(STRIPE_BASE)?
-            .map(|b| {
-                (
-                    u64_of(&b[..b.len().min(8)]),
-                    u64_of(b.get(8..).unwrap_or(&[])),
-                )
-            })
-            .unwrap_or((0, 0));
+        let base = get(STRIPE_BASE)?.map(|b| base_of(&b)).unwrap_or((0, 0));
         let log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
         let mut entries = Vec::new();
         for row in log.range(base.1 + 1..).map_err(self.storage())? {
@@ -368,14 +369,7 @@ impl StripeStore {
                     .map_err(self.storage())?
                     .map(|v| v.value().to_vec()))
             };
-            let base = get(STRIPE_BASE)?
-                .map(|b| {
-                    (
-                        u64_of(&b[..b.len().min(8)]),
-                        u64_of(b.get(8..).unwrap_or(&[])),
-                    )
-                })
-                .unwrap_or((0, 0));
+            let base = get(STRIPE_BASE)?.map(|b| base_of(&b)).unwrap_or((0, 0));
             (
                 get(STRIPE_APPLIED)?.map(|b| u64_of(&b)).unwrap_or(0),
                 base,

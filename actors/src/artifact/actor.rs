@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use kiln_net::wire::{Request, Response};
 use kiln_net::{CallError, NetCommand, NetHandle, PeerId, Reply};
-use kiln_persistence::{chunk_count, chunks_root, ArtifactStore, StoreError, ARTIFACT_CHUNK};
+use kiln_persistence::{chunk_count, chunks_root, ArtifactStore, ARTIFACT_CHUNK};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -19,6 +19,7 @@ use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};
 
 use super::{plan, Wanted};
+use crate::blocking::blocking;
 use crate::broadcast::event::EventBody;
 use crate::broadcast::{BroadcastActor, Publish};
 use crate::control::state::{ArtifactCommand, ControlCommand};
@@ -589,19 +590,6 @@ pub async fn announce(
     });
     if let Ok(Err(e)) = rx.await {
         tracing::warn!(error = %e, "cannot announce an artifact version");
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(StoreError::Corrupt {
-            path: Default::default(),
-            what: "artifact storage task".into(),
-            detail: e.to_string(),
-        }),
     }
 }
 

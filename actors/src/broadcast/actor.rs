@@ -23,6 +23,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::event::{stripe_origin, EventBody};
 use super::state::{Effect, Origins, RepairConfig};
+use crate::blocking::blocking;
 use crate::control::state::Placement;
 use crate::control::types::NodeId;
 use crate::control::{addresses, AddressBook, SharedApplied};
@@ -701,19 +702,6 @@ fn again(e: &StoreError) -> StoreError {
         path: Default::default(),
         what: "broadcast log append".into(),
         detail: e.to_string(),
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(StoreError::Corrupt {
-            path: Default::default(),
-            what: "broadcast storage task".into(),
-            detail: e.to_string(),
-        }),
     }
 }
 

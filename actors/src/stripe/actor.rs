@@ -24,6 +24,7 @@ use super::replica::{
     Effect, Entry, LogPos, Message, Proposal, Recovered, Replica, ReplicaConfig, Role, StripeView,
 };
 use super::wire::{ServeError, StripeRequest, StripeResponse};
+use crate::blocking::blocking;
 use crate::control::state::{ControlCommand, ControlOutcome, Placement};
 use crate::control::wire::{from_cbor, to_cbor, MAX_CONTROL_BODY};
 use crate::control::{
@@ -1511,19 +1512,6 @@ fn respond_with(net: &NetHandle, reply: Responder, resp: &StripeResponse) {
         Responder::Local(tx) => {
             let _ = tx.send(resp.clone());
         }
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(StoreError::Corrupt {
-            path: Default::default(),
-            what: "stripe storage task".into(),
-            detail: e.to_string(),
-        }),
     }
 }
 
