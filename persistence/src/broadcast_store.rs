@@ -42,6 +42,20 @@ pub struct OriginRun {
 }
 
 impl OriginRun {
+    /// From its row in the origins table: (first, last, count, bytes).
+    fn from_row((first, last, count, bytes): (u64, u64, u64, u64)) -> Self {
+        OriginRun {
+            first,
+            last,
+            count,
+            bytes,
+        }
+    }
+
+    fn row(&self) -> (u64, u64, u64, u64) {
+        (self.first, self.last, self.count, self.bytes)
+    }
+
     fn new() -> Self {
         OriginRun {
             first: 1,
@@ -113,16 +127,7 @@ impl BroadcastStore {
         let mut out = HashMap::new();
         for row in origins.iter().map_err(self.storage())? {
             let (k, v) = row.map_err(self.storage())?;
-            let (first, last, count, bytes) = v.value();
-            out.insert(
-                k.value().to_string(),
-                OriginRun {
-                    first,
-                    last,
-                    count,
-                    bytes,
-                },
-            );
+            out.insert(k.value().to_string(), OriginRun::from_row(v.value()));
         }
         Ok(out)
     }
@@ -147,15 +152,7 @@ impl BroadcastStore {
                         let r = origins
                             .get(ev.origin.as_str())
                             .map_err(self.storage())?
-                            .map(|v| {
-                                let (first, last, count, bytes) = v.value();
-                                OriginRun {
-                                    first,
-                                    last,
-                                    count,
-                                    bytes,
-                                }
-                            })
+                            .map(|v| OriginRun::from_row(v.value()))
                             .unwrap_or_else(OriginRun::new);
                         runs.entry(ev.origin.as_str()).or_insert(r)
                     }
@@ -178,9 +175,7 @@ impl BroadcastStore {
                 run.bytes += ev.bytes.len() as u64;
             }
             for (origin, r) in runs {
-                origins
-                    .insert(origin, (r.first, r.last, r.count, r.bytes))
-                    .map_err(self.storage())?;
+                origins.insert(origin, r.row()).map_err(self.storage())?;
             }
         }
         txn.commit().map_err(self.storage())?;
@@ -197,15 +192,7 @@ impl BroadcastStore {
             let mut run = origins
                 .get(origin)
                 .map_err(self.storage())?
-                .map(|v| {
-                    let (first, last, count, bytes) = v.value();
-                    OriginRun {
-                        first,
-                        last,
-                        count,
-                        bytes,
-                    }
-                })
+                .map(|v| OriginRun::from_row(v.value()))
                 .unwrap_or_else(OriginRun::new);
             let mut table = txn.open_table(EVENTS).map_err(self.storage())?;
             remove_front(
@@ -220,9 +207,7 @@ impl BroadcastStore {
                 run.last = first - 1;
             }
             run.first = run.first.max(first);
-            origins
-                .insert(origin, (run.first, run.last, run.count, run.bytes))
-                .map_err(self.storage())?;
+            origins.insert(origin, run.row()).map_err(self.storage())?;
             run
         };
         txn.commit().map_err(self.storage())?;
@@ -303,7 +288,7 @@ impl BroadcastStore {
             }
             for (origin, r) in &runs {
                 origins
-                    .insert(origin.as_str(), (r.first, r.last, r.count, r.bytes))
+                    .insert(origin.as_str(), r.row())
                     .map_err(self.storage())?;
             }
         }
