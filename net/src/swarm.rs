@@ -715,7 +715,13 @@ impl SwarmTask {
                                     source: propagation_source,
                                     msg,
                                 });
-                                gossipsub::MessageAcceptance::Accept
+                                // Not forwarded: every publisher floods all its peers
+                                // (kiln nodes form a full mesh), so a forward would
+                                // only be one more copy of every event for each node
+                                // to decrypt and drop. A node that is not connected
+                                // to the publisher learns of the events from the
+                                // heads digests and fetches them.
+                                gossipsub::MessageAcceptance::Ignore
                             }
                             Err(e) => {
                                 self.offence(propagation_source, "gossip", &e.to_string());

@@ -30,6 +30,9 @@ const CLIENT_BUFFER: usize = 64;
 const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Events read from the log per page of a subscriber's backlog.
 const BACKLOG_PAGE: usize = 1_000;
+/// How long a subscriber catching up waits for received events to be written
+/// (normally milliseconds) before it takes them for a hole.
+const LOG_WRITE_WAIT: Duration = Duration::from_secs(5);
 
 pub struct BroadcastApi {
     pub actor: Addr<BroadcastActor>,
@@ -315,6 +318,7 @@ impl Feed {
     /// Sends what the log holds of `origin` after the subscriber's position, up
     /// to `upto`; a `resync` first if the log no longer holds what it missed.
     async fn catch_up(&mut self, origin: &str, upto: u64) -> Result<(), End> {
+        let mut waited = false;
         loop {
             let at = *self.pos.get(origin).unwrap_or(&0);
             if at >= upto {
@@ -333,6 +337,13 @@ impl Feed {
                 }
                 Err(_) => return Err(End::LogUnreadable),
             };
+            if rows.is_empty() && !waited {
+                // Handed on already but not written yet: that takes a moment.
+                self.sub.log_caught_up(LOG_WRITE_WAIT).await;
+                waited = true;
+                continue;
+            }
+            waited = false;
             let first = rows.first().map(|r| r.0);
             if first != Some(at + 1) {
                 // What the subscriber missed is older than the log keeps.

@@ -265,6 +265,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         });
         let server = HttpServer::new(move || http::app(state.clone()))
             .workers(1)
+            // Event streams write small frames: without this, Nagle's algorithm
+            // and the client's delayed ACK hold some of them for 40 ms.
+            .tcp_nodelay(true)
             // kiln handles SIGTERM/SIGINT itself: the leave must be announced
             // before the HTTP server and the swarm go away.
             .disable_signals()

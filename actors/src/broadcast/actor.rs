@@ -1,10 +1,17 @@
 //! The broadcast actor: runs this node's [`Origins`] and does its I/O — the
 //! broadcast log (one storage job at a time, later appends merged into one
 //! transaction), gossip of the node's own events and of its stripe's change events,
-//! heads digests, repair fetches, and the hand-off of every appended event to the
-//! node's subscribers.
+//! heads digests, repair fetches, and the hand-off of every event to the node's
+//! subscribers.
+//!
+//! A node's own events reach subscribers and peers once they are durable in the
+//! log. Events of other origins reach subscribers as soon as they are in order, and
+//! are written to the log in batches (every [`TICK`] or with the next own append):
+//! their origin holds them durably, so the node need not make every subscriber wait
+//! for a transaction of its own, and what a crash loses is fetched again.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde_bytes::ByteBuf;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use super::event::{stripe_origin, EventBody};
 use super::state::{Effect, Origins, RepairConfig};
@@ -42,6 +49,9 @@ const GOSSIP_BATCH_BYTES: usize = 192 * 1024;
 /// Bytes of events in one fetch answer (frames are limited to 4 MiB).
 const FETCH_BATCH_BYTES: usize = 2 * 1024 * 1024;
 const FETCH_BATCH_EVENTS: usize = 10_000;
+/// Received events waiting for their write, beyond which they are written
+/// without waiting for the next tick.
+const UNWRITTEN_EVENTS: usize = 8_192;
 
 #[derive(Debug, Clone)]
 pub struct BroadcastConfig {
@@ -182,10 +192,12 @@ type PublishReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
 
 /// Work for the storage thread, in order.
 enum Job {
-    /// Events to append; `own` are this node's new events, numbered when the job
+    /// Events to append; `received` were handed to subscribers already (up to
+    /// delivery `covers`), `own` are this node's new events, numbered when the job
     /// starts (so a failed append never leaves a gap in its seqs).
     Append {
-        received: Vec<(String, Vec<EventFrame>, bool)>,
+        received: Vec<(String, Vec<EventFrame>)>,
+        covers: u64,
         own: Vec<(Vec<Vec<u8>>, PublishReply)>,
     },
     SkipTo {
@@ -211,6 +223,13 @@ pub struct BroadcastActor {
     metrics: BroadcastMetrics,
     jobs: VecDeque<Job>,
     busy: bool,
+    /// Received events handed to subscribers and not yet given to an append.
+    unwritten: Vec<(String, Vec<EventFrame>)>,
+    unwritten_events: usize,
+    /// Counts hand-offs to subscribers; `written` tells the highest count whose
+    /// events are all in the log (a subscriber catching up waits for it).
+    delivered: Arc<AtomicU64>,
+    written: watch::Sender<u64>,
     importing: bool,
     unsynced: bool,
     /// Change events of this node's stripe that the log holds durably (the
@@ -257,6 +276,10 @@ impl BroadcastActor {
             metrics,
             jobs: VecDeque::new(),
             busy: false,
+            unwritten: Vec::new(),
+            unwritten_events: 0,
+            delivered: Arc::new(AtomicU64::new(0)),
+            written: watch::Sender::new(0),
             importing: false,
             unsynced: false,
             stripe_durable: 0,
@@ -295,32 +318,48 @@ impl BroadcastActor {
         for effect in effects {
             match effect {
                 Effect::Append { origin, events } => {
-                    self.enqueue_received(origin, events, gossip);
+                    self.deliver(&origin, &events, gossip);
+                    self.unwritten_events += events.len();
+                    self.unwritten.push((origin, events));
                 }
                 Effect::Fetch { peer, origin, from } => self.fetch(peer, origin, from, ctx),
                 Effect::SkipTo { origin, first } => {
                     tracing::warn!(%origin, first,
                         "events of this origin are gone from every log asked (older than retention); subscribers behind them get a resync");
                     self.metrics.holes_skipped.inc();
+                    // After what was received before the hole.
+                    self.flush_unwritten();
                     self.jobs.push_back(Job::SkipTo { origin, first });
                 }
             }
         }
+        if self.unwritten_events >= UNWRITTEN_EVENTS {
+            self.flush_unwritten();
+        }
         self.run_jobs(ctx);
     }
 
-    fn enqueue_received(&mut self, origin: String, events: Vec<EventFrame>, gossip: bool) {
-        if let Some(Job::Append { received, own }) = self.jobs.back_mut() {
-            if own.is_empty() {
-                return received.push((origin, events, gossip));
-            }
+    /// Queues the write of the received events handed to subscribers so far.
+    fn flush_unwritten(&mut self) {
+        if self.unwritten.is_empty() {
+            return;
         }
+        let batches = std::mem::take(&mut self.unwritten);
+        self.unwritten_events = 0;
+        let upto = self.delivered.load(Ordering::Relaxed);
+        if let Some(Job::Append {
+            received, covers, ..
+        }) = self.jobs.back_mut()
         {
-            self.jobs.push_back(Job::Append {
-                received: vec![(origin, events, gossip)],
-                own: Vec::new(),
-            });
+            received.extend(batches);
+            *covers = upto;
+            return;
         }
+        self.jobs.push_back(Job::Append {
+            received: batches,
+            covers: upto,
+            own: Vec::new(),
+        });
     }
 
     fn fetch(&mut self, peer: PeerId, origin: String, from: u64, ctx: &mut Context<Self>) {
@@ -379,28 +418,34 @@ impl BroadcastActor {
         let Some(mut job) = self.jobs.pop_front() else {
             return;
         };
-        // Group commit: consecutive appends of one kind share one transaction
-        // (this node's own events: one fsync). Received events never wait for
-        // an fsync they do not need.
-        if let Job::Append { received, own } = &mut job {
-            let mine = !own.is_empty();
-            while let Some(Job::Append { own: o, .. }) = self.jobs.front() {
-                if o.is_empty() == mine {
-                    break;
-                }
+        // Group commit: consecutive appends share one transaction (one fsync if
+        // any of them holds this node's own events).
+        if let Job::Append {
+            received,
+            covers,
+            own,
+        } = &mut job
+        {
+            while let Some(Job::Append { .. }) = self.jobs.front() {
                 if let Some(Job::Append {
                     received: r,
+                    covers: c,
                     own: o,
                 }) = self.jobs.pop_front()
                 {
                     received.extend(r);
+                    *covers = (*covers).max(c);
                     own.extend(o);
                 }
             }
         }
         self.busy = true;
         match job {
-            Job::Append { received, own } => self.start_append(received, own, ctx),
+            Job::Append {
+                received,
+                covers,
+                own,
+            } => self.start_append(received, covers, own, ctx),
             Job::SkipTo { origin, first } => {
                 let store = self.store.clone();
                 let o = origin.clone();
@@ -473,12 +518,12 @@ impl BroadcastActor {
 
     fn start_append(
         &mut self,
-        received: Vec<(String, Vec<EventFrame>, bool)>,
+        received: Vec<(String, Vec<EventFrame>)>,
+        covers: u64,
         own: Vec<(Vec<Vec<u8>>, PublishReply)>,
         ctx: &mut Context<Self>,
     ) {
         let ts = crate::membership::unix_ms();
-        let mut batches: Vec<(String, Vec<EventFrame>, bool)> = received;
         let mut replies = Vec::new();
         let mut own_frames = Vec::new();
         for (bodies, reply) in own {
@@ -496,12 +541,11 @@ impl BroadcastActor {
         // Received events are not fsynced one by one: their origin holds them
         // durably, and what a crash loses here is fetched again.
         let durable = !own_frames.is_empty();
-        if !own_frames.is_empty() {
-            batches.push((self.origin.clone(), own_frames, true));
-        }
-        let rows: Vec<StoredEvent> = batches
+        let rows: Vec<StoredEvent> = received
             .iter()
-            .flat_map(|(origin, events, _)| {
+            .map(|(origin, events)| (origin, events))
+            .chain((!own_frames.is_empty()).then_some((&self.origin, &own_frames)))
+            .flat_map(|(origin, events)| {
                 events.iter().map(move |e| StoredEvent {
                     origin: origin.clone(),
                     seq: e.seq,
@@ -521,15 +565,38 @@ impl BroadcastActor {
                             if !durable {
                                 act.unsynced = true;
                             }
+                            for (origin, events) in &received {
+                                if let Some(last) = events.last() {
+                                    act.origins.appended(origin, last.seq);
+                                }
+                            }
+                            act.written.send_if_modified(|w| {
+                                let more = covers > *w;
+                                *w = (*w).max(covers);
+                                more
+                            });
                             for (reply, seqs) in replies {
                                 let _ = reply.send(Ok(seqs));
                             }
-                            act.appended(batches);
+                            if let Some(last) = own_frames.last().map(|e| e.seq) {
+                                let origin = act.origin.clone();
+                                act.origins.appended(&origin, last);
+                                act.deliver(&origin, &own_frames, false);
+                                BroadcastMetrics::origin(&act.metrics.published, &origin)
+                                    .inc_by(own_frames.len() as u64);
+                                act.gossip(origin, own_frames);
+                            }
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "cannot append to the broadcast log");
-                            for (origin, _, _) in &batches {
+                            // Handed to subscribers already: they step over the
+                            // copies that come again.
+                            for (origin, _) in &received {
                                 act.origins.rollback(origin);
+                            }
+                            if durable {
+                                let origin = act.origin.clone();
+                                act.origins.rollback(&origin);
                             }
                             for (reply, _) in replies {
                                 let _ = reply.send(Err(again(&e)));
@@ -541,31 +608,23 @@ impl BroadcastActor {
         );
     }
 
-    /// Events are in the log: tell subscribers, gossip what this node originates.
-    fn appended(&mut self, batches: Vec<(String, Vec<EventFrame>, bool)>) {
+    /// Hands events, in order, to the node's subscribers (and to its peers, for
+    /// the events this node gossips).
+    fn deliver(&mut self, origin: &str, events: &[EventFrame], gossip: bool) {
         let now = crate::membership::unix_ms();
-        for (origin, events, gossip) in batches {
-            let Some(last) = events.last().map(|e| e.seq) else {
-                continue;
-            };
-            self.origins.appended(&origin, last);
-            BroadcastMetrics::origin(&self.metrics.delivered, &origin).inc_by(events.len() as u64);
-            if origin == self.origin {
-                BroadcastMetrics::origin(&self.metrics.published, &origin)
-                    .inc_by(events.len() as u64);
-            }
-            for e in &events {
-                self.metrics
-                    .latency
-                    .observe(now.saturating_sub(e.ts) as f64 / 1000.0);
-                // No subscriber is not an error.
-                let _ = self
-                    .subscribers
-                    .send(Arc::new(Delivered::decode(&origin, e.seq, e.ts, &e.body)));
-            }
-            if gossip {
-                self.gossip(origin, events);
-            }
+        BroadcastMetrics::origin(&self.metrics.delivered, origin).inc_by(events.len() as u64);
+        for e in events {
+            self.metrics
+                .latency
+                .observe(now.saturating_sub(e.ts) as f64 / 1000.0);
+            // No subscriber is not an error.
+            let _ = self
+                .subscribers
+                .send(Arc::new(Delivered::decode(origin, e.seq, e.ts, &e.body)));
+        }
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        if gossip {
+            self.gossip(origin.to_string(), events.to_vec());
         }
     }
 
@@ -599,6 +658,7 @@ impl BroadcastActor {
         let fx = self.origins.tick(now, &peers);
         self.apply_effects(fx, false, ctx);
         self.import_changes(ctx);
+        self.flush_unwritten();
         if self.last_heads.elapsed() >= HEADS_EVERY {
             self.last_heads = Instant::now();
             let heads = self.origins.heads();
@@ -728,10 +788,13 @@ impl Handler<Publish> for BroadcastActor {
     fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
         let bodies = msg.bodies.iter().map(EventBody::to_cbor).collect();
         let (tx, rx) = oneshot::channel();
+        // Received events waiting for their write share this fsync.
+        self.flush_unwritten();
         match self.jobs.back_mut() {
-            Some(Job::Append { received, own }) if received.is_empty() => own.push((bodies, tx)),
+            Some(Job::Append { own, .. }) => own.push((bodies, tx)),
             _ => self.jobs.push_back(Job::Append {
                 received: Vec::new(),
+                covers: 0,
                 own: vec![(bodies, tx)],
             }),
         }
@@ -835,12 +898,25 @@ impl Handler<ServeFetch> for BroadcastActor {
 }
 
 /// What a new subscription needs: the live feed (taken first, so nothing falls
-/// between it and the backlog), where each origin's log is now, and the log.
+/// between it and the backlog), how far each origin has been handed to
+/// subscribers, and the log.
 pub struct Subscription {
     pub feed: broadcast::Receiver<Arc<Delivered>>,
     pub runs: HashMap<String, (u64, u64)>,
     pub store: Arc<BroadcastStore>,
     pub metrics: BroadcastMetrics,
+    delivered: Arc<AtomicU64>,
+    written: watch::Receiver<u64>,
+}
+
+impl Subscription {
+    /// Waits until every event handed to subscribers so far is in the log
+    /// (received events are written in batches, shortly after). Gives up after
+    /// `limit`, when writing fails.
+    pub async fn log_caught_up(&mut self, limit: Duration) {
+        let target = self.delivered.load(Ordering::Relaxed);
+        let _ = tokio::time::timeout(limit, self.written.wait_for(|w| *w >= target)).await;
+    }
 }
 
 #[derive(Message)]
@@ -854,15 +930,17 @@ impl Handler<Subscribe> for BroadcastActor {
         let feed = self.subscribers.subscribe();
         let runs = self
             .origins
-            .heads()
+            .handed_on(&self.origin)
             .into_iter()
-            .map(|h| (h.origin, (h.first, h.last)))
+            .map(|(origin, first, last)| (origin, (first, last)))
             .collect();
         MessageResult(Subscription {
             feed,
             runs,
             store: self.store.clone(),
             metrics: self.metrics.clone(),
+            delivered: self.delivered.clone(),
+            written: self.written.subscribe(),
         })
     }
 }

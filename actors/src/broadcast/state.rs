@@ -149,6 +149,20 @@ impl Origins {
         out
     }
 
+    /// How far every origin has been handed on to subscribers: `(origin, first,
+    /// last)`. Events of other origins are handed on as soon as they are in
+    /// order; `own` (numbered here before its append) once it is stored.
+    pub fn handed_on(&self, own: &str) -> Vec<(String, u64, u64)> {
+        self.logs
+            .iter()
+            .map(|(origin, l)| {
+                let last = if origin == own { l.stored } else { l.next - 1 };
+                (origin.clone(), l.first, last)
+            })
+            .filter(|(_, _, last)| *last > 0)
+            .collect()
+    }
+
     /// The next seq of an origin this node numbers itself (its own events):
     /// reserves `n` seqs and returns the first.
     pub fn reserve(&mut self, origin: &str, n: u64) -> u64 {
