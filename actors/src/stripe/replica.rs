@@ -44,6 +44,13 @@ pub struct Entry {
     pub data: Vec<u8>,
 }
 
+impl Entry {
+    /// What an entry counts for against `retain_bytes`.
+    fn weight(&self) -> u64 {
+        self.data.len() as u64 + 16
+    }
+}
+
 /// The control plane's decision for this stripe, as last committed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StripeView {
@@ -264,6 +271,9 @@ pub struct Replica {
     promised: u64,
     base: LogPos,
     log: VecDeque<Entry>,
+    /// What the entries in `log` weigh (see [`Entry::weight`]), kept so that
+    /// the byte bound of compaction costs nothing while the log is under it.
+    log_bytes: u64,
     commit: u64,
     now_ms: u64,
     // Follower side.
@@ -304,6 +314,7 @@ impl Replica {
             role: Role::Follower,
             promised: recovered.promised,
             base: recovered.base,
+            log_bytes: recovered.entries.iter().map(Entry::weight).sum(),
             log: recovered.entries.into(),
             commit: recovered.applied.max(recovered.base.index),
             now_ms: 0,
@@ -484,6 +495,7 @@ impl Replica {
             epoch,
             data: Vec::new(),
         };
+        self.log_bytes += noop.weight();
         self.log.push_back(noop.clone());
         let promised = (epoch > self.promised).then_some(epoch);
         self.promised = self.promised.max(epoch);
@@ -541,6 +553,7 @@ impl Replica {
         let mut entries = Vec::with_capacity(writes.len());
         for (k, data) in writes.into_iter().enumerate() {
             let e = Entry { epoch, data };
+            self.log_bytes += e.weight();
             self.log.push_back(e.clone());
             entries.push((first + k as u64, e));
         }
@@ -838,13 +851,15 @@ impl Replica {
             keep_from
         };
         // The byte bound: keep at most `retain_bytes` of committed entries.
-        let mut bytes = 0u64;
         let mut over_bytes = self.base.index;
-        for (i, e) in self.log.iter().enumerate().rev() {
-            bytes += e.data.len() as u64 + 16;
-            if bytes > self.cfg.retain_bytes {
-                over_bytes = self.base.index + 1 + i as u64;
-                break;
+        if self.log_bytes > self.cfg.retain_bytes {
+            let mut bytes = 0u64;
+            for (i, e) in self.log.iter().enumerate().rev() {
+                bytes += e.weight();
+                if bytes > self.cfg.retain_bytes {
+                    over_bytes = self.base.index + 1 + i as u64;
+                    break;
+                }
             }
         }
         let over_bytes = over_bytes.min(self.commit);
@@ -863,7 +878,12 @@ impl Replica {
     fn compact_to(&mut self, upto: u64) {
         let epoch = self.epoch_at(upto).unwrap_or(self.base.epoch);
         let drop = (upto - self.base.index) as usize;
-        self.log.drain(..drop.min(self.log.len()));
+        let dropped: u64 = self
+            .log
+            .drain(..drop.min(self.log.len()))
+            .map(|e| e.weight())
+            .sum();
+        self.log_bytes -= dropped;
         self.base = LogPos { epoch, index: upto };
     }
 
@@ -1013,10 +1033,13 @@ impl Replica {
                         return;
                     }
                     truncate_from = Some(i);
-                    self.log.truncate((i - self.base.index - 1) as usize);
+                    let keep = (i - self.base.index - 1) as usize;
+                    self.log_bytes -= self.log.range(keep..).map(Entry::weight).sum::<u64>();
+                    self.log.truncate(keep);
                 }
                 None => {}
             }
+            self.log_bytes += e.weight();
             self.log.push_back(e.clone());
             fresh.push((i, e));
             matched = i;
@@ -1212,6 +1235,7 @@ impl Replica {
             self.compact_to(at.index);
         } else {
             self.log.clear();
+            self.log_bytes = 0;
             self.base = at;
         }
         self.commit = at.index;
