@@ -46,10 +46,28 @@ pub struct KvRouter {
 }
 
 impl KvRouter {
-    /// When a request arrives, and until when its result is remembered.
-    fn stamp(&self) -> (u64, u64) {
+    /// A write's request id, when it arrived, and until when its result is
+    /// remembered: a client's `Idempotency-Key` for the reconnect window; without
+    /// one, an id of the node's own for as long as the node itself retries it.
+    /// Those ids start with the time, so their records are appended at the end
+    /// of their table rather than spread over it.
+    fn identify(&self, req: &HttpRequest) -> Result<(String, u64, u64), ApiError> {
         let now = kiln_actors::membership::unix_ms();
-        (now, now + self.reconnect_window.as_millis() as u64)
+        Ok(match header_str(req, "idempotency-key")? {
+            Some(k) if k.is_empty() || k.len() > 256 => {
+                return Err(bad_request("Idempotency-Key must be 1 to 256 characters"))
+            }
+            Some(k) => (
+                format!("k:{k}"),
+                now,
+                now + self.reconnect_window.as_millis() as u64,
+            ),
+            None => (
+                format!("r:{now:012x}{:020x}", rand::random::<u128>() >> 48),
+                now,
+                now + 2 * self.request_timeout.as_millis() as u64,
+            ),
+        })
     }
 
     fn stripe_of(&self, map: &str, key: &str) -> Result<u32, ApiError> {
@@ -291,16 +309,6 @@ fn condition(req: &HttpRequest) -> Result<Condition, ApiError> {
     }
 }
 
-fn request_id(req: &HttpRequest) -> Result<String, ApiError> {
-    match header_str(req, "idempotency-key")? {
-        Some(k) if k.is_empty() || k.len() > 256 => {
-            Err(bad_request("Idempotency-Key must be 1 to 256 characters"))
-        }
-        Some(k) => Ok(format!("k:{k}")),
-        None => Ok(format!("r:{:032x}", rand::random::<u128>())),
-    }
-}
-
 fn outcome_response(outcome: KvOutcome) -> HttpResponse {
     match outcome {
         KvOutcome::Done { version } => HttpResponse::Ok()
@@ -354,9 +362,8 @@ pub async fn put(
     check_names(&map, &key)?;
     let kv = router(&state)?;
     let cond = condition(&req)?;
-    let request = request_id(&req)?;
+    let (request, received_ms, remember_until_ms) = kv.identify(&req)?;
     let value = read_body(payload, kv.max_value_bytes, "max_value_bytes").await?;
-    let (received_ms, remember_until_ms) = kv.stamp();
     let outcome = kv
         .write(KvCommand {
             request,
@@ -382,8 +389,7 @@ pub async fn delete(
     check_names(&map, &key)?;
     let kv = router(&state)?;
     let cond = condition(&req)?;
-    let request = request_id(&req)?;
-    let (received_ms, remember_until_ms) = kv.stamp();
+    let (request, received_ms, remember_until_ms) = kv.identify(&req)?;
     let outcome = kv
         .write(KvCommand {
             request,

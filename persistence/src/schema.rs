@@ -62,6 +62,12 @@ pub const KV: TableDefinition<(&str, &str), (u64, &[u8])> = TableDefinition::new
 /// node's own retry ids), CBOR-encoded, so a retry is answered, not re-applied.
 pub const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("kiln_requests");
 
+/// When each request record may go: (remember until, Unix ms; request id).
+/// Records are dropped in log order (see `KvTxn::prune_requests`), so every
+/// member drops the same ones at the same entry.
+pub const REQUEST_EXPIRY: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("kiln_request_expiry");
+
 /// Outbox of the stripe's change events: change seq → CBOR change, written in the
 /// same transaction as the write it describes, so an applied write always has its
 /// event. The broadcast log takes them from here.

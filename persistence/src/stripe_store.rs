@@ -157,7 +157,18 @@ pub trait KvTxn {
     fn put(&mut self, map: &str, key: &str, version: u64, value: &[u8]) -> Result<(), StoreError>;
     fn delete(&mut self, map: &str, key: &str) -> Result<(), StoreError>;
     fn request(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    fn record_request(&mut self, id: &str, record: &[u8]) -> Result<(), StoreError>;
+    /// Records a request's result until `remember_until_ms`; `replaces` is the
+    /// expiry of the (expired) record of the same id it overwrites.
+    fn record_request(
+        &mut self,
+        id: &str,
+        record: &[u8],
+        remember_until_ms: u64,
+        replaces: Option<u64>,
+    ) -> Result<(), StoreError>;
+    /// Drops up to `limit` request records remembered until before `before_ms`;
+    /// returns how many went.
+    fn prune_requests(&mut self, before_ms: u64, limit: usize) -> Result<u64, StoreError>;
     /// Appends a change event to the stripe's outbox; returns its change seq
     /// (gap-free from 1, the same on every member since apply is deterministic).
     fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError>;
@@ -185,6 +196,7 @@ impl StripeStore {
             txn.open_table(STRIPE_LOG)?;
             txn.open_table(KV)?;
             txn.open_table(REQUESTS)?;
+            txn.open_table(REQUEST_EXPIRY)?;
             txn.open_table(CHANGES)?;
             Ok(())
         })?;
@@ -338,6 +350,7 @@ impl StripeStore {
             let mut tx = WriteKv {
                 kv: txn.open_table(KV).map_err(self.storage())?,
                 requests: txn.open_table(REQUESTS).map_err(self.storage())?,
+                expiry: txn.open_table(REQUEST_EXPIRY).map_err(self.storage())?,
                 changes: txn.open_table(CHANGES).map_err(self.storage())?,
                 last_change: changes,
                 path: &self.path,
@@ -419,12 +432,14 @@ impl StripeStore {
     /// Makes the staged snapshot the stripe's state, covering the log up to `at`
     /// (epoch, index): the staged tables replace the live ones, the log keeps
     /// only the entries after `at` (or none, unless `keep_log`), and the change
-    /// outbox starts after `changes`. One fsynced transaction.
+    /// outbox starts after `changes`. One fsynced transaction. `expiry_of`
+    /// reads a request record's expiry, to index the records received.
     pub fn install_snapshot(
         &self,
         at: (u64, u64),
         keep_log: bool,
         changes: u64,
+        expiry_of: &dyn Fn(&[u8]) -> Option<u64>,
     ) -> Result<(), StoreError> {
         let txn = self.write_txn(true)?;
         {
@@ -436,6 +451,19 @@ impl StripeStore {
             txn.rename_table(KV_STAGING, KV).map_err(self.storage())?;
             txn.rename_table(REQUESTS_STAGING, REQUESTS)
                 .map_err(self.storage())?;
+            txn.delete_table(REQUEST_EXPIRY).map_err(self.storage())?;
+            {
+                let requests = txn.open_table(REQUESTS).map_err(self.storage())?;
+                let mut expiry = txn.open_table(REQUEST_EXPIRY).map_err(self.storage())?;
+                for row in requests.iter().map_err(self.storage())? {
+                    let (id, record) = row.map_err(self.storage())?;
+                    if let Some(until) = expiry_of(record.value()) {
+                        expiry
+                            .insert((until, id.value()), ())
+                            .map_err(self.storage())?;
+                    }
+                }
+            }
             let mut log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
             if keep_log {
                 log.retain_in(..=at.1, |_, _| false)
@@ -559,6 +587,7 @@ impl StripeStore {
 struct WriteKv<'t> {
     kv: redb::Table<'t, (&'static str, &'static str), (u64, &'static [u8])>,
     requests: redb::Table<'t, &'static str, &'static [u8]>,
+    expiry: redb::Table<'t, (u64, &'static str), ()>,
     changes: redb::Table<'t, u64, &'static [u8]>,
     last_change: u64,
     path: &'t Path,
@@ -611,15 +640,50 @@ impl KvTxn for WriteKv<'_> {
             .map(|v| v.value().to_vec()))
     }
 
-    fn record_request(&mut self, id: &str, record: &[u8]) -> Result<(), StoreError> {
-        let path = self.path.to_path_buf();
-        self.requests
-            .insert(id, record)
-            .map_err(|e| StoreError::Storage {
-                path,
-                source: e.into(),
-            })?;
+    fn record_request(
+        &mut self,
+        id: &str,
+        record: &[u8],
+        remember_until_ms: u64,
+        replaces: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let path = self.path;
+        let err = |e: redb::StorageError| StoreError::Storage {
+            path: path.to_path_buf(),
+            source: e.into(),
+        };
+        if let Some(old) = replaces {
+            self.expiry.remove((old, id)).map_err(err)?;
+        }
+        self.requests.insert(id, record).map_err(err)?;
+        self.expiry
+            .insert((remember_until_ms, id), ())
+            .map_err(err)?;
         Ok(())
+    }
+
+    fn prune_requests(&mut self, before_ms: u64, limit: usize) -> Result<u64, StoreError> {
+        let path = self.path;
+        let err = |e: redb::StorageError| StoreError::Storage {
+            path: path.to_path_buf(),
+            source: e.into(),
+        };
+        let mut gone = Vec::new();
+        for row in self
+            .expiry
+            .range(..(before_ms, ""))
+            .map_err(err)?
+            .take(limit)
+        {
+            let (k, _) = row.map_err(err)?;
+            let (until, id) = k.value();
+            gone.push((until, id.to_string()));
+        }
+        for (until, id) in &gone {
+            self.expiry.remove((*until, id.as_str())).map_err(err)?;
+            self.requests.remove(id.as_str()).map_err(err)?;
+        }
+        Ok(gone.len() as u64)
     }
 
     fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {
@@ -657,7 +721,7 @@ mod tests {
                 .apply(&s.entries(1, 2).unwrap(), |tx, i, bytes| {
                     let key = String::from_utf8_lossy(bytes).to_string();
                     tx.put("m", &key, i, bytes)?;
-                    tx.record_request(&key, b"done")?;
+                    tx.record_request(&key, b"done", 0, None)?;
                     Ok(i)
                 })
                 .unwrap();
@@ -697,7 +761,9 @@ mod tests {
             let (_, key, value) = rows[i];
             i += 1;
             tx.put("m", key, index, value)?;
-            tx.record_request(key, b"r")?;
+            // The record is its expiry, index seconds.
+            let until = index * 1000;
+            tx.record_request(key, &until.to_le_bytes(), until, None)?;
             tx.record_change(key.as_bytes())?;
             Ok(())
         })
@@ -727,8 +793,9 @@ mod tests {
         put_all(&standby, &[(1, "stale", b"x"), (2, "zz", b"y")]);
         standby.stage_snapshot(true, &first, &[], false).unwrap();
         standby.stage_snapshot(false, &rest, &reqs, true).unwrap();
+        let expiry_of = |r: &[u8]| Some(u64_of(r));
         standby
-            .install_snapshot((1, 3), false, source.changes)
+            .install_snapshot((1, 3), false, source.changes, &expiry_of)
             .unwrap();
         let r = standby.recover().unwrap();
         assert_eq!((r.base, r.applied), ((1, 3), 3));
@@ -737,6 +804,17 @@ mod tests {
         assert_eq!(standby.get("m", "stale").unwrap(), None);
         assert_eq!(standby.changes_head(), 3);
         assert!(standby.changes(1, 10).unwrap().is_empty());
+        // The records received are indexed by expiry: pruning finds them.
+        let pruned = standby
+            .apply(&[(4, vec![])], |tx, _, _| {
+                let n = tx.prune_requests(2_500, 10)?;
+                Ok((n, tx.request("a")?, tx.request("c")?))
+            })
+            .unwrap();
+        assert_eq!(
+            pruned,
+            vec![(2, None, Some(3000u64.to_le_bytes().to_vec()))]
+        );
 
         active.compact((1, 2)).unwrap();
         let r = active.recover().unwrap();

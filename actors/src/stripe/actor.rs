@@ -580,7 +580,12 @@ impl StripeActor {
                 let store = self.store.clone();
                 ctx.spawn(
                     blocking(move || {
-                        store.install_snapshot((at.epoch, at.index), keep_log, changes)
+                        store.install_snapshot(
+                            (at.epoch, at.index),
+                            keep_log,
+                            changes,
+                            &kv::request_expiry,
+                        )
                     })
                     .into_actor(self)
                     .map(move |res, act, ctx| {

@@ -123,6 +123,21 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     buf
 }
 
+/// Every this many log entries, request records past their window are dropped.
+const PRUNE_REQUESTS_EVERY: u64 = 256;
+/// Records dropped at most per round: four times what the entries in between
+/// can add, so a backlog drains.
+const PRUNE_REQUESTS_LIMIT: usize = 4 * PRUNE_REQUESTS_EVERY as usize;
+/// A record goes only this long after its window ended, counted on the clock of
+/// the request that triggers the round: requests are stamped by whichever node
+/// accepted them, and clocks and queues differ by that much at most.
+const PRUNE_REQUESTS_MARGIN_MS: u64 = 60_000;
+
+/// The expiry of an encoded request record (for the index of a snapshot's records).
+pub fn request_expiry(record: &[u8]) -> Option<u64> {
+    decode::<RequestRecord>(record).map(|r| r.remember_until_ms)
+}
+
 /// Applies the entry at `index` (an empty entry is an active's no-op).
 pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, StoreError> {
     if data.is_empty() {
@@ -131,10 +146,17 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
     let Some(cmd) = decode::<KvCommand>(data) else {
         return Ok(KvOutcome::Invalid);
     };
+    if index.is_multiple_of(PRUNE_REQUESTS_EVERY) {
+        // Decided by the entry alone, so every member drops the same records.
+        let before = cmd.received_ms.saturating_sub(PRUNE_REQUESTS_MARGIN_MS);
+        tx.prune_requests(before, PRUNE_REQUESTS_LIMIT)?;
+    }
     let fingerprint = cmd.fingerprint();
-    let remembered = tx
+    let previous = tx
         .request(&cmd.request)?
-        .and_then(|b| decode::<RequestRecord>(&b))
+        .and_then(|b| decode::<RequestRecord>(&b));
+    let replaces = previous.as_ref().map(|rec| rec.remember_until_ms);
+    let remembered = previous
         // Past the reconnect window a request id is free again.
         .filter(|rec| rec.remember_until_ms == 0 || rec.remember_until_ms >= cmd.received_ms);
     if let Some(rec) = remembered {
@@ -187,6 +209,8 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
             outcome: outcome.clone(),
             remember_until_ms: cmd.remember_until_ms,
         }),
+        cmd.remember_until_ms,
+        replaces,
     )?;
     Ok(outcome)
 }
@@ -243,9 +267,21 @@ mod tests {
         fn request(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
             Ok(self.req.get(id).cloned())
         }
-        fn record_request(&mut self, id: &str, r: &[u8]) -> Result<(), StoreError> {
+        fn record_request(
+            &mut self,
+            id: &str,
+            r: &[u8],
+            _until: u64,
+            _replaces: Option<u64>,
+        ) -> Result<(), StoreError> {
             self.req.insert(id.into(), r.to_vec());
             Ok(())
+        }
+        fn prune_requests(&mut self, before_ms: u64, _limit: usize) -> Result<u64, StoreError> {
+            let n = self.req.len();
+            self.req
+                .retain(|_, r| request_expiry(r).is_none_or(|t| t >= before_ms));
+            Ok((n - self.req.len()) as u64)
         }
         fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {
             self.changes
@@ -371,6 +407,34 @@ mod tests {
             apply(&mut tx, 3, &at(200_000, b"b")).unwrap(),
             KvOutcome::Done { version: 3 }
         );
+    }
+
+    #[test]
+    fn request_records_go_after_their_window_at_the_same_entry_everywhere() {
+        let mut tx = Mem::default();
+        let cmd = |request: &str, received_ms: u64| {
+            encode(&KvCommand {
+                request: request.into(),
+                op: KvOp::Put {
+                    map: "m".into(),
+                    key: request.into(),
+                    value: b"v".to_vec(),
+                    cond: Condition::None,
+                },
+                received_ms,
+                remember_until_ms: received_ms + 120_000,
+            })
+        };
+        apply(&mut tx, 1, &cmd("old", 0)).unwrap();
+        apply(&mut tx, 2, &cmd("recent", 100_000)).unwrap();
+        // Past the window and the margin, but not at a pruning entry: kept.
+        let late = 120_000 + PRUNE_REQUESTS_MARGIN_MS + 1;
+        apply(&mut tx, 3, &cmd("x", late)).unwrap();
+        assert!(tx.req.contains_key("old"));
+        apply(&mut tx, PRUNE_REQUESTS_EVERY, &cmd("y", late)).unwrap();
+        assert!(!tx.req.contains_key("old"));
+        assert!(tx.req.contains_key("recent"));
+        assert!(tx.req.contains_key("y"));
     }
 
     #[test]
