@@ -283,6 +283,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         let handle = server.handle();
         tracing::info!(http = %settings.http, "HTTP API ready");
         actix_rt::spawn(server);
+        actix_rt::spawn(return_freed_memory());
         wait_for_signal().await;
         if let Some(stripe) = &stripe {
             // An active hands its role to an in-sync standby first, so that no
@@ -423,6 +424,21 @@ async fn wait_for_signal() {
         _ => {
             tracing::error!("cannot install signal handlers; stop this node with SIGKILL");
             std::future::pending::<()>().await
+        }
+    }
+}
+
+/// Hands memory freed after a burst (a snapshot sent, a backlog served) back to
+/// the system now and then: glibc keeps freed heap pages otherwise, and an idle
+/// node would go on holding what its busiest moment needed.
+async fn return_freed_memory() {
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        every.tick().await;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free pages of the allocator's heaps.
+        unsafe {
+            libc::malloc_trim(0);
         }
     }
 }

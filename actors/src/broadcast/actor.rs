@@ -235,7 +235,9 @@ pub struct BroadcastActor {
     /// Change events of this node's stripe that the log holds durably (the
     /// stripe's outbox may drop them).
     stripe_durable: u64,
-    subscribers: broadcast::Sender<Arc<Delivered>>,
+    /// The live feed, made when the first subscriber comes: its buffer is
+    /// allocated whole, and a node nobody subscribes to need not hold it.
+    subscribers: Option<broadcast::Sender<Arc<Delivered>>>,
     started: Instant,
     last_heads: Instant,
     last_prune: Instant,
@@ -260,7 +262,6 @@ impl BroadcastActor {
             RepairConfig::default(),
             runs.into_iter().map(|(o, r)| (o, r.first, r.last)),
         );
-        let (subscribers, _) = broadcast::channel(config.subscriber_buffer.max(16));
         let now = Instant::now();
         Ok(BroadcastActor {
             me,
@@ -283,7 +284,7 @@ impl BroadcastActor {
             importing: false,
             unsynced: false,
             stripe_durable: 0,
-            subscribers,
+            subscribers: None,
             started: now,
             last_heads: now,
             last_prune: now,
@@ -613,14 +614,21 @@ impl BroadcastActor {
     fn deliver(&mut self, origin: &str, events: &[EventFrame], gossip: bool) {
         let now = crate::membership::unix_ms();
         BroadcastMetrics::origin(&self.metrics.delivered, origin).inc_by(events.len() as u64);
+        if self
+            .subscribers
+            .as_ref()
+            .is_some_and(|s| s.receiver_count() == 0)
+        {
+            // The last subscriber left: give the feed's buffer back.
+            self.subscribers = None;
+        }
         for e in events {
             self.metrics
                 .latency
                 .observe(now.saturating_sub(e.ts) as f64 / 1000.0);
-            // No subscriber is not an error.
-            let _ = self
-                .subscribers
-                .send(Arc::new(Delivered::decode(origin, e.seq, e.ts, &e.body)));
+            if let Some(feed) = &self.subscribers {
+                let _ = feed.send(Arc::new(Delivered::decode(origin, e.seq, e.ts, &e.body)));
+            }
         }
         self.delivered.fetch_add(1, Ordering::Relaxed);
         if gossip {
@@ -927,7 +935,11 @@ impl Handler<Subscribe> for BroadcastActor {
     type Result = MessageResult<Subscribe>;
 
     fn handle(&mut self, _: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
-        let feed = self.subscribers.subscribe();
+        let buffer = self.config.subscriber_buffer.max(16);
+        let feed = self
+            .subscribers
+            .get_or_insert_with(|| broadcast::channel(buffer).0)
+            .subscribe();
         let runs = self
             .origins
             .handed_on(&self.origin)

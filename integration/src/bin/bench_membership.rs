@@ -4,7 +4,8 @@
 //! - failure detection: from kill -9 of one node to each survivor seeing it dead
 //!   (median and maximum over survivors);
 //! - false deaths: how many nodes declared a node dead during a 1 s SIGSTOP of it;
-//! - idle RSS per node after convergence.
+//! - idle RSS per node: after convergence, once the joins' aftermath is over (kiln:
+//!   new stripe members synced) and 15 s more.
 //!
 //! It prints numbers and ratios; it asserts nothing. Run it with
 //! `cargo build --release --workspace --bins && target/release/bench-membership [5,10,20,40]`.
@@ -20,6 +21,8 @@ use serde::{Deserialize, Serialize};
 
 const SERF_BIND_PORT: u16 = 7946;
 const SERF_RPC_PORT: u16 = 7373;
+/// How long a settled cluster idles before its RSS is read.
+const IDLE_SETTLE: Duration = Duration::from_secs(15);
 
 /// What an observer node reports: member name → state (alive|dead|other).
 type View = Vec<(String, String)>;
@@ -30,6 +33,10 @@ trait Cluster {
     fn view(&mut self, i: usize) -> Option<View>;
     fn pid(&self, i: usize) -> i32;
     fn kill9(&mut self, i: usize);
+    /// Done with the work that follows a join (kiln: stripe members syncing).
+    fn settled(&self) -> bool {
+        true
+    }
 }
 
 struct KilnCluster {
@@ -69,6 +76,19 @@ impl Cluster for KilnCluster {
     }
     fn kill9(&mut self, i: usize) {
         self.nodes[i].kill9();
+    }
+    fn settled(&self) -> bool {
+        self.nodes[0]
+            .get("/v1/cluster/stripes")
+            .and_then(|v| {
+                let stripes = v["stripes"].as_array()?.clone();
+                Some(stripes.iter().all(|s| {
+                    s["members"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().all(|m| m["role"] != "syncing"))
+                }))
+            })
+            .unwrap_or(false)
     }
 }
 
@@ -329,8 +349,13 @@ fn measure(c: &mut dyn Cluster, started: Instant, timeout: Duration) -> Result {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // Idle RSS.
-    std::thread::sleep(Duration::from_secs(3));
+    // Idle RSS: once the joins' aftermath is over (kiln: new stripe members
+    // synced) and then IDLE_SETTLE more, for both systems.
+    let t = Instant::now();
+    while !c.settled() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(IDLE_SETTLE);
     let rss: Vec<f64> = (0..n).filter_map(|i| rss_mb(c.pid(i))).collect();
     r.rss_mean_mb = rss.iter().sum::<f64>() / rss.len().max(1) as f64;
     r.rss_max_mb = rss.iter().cloned().fold(0.0, f64::max);
