@@ -1,6 +1,7 @@
 //! Artifact publish with real `kiln` processes: a 100 MiB artifact reaches every
 //! node — one restarted in the middle of its transfer (it resumes) and one that
-//! joins after the upload included — and every copy has the uploaded SHA-256.
+//! joins after the upload included — and every copy has the uploaded SHA-256; a
+//! holder whose copy went bad on disk does not spread it.
 //! Deadlines only guard against hanging.
 
 use std::io::{Read, Write};
@@ -169,4 +170,65 @@ fn a_100_mib_artifact_reaches_every_node_across_a_restart_and_a_late_join() {
             },
         );
     }
+}
+
+#[test]
+fn a_corrupt_chunk_from_a_holder_is_fetched_again_from_another() {
+    let _serial = serial();
+    let mut nodes = start_cluster("artc", 3, NodeOpts::default());
+    wait_converged(&nodes, LONG);
+    let data = content(16 * 1024 * 1024);
+    let sha = hex_of(&Sha256::digest(&data));
+    let put =
+        ureq::put(&format!("http://{}/v1/artifacts/report", nodes[0].http())).send_bytes(&data);
+    assert!(put.is_ok(), "{put:?}");
+    for n in &nodes {
+        wait_until(&format!("{} holds the artifact", n.name), LONG, || {
+            here(n, "report").is_some_and(|(state, _)| state == "complete")
+        });
+    }
+
+    // Node 2's copy goes bad on disk: one byte flipped in every 1 MiB chunk. It
+    // still serves it, so a node fetching from it gets chunks that do not match
+    // their digests.
+    let blob = nodes[1].dir.join("data/artifacts/blobs").join(&sha);
+    let mut bytes = std::fs::read(&blob).expect("node 2's copy of the artifact");
+    for at in (512..bytes.len()).step_by(1 << 20) {
+        bytes[at] ^= 0xff;
+    }
+    std::fs::write(&blob, &bytes).expect("corrupt node 2's copy");
+
+    let seed = nodes[0].seed();
+    nodes.push(Node::start(
+        "artc4",
+        NodeOpts {
+            seeds: vec![seed],
+            ..Default::default()
+        },
+    ));
+    let late = &nodes[3];
+    wait_until("the late node holds the artifact", LONG, || {
+        here(late, "report").is_some_and(|(state, _)| state == "complete")
+    });
+    assert_eq!(sha_of_download(late, "report"), sha, "the late node's copy");
+    let metrics = ureq::get(&format!("http://{}/metrics", late.http()))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("metrics text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kiln_artifact_chunks_rejected_total") && !l.ends_with(" 0")),
+        "the late node counted the chunks it rejected:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("kiln_artifact"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        late.log().contains("did not match its digest"),
+        "the late node logged the bad chunks"
+    );
 }
