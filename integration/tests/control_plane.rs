@@ -70,6 +70,9 @@ fn wait_agreed(nodes: &[&Node], placed: usize, n_voters: usize) -> Value {
                 None => return false,
             };
             let first = &views[0];
+            // A voter change counts once it is complete everywhere: a leader
+            // lost half-way through growing from one voter takes the only vote
+            // of the old set with it.
             let ok = placement(first).len() == placed
                 && voters(first).len() == n_voters
                 && first["leader"].is_string()
@@ -77,6 +80,7 @@ fn wait_agreed(nodes: &[&Node], placed: usize, n_voters: usize) -> Value {
                     placement(v) == placement(first)
                         && voters(v) == voters(first)
                         && v["leader"] == first["leader"]
+                        && v["voters_changing"] == false
                 });
             if ok {
                 agreed = first.clone();

@@ -383,6 +383,7 @@ fn a_two_node_stripe_fails_over_with_voters_from_another_stripe() {
                     .filter_map(|m| m["id"].as_str().map(String::from))
                     .collect();
                 v["voters"].as_array().is_some_and(|a| a.len() == 3)
+                    && v["voters_changing"] == false
                     && members.len() == 2
                     && members.iter().any(|m| m["role"] == "standby")
             })

@@ -192,9 +192,10 @@ type PublishReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
 
 /// Work for the storage thread, in order.
 enum Job {
-    /// Events to append; `received` were handed to subscribers already (up to
-    /// delivery `covers`), `own` are this node's new events, numbered when the job
-    /// starts (so a failed append never leaves a gap in its seqs).
+    /// Events to append: `received` were handed to subscribers already; `own`
+    /// are this node's new events, numbered when the job starts (so a failed
+    /// append never leaves a gap in its seqs). Once it is written, every event
+    /// handed on up to delivery count `covers` is in the log.
     Append {
         received: Vec<(String, Vec<EventFrame>)>,
         covers: u64,
@@ -226,9 +227,10 @@ pub struct BroadcastActor {
     /// Received events handed to subscribers and not yet given to an append.
     unwritten: Vec<(String, Vec<EventFrame>)>,
     unwritten_events: usize,
-    /// Counts hand-offs to subscribers; `written` tells the highest count whose
-    /// events are all in the log (a subscriber catching up waits for it).
-    delivered: Arc<AtomicU64>,
+    /// Counts hand-offs of received events (written after they are handed on);
+    /// `written` tells the highest count whose events are all in the log (a
+    /// subscriber catching up waits for it).
+    handed_on: Arc<AtomicU64>,
     written: watch::Sender<u64>,
     importing: bool,
     unsynced: bool,
@@ -279,7 +281,7 @@ impl BroadcastActor {
             busy: false,
             unwritten: Vec::new(),
             unwritten_events: 0,
-            delivered: Arc::new(AtomicU64::new(0)),
+            handed_on: Arc::new(AtomicU64::new(0)),
             written: watch::Sender::new(0),
             importing: false,
             unsynced: false,
@@ -320,6 +322,7 @@ impl BroadcastActor {
             match effect {
                 Effect::Append { origin, events } => {
                     self.deliver(&origin, &events, gossip);
+                    self.handed_on.fetch_add(1, Ordering::Relaxed);
                     self.unwritten_events += events.len();
                     self.unwritten.push((origin, events));
                 }
@@ -347,7 +350,7 @@ impl BroadcastActor {
         }
         let batches = std::mem::take(&mut self.unwritten);
         self.unwritten_events = 0;
-        let upto = self.delivered.load(Ordering::Relaxed);
+        let upto = self.handed_on.load(Ordering::Relaxed);
         if let Some(Job::Append {
             received, covers, ..
         }) = self.jobs.back_mut()
@@ -630,7 +633,6 @@ impl BroadcastActor {
                 let _ = feed.send(Arc::new(Delivered::decode(origin, e.seq, e.ts, &e.body)));
             }
         }
-        self.delivered.fetch_add(1, Ordering::Relaxed);
         if gossip {
             self.gossip(origin.to_string(), events.to_vec());
         }
@@ -796,13 +798,18 @@ impl Handler<Publish> for BroadcastActor {
     fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
         let bodies = msg.bodies.iter().map(EventBody::to_cbor).collect();
         let (tx, rx) = oneshot::channel();
-        // Received events waiting for their write share this fsync.
+        // Received events waiting for their write share this fsync. With them
+        // queued, everything handed on so far is written when this job is.
         self.flush_unwritten();
+        let upto = self.handed_on.load(Ordering::Relaxed);
         match self.jobs.back_mut() {
-            Some(Job::Append { own, .. }) => own.push((bodies, tx)),
+            Some(Job::Append { own, covers, .. }) => {
+                own.push((bodies, tx));
+                *covers = (*covers).max(upto);
+            }
             _ => self.jobs.push_back(Job::Append {
                 received: Vec::new(),
-                covers: 0,
+                covers: upto,
                 own: vec![(bodies, tx)],
             }),
         }
@@ -913,7 +920,7 @@ pub struct Subscription {
     pub runs: HashMap<String, (u64, u64)>,
     pub store: Arc<BroadcastStore>,
     pub metrics: BroadcastMetrics,
-    delivered: Arc<AtomicU64>,
+    handed_on: Arc<AtomicU64>,
     written: watch::Receiver<u64>,
 }
 
@@ -922,7 +929,7 @@ impl Subscription {
     /// (received events are written in batches, shortly after). Gives up after
     /// `limit`, when writing fails.
     pub async fn log_caught_up(&mut self, limit: Duration) {
-        let target = self.delivered.load(Ordering::Relaxed);
+        let target = self.handed_on.load(Ordering::Relaxed);
         let _ = tokio::time::timeout(limit, self.written.wait_for(|w| *w >= target)).await;
     }
 }
@@ -951,7 +958,7 @@ impl Handler<Subscribe> for BroadcastActor {
             runs,
             store: self.store.clone(),
             metrics: self.metrics.clone(),
-            delivered: self.delivered.clone(),
+            handed_on: self.handed_on.clone(),
             written: self.written.subscribe(),
         })
     }

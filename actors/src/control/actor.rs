@@ -136,6 +136,9 @@ pub struct StripeMemberView {
 pub struct ClusterStripes {
     pub stripes: Vec<StripeView>,
     pub voters: Vec<String>,
+    /// A change of the voter set is under way (a joint configuration, or one not
+    /// yet applied here): `voters` is then the old and new sets together.
+    pub voters_changing: bool,
     pub witnesses: Vec<String>,
     /// Peer id of the control-plane leader, if known.
     pub leader: Option<String>,
@@ -755,6 +758,9 @@ impl ControlPlane {
             })
             .collect();
         let voters: Vec<String> = membership.voter_ids().map(peer).collect();
+        let voters_changing = membership.get_joint_config().len() > 1
+            || metrics.membership_config.log_id().map(|l| l.index)
+                > metrics.last_applied.map(|l| l.index);
         let witnesses = state
             .nodes
             .iter()
@@ -784,6 +790,7 @@ impl ControlPlane {
         ClusterStripes {
             stripes,
             voters,
+            voters_changing,
             witnesses,
             leader: metrics.current_leader.map(peer),
             placement,
