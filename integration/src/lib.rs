@@ -207,6 +207,23 @@ impl Node {
         std::fs::read_to_string(self.dir.join("kiln.log")).unwrap_or_default()
     }
 
+    /// The node's Prometheus text (empty if it does not answer).
+    pub fn metrics(&self) -> String {
+        self.agent
+            .get(&format!("http://{}/metrics", self.http()))
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .unwrap_or_default()
+    }
+
+    /// Whether a counter or gauge whose line starts with `name` is above zero.
+    pub fn metric_positive(&self, name: &str) -> bool {
+        self.metrics()
+            .lines()
+            .any(|l| l.starts_with(name) && !l.ends_with(" 0"))
+    }
+
     /// GET a JSON document from the node's API; `None` if it does not answer.
     pub fn get(&self, path: &str) -> Option<Value> {
         self.agent

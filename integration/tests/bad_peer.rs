@@ -209,11 +209,7 @@ fn bad_frames_are_rejected_counted_and_the_sender_is_banned() {
         assert!(refused, "a banned peer got a working connection");
     });
 
-    let text = ureq::get(&format!("http://{}/metrics", node.http()))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let text = node.metrics();
     let by_peer = metric(
         &text,
         &format!("kiln_net_decode_errors_total{{peer=\"{bad_id}\"}}"),

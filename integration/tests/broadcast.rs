@@ -200,11 +200,7 @@ fn every_event_reaches_every_subscriber_once_in_order_across_a_crash_and_a_parti
         }
     }
     for n in &nodes {
-        let metrics = ureq::get(&format!("http://{}/metrics", n.http()))
-            .call()
-            .ok()
-            .and_then(|r| r.into_string().ok())
-            .unwrap_or_default();
+        let metrics = n.metrics();
         let repairs: Vec<&str> = metrics
             .lines()
             .filter(|l| l.starts_with("kiln_broadcast_gap_repairs_total"))
@@ -403,15 +399,8 @@ fn a_subscriber_or_node_behind_retention_gets_a_resync_never_a_silent_gap() {
             .collect();
         assert_eq!(seqs, (first..=550).collect::<Vec<_>>(), "on {}", n.name);
     }
-    let metrics = ureq::get(&format!("http://{}/metrics", nodes[2].http()))
-        .call()
-        .expect("metrics")
-        .into_string()
-        .expect("metrics text");
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("kiln_broadcast_holes_skipped_total") && !l.ends_with(" 0")),
+        nodes[2].metric_positive("kiln_broadcast_holes_skipped_total"),
         "node 3 recorded the hole it skipped"
     );
 }
