@@ -593,42 +593,37 @@ struct WriteKv<'t> {
     path: &'t Path,
 }
 
-impl WriteKv<'_> {
-    fn err<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
-        move |e| StoreError::Storage {
-            path: self.path.to_path_buf(),
-            source: e.into(),
-        }
+/// A storage error of the database at `path`.
+fn storage_error<E: Into<redb::Error>>(path: &Path) -> impl Fn(E) -> StoreError + '_ {
+    move |e| StoreError::Storage {
+        path: path.to_path_buf(),
+        source: e.into(),
     }
 }
 
 impl KvTxn for WriteKv<'_> {
     fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        Ok(self.kv.get((map, key)).map_err(self.err())?.map(|v| {
-            let (version, value) = v.value();
-            (version, value.to_vec())
-        }))
+        Ok(self
+            .kv
+            .get((map, key))
+            .map_err(storage_error(self.path))?
+            .map(|v| {
+                let (version, value) = v.value();
+                (version, value.to_vec())
+            }))
     }
 
     fn put(&mut self, map: &str, key: &str, version: u64, value: &[u8]) -> Result<(), StoreError> {
-        let path = self.path.to_path_buf();
         self.kv
             .insert((map, key), (version, value))
-            .map_err(|e| StoreError::Storage {
-                path,
-                source: e.into(),
-            })?;
+            .map_err(storage_error(self.path))?;
         Ok(())
     }
 
     fn delete(&mut self, map: &str, key: &str) -> Result<(), StoreError> {
-        let path = self.path.to_path_buf();
         self.kv
             .remove((map, key))
-            .map_err(|e| StoreError::Storage {
-                path,
-                source: e.into(),
-            })?;
+            .map_err(storage_error(self.path))?;
         Ok(())
     }
 
@@ -636,7 +631,7 @@ impl KvTxn for WriteKv<'_> {
         Ok(self
             .requests
             .get(id)
-            .map_err(self.err())?
+            .map_err(storage_error(self.path))?
             .map(|v| v.value().to_vec()))
     }
 
@@ -647,54 +642,42 @@ impl KvTxn for WriteKv<'_> {
         remember_until_ms: u64,
         replaces: Option<u64>,
     ) -> Result<(), StoreError> {
-        let path = self.path;
-        let err = |e: redb::StorageError| StoreError::Storage {
-            path: path.to_path_buf(),
-            source: e.into(),
-        };
+        let err = storage_error(self.path);
         if let Some(old) = replaces {
-            self.expiry.remove((old, id)).map_err(err)?;
+            self.expiry.remove((old, id)).map_err(&err)?;
         }
-        self.requests.insert(id, record).map_err(err)?;
+        self.requests.insert(id, record).map_err(&err)?;
         self.expiry
             .insert((remember_until_ms, id), ())
-            .map_err(err)?;
+            .map_err(&err)?;
         Ok(())
     }
 
     fn prune_requests(&mut self, before_ms: u64, limit: usize) -> Result<u64, StoreError> {
-        let path = self.path;
-        let err = |e: redb::StorageError| StoreError::Storage {
-            path: path.to_path_buf(),
-            source: e.into(),
-        };
+        let err = storage_error(self.path);
         let mut gone = Vec::new();
         for row in self
             .expiry
             .range(..(before_ms, ""))
-            .map_err(err)?
+            .map_err(&err)?
             .take(limit)
         {
-            let (k, _) = row.map_err(err)?;
+            let (k, _) = row.map_err(&err)?;
             let (until, id) = k.value();
             gone.push((until, id.to_string()));
         }
         for (until, id) in &gone {
-            self.expiry.remove((*until, id.as_str())).map_err(err)?;
-            self.requests.remove(id.as_str()).map_err(err)?;
+            self.expiry.remove((*until, id.as_str())).map_err(&err)?;
+            self.requests.remove(id.as_str()).map_err(&err)?;
         }
         Ok(gone.len() as u64)
     }
 
     fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {
         let seq = self.last_change + 1;
-        let path = self.path.to_path_buf();
         self.changes
             .insert(seq, change)
-            .map_err(|e| StoreError::Storage {
-                path,
-                source: e.into(),
-            })?;
+            .map_err(storage_error(self.path))?;
         self.last_change = seq;
         Ok(seq)
     }
