@@ -138,13 +138,15 @@ fn a_100_mib_artifact_reaches_every_node_across_a_restart_and_a_late_join() {
     for n in &nodes {
         assert_eq!(sha_of_download(n, "crm-solution"), sha, "{}'s copy", n.name);
     }
-    // Every node is recorded as a holder, and announced it on the databroadcast.
-    let list = nodes[3].get("/v1/artifacts").expect("artifact list");
-    let holders = list["artifacts"][0]["versions"][0]["holders"]
-        .as_array()
-        .map(|h| h.len())
-        .unwrap_or(0);
-    assert_eq!(holders, 4, "{list}");
+    // Every node is recorded as a holder: a node records itself through the
+    // control plane after it completes, so the list catches up a moment later.
+    wait_until("every node is listed as a holder", LONG, || {
+        nodes[3].get("/v1/artifacts").is_some_and(|list| {
+            list["artifacts"][0]["versions"][0]["holders"]
+                .as_array()
+                .is_some_and(|h| h.len() == 4)
+        })
+    });
 
     // A checksum mismatch stores nothing; retiring removes the version.
     let bad = ureq::put(&format!("http://{}/v1/artifacts/other", nodes[1].http()))
