@@ -184,11 +184,14 @@ fn a_corrupt_chunk_from_a_holder_is_fetched_again_from_another() {
     let put =
         ureq::put(&format!("http://{}/v1/artifacts/report", nodes[0].http())).send_bytes(&data);
     assert!(put.is_ok(), "{put:?}");
-    for n in &nodes {
-        wait_until(&format!("{} holds the artifact", n.name), LONG, || {
-            here(n, "report").is_some_and(|(state, _)| state == "complete")
-        });
-    }
+    // All three listed as holders, so the late node asks node 2 too.
+    wait_until("every node is listed as a holder", LONG, || {
+        nodes[0].get("/v1/artifacts").is_some_and(|list| {
+            list["artifacts"][0]["versions"][0]["holders"]
+                .as_array()
+                .is_some_and(|h| h.len() == 3)
+        })
+    });
 
     // Node 2's copy goes bad on disk: one byte flipped in every 1 MiB chunk. It
     // still serves it, so a node fetching from it gets chunks that do not match
