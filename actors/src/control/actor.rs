@@ -505,20 +505,24 @@ impl ControlPlane {
         let raft = self.raft.clone();
         if !new_learners.is_empty() {
             self.changing = true;
+            // All new learners in one membership change: each change restarts
+            // replication to every follower, so adding 40 joining nodes one by one
+            // kept the leader (usually the seed they all join through) busy for
+            // seconds.
+            let peers: Vec<String> = new_learners.iter().map(|(_, n)| n.peer.clone()).collect();
+            let nodes: BTreeMap<NodeId, ControlNode> = new_learners.into_iter().collect();
             ctx.spawn(
-                async move {
-                    for (id, node) in new_learners {
-                        let peer = node.peer.clone();
-                        match raft.add_learner(id, node, false).await {
-                            Ok(_) => tracing::info!(%peer, "added a control-plane learner"),
+                async move { raft.change_membership(ChangeMembers::AddNodes(nodes), false).await }
+                    .into_actor(self)
+                    .map(move |res, act, _| {
+                        act.changing = false;
+                        match res {
+                            Ok(_) => tracing::info!(?peers, "added control-plane learners"),
                             Err(e) => {
-                                tracing::warn!(%peer, error = %e, "cannot add a control-plane learner")
+                                tracing::warn!(?peers, error = %e, "cannot add control-plane learners; will retry")
                             }
                         }
-                    }
-                }
-                .into_actor(self)
-                .map(|_, act, _| act.changing = false),
+                    }),
             );
             return;
         }
