@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Actor;
+use actix::{Actor, Arbiter};
 use actix_web::{web, HttpServer};
 use anyhow::Context;
 use kiln_actors::artifact::{ArtifactActor, ArtifactMetrics, ServeArtifact};
@@ -129,6 +129,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
 
     let system = actix_rt::System::new();
     let result = system.block_on(async move {
+        // Membership and consensus each get a thread of their own: on a busy node
+        // (the seed while many nodes join, an active under write load) a push-pull
+        // answer or a Raft heartbeat must not queue behind stripe and broadcast work.
+        let membership_thread = Arbiter::new();
         let membership = MembershipActor::new(
             me,
             store.clone(),
@@ -138,21 +142,33 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             channels.events,
             settings.membership.clone(),
             metrics,
-        )?
-        .start();
+        )?;
+        let membership =
+            MembershipActor::start_in_arbiter(&membership_thread.handle(), move |_| membership);
         let book = AddressBook::default();
-        let raft = Raft::new(
-            node_id_of(&id),
-            raft_config,
-            ControlNetwork {
+        let consensus_thread = Arbiter::new();
+        let raft = {
+            let network = ControlNetwork {
                 net: net.clone(),
                 book: book.clone(),
-            },
-            LogStore::new(control_store),
-            state_machine,
-        )
-        .await
-        .context("cannot start the control plane")?;
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let me = node_id_of(&id);
+            consensus_thread.spawn(async move {
+                let raft = Raft::new(
+                    me,
+                    raft_config,
+                    network,
+                    LogStore::new(control_store),
+                    state_machine,
+                )
+                .await;
+                let _ = tx.send(raft);
+            });
+            rx.await
+                .context("the control-plane thread stopped while starting")?
+                .context("cannot start the control plane")?
+        };
         let control = ControlPlane::new(
             peer_id,
             raft.clone(),
@@ -308,10 +324,16 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         }
         net.shutdown().await;
         tracing::info!("stopped");
-        anyhow::Ok(())
+        anyhow::Ok([membership_thread, consensus_thread])
     });
     net_runtime.shutdown_timeout(Duration::from_secs(2));
-    result
+    // Stopping the membership thread drops its actor, which waits for its queued
+    // writes to the node database.
+    for thread in result? {
+        thread.stop();
+        let _ = thread.join();
+    }
+    Ok(())
 }
 
 /// Replication timing derived from the election timeout: heartbeats five times
