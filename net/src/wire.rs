@@ -121,6 +121,15 @@ pub enum MembershipGossip {
     },
     /// An operator asked the cluster to forget a dead or left member.
     Forget { subject: String, incarnation: u64 },
+    /// Members the sender has just learnt of first-hand (while connected to them)
+    /// and passes on to all its peers at once: while nodes are joining, the
+    /// gossipsub mesh is still forming, and news forwarded only along it reached
+    /// most nodes a heartbeat or two late. No sender field, so that two nodes
+    /// passing on the same news send one gossipsub message.
+    Joined {
+        members: Vec<MemberRecord>,
+        cluster: Option<String>,
+    },
 }
 
 /// Requests of kiln's request-response protocol.

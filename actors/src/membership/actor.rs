@@ -299,9 +299,15 @@ impl MembershipActor {
         for e in effects {
             match e {
                 Effect::Publish(mut g) => {
-                    if let MembershipGossip::Announce { cluster, .. } = &mut g {
-                        self.metrics.announcements_sent.inc();
-                        cluster.clone_from(&self.cluster);
+                    match &mut g {
+                        MembershipGossip::Announce { cluster, .. } => {
+                            self.metrics.announcements_sent.inc();
+                            cluster.clone_from(&self.cluster);
+                        }
+                        MembershipGossip::Joined { cluster, .. } => {
+                            cluster.clone_from(&self.cluster)
+                        }
+                        MembershipGossip::Claim { .. } | MembershipGossip::Forget { .. } => {}
                     }
                     self.net.send(NetCommand::PublishMembership(g));
                 }
@@ -543,6 +549,17 @@ impl MembershipActor {
                     subject,
                     incarnation,
                 } => self.state.on_forget(now, &subject, incarnation),
+                MembershipGossip::Joined { members, cluster } => {
+                    tracing::debug!(%source, members = members.len(), "news of joined members");
+                    // News often comes before this joining node's own push-pull
+                    // has answered: like an announcement, it says its cluster.
+                    if self.same_cluster(&cluster) {
+                        self.state
+                            .on_joined(now, Self::valid_records(&source, members))
+                    } else {
+                        vec![]
+                    }
+                }
             },
             NetEvent::MembershipSubscribed { .. } => self.state.on_peer_subscribed(now),
             NetEvent::Request {

@@ -110,6 +110,8 @@ pub struct Member {
     last_dial_ms: Option<u64>,
     /// When we last re-told this member a claim about itself it has not refuted.
     last_reclaim_ms: Option<u64>,
+    /// A first connection to it has been attempted.
+    first_dial_tried: bool,
 }
 
 /// A row of the member table as shown to operators.
@@ -130,6 +132,33 @@ pub enum ForgetError {
     #[error("a node cannot forget itself")]
     IsSelf,
 }
+
+/// News of a member (new, or a new life) learnt while connected to it, which
+/// makes it first-hand: passed on to every peer at once. A node that just joined
+/// is then known cluster-wide as soon as the node it joined through has met it,
+/// without waiting for the gossipsub mesh to form or for its own next
+/// announcement. Identical news from two nodes is one gossipsub message.
+fn pass_on(rec: &MemberRecord) -> Effect {
+    Effect::Publish(MembershipGossip::Joined {
+        members: vec![rec.clone()],
+        cluster: None,
+    })
+}
+
+/// How long the member with the larger id waits for the other to dial before
+/// it dials itself (a first connection only; a lost one is redialled at once by
+/// both, since that is how a crash is noticed).
+const FIRST_DIAL_GRACE_MS: u64 = 2000;
+
+/// Anti-entropy push-pulls: every `ANTI_ENTROPY_JOINING_MS` during the first
+/// `JOINING_MS` after start, every `ANTI_ENTROPY_MS` after.
+const JOINING_MS: u64 = 5_000;
+const ANTI_ENTROPY_JOINING_MS: u64 = 250;
+const ANTI_ENTROPY_MS: u64 = 10_000;
+
+/// Pace of first connections (see `Membership::take_first_dial`).
+const FIRST_DIAL_SPACING_MS: u64 = 100;
+const FIRST_DIAL_BURST: u64 = 4;
 
 /// Incarnations above this are refused from peers: a member raises its
 /// incarnation once per restart or refutation, so a real one never gets near it,
@@ -160,6 +189,12 @@ pub struct Membership {
     connected: BTreeSet<String>,
     dirty: BTreeSet<String>,
     cfg: MembershipConfig,
+    /// When the next first connection may be opened (monotonic ms, a GCRA).
+    next_first_dial_ms: u64,
+    /// When this node started (monotonic ms) and last ran an anti-entropy push-pull.
+    started_ms: u64,
+    last_anti_entropy_ms: u64,
+    anti_entropy_turn: usize,
 }
 
 impl Membership {
@@ -187,6 +222,7 @@ impl Membership {
                     last_beat: 0,
                     last_dial_ms: None,
                     last_reclaim_ms: None,
+                    first_dial_tried: false,
                 },
             );
         }
@@ -199,6 +235,10 @@ impl Membership {
             connected: BTreeSet::new(),
             dirty: BTreeSet::new(),
             cfg,
+            next_first_dial_ms: 0,
+            started_ms: 0,
+            last_anti_entropy_ms: 0,
+            anti_entropy_turn: 0,
         }
     }
 
@@ -269,6 +309,8 @@ impl Membership {
 
     /// Addresses to dial at start: every member not known to be gone.
     pub fn start(&mut self, now: Now) -> Vec<Effect> {
+        self.started_ms = now.mono_ms;
+        self.last_anti_entropy_ms = now.mono_ms;
         let mut out = Vec::new();
         for m in self.members.values_mut() {
             if !gone(m.record.status) {
@@ -384,18 +426,25 @@ impl Membership {
             let id = rec.id.clone();
             let live = !gone(status);
             let connected = self.connected.contains(&id);
-            if live && !connected {
-                out.push(Effect::Dial {
-                    id: id.clone(),
-                    addrs: rec.addrs.clone(),
-                });
-            }
+            // Nobody is dialled the moment it is learnt of: the first
+            // connection waits `redial_interval_ms`, and keeps to a pace (see
+            // `take_first_dial`). When many nodes join at once, a storm of
+            // handshakes otherwise delayed the push-pulls and gossip that spread
+            // the news of the join itself. Both sides usually learn of each
+            // other at once; if both dialled, every pair would hold two
+            // connections, so the side with the larger id waits
+            // `FIRST_DIAL_GRACE_MS` for the other.
+            // (A member learnt of as dead waits `dead_redial_interval_ms`.)
+            let last_dial_ms = Some(now.mono_ms);
             out.push(Effect::StatusChanged {
                 id: id.clone(),
                 from: None,
                 to: status,
                 incarnation: rec.incarnation,
             });
+            if live && connected {
+                out.push(pass_on(&rec));
+            }
             self.members.insert(
                 id.clone(),
                 Member {
@@ -406,8 +455,9 @@ impl Membership {
                     ever_connected: connected,
                     unreachable_since_ms: None,
                     last_beat: beat.unwrap_or(0),
-                    last_dial_ms: live.then_some(now.mono_ms),
+                    last_dial_ms,
                     last_reclaim_ms: None,
+                    first_dial_tried: false,
                 },
             );
             self.forgotten.remove(&id);
@@ -419,6 +469,9 @@ impl Membership {
             // A newer life of the member outranks everything said of an older one.
             let from = m.record.status;
             let revived = gone(from) && !gone(rec.status);
+            if m.connected && !gone(rec.status) {
+                out.push(pass_on(&rec));
+            }
             m.record = rec;
             m.status_since_unix_ms = now.unix_ms;
             m.last_beat = beat.unwrap_or(0);
@@ -547,6 +600,11 @@ impl Membership {
             .collect()
     }
 
+    /// Members another node passed on (`Joined`): hearsay like any table.
+    pub fn on_joined(&mut self, now: Now, members: Vec<MemberRecord>) -> Vec<Effect> {
+        self.on_sync(now, members)
+    }
+
     /// A peer subscribed to the membership topic: a publish now reaches it. A
     /// node that just connected announces itself at once (not at its next
     /// interval), so that gossip spreads the news while connections are still
@@ -591,6 +649,25 @@ impl Membership {
         out
     }
 
+    /// Whether a first connection may be opened now: at most one every
+    /// `FIRST_DIAL_SPACING_MS`, in bursts of up to `FIRST_DIAL_BURST`. What the
+    /// cluster knows does not wait for connections (news spreads by gossip and
+    /// push-pull); only the full mesh builds up over a few seconds.
+    fn take_first_dial(&mut self, now: Now) -> bool {
+        let due = self.next_first_dial_ms.max(now.mono_ms);
+        if due > now.mono_ms + (FIRST_DIAL_BURST - 1) * FIRST_DIAL_SPACING_MS {
+            return false;
+        }
+        self.next_first_dial_ms = due + FIRST_DIAL_SPACING_MS;
+        true
+    }
+
+    /// Of two members that learn of each other, the one with the smaller id
+    /// dials; the same rule picks the side that starts push-pull.
+    fn dials_first(&self, id: &str) -> bool {
+        self.me.id.as_str() < id
+    }
+
     pub fn on_connected(&mut self, now: Now, id: &str) -> Vec<Effect> {
         self.connected.insert(id.to_string());
         if let Some(m) = self.members.get_mut(id) {
@@ -604,7 +681,7 @@ impl Membership {
         // Push-pull once per connection, not twice: the side with the smaller id
         // sends its table, the other answers with its own. Both sides agree on who
         // that is whichever way the connection was dialled.
-        if self.me.id.as_str() < id {
+        if self.dials_first(id) {
             vec![Effect::Sync { id: id.to_string() }]
         } else {
             vec![]
@@ -651,9 +728,40 @@ impl Membership {
         out.push(Effect::Suspected { id: id.to_string() });
     }
 
-    /// Timers: announce, suspect, declare dead, redial, forget after the TTL.
+    /// Anti-entropy: a push-pull with the next connected member in turn, often
+    /// while this node is new, seldom after. Gossip sent while a joining node's
+    /// subscription had not yet reached its peers never reaches it; this
+    /// catches it up within `ANTI_ENTROPY_JOINING_MS`.
+    fn anti_entropy(&mut self, now: Now) -> Option<Effect> {
+        let joining = now.mono_ms.saturating_sub(self.started_ms) < JOINING_MS;
+        let every = if joining {
+            ANTI_ENTROPY_JOINING_MS
+        } else {
+            ANTI_ENTROPY_MS
+        };
+        if now.mono_ms.saturating_sub(self.last_anti_entropy_ms) < every {
+            return None;
+        }
+        let peers: Vec<&String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.connected)
+            .map(|(id, _)| id)
+            .collect();
+        if peers.is_empty() {
+            return None;
+        }
+        let id = peers[self.anti_entropy_turn % peers.len()].clone();
+        self.anti_entropy_turn = self.anti_entropy_turn.wrapping_add(1);
+        self.last_anti_entropy_ms = now.mono_ms;
+        Some(Effect::Sync { id })
+    }
+
+    /// Timers: announce, anti-entropy, suspect, declare dead, redial, forget after
+    /// the TTL.
     pub fn tick(&mut self, now: Now) -> Vec<Effect> {
         let mut out = Vec::new();
+        out.extend(self.anti_entropy(now));
         if self.me.status != MemberStatus::Left
             && self
                 .last_announce_ms
@@ -662,6 +770,8 @@ impl Membership {
             out.extend(self.announce(now));
         }
         let ids: Vec<String> = self.members.keys().cloned().collect();
+        // First connections due: (tried before, id).
+        let mut first_dials: Vec<(bool, String)> = Vec::new();
         for id in ids {
             let Some(m) = self.members.get(&id) else {
                 continue;
@@ -695,7 +805,8 @@ impl Membership {
                     self.suspect(now, &id, &mut out);
                 }
             }
-            let Some(m) = self.members.get_mut(&id) else {
+            let dials_first = self.dials_first(&id);
+            let Some(m) = self.members.get(&id) else {
                 continue;
             };
             let status = m.record.status;
@@ -705,16 +816,32 @@ impl Membership {
                 } else {
                     self.cfg.redial_interval_ms
                 };
-                if m.last_dial_ms
-                    .is_none_or(|t| now.mono_ms.saturating_sub(t) >= every)
-                {
-                    m.last_dial_ms = Some(now.mono_ms);
-                    out.push(Effect::Dial {
-                        id: id.clone(),
-                        addrs: m.record.addrs.clone(),
-                    });
+                let first = !m.ever_connected;
+                let every = if first && !dials_first {
+                    every.max(FIRST_DIAL_GRACE_MS)
+                } else {
+                    every
+                };
+                let due = m
+                    .last_dial_ms
+                    .is_none_or(|t| now.mono_ms.saturating_sub(t) >= every);
+                // A lost connection is redialled at once (that is how a crash is
+                // noticed); first connections keep to the pace, below.
+                if due && !first {
+                    if let Some(m) = self.members.get_mut(&id) {
+                        m.last_dial_ms = Some(now.mono_ms);
+                        out.push(Effect::Dial {
+                            id: id.clone(),
+                            addrs: m.record.addrs.clone(),
+                        });
+                    }
+                } else if due {
+                    first_dials.push((m.first_dial_tried, id.clone()));
                 }
             }
+            let Some(m) = self.members.get_mut(&id) else {
+                continue;
+            };
             if gone(status)
                 && now.unix_ms.saturating_sub(m.status_since_unix_ms) >= self.cfg.dead_member_ttl_ms
             {
@@ -724,6 +851,22 @@ impl Membership {
                 out.push(Effect::Forgotten {
                     id,
                     incarnation: inc,
+                });
+            }
+        }
+        // Members never tried first: a member that cannot be reached must not
+        // starve the others of the pace.
+        first_dials.sort();
+        for (_, id) in first_dials {
+            if !self.take_first_dial(now) {
+                break;
+            }
+            if let Some(m) = self.members.get_mut(&id) {
+                m.last_dial_ms = Some(now.mono_ms);
+                m.first_dial_tried = true;
+                out.push(Effect::Dial {
+                    id,
+                    addrs: m.record.addrs.clone(),
                 });
             }
         }

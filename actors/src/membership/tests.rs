@@ -42,15 +42,132 @@ fn published(effects: &[Effect]) -> Vec<MembershipGossip> {
         .collect()
 }
 
+fn dials(fx: &[Effect], to: &str) -> bool {
+    fx.iter()
+        .any(|e| matches!(e, Effect::Dial { id, .. } if id == to))
+}
+
+/// Ticks every 100 ms from `from` to `to` (inclusive) and collects the effects.
+fn ticks(m: &mut Membership, from: u64, to: u64) -> Vec<Effect> {
+    (from / 100..=to / 100)
+        .flat_map(|i| m.tick(at(i * 100)))
+        .collect()
+}
+
 #[test]
-fn announcement_adds_member_and_dials_it() {
+fn announcement_adds_member_and_dials_it_after_the_redial_interval() {
+    let cfg = MembershipConfig::default();
     let mut a = node("a");
     let fx = a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
     assert_eq!(status(&a, "b"), MemberStatus::Alive);
-    assert!(fx
-        .iter()
-        .any(|e| matches!(e, Effect::Dial { id, .. } if id == "b")));
+    assert!(!dials(&fx, "b"), "not dialled the moment it is learnt of");
     assert_eq!(a.take_dirty().len(), 1);
+    assert!(!dials(
+        &ticks(&mut a, 100, cfg.redial_interval_ms - 100),
+        "b"
+    ));
+    assert!(dials(&a.tick(at(cfg.redial_interval_ms)), "b"));
+}
+
+#[test]
+fn of_two_members_that_learn_of_each_other_only_the_smaller_id_dials_first() {
+    let mut a = node("a");
+    let mut b = node("b");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    b.on_announce(at(0), rec("a", 1, MemberStatus::Alive), 1);
+    assert!(dials(&ticks(&mut a, 100, 1000), "b"));
+    assert!(!dials(&ticks(&mut b, 100, 1000), "a"));
+    // Still no connection from "a" after the grace: "b" dials itself, once.
+    let waited = ticks(&mut b, 1100, 3000);
+    assert_eq!(
+        waited
+            .iter()
+            .filter(|e| matches!(e, Effect::Dial { id, .. } if id == "a"))
+            .count(),
+        1
+    );
+    // A connection that was up and is lost is redialled by both sides at once.
+    a.on_connected(at(3100), "b");
+    b.on_connected(at(3100), "a");
+    assert!(dials(&a.on_disconnected(at(3200), "b"), "b"));
+    assert!(dials(&b.on_disconnected(at(3200), "a"), "a"));
+}
+
+#[test]
+fn first_connections_keep_to_a_pace() {
+    let mut a = node("a");
+    let table: Vec<MemberRecord> = (0..20)
+        .map(|i| rec(&format!("m{i:02}"), 1, MemberStatus::Alive))
+        .collect();
+    a.on_sync(at(0), table);
+    let count = |fx: &[Effect]| {
+        fx.iter()
+            .filter(|e| matches!(e, Effect::Dial { .. }))
+            .count()
+    };
+    // Due after the redial interval, then a burst of 4 and one per 100 ms
+    // (redials of members not connected yet included).
+    assert_eq!(count(&ticks(&mut a, 100, 400)), 0);
+    let burst = a.tick(at(500));
+    assert_eq!(count(&burst), 4);
+    let next = ticks(&mut a, 600, 1000);
+    assert_eq!(count(&next), 5);
+    let later = ticks(&mut a, 1100, 2_500);
+    assert!(count(&later) <= 15, "at most one first dial per 100 ms");
+    // Members never tried go before redials of those that did not answer.
+    let dialled: std::collections::BTreeSet<String> = [burst, next, later]
+        .concat()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Dial { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dialled.len(), 20, "every member is dialled within 2.5 s");
+}
+
+#[test]
+fn a_member_met_first_hand_is_passed_on_once() {
+    let mut a = node("a");
+    a.on_connected(at(0), "b");
+    let fx = a.on_sync(
+        at(1),
+        vec![
+            rec("b", 1, MemberStatus::Alive),
+            rec("c", 1, MemberStatus::Alive),
+        ],
+    );
+    let passed: Vec<_> = published(&fx)
+        .into_iter()
+        .filter_map(|g| match g {
+            MembershipGossip::Joined { members, .. } => Some(members),
+            _ => None,
+        })
+        .collect();
+    // "b" is connected (first-hand); "c" is only hearsay.
+    assert_eq!(passed.len(), 1);
+    assert_eq!(passed[0][0].id, "b");
+    // Known now: not news again.
+    let fx = a.on_announce(at(2), rec("b", 1, MemberStatus::Alive), 2);
+    assert!(!published(&fx)
+        .iter()
+        .any(|g| matches!(g, MembershipGossip::Joined { .. })));
+}
+
+#[test]
+fn a_new_node_catches_up_by_anti_entropy() {
+    let mut a = node("a");
+    a.start(at(0));
+    a.on_connected(at(10), "b");
+    a.on_sync(at(20), vec![rec("b", 1, MemberStatus::Alive)]);
+    let syncs = |fx: &[Effect]| {
+        fx.iter()
+            .filter(|e| matches!(e, Effect::Sync { .. }))
+            .count()
+    };
+    // Often while joining, seldom after.
+    assert!(syncs(&ticks(&mut a, 100, 4900)) >= 10);
+    assert!(syncs(&ticks(&mut a, 5000, 14_900)) <= 1);
 }
 
 #[test]
@@ -331,10 +448,12 @@ fn push_pull_teaches_the_whole_table() {
         ],
     );
     assert_eq!(a.table().len(), 4);
-    let dialled: Vec<_> = fx
-        .iter()
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Dial { .. })));
+    let dialled: Vec<_> = a
+        .tick(at(MembershipConfig::default().redial_interval_ms))
+        .into_iter()
         .filter_map(|e| match e {
-            Effect::Dial { id, .. } => Some(id.as_str()),
+            Effect::Dial { id, .. } => Some(id),
             _ => None,
         })
         .collect();
