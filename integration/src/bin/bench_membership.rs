@@ -27,10 +27,19 @@ const IDLE_SETTLE: Duration = Duration::from_secs(15);
 /// What an observer node reports: member name → state (alive|dead|other).
 type View = Vec<(String, String)>;
 
+/// Asks one node for its view over a connection of its own, so that the nodes
+/// can be watched in parallel (one after the other, a round over 40 loaded nodes
+/// takes longer than what is measured).
+type Observer = Box<dyn FnMut() -> Option<View> + Send>;
+
+/// How often each node is asked for its view while the cluster converges.
+const CONVERGE_POLL: Duration = Duration::from_millis(50);
+
 trait Cluster {
     fn len(&self) -> usize;
     fn name(&self, i: usize) -> String;
     fn view(&mut self, i: usize) -> Option<View>;
+    fn observer(&self, i: usize) -> Observer;
     fn pid(&self, i: usize) -> i32;
     fn kill9(&mut self, i: usize);
     /// Done with the work that follows a join (kiln: stripe members syncing).
@@ -70,6 +79,25 @@ impl Cluster for KilnCluster {
     }
     fn view(&mut self, i: usize) -> Option<View> {
         self.nodes[i].member_rows("name")
+    }
+    fn observer(&self, i: usize) -> Observer {
+        let url = format!("http://{}/v1/cluster/members", self.nodes[i].http());
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build();
+        Box::new(move || {
+            let v: serde_json::Value = agent.get(&url).call().ok()?.into_json().ok()?;
+            Some(
+                v["members"]
+                    .as_array()?
+                    .iter()
+                    .map(|m| {
+                        let field = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+                        (field("name"), field("state"))
+                    })
+                    .collect(),
+            )
+        })
     }
     fn pid(&self, i: usize) -> i32 {
         self.nodes[i].pid()
@@ -266,6 +294,15 @@ impl Cluster for SerfCluster {
     fn view(&mut self, i: usize) -> Option<View> {
         self.nodes[i].members()
     }
+    fn observer(&self, i: usize) -> Observer {
+        let mut node = SerfNode {
+            name: self.nodes[i].name.clone(),
+            ip: self.nodes[i].ip,
+            child: None,
+            rpc: None,
+        };
+        Box::new(move || node.members())
+    }
     fn pid(&self, i: usize) -> i32 {
         self.nodes[i]
             .child
@@ -306,6 +343,8 @@ fn signal(pid: i32, sig: i32) {
 #[derive(Debug, Default, Clone)]
 struct Result {
     converge_s: Option<f64>,
+    /// When the median node first saw every node alive.
+    converge_node_median_s: Option<f64>,
     detect_median_s: Option<f64>,
     detect_max_s: Option<f64>,
     false_deaths: usize,
@@ -326,28 +365,53 @@ fn measure(c: &mut dyn Cluster, started: Instant, timeout: Duration) -> Result {
     let names: HashSet<String> = (0..n).map(|i| c.name(i)).collect();
     let mut r = Result::default();
 
-    // Convergence.
-    loop {
-        let all = (0..n).all(|i| {
-            c.view(i).is_some_and(|v| {
-                let alive: HashSet<&String> = v
-                    .iter()
-                    .filter(|(_, s)| s == "alive")
-                    .map(|(m, _)| m)
-                    .collect();
-                names.iter().all(|m| alive.contains(m))
+    // Convergence: the moment each node first sees every node alive, each node
+    // watched by a thread of its own.
+    let observers: Vec<Observer> = (0..n).map(|i| c.observer(i)).collect();
+    let names = &names;
+    let converged: Vec<Option<f64>> = std::thread::scope(|scope| {
+        let watchers: Vec<_> = observers
+            .into_iter()
+            .map(|mut view| {
+                scope.spawn(move || {
+                    while started.elapsed() < timeout {
+                        let sees_all = view().is_some_and(|v| {
+                            let alive: HashSet<&String> = v
+                                .iter()
+                                .filter(|(_, s)| s == "alive")
+                                .map(|(m, _)| m)
+                                .collect();
+                            names.iter().all(|m| alive.contains(m))
+                        });
+                        if sees_all {
+                            return Some(started.elapsed().as_secs_f64());
+                        }
+                        std::thread::sleep(CONVERGE_POLL);
+                    }
+                    None
+                })
             })
-        });
-        if all {
-            r.converge_s = Some(started.elapsed().as_secs_f64());
-            break;
-        }
-        if started.elapsed() > timeout {
-            eprintln!("  did not converge within {timeout:?}");
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+            .collect();
+        watchers
+            .into_iter()
+            .map(|w| w.join().ok().flatten())
+            .collect()
+    });
+    if converged.iter().any(Option::is_none) {
+        eprintln!("  did not converge within {timeout:?}");
+        return r;
     }
+    let mut times: Vec<f64> = converged.iter().flatten().copied().collect();
+    r.converge_node_median_s = median(&mut times);
+    r.converge_s = times.last().copied();
+    eprintln!(
+        "  nodes converged at (s): {}",
+        times
+            .iter()
+            .map(|t| format!("{t:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
 
     // Idle RSS: once the joins' aftermath is over (kiln: new stripe members
     // synced) and then IDLE_SETTLE more, for both systems.
@@ -442,19 +506,27 @@ fn main() {
     if !serf_available {
         eprintln!("serf is not installed (apt-get install serf); measuring kiln only");
     }
-    println!("| N | system | converge s | detect median s | detect max s | false deaths (1 s SIGSTOP) | idle RSS mean MB | idle RSS max MB |");
+    println!("| N | system | converge s (median node) | detect median s | detect max s | false deaths (1 s SIGSTOP) | idle RSS mean MB | idle RSS max MB |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for &n in &sizes {
         let timeout = Duration::from_secs(120);
         let started = Instant::now();
         let mut k = KilnCluster::start(n);
+        eprintln!(
+            "  kiln: {n} processes started in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
         let kr = measure(&mut k, started, timeout);
         drop(k);
         print_row(n, "kiln", &kr);
         let sr = if serf_available {
             let started = Instant::now();
             let mut s = SerfCluster::start(n);
+            eprintln!(
+                "  serf: {n} processes started in {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
             let sr = measure(&mut s, started, timeout);
             drop(s);
             print_row(n, "serf", &sr);
@@ -483,8 +555,9 @@ fn main() {
 
 fn print_row(n: usize, system: &str, r: &Result) {
     println!(
-        "| {n} | {system} | {} | {} | {} | {} | {:.1} | {:.1} |",
+        "| {n} | {system} | {} ({}) | {} | {} | {} | {:.1} | {:.1} |",
         fmt(r.converge_s),
+        fmt(r.converge_node_median_s),
         fmt(r.detect_median_s),
         fmt(r.detect_max_s),
         r.false_deaths,
