@@ -294,6 +294,10 @@ mod tests {
                 subject: "x".into(),
                 incarnation: 9,
             },
+            MembershipGossip::Joined {
+                members: vec![record()],
+                cluster: Some("c".into()),
+            },
         ];
         for m in msgs {
             let bytes = encode(&m);
