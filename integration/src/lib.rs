@@ -256,19 +256,7 @@ impl Node {
 
     /// Member `key` (id or name) → state, as this node sees it.
     pub fn member_rows(&self, key: &str) -> Option<Vec<(String, String)>> {
-        let v = self.get("/v1/cluster/members")?;
-        Some(
-            v["members"]
-                .as_array()?
-                .iter()
-                .map(|m| {
-                    (
-                        m[key].as_str().unwrap_or_default().to_string(),
-                        m["state"].as_str().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect(),
-        )
+        member_rows_of(&self.get("/v1/cluster/members")?, key)
     }
 
     pub fn state_of(&self, id: &str) -> Option<String> {
@@ -525,4 +513,20 @@ pub fn check_stream(
         *prev = seq;
     }
     Ok(last)
+}
+
+/// Member `key` (id or name) → state, from a `GET /v1/cluster/members` answer.
+pub fn member_rows_of(members: &serde_json::Value, key: &str) -> Option<Vec<(String, String)>> {
+    Some(
+        members["members"]
+            .as_array()?
+            .iter()
+            .map(|m| {
+                (
+                    m[key].as_str().unwrap_or_default().to_string(),
+                    m["state"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+    )
 }

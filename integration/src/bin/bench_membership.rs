@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_integration::{free_ip, Node, NodeOpts};
+use kiln_integration::{free_ip, member_rows_of, Node, NodeOpts};
 use serde::{Deserialize, Serialize};
 
 const SERF_BIND_PORT: u16 = 7946;
@@ -87,16 +87,7 @@ impl Cluster for KilnCluster {
             .build();
         Box::new(move || {
             let v: serde_json::Value = agent.get(&url).call().ok()?.into_json().ok()?;
-            Some(
-                v["members"]
-                    .as_array()?
-                    .iter()
-                    .map(|m| {
-                        let field = |k: &str| m[k].as_str().unwrap_or_default().to_string();
-                        (field("name"), field("state"))
-                    })
-                    .collect(),
-            )
+            member_rows_of(&v, "name")
         })
     }
     fn pid(&self, i: usize) -> i32 {
