@@ -179,8 +179,13 @@ impl Node {
             }
             None => Command::new(kiln_bin()),
         };
+        // `KILN_NODE_LOG` sets the nodes' log filter (to debug a test or benchmark).
         cmd.args(&self.args)
-            .env("RUST_LOG", "info,libp2p_gossipsub=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("KILN_NODE_LOG")
+                    .unwrap_or_else(|_| "info,libp2p_gossipsub=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);

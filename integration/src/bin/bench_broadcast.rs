@@ -34,6 +34,10 @@
 //! cargo build --release -p kiln-integration --features bench-brokers --bins &&
 //! target/release/bench-broadcast [Ns] [seconds-per-step] [systems]`
 //! (defaults `3,5,10`, `5`, `kiln,rabbitmq,nats`).
+//!
+//! For profiling: `KILN_BENCH_RATES=5000,20000` measures only at those offered
+//! rates (no ladder, no restart run); `KILN_BENCH_DUMP=/tmp/lat` writes every
+//! reception (`subscriber event-id latency-ns`) to `/tmp/lat.<step>.<rate>`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -1428,8 +1432,23 @@ fn run_phase(
         .iter()
         .flat_map(|o| o.retried.iter().copied())
         .collect();
-    for s in &sinks {
+    // `KILN_BENCH_DUMP=prefix`: every reception as `subscriber id latency-ns`, one
+    // file per step, to see when and where slow deliveries happen.
+    let mut dump = std::env::var("KILN_BENCH_DUMP").ok().and_then(|p| {
+        let path = format!("{p}.{phase}.{rate}");
+        std::fs::File::create(&path)
+            .map_err(|e| eprintln!("    cannot write {path}: {e}"))
+            .ok()
+            .map(std::io::BufWriter::new)
+    });
+    for (si, s) in sinks.iter().enumerate() {
         let recs = s.finish();
+        if let Some(f) = dump.as_mut() {
+            use std::io::Write;
+            for r in &recs {
+                let _ = writeln!(f, "{si} {} {}", r.0, r.1);
+            }
+        }
         let mut ids: Vec<u64> = recs.iter().map(|r| r.0).collect();
         lat.extend(recs.iter().map(|r| r.1));
         lat_due.extend(recs.iter().map(|r| r.2));
@@ -1617,6 +1636,13 @@ fn measure(
         res.steps.push(r);
         f
     };
+    // Fixed rates only (for profiling one load): no ladder, no restart run.
+    if let Some(rates) = fixed_rates() {
+        for rate in rates {
+            step(sys, next_phase(), rate, &mut res);
+        }
+        return (res, Duration::ZERO);
+    }
     for rate in [1_000.0, 10_000.0] {
         match step(sys, next_phase(), rate, &mut res) {
             None => pass = Some(rate),
@@ -1681,6 +1707,13 @@ fn measure(
     }
     res.restart = Some((away, r));
     (res, away)
+}
+
+/// `KILN_BENCH_RATES=5000,20000`: measure at these offered rates and nothing else.
+fn fixed_rates() -> Option<Vec<f64>> {
+    let v = std::env::var("KILN_BENCH_RATES").ok()?;
+    let rates: Vec<f64> = v.split(',').filter_map(|r| r.trim().parse().ok()).collect();
+    (!rates.is_empty()).then_some(rates)
 }
 
 fn ratio(a: f64, b: f64) -> String {
