@@ -94,6 +94,7 @@ pub struct BroadcastMetrics {
     delivered: Family<OriginLabel, Counter>,
     repaired: Family<OriginLabel, Counter>,
     gap_repairs: Counter,
+    gossip_reconnects: Counter,
     holes_skipped: Counter,
     pub resyncs: Counter,
     pub subscribers: Gauge,
@@ -111,6 +112,7 @@ impl BroadcastMetrics {
             delivered: Default::default(),
             repaired: Default::default(),
             gap_repairs: Default::default(),
+            gossip_reconnects: Default::default(),
             holes_skipped: Default::default(),
             resyncs: Default::default(),
             subscribers: Default::default(),
@@ -141,6 +143,11 @@ impl BroadcastMetrics {
             "gap_repairs",
             "Fetches of missed events answered by a peer",
             m.gap_repairs.clone(),
+        );
+        r.register(
+            "gossip_reconnects",
+            "Connections closed because a node's events kept reaching this node only by repair",
+            m.gossip_reconnects.clone(),
         );
         r.register(
             "holes_skipped",
@@ -327,6 +334,12 @@ impl BroadcastActor {
                     self.unwritten.push((origin, events));
                 }
                 Effect::Fetch { peer, origin, from } => self.fetch(peer, origin, from, ctx),
+                Effect::Reconnect { peer } => {
+                    tracing::warn!(%peer, repairs = super::state::SILENT_REPAIRS_MAX,
+                        "this node's events reach us only by repair, none by gossip: closing the connection to it so that a new one starts with fresh gossip streams");
+                    self.metrics.gossip_reconnects.inc();
+                    self.net.send(NetCommand::Disconnect(peer));
+                }
                 Effect::SkipTo { origin, first } => {
                     tracing::warn!(%origin, first,
                         "events of this origin are gone from every log asked (older than retention); subscribers behind them get a resync");

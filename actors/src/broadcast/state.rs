@@ -59,6 +59,9 @@ struct OriginLog {
     fetching: Option<Fetching>,
     /// No fetch before this time (after one that brought nothing).
     quiet_until: u64,
+    /// Repairs that brought events of this (node) origin with no gossip from the
+    /// origin itself in between: its gossip stream to this node may be dead.
+    silent_repairs: u32,
 }
 
 /// What the actor must do.
@@ -78,7 +81,16 @@ pub enum Effect {
     /// The events of `origin` before `first` are gone everywhere we asked:
     /// continue the log at `first` (subscribers behind it get a `resync`).
     SkipTo { origin: String, first: u64 },
+    /// The events of the node `peer` have reached this node only by repair for
+    /// [`SILENT_REPAIRS_MAX`] repairs in a row: close the connection to it, so
+    /// that the next one starts with fresh gossip streams.
+    Reconnect { peer: PeerId },
 }
+
+/// Repairs of a node's events in a row, with none of its gossip arriving in
+/// between, after which its gossip stream to this node is taken for dead. Gossip
+/// that is only late (a busy node) arrives between repairs and resets the count.
+pub const SILENT_REPAIRS_MAX: u32 = 3;
 
 #[derive(Debug, Default)]
 pub struct Origins {
@@ -184,6 +196,9 @@ impl Origins {
     ) -> Vec<Effect> {
         let max_pending = self.config.max_pending;
         let log = self.log(origin);
+        if source.is_some_and(|p| is_node_origin(origin, &p)) {
+            log.silent_repairs = 0;
+        }
         for ev in events {
             if ev.seq < log.next {
                 continue;
@@ -276,6 +291,15 @@ impl Origins {
                 log.holder = None;
             }
             log.quiet_until = now_ms + retry;
+        }
+        if !events.is_empty() {
+            if let Some(node) = node_of(origin) {
+                log.silent_repairs += 1;
+                if log.silent_repairs >= SILENT_REPAIRS_MAX {
+                    log.silent_repairs = 0;
+                    out.push(Effect::Reconnect { peer: node });
+                }
+            }
         }
         out.extend(self.receive(origin, events, None, now_ms));
         out.extend(self.fetch_if_missing(origin, now_ms, true));
@@ -376,6 +400,15 @@ impl Origins {
     }
 }
 
+/// The node an origin names, if it is a node's own (not a stripe's).
+fn node_of(origin: &str) -> Option<PeerId> {
+    origin.parse().ok()
+}
+
+fn is_node_origin(origin: &str, peer: &PeerId) -> bool {
+    node_of(origin).as_ref() == Some(peer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +469,82 @@ mod tests {
         assert_eq!(seqs(&out), vec![2, 3, 4, 5]);
         o.appended("a", 5);
         assert_eq!(o.status("a").unwrap().stored, 5);
+    }
+
+    /// Heads from `holder` say `origin` reached `last`; a tick fetches the rest
+    /// and `holder` answers with it.
+    fn repair(o: &mut Origins, holder: PeerId, origin: &str, last: u64, now: u64) -> Vec<Effect> {
+        let from = o.next(origin);
+        let heads = [OriginHead {
+            origin: origin.into(),
+            first: 1,
+            last,
+        }];
+        o.peer_heads(holder, &heads, now);
+        let f = o.tick(now + 200, &[holder]);
+        assert!(matches!(&f[..], [Effect::Fetch { from: f, .. }] if *f == from));
+        let events = (from..=last).map(ev).collect();
+        o.fetched(holder, origin, 1, last, events, now + 210)
+    }
+
+    fn reconnects(effects: &[Effect]) -> Vec<PeerId> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Reconnect { peer } => Some(*peer),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_node_whose_events_only_come_by_repair_is_reconnected() {
+        let (node, holder) = (PeerId::random(), PeerId::random());
+        let origin = node.to_string();
+        let mut o = Origins::default();
+        o.receive(&origin, vec![ev(1)], Some(node), 0);
+        for i in 1..SILENT_REPAIRS_MAX {
+            let out = repair(
+                &mut o,
+                holder,
+                &origin,
+                1 + 2 * u64::from(i),
+                1_000 * u64::from(i),
+            );
+            assert!(reconnects(&out).is_empty(), "repair {i}");
+        }
+        let out = repair(&mut o, holder, &origin, 20, 10_000);
+        assert_eq!(reconnects(&out), vec![node]);
+
+        // Gossip from the node between repairs: it is only late, not cut off.
+        for i in 0..2 * SILENT_REPAIRS_MAX {
+            let next = o.next(&origin);
+            o.receive(
+                &origin,
+                vec![ev(next)],
+                Some(node),
+                20_000 + u64::from(i) * 1_000,
+            );
+            let out = repair(
+                &mut o,
+                holder,
+                &origin,
+                next + 3,
+                20_500 + u64::from(i) * 1_000,
+            );
+            assert!(reconnects(&out).is_empty());
+        }
+        // A stripe's events are gossiped by its active, never by "the origin".
+        for i in 0..2 * SILENT_REPAIRS_MAX {
+            let out = repair(
+                &mut o,
+                holder,
+                "stripe:0",
+                2 + u64::from(i),
+                40_000 + u64::from(i) * 1_000,
+            );
+            assert!(reconnects(&out).is_empty());
+        }
     }
 
     #[test]
