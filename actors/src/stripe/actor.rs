@@ -477,6 +477,25 @@ impl StripeActor {
             let Some(step) = self.queue.pop_front() else {
                 break;
             };
+            // A standby's `Persist` of new entries is followed by the `Commit` of
+            // earlier ones (both come in one append): one transaction for both.
+            if let Step::Fx(Effect::Persist { .. }) = &step {
+                if let Some(Step::Fx(Effect::Commit { upto })) = self.queue.front() {
+                    let upto = *upto;
+                    if upto > self.applied_index {
+                        self.queue.pop_front();
+                        if let Step::Fx(Effect::Persist {
+                            truncate_from,
+                            entries,
+                            promised,
+                        }) = step
+                        {
+                            self.persist_and_apply(truncate_from, entries, promised, upto, ctx);
+                        }
+                        continue;
+                    }
+                }
+            }
             match step {
                 Step::Reply(reply, resp) => self.respond(reply, &resp),
                 Step::Fx(e) => self.run(e, ctx),
@@ -484,6 +503,54 @@ impl StripeActor {
         }
         if self.ready_for_batch() {
             self.flush_batch(ctx);
+        }
+    }
+
+    fn persist_and_apply(
+        &mut self,
+        truncate_from: Option<u64>,
+        entries: Vec<(u64, Entry)>,
+        promised: Option<u64>,
+        upto: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        self.busy = true;
+        let store = self.store.clone();
+        let rows: Vec<(u64, Vec<u8>)> = entries.iter().map(|(i, e)| (*i, to_cbor(e))).collect();
+        let from = self.applied_index + 1;
+        ctx.spawn(
+            blocking(move || {
+                store.persist_and_apply(
+                    truncate_from,
+                    &rows,
+                    promised,
+                    (from, upto),
+                    entry_data,
+                    kv::apply,
+                )
+            })
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.busy = false;
+                act.applied(upto, res);
+                act.pump(ctx);
+            }),
+        );
+    }
+
+    /// Committed entries up to `upto` were applied (or applying them failed):
+    /// answers the writes that waited for them.
+    fn applied(&mut self, upto: u64, res: Result<Vec<(u64, kv::KvOutcome)>, StoreError>) {
+        match res {
+            Ok(done) => {
+                self.applied_index = self.applied_index.max(upto);
+                for (index, outcome) in done {
+                    if let Some(reply) = self.waiting.remove(&index) {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+            }
+            Err(e) => self.storage_failed(&e),
         }
     }
 
@@ -541,12 +608,7 @@ impl StripeActor {
                         }
                         let rows: Vec<(u64, Vec<u8>)> = entries
                             .into_iter()
-                            .map(|(i, b)| {
-                                let data = from_cbor::<Entry>(&b, usize::MAX)
-                                    .map(|e| e.data)
-                                    .unwrap_or_else(|_| vec![0xff]);
-                                (i, data)
-                            })
+                            .map(|(i, b)| (i, entry_data(&b)))
                             .collect();
                         let outcomes = store.apply(&rows, kv::apply)?;
                         Ok(rows.iter().map(|r| r.0).zip(outcomes).collect::<Vec<_>>())
@@ -554,17 +616,7 @@ impl StripeActor {
                     .into_actor(self)
                     .map(move |res, act, ctx| {
                         act.busy = false;
-                        match res {
-                            Ok(done) => {
-                                act.applied_index = act.applied_index.max(upto);
-                                for (index, outcome) in done {
-                                    if let Some(reply) = act.waiting.remove(&index) {
-                                        let _ = reply.send(Ok(outcome));
-                                    }
-                                }
-                            }
-                            Err(e) => act.storage_failed(&e),
-                        }
+                        act.applied(upto, res);
                         act.pump(ctx);
                     }),
                 );
@@ -1585,4 +1637,12 @@ impl Handler<GetReplication> for StripeActor {
             lags,
         })
     }
+}
+
+/// The command a stored log entry carries (an entry that does not decode applies
+/// as an unknown command, which `kv::apply` refuses without touching the state).
+fn entry_data(stored: &[u8]) -> Vec<u8> {
+    from_cbor::<Entry>(stored, usize::MAX)
+        .map(|e| e.data)
+        .unwrap_or_else(|_| vec![0xff])
 }
