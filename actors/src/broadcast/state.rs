@@ -59,6 +59,10 @@ struct OriginLog {
     fetching: Option<Fetching>,
     /// No fetch before this time (after one that brought nothing).
     quiet_until: u64,
+    /// A peer said the events this node misses are gone from its log: who, and
+    /// since when. A hole is skipped on the origin's word, or a second peer's, or
+    /// the same peer's again after [`HOLE_CONFIRM_MS`] with nobody else holding it.
+    hole_report: Option<(PeerId, u64)>,
     /// Repairs that brought events of this (node) origin with no gossip from the
     /// origin itself in between: its gossip stream to this node may be dead.
     silent_repairs: u32,
@@ -91,6 +95,10 @@ pub enum Effect {
 /// between, after which its gossip stream to this node is taken for dead. Gossip
 /// that is only late (a busy node) arrives between repairs and resets the count.
 pub const SILENT_REPAIRS_MAX: u32 = 3;
+
+/// How long one peer's word that events are gone waits for another peer that
+/// still holds them (a peer with a shorter retention, or one that joined later).
+pub const HOLE_CONFIRM_MS: u64 = 2_000;
 
 #[derive(Debug, Default)]
 pub struct Origins {
@@ -226,6 +234,8 @@ impl Origins {
         if ready.is_empty() {
             Vec::new()
         } else {
+            // What a peer called gone arrived after all: its word is void.
+            log.hole_report = None;
             vec![Effect::Append {
                 origin: origin.to_string(),
                 events: ready,
@@ -237,7 +247,11 @@ impl Origins {
     pub fn peer_heads(&mut self, peer: PeerId, heads: &[OriginHead], now_ms: u64) {
         for h in heads {
             let log = self.log(&h.origin);
-            if h.last > log.head || (h.last >= log.next && log.holder.is_none()) {
+            let holds_missing = h.first <= log.next && h.last >= log.next;
+            if h.last > log.head
+                || (h.last >= log.next && log.holder.is_none())
+                || (holds_missing && log.hole_report.is_some_and(|(p, _)| p != peer))
+            {
                 log.head = log.head.max(h.last);
                 log.holder = Some(peer);
             }
@@ -272,17 +286,30 @@ impl Origins {
             log.holder = Some(peer);
         }
         if first > log.next && events.first().is_none_or(|e| e.seq == first) {
-            // The peer no longer holds what we miss. Only the origin's own events
-            // are authoritative about a hole, but every node prunes by the same
-            // retention, so the peer's answer stands for the cluster.
-            out.push(Effect::SkipTo {
-                origin: origin.to_string(),
-                first,
-            });
-            log.next = first;
-            log.stored = log.stored.max(first - 1);
-            log.first = log.first.max(first);
-            log.pending.retain(|s, _| *s >= first);
+            // The peer no longer holds what we miss. Another peer may (a shorter
+            // retention, a later join): skip only on the origin's word, a second
+            // peer's, or this peer's again once nobody else had it for a while.
+            let confirmed = node_of(origin) == Some(peer)
+                || log.hole_report.is_some_and(|(p, since)| {
+                    p != peer || now_ms.saturating_sub(since) >= HOLE_CONFIRM_MS
+                });
+            if confirmed {
+                out.push(Effect::SkipTo {
+                    origin: origin.to_string(),
+                    first,
+                });
+                log.hole_report = None;
+                log.next = first;
+                log.stored = log.stored.max(first - 1);
+                log.first = log.first.max(first);
+                log.pending.retain(|s, _| *s >= first);
+            } else {
+                log.hole_report.get_or_insert((peer, now_ms));
+                if log.holder == Some(peer) {
+                    log.holder = None;
+                }
+                log.quiet_until = now_ms + retry;
+            }
         }
         if events.is_empty() && asked.is_some() && log.next <= log.head && last < log.next {
             // This peer does not have what we miss after all: ask someone else,
@@ -582,7 +609,14 @@ mod tests {
         );
         let f = o.tick(500, &[p]);
         assert!(matches!(&f[..], [Effect::Fetch { from: 1, .. }]));
+        // One peer's word is not enough: another may still hold 1..50.
         let out = o.fetched(p, "a", 50, 60, (50..=60).map(ev).collect(), 600);
+        assert!(seqs(&out).is_empty() && !out.iter().any(|e| matches!(e, Effect::SkipTo { .. })));
+        // A second peer says the same: skipped, and what waited is appended.
+        let q = PeerId::random();
+        let f = o.tick(1_200, &[q]);
+        assert!(matches!(&f[..], [Effect::Fetch { peer, from: 1, .. }] if *peer == q));
+        let out = o.fetched(q, "a", 50, 60, (50..=60).map(ev).collect(), 1_300);
         assert_eq!(
             out[0],
             Effect::SkipTo {
@@ -591,6 +625,79 @@ mod tests {
             }
         );
         assert_eq!(seqs(&out), (50..=60).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_hole_one_peer_reports_is_fetched_from_a_peer_that_holds_it() {
+        let (pruned, full) = (PeerId::random(), PeerId::random());
+        let mut o = Origins::default();
+        let head = |first| {
+            [OriginHead {
+                origin: "a".into(),
+                first,
+                last: 60,
+            }]
+        };
+        o.peer_heads(pruned, &head(50), 0);
+        assert!(matches!(
+            &o.tick(500, &[pruned])[..],
+            [Effect::Fetch { from: 1, .. }]
+        ));
+        let out = o.fetched(pruned, "a", 50, 60, (50..=60).map(ev).collect(), 600);
+        assert!(!out.iter().any(|e| matches!(e, Effect::SkipTo { .. })));
+        // The next digest of a peer that holds the start makes it the one asked.
+        o.peer_heads(full, &head(1), 700);
+        let f = o.tick(1_200, &[pruned, full]);
+        assert!(matches!(&f[..], [Effect::Fetch { peer, from: 1, .. }] if *peer == full));
+        let out = o.fetched(full, "a", 1, 60, (1..=60).map(ev).collect(), 1_300);
+        assert!(!out.iter().any(|e| matches!(e, Effect::SkipTo { .. })));
+        assert_eq!(seqs(&out), (1..=60).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_hole_is_skipped_on_the_origins_word_or_one_peers_repeated_word() {
+        let node = PeerId::random();
+        let origin = node.to_string();
+        let mut o = Origins::default();
+        let heads = [OriginHead {
+            origin: origin.clone(),
+            first: 50,
+            last: 60,
+        }];
+        o.peer_heads(node, &heads, 0);
+        assert!(matches!(&o.tick(500, &[node])[..], [Effect::Fetch { .. }]));
+        let out = o.fetched(node, &origin, 50, 60, (50..=60).map(ev).collect(), 600);
+        assert!(matches!(&out[0], Effect::SkipTo { first: 50, .. }));
+
+        // The only peer there is says so twice, HOLE_CONFIRM_MS apart.
+        let p = PeerId::random();
+        let mut o = Origins::default();
+        let heads = [OriginHead {
+            origin: "a".into(),
+            first: 50,
+            last: 60,
+        }];
+        o.peer_heads(p, &heads, 0);
+        assert!(matches!(&o.tick(500, &[p])[..], [Effect::Fetch { .. }]));
+        let out = o.fetched(p, "a", 50, 60, Vec::new(), 600);
+        assert!(out.iter().all(|e| !matches!(e, Effect::SkipTo { .. })));
+        let mut now = 600;
+        let skipped = loop {
+            now += 500;
+            assert!(now < 600 + 3 * HOLE_CONFIRM_MS, "never skipped");
+            let f = o.tick(now, &[p]);
+            if f.is_empty() {
+                continue;
+            }
+            let out = o.fetched(p, "a", 50, 60, Vec::new(), now + 10);
+            if out
+                .iter()
+                .any(|e| matches!(e, Effect::SkipTo { first: 50, .. }))
+            {
+                break now + 10;
+            }
+        };
+        assert!(skipped >= 600 + HOLE_CONFIRM_MS);
     }
 
     #[test]
