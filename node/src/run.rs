@@ -20,7 +20,9 @@ use kiln_actors::control::{
 use kiln_actors::membership::{Leave, MembershipActor, MembershipMetrics};
 use kiln_actors::stripe::replica::ReplicaConfig;
 use kiln_actors::stripe::wire::StripeRequest;
-use kiln_actors::stripe::{HandOver, Responder, ServeStripe, StripeActor, StripeMetrics};
+use kiln_actors::stripe::{
+    HandOver, KnownChangeSeq, Responder, ServeStripe, StripeActor, StripeMetrics,
+};
 use kiln_net::wire::{MemberRecord, MemberStatus, Request, Response};
 use kiln_net::{Keypair, NetCommand, NetConfig, NetHandle, ServiceRequest};
 use kiln_persistence::{ArtifactStore, BroadcastStore, ControlStore, NodeStore, StripeStore};
@@ -182,22 +184,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         )
         .start();
         let me = node_id_of(&id);
-        let stripe = (!settings.control.witness).then(|| {
-            StripeActor::new(
-                me,
-                replica_config(settings.election_timeout_ms, settings.log_retain_entries),
-                stripe_store.clone(),
-                net.clone(),
-                book.clone(),
-                applied.clone(),
-                control.clone(),
-                stripe_metrics,
-            )
-            .start()
-        });
-        if let Some(addr) = &stripe {
-            control.do_send(AttachStripe(addr.clone()));
-        }
+        // Before the stripe actor: it reads the change seqs the broadcast log holds
+        // when it takes over an empty stripe log.
+        let known_change_seq = KnownChangeSeq::default();
         let broadcast = BroadcastActor::new(
             peer_id,
             me,
@@ -211,8 +200,26 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 subscriber_buffer: 65_536,
             },
             broadcast_metrics,
+            known_change_seq.clone(),
         )?
         .start();
+        let stripe = (!settings.control.witness).then(|| {
+            StripeActor::new(
+                me,
+                replica_config(settings.election_timeout_ms, settings.log_retain_entries),
+                stripe_store.clone(),
+                net.clone(),
+                book.clone(),
+                applied.clone(),
+                control.clone(),
+                stripe_metrics,
+                known_change_seq.clone(),
+            )
+            .start()
+        });
+        if let Some(addr) = &stripe {
+            control.do_send(AttachStripe(addr.clone()));
+        }
         let artifacts = ArtifactActor::new(
             me,
             artifact_store.clone(),

@@ -172,6 +172,8 @@ pub trait KvTxn {
     /// Appends a change event to the stripe's outbox; returns its change seq
     /// (gap-free from 1, the same on every member since apply is deterministic).
     fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError>;
+    /// The next change seq is above `seq` (change seqs already used elsewhere).
+    fn raise_changes_to(&mut self, seq: u64) -> Result<(), StoreError>;
 }
 
 fn u64_of(bytes: &[u8]) -> u64 {
@@ -740,6 +742,11 @@ impl KvTxn for WriteKv<'_> {
             .map_err(storage_error(self.path))?;
         self.last_change = seq;
         Ok(seq)
+    }
+
+    fn raise_changes_to(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.last_change = self.last_change.max(seq);
+        Ok(())
     }
 }
 

@@ -35,6 +35,7 @@ use crate::control::state::Placement;
 use crate::control::types::NodeId;
 use crate::control::{addresses, AddressBook, SharedApplied};
 use crate::stripe::kv::KvChange;
+use crate::stripe::KnownChangeSeq;
 
 const TICK: Duration = Duration::from_millis(20);
 const HEADS_EVERY: Duration = Duration::from_secs(1);
@@ -217,6 +218,8 @@ enum Job {
 }
 
 pub struct BroadcastActor {
+    /// Kept up to date for the stripe actor (see [`KnownChangeSeq`]).
+    known_change_seq: KnownChangeSeq,
     me: PeerId,
     /// The origin of this node's own events: its peer id.
     origin: String,
@@ -265,6 +268,7 @@ impl BroadcastActor {
         book: AddressBook,
         config: BroadcastConfig,
         metrics: BroadcastMetrics,
+        known_change_seq: KnownChangeSeq,
     ) -> Result<Self, StoreError> {
         let runs = store.runs()?;
         let origins = Origins::new(
@@ -272,7 +276,8 @@ impl BroadcastActor {
             runs.into_iter().map(|(o, r)| (o, r.first, r.last)),
         );
         let now = Instant::now();
-        Ok(BroadcastActor {
+        let actor = BroadcastActor {
+            known_change_seq,
             me,
             origin: me.to_string(),
             node,
@@ -298,7 +303,9 @@ impl BroadcastActor {
             last_heads: now,
             last_prune: now,
             last_sync: now,
-        })
+        };
+        actor.publish_known_change_seq();
+        Ok(actor)
     }
 
     fn now_ms(&self) -> u64 {
@@ -680,6 +687,7 @@ impl BroadcastActor {
         let peers = self.peers();
         let fx = self.origins.tick(now, &peers);
         self.apply_effects(fx, false, ctx);
+        self.publish_known_change_seq();
         self.import_changes(ctx);
         self.flush_unwritten();
         if self.last_heads.elapsed() >= HEADS_EVERY {
@@ -704,6 +712,18 @@ impl BroadcastActor {
             self.jobs.push_back(Job::Sync);
         }
         self.run_jobs(ctx);
+    }
+
+    /// Tells the stripe actor the highest change seq of this node's stripe known
+    /// here (held, or seen in a peer's digest).
+    fn publish_known_change_seq(&self) {
+        if let Some((stripe, _)) = self.my_stripe() {
+            let head = self
+                .origins
+                .status(&stripe_origin(stripe))
+                .map_or(0, |s| s.head);
+            self.known_change_seq.store(head, Ordering::Relaxed);
+        }
     }
 
     /// Takes the change events of this node's stripe from its outbox into the log

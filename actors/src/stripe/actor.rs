@@ -5,6 +5,7 @@
 //! one fsync) and reads, and proposals to the control plane.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -219,6 +220,8 @@ pub struct HandOver {
 }
 
 pub struct StripeActor {
+    /// See [`super::KnownChangeSeq`].
+    known_change_seq: super::KnownChangeSeq,
     me: u64,
     stripe: Option<u32>,
     replica: Option<Replica>,
@@ -307,8 +310,10 @@ impl StripeActor {
         applied: SharedApplied,
         control: Addr<ControlPlane>,
         metrics: StripeMetrics,
+        known_change_seq: super::KnownChangeSeq,
     ) -> Self {
         StripeActor {
+            known_change_seq,
             me,
             stripe: None,
             replica: None,
@@ -409,6 +414,14 @@ impl StripeActor {
                 self.view_version = view.version;
                 if let Some(r) = self.replica.as_mut() {
                     let before = r.role();
+                    let known = self.known_change_seq.load(Ordering::Relaxed);
+                    r.set_first_entry(if known > 0 {
+                        kv::encode(&kv::TakeOver {
+                            change_floor: known,
+                        })
+                    } else {
+                        Vec::new()
+                    });
                     fx.extend(r.on_view(view.clone()));
                     if r.role() != before {
                         tracing::info!(stripe, epoch = view.epoch, role = ?r.role(), "stripe role changed");

@@ -105,6 +105,16 @@ pub enum ChangeAction {
     Delete,
 }
 
+/// What the no-op an active writes on taking over an empty log carries when the
+/// cluster already holds change events of the stripe: its data was lost (a
+/// restart of the whole stripe in temporary persistence), and its change seqs
+/// must go on above the ones already given out, or every node would take the new
+/// changes for ones it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeOver {
+    pub change_floor: u64,
+}
+
 #[derive(Serialize, Deserialize)]
 struct RequestRecord {
     fingerprint: [u8; 32],
@@ -144,6 +154,10 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
         return Ok(KvOutcome::Done { version: index });
     }
     let Some(cmd) = decode::<KvCommand>(data) else {
+        if let Some(take_over) = decode::<TakeOver>(data) {
+            tx.raise_changes_to(take_over.change_floor)?;
+            return Ok(KvOutcome::Done { version: index });
+        }
         return Ok(KvOutcome::Invalid);
     };
     if index.is_multiple_of(PRUNE_REQUESTS_EVERY) {
@@ -250,6 +264,7 @@ mod tests {
         kv: BTreeMap<(String, String), (u64, Vec<u8>)>,
         req: BTreeMap<String, Vec<u8>>,
         changes: Vec<KvChange>,
+        change_floor: u64,
     }
 
     impl KvTxn for Mem {
@@ -286,7 +301,35 @@ mod tests {
         fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {
             self.changes
                 .push(decode(change).expect("a change we encoded"));
-            Ok(self.changes.len() as u64)
+            Ok(self.change_floor + self.changes.len() as u64)
+        }
+        fn raise_changes_to(&mut self, seq: u64) -> Result<(), StoreError> {
+            let last = self.change_floor + self.changes.len() as u64;
+            self.change_floor += seq.saturating_sub(last);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_take_over_no_op_raises_the_change_seqs() {
+        let mut m = Mem::default();
+        let noop = encode(&TakeOver { change_floor: 41 });
+        assert_eq!(
+            apply(&mut m, 1, &noop).unwrap(),
+            KvOutcome::Done { version: 1 }
+        );
+        assert_eq!(m.record_change(&encode(&change())).unwrap(), 42);
+        // A floor below what is used already changes nothing.
+        apply(&mut m, 3, &encode(&TakeOver { change_floor: 5 })).unwrap();
+        assert_eq!(m.record_change(&encode(&change())).unwrap(), 43);
+    }
+
+    fn change() -> KvChange {
+        KvChange {
+            map: "m".into(),
+            key: "k".into(),
+            action: ChangeAction::Insert,
+            ts: 0,
         }
     }
 

@@ -9,3 +9,8 @@ pub use actor::*;
 
 #[cfg(test)]
 mod sim;
+
+/// The highest change seq of this node's stripe known here (its broadcast log
+/// and its peers' digests): the broadcast actor keeps it, and a node that takes
+/// over its stripe with an empty log continues the change seqs above it.
+pub type KnownChangeSeq = std::sync::Arc<std::sync::atomic::AtomicU64>;

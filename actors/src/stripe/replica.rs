@@ -39,7 +39,8 @@ pub struct LogPos {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub epoch: u64,
-    /// Empty for the no-op an active writes when it takes over.
+    /// Empty for the no-op an active writes when it takes over (or what
+    /// [`Replica::set_first_entry`] gave, if that no-op starts the log).
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
@@ -303,6 +304,8 @@ pub struct Replica {
     round: u64,
     last_heartbeat_ms: u64,
     reads: Vec<PendingRead>,
+    /// Data of the no-op this node writes if it takes over with an empty log.
+    first_entry: Vec<u8>,
 }
 
 impl Replica {
@@ -334,7 +337,14 @@ impl Replica {
             round: 0,
             last_heartbeat_ms: 0,
             reads: Vec::new(),
+            first_entry: Vec::new(),
         }
+    }
+
+    /// What the no-op carries that this node writes if it takes over a stripe
+    /// whose log is empty here (and was never compacted): the start of the log.
+    pub fn set_first_entry(&mut self, data: Vec<u8>) {
+        self.first_entry = data;
     }
 
     pub fn role(&self) -> Role {
@@ -493,7 +503,11 @@ impl Replica {
         let index = self.last().index + 1;
         let noop = Entry {
             epoch,
-            data: Vec::new(),
+            data: if index == 1 {
+                self.first_entry.clone()
+            } else {
+                Vec::new()
+            },
         };
         self.log_bytes += noop.weight();
         self.log.push_back(noop.clone());
