@@ -86,8 +86,9 @@ pub enum Effect {
     /// continue the log at `first` (subscribers behind it get a `resync`).
     SkipTo { origin: String, first: u64 },
     /// The events of the node `peer` have reached this node only by repair for
-    /// [`SILENT_REPAIRS_MAX`] repairs in a row: close the connection to it, so
-    /// that the next one starts with fresh gossip streams.
+    /// [`SILENT_REPAIRS_MAX`] repairs in a row (each up to the head then known):
+    /// close the connection to it, so that the next one starts with fresh
+    /// gossip streams.
     Reconnect { peer: PeerId },
 }
 
@@ -319,7 +320,12 @@ impl Origins {
             }
             log.quiet_until = now_ms + retry;
         }
-        if !events.is_empty() {
+        let brought = !events.is_empty();
+        out.extend(self.receive(origin, events, None, now_ms));
+        // A repair counts once it has caught up with everything known: the
+        // batches of a long catch-up (a node that joins, or comes back) are one.
+        let log = self.log(origin);
+        if brought && log.next > log.head {
             if let Some(node) = node_of(origin) {
                 log.silent_repairs += 1;
                 if log.silent_repairs >= SILENT_REPAIRS_MAX {
@@ -328,7 +334,6 @@ impl Origins {
                 }
             }
         }
-        out.extend(self.receive(origin, events, None, now_ms));
         out.extend(self.fetch_if_missing(origin, now_ms, true));
         out
     }
@@ -561,6 +566,35 @@ mod tests {
             );
             assert!(reconnects(&out).is_empty());
         }
+        // A catch-up in many batches (a node joining a busy cluster) is one repair.
+        let mut o = Origins::default();
+        let holder = PeerId::random();
+        o.receive(&origin, vec![ev(1)], Some(node), 0);
+        let heads = [OriginHead {
+            origin: origin.clone(),
+            first: 1,
+            last: 100,
+        }];
+        o.peer_heads(holder, &heads, 0);
+        let mut from = 2;
+        let mut now = 200;
+        let mut all = Vec::new();
+        while from <= 100 {
+            if from == 2 {
+                assert!(matches!(
+                    &o.tick(now, &[holder])[..],
+                    [Effect::Fetch { .. }]
+                ));
+            }
+            let to = (from + 9).min(100);
+            let out = o.fetched(holder, &origin, 1, 100, (from..=to).map(ev).collect(), now);
+            all.extend(reconnects(&out));
+            from = to + 1;
+            now += 10;
+        }
+        assert!(all.is_empty());
+        assert_eq!(o.next(&origin), 101);
+
         // A stripe's events are gossiped by its active, never by "the origin".
         for i in 0..2 * SILENT_REPAIRS_MAX {
             let out = repair(
