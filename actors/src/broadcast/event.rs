@@ -45,6 +45,29 @@ pub enum EventBody {
     },
 }
 
+/// Every field any kind of [`EventBody`] has, for decoding its CBOR in one pass.
+#[derive(Deserialize)]
+struct CborFields {
+    kind: String,
+    server: Option<String>,
+    table: Option<String>,
+    pks: Option<Vec<Vec<Value>>>,
+    action: Option<Action>,
+    columns: Option<BTreeMap<String, Value>>,
+    topic: Option<String>,
+    /// `Some(Value::Null)` for a payload that is JSON `null`.
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<Value>,
+    name: Option<String>,
+    version: Option<u64>,
+    sha256: Option<String>,
+}
+
+/// A field that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
 /// Why a client's event is refused (`400`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -94,8 +117,35 @@ impl EventBody {
         buf
     }
 
+    /// Decodes what [`to_cbor`](Self::to_cbor) wrote. Not through the derived
+    /// `Deserialize`: an internally tagged enum first buffers the whole map into
+    /// serde's `Content` (every key and value allocated twice), and every node
+    /// decodes every event; one pass into a struct of all fields is ~2× cheaper.
     pub fn from_cbor(bytes: &[u8]) -> Option<EventBody> {
-        ciborium::from_reader(bytes).ok()
+        let f: CborFields = ciborium::from_reader(bytes).ok()?;
+        Some(match f.kind.as_str() {
+            "change" => EventBody::Change {
+                server: f.server?,
+                table: f.table?,
+                pks: f.pks?,
+                action: f.action?,
+                columns: f.columns,
+            },
+            "flush" => EventBody::Flush {
+                server: f.server?,
+                table: f.table?,
+            },
+            "message" => EventBody::Message {
+                topic: f.topic?,
+                payload: f.payload?,
+            },
+            "artifact" => EventBody::Artifact {
+                name: f.name?,
+                version: f.version?,
+                sha256: f.sha256?,
+            },
+            _ => return None,
+        })
     }
 
     /// The `change` event of a key/value write.
@@ -244,6 +294,37 @@ mod tests {
         };
         assert_eq!(EventBody::from_cbor(&msg.to_cbor()), Some(msg));
         assert_eq!(EventBody::from_cbor(&body.to_cbor()), Some(body));
+        for other in [
+            EventBody::Flush {
+                server: "crm".into(),
+                table: "orders".into(),
+            },
+            EventBody::Message {
+                topic: "t".into(),
+                payload: Value::Null,
+            },
+            EventBody::Artifact {
+                name: "crm-solution".into(),
+                version: 3,
+                sha256: "ab".repeat(32),
+            },
+            EventBody::Change {
+                server: "crm".into(),
+                table: "orders".into(),
+                pks: vec![vec![json!(1), json!("a")]],
+                action: Action::Insert,
+                columns: Some(BTreeMap::from([("qty".to_string(), json!(2))])),
+            },
+        ] {
+            assert_eq!(EventBody::from_cbor(&other.to_cbor()), Some(other));
+        }
+        // A kind this version does not know, or a field missing: nothing.
+        let mut unknown = Vec::new();
+        ciborium::into_writer(&json!({"kind": "later", "x": 1}), &mut unknown).unwrap();
+        assert_eq!(EventBody::from_cbor(&unknown), None);
+        let mut partial = Vec::new();
+        ciborium::into_writer(&json!({"kind": "flush", "server": "crm"}), &mut partial).unwrap();
+        assert_eq!(EventBody::from_cbor(&partial), None);
     }
 
     #[test]
