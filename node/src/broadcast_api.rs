@@ -374,23 +374,34 @@ impl Feed {
     }
 
     async fn emit(&mut self, ev: &Delivered) -> Result<(), End> {
-        self.pos.insert(ev.origin.clone(), ev.seq);
+        match self.pos.get_mut(&ev.origin) {
+            Some(seq) => *seq = ev.seq,
+            None => {
+                self.pos.insert(ev.origin.clone(), ev.seq);
+            }
+        }
         let Some(body) = &ev.body else {
             return Ok(());
         };
         if !self.filter.passes(body) {
             return Ok(());
         }
-        let data = match serde_json::to_string(&EventJson {
+        // One buffer for the whole frame: `id: <token>\ndata: <json>\n\n`.
+        let mut frame = String::with_capacity(self.pos.len() * 64 + 256);
+        frame.push_str("id: ");
+        Positions::write_token(&self.pos, &mut frame);
+        frame.push_str("\ndata: ");
+        let mut frame = frame.into_bytes();
+        let event = EventJson {
             origin: &ev.origin,
             seq: ev.seq,
             ts: ev.ts,
             body,
-        }) {
-            Ok(d) => d,
-            Err(_) => return Ok(()),
         };
-        let frame = format!("id: {}\ndata: {}\n\n", self.token(), data);
+        if serde_json::to_writer(&mut frame, &event).is_err() {
+            return Ok(());
+        }
+        frame.extend_from_slice(b"\n\n");
         self.send(Bytes::from(frame))
             .await
             .map_err(|_| End::ClientGone)

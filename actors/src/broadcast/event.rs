@@ -222,15 +222,21 @@ impl Positions {
     /// contains `=` or `,`).
     pub fn to_token(&self) -> String {
         let mut out = String::with_capacity(self.0.len() * 64);
-        for (i, (origin, seq)) in self.0.iter().enumerate() {
+        Self::write_token(&self.0, &mut out);
+        out
+    }
+
+    /// Appends the token of `positions` to `out` (an event stream writes one per
+    /// event: no copy of the map, no allocation beyond `out`).
+    pub fn write_token(positions: &BTreeMap<String, u64>, out: &mut String) {
+        use std::fmt::Write;
+        for (i, (origin, seq)) in positions.iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }
             out.push_str(origin);
-            out.push('=');
-            out.push_str(&seq.to_string());
+            let _ = write!(out, "={seq}");
         }
-        out
     }
 
     pub fn from_token(token: &str) -> Result<Positions, EventError> {
