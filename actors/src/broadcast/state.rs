@@ -66,6 +66,8 @@ struct OriginLog {
     /// Repairs that brought events of this (node) origin with no gossip from the
     /// origin itself in between: its gossip stream to this node may be dead.
     silent_repairs: u32,
+    /// The node this origin is (`None` for a stripe's), parsed once.
+    node: Option<PeerId>,
 }
 
 /// What the actor must do.
@@ -121,29 +123,34 @@ impl Origins {
         let logs = runs
             .into_iter()
             .map(|(origin, first, last)| {
-                (
-                    origin,
-                    OriginLog {
-                        first,
-                        stored: last,
-                        next: last + 1,
-                        head: last,
-                        ..Default::default()
-                    },
-                )
+                let log = OriginLog {
+                    first,
+                    stored: last,
+                    next: last + 1,
+                    head: last,
+                    node: node_of(&origin),
+                    ..Default::default()
+                };
+                (origin, log)
             })
             .collect();
         Origins { config, logs }
     }
 
     fn log(&mut self, origin: &str) -> &mut OriginLog {
-        self.logs
-            .entry(origin.to_string())
-            .or_insert_with(|| OriginLog {
+        // Called for every gossip message: no key allocated for a known origin.
+        if !self.logs.contains_key(origin) {
+            let log = OriginLog {
                 first: 1,
                 next: 1,
+                node: node_of(origin),
                 ..Default::default()
-            })
+            };
+            self.logs.insert(origin.to_string(), log);
+        }
+        self.logs
+            .get_mut(origin)
+            .expect("the origin's log was inserted above")
     }
 
     pub fn status(&self, origin: &str) -> Option<OriginStatus> {
@@ -205,7 +212,7 @@ impl Origins {
     ) -> Vec<Effect> {
         let max_pending = self.config.max_pending;
         let log = self.log(origin);
-        if source.is_some_and(|p| is_node_origin(origin, &p)) {
+        if source.is_some() && source == log.node {
             log.silent_repairs = 0;
         }
         for ev in events {
@@ -290,7 +297,7 @@ impl Origins {
             // The peer no longer holds what we miss. Another peer may (a shorter
             // retention, a later join): skip only on the origin's word, a second
             // peer's, or this peer's again once nobody else had it for a while.
-            let confirmed = node_of(origin) == Some(peer)
+            let confirmed = log.node == Some(peer)
                 || log.hole_report.is_some_and(|(p, since)| {
                     p != peer || now_ms.saturating_sub(since) >= HOLE_CONFIRM_MS
                 });
@@ -326,7 +333,7 @@ impl Origins {
         // batches of a long catch-up (a node that joins, or comes back) are one.
         let log = self.log(origin);
         if brought && log.next > log.head {
-            if let Some(node) = node_of(origin) {
+            if let Some(node) = log.node {
                 log.silent_repairs += 1;
                 if log.silent_repairs >= SILENT_REPAIRS_MAX {
                     log.silent_repairs = 0;
@@ -435,10 +442,6 @@ impl Origins {
 /// The node an origin names, if it is a node's own (not a stripe's).
 fn node_of(origin: &str) -> Option<PeerId> {
     origin.parse().ok()
-}
-
-fn is_node_origin(origin: &str, peer: &PeerId) -> bool {
-    node_of(origin).as_ref() == Some(peer)
 }
 
 #[cfg(test)]
