@@ -351,6 +351,7 @@ fn replica_config(election_timeout_ms: u64, retain_entries: u64) -> ReplicaConfi
         heartbeat_ms: (election_timeout_ms / 5).max(10),
         in_sync_timeout_ms: election_timeout_ms,
         max_batch: 512,
+        max_appends_in_flight: ReplicaConfig::default().max_appends_in_flight,
         max_batch_bytes: 2 * 1024 * 1024,
         // Beyond this, a member that falls behind gets a snapshot instead.
         retain_entries,

@@ -343,7 +343,9 @@ impl StripeStore {
     ) -> Result<Vec<(u64, R)>, StoreError> {
         let txn = self.write_txn(self.durable || promised.is_some())?;
         self.persist_in(&txn, truncate_from, entries, promised)?;
-        let rows = {
+        let rows = if from > upto {
+            Vec::new()
+        } else {
             let log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
             let mut rows = Vec::new();
             for row in log.range(from..=upto).map_err(self.storage())? {
@@ -352,7 +354,7 @@ impl StripeStore {
             }
             rows
         };
-        if rows.len() as u64 != upto + 1 - from {
+        if rows.len() as u64 != (upto + 1).saturating_sub(from) {
             // Never skip an entry: the state would silently miss it.
             return Err(StoreError::Corrupt {
                 path: self.path.clone(),

@@ -247,6 +247,9 @@ pub struct StripeActor {
     /// The active's own appends waiting for their fsync, in order; one runs at a time.
     local_queue: VecDeque<Vec<(u64, Vec<u8>)>>,
     local_busy: bool,
+    /// Counts replica restarts after a failed log write: a local append started
+    /// before one must not report to the replica that replaced it.
+    replica_generation: u64,
     /// A snapshot being received: its epoch, position and next part.
     receiving: Option<Receiving>,
     /// The answer to a snapshot's last part, sent once it is installed, and
@@ -336,6 +339,7 @@ impl StripeActor {
             metrics,
             local_queue: VecDeque::new(),
             local_busy: false,
+            replica_generation: 0,
             receiving: None,
             install_reply: None,
             sending: HashSet::new(),
@@ -491,23 +495,41 @@ impl StripeActor {
                 break;
             };
             // A standby's `Persist` of new entries is followed by the `Commit` of
-            // earlier ones (both come in one append): one transaction for both.
-            if let Step::Fx(Effect::Persist { .. }) = &step {
-                if let Some(Step::Fx(Effect::Commit { upto })) = self.queue.front() {
-                    let upto = *upto;
-                    if upto > self.applied_index {
-                        self.queue.pop_front();
-                        if let Step::Fx(Effect::Persist {
-                            truncate_from,
-                            entries,
-                            promised,
-                        }) = step
-                        {
-                            self.persist_and_apply(truncate_from, entries, promised, upto, ctx);
+            // earlier ones and its answer, and often by the next appends (they
+            // are pipelined): one transaction for the run of them, answers after.
+            if let Step::Fx(Effect::Persist {
+                truncate_from,
+                mut entries,
+                mut promised,
+            }) = step
+            {
+                let mut upto = self.applied_index;
+                let mut answers = Vec::new();
+                loop {
+                    match self.queue.front() {
+                        Some(Step::Fx(Effect::Commit { upto: u })) => upto = upto.max(*u),
+                        Some(Step::Reply(..)) => {}
+                        Some(Step::Fx(Effect::Persist {
+                            truncate_from: None,
+                            ..
+                        })) => {}
+                        _ => break,
+                    }
+                    match self.queue.pop_front() {
+                        Some(Step::Fx(Effect::Persist {
+                            entries: more,
+                            promised: p,
+                            ..
+                        })) => {
+                            entries.extend(more);
+                            promised = promised.max(p);
                         }
-                        continue;
+                        Some(reply @ Step::Reply(..)) => answers.push(reply),
+                        _ => {}
                     }
                 }
+                self.persist_and_apply(truncate_from, entries, promised, upto, answers, ctx);
+                continue;
             }
             match step {
                 Step::Reply(reply, resp) => self.respond(reply, &resp),
@@ -519,12 +541,15 @@ impl StripeActor {
         }
     }
 
+    /// Persists log changes and applies committed entries up to `upto` in one
+    /// transaction; then sends `answers` (they wait for it to be durable).
     fn persist_and_apply(
         &mut self,
         truncate_from: Option<u64>,
         entries: Vec<(u64, Entry)>,
         promised: Option<u64>,
         upto: u64,
+        answers: Vec<Step>,
         ctx: &mut Context<Self>,
     ) {
         self.busy = true;
@@ -545,7 +570,23 @@ impl StripeActor {
             .into_actor(self)
             .map(move |res, act, ctx| {
                 act.busy = false;
-                act.applied(upto, res);
+                match res {
+                    Ok(done) => {
+                        act.applied(upto, Ok(done));
+                        for step in answers {
+                            if let Step::Reply(reply, resp) = step {
+                                act.respond(reply, &resp);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // The answers are withheld along with what queued behind.
+                        for step in answers.into_iter().rev() {
+                            act.queue.push_front(step);
+                        }
+                        act.log_write_failed(&e);
+                    }
+                }
                 act.pump(ctx);
             }),
         );
@@ -580,26 +621,14 @@ impl StripeActor {
                 self.local_queue.push_back(rows);
                 self.start_local(ctx);
             }
+            // `pump` takes every `Persist` with what follows it; this is the same.
             Effect::Persist {
                 truncate_from,
                 entries,
                 promised,
             } => {
-                self.busy = true;
-                let store = self.store.clone();
-                let rows: Vec<(u64, Vec<u8>)> =
-                    entries.iter().map(|(i, e)| (*i, to_cbor(e))).collect();
-                ctx.spawn(
-                    blocking(move || store.persist(truncate_from, &rows, promised))
-                        .into_actor(self)
-                        .map(|res, act, ctx| {
-                            act.busy = false;
-                            if let Err(e) = res {
-                                act.storage_failed(&e);
-                            }
-                            act.pump(ctx);
-                        }),
-                );
+                let upto = self.applied_index;
+                self.persist_and_apply(truncate_from, entries, promised, upto, Vec::new(), ctx);
             }
             Effect::Commit { upto } => {
                 if upto <= self.applied_index {
@@ -1012,6 +1041,7 @@ impl StripeActor {
         };
         self.local_busy = true;
         let last = rows.last().map(|r: &(u64, Vec<u8>)| r.0).unwrap_or(0);
+        let generation = self.replica_generation;
         let store = self.store.clone();
         ctx.spawn(
             blocking(move || store.persist(None, &rows, None))
@@ -1019,6 +1049,7 @@ impl StripeActor {
                 .map(move |res, act, ctx| {
                     act.local_busy = false;
                     match res {
+                        Ok(()) if act.replica_generation != generation => {}
                         Ok(()) => {
                             if let Some(r) = act.replica.as_mut() {
                                 let fx = r.on_persisted(last);
@@ -1037,6 +1068,36 @@ impl StripeActor {
         tracing::error!(error = %e, stripe = ?self.stripe, "stripe storage failed");
         for (_, reply) in std::mem::take(&mut self.waiting) {
             let _ = reply.send(Err(ServeError::Storage(e.to_string())));
+        }
+    }
+
+    /// A write to this member's log failed: its in-memory log is ahead of its
+    /// disk, so nothing queued behind the write may be acknowledged (an ack or a
+    /// promise that is not durable could lose an acknowledged write). The replica
+    /// starts again from what the disk holds; the active sends the rest again.
+    fn log_write_failed(&mut self, e: &StoreError) {
+        self.storage_failed(e);
+        for step in std::mem::take(&mut self.queue) {
+            let Step::Reply(reply, resp) = step else {
+                continue;
+            };
+            let resp = match resp {
+                StripeResponse::Replicated(_) => StripeResponse::Replicated(None),
+                StripeResponse::Prepared(_) => {
+                    StripeResponse::Prepared(Err(ServeError::Storage(e.to_string())))
+                }
+                other => other,
+            };
+            self.respond(reply, &resp);
+        }
+        let Some(stripe) = self.stripe else { return };
+        self.replica = None;
+        self.replica_generation += 1;
+        self.local_queue.clear();
+        // The new replica learns the stripe's view at the next tick.
+        self.view_version = 0;
+        if let Err(e) = self.start_replica(stripe) {
+            tracing::error!(stripe, error = %e, "cannot read the stripe log back; not serving the stripe");
         }
     }
 

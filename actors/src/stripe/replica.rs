@@ -184,6 +184,8 @@ pub struct ReplicaConfig {
     pub in_sync_timeout_ms: u64,
     /// Most entries in one `Append`.
     pub max_batch: usize,
+    /// Appends with entries sent to one member before it answers the first.
+    pub max_appends_in_flight: usize,
     /// Most bytes of entry data in one `Append` (at least one entry is sent):
     /// an `Append` must fit one request frame.
     pub max_batch_bytes: usize,
@@ -206,6 +208,7 @@ impl Default for ReplicaConfig {
             heartbeat_ms: 100,
             in_sync_timeout_ms: 500,
             max_batch: 512,
+            max_appends_in_flight: 4,
             max_batch_bytes: 2 * 1024 * 1024,
             retain_entries: 10_000,
             retain_bytes: 256 * 1024 * 1024,
@@ -224,15 +227,43 @@ struct Progress {
     /// Highest heartbeat round acknowledged in the current epoch.
     round: u64,
     last_ack_ms: u64,
-    /// Entries up to `in_flight_upto` sent at `in_flight_since_ms` and not yet
-    /// acknowledged: wait for their answer instead of sending them again. A
+    /// Appends with entries sent and not yet acknowledged, oldest first: up to
+    /// `max_appends_in_flight` go out before the first is answered, so a member
+    /// writes the next batch while its answer to the previous one travels. A
     /// heartbeat's answer does not end the wait (it would send the same entries
     /// twice); an answer covering them, a refusal, or the timeout does.
-    in_flight: bool,
-    in_flight_upto: u64,
-    in_flight_since_ms: u64,
+    in_flight: VecDeque<InFlight>,
+    /// The member refused an append that overtook the oldest one in flight.
+    refused_in_flight: bool,
     /// When a snapshot transfer to this member started, until it is reported.
     snapshot_since_ms: Option<u64>,
+}
+
+/// Epoch of the entry at `index` of a log that follows `base`.
+fn epoch_in(log: &VecDeque<Entry>, base: LogPos, index: u64) -> Option<u64> {
+    if index == base.index {
+        return Some(base.epoch);
+    }
+    if index < base.index {
+        return None;
+    }
+    log.get((index - base.index - 1) as usize).map(|e| e.epoch)
+}
+
+/// The entry at `index` of a log that follows index `base`.
+fn entry_in(log: &VecDeque<Entry>, base: u64, index: u64) -> Option<&Entry> {
+    if index <= base {
+        return None;
+    }
+    log.get((index - base - 1) as usize)
+}
+
+/// One `Append` on its way to a member.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    from: u64,
+    upto: u64,
+    since_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -376,23 +407,12 @@ impl Replica {
 
     /// Epoch of the entry at `index`, if the log (or its base) covers it.
     pub fn epoch_at(&self, index: u64) -> Option<u64> {
-        if index == self.base.index {
-            return Some(self.base.epoch);
-        }
-        if index < self.base.index {
-            return None;
-        }
-        self.log
-            .get((index - self.base.index - 1) as usize)
-            .map(|e| e.epoch)
+        epoch_in(&self.log, self.base, index)
     }
 
     /// The entry at `index`, if still in the log.
     pub fn entry(&self, index: u64) -> Option<&Entry> {
-        if index <= self.base.index {
-            return None;
-        }
-        self.log.get((index - self.base.index - 1) as usize)
+        entry_in(&self.log, self.base.index, index)
     }
 
     /// Lag of each member behind the active's last entry (active only).
@@ -465,9 +485,8 @@ impl Replica {
                     matched: 0,
                     round: 0,
                     last_ack_ms: self.now_ms,
-                    in_flight: false,
-                    in_flight_upto: 0,
-                    in_flight_since_ms: 0,
+                    in_flight: VecDeque::new(),
+                    refused_in_flight: false,
                     snapshot_since_ms: None,
                 });
             }
@@ -713,29 +732,29 @@ impl Replica {
             self.last_heartbeat_ms = self.now_ms;
         }
         let last = self.last().index;
+        let timeout = self.cfg.in_sync_timeout_ms.max(self.cfg.heartbeat_ms * 4);
+        let now = self.now_ms;
         let peers: Vec<NodeId> = self.progress.keys().copied().collect();
         for n in peers {
-            let timeout = self.cfg.in_sync_timeout_ms.max(self.cfg.heartbeat_ms * 4);
-            let now = self.now_ms;
-            let (next, in_flight, matched, snapshot_since) = {
-                let Some(p) = self.progress.get_mut(&n) else {
-                    continue;
-                };
-                if p.in_flight && now.saturating_sub(p.in_flight_since_ms) >= timeout {
-                    // Lost: send again.
-                    p.in_flight = false;
-                }
-                (p.next, p.in_flight, p.matched, p.snapshot_since_ms)
+            let Some(p) = self.progress.get_mut(&n) else {
+                continue;
             };
-            if snapshot_since
-                .is_some_and(|t| self.now_ms.saturating_sub(t) < self.cfg.snapshot_retry_ms)
+            if p.in_flight
+                .front()
+                .is_some_and(|f| now.saturating_sub(f.since_ms) >= timeout)
+            {
+                // Lost: send again from the first unanswered entry.
+                p.next = p.in_flight[0].from;
+                p.in_flight.clear();
+                p.refused_in_flight = false;
+            }
+            if p.snapshot_since_ms
+                .is_some_and(|t| now.saturating_sub(t) < self.cfg.snapshot_retry_ms)
             {
                 continue;
             }
-            if next <= self.base.index {
-                if let Some(p) = self.progress.get_mut(&n) {
-                    p.snapshot_since_ms = Some(self.now_ms);
-                }
+            if p.next <= self.base.index {
+                p.snapshot_since_ms = Some(now);
                 fx.push(Effect::Send {
                     to: n,
                     msg: Message::SnapshotOffer {
@@ -746,49 +765,64 @@ impl Replica {
                 fx.push(Effect::SendSnapshot { to: n });
                 continue;
             }
-            let has_new = next <= last && !in_flight;
-            if !has_new && !heartbeat {
-                continue;
-            }
-            // While entries are in flight a heartbeat refers to what the member
-            // is known to hold, so that it is not refused for a gap those entries
-            // are about to fill.
-            let prev_index = if in_flight && matched >= self.base.index {
-                matched
-            } else {
-                next - 1
-            };
-            let prev = LogPos {
-                epoch: self.epoch_at(prev_index).unwrap_or(0),
-                index: prev_index,
-            };
-            let entries: Vec<Entry> = if has_new {
+            let mut sent = false;
+            while p.next <= last && p.in_flight.len() < self.cfg.max_appends_in_flight.max(1) {
+                let prev_index = p.next - 1;
                 let mut bytes = 0;
-                (next..=last)
+                let entries: Vec<Entry> = (p.next..=last)
                     .take(self.cfg.max_batch)
-                    .filter_map(|i| self.entry(i).cloned())
+                    .map_while(|i| entry_in(&self.log, self.base.index, i).cloned())
                     .take_while(|e| {
                         let first = bytes == 0;
                         bytes += e.data.len() + 16;
                         first || bytes <= self.cfg.max_batch_bytes
                     })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            if let Some(p) = self.progress.get_mut(&n) {
-                if !entries.is_empty() {
-                    p.in_flight = true;
-                    p.in_flight_upto = prev_index + entries.len() as u64;
-                    p.in_flight_since_ms = now;
+                    .collect();
+                if entries.is_empty() {
+                    break;
                 }
+                let upto = prev_index + entries.len() as u64;
+                p.in_flight.push_back(InFlight {
+                    from: p.next,
+                    upto,
+                    since_ms: now,
+                });
+                p.next = upto + 1;
+                sent = true;
+                fx.push(Effect::Send {
+                    to: n,
+                    msg: Message::Append {
+                        epoch,
+                        prev: LogPos {
+                            epoch: epoch_in(&self.log, self.base, prev_index).unwrap_or(0),
+                            index: prev_index,
+                        },
+                        entries,
+                        commit: self.commit,
+                        round: self.round,
+                    },
+                });
             }
+            if sent || !heartbeat {
+                continue;
+            }
+            // While entries are in flight a heartbeat refers to what the member
+            // is known to hold, so that it is not refused for a gap those entries
+            // are about to fill.
+            let prev_index = match p.in_flight.front() {
+                Some(_) if p.matched >= self.base.index => p.matched,
+                Some(f) => f.from - 1,
+                None => p.next - 1,
+            };
             fx.push(Effect::Send {
                 to: n,
                 msg: Message::Append {
                     epoch,
-                    prev,
-                    entries,
+                    prev: LogPos {
+                        epoch: epoch_in(&self.log, self.base, prev_index).unwrap_or(0),
+                        index: prev_index,
+                    },
+                    entries: Vec::new(),
                     commit: self.commit,
                     round: self.round,
                 },
@@ -1116,16 +1150,32 @@ impl Replica {
             return;
         };
         p.last_ack_ms = self.now_ms;
-        if !ok || matched >= p.in_flight_upto {
-            p.in_flight = false;
-        }
         p.round = p.round.max(round);
         if ok {
             p.matched = p.matched.max(matched.min(last));
+            let before = p.in_flight.len();
+            while p.in_flight.front().is_some_and(|f| f.upto <= p.matched) {
+                p.in_flight.pop_front();
+            }
+            if p.refused_in_flight && p.in_flight.len() < before {
+                p.refused_in_flight = false;
+                p.in_flight.clear();
+                p.next = p.matched + 1;
+            }
             p.next = p.next.max(p.matched + 1);
+        } else if p.in_flight.front().is_some_and(|f| f.from == matched + 1) {
+            // A later append overtook the oldest one on its way: the member
+            // holds everything before that one and refused the later. Once the
+            // oldest is answered, what follows it is sent again (acting on each
+            // refusal at once would resend for every overtaken append).
+            p.refused_in_flight = true;
         } else {
-            // Retry from the member's hint, and at least one entry further back.
-            p.next = (matched + 1).min(p.next.saturating_sub(1)).max(1);
+            // Retry from the member's hint, and at least one entry before the
+            // first unanswered one (or the refused heartbeat's position).
+            let refused_from = p.in_flight.front().map_or(p.next, |f| f.from);
+            p.in_flight.clear();
+            p.refused_in_flight = false;
+            p.next = (matched + 1).min(refused_from.saturating_sub(1)).max(1);
         }
         self.replicate(fx, false);
         self.advance_commit(fx);
@@ -1313,4 +1363,122 @@ pub fn choose_candidate(positions: &[(NodeId, LogPos)]) -> Option<NodeId> {
         .iter()
         .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
         .map(|(n, _)| *n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appends with entries sent to `to` in `fx`: (first index, last index).
+    fn appends_to(fx: &[Effect], to: NodeId) -> Vec<(u64, u64)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Send {
+                    to: t,
+                    msg: Message::Append { prev, entries, .. },
+                } if *t == to && !entries.is_empty() => {
+                    Some((prev.index + 1, prev.index + entries.len() as u64))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// An active (node 1) of a stripe with one in-sync standby (node 2).
+    fn active() -> Replica {
+        let cfg = ReplicaConfig {
+            max_appends_in_flight: 3,
+            ..ReplicaConfig::default()
+        };
+        let mut r = Replica::new(
+            1,
+            cfg,
+            Recovered {
+                promised: 0,
+                base: LogPos { epoch: 0, index: 0 },
+                entries: Vec::new(),
+                applied: 0,
+            },
+        );
+        r.tick(1_000);
+        r.on_view(StripeView {
+            version: 1,
+            epoch: 1,
+            active: Some(1),
+            members: [1, 2].into(),
+            in_sync: [2].into(),
+        });
+        r.on_persisted(1);
+        r.on_confirmed(1, true);
+        // The standby holds the take-over no-op.
+        r.on_message(
+            2,
+            Message::AppendAck {
+                epoch: 1,
+                ok: true,
+                matched: 1,
+                round: 0,
+                stale: None,
+            },
+        );
+        r
+    }
+
+    fn ack(r: &mut Replica, ok: bool, matched: u64) -> Vec<Effect> {
+        r.on_message(
+            2,
+            Message::AppendAck {
+                epoch: 1,
+                ok,
+                matched,
+                round: 0,
+                stale: None,
+            },
+        )
+    }
+
+    #[test]
+    fn appends_are_pipelined_up_to_the_limit() {
+        let mut r = active();
+        let mut sent = Vec::new();
+        for k in 0..5u8 {
+            let (_, fx) = r.propose(vec![vec![k]]).unwrap();
+            sent.extend(appends_to(&fx, 2));
+        }
+        // Three on their way before the first answer, one entry each.
+        assert_eq!(sent, vec![(2, 2), (3, 3), (4, 4)]);
+        r.on_persisted(6);
+        // The first answer frees a place: the two waiting entries go together.
+        let fx = ack(&mut r, true, 2);
+        assert_eq!(appends_to(&fx, 2), vec![(5, 6)]);
+        assert_eq!(r.commit_index(), 2);
+    }
+
+    #[test]
+    fn an_overtaken_append_is_sent_again_once_the_first_is_answered() {
+        let mut r = active();
+        for k in 0..3u8 {
+            r.propose(vec![vec![k]]).unwrap();
+        }
+        r.on_persisted(4);
+        // Appends 3 and 4 overtook append 2: both refused, the member holds 1.
+        assert!(appends_to(&ack(&mut r, false, 1), 2).is_empty());
+        assert!(appends_to(&ack(&mut r, false, 1), 2).is_empty());
+        // Append 2 arrives and is answered: 3 and 4 go again, once.
+        let fx = ack(&mut r, true, 2);
+        assert_eq!(appends_to(&fx, 2), vec![(3, 4)]);
+        assert!(appends_to(&ack(&mut r, true, 4), 2).is_empty());
+        assert_eq!(r.commit_index(), 4);
+    }
+
+    #[test]
+    fn a_refusal_behind_every_append_in_flight_sends_from_the_members_hint() {
+        let mut r = active();
+        for k in 0..3u8 {
+            r.propose(vec![vec![k]]).unwrap();
+        }
+        // The member lost its log past the no-op's predecessor: start over there.
+        let fx = ack(&mut r, false, 0);
+        assert_eq!(appends_to(&fx, 2), vec![(1, 4)]);
+    }
 }

@@ -141,6 +141,7 @@ fn cfg() -> ReplicaConfig {
         heartbeat_ms: 100,
         in_sync_timeout_ms: 500,
         max_batch: 16,
+        max_appends_in_flight: 3,
         max_batch_bytes: 200,
         retain_entries: 40,
         retain_bytes: 400,
@@ -785,7 +786,7 @@ fn a_planned_handover_moves_the_active_without_an_election() {
     let (to, fx) = sim.nodes[(old - 1) as usize]
         .replica
         .hand_over(None)
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e:?} view {:?}", sim.view()));
     sim.run(old, fx);
     let acked = sim.acked.len();
     for _ in 0..100 {
