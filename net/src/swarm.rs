@@ -404,7 +404,12 @@ pub fn spawn(
         libp2p::swarm::Config::with_tokio_executor()
             // A cluster keeps its connections: an idle timeout would drop peers
             // between heartbeats and look like failures.
-            .with_idle_connection_timeout(Duration::MAX),
+            .with_idle_connection_timeout(Duration::MAX)
+            // Every request opens a substream; multistream-select's default (V1)
+            // waits a round trip for the protocol's confirmation before the
+            // request may go. Each substream here negotiates one protocol that
+            // every kiln node speaks, so the request goes with the proposal.
+            .with_substream_upgrade_protocol_override(Version::V1Lazy),
     );
     let topic = IdentTopic::new(MEMBERSHIP_TOPIC);
     let broadcast_topic = IdentTopic::new(BROADCAST_TOPIC);
