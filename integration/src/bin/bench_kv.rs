@@ -12,6 +12,10 @@
 //! It prints numbers and ratios; it asserts nothing. Run it with
 //! `apt-get install -y etcd-server && cargo build --release --workspace --bins &&
 //! target/release/bench-kv [seconds-per-point] [failover-runs]`.
+//!
+//! For profiling: `KILN_BENCH_SYSTEMS=kiln` measures kiln alone and
+//! `KILN_BENCH_CLIENTS=64,64` only at those client counts;
+//! `KILN_BENCH_ENDPOINTS=leader` sends every put to the active / leader.
 
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
@@ -273,7 +277,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Closed-loop load: `clients` threads, each putting 1 KiB values back to back.
 fn load(sys: &dyn KvSystem, clients: usize, secs: f64, tag: &str) -> LoadResult {
-    let endpoints = sys.endpoints();
+    let mut endpoints = sys.endpoints();
+    if std::env::var("KILN_BENCH_ENDPOINTS").is_ok_and(|e| e == "leader") {
+        if let Some(l) = sys.leader() {
+            endpoints = vec![endpoints[l].clone()];
+        }
+    }
     let put = sys.putter();
     let value = vec![b'x'; VALUE_BYTES];
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -379,8 +388,13 @@ fn main() {
         .nth(2)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
-    let etcd_available = Command::new("etcd").arg("--version").output().is_ok();
-    if !etcd_available {
+    let kiln_only = std::env::var("KILN_BENCH_SYSTEMS").is_ok_and(|s| s == "kiln");
+    let client_counts: Vec<usize> = std::env::var("KILN_BENCH_CLIENTS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 64]);
+    let etcd_available = !kiln_only && Command::new("etcd").arg("--version").output().is_ok();
+    if !etcd_available && !kiln_only {
         eprintln!("etcd is not installed (apt-get install etcd-server); measuring kiln only");
     }
     let mut systems: Vec<Box<dyn KvSystem>> = vec![Box::new(Kiln::start())];
@@ -391,7 +405,7 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     let mut table: Vec<(String, usize, f64, f64)> = Vec::new();
     for sys in &systems {
-        for clients in [1, 16, 64] {
+        for &clients in &client_counts {
             let r = load(
                 sys.as_ref(),
                 clients,
@@ -410,7 +424,7 @@ fn main() {
         }
     }
     if etcd_available {
-        for clients in [1, 16, 64] {
+        for &clients in &client_counts {
             let get = |name: &str| table.iter().find(|r| r.0 == name && r.1 == clients);
             if let (Some(k), Some(e)) = (get("kiln"), get("etcd")) {
                 println!(
