@@ -548,3 +548,197 @@ fn a_standby_joining_after_log_compaction_syncs_by_snapshot_and_holds_every_writ
         assert_eq!(got.as_ref(), value.as_ref(), "key {key} on the new active");
     }
 }
+
+/// A tmpfs of `mib` MiB mounted on a temporary directory (root only), unmounted
+/// when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mib: u64) -> Option<SmallDisk> {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-smalldisk-")
+            .tempdir()
+            .ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { dir })
+    }
+
+    fn resize(&self, mib: u64) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot resize the tmpfs");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
+    let _serial = serial();
+    // The stripe data goes to a small disk of its own (the rest of the node's
+    // data stays where it is).
+    let Some(disk) = SmallDisk::mount(8) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let data = tempfile::Builder::new()
+        .prefix("kiln-full-")
+        .tempdir()
+        .expect("temp dir");
+    // `Node::start_in` runs the node with `--data-dir <dir>/data`.
+    std::fs::create_dir(data.path().join("data")).expect("data dir");
+    std::os::unix::fs::symlink(
+        disk.dir.path().join("stripe.redb"),
+        data.path().join("data").join("stripe.redb"),
+    )
+    .expect("symlink");
+    let mut o = opts();
+    o.extra = vec!["--persistence".into(), "permanent".into()];
+    let mut node = Node::start_in("full", data.path(), free_ip(), o);
+    wait_in_sync(&[&node], 0);
+    let agent = agent();
+    let value = "v".repeat(64 * 1024);
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for i in 0..1_000 {
+        let key = format!("f{i}");
+        let resp = agent
+            .put(&format!("http://{}/v1/kv/test/{key}", node.http()))
+            .send_string(&value);
+        match resp {
+            Ok(_) => acked.push(key),
+            Err(ureq::Error::Status(507, r)) => {
+                let body: Value = r.into_json().expect("a JSON error");
+                assert!(body["error"].is_string(), "{body}");
+                refused += 1;
+                if refused == 3 {
+                    break;
+                }
+            }
+            Err(e) => panic!("put {key}: {e}"),
+        }
+    }
+    assert!(refused > 0, "8 MiB never filled up");
+    assert!(!acked.is_empty());
+    let read_all = |node: &Node| {
+        for k in &acked {
+            assert_eq!(
+                get(&agent, node, k).map(|v| v.len()),
+                Some(value.len()),
+                "key {k}"
+            );
+        }
+    };
+    read_all(&node);
+    // With room again writes go on, without a restart, and nothing acknowledged
+    // is missing, then or after a restart.
+    disk.resize(64);
+    wait_until("a write succeeds once the disk has room", LONG, || {
+        put(&agent, &node, "after", "x").is_some()
+    });
+    read_all(&node);
+    node.restart();
+    wait_in_sync(&[&node], 0);
+    read_all(&node);
+    assert_eq!(get(&agent, &node, "after").as_deref(), Some("x"));
+}
+
+#[test]
+fn a_standby_whose_disk_fills_up_acknowledges_nothing_it_did_not_store() {
+    let _serial = serial();
+    let Some(disk) = SmallDisk::mount(8) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let mut o = opts();
+    o.extra = vec!["--persistence".into(), "permanent".into()];
+    let first = Node::start("sfa", o.clone());
+    let mut o2 = o.clone();
+    o2.seeds.push(first.seed());
+    let second = Node::start("sfb", o2.clone());
+    // The third node's stripe data goes to the small disk.
+    let data = tempfile::Builder::new()
+        .prefix("kiln-sfc-")
+        .tempdir()
+        .expect("temp dir");
+    std::fs::create_dir(data.path().join("data")).expect("data dir");
+    std::os::unix::fs::symlink(
+        disk.dir.path().join("stripe.redb"),
+        data.path().join("data").join("stripe.redb"),
+    )
+    .expect("symlink");
+    let third = Node::start_in("sfc", data.path(), free_ip(), o2);
+    let mut active = wait_in_sync(&[&first, &second, &third], 2);
+    if active == third.id() {
+        // The small disk must be a standby's: move the active role away.
+        let to = first.id();
+        wait_until("the active hands over to the first node", LONG, || {
+            let args = ["stripe", "handover", "--stripe", "0", "--to", &to];
+            let out = kiln_cli(&[&args[..], &["--http", &third.http()]].concat());
+            out.status.success()
+        });
+        wait_until("the first node is active", LONG, || {
+            first
+                .get("/v1/cluster/stripes")
+                .is_some_and(|v| v["stripes"][0]["active"] == to.as_str())
+        });
+        active = to;
+    }
+    let nodes = [&first, &second, &third];
+    let writer = nodes
+        .iter()
+        .find(|n| n.id() == active)
+        .copied()
+        .expect("the active is one of the nodes");
+    let agent = agent();
+    // 16 MiB through an active whose third member has room for 8: every write
+    // is acknowledged (the full member leaves the in-sync set meanwhile).
+    let value = "w".repeat(64 * 1024);
+    let keys: Vec<String> = (0..256).map(|i| format!("s{i}")).collect();
+    for k in &keys {
+        if let Err(e) = agent
+            .put(&format!("http://{}/v1/kv/test/{k}", writer.http()))
+            .send_string(&value)
+        {
+            panic!("put {k}: {e}");
+        }
+    }
+    assert!(
+        third.log().contains("a stripe log write failed"),
+        "the small disk never filled up"
+    );
+    // With room again the member catches up and holds every write.
+    disk.resize(128);
+    wait_standby(&first, &third.id());
+    let stale = |k: &str| {
+        agent
+            .get(&format!(
+                "http://{}/v1/kv/test/{k}?stale=true",
+                third.http()
+            ))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()
+    };
+    wait_until("the third member holds every write", LONG, || {
+        keys.iter()
+            .all(|k| stale(k).is_some_and(|v| v.len() == value.len()))
+    });
+}

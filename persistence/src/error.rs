@@ -37,6 +37,8 @@ pub enum StoreError {
         what: String,
         detail: String,
     },
+    #[error("{path} cannot be opened again after an I/O error while transactions begun before it are open; try again shortly")]
+    Reopening { path: PathBuf },
     #[error("{path}: storage error: {source}")]
     Storage { path: PathBuf, source: redb::Error },
 }

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
@@ -16,7 +17,9 @@ use crate::StoreError;
 
 /// The stripe database of one data directory.
 pub struct StripeStore {
-    db: Database,
+    /// `None` after a failed commit until the file is open again (redb refuses
+    /// every transaction of a handle that saw an I/O error).
+    db: RwLock<Option<Arc<Database>>>,
     path: PathBuf,
     /// Fsync log appends before they are acknowledged (`persistence = "permanent"`).
     durable: bool,
@@ -194,38 +197,55 @@ impl StripeStore {
                 source: redb::StorageError::Io(e).into(),
             })?;
         }
-        let db = open_or_create(&path, STRIPE_META, |txn| {
-            txn.open_table(STRIPE_LOG)?;
-            txn.open_table(KV)?;
-            txn.open_table(REQUESTS)?;
-            txn.open_table(REQUEST_EXPIRY)?;
-            txn.open_table(CHANGES)?;
-            Ok(())
-        })?;
-        let changes_head = {
-            let txn = db.begin_read().map_err(|e| StoreError::Storage {
-                path: path.clone(),
-                source: e.into(),
-            })?;
-            let meta = txn
-                .open_table(STRIPE_META)
-                .map_err(|e| StoreError::Storage {
-                    path: path.clone(),
-                    source: e.into(),
-                })?;
-            let head = meta.get(STRIPE_CHANGES).map_err(|e| StoreError::Storage {
-                path: path.clone(),
-                source: e.into(),
-            })?;
-            head.map(|v| u64_of(v.value())).unwrap_or(0)
-        };
+        let db = open_db(&path)?;
+        let changes_head = read_changes_head(&db, &path)?;
         let store = StripeStore {
-            db,
+            db: RwLock::new(Some(Arc::new(db))),
             path,
             durable,
             changes_head: AtomicU64::new(changes_head),
         };
         Ok(store)
+    }
+
+    /// The open database, opened again if a failed commit closed it.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        let open = self.db.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match open {
+            Some(db) => Ok(db),
+            None => self.reopen(),
+        }
+    }
+
+    /// After an I/O error (a full disk, say) redb answers every transaction of
+    /// that handle with `PreviousIo`: the file is opened again (redb repairs it
+    /// to its last commit), so the stripe can go on once the disk has room.
+    /// Fails (`InUse`) while transactions of the old handle are still open.
+    fn reopen(&self) -> Result<Arc<Database>, StoreError> {
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        // Our handle goes first: redb holds a lock on the file while it is open.
+        *slot = None;
+        let db = match open_db(&self.path) {
+            Ok(db) => Arc::new(db),
+            Err(StoreError::InUse { path }) => return Err(StoreError::Reopening { path }),
+            Err(e) => return Err(e),
+        };
+        self.changes_head
+            .store(read_changes_head(&db, &self.path)?, Ordering::Release);
+        *slot = Some(db.clone());
+        tracing::info!(path = %self.path.display(), "stripe database opened again after an I/O error");
+        Ok(db)
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        // Our handle must be gone before `reopen` (hence the `let`).
+        let first = self.db()?.begin_read();
+        match first {
+            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {
+                self.reopen()?.begin_read().map_err(self.storage())
+            }
+            r => r.map_err(self.storage()),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -240,7 +260,13 @@ impl StripeStore {
     }
 
     fn write_txn(&self, durable: bool) -> Result<redb::WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write().map_err(self.storage())?;
+        let first = self.db()?.begin_write();
+        let mut txn = match first {
+            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {
+                self.reopen()?.begin_write().map_err(self.storage())?
+            }
+            r => r.map_err(self.storage())?,
+        };
         txn.set_durability(if durable {
             Durability::Immediate
         } else {
@@ -252,7 +278,7 @@ impl StripeStore {
 
     /// Everything needed to restart replication where it stopped.
     pub fn recover(&self) -> Result<StripeRecovered, StoreError> {
-        let txn = self.db.begin_read().map_err(self.storage())?;
+        let txn = self.begin_read()?;
         let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
         let get = |k: &str| -> Result<Option<Vec<u8>>, StoreError> {
             Ok(meta
@@ -370,7 +396,7 @@ impl StripeStore {
 
     /// Log entries with `from <= index <= to`.
     pub fn entries(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.storage())?;
+        let txn = self.begin_read()?;
         let log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
         let mut out = Vec::new();
         for row in log.range(from..=to).map_err(self.storage())? {
@@ -437,7 +463,7 @@ impl StripeStore {
 
     /// A consistent view of the applied state, to send as a snapshot.
     pub fn snapshot_source(&self) -> Result<SnapshotSource, StoreError> {
-        let txn = self.db.begin_read().map_err(self.storage())?;
+        let txn = self.begin_read()?;
         let (applied, base, changes) = {
             let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
             let get = |k: &str| -> Result<Option<Vec<u8>>, StoreError> {
@@ -573,7 +599,7 @@ impl StripeStore {
 
     /// Change events in the outbox from change seq `from` on, at most `limit`.
     pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.storage())?;
+        let txn = self.begin_read()?;
         let table = match txn.open_table(CHANGES) {
             Ok(t) => t,
             // A file from before the outbox: no write has produced a change yet.
@@ -607,7 +633,7 @@ impl StripeStore {
 
     /// The current value of a key: (version, value).
     pub fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.storage())?;
+        let txn = self.begin_read()?;
         let kv = txn.open_table(KV).map_err(self.storage())?;
         Ok(kv.get((map, key)).map_err(self.storage())?.map(|v| {
             let (version, value) = v.value();
@@ -623,7 +649,7 @@ impl StripeStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.storage())?;
+        let txn = self.begin_read()?;
         let kv = txn.open_table(KV).map_err(self.storage())?;
         let start = match after {
             Some(a) if a >= prefix => a,
@@ -658,6 +684,25 @@ struct WriteKv<'t> {
 }
 
 /// A storage error of the database at `path`.
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    open_or_create(path, STRIPE_META, |txn| {
+        txn.open_table(STRIPE_LOG)?;
+        txn.open_table(KV)?;
+        txn.open_table(REQUESTS)?;
+        txn.open_table(REQUEST_EXPIRY)?;
+        txn.open_table(CHANGES)?;
+        Ok(())
+    })
+}
+
+/// The last change seq recorded in `db`.
+fn read_changes_head(db: &Database, path: &Path) -> Result<u64, StoreError> {
+    let txn = db.begin_read().map_err(storage_error(path))?;
+    let meta = txn.open_table(STRIPE_META).map_err(storage_error(path))?;
+    let head = meta.get(STRIPE_CHANGES).map_err(storage_error(path))?;
+    Ok(head.map(|v| u64_of(v.value())).unwrap_or(0))
+}
+
 fn storage_error<E: Into<redb::Error>>(path: &Path) -> impl Fn(E) -> StoreError + '_ {
     move |e| StoreError::Storage {
         path: path.to_path_buf(),

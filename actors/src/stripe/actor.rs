@@ -36,6 +36,9 @@ use crate::control::{
 const TICK: Duration = Duration::from_millis(20);
 /// A replication request not answered this long counts as lost.
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed log write the stripe starts again from its disk this much
+/// later (and again, until the disk takes writes).
+const STORAGE_RETRY: Duration = Duration::from_secs(1);
 
 /// Encodes a stripe message for the wire.
 pub fn stripe_request(req: &StripeRequest) -> Request {
@@ -250,6 +253,9 @@ pub struct StripeActor {
     /// Counts replica restarts after a failed log write: a local append started
     /// before one must not report to the replica that replaced it.
     replica_generation: u64,
+    /// A log write failed: the error, and when to start the replica again from
+    /// the disk. Writes meanwhile are refused with the error at once.
+    storage_down: Option<(String, Instant)>,
     /// A snapshot being received: its epoch, position and next part.
     receiving: Option<Receiving>,
     /// The answer to a snapshot's last part, sent once it is installed, and
@@ -340,6 +346,7 @@ impl StripeActor {
             local_queue: VecDeque::new(),
             local_busy: false,
             replica_generation: 0,
+            storage_down: None,
             receiving: None,
             install_reply: None,
             sending: HashSet::new(),
@@ -412,6 +419,7 @@ impl StripeActor {
             return;
         }
         let Some(stripe) = self.stripe else { return };
+        self.restart_after_storage_failure();
         let mut fx = Vec::new();
         if let Some(view) = stripe_view(&self.applied, stripe) {
             if view.version != self.view_version {
@@ -1056,6 +1064,9 @@ impl StripeActor {
                                 act.queue.extend(fx.into_iter().map(Step::Fx));
                             }
                         }
+                        // The entries of this append must never count as durable
+                        // (a later append's success would cover them): start over.
+                        Err(e) if act.replica_generation == generation => act.log_write_failed(&e),
                         Err(e) => act.storage_failed(&e),
                     }
                     act.start_local(ctx);
@@ -1076,7 +1087,9 @@ impl StripeActor {
     /// promise that is not durable could lose an acknowledged write). The replica
     /// starts again from what the disk holds; the active sends the rest again.
     fn log_write_failed(&mut self, e: &StoreError) {
-        self.storage_failed(e);
+        for (_, reply) in std::mem::take(&mut self.waiting) {
+            let _ = reply.send(Err(ServeError::Storage(e.to_string())));
+        }
         for step in std::mem::take(&mut self.queue) {
             let Step::Reply(reply, resp) = step else {
                 continue;
@@ -1090,14 +1103,40 @@ impl StripeActor {
             };
             self.respond(reply, &resp);
         }
-        let Some(stripe) = self.stripe else { return };
+        for (_, reply) in std::mem::take(&mut self.batch) {
+            let _ = reply.send(Err(ServeError::Storage(e.to_string())));
+        }
         self.replica = None;
         self.replica_generation += 1;
         self.local_queue.clear();
-        // The new replica learns the stripe's view at the next tick.
+        tracing::error!(stripe = ?self.stripe, error = %e, retry_s = STORAGE_RETRY.as_secs(),
+            "a stripe log write failed; the stripe starts again from its disk (free space or fix the disk)");
+        self.storage_down = Some((e.to_string(), Instant::now() + STORAGE_RETRY));
+    }
+
+    /// Starts the replica again from the disk once `STORAGE_RETRY` has passed
+    /// since a failed log write.
+    fn restart_after_storage_failure(&mut self) {
+        let (Some(stripe), Some((_, at))) = (self.stripe, &self.storage_down) else {
+            return;
+        };
+        if Instant::now() < *at {
+            return;
+        }
+        // The new replica learns the stripe's view at this tick.
         self.view_version = 0;
-        if let Err(e) = self.start_replica(stripe) {
-            tracing::error!(stripe, error = %e, "cannot read the stripe log back; not serving the stripe");
+        // A small durable write first: while the disk still fails, the stripe
+        // stays down without asking the control plane for a new epoch each time.
+        match self
+            .store
+            .set_stripe(stripe)
+            .and_then(|()| self.start_replica(stripe))
+        {
+            Ok(()) => self.storage_down = None,
+            Err(e) => {
+                tracing::warn!(stripe, error = %e, "the stripe data still cannot be written or read back; trying again");
+                self.storage_down = Some((e.to_string(), Instant::now() + STORAGE_RETRY));
+            }
         }
     }
 
@@ -1301,6 +1340,10 @@ impl StripeActor {
     }
 
     fn write(&mut self, cmd: KvCommand, reply: WriteReply, ctx: &mut Context<Self>) {
+        if let Some((e, _)) = &self.storage_down {
+            let _ = reply.send(Err(ServeError::Storage(e.clone())));
+            return;
+        }
         if !self.is_active() {
             let _ = reply.send(Err(self.not_active()));
             return;
