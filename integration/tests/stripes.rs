@@ -725,7 +725,19 @@ fn a_standby_whose_disk_fills_up_acknowledges_nothing_it_did_not_store() {
     );
     // With room again the member catches up and holds every write.
     disk.resize(128);
-    wait_standby(&first, &third.id());
+    // Catching up 16 MiB takes seconds; the deadline only guards against hanging.
+    wait_until(
+        "the third node is an in-sync standby again",
+        LONG * 3,
+        || {
+            first.get("/v1/cluster/stripes").is_some_and(|v| {
+                v["stripes"][0]["members"].as_array().is_some_and(|m| {
+                    m.iter()
+                        .any(|m| m["id"] == third.id().as_str() && m["role"] == "standby")
+                })
+            })
+        },
+    );
     let stale = |k: &str| {
         agent
             .get(&format!(

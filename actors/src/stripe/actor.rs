@@ -1148,6 +1148,8 @@ impl StripeActor {
         self.replica = None;
         self.replica_generation += 1;
         self.local_queue.clear();
+        // What the failed write would have covered is not on the disk.
+        self.apply_pending = None;
         tracing::error!(stripe = ?self.stripe, error = %e, retry_s = STORAGE_RETRY.as_secs(),
             "a stripe log write failed; the stripe starts again from its disk (free space or fix the disk)");
         self.storage_down = Some((e.to_string(), Instant::now() + STORAGE_RETRY));
@@ -1380,7 +1382,19 @@ impl StripeActor {
 
     fn write(&mut self, cmd: KvCommand, reply: WriteReply, ctx: &mut Context<Self>) {
         if let Some((e, _)) = &self.storage_down {
-            let _ = reply.send(Err(ServeError::Storage(e.clone())));
+            // Still the active in the control plane's view: nobody else can take
+            // the write, so say why it fails; otherwise the sender retries at the
+            // new active.
+            let still_active = self
+                .stripe
+                .and_then(|k| stripe_view(&self.applied, k))
+                .is_some_and(|v| v.active == Some(self.me));
+            let answer = if still_active {
+                ServeError::Storage(e.clone())
+            } else {
+                self.not_active()
+            };
+            let _ = reply.send(Err(answer));
             return;
         }
         if !self.is_active() {

@@ -184,7 +184,8 @@ pub struct ReplicaConfig {
     pub in_sync_timeout_ms: u64,
     /// Most entries in one `Append`.
     pub max_batch: usize,
-    /// Appends with entries sent to one member before it answers the first.
+    /// Appends with entries sent to one member before it answers the first
+    /// (while they carry less than half of `max_batch_bytes` together).
     pub max_appends_in_flight: usize,
     /// Most bytes of entry data in one `Append` (at least one entry is sent):
     /// an `Append` must fit one request frame.
@@ -264,6 +265,8 @@ struct InFlight {
     from: u64,
     upto: u64,
     since_ms: u64,
+    /// Entry data it carries.
+    bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -766,7 +769,15 @@ impl Replica {
                 continue;
             }
             let mut sent = false;
-            while p.next <= last && p.in_flight.len() < self.cfg.max_appends_in_flight.max(1) {
+            // Small appends are pipelined; large ones (a member catching up) go
+            // one at a time, so that none waits behind others past its timeout.
+            let room = |p: &Progress| {
+                p.in_flight.is_empty()
+                    || (p.in_flight.len() < self.cfg.max_appends_in_flight
+                        && p.in_flight.iter().map(|f| f.bytes).sum::<usize>()
+                            < self.cfg.max_batch_bytes / 2)
+            };
+            while p.next <= last && room(p) {
                 let prev_index = p.next - 1;
                 let mut bytes = 0;
                 let entries: Vec<Entry> = (p.next..=last)
@@ -786,6 +797,7 @@ impl Replica {
                     from: p.next,
                     upto,
                     since_ms: now,
+                    bytes: entries.iter().map(|e| e.data.len()).sum(),
                 });
                 p.next = upto + 1;
                 sent = true;
