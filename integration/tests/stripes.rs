@@ -569,6 +569,23 @@ impl SmallDisk {
         ok.then_some(SmallDisk { dir })
     }
 
+    /// A directory for `Node::start_in` whose node keeps its stripe data
+    /// (`stripe.redb`) on this disk and the rest where the directory is.
+    fn node_dir(&self, name: &str) -> tempfile::TempDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kiln-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        // `Node::start_in` runs the node with `--data-dir <dir>/data`.
+        std::fs::create_dir(dir.path().join("data")).expect("data dir");
+        std::os::unix::fs::symlink(
+            self.dir.path().join("stripe.redb"),
+            dir.path().join("data").join("stripe.redb"),
+        )
+        .expect("symlink");
+        dir
+    }
+
     fn resize(&self, mib: u64) {
         let ok = std::process::Command::new("mount")
             .args(["-o", &format!("remount,size={mib}m")])
@@ -591,23 +608,11 @@ impl Drop for SmallDisk {
 #[test]
 fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
     let _serial = serial();
-    // The stripe data goes to a small disk of its own (the rest of the node's
-    // data stays where it is).
     let Some(disk) = SmallDisk::mount(8) else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
-    let data = tempfile::Builder::new()
-        .prefix("kiln-full-")
-        .tempdir()
-        .expect("temp dir");
-    // `Node::start_in` runs the node with `--data-dir <dir>/data`.
-    std::fs::create_dir(data.path().join("data")).expect("data dir");
-    std::os::unix::fs::symlink(
-        disk.dir.path().join("stripe.redb"),
-        data.path().join("data").join("stripe.redb"),
-    )
-    .expect("symlink");
+    let data = disk.node_dir("full");
     let mut o = opts();
     o.extra = vec!["--persistence".into(), "permanent".into()];
     let mut node = Node::start_in("full", data.path(), free_ip(), o);
@@ -673,16 +678,7 @@ fn a_standby_whose_disk_fills_up_acknowledges_nothing_it_did_not_store() {
     o2.seeds.push(first.seed());
     let second = Node::start("sfb", o2.clone());
     // The third node's stripe data goes to the small disk.
-    let data = tempfile::Builder::new()
-        .prefix("kiln-sfc-")
-        .tempdir()
-        .expect("temp dir");
-    std::fs::create_dir(data.path().join("data")).expect("data dir");
-    std::os::unix::fs::symlink(
-        disk.dir.path().join("stripe.redb"),
-        data.path().join("data").join("stripe.redb"),
-    )
-    .expect("symlink");
+    let data = disk.node_dir("sfc");
     let third = Node::start_in("sfc", data.path(), free_ip(), o2);
     let mut active = wait_in_sync(&[&first, &second, &third], 2);
     if active == third.id() {

@@ -213,17 +213,24 @@ impl StripeStore {
         let open = self.db.read().unwrap_or_else(|e| e.into_inner()).clone();
         match open {
             Some(db) => Ok(db),
-            None => self.reopen(),
+            None => self.reopen(None),
         }
     }
 
     /// After an I/O error (a full disk, say) redb answers every transaction of
-    /// that handle with `PreviousIo`: the file is opened again (redb repairs it
-    /// to its last commit), so the stripe can go on once the disk has room.
-    /// Fails (`InUse`) while transactions of the old handle are still open.
-    fn reopen(&self) -> Result<Arc<Database>, StoreError> {
+    /// that handle (`failed`) with `PreviousIo`: the file is opened again (redb
+    /// repairs it to its last commit), so the stripe can go on once the disk has
+    /// room. Fails (`Reopening`) while transactions of the old handle are open.
+    fn reopen(&self, failed: Option<Arc<Database>>) -> Result<Arc<Database>, StoreError> {
         let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
-        // Our handle goes first: redb holds a lock on the file while it is open.
+        match (slot.as_ref(), failed.as_ref()) {
+            // Another caller opened it again already.
+            (Some(open), Some(failed)) if !Arc::ptr_eq(open, failed) => return Ok(open.clone()),
+            (Some(open), None) => return Ok(open.clone()),
+            _ => {}
+        }
+        // Every handle goes first: redb holds a lock on the file while it is open.
+        drop(failed);
         *slot = None;
         let db = match open_db(&self.path) {
             Ok(db) => Arc::new(db),
@@ -238,11 +245,10 @@ impl StripeStore {
     }
 
     fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        // Our handle must be gone before `reopen` (hence the `let`).
-        let first = self.db()?.begin_read();
-        match first {
+        let db = self.db()?;
+        match db.begin_read() {
             Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {
-                self.reopen()?.begin_read().map_err(self.storage())
+                self.reopen(Some(db))?.begin_read().map_err(self.storage())
             }
             r => r.map_err(self.storage()),
         }
@@ -260,11 +266,12 @@ impl StripeStore {
     }
 
     fn write_txn(&self, durable: bool) -> Result<redb::WriteTransaction, StoreError> {
-        let first = self.db()?.begin_write();
-        let mut txn = match first {
-            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {
-                self.reopen()?.begin_write().map_err(self.storage())?
-            }
+        let db = self.db()?;
+        let mut txn = match db.begin_write() {
+            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => self
+                .reopen(Some(db))?
+                .begin_write()
+                .map_err(self.storage())?,
             r => r.map_err(self.storage())?,
         };
         txn.set_durability(if durable {

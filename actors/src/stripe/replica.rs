@@ -1423,16 +1423,7 @@ mod tests {
         r.on_persisted(1);
         r.on_confirmed(1, true);
         // The standby holds the take-over no-op.
-        r.on_message(
-            2,
-            Message::AppendAck {
-                epoch: 1,
-                ok: true,
-                matched: 1,
-                round: 0,
-                stale: None,
-            },
-        );
+        ack(&mut r, true, 1);
         r
     }
 
