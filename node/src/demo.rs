@@ -175,11 +175,19 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         args.nodes, nodes[0].http
     );
     println!("Press Ctrl-C to stop the cluster.");
+    let mut exited = vec![false; nodes.len()];
     while !stop.load(Ordering::SeqCst) {
         for (i, node) in nodes.iter_mut().enumerate() {
+            if exited[i] {
+                continue;
+            }
             if let Ok(Some(status)) = node.child.try_wait() {
+                exited[i] = true;
                 println!("node{} exited ({status}); see its kiln.log", i + 1);
             }
+        }
+        if exited.iter().all(|e| *e) {
+            bail!("every node of the demo exited; see their kiln.log files");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
