@@ -1440,14 +1440,20 @@ mod tests {
         )
     }
 
-    #[test]
-    fn appends_are_pipelined_up_to_the_limit() {
-        let mut r = active();
+    /// Proposes `n` one-entry writes one by one; the appends they sent to node 2.
+    fn propose_each(r: &mut Replica, n: u8) -> Vec<(u64, u64)> {
         let mut sent = Vec::new();
-        for k in 0..5u8 {
+        for k in 0..n {
             let (_, fx) = r.propose(vec![vec![k]]).unwrap();
             sent.extend(appends_to(&fx, 2));
         }
+        sent
+    }
+
+    #[test]
+    fn appends_are_pipelined_up_to_the_limit() {
+        let mut r = active();
+        let sent = propose_each(&mut r, 5);
         // Three on their way before the first answer, one entry each.
         assert_eq!(sent, vec![(2, 2), (3, 3), (4, 4)]);
         r.on_persisted(6);
@@ -1460,9 +1466,7 @@ mod tests {
     #[test]
     fn an_overtaken_append_is_sent_again_once_the_first_is_answered() {
         let mut r = active();
-        for k in 0..3u8 {
-            r.propose(vec![vec![k]]).unwrap();
-        }
+        propose_each(&mut r, 3);
         r.on_persisted(4);
         // Appends 3 and 4 overtook append 2: both refused, the member holds 1.
         assert!(appends_to(&ack(&mut r, false, 1), 2).is_empty());
@@ -1477,9 +1481,7 @@ mod tests {
     #[test]
     fn a_refusal_behind_every_append_in_flight_sends_from_the_members_hint() {
         let mut r = active();
-        for k in 0..3u8 {
-            r.propose(vec![vec![k]]).unwrap();
-        }
+        propose_each(&mut r, 3);
         // The member lost its log past the no-op's predecessor: start over there.
         let fx = ack(&mut r, false, 0);
         assert_eq!(appends_to(&fx, 2), vec![(1, 4)]);
