@@ -309,8 +309,11 @@ const PARTS_IN_FLIGHT: usize = 3;
 /// Parts accepted ahead of the next expected one.
 const PARTS_AHEAD: u64 = 8;
 
-/// Snapshot parts received ahead of the one being written.
-const STAGING_AHEAD: usize = 2;
+/// Snapshot parts (up to 1 MiB each) received ahead of the one being written:
+/// enough that the transfer goes on while every 32nd part is fsynced (~30 ms
+/// alone, ~110 ms beside a transfer); with 2, each fsync stalled the sender and
+/// 1 GiB took 8 s instead of 5.
+const STAGING_AHEAD: usize = 32;
 
 struct StagedPart {
     reset: bool,
