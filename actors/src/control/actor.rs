@@ -382,6 +382,12 @@ impl ControlPlane {
         if self.joining || self.last_join.is_some_and(|t| t.elapsed() < JOIN_RETRY) {
             return;
         }
+        let proposer = self.proposer();
+        if proposer.fallback.is_empty() && self.raft.metrics().borrow().current_leader.is_none() {
+            // Nobody to ask yet (the first tick comes before the seed answers):
+            // the next tick tries, rather than a whole JOIN_RETRY later.
+            return;
+        }
         self.joining = true;
         self.last_join = Some(Instant::now());
         let mut commands = Vec::new();
@@ -396,7 +402,6 @@ impl ControlPlane {
             witness: self.cfg.witness,
             stripe: self.cfg.stripe,
         });
-        let proposer = self.proposer();
         ctx.spawn(
             async move {
                 let mut last = Err("nothing proposed".to_string());
