@@ -121,6 +121,20 @@ fn run(mib: usize, retain: &str) {
         bytes / 1e6 / total,
         bytes / 1e6 / (total - placed).max(1e-3)
     );
+    // Where the time went, from the newcomer's own account.
+    for line in third.log().lines().filter(|l| {
+        [
+            "snapshot",
+            "placed",
+            "member of stripe",
+            "catching up",
+            "standby",
+        ]
+        .iter()
+        .any(|w| l.contains(w))
+    }) {
+        println!("    {}", line.chars().take(260).collect::<String>());
+    }
 }
 
 fn main() {
