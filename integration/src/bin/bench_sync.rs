@@ -123,15 +123,10 @@ fn run(mib: usize, retain: &str) {
     );
     // Where the time went, from the newcomer's own account.
     for line in third.log().lines().filter(|l| {
-        [
-            "snapshot",
-            "placed",
-            "member of stripe",
-            "catching up",
-            "standby",
-        ]
-        .iter()
-        .any(|w| l.contains(w))
+        l.contains("kiln_actors")
+            && ["snapshot", "placed", "catching up", "standby"]
+                .iter()
+                .any(|w| l.contains(w))
     }) {
         println!("    {}", line.chars().take(260).collect::<String>());
     }
