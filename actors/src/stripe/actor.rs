@@ -16,6 +16,7 @@ use kiln_persistence::{StoreError, StripeStore};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde_bytes::ByteBuf;
 use tokio::sync::oneshot;
@@ -105,6 +106,28 @@ struct PeerLabel {
     peer: String,
 }
 
+/// Kinds of stripe storage work, as the `job` label of `kiln_stripe_storage_seconds`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct StorageJob {
+    job: &'static str,
+}
+
+fn storage_histogram() -> Histogram {
+    Histogram::new([
+        0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+    ])
+}
+
+/// Time each storage job took on its blocking thread (queueing excluded).
+#[derive(Clone)]
+struct StorageTimes(Family<StorageJob, Histogram, fn() -> Histogram>);
+
+impl Default for StorageTimes {
+    fn default() -> Self {
+        StorageTimes(Family::new_with_constructor(storage_histogram))
+    }
+}
+
 /// Stripe metrics, `kiln_stripe_*`.
 #[derive(Clone, Default)]
 pub struct StripeMetrics {
@@ -123,6 +146,7 @@ pub struct StripeMetrics {
     /// Keys of the snapshot being received, and of those received so far.
     snapshot_keys_total: Gauge,
     snapshot_keys_done: Gauge,
+    storage_seconds: StorageTimes,
 }
 
 impl StripeMetrics {
@@ -199,7 +223,33 @@ impl StripeMetrics {
             "Keys of the snapshot this node is receiving that arrived so far",
             m.snapshot_keys_done.clone(),
         );
+        r.register(
+            "storage_seconds",
+            "Time stripe storage jobs took (job: append = the active's own log write, \
+             persist = a member's log write with the apply of what it covers, apply, \
+             compact, stage = a received snapshot part, install)",
+            m.storage_seconds.0.clone(),
+        );
         m
+    }
+
+    /// A storage job to run on a blocking thread, timed as `job`.
+    fn timed<T: Send + 'static>(
+        &self,
+        job: &'static str,
+        f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+    ) -> impl FnOnce() -> Result<T, StoreError> + Send + 'static {
+        let histogram = self
+            .storage_seconds
+            .0
+            .get_or_create(&StorageJob { job })
+            .clone();
+        move || {
+            let started = Instant::now();
+            let out = f();
+            histogram.observe(started.elapsed().as_secs_f64());
+            out
+        }
     }
 }
 
@@ -585,7 +635,7 @@ impl StripeActor {
         let rows: Vec<(u64, Vec<u8>)> = entries.iter().map(|(i, e)| (*i, to_cbor(e))).collect();
         let from = self.applied_index + 1;
         ctx.spawn(
-            blocking(move || {
+            blocking(self.metrics.timed("persist", move || {
                 store.persist_and_apply(
                     truncate_from,
                     &rows,
@@ -594,7 +644,7 @@ impl StripeActor {
                     entry_data,
                     kv::apply,
                 )
-            })
+            }))
             .into_actor(self)
             .map(move |res, act, ctx| {
                 act.busy = false;
@@ -688,7 +738,7 @@ impl StripeActor {
                 let from = self.applied_index + 1;
                 let store = self.store.clone();
                 ctx.spawn(
-                    blocking(move || {
+                    blocking(self.metrics.timed("apply", move || {
                         let entries = store.entries(from, upto)?;
                         if entries.len() as u64 != upto + 1 - from {
                             // Never skip an entry: the state would silently miss it.
@@ -704,7 +754,7 @@ impl StripeActor {
                             .collect();
                         let outcomes = store.apply(&rows, kv::apply)?;
                         Ok(rows.iter().map(|r| r.0).zip(outcomes).collect::<Vec<_>>())
-                    })
+                    }))
                     .into_actor(self)
                     .map(move |res, act, ctx| {
                         act.busy = false;
@@ -723,14 +773,14 @@ impl StripeActor {
                 self.busy = true;
                 let store = self.store.clone();
                 ctx.spawn(
-                    blocking(move || {
+                    blocking(self.metrics.timed("install", move || {
                         store.install_snapshot(
                             (at.epoch, at.index),
                             keep_log,
                             changes,
                             &kv::request_expiry,
                         )
-                    })
+                    }))
                     .into_actor(self)
                     .map(move |res, act, ctx| {
                         act.busy = false;
@@ -769,7 +819,7 @@ impl StripeActor {
                 self.busy = true;
                 let store = self.store.clone();
                 ctx.spawn(
-                    blocking(move || {
+                    blocking(self.metrics.timed("compact", move || {
                         let epoch = store
                             .entries(upto, upto)?
                             .first()
@@ -780,7 +830,7 @@ impl StripeActor {
                             // Already compacted (or covered by a snapshot).
                             None => Ok(()),
                         }
-                    })
+                    }))
                     .into_actor(self)
                     .map(|res, act, ctx| {
                         act.busy = false;
@@ -1003,49 +1053,50 @@ impl StripeActor {
                 .sum::<u64>();
         let store = self.store.clone();
         ctx.spawn(
-            blocking(move || store.stage_snapshot(part.reset, &part.kv, &part.requests, durable))
-                .into_actor(self)
-                .map(move |res, act, ctx| {
-                    let Some(rx) = act.receiving.as_mut().filter(|rx| rx.transfer == transfer)
-                    else {
-                        return;
-                    };
-                    rx.staging_busy = false;
-                    match res {
-                        Ok(()) => {
-                            act.metrics.snapshot_bytes_received.inc_by(bytes);
-                            act.metrics.snapshot_keys_received.inc_by(keys);
-                            rx.keys += keys;
-                            rx.bytes += bytes;
-                            act.metrics.snapshot_keys_done.set(rx.keys as i64);
-                            if rx.last_log.elapsed() >= Duration::from_secs(2) {
-                                rx.last_log = Instant::now();
-                                tracing::info!(stripe = ?act.stripe, keys = rx.keys,
+            blocking(self.metrics.timed("stage", move || {
+                store.stage_snapshot(part.reset, &part.kv, &part.requests, durable)
+            }))
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                let Some(rx) = act.receiving.as_mut().filter(|rx| rx.transfer == transfer) else {
+                    return;
+                };
+                rx.staging_busy = false;
+                match res {
+                    Ok(()) => {
+                        act.metrics.snapshot_bytes_received.inc_by(bytes);
+                        act.metrics.snapshot_keys_received.inc_by(keys);
+                        rx.keys += keys;
+                        rx.bytes += bytes;
+                        act.metrics.snapshot_keys_done.set(rx.keys as i64);
+                        if rx.last_log.elapsed() >= Duration::from_secs(2) {
+                            rx.last_log = Instant::now();
+                            tracing::info!(stripe = ?act.stripe, keys = rx.keys,
                                     bytes = rx.bytes, "receiving snapshot");
-                            }
-                        }
-                        Err(e) => {
-                            rx.failed = Some(format!("cannot store the snapshot: {e}"));
-                            rx.staging.clear();
                         }
                     }
-                    let failed = rx.failed.clone();
-                    let released: Vec<Responder> = if failed.is_some() {
-                        rx.held.drain(..).collect()
-                    } else if rx.staging.len() <= STAGING_AHEAD {
-                        rx.held.pop_front().into_iter().collect()
-                    } else {
-                        Vec::new()
+                    Err(e) => {
+                        rx.failed = Some(format!("cannot store the snapshot: {e}"));
+                        rx.staging.clear();
+                    }
+                }
+                let failed = rx.failed.clone();
+                let released: Vec<Responder> = if failed.is_some() {
+                    rx.held.drain(..).collect()
+                } else if rx.staging.len() <= STAGING_AHEAD {
+                    rx.held.pop_front().into_iter().collect()
+                } else {
+                    Vec::new()
+                };
+                for reply in released {
+                    let answer = match &failed {
+                        Some(why) => Err(why.clone()),
+                        None => Ok(()),
                     };
-                    for reply in released {
-                        let answer = match &failed {
-                            Some(why) => Err(why.clone()),
-                            None => Ok(()),
-                        };
-                        act.respond(reply, &StripeResponse::SnapshotStored(answer));
-                    }
-                    act.stage_next(ctx);
-                }),
+                    act.respond(reply, &StripeResponse::SnapshotStored(answer));
+                }
+                act.stage_next(ctx);
+            }),
         );
     }
 
@@ -1094,26 +1145,29 @@ impl StripeActor {
         let generation = self.replica_generation;
         let store = self.store.clone();
         ctx.spawn(
-            blocking(move || store.persist(None, &rows, None))
-                .into_actor(self)
-                .map(move |res, act, ctx| {
-                    act.local_busy = false;
-                    match res {
-                        Ok(()) if act.replica_generation != generation => {}
-                        Ok(()) => {
-                            if let Some(r) = act.replica.as_mut() {
-                                let fx = r.on_persisted(last);
-                                act.queue.extend(fx.into_iter().map(Step::Fx));
-                            }
+            blocking(
+                self.metrics
+                    .timed("append", move || store.persist(None, &rows, None)),
+            )
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.local_busy = false;
+                match res {
+                    Ok(()) if act.replica_generation != generation => {}
+                    Ok(()) => {
+                        if let Some(r) = act.replica.as_mut() {
+                            let fx = r.on_persisted(last);
+                            act.queue.extend(fx.into_iter().map(Step::Fx));
                         }
-                        // The entries of this append must never count as durable
-                        // (a later append's success would cover them): start over.
-                        Err(e) if act.replica_generation == generation => act.log_write_failed(&e),
-                        Err(e) => act.storage_failed(&e),
                     }
-                    act.start_local(ctx);
-                    act.pump(ctx);
-                }),
+                    // The entries of this append must never count as durable
+                    // (a later append's success would cover them): start over.
+                    Err(e) if act.replica_generation == generation => act.log_write_failed(&e),
+                    Err(e) => act.storage_failed(&e),
+                }
+                act.start_local(ctx);
+                act.pump(ctx);
+            }),
         );
     }
 
