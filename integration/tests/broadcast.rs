@@ -479,3 +479,107 @@ fn change_events_go_on_after_a_whole_stripe_restart_in_temporary_mode() {
     assert_eq!(changes[20]["pks"], json!([["after0"]]));
     assert_eq!(changes[24]["pks"], json!([["after4"]]));
 }
+
+/// Reads an event stream to its end: (event, id) of every `data:` message.
+fn read_stream(reader: impl std::io::Read) -> Vec<Streamed> {
+    use std::io::BufRead;
+    let mut out = Vec::new();
+    let (mut id, mut data) = (None, None);
+    for line in std::io::BufReader::new(reader).lines() {
+        let Ok(line) = line else { break };
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = Some(v.to_string());
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data = serde_json::from_str::<Value>(v).ok();
+        } else if line.is_empty() {
+            if let Some(event) = data.take() {
+                out.push(Streamed {
+                    event,
+                    id: id.take(),
+                    at: std::time::Instant::now(),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_subscriber_that_stops_reading_is_told_lagged_and_resumes_where_it_was() {
+    // A 1 MiB bound, so a few megabytes of large events outgrow it.
+    let node = Node::start(
+        "lag1",
+        NodeOpts {
+            extra: vec!["--subscriber-buffer-bytes".into(), "1048576".into()],
+            ..Default::default()
+        },
+    );
+    node.id();
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(5))
+        .timeout_read(Duration::from_secs(30))
+        .build();
+    // The stuck subscriber: the response head is read, the body not (yet).
+    let stuck = agent
+        .get(&format!("http://{}/v1/broadcast/stream", node.http()))
+        .set("Last-Event-ID", "")
+        .call()
+        .expect("event stream")
+        .into_reader();
+
+    const EVENTS: usize = 400;
+    let pad = "x".repeat(50_000);
+    let mut origin = String::new();
+    for batch in 0..EVENTS / 10 {
+        let events: Vec<Value> = (batch * 10..batch * 10 + 10)
+            .map(|i| json!({"kind": "message", "topic": "big", "payload": {"i": i, "pad": pad}}))
+            .collect();
+        // The node goes on accepting events whatever its subscriber does.
+        let resp: Value = agent
+            .post(&format!("http://{}/v1/broadcast", node.http()))
+            .send_json(Value::Array(events))
+            .expect("publish while a subscriber is stuck")
+            .into_json()
+            .expect("202 body");
+        origin = resp["origin"].as_str().unwrap_or_default().to_string();
+    }
+    wait_until("the node gave up on the stuck subscriber", LONG, || {
+        node.metric_positive("kiln_broadcast_subscribers_lagged")
+    });
+
+    let got = read_stream(stuck);
+    assert_eq!(
+        got.last().map(|s| s.event["kind"].clone()),
+        Some(json!("lagged")),
+        "the stream ends with `lagged`"
+    );
+    let delivered = &got[..got.len() - 1];
+    let last = check_stream(delivered).expect("what came before `lagged` is in order");
+    let upto = last.get(&origin).copied().unwrap_or(0);
+    assert!(
+        (upto as usize) < EVENTS,
+        "the stuck subscriber was cut off before the end ({upto} of {EVENTS})"
+    );
+
+    // Resuming from the last id gets exactly what was missed.
+    let token = delivered
+        .iter()
+        .rev()
+        .find_map(|s| s.id.clone())
+        .unwrap_or_default();
+    let resumed = Subscriber::follow(node.http(), Some(token));
+    wait_until("the resumed stream has the rest", LONG, || {
+        resumed.count() >= EVENTS - upto as usize
+    });
+    let seqs: Vec<u64> = resumed
+        .snapshot()
+        .iter()
+        .filter(|s| s.event["origin"] == origin.as_str())
+        .filter_map(|s| s.event["seq"].as_u64())
+        .collect();
+    assert_eq!(
+        seqs,
+        (upto + 1..=EVENTS as u64).collect::<Vec<_>>(),
+        "the resumed stream starts right after the last event received, once each"
+    );
+}

@@ -28,6 +28,8 @@ const CLIENT_BUFFER: usize = 64;
 /// A comment line this often keeps proxies from closing an idle stream and
 /// notices a client that went away.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// How often a feed blocked on a slow client looks at how far behind it is.
+const LAG_CHECK: Duration = Duration::from_millis(100);
 /// Events read from the log per page of a subscriber's backlog.
 const BACKLOG_PAGE: usize = 1_000;
 /// How long a subscriber catching up waits for received events to be written
@@ -255,12 +257,8 @@ impl Feed {
 
     async fn serve(&mut self) -> End {
         // Tell the client the stream is open (and since when) right away.
-        if self
-            .send(Bytes::from(": kiln event stream\n\n"))
-            .await
-            .is_err()
-        {
-            return End::ClientGone;
+        if let Err(end) = self.send(Bytes::from(": kiln event stream\n\n")).await {
+            return end;
         }
         let backlog: Vec<(String, u64)> = self
             .sub
@@ -279,6 +277,7 @@ impl Feed {
             tokio::select! {
                 ev = self.sub.feed.recv() => match ev {
                     Ok(ev) => {
+                        self.sub.took(&ev);
                         if let Err(end) = self.live(ev).await {
                             return end;
                         }
@@ -287,8 +286,8 @@ impl Feed {
                     Err(RecvError::Closed) => return End::ClientGone,
                 },
                 _ = keepalive.tick() => {
-                    if self.send(Bytes::from(": keepalive\n\n")).await.is_err() {
-                        return End::ClientGone;
+                    if let Err(end) = self.send(Bytes::from(": keepalive\n\n")).await {
+                        return end;
                     }
                 }
                 _ = self.tx.closed() => return End::ClientGone,
@@ -368,9 +367,7 @@ impl Feed {
         self.pos.insert(origin.to_string(), resume_at);
         let data = json!({"kind": "resync", "origin": origin, "datasources": []});
         let frame = format!("id: {}\ndata: {}\n\n", self.token(), data);
-        self.send(Bytes::from(frame))
-            .await
-            .map_err(|_| End::ClientGone)
+        self.send(Bytes::from(frame)).await
     }
 
     async fn emit(&mut self, ev: &Delivered) -> Result<(), End> {
@@ -402,17 +399,31 @@ impl Feed {
             return Ok(());
         }
         frame.extend_from_slice(b"\n\n");
-        self.send(Bytes::from(frame))
-            .await
-            .map_err(|_| End::ClientGone)
+        self.send(Bytes::from(frame)).await
     }
 
     fn token(&self) -> String {
         Positions(self.pos.clone()).to_token()
     }
 
-    async fn send(&self, frame: Bytes) -> Result<(), ()> {
-        self.tx.send(frame).await.map_err(|_| ())
+    /// Queues a frame for the client. While the client does not read, live
+    /// events it has not taken pile up in the node: past the byte bound it is
+    /// told `lagged` rather than holding them (checked every `LAG_CHECK` while
+    /// the client's buffer is full).
+    async fn send(&self, frame: Bytes) -> Result<(), End> {
+        loop {
+            if self.sub.too_far_behind() {
+                return Err(End::Lagged);
+            }
+            match tokio::time::timeout(LAG_CHECK, self.tx.reserve()).await {
+                Ok(Ok(permit)) => {
+                    permit.send(frame);
+                    return Ok(());
+                }
+                Ok(Err(_)) => return Err(End::ClientGone),
+                Err(_) => {}
+            }
+        }
     }
 }
 

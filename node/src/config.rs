@@ -107,6 +107,9 @@ pub struct RunArgs {
     /// Largest event POST /v1/broadcast accepts, as JSON. Default: 65536
     #[arg(long, env = "KILN_MAX_EVENT_BYTES", value_name = "BYTES")]
     pub max_event_bytes: Option<usize>,
+    /// Bytes of live events a slow event-stream subscriber may fall behind before it is sent `lagged` and closed (it resumes with Last-Event-ID). Default: 67108864
+    #[arg(long, env = "KILN_SUBSCRIBER_BUFFER_BYTES", value_name = "BYTES")]
+    pub subscriber_buffer_bytes: Option<u64>,
     /// Stripe log entries kept for members that fall behind; further behind, they get a snapshot. Default: 20000
     #[arg(long, env = "KILN_LOG_RETAIN_ENTRIES", value_name = "N")]
     pub log_retain_entries: Option<u64>,
@@ -146,6 +149,7 @@ pub struct FileConfig {
     pub broadcast_retention_bytes: Option<u64>,
     pub broadcast_retention_s: Option<u64>,
     pub max_event_bytes: Option<usize>,
+    pub subscriber_buffer_bytes: Option<u64>,
     pub artifact_keep_versions: Option<u32>,
     pub log_retain_entries: Option<u64>,
 }
@@ -181,6 +185,7 @@ pub const KEYS: &[&str] = &[
     "broadcast_retention_bytes",
     "broadcast_retention_s",
     "max_event_bytes",
+    "subscriber_buffer_bytes",
     "artifact_keep_versions",
     "log_retain_entries",
 ];
@@ -207,6 +212,7 @@ pub struct Settings {
     pub reconnect_window_s: u64,
     pub broadcast_retention: kiln_persistence::Retention,
     pub max_event_bytes: usize,
+    pub subscriber_buffer_bytes: u64,
     pub artifact_keep_versions: u32,
     pub log_retain_entries: u64,
 }
@@ -465,6 +471,12 @@ impl Settings {
                     .into(),
             });
         }
+        let subscriber_buffer_bytes = positive(
+            "subscriber_buffer_bytes",
+            cli.subscriber_buffer_bytes
+                .or(file.subscriber_buffer_bytes)
+                .unwrap_or(64 << 20),
+        )?;
         let artifact_keep_versions = positive(
             "artifact_keep_versions",
             cli.artifact_keep_versions
@@ -483,6 +495,7 @@ impl Settings {
             artifact_keep_versions,
             broadcast_retention,
             max_event_bytes,
+            subscriber_buffer_bytes,
             reconnect_window_s,
             election_timeout_ms,
             permanent,

@@ -198,6 +198,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             BroadcastConfig {
                 retention: settings.broadcast_retention,
                 subscriber_buffer: 65_536,
+                subscriber_buffer_bytes: settings.subscriber_buffer_bytes,
             },
             broadcast_metrics,
             known_change_seq.clone(),

@@ -59,6 +59,10 @@ pub struct BroadcastConfig {
     pub retention: Retention,
     /// Events a subscriber may be behind the node before it is told `lagged`.
     pub subscriber_buffer: usize,
+    /// Bytes of events a subscriber may be behind (what the node holds for it)
+    /// before it is told `lagged`: the count alone would let 65 536 large
+    /// events pin gigabytes.
+    pub subscriber_buffer_bytes: u64,
 }
 
 /// One event appended to this node's log, as subscribers get it.
@@ -70,6 +74,9 @@ pub struct Delivered {
     /// `None` if the stored bytes do not decode (an event of a newer kiln):
     /// subscribers step over it.
     pub body: Option<EventBody>,
+    /// About the memory it holds (its encoded size and some), for the
+    /// subscribers' byte bound.
+    pub weight: u64,
 }
 
 impl Delivered {
@@ -79,6 +86,7 @@ impl Delivered {
             seq,
             ts,
             body: EventBody::from_cbor(bytes),
+            weight: (bytes.len() * 2 + origin.len() + 64) as u64,
         }
     }
 }
@@ -250,6 +258,8 @@ pub struct BroadcastActor {
     /// The live feed, made when the first subscriber comes: its buffer is
     /// allocated whole, and a node nobody subscribes to need not hold it.
     subscribers: Option<broadcast::Sender<Arc<Delivered>>>,
+    /// Weight of every event put into the live feed so far (see [`Subscription::behind_bytes`]).
+    fed_bytes: Arc<AtomicU64>,
     started: Instant,
     last_heads: Instant,
     last_prune: Instant,
@@ -294,6 +304,7 @@ impl BroadcastActor {
             unwritten: Vec::new(),
             unwritten_events: 0,
             handed_on: Arc::new(AtomicU64::new(0)),
+            fed_bytes: Arc::new(AtomicU64::new(0)),
             written: watch::Sender::new(0),
             importing: false,
             unsynced: false,
@@ -650,7 +661,12 @@ impl BroadcastActor {
                 .latency
                 .observe(now.saturating_sub(e.ts) as f64 / 1000.0);
             if let Some(feed) = &self.subscribers {
-                let _ = feed.send(Arc::new(Delivered::decode(origin, e.seq, e.ts, &e.body)));
+                let delivered = Delivered::decode(origin, e.seq, e.ts, &e.body);
+                // Counted before it is sent: a subscriber never sees itself
+                // further ahead than the feed.
+                self.fed_bytes
+                    .fetch_add(delivered.weight, Ordering::Relaxed);
+                let _ = feed.send(Arc::new(delivered));
             }
         }
         if gossip {
@@ -955,9 +971,32 @@ pub struct Subscription {
     pub metrics: BroadcastMetrics,
     handed_on: Arc<AtomicU64>,
     written: watch::Receiver<u64>,
+    fed_bytes: Arc<AtomicU64>,
+    /// `fed_bytes` as far as this subscriber took events from `feed`.
+    taken_bytes: u64,
+    /// The most `behind_bytes` may be before the subscriber is told `lagged`.
+    pub buffer_bytes: u64,
 }
 
 impl Subscription {
+    /// Takes note that the subscriber took `ev` from `feed`.
+    pub fn took(&mut self, ev: &Delivered) {
+        self.taken_bytes += ev.weight;
+    }
+
+    /// Bytes of events in the feed this subscriber has not taken yet: what the
+    /// node holds in memory for it.
+    pub fn behind_bytes(&self) -> u64 {
+        self.fed_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.taken_bytes)
+    }
+
+    /// Fell further behind than its byte bound.
+    pub fn too_far_behind(&self) -> bool {
+        self.behind_bytes() > self.buffer_bytes
+    }
+
     /// Waits until every event handed to subscribers so far is in the log
     /// (received events are written in batches, shortly after). Gives up after
     /// `limit`, when writing fails.
@@ -993,6 +1032,10 @@ impl Handler<Subscribe> for BroadcastActor {
             metrics: self.metrics.clone(),
             handed_on: self.handed_on.clone(),
             written: self.written.subscribe(),
+            fed_bytes: self.fed_bytes.clone(),
+            // Events fed before it subscribed are not its to take.
+            taken_bytes: self.fed_bytes.load(Ordering::Relaxed),
+            buffer_bytes: self.config.subscriber_buffer_bytes,
         })
     }
 }
