@@ -411,6 +411,15 @@ impl Feed {
     /// told `lagged` rather than holding them (checked every `LAG_CHECK` while
     /// the client's buffer is full).
     async fn send(&self, frame: Bytes) -> Result<(), End> {
+        if self.sub.too_far_behind() {
+            return Err(End::Lagged);
+        }
+        // The common case: room in the client's buffer, no timer needed.
+        let frame = match self.tx.try_send(frame) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::ClientGone),
+            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+        };
         loop {
             if self.sub.too_far_behind() {
                 return Err(End::Lagged);
