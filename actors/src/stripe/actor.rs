@@ -45,8 +45,20 @@ const REPLICATION_TIMEOUT: Duration = Duration::from_secs(2);
 const APPLY_BATCH: u64 = 64;
 const APPLY_DEFER: Duration = Duration::from_millis(20);
 /// After a failed log write the stripe starts again from its disk this much
-/// later (and again, until the disk takes writes).
+/// later, and again, twice as late each time (up to `STORAGE_RETRY_MAX`), until
+/// a log write succeeds: an active whose disk stays full would otherwise take
+/// a new epoch from the control plane every second (its small probe write fits,
+/// the take-over entry does not).
 const STORAGE_RETRY: Duration = Duration::from_secs(1);
+const STORAGE_RETRY_MAX: Duration = Duration::from_secs(16);
+
+/// The pause before the replica starts again after `failures` log writes or
+/// restarts in a row failed.
+fn storage_retry(failures: u32) -> Duration {
+    STORAGE_RETRY
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(STORAGE_RETRY_MAX)
+}
 
 /// Encodes a stripe message for the wire.
 pub fn stripe_request(req: &StripeRequest) -> Request {
@@ -313,6 +325,8 @@ pub struct StripeActor {
     /// A log write failed: the error, and when to start the replica again from
     /// the disk. Writes meanwhile are refused with the error at once.
     storage_down: Option<(String, Instant)>,
+    /// Log writes and restarts that failed since the last log write that did not.
+    storage_failures: u32,
     /// A standby's committed entries not applied yet (see `APPLY_BATCH`), and
     /// since when the oldest of them waits.
     apply_pending: Option<(u64, Instant)>,
@@ -410,6 +424,7 @@ impl StripeActor {
             local_busy: false,
             replica_generation: 0,
             storage_down: None,
+            storage_failures: 0,
             apply_pending: None,
             receiving: None,
             install_reply: None,
@@ -633,6 +648,7 @@ impl StripeActor {
         self.busy = true;
         let store = self.store.clone();
         let rows: Vec<(u64, Vec<u8>)> = entries.iter().map(|(i, e)| (*i, to_cbor(e))).collect();
+        let has_entries = !rows.is_empty();
         let from = self.applied_index + 1;
         ctx.spawn(
             blocking(self.metrics.timed("persist", move || {
@@ -650,6 +666,9 @@ impl StripeActor {
                 act.busy = false;
                 match res {
                     Ok(done) => {
+                        if has_entries {
+                            act.storage_failures = 0;
+                        }
                         act.applied(upto, Ok(done));
                         for step in answers {
                             if let Step::Reply(reply, resp) = step {
@@ -1155,6 +1174,7 @@ impl StripeActor {
                 match res {
                     Ok(()) if act.replica_generation != generation => {}
                     Ok(()) => {
+                        act.storage_failures = 0;
                         if let Some(r) = act.replica.as_mut() {
                             let fx = r.on_persisted(last);
                             act.queue.extend(fx.into_iter().map(Step::Fx));
@@ -1207,13 +1227,16 @@ impl StripeActor {
         self.local_queue.clear();
         // What the failed write would have covered is not on the disk.
         self.apply_pending = None;
-        tracing::error!(stripe = ?self.stripe, error = %e, retry_s = STORAGE_RETRY.as_secs(),
+        self.storage_failures += 1;
+        let retry = storage_retry(self.storage_failures);
+        tracing::error!(stripe = ?self.stripe, error = %e, retry_s = retry.as_secs(),
+            failures = self.storage_failures,
             "a stripe log write failed; the stripe starts again from its disk (free space or fix the disk)");
-        self.storage_down = Some((e.to_string(), Instant::now() + STORAGE_RETRY));
+        self.storage_down = Some((e.to_string(), Instant::now() + retry));
     }
 
-    /// Starts the replica again from the disk once `STORAGE_RETRY` has passed
-    /// since a failed log write.
+    /// Starts the replica again from the disk once the pause after a failed log
+    /// write (see `storage_retry`) has passed.
     fn restart_after_storage_failure(&mut self) {
         let (Some(stripe), Some((_, at))) = (self.stripe, &self.storage_down) else {
             return;
@@ -1232,8 +1255,11 @@ impl StripeActor {
         {
             Ok(()) => self.storage_down = None,
             Err(e) => {
-                tracing::warn!(stripe, error = %e, "the stripe data still cannot be written or read back; trying again");
-                self.storage_down = Some((e.to_string(), Instant::now() + STORAGE_RETRY));
+                self.storage_failures += 1;
+                let retry = storage_retry(self.storage_failures);
+                tracing::warn!(stripe, error = %e, retry_s = retry.as_secs(),
+                    "the stripe data still cannot be written or read back; trying again");
+                self.storage_down = Some((e.to_string(), Instant::now() + retry));
             }
         }
     }
@@ -1872,4 +1898,17 @@ fn entry_data(stored: &[u8]) -> Vec<u8> {
     from_cbor::<Entry>(stored, usize::MAX)
         .map(|e| e.data)
         .unwrap_or_else(|_| vec![0xff])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_after_storage_failures_back_off_to_a_ceiling() {
+        let pauses: Vec<u64> = (1..=8).map(|f| storage_retry(f).as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 16, 16, 16]);
+        assert_eq!(storage_retry(u32::MAX), STORAGE_RETRY_MAX);
+        assert_eq!(storage_retry(0), STORAGE_RETRY);
+    }
 }
