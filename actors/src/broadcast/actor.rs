@@ -975,7 +975,7 @@ pub struct Subscription {
     /// `fed_bytes` as far as this subscriber took events from `feed`.
     taken_bytes: u64,
     /// The most `behind_bytes` may be before the subscriber is told `lagged`.
-    pub buffer_bytes: u64,
+    buffer_bytes: u64,
 }
 
 impl Subscription {
@@ -986,7 +986,7 @@ impl Subscription {
 
     /// Bytes of events in the feed this subscriber has not taken yet: what the
     /// node holds in memory for it.
-    pub fn behind_bytes(&self) -> u64 {
+    fn behind_bytes(&self) -> u64 {
         self.fed_bytes
             .load(Ordering::Relaxed)
             .saturating_sub(self.taken_bytes)
