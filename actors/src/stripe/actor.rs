@@ -689,6 +689,42 @@ impl StripeActor {
         );
     }
 
+    /// Applies committed entries up to `upto` in a transaction of its own (not
+    /// fsynced: the log holds them), then answers the writes that waited.
+    fn apply_committed(&mut self, upto: u64, ctx: &mut Context<Self>) {
+        if upto <= self.applied_index {
+            return;
+        }
+        self.busy = true;
+        let from = self.applied_index + 1;
+        let store = self.store.clone();
+        ctx.spawn(
+            blocking(self.metrics.timed("apply", move || {
+                let entries = store.entries(from, upto)?;
+                if entries.len() as u64 != upto + 1 - from {
+                    // Never skip an entry: the state would silently miss it.
+                    return Err(StoreError::Corrupt {
+                        path: store.path().to_path_buf(),
+                        what: format!("log entries {from}..={upto}"),
+                        detail: format!("only {} of them are in the log", entries.len()),
+                    });
+                }
+                let rows: Vec<(u64, Vec<u8>)> = entries
+                    .into_iter()
+                    .map(|(i, b)| (i, entry_data(&b)))
+                    .collect();
+                let outcomes = store.apply(&rows, kv::apply)?;
+                Ok(rows.iter().map(|r| r.0).zip(outcomes).collect::<Vec<_>>())
+            }))
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.busy = false;
+                act.applied(upto, res);
+                act.pump(ctx);
+            }),
+        );
+    }
+
     /// How far to apply now, given entries committed up to `upto`: everything
     /// on an active (writes wait for it); on a standby nothing until
     /// `APPLY_BATCH` entries or `APPLY_DEFER` have gathered.
@@ -750,37 +786,7 @@ impl StripeActor {
             }
             Effect::Commit { upto } => {
                 let upto = self.apply_now_or_later(upto);
-                if upto <= self.applied_index {
-                    return;
-                }
-                self.busy = true;
-                let from = self.applied_index + 1;
-                let store = self.store.clone();
-                ctx.spawn(
-                    blocking(self.metrics.timed("apply", move || {
-                        let entries = store.entries(from, upto)?;
-                        if entries.len() as u64 != upto + 1 - from {
-                            // Never skip an entry: the state would silently miss it.
-                            return Err(StoreError::Corrupt {
-                                path: store.path().to_path_buf(),
-                                what: format!("log entries {from}..={upto}"),
-                                detail: format!("only {} of them are in the log", entries.len()),
-                            });
-                        }
-                        let rows: Vec<(u64, Vec<u8>)> = entries
-                            .into_iter()
-                            .map(|(i, b)| (i, entry_data(&b)))
-                            .collect();
-                        let outcomes = store.apply(&rows, kv::apply)?;
-                        Ok(rows.iter().map(|r| r.0).zip(outcomes).collect::<Vec<_>>())
-                    }))
-                    .into_actor(self)
-                    .map(move |res, act, ctx| {
-                        act.busy = false;
-                        act.applied(upto, res);
-                        act.pump(ctx);
-                    }),
-                );
+                self.apply_committed(upto, ctx);
             }
             Effect::Send { to, msg } => self.send(to, msg, ctx),
             Effect::SendSnapshot { to } => self.send_snapshot(to, ctx),
