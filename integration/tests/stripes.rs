@@ -151,6 +151,13 @@ fn every_acknowledged_write_survives_kill_9_of_the_active() {
         missing.len(),
         &missing[..missing.len().min(5)]
     );
+    // Answered requests are timed by route: before the kill, every write the
+    // writers sent was forwarded to the active.
+    assert!(
+        entry.iter().any(|&i| nodes[i]
+            .metric_positive("kiln_kv_request_seconds_count{op=\"write\",route=\"forwarded\"}")),
+        "forwarded writes show in kiln_kv_request_seconds"
+    );
 }
 
 #[test]

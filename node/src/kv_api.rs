@@ -18,6 +18,10 @@ use kiln_actors::stripe::{
     stripe_request, stripe_response, stripe_view, Responder, ServeStripe, StripeActor,
 };
 use kiln_net::{NetHandle, PeerId};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::oneshot;
 
@@ -32,6 +36,42 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A planned handover waits for the standby to catch up.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabel {
+    /// `write` (put or delete), `read`, `list`.
+    op: &'static str,
+    /// `local`: this node is the active; `forwarded`: the active is another node.
+    route: &'static str,
+}
+
+fn request_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    ])
+}
+
+/// `kiln_kv_request_seconds`.
+#[derive(Clone)]
+pub struct KvMetrics {
+    requests: Family<RequestLabel, Histogram, fn() -> Histogram>,
+}
+
+impl KvMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = KvMetrics {
+            requests: Family::new_with_constructor(request_histogram),
+        };
+        registry.sub_registry_with_prefix("kiln_kv").register(
+            "request_seconds",
+            "Time from a key/value request's arrival at this node to the active's answer, \
+             retries included (op: write, read, list; route: local = this node is the \
+             active, forwarded = the active is another node); answered requests only",
+            m.requests.clone(),
+        );
+        m
+    }
+}
+
 /// Where key/value requests go.
 pub struct KvRouter {
     pub me: u64,
@@ -43,6 +83,7 @@ pub struct KvRouter {
     pub max_value_bytes: usize,
     /// How long a request's result is remembered for retries (`reconnect_window_s`).
     pub reconnect_window: Duration,
+    pub metrics: KvMetrics,
 }
 
 impl KvRouter {
@@ -123,11 +164,13 @@ impl KvRouter {
     /// same request id), so it is applied once.
     async fn routed<T>(
         &self,
+        op: &'static str,
         stripe: u32,
         request: StripeRequest,
         answer: impl Fn(StripeResponse) -> Option<Result<T, ServeError>>,
     ) -> Result<T, ApiError> {
-        let deadline = Instant::now() + self.request_timeout;
+        let started = Instant::now();
+        let deadline = started + self.request_timeout;
         loop {
             let active = stripe_view(&self.applied, stripe).and_then(|v| v.active);
             let why = match active {
@@ -136,7 +179,14 @@ impl KvRouter {
                     Err(e) => e,
                     Ok(resp) => match answer(resp) {
                         None => "unexpected answer".to_string(),
-                        Some(Ok(t)) => return Ok(t),
+                        Some(Ok(t)) => {
+                            let route = if a == self.me { "local" } else { "forwarded" };
+                            self.metrics
+                                .requests
+                                .get_or_create(&RequestLabel { op, route })
+                                .observe(started.elapsed().as_secs_f64());
+                            return Ok(t);
+                        }
                         Some(Err(ServeError::Storage(e))) => {
                             return Err(ApiError::new(
                                 StatusCode::INSUFFICIENT_STORAGE,
@@ -159,10 +209,15 @@ impl KvRouter {
     pub async fn write(&self, cmd: KvCommand) -> Result<KvOutcome, ApiError> {
         let (map, key) = cmd.op.map_key();
         let stripe = self.stripe_of(map, key)?;
-        self.routed(stripe, StripeRequest::Write { stripe, cmd }, |r| match r {
-            StripeResponse::Written(w) => Some(w),
-            _ => None,
-        })
+        self.routed(
+            "write",
+            stripe,
+            StripeRequest::Write { stripe, cmd },
+            |r| match r {
+                StripeResponse::Written(w) => Some(w),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -179,7 +234,7 @@ impl KvRouter {
             key: key.into(),
             stale,
         };
-        self.routed(stripe, request, |r| match r {
+        self.routed("read", stripe, request, |r| match r {
             StripeResponse::Value(v) => Some(v.map(|v| v.map(|(ver, b)| (ver, b.into_vec())))),
             _ => None,
         })
@@ -243,7 +298,7 @@ impl KvRouter {
                 limit: (limit + 1) as u32,
             };
             let keys = self
-                .routed(stripe, request, |r| match r {
+                .routed("list", stripe, request, |r| match r {
                     StripeResponse::Keys(k) => Some(k),
                     _ => None,
                 })

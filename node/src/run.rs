@@ -31,7 +31,7 @@ use prometheus_client::registry::Registry;
 
 use crate::config::Settings;
 use crate::http::{self, ApiState};
-use crate::kv_api::KvRouter;
+use crate::kv_api::{KvMetrics, KvRouter};
 
 /// Runs a node until SIGTERM or SIGINT. Errors are what stopped it from starting.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
@@ -105,6 +105,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = MembershipMetrics::register(&mut registry);
     let control_metrics = ControlMetrics::register(&mut registry);
     let stripe_metrics = StripeMetrics::register(&mut registry);
+    let kv_metrics = KvMetrics::register(&mut registry);
     let broadcast_metrics = BroadcastMetrics::register(&mut registry);
     let broadcast_store = Arc::new(BroadcastStore::open(&settings.data_dir)?);
     let artifact_metrics = ArtifactMetrics::register(&mut registry);
@@ -266,6 +267,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             request_timeout: Duration::from_millis(settings.request_timeout_ms),
             max_value_bytes: settings.max_value_bytes,
             reconnect_window: Duration::from_secs(settings.reconnect_window_s),
+            metrics: kv_metrics,
         });
         let state = web::Data::new(ApiState {
             membership: membership.clone(),
