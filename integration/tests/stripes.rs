@@ -563,6 +563,8 @@ struct SmallDisk {
 }
 
 impl SmallDisk {
+    /// A tmpfs of `mib` MiB, or `None` (and a note that the test is skipped)
+    /// where mounting is not allowed.
     fn mount(mib: u64) -> Option<SmallDisk> {
         let dir = tempfile::Builder::new()
             .prefix("kiln-smalldisk-")
@@ -573,7 +575,18 @@ impl SmallDisk {
             .arg(dir.path())
             .status()
             .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        }
         ok.then_some(SmallDisk { dir })
+    }
+
+    /// Node options for these tests: stripe data fsynced, so a full disk fails
+    /// the log write itself.
+    fn opts() -> NodeOpts {
+        let mut o = opts();
+        o.extra = vec!["--persistence".into(), "permanent".into()];
+        o
     }
 
     /// A directory for `Node::start_in` whose node keeps its stripe data
@@ -616,12 +629,10 @@ impl Drop for SmallDisk {
 fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
     let _serial = serial();
     let Some(disk) = SmallDisk::mount(8) else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
     let data = disk.node_dir("full");
-    let mut o = opts();
-    o.extra = vec!["--persistence".into(), "permanent".into()];
+    let o = SmallDisk::opts();
     let mut node = Node::start_in("full", data.path(), free_ip(), o);
     wait_in_sync(&[&node], 0);
     let agent = agent();
@@ -675,11 +686,9 @@ fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
 fn a_standby_whose_disk_fills_up_acknowledges_nothing_it_did_not_store() {
     let _serial = serial();
     let Some(disk) = SmallDisk::mount(8) else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
-    let mut o = opts();
-    o.extra = vec!["--persistence".into(), "permanent".into()];
+    let o = SmallDisk::opts();
     let first = Node::start("sfa", o.clone());
     let mut o2 = o.clone();
     o2.seeds.push(first.seed());

@@ -738,6 +738,16 @@ impl Replica {
         let timeout = self.cfg.in_sync_timeout_ms.max(self.cfg.heartbeat_ms * 4);
         let now = self.now_ms;
         let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        let append = |prev_index: u64, entries: Vec<Entry>| Message::Append {
+            epoch,
+            prev: LogPos {
+                epoch: epoch_in(&self.log, self.base, prev_index).unwrap_or(0),
+                index: prev_index,
+            },
+            entries,
+            commit: self.commit,
+            round: self.round,
+        };
         for n in peers {
             let Some(p) = self.progress.get_mut(&n) else {
                 continue;
@@ -803,16 +813,7 @@ impl Replica {
                 sent = true;
                 fx.push(Effect::Send {
                     to: n,
-                    msg: Message::Append {
-                        epoch,
-                        prev: LogPos {
-                            epoch: epoch_in(&self.log, self.base, prev_index).unwrap_or(0),
-                            index: prev_index,
-                        },
-                        entries,
-                        commit: self.commit,
-                        round: self.round,
-                    },
+                    msg: append(prev_index, entries),
                 });
             }
             if sent || !heartbeat {
@@ -828,16 +829,7 @@ impl Replica {
             };
             fx.push(Effect::Send {
                 to: n,
-                msg: Message::Append {
-                    epoch,
-                    prev: LogPos {
-                        epoch: epoch_in(&self.log, self.base, prev_index).unwrap_or(0),
-                        index: prev_index,
-                    },
-                    entries: Vec::new(),
-                    commit: self.commit,
-                    round: self.round,
-                },
+                msg: append(prev_index, Vec::new()),
             });
         }
     }
