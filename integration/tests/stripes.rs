@@ -683,7 +683,7 @@ fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
 }
 
 #[test]
-fn a_standby_whose_disk_fills_up_acknowledges_nothing_it_did_not_store() {
+fn a_standby_whose_disk_fills_up_fails_no_write_and_catches_up_once_it_has_room() {
     let _serial = serial();
     let Some(disk) = SmallDisk::mount(8) else {
         return;

@@ -275,9 +275,8 @@ impl Feed {
         keepalive.tick().await;
         loop {
             tokio::select! {
-                ev = self.sub.feed.recv() => match ev {
+                ev = self.sub.recv() => match ev {
                     Ok(ev) => {
-                        self.sub.took(&ev);
                         if let Err(end) = self.live(ev).await {
                             return end;
                         }
@@ -296,7 +295,7 @@ impl Feed {
     }
 
     async fn live(&mut self, ev: Arc<Delivered>) -> Result<(), End> {
-        let lag = self.sub.feed.len() as i64;
+        let lag = self.sub.waiting() as i64;
         self.sub.metrics.subscriber_lag.inc_by(lag - self.lag);
         self.lag = lag;
         let at = match self.pos.get(&ev.origin) {

@@ -690,7 +690,7 @@ struct WriteKv<'t> {
     path: &'t Path,
 }
 
-/// A storage error of the database at `path`.
+/// Opens (or creates) the stripe database at `path` with all its tables.
 fn open_db(path: &Path) -> Result<Database, StoreError> {
     open_or_create(path, STRIPE_META, |txn| {
         txn.open_table(STRIPE_LOG)?;
@@ -710,6 +710,7 @@ fn read_changes_head(db: &Database, path: &Path) -> Result<u64, StoreError> {
     Ok(head.map(|v| u64_of(v.value())).unwrap_or(0))
 }
 
+/// A storage error of the database at `path`.
 fn storage_error<E: Into<redb::Error>>(path: &Path) -> impl Fn(E) -> StoreError + '_ {
     move |e| StoreError::Storage {
         path: path.to_path_buf(),

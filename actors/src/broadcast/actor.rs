@@ -965,7 +965,7 @@ impl Handler<ServeFetch> for BroadcastActor {
 /// between it and the backlog), how far each origin has been handed to
 /// subscribers, and the log.
 pub struct Subscription {
-    pub feed: broadcast::Receiver<Arc<Delivered>>,
+    feed: broadcast::Receiver<Arc<Delivered>>,
     pub runs: HashMap<String, (u64, u64)>,
     pub store: Arc<BroadcastStore>,
     pub metrics: BroadcastMetrics,
@@ -979,9 +979,16 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Takes note that the subscriber took `ev` from `feed`.
-    pub fn took(&mut self, ev: &Delivered) {
+    /// The next live event (counted as taken, for the byte bound).
+    pub async fn recv(&mut self) -> Result<Arc<Delivered>, broadcast::error::RecvError> {
+        let ev = self.feed.recv().await?;
         self.taken_bytes += ev.weight;
+        Ok(ev)
+    }
+
+    /// Live events waiting for this subscriber.
+    pub fn waiting(&self) -> usize {
+        self.feed.len()
     }
 
     /// Bytes of events in the feed this subscriber has not taken yet: what the

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use kiln_net::wire::{Request, Response};
 use kiln_net::{NetCommand, NetHandle, PeerId, Reply};
-use kiln_persistence::{StoreError, StripeStore};
+use kiln_persistence::{StoreError, StripeRecovered, StripeStore};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -439,16 +439,14 @@ impl StripeActor {
 
     /// Starts replication once the control plane has placed this node.
     fn start_replica(&mut self, stripe: u32) -> Result<(), StoreError> {
-        let r = self.store.recover()?;
-        match r.stripe {
-            Some(k) if k != stripe => {
-                tracing::error!(stored = k, placed = stripe,
-                    "the stripe data here belongs to another stripe; not serving it (start this node with a new --data-dir)");
-                return Ok(());
-            }
-            Some(_) => {}
-            None => self.store.set_stripe(stripe)?,
+        if let Some(r) = recover_stripe(&self.store, stripe)? {
+            self.start_replica_from(stripe, r);
         }
+        Ok(())
+    }
+
+    /// Runs the replica of `stripe` from what its store held.
+    fn start_replica_from(&mut self, stripe: u32, r: StripeRecovered) {
         let entries: Vec<Entry> = r
             .entries
             .iter()
@@ -480,7 +478,6 @@ impl StripeActor {
             log = r.entries.len(),
             "stripe replication started"
         );
-        Ok(())
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
@@ -498,10 +495,11 @@ impl StripeActor {
             return;
         }
         let Some(stripe) = self.stripe else { return };
-        self.restart_after_storage_failure();
+        self.restart_after_storage_failure(ctx);
         let mut fx = Vec::new();
         if let Some((upto, since)) = self.apply_pending {
-            if since.elapsed() >= APPLY_DEFER {
+            // Not while a job runs: the Commit would queue again every tick.
+            if since.elapsed() >= APPLY_DEFER && !self.busy {
                 fx.push(Effect::Commit { upto });
             }
         }
@@ -731,6 +729,8 @@ impl StripeActor {
     fn apply_now_or_later(&mut self, upto: u64) -> u64 {
         let pending = self.apply_pending.map_or(0, |(p, _)| p).max(upto);
         if pending <= self.applied_index {
+            // A snapshot may have covered what was pending.
+            self.apply_pending = None;
             return self.applied_index;
         }
         let since = self.apply_pending.map_or_else(Instant::now, |(_, t)| t);
@@ -824,7 +824,9 @@ impl StripeActor {
                                 Ok(())
                             }
                             Err(e) => {
-                                act.storage_failed(&e);
+                                // The replica already counts the snapshot as
+                                // installed: start it again from the disk.
+                                act.log_write_failed(&e);
                                 Err(format!("cannot install the snapshot: {e}"))
                             }
                         };
@@ -1228,6 +1230,15 @@ impl StripeActor {
         for (_, reply) in std::mem::take(&mut self.batch) {
             let _ = reply.send(Err(ServeError::Storage(e.to_string())));
         }
+        for (_, (_, _, reply)) in std::mem::take(&mut self.reads) {
+            let _ = reply.send(Err(ServeError::Storage(e.to_string())));
+        }
+        // A snapshot being received starts over once the replica is back.
+        self.receiving = None;
+        if let Some((reply, _)) = self.install_reply.take() {
+            let why = format!("cannot store the snapshot: {e}");
+            self.respond(reply, &StripeResponse::SnapshotStored(Err(why)));
+        }
         self.replica = None;
         self.replica_generation += 1;
         self.local_queue.clear();
@@ -1243,31 +1254,48 @@ impl StripeActor {
 
     /// Starts the replica again from the disk once the pause after a failed log
     /// write (see `storage_retry`) has passed.
-    fn restart_after_storage_failure(&mut self) {
+    fn restart_after_storage_failure(&mut self, ctx: &mut Context<Self>) {
         let (Some(stripe), Some((_, at))) = (self.stripe, &self.storage_down) else {
             return;
         };
-        if Instant::now() < *at {
+        // Storage jobs of the failed replica finish first (their results are
+        // then dropped: the replica is gone).
+        if Instant::now() < *at || self.busy || self.local_busy {
             return;
         }
-        // The new replica learns the stripe's view at this tick.
-        self.view_version = 0;
-        // A small durable write first: while the disk still fails, the stripe
-        // stays down without asking the control plane for a new epoch each time.
-        match self
-            .store
-            .set_stripe(stripe)
-            .and_then(|()| self.start_replica(stripe))
-        {
-            Ok(()) => self.storage_down = None,
-            Err(e) => {
-                self.storage_failures += 1;
-                let retry = storage_retry(self.storage_failures);
-                tracing::warn!(stripe, error = %e, retry_s = retry.as_secs(),
-                    "the stripe data still cannot be written or read back; trying again");
-                self.storage_down = Some((e.to_string(), Instant::now() + retry));
-            }
-        }
+        self.busy = true;
+        let store = self.store.clone();
+        ctx.spawn(
+            // A small durable write first: while the disk still fails, the
+            // stripe stays down without asking the control plane for a new
+            // epoch each time.
+            blocking(move || {
+                store.set_stripe(stripe)?;
+                recover_stripe(&store, stripe)
+            })
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.busy = false;
+                match res {
+                    Ok(recovered) => {
+                        act.storage_down = None;
+                        // The new replica learns the stripe's view at the next tick.
+                        act.view_version = 0;
+                        if let Some(r) = recovered {
+                            act.start_replica_from(stripe, r);
+                        }
+                    }
+                    Err(e) => {
+                        act.storage_failures += 1;
+                        let retry = storage_retry(act.storage_failures);
+                        tracing::warn!(stripe, error = %e, retry_s = retry.as_secs(),
+                            "the stripe data still cannot be written or read back; trying again");
+                        act.storage_down = Some((e.to_string(), Instant::now() + retry));
+                    }
+                }
+                act.pump(ctx);
+            }),
+        );
     }
 
     fn respond(&self, reply: Responder, resp: &StripeResponse) {
@@ -1900,6 +1928,24 @@ impl Handler<GetReplication> for StripeActor {
 
 /// The command a stored log entry carries (an entry that does not decode applies
 /// as an unknown command, which `kv::apply` refuses without touching the state).
+/// What `store` holds for `stripe` (recording the stripe on a fresh store);
+/// `None` if the data belongs to another stripe.
+fn recover_stripe(store: &StripeStore, stripe: u32) -> Result<Option<StripeRecovered>, StoreError> {
+    let r = store.recover()?;
+    match r.stripe {
+        Some(k) if k != stripe => {
+            tracing::error!(stored = k, placed = stripe,
+                "the stripe data here belongs to another stripe; not serving it (start this node with a new --data-dir)");
+            Ok(None)
+        }
+        Some(_) => Ok(Some(r)),
+        None => {
+            store.set_stripe(stripe)?;
+            Ok(Some(r))
+        }
+    }
+}
+
 fn entry_data(stored: &[u8]) -> Vec<u8> {
     from_cbor::<Entry>(stored, usize::MAX)
         .map(|e| e.data)
