@@ -1926,8 +1926,6 @@ impl Handler<GetReplication> for StripeActor {
     }
 }
 
-/// The command a stored log entry carries (an entry that does not decode applies
-/// as an unknown command, which `kv::apply` refuses without touching the state).
 /// What `store` holds for `stripe` (recording the stripe on a fresh store);
 /// `None` if the data belongs to another stripe.
 fn recover_stripe(store: &StripeStore, stripe: u32) -> Result<Option<StripeRecovered>, StoreError> {
@@ -1946,6 +1944,8 @@ fn recover_stripe(store: &StripeStore, stripe: u32) -> Result<Option<StripeRecov
     }
 }
 
+/// The command a stored log entry carries (an entry that does not decode applies
+/// as an unknown command, which `kv::apply` refuses without touching the state).
 fn entry_data(stored: &[u8]) -> Vec<u8> {
     from_cbor::<Entry>(stored, usize::MAX)
         .map(|e| e.data)
