@@ -4,6 +4,7 @@
 pub mod addr;
 pub mod codec;
 pub mod offences;
+mod pipe;
 mod swarm;
 pub mod wire;
 

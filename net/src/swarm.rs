@@ -3,6 +3,7 @@
 //! encodes, decodes, and keeps the offence books for bad frames.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::Either;
@@ -29,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{Inbound, KilnCodec, PROTOCOL};
 use crate::offences::{Offences, Verdict};
+use crate::pipe::{self, InboundRoutes, PipeReply, Pipes, PIPE_PROTOCOL};
 use crate::wire::{
     self, BroadcastGossip, MembershipGossip, Request, Response, BROADCAST_TOPIC, MAX_GOSSIP_BYTES,
     MEMBERSHIP_TOPIC,
@@ -55,8 +57,20 @@ pub fn psk_from_secret(secret: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// How an actor answers an inbound request.
-pub struct Reply(ResponseChannel<Inbound<Response>>);
+/// How an actor answers an inbound request: on the substream it came on, or on
+/// the pipe it came on.
+pub struct Reply(ReplyTo);
+
+enum ReplyTo {
+    Substream(ResponseChannel<Inbound<Response>>),
+    Pipe(PipeReply),
+}
+
+impl Reply {
+    pub(crate) fn pipe(reply: PipeReply) -> Self {
+        Reply(ReplyTo::Pipe(reply))
+    }
+}
 
 impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,6 +105,13 @@ pub enum NetCommand {
         response: Response,
     },
     Disconnect(PeerId),
+    /// A bad frame from `peer` seen outside the swarm task (on a pipe), for the
+    /// offence books.
+    Offence {
+        peer: PeerId,
+        kind: &'static str,
+        error: String,
+    },
     /// Stop the swarm; answered once every connection is being closed.
     Shutdown(oneshot::Sender<()>),
 }
@@ -190,12 +211,28 @@ pub struct NetChannels {
 pub struct NetHandle {
     pub local_peer_id: PeerId,
     commands: mpsc::UnboundedSender<NetCommand>,
+    pipes: Arc<Pipes>,
+}
+
+impl std::fmt::Debug for Pipes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pipes")
+    }
 }
 
 impl NetHandle {
     pub fn send(&self, cmd: NetCommand) {
-        // A closed channel means the swarm is shutting down; nothing to do then.
-        let _ = self.commands.send(cmd);
+        match cmd {
+            // An answer to a request that came on a pipe goes straight to the pipe.
+            NetCommand::Respond {
+                reply: Reply(ReplyTo::Pipe(reply)),
+                response,
+            } => reply.answer(&response),
+            // A closed channel means the swarm is shutting down; nothing to do then.
+            cmd => {
+                let _ = self.commands.send(cmd);
+            }
+        }
     }
 
     /// Sends `request` to `peer` (dialling `addrs` if needed) and waits for its
@@ -209,12 +246,14 @@ impl NetHandle {
         request: Request,
     ) -> impl std::future::Future<Output = Result<Response, CallError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
-        self.send(NetCommand::Call {
-            peer,
-            addrs,
-            request,
-            reply: tx,
-        });
+        if let Err((request, reply)) = self.pipes.try_call(peer, request, tx) {
+            self.send(NetCommand::Call {
+                peer,
+                addrs,
+                request,
+                reply,
+            });
+        }
         async move { rx.await.unwrap_or(Err(CallError::Stopped)) }
     }
 
@@ -279,6 +318,7 @@ struct KilnBehaviour {
     ping: ping::Behaviour,
     gossipsub: gossipsub::Behaviour,
     rr: request_response::Behaviour<KilnCodec>,
+    pipes: libp2p_stream::Behaviour,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -396,6 +436,7 @@ pub fn spawn(
             [(PROTOCOL, ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(config.request_timeout),
         ),
+        pipes: libp2p_stream::Behaviour::new(),
     };
     let mut swarm = Swarm::new(
         transport,
@@ -437,6 +478,19 @@ pub fn spawn(
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let (svc_tx, svc_rx) = mpsc::unbounded_channel();
     let (bc_tx, bc_rx) = mpsc::unbounded_channel();
+    let mut control = swarm.behaviour().pipes.new_control();
+    let incoming = control
+        .accept(PIPE_PROTOCOL)
+        .map_err(|e| NetError::Transport(e.to_string()))?;
+    let pipes = Pipes::new(control, config.request_timeout, cmd_tx.clone(), registry);
+    tokio::spawn(pipe::accept_pipes(
+        pipes.clone(),
+        incoming,
+        InboundRoutes {
+            events: ev_tx.clone(),
+            services: svc_tx.clone(),
+        },
+    ));
     let task = SwarmTask {
         swarm,
         topic,
@@ -451,6 +505,7 @@ pub fn spawn(
         net_metrics,
         advertise: !config.advertise.is_empty(),
         probes_ok: HashSet::new(),
+        pipes: pipes.clone(),
     };
     for addr in config.advertise {
         let _ = task.events.send(NetEvent::ListenAddr(addr));
@@ -460,6 +515,7 @@ pub fn spawn(
         NetHandle {
             local_peer_id,
             commands: cmd_tx,
+            pipes,
         },
         NetChannels {
             events: ev_rx,
@@ -486,6 +542,7 @@ struct SwarmTask {
     advertise: bool,
     /// Peers that answered a ping since the last report.
     probes_ok: HashSet<PeerId>,
+    pipes: Arc<Pipes>,
 }
 
 /// How often answered pings are reported to the actors.
@@ -494,6 +551,7 @@ pub const PROBE_REPORT_INTERVAL: Duration = Duration::from_millis(200);
 impl SwarmTask {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<NetCommand>) {
         let mut unban = tokio::time::interval(Duration::from_secs(5));
+        let mut pipe_sweep = tokio::time::interval(Duration::from_secs(1));
         let mut probe_report = tokio::time::interval(PROBE_REPORT_INTERVAL);
         probe_report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -517,6 +575,7 @@ impl SwarmTask {
                     None => return,
                 },
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                _ = pipe_sweep.tick() => self.pipes.sweep(),
                 _ = unban.tick() => {
                     for peer in self.offences.expire(self.now_ms()) {
                         tracing::info!(%peer, "ban over; peer may connect again");
@@ -611,7 +670,10 @@ impl SwarmTask {
                     }));
                     return;
                 }
-                if !self.swarm.is_connected(&peer) {
+                if self.swarm.is_connected(&peer) {
+                    // Connected without a pipe: the pipe broke, or is opening.
+                    self.pipes.open(peer);
+                } else {
                     for addr in addrs {
                         self.swarm.add_peer_address(peer, addr);
                     }
@@ -623,13 +685,17 @@ impl SwarmTask {
                     .send_request(&peer, Inbound::Valid(request));
                 self.calls.insert(id, reply);
             }
-            NetCommand::Respond { reply, response } => {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .rr
-                    .send_response(reply.0, Inbound::Valid(response));
-            }
+            NetCommand::Respond { reply, response } => match reply.0 {
+                ReplyTo::Substream(channel) => {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .rr
+                        .send_response(channel, Inbound::Valid(response));
+                }
+                ReplyTo::Pipe(reply) => reply.answer(&response),
+            },
+            NetCommand::Offence { peer, kind, error } => self.offence(peer, kind, &error),
             NetCommand::Disconnect(peer) => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
@@ -677,6 +743,7 @@ impl SwarmTask {
                 ..
             } if num_established.get() == 1 => {
                 tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), "connected");
+                self.pipes.open(peer_id);
                 self.emit(NetEvent::ConnectionUp { peer: peer_id });
             }
             SwarmEvent::ConnectionClosed {
@@ -686,6 +753,7 @@ impl SwarmTask {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
+                self.pipes.disconnected(peer_id);
                 self.emit(NetEvent::ConnectionDown { peer: peer_id });
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -791,6 +859,7 @@ impl SwarmTask {
                 }
             }
             KilnBehaviourEvent::Rr(ev) => self.on_rr_event(ev),
+            KilnBehaviourEvent::Pipes(()) => {}
             KilnBehaviourEvent::Blocked(never) => match never {},
         }
     }
@@ -804,7 +873,7 @@ impl SwarmTask {
                     channel,
                     ..
                 } => {
-                    let reply = Reply(channel);
+                    let reply = Reply(ReplyTo::Substream(channel));
                     if request.is_service() {
                         let _ = self.services.send(ServiceRequest {
                             peer,
