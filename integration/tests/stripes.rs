@@ -158,6 +158,13 @@ fn every_acknowledged_write_survives_kill_9_of_the_active() {
             .metric_positive("kiln_kv_request_seconds_count{op=\"write\",route=\"forwarded\"}")),
         "forwarded writes show in kiln_kv_request_seconds"
     );
+    // Forwarded writes and replication travelled on the nodes' pipes.
+    assert!(
+        entry
+            .iter()
+            .any(|&i| nodes[i].metric_positive("kiln_net_calls_total{route=\"pipe\"}")),
+        "stripe messages go on pipes (kiln_net_calls_total)"
+    );
 }
 
 #[test]
