@@ -51,16 +51,18 @@ pub struct ControlPlaneConfig {
     pub voter_replace_after: Duration,
 }
 
-/// openraft's timing for kiln: a LAN cluster, where a leader heard from every
-/// 100 ms and replaced after 400–600 ms of silence keeps failover of a stripe
-/// whose active was also the Raft leader under a second.
+/// openraft's timing for kiln: a LAN cluster, where the leader is heard from every
+/// 100 ms. A follower of openraft 0.9 starts an election only after the leader
+/// lease (`election_timeout_max`) and its election timeout have both passed since
+/// it last heard from the leader: 700–800 ms here. That bounds the failover of a
+/// stripe whose active was also the Raft leader (elections avoid that placement).
 #[allow(clippy::result_large_err)] // openraft's own error type
 pub fn raft_config() -> Result<openraft::Config, openraft::ConfigError> {
     openraft::Config {
         cluster_name: "kiln".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 600,
+        election_timeout_min: 300,
+        election_timeout_max: 400,
         install_snapshot_timeout: 2_000,
         max_payload_entries: 256,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1_000),
@@ -674,6 +676,7 @@ impl ControlPlane {
             book: self.book.clone(),
         };
         let proposer = self.proposer();
+        let me = self.me;
         let fut = async move {
             if let Some((a, peer)) = active {
                 let ping = asker.ask(a, peer, StripeRequest::Ping { stripe });
@@ -700,7 +703,7 @@ impl ControlPlane {
                 .into_iter()
                 .flatten()
                 .collect();
-            let Some(winner) = choose_candidate(&positions) else {
+            let Some(winner) = choose_candidate(&positions, Some(me)) else {
                 return Err("no in-sync standby answered".to_string());
             };
             let in_sync = positions.iter().map(|(n, _)| *n).collect();

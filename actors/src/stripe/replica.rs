@@ -1361,17 +1361,45 @@ pub struct NotActive {
 }
 
 /// The election's choice among the positions in-sync standbys reported: the most
-/// up-to-date log (then the lowest node id, so every coordinator picks the same).
-pub fn choose_candidate(positions: &[(NodeId, LogPos)]) -> Option<NodeId> {
+/// up-to-date log; among equals one that is not `coordinator` (the control-plane
+/// leader), then the lowest node id.
+///
+/// An active that is also the control-plane leader fails over slowly: its death
+/// needs a new leader before anyone can be promoted, and openraft 0.9 starts that
+/// election only after the leader lease and an election timeout (1.0–1.2 s here).
+pub fn choose_candidate(
+    positions: &[(NodeId, LogPos)],
+    coordinator: Option<NodeId>,
+) -> Option<NodeId> {
     positions
         .iter()
-        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .max_by(|a, b| {
+            a.1.cmp(&b.1)
+                .then((Some(a.0) != coordinator).cmp(&(Some(b.0) != coordinator)))
+                .then(b.0.cmp(&a.0))
+        })
         .map(|(n, _)| *n)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_election_prefers_the_longest_log_then_a_node_other_than_the_coordinator() {
+        let at = |epoch, index| LogPos { epoch, index };
+        // The longest log wins, even on the coordinator.
+        assert_eq!(
+            choose_candidate(&[(1, at(2, 9)), (2, at(2, 8))], Some(1)),
+            Some(1)
+        );
+        // Among equals, not the coordinator; then the lowest id.
+        let equal = [(1, at(2, 9)), (2, at(2, 9)), (3, at(2, 9))];
+        assert_eq!(choose_candidate(&equal, Some(1)), Some(2));
+        assert_eq!(choose_candidate(&equal, Some(2)), Some(1));
+        assert_eq!(choose_candidate(&equal, None), Some(1));
+        assert_eq!(choose_candidate(&[], Some(1)), None);
+    }
 
     /// Appends with entries sent to `to` in `fx`: (first index, last index).
     fn appends_to(fx: &[Effect], to: NodeId) -> Vec<(u64, u64)> {

@@ -522,7 +522,7 @@ impl Sim {
         if !self.cp_up() {
             return;
         }
-        if let Some(winner) = choose_candidate(&e.answers) {
+        if let Some(winner) = choose_candidate(&e.answers, None) {
             let responders: BTreeSet<NodeId> = e.answers.iter().map(|(n, _)| *n).collect();
             self.apply_cp(ControlCommand::Promote {
                 stripe: 0,
