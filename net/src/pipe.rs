@@ -27,9 +27,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::swarm::{CallError, NetCommand, NetEvent, ServiceRequest};
+use crate::swarm::{CallError, NetEvent, ServiceRequest};
 use crate::wire::{self, Request, Response, WireError, MAX_FRAME_BYTES};
 
 /// Protocol name of kiln's pipes.
@@ -41,13 +41,35 @@ pub const PIPE_MAX_BODY_BYTES: usize = 64 * 1024;
 /// After a failed open, calls to that peer use substreams for this long before a
 /// call tries to open a pipe again (a peer without the protocol is not asked for
 /// it on every call).
-const REOPEN_AFTER: Duration = Duration::from_secs(10);
+const REOPEN_AFTER: Duration = Duration::from_secs(2);
 
-/// How long opening a pipe may take.
+/// How long opening a pipe may take, its hello included.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bytes of queued frames one write may gather.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
+
+/// Calls one pipe may have waiting; more go on substreams (which have limits of
+/// their own).
+const MAX_PENDING_CALLS: usize = 4096;
+
+/// Requests from one inbound pipe being served at once: the pipe is not read
+/// further until one is answered and its answer written, so a peer that floods
+/// requests, or does not read its answers, is held back by the stream's flow
+/// control instead of filling this node's queues.
+const MAX_SERVED_REQUESTS: usize = 1024;
+
+/// Protocol version a pipe's acceptor announces in its hello.
+const PIPE_VERSION: u16 = 1;
+
+/// The first frame on a pipe, from the acceptor. The opener uses a pipe only once
+/// it has read this: with lazy protocol negotiation (`V1Lazy`) an open succeeds
+/// before the peer agreed to the protocol, and a peer may also drop an inbound
+/// stream it has no room to accept.
+#[derive(Serialize, Deserialize)]
+struct PipeHello {
+    pipe: u16,
+}
 
 /// One frame on a pipe: a request or a response and the call it belongs to.
 #[derive(Serialize, Deserialize)]
@@ -78,15 +100,40 @@ struct Pending {
     deadline: Instant,
 }
 
+/// What the tasks of one open outbound pipe share with callers.
+struct OpenPipe {
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// When the last frame arrived: a pipe whose calls time out while nothing
+    /// arrives is closed (its connection may be half-open).
+    last_heard: Mutex<Instant>,
+}
+
 enum PipeState {
-    Opening,
+    /// An open is under way; only the open of this token may install the pipe.
+    Opening(u64),
     /// Opening failed at this time; calls use substreams until `REOPEN_AFTER`.
     Failed(Instant),
     Open {
         generation: u64,
-        frames: mpsc::UnboundedSender<Vec<u8>>,
-        pending: Arc<Mutex<HashMap<u64, Pending>>>,
+        frames: mpsc::UnboundedSender<Outgoing>,
+        shared: Arc<OpenPipe>,
     },
+}
+
+/// A frame queued for a pipe's writer.
+struct Outgoing {
+    frame: Vec<u8>,
+    /// A request's call id: the frame is skipped if nobody waits for it any more.
+    call: Option<u64>,
+    /// An inbound request's slot, freed once its response is written.
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// A bad frame seen on a pipe, for the swarm task's offence books.
+pub(crate) struct PipeOffence {
+    pub(crate) peer: PeerId,
+    pub(crate) kind: &'static str,
+    pub(crate) error: String,
 }
 
 /// The pipes of a node, shared by its `NetHandle`s, the swarm task and the pipes'
@@ -96,8 +143,7 @@ pub(crate) struct Pipes {
     next_id: AtomicU64,
     control: Mutex<libp2p_stream::Control>,
     request_timeout: Duration,
-    /// For offences seen on a pipe: the swarm task keeps the books.
-    commands: mpsc::UnboundedSender<NetCommand>,
+    offences: mpsc::UnboundedSender<PipeOffence>,
     calls: Family<RouteLabel, Counter>,
 }
 
@@ -111,7 +157,7 @@ impl Pipes {
     pub(crate) fn new(
         control: libp2p_stream::Control,
         request_timeout: Duration,
-        commands: mpsc::UnboundedSender<NetCommand>,
+        offences: mpsc::UnboundedSender<PipeOffence>,
         registry: &mut Registry,
     ) -> Arc<Self> {
         let calls = Family::<RouteLabel, Counter>::default();
@@ -128,13 +174,17 @@ impl Pipes {
             next_id: AtomicU64::new(1),
             control: Mutex::new(control),
             request_timeout,
-            commands,
+            offences,
             calls,
         })
     }
 
-    /// Sends `request` on the pipe to `peer` if there is one and the request fits;
-    /// otherwise gives it back for a substream of its own.
+    fn count(&self, route: &'static str) {
+        self.calls.get_or_create(&RouteLabel { route }).inc();
+    }
+
+    /// Sends `request` on the pipe to `peer` if there is one with room and the
+    /// request fits; otherwise gives it back for a substream of its own.
     pub(crate) fn try_call(
         &self,
         peer: PeerId,
@@ -142,86 +192,111 @@ impl Pipes {
         reply: oneshot::Sender<Result<Response, CallError>>,
     ) -> Result<(), (Request, oneshot::Sender<Result<Response, CallError>>)> {
         if !fits_pipe(&request) {
-            self.calls
-                .get_or_create(&RouteLabel { route: "substream" })
-                .inc();
+            self.count("substream");
             return Err((request, reply));
         }
         let out = lock(&self.out);
-        let Some(PipeState::Open {
-            frames, pending, ..
-        }) = out.get(&peer)
-        else {
-            self.calls
-                .get_or_create(&RouteLabel { route: "substream" })
-                .inc();
+        let Some(PipeState::Open { frames, shared, .. }) = out.get(&peer) else {
+            drop(out);
+            self.count("substream");
             return Err((request, reply));
         };
+        let mut pending = lock(&shared.pending);
+        if pending.len() >= MAX_PENDING_CALLS {
+            drop(pending);
+            drop(out);
+            self.count("substream");
+            return Err((request, reply));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = wire::encode(&PipeFrame { id, body: &request });
-        lock(pending).insert(
+        pending.insert(
             id,
             Pending {
                 reply,
                 deadline: Instant::now() + self.request_timeout,
             },
         );
-        if frames.send(frame).is_err() {
+        let queued = frames.send(Outgoing {
+            frame,
+            call: Some(id),
+            _slot: None,
+        });
+        if queued.is_err() {
             // The pipe's writer has ended; its close will fail the call.
             tracing::trace!(%peer, "pipe closed under a call");
         }
-        self.calls
-            .get_or_create(&RouteLabel { route: "pipe" })
-            .inc();
+        drop(pending);
+        drop(out);
+        self.count("pipe");
         Ok(())
     }
 
     /// Opens a pipe to `peer` unless one is open, opening, or failed recently.
     /// Must be called on the tokio runtime.
     pub(crate) fn open(self: &Arc<Self>, peer: PeerId) {
+        let token = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut out = lock(&self.out);
             match out.get(&peer) {
-                Some(PipeState::Opening | PipeState::Open { .. }) => return,
+                Some(PipeState::Opening(_) | PipeState::Open { .. }) => return,
                 Some(PipeState::Failed(at)) if at.elapsed() < REOPEN_AFTER => return,
                 _ => {}
             }
-            out.insert(peer, PipeState::Opening);
+            out.insert(peer, PipeState::Opening(token));
         }
         let mut control = lock(&self.control).clone();
         let pipes = self.clone();
         tokio::spawn(async move {
-            let opened =
-                tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PIPE_PROTOCOL)).await;
+            let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
+                let mut stream = control
+                    .open_stream(peer, PIPE_PROTOCOL)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                read_hello(&mut stream).await?;
+                Ok::<_, String>(stream)
+            })
+            .await;
             match opened {
-                Ok(Ok(stream)) => pipes.start(peer, stream),
-                Ok(Err(e)) => pipes.open_failed(peer, &e.to_string()),
-                Err(_) => pipes.open_failed(peer, "timed out"),
+                Ok(Ok(stream)) => pipes.start(peer, token, stream),
+                Ok(Err(e)) => pipes.open_failed(peer, token, &e),
+                Err(_) => pipes.open_failed(peer, token, "timed out"),
             }
         });
     }
 
-    fn open_failed(&self, peer: PeerId, error: &str) {
-        tracing::debug!(%peer, error, "cannot open a pipe; requests to this peer use substreams");
+    fn open_failed(&self, peer: PeerId, token: u64, error: &str) {
         let mut out = lock(&self.out);
-        if matches!(out.get(&peer), Some(PipeState::Opening)) {
+        if matches!(out.get(&peer), Some(PipeState::Opening(t)) if *t == token) {
+            tracing::debug!(%peer, error, "cannot open a pipe; requests to this peer use substreams for now");
             out.insert(peer, PipeState::Failed(Instant::now()));
         }
     }
 
-    /// Starts the tasks of a newly opened pipe to `peer`.
-    fn start(self: &Arc<Self>, peer: PeerId, stream: libp2p::Stream) {
-        let generation = self.next_id.fetch_add(1, Ordering::Relaxed);
+    /// Starts the tasks of a newly opened pipe to `peer`, if its open is still the
+    /// one wanted (the connection may have closed meanwhile).
+    fn start(self: &Arc<Self>, peer: PeerId, token: u64, stream: libp2p::Stream) {
+        let generation = token;
         let (frames_tx, frames_rx) = mpsc::unbounded_channel();
-        let pending = Arc::new(Mutex::new(HashMap::new()));
-        lock(&self.out).insert(
-            peer,
-            PipeState::Open {
-                generation,
-                frames: frames_tx,
-                pending: pending.clone(),
-            },
-        );
+        let shared = Arc::new(OpenPipe {
+            pending: Mutex::new(HashMap::new()),
+            last_heard: Mutex::new(Instant::now()),
+        });
+        {
+            let mut out = lock(&self.out);
+            if !matches!(out.get(&peer), Some(PipeState::Opening(t)) if *t == token) {
+                // Dropping the stream closes it.
+                return;
+            }
+            out.insert(
+                peer,
+                PipeState::Open {
+                    generation,
+                    frames: frames_tx,
+                    shared: shared.clone(),
+                },
+            );
+        }
         tracing::debug!(%peer, "pipe open");
         let (read, write) = stream.split();
         let pipes = self.clone();
@@ -231,9 +306,9 @@ impl Pipes {
                 peer,
                 generation,
                 read,
-                pending,
+                shared.clone(),
             ));
-            let error = match write_frames(write, frames_rx).await {
+            let error = match write_frames(write, frames_rx, Some(&shared)).await {
                 Ok(()) => "closed".to_string(),
                 Err(e) => e.to_string(),
             };
@@ -256,11 +331,11 @@ impl Pipes {
                 _ => None,
             }
         };
-        let Some(PipeState::Open { pending, .. }) = state else {
+        let Some(PipeState::Open { shared, .. }) = state else {
             return;
         };
         tracing::debug!(%peer, reason, "pipe closed");
-        for (_, call) in lock(&pending).drain() {
+        for (_, call) in lock(&shared.pending).drain() {
             let _ = call.reply.send(Err(CallError::Failed {
                 peer,
                 reason: format!("pipe closed: {reason}"),
@@ -268,44 +343,62 @@ impl Pipes {
         }
     }
 
-    /// Forgets the state of a peer whose last connection closed.
+    /// Forgets everything about a peer whose last connection closed: its pipe,
+    /// an open under way (whose result is then dropped), a recent failure.
     pub(crate) fn disconnected(&self, peer: PeerId) {
         self.close(peer, None, "connection closed");
-        let mut out = lock(&self.out);
-        if matches!(out.get(&peer), Some(PipeState::Failed(_))) {
-            out.remove(&peer);
-        }
+        lock(&self.out).remove(&peer);
     }
 
-    /// Fails the calls whose time is up and forgets those nobody waits for.
+    /// Fails the calls whose time is up and forgets those nobody waits for. A
+    /// pipe on which calls time out while nothing at all arrives is closed, so the
+    /// next call opens a new one (its connection may be half-open).
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
-        let out = lock(&self.out);
-        for (peer, state) in out.iter() {
-            let PipeState::Open { pending, .. } = state else {
-                continue;
-            };
-            lock(pending).retain(|_, call| {
-                if call.reply.is_closed() {
-                    return false;
+        let mut silent = Vec::new();
+        {
+            let out = lock(&self.out);
+            for (peer, state) in out.iter() {
+                let PipeState::Open {
+                    generation, shared, ..
+                } = state
+                else {
+                    continue;
+                };
+                let mut timed_out = false;
+                lock(&shared.pending).retain(|_, call| {
+                    if call.reply.is_closed() {
+                        return false;
+                    }
+                    if call.deadline > now {
+                        return true;
+                    }
+                    timed_out = true;
+                    let (tx, _) = oneshot::channel();
+                    let reply = std::mem::replace(&mut call.reply, tx);
+                    // A closed receiver is fine: the caller gave up first.
+                    let _ = reply.send(Err(CallError::Failed {
+                        peer: *peer,
+                        reason: "timed out".into(),
+                    }));
+                    false
+                });
+                if timed_out && lock(&shared.last_heard).elapsed() >= self.request_timeout {
+                    silent.push((*peer, *generation));
                 }
-                if call.deadline > now {
-                    return true;
-                }
-                // A closed receiver is fine: the caller gave up first.
-                let (tx, _) = oneshot::channel();
-                let reply = std::mem::replace(&mut call.reply, tx);
-                let _ = reply.send(Err(CallError::Failed {
-                    peer: *peer,
-                    reason: "timed out".into(),
-                }));
-                false
-            });
+            }
+        }
+        for (peer, generation) in silent {
+            self.close(
+                peer,
+                Some(generation),
+                "no answer on it within the request timeout",
+            );
         }
     }
 
     fn offence(&self, peer: PeerId, kind: &'static str, error: &WireError) {
-        let _ = self.commands.send(NetCommand::Offence {
+        let _ = self.offences.send(PipeOffence {
             peer,
             kind,
             error: error.to_string(),
@@ -313,24 +406,51 @@ impl Pipes {
     }
 }
 
+/// Reads the acceptor's hello off a newly opened pipe.
+async fn read_hello<R: AsyncRead + Unpin>(io: &mut R) -> Result<(), String> {
+    match read_frame(io).await {
+        Ok(RawFrame::Bytes(b)) => match wire::decode::<PipeHello>(&b, MAX_FRAME_BYTES) {
+            Ok(h) if h.pipe == PIPE_VERSION => Ok(()),
+            Ok(h) => Err(format!("the peer speaks pipe version {}", h.pipe)),
+            Err(e) => Err(format!("bad hello: {e}")),
+        },
+        Ok(RawFrame::TooLarge(len)) => Err(format!("bad hello: a frame of {len} bytes")),
+        Err(e) => Err(format!("no hello: {e}")),
+    }
+}
+
 /// Writes queued frames, gathering what is queued into one write, until the
-/// queue closes.
+/// queue closes. Requests nobody waits for any more (their call in `calls` is
+/// gone) are skipped.
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut io: W,
-    mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut queue: mpsc::UnboundedReceiver<Outgoing>,
+    calls: Option<&OpenPipe>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
-    while let Some(frame) = frames.recv().await {
+    let mut written = Vec::new();
+    while let Some(first) = queue.recv().await {
         buf.clear();
-        put_frame(&mut buf, &frame);
-        while buf.len() < WRITE_BATCH_BYTES {
-            match frames.try_recv() {
-                Ok(frame) => put_frame(&mut buf, &frame),
-                Err(_) => break,
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            let wanted = match (item.call, calls) {
+                (Some(id), Some(calls)) => lock(&calls.pending).contains_key(&id),
+                _ => true,
+            };
+            if wanted {
+                put_frame(&mut buf, &item.frame);
+            }
+            written.push(item);
+            if buf.len() < WRITE_BATCH_BYTES {
+                next = queue.try_recv().ok();
             }
         }
-        io.write_all(&buf).await?;
-        io.flush().await?;
+        if !buf.is_empty() {
+            io.write_all(&buf).await?;
+            io.flush().await?;
+        }
+        // Frees the slots of the answers just written.
+        written.clear();
     }
     io.close().await
 }
@@ -366,7 +486,7 @@ async fn read_responses<R: AsyncRead + Unpin>(
     peer: PeerId,
     generation: u64,
     mut io: R,
-    pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    shared: Arc<OpenPipe>,
 ) {
     let reason = loop {
         let bytes = match read_frame(&mut io).await {
@@ -381,9 +501,11 @@ async fn read_responses<R: AsyncRead + Unpin>(
             }
             Err(e) => break e.to_string(),
         };
+        *lock(&shared.last_heard) = Instant::now();
         match wire::decode::<PipeFrame<Response>>(&bytes, MAX_FRAME_BYTES) {
             Ok(frame) => {
-                if let Some(call) = lock(&pending).remove(&frame.id) {
+                let call = lock(&shared.pending).remove(&frame.id);
+                if let Some(call) = call {
                     let _ = call.reply.send(Ok(frame.body));
                 }
             }
@@ -400,30 +522,49 @@ async fn read_responses<R: AsyncRead + Unpin>(
 /// does not wait for its timeout.
 pub(crate) struct PipeReply {
     id: u64,
-    responses: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    responses: Option<mpsc::UnboundedSender<Outgoing>>,
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl PipeReply {
     pub(crate) fn answer(mut self, response: &Response) {
-        if let Some(tx) = self.responses.take() {
-            let _ = tx.send(wire::encode(&PipeFrame {
+        self.send(response);
+    }
+
+    fn send(&mut self, response: &Response) {
+        let Some(tx) = self.responses.take() else {
+            return;
+        };
+        let mut frame = wire::encode(&PipeFrame {
+            id: self.id,
+            body: response,
+        });
+        if frame.len() > MAX_FRAME_BYTES {
+            // The caller would take it for a bad frame; request-response refuses
+            // to send such a frame too.
+            frame = wire::encode(&PipeFrame {
                 id: self.id,
-                body: response,
-            }));
+                body: Response::Refused {
+                    reason: format!(
+                        "the answer of {} bytes exceeds the frame limit of {MAX_FRAME_BYTES}",
+                        frame.len()
+                    ),
+                },
+            });
         }
+        let _ = tx.send(Outgoing {
+            frame,
+            call: None,
+            _slot: self.slot.take(),
+        });
     }
 }
 
 impl Drop for PipeReply {
     fn drop(&mut self) {
-        if let Some(tx) = self.responses.take() {
-            let _ = tx.send(wire::encode(&PipeFrame {
-                id: self.id,
-                body: &Response::Refused {
-                    reason: "the request was dropped unanswered".into(),
-                },
-            }));
-        }
+        self.send(&Response::Refused {
+            reason: "the request was dropped unanswered".into(),
+        });
     }
 }
 
@@ -446,8 +587,8 @@ pub(crate) async fn accept_pipes(
     }
 }
 
-/// Reads the requests of one inbound pipe and routes them; a writer task sends
-/// their responses back as they are answered.
+/// Says hello, then reads the requests of one inbound pipe and routes them; a
+/// writer task sends their responses back as they are answered.
 async fn serve_pipe(
     pipes: Arc<Pipes>,
     peer: PeerId,
@@ -456,8 +597,17 @@ async fn serve_pipe(
 ) {
     let (mut read, write) = stream.split();
     let (responses, queue) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_frames(write, queue));
+    let _ = responses.send(Outgoing {
+        frame: wire::encode(&PipeHello { pipe: PIPE_VERSION }),
+        call: None,
+        _slot: None,
+    });
+    let writer = tokio::spawn(write_frames(write, queue, None));
+    let slots = Arc::new(Semaphore::new(MAX_SERVED_REQUESTS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
         let bytes = match read_frame(&mut read).await {
             Ok(RawFrame::Bytes(b)) => b,
             Ok(RawFrame::TooLarge(len)) => {
@@ -483,6 +633,7 @@ async fn serve_pipe(
         let reply = crate::swarm::Reply::pipe(PipeReply {
             id: frame.id,
             responses: Some(responses.clone()),
+            slot: Some(slot),
         });
         let request = frame.body;
         if request.is_service() {
@@ -535,11 +686,16 @@ mod tests {
                     reason: format!("r{id}"),
                 },
             });
-            tx.send(frame).expect("queue open");
+            tx.send(Outgoing {
+                frame,
+                call: None,
+                _slot: None,
+            })
+            .expect("queue open");
         }
         drop(tx);
         let mut out = futures::io::Cursor::new(Vec::new());
-        write_frames(&mut out, rx).await.expect("written");
+        write_frames(&mut out, rx, None).await.expect("written");
         let mut input = futures::io::Cursor::new(out.into_inner());
         for id in 1..=3u64 {
             let RawFrame::Bytes(b) = read_frame(&mut input).await.expect("frame") else {
@@ -558,6 +714,217 @@ mod tests {
             read_frame(&mut input).await.is_err(),
             "nothing after the last frame"
         );
+    }
+
+    fn pipes(request_timeout: Duration) -> Arc<Pipes> {
+        let (offences, _) = mpsc::unbounded_channel();
+        Pipes::new(
+            libp2p_stream::Behaviour::new().new_control(),
+            request_timeout,
+            offences,
+            &mut Registry::default(),
+        )
+    }
+
+    /// Installs an open pipe to `peer` without a stream; returns its queue.
+    fn install(
+        pipes: &Pipes,
+        peer: PeerId,
+        generation: u64,
+    ) -> (mpsc::UnboundedReceiver<Outgoing>, Arc<OpenPipe>) {
+        let (frames, queue) = mpsc::unbounded_channel();
+        let shared = Arc::new(OpenPipe {
+            pending: Mutex::new(HashMap::new()),
+            last_heard: Mutex::new(Instant::now()),
+        });
+        lock(&pipes.out).insert(
+            peer,
+            PipeState::Open {
+                generation,
+                frames,
+                shared: shared.clone(),
+            },
+        );
+        (queue, shared)
+    }
+
+    fn stripe_request(bytes: usize) -> Request {
+        Request::Stripe {
+            body: ByteBuf::from(vec![7u8; bytes]),
+        }
+    }
+
+    #[test]
+    fn a_call_takes_the_pipe_only_when_one_is_open_and_it_fits() {
+        let pipes = pipes(Duration::from_secs(5));
+        let peer = PeerId::random();
+        let (tx, _rx) = oneshot::channel();
+        assert!(
+            pipes.try_call(peer, stripe_request(10), tx).is_err(),
+            "no pipe yet"
+        );
+        let (mut queue, shared) = install(&pipes, peer, 1);
+        let (tx, _rx) = oneshot::channel();
+        assert!(pipes.try_call(peer, stripe_request(10), tx).is_ok());
+        assert_eq!(lock(&shared.pending).len(), 1);
+        assert!(queue.try_recv().is_ok(), "the request is queued");
+        let (tx, _rx) = oneshot::channel();
+        let big = stripe_request(PIPE_MAX_BODY_BYTES + 1);
+        assert!(
+            pipes.try_call(peer, big, tx).is_err(),
+            "too big for the pipe"
+        );
+    }
+
+    #[tokio::test]
+    async fn closing_a_pipe_fails_its_calls_and_only_its_own_generation_closes_it() {
+        let pipes = pipes(Duration::from_secs(5));
+        let peer = PeerId::random();
+        let (_queue, _) = install(&pipes, peer, 7);
+        let (tx, rx) = oneshot::channel();
+        assert!(pipes.try_call(peer, stripe_request(10), tx).is_ok());
+        pipes.close(peer, Some(6), "an older pipe's end");
+        assert!(
+            lock(&pipes.out).contains_key(&peer),
+            "a stale close is ignored"
+        );
+        pipes.close(peer, Some(7), "reset");
+        assert!(matches!(rx.await, Ok(Err(CallError::Failed { .. }))));
+        assert!(!lock(&pipes.out).contains_key(&peer));
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_call_fails_and_a_pipe_that_answers_nothing_is_closed() {
+        let pipes = pipes(Duration::ZERO);
+        let peer = PeerId::random();
+        let (_queue, shared) = install(&pipes, peer, 1);
+        *lock(&shared.last_heard) = Instant::now() - Duration::from_secs(1);
+        let (tx, rx) = oneshot::channel();
+        assert!(pipes.try_call(peer, stripe_request(10), tx).is_ok());
+        pipes.sweep();
+        match rx.await {
+            Ok(Err(CallError::Failed { reason, .. })) => assert_eq!(reason, "timed out"),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(
+            !lock(&pipes.out).contains_key(&peer),
+            "the silent pipe is closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_nobody_waits_for_is_not_written() {
+        let shared = OpenPipe {
+            pending: Mutex::new(HashMap::new()),
+            last_heard: Mutex::new(Instant::now()),
+        };
+        let (reply, _rx) = oneshot::channel();
+        lock(&shared.pending).insert(
+            1,
+            Pending {
+                reply,
+                deadline: Instant::now() + Duration::from_secs(5),
+            },
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        for id in [1u64, 2] {
+            let frame = wire::encode(&PipeFrame {
+                id,
+                body: stripe_request(4),
+            });
+            tx.send(Outgoing {
+                frame,
+                call: Some(id),
+                _slot: None,
+            })
+            .expect("queue open");
+        }
+        drop(tx);
+        let mut out = futures::io::Cursor::new(Vec::new());
+        write_frames(&mut out, rx, Some(&shared))
+            .await
+            .expect("written");
+        let mut input = futures::io::Cursor::new(out.into_inner());
+        let Ok(RawFrame::Bytes(b)) = read_frame(&mut input).await else {
+            panic!("one frame written");
+        };
+        let frame: PipeFrame<Request> = wire::decode(&b, MAX_FRAME_BYTES).expect("decodes");
+        assert_eq!(frame.id, 1);
+        assert!(
+            read_frame(&mut input).await.is_err(),
+            "call 2 was not written"
+        );
+    }
+
+    fn answer_of(queue: &mut mpsc::UnboundedReceiver<Outgoing>) -> Response {
+        let out = queue.try_recv().expect("an answer is queued");
+        let frame: PipeFrame<Response> =
+            wire::decode(&out.frame, MAX_FRAME_BYTES).expect("decodes");
+        assert_eq!(frame.id, 9);
+        frame.body
+    }
+
+    #[test]
+    fn an_answer_over_the_frame_limit_or_none_at_all_is_sent_as_refused() {
+        let (tx, mut queue) = mpsc::unbounded_channel();
+        let reply = |tx: &mpsc::UnboundedSender<Outgoing>| PipeReply {
+            id: 9,
+            responses: Some(tx.clone()),
+            slot: None,
+        };
+        reply(&tx).answer(&Response::Stripe {
+            body: ByteBuf::from(vec![1u8; MAX_FRAME_BYTES]),
+        });
+        assert!(
+            matches!(answer_of(&mut queue), Response::Refused { reason } if reason.contains("frame limit"))
+        );
+        drop(reply(&tx));
+        assert!(
+            matches!(answer_of(&mut queue), Response::Refused { reason } if reason.contains("unanswered"))
+        );
+        let small = Response::Stripe {
+            body: ByteBuf::from(vec![1u8; 3]),
+        };
+        reply(&tx).answer(&small);
+        assert_eq!(answer_of(&mut queue), small);
+        assert!(queue.try_recv().is_err(), "one answer each");
+    }
+
+    #[tokio::test]
+    async fn a_pipe_is_used_only_after_the_acceptors_hello() {
+        let mut hello = Vec::new();
+        put_frame(&mut hello, &wire::encode(&PipeHello { pipe: PIPE_VERSION }));
+        assert!(read_hello(&mut futures::io::Cursor::new(hello))
+            .await
+            .is_ok());
+        let mut other = Vec::new();
+        put_frame(&mut other, &wire::encode(&PipeHello { pipe: 99 }));
+        assert!(read_hello(&mut futures::io::Cursor::new(other))
+            .await
+            .is_err());
+        // A stream the peer reset or never accepted.
+        assert!(read_hello(&mut futures::io::Cursor::new(Vec::new()))
+            .await
+            .is_err());
+    }
+
+    #[test]
+    fn an_open_that_ends_after_its_connection_closed_installs_nothing() {
+        let pipes = pipes(Duration::from_secs(5));
+        let peer = PeerId::random();
+        lock(&pipes.out).insert(peer, PipeState::Opening(3));
+        pipes.disconnected(peer);
+        pipes.open_failed(peer, 3, "reset");
+        assert!(
+            !lock(&pipes.out).contains_key(&peer),
+            "no failure remembered for the next connection"
+        );
+        lock(&pipes.out).insert(peer, PipeState::Opening(4));
+        pipes.open_failed(peer, 3, "an older open");
+        assert!(matches!(
+            lock(&pipes.out).get(&peer),
+            Some(PipeState::Opening(4))
+        ));
     }
 
     #[tokio::test]

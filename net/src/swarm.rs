@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{Inbound, KilnCodec, PROTOCOL};
 use crate::offences::{Offences, Verdict};
-use crate::pipe::{self, InboundRoutes, PipeReply, Pipes, PIPE_PROTOCOL};
+use crate::pipe::{self, InboundRoutes, PipeOffence, PipeReply, Pipes, PIPE_PROTOCOL};
 use crate::wire::{
     self, BroadcastGossip, MembershipGossip, Request, Response, BROADCAST_TOPIC, MAX_GOSSIP_BYTES,
     MEMBERSHIP_TOPIC,
@@ -105,13 +105,6 @@ pub enum NetCommand {
         response: Response,
     },
     Disconnect(PeerId),
-    /// A bad frame from `peer` seen outside the swarm task (on a pipe), for the
-    /// offence books.
-    Offence {
-        peer: PeerId,
-        kind: &'static str,
-        error: String,
-    },
     /// Stop the swarm; answered once every connection is being closed.
     Shutdown(oneshot::Sender<()>),
 }
@@ -448,8 +441,9 @@ pub fn spawn(
             .with_idle_connection_timeout(Duration::MAX)
             // Every request opens a substream; multistream-select's default (V1)
             // waits a round trip for the protocol's confirmation before the
-            // request may go. Each substream here negotiates one protocol that
-            // every kiln node speaks, so the request goes with the proposal.
+            // request may go. A request substream negotiates one protocol that
+            // every kiln node speaks, so the request goes with the proposal (a
+            // pipe, which a peer might not speak, waits for the acceptor's hello).
             .with_substream_upgrade_protocol_override(Version::V1Lazy),
     );
     let topic = IdentTopic::new(MEMBERSHIP_TOPIC);
@@ -482,7 +476,8 @@ pub fn spawn(
     let incoming = control
         .accept(PIPE_PROTOCOL)
         .map_err(|e| NetError::Transport(e.to_string()))?;
-    let pipes = Pipes::new(control, config.request_timeout, cmd_tx.clone(), registry);
+    let (offence_tx, offence_rx) = mpsc::unbounded_channel();
+    let pipes = Pipes::new(control, config.request_timeout, offence_tx, registry);
     tokio::spawn(pipe::accept_pipes(
         pipes.clone(),
         incoming,
@@ -510,7 +505,7 @@ pub fn spawn(
     for addr in config.advertise {
         let _ = task.events.send(NetEvent::ListenAddr(addr));
     }
-    tokio::spawn(task.run(cmd_rx));
+    tokio::spawn(task.run(cmd_rx, offence_rx));
     Ok((
         NetHandle {
             local_peer_id,
@@ -549,7 +544,11 @@ struct SwarmTask {
 pub const PROBE_REPORT_INTERVAL: Duration = Duration::from_millis(200);
 
 impl SwarmTask {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<NetCommand>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<NetCommand>,
+        mut pipe_offences: mpsc::UnboundedReceiver<PipeOffence>,
+    ) {
         let mut unban = tokio::time::interval(Duration::from_secs(5));
         let mut pipe_sweep = tokio::time::interval(Duration::from_secs(1));
         let mut probe_report = tokio::time::interval(PROBE_REPORT_INTERVAL);
@@ -576,6 +575,7 @@ impl SwarmTask {
                 },
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = pipe_sweep.tick() => self.pipes.sweep(),
+                Some(o) = pipe_offences.recv() => self.offence(o.peer, o.kind, &o.error),
                 _ = unban.tick() => {
                     for peer in self.offences.expire(self.now_ms()) {
                         tracing::info!(%peer, "ban over; peer may connect again");
@@ -695,7 +695,6 @@ impl SwarmTask {
                 }
                 ReplyTo::Pipe(reply) => reply.answer(&response),
             },
-            NetCommand::Offence { peer, kind, error } => self.offence(peer, kind, &error),
             NetCommand::Disconnect(peer) => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }

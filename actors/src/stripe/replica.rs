@@ -1366,7 +1366,7 @@ pub struct NotActive {
 ///
 /// An active that is also the control-plane leader fails over slowly: its death
 /// needs a new leader before anyone can be promoted, and openraft 0.9 starts that
-/// election only after the leader lease and an election timeout (1.0–1.2 s here).
+/// election only after the leader lease and an election timeout (0.7–0.8 s here).
 pub fn choose_candidate(
     positions: &[(NodeId, LogPos)],
     coordinator: Option<NodeId>,
