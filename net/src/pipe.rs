@@ -53,10 +53,11 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// their own).
 const MAX_PENDING_CALLS: usize = 4096;
 
-/// Requests from one inbound pipe being served at once: the pipe is not read
-/// further until one is answered and its answer written, so a peer that floods
-/// requests, or does not read its answers, is held back by the stream's flow
-/// control instead of filling this node's queues.
+/// Stripe requests from one inbound pipe in service at once (a slot is freed once
+/// the answer is written). More are refused at once, not left unread: the pipe
+/// must keep carrying control-plane messages, which take no slot (openraft bounds
+/// its own), so a stripe actor held up by a slow disk cannot stall the control
+/// plane behind it.
 const MAX_SERVED_REQUESTS: usize = 1024;
 
 /// Protocol version a pipe's acceptor announces in its hello.
@@ -103,9 +104,21 @@ struct Pending {
 /// What the tasks of one open outbound pipe share with callers.
 struct OpenPipe {
     pending: Mutex<HashMap<u64, Pending>>,
-    /// When the last frame arrived: a pipe whose calls time out while nothing
-    /// arrives is closed (its connection may be half-open).
-    last_heard: Mutex<Instant>,
+    /// Since when a request written has been waiting with nothing at all
+    /// arriving; `None` while frames arrive. Callers give up on their own (often
+    /// shorter) timeouts, so this, not their calls, tells a pipe that went silent
+    /// (a half-open connection, a peer that stopped serving it): closed past the
+    /// request timeout.
+    silent_since: Mutex<Option<Instant>>,
+}
+
+impl OpenPipe {
+    fn new() -> Self {
+        OpenPipe {
+            pending: Mutex::new(HashMap::new()),
+            silent_since: Mutex::new(None),
+        }
+    }
 }
 
 enum PipeState {
@@ -278,10 +291,7 @@ impl Pipes {
     fn start(self: &Arc<Self>, peer: PeerId, token: u64, stream: libp2p::Stream) {
         let generation = token;
         let (frames_tx, frames_rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(OpenPipe {
-            pending: Mutex::new(HashMap::new()),
-            last_heard: Mutex::new(Instant::now()),
-        });
+        let shared = Arc::new(OpenPipe::new());
         {
             let mut out = lock(&self.out);
             if !matches!(out.get(&peer), Some(PipeState::Opening(t)) if *t == token) {
@@ -331,28 +341,21 @@ impl Pipes {
                 _ => None,
             }
         };
-        let Some(PipeState::Open { shared, .. }) = state else {
-            return;
-        };
-        tracing::debug!(%peer, reason, "pipe closed");
-        for (_, call) in lock(&shared.pending).drain() {
-            let _ = call.reply.send(Err(CallError::Failed {
-                peer,
-                reason: format!("pipe closed: {reason}"),
-            }));
-        }
+        closed(peer, state, reason);
     }
 
     /// Forgets everything about a peer whose last connection closed: its pipe,
     /// an open under way (whose result is then dropped), a recent failure.
     pub(crate) fn disconnected(&self, peer: PeerId) {
-        self.close(peer, None, "connection closed");
-        lock(&self.out).remove(&peer);
+        // One critical section: a pipe installed in between must not be dropped
+        // with its calls still waiting.
+        let state = lock(&self.out).remove(&peer);
+        closed(peer, state, "connection closed");
     }
 
     /// Fails the calls whose time is up and forgets those nobody waits for. A
-    /// pipe on which calls time out while nothing at all arrives is closed, so the
-    /// next call opens a new one (its connection may be half-open).
+    /// pipe silent for the request timeout is closed, so the next call opens a
+    /// new one.
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
         let mut silent = Vec::new();
@@ -365,7 +368,6 @@ impl Pipes {
                 else {
                     continue;
                 };
-                let mut timed_out = false;
                 lock(&shared.pending).retain(|_, call| {
                     if call.reply.is_closed() {
                         return false;
@@ -373,7 +375,6 @@ impl Pipes {
                     if call.deadline > now {
                         return true;
                     }
-                    timed_out = true;
                     let (tx, _) = oneshot::channel();
                     let reply = std::mem::replace(&mut call.reply, tx);
                     // A closed receiver is fine: the caller gave up first.
@@ -383,7 +384,8 @@ impl Pipes {
                     }));
                     false
                 });
-                if timed_out && lock(&shared.last_heard).elapsed() >= self.request_timeout {
+                let silent_since = *lock(&shared.silent_since);
+                if silent_since.is_some_and(|t| now.duration_since(t) >= self.request_timeout) {
                     silent.push((*peer, *generation));
                 }
             }
@@ -392,7 +394,7 @@ impl Pipes {
             self.close(
                 peer,
                 Some(generation),
-                "no answer on it within the request timeout",
+                "nothing arrived on it within the request timeout",
             );
         }
     }
@@ -403,6 +405,20 @@ impl Pipes {
             kind,
             error: error.to_string(),
         });
+    }
+}
+
+/// Fails the waiting calls of a pipe just forgotten (if `state` was an open one).
+fn closed(peer: PeerId, state: Option<PipeState>, reason: &str) {
+    let Some(PipeState::Open { shared, .. }) = state else {
+        return;
+    };
+    tracing::debug!(%peer, reason, "pipe closed");
+    for (_, call) in lock(&shared.pending).drain() {
+        let _ = call.reply.send(Err(CallError::Failed {
+            peer,
+            reason: format!("pipe closed: {reason}"),
+        }));
     }
 }
 
@@ -431,6 +447,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     let mut written = Vec::new();
     while let Some(first) = queue.recv().await {
         buf.clear();
+        let mut requests = false;
         let mut next = Some(first);
         while let Some(item) = next.take() {
             let wanted = match (item.call, calls) {
@@ -439,11 +456,16 @@ async fn write_frames<W: AsyncWrite + Unpin>(
             };
             if wanted {
                 put_frame(&mut buf, &item.frame);
+                requests |= item.call.is_some();
             }
             written.push(item);
             if buf.len() < WRITE_BATCH_BYTES {
                 next = queue.try_recv().ok();
             }
+        }
+        if let (true, Some(calls)) = (requests, calls) {
+            // Before the write: an answer may arrive before it returns.
+            lock(&calls.silent_since).get_or_insert_with(Instant::now);
         }
         if !buf.is_empty() {
             io.write_all(&buf).await?;
@@ -501,7 +523,7 @@ async fn read_responses<R: AsyncRead + Unpin>(
             }
             Err(e) => break e.to_string(),
         };
-        *lock(&shared.last_heard) = Instant::now();
+        *lock(&shared.silent_since) = None;
         match wire::decode::<PipeFrame<Response>>(&bytes, MAX_FRAME_BYTES) {
             Ok(frame) => {
                 let call = lock(&shared.pending).remove(&frame.id);
@@ -587,6 +609,15 @@ pub(crate) async fn accept_pipes(
     }
 }
 
+/// Whether `request` may be served now: `Some(slot)` (no slot for the control
+/// plane), or `None` when every slot is taken.
+fn admit(request: &Request, slots: &Arc<Semaphore>) -> Option<Option<OwnedSemaphorePermit>> {
+    match request {
+        Request::ControlPlane { .. } => Some(None),
+        _ => slots.clone().try_acquire_owned().ok().map(Some),
+    }
+}
+
 /// Says hello, then reads the requests of one inbound pipe and routes them; a
 /// writer task sends their responses back as they are answered.
 async fn serve_pipe(
@@ -605,9 +636,6 @@ async fn serve_pipe(
     let writer = tokio::spawn(write_frames(write, queue, None));
     let slots = Arc::new(Semaphore::new(MAX_SERVED_REQUESTS));
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
         let bytes = match read_frame(&mut read).await {
             Ok(RawFrame::Bytes(b)) => b,
             Ok(RawFrame::TooLarge(len)) => {
@@ -630,11 +658,23 @@ async fn serve_pipe(
                 continue;
             }
         };
-        let reply = crate::swarm::Reply::pipe(PipeReply {
+        let mut reply = PipeReply {
             id: frame.id,
             responses: Some(responses.clone()),
-            slot: Some(slot),
-        });
+            slot: None,
+        };
+        match admit(&frame.body, &slots) {
+            Some(slot) => reply.slot = slot,
+            None => {
+                reply.answer(&Response::Refused {
+                    reason: format!(
+                        "busy: {MAX_SERVED_REQUESTS} requests from this peer in service"
+                    ),
+                });
+                continue;
+            }
+        }
+        let reply = crate::swarm::Reply::pipe(reply);
         let request = frame.body;
         if request.is_service() {
             let _ = routes.services.send(ServiceRequest {
@@ -733,10 +773,7 @@ mod tests {
         generation: u64,
     ) -> (mpsc::UnboundedReceiver<Outgoing>, Arc<OpenPipe>) {
         let (frames, queue) = mpsc::unbounded_channel();
-        let shared = Arc::new(OpenPipe {
-            pending: Mutex::new(HashMap::new()),
-            last_heard: Mutex::new(Instant::now()),
-        });
+        let shared = Arc::new(OpenPipe::new());
         lock(&pipes.out).insert(
             peer,
             PipeState::Open {
@@ -794,11 +831,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_timed_out_call_fails_and_a_pipe_that_answers_nothing_is_closed() {
+    async fn a_timed_out_call_fails_but_leaves_its_pipe_open_while_frames_arrive() {
         let pipes = pipes(Duration::ZERO);
         let peer = PeerId::random();
-        let (_queue, shared) = install(&pipes, peer, 1);
-        *lock(&shared.last_heard) = Instant::now() - Duration::from_secs(1);
+        let (_queue, _shared) = install(&pipes, peer, 1);
         let (tx, rx) = oneshot::channel();
         assert!(pipes.try_call(peer, stripe_request(10), tx).is_ok());
         pipes.sweep();
@@ -806,18 +842,78 @@ mod tests {
             Ok(Err(CallError::Failed { reason, .. })) => assert_eq!(reason, "timed out"),
             other => panic!("expected a timeout, got {other:?}"),
         }
+        assert!(lock(&pipes.out).contains_key(&peer), "not silent: kept");
+    }
+
+    #[test]
+    fn a_pipe_silent_past_the_request_timeout_is_closed_though_its_callers_gave_up() {
+        let pipes = pipes(Duration::from_secs(2));
+        let peer = PeerId::random();
+        let (_queue, shared) = install(&pipes, peer, 1);
+        let (tx, rx) = oneshot::channel();
+        assert!(pipes.try_call(peer, stripe_request(10), tx).is_ok());
+        drop(rx);
+        *lock(&shared.silent_since) = Some(Instant::now() - Duration::from_secs(1));
+        pipes.sweep();
         assert!(
-            !lock(&pipes.out).contains_key(&peer),
-            "the silent pipe is closed"
+            lock(&pipes.out).contains_key(&peer),
+            "silent for less: kept"
         );
+        assert!(
+            lock(&shared.pending).is_empty(),
+            "the abandoned call is forgotten"
+        );
+        *lock(&shared.silent_since) = Some(Instant::now() - Duration::from_secs(3));
+        pipes.sweep();
+        assert!(!lock(&pipes.out).contains_key(&peer), "silent pipe closed");
+    }
+
+    #[tokio::test]
+    async fn a_disconnect_fails_the_calls_of_a_pipe_installed_just_before() {
+        let pipes = pipes(Duration::from_secs(5));
+        let peer = PeerId::random();
+        let (_queue, _) = install(&pipes, peer, 1);
+        let (tx, rx) = oneshot::channel();
+        assert!(pipes.try_call(peer, stripe_request(10), tx).is_ok());
+        pipes.disconnected(peer);
+        assert!(matches!(rx.await, Ok(Err(CallError::Failed { .. }))));
+        let (tx, _rx) = oneshot::channel();
+        assert!(
+            pipes.try_call(peer, stripe_request(10), tx).is_err(),
+            "no pipe after the disconnect"
+        );
+    }
+
+    #[test]
+    fn a_call_while_the_pipe_opens_takes_a_substream() {
+        let pipes = pipes(Duration::from_secs(5));
+        let peer = PeerId::random();
+        lock(&pipes.out).insert(peer, PipeState::Opening(1));
+        let (tx, _rx) = oneshot::channel();
+        assert!(pipes.try_call(peer, stripe_request(10), tx).is_err());
+    }
+
+    #[test]
+    fn stripe_requests_past_the_slots_are_refused_and_the_control_plane_always_served() {
+        let slots = Arc::new(Semaphore::new(2));
+        let taken: Vec<_> = (0..2)
+            .map(|_| admit(&stripe_request(1), &slots).expect("a slot"))
+            .collect();
+        assert!(
+            admit(&stripe_request(1), &slots).is_none(),
+            "all slots taken"
+        );
+        let control = Request::ControlPlane {
+            body: ByteBuf::from(vec![1u8]),
+        };
+        assert!(matches!(admit(&control, &slots), Some(None)));
+        drop(taken);
+        assert!(admit(&stripe_request(1), &slots).is_some(), "freed");
     }
 
     #[tokio::test]
     async fn a_request_nobody_waits_for_is_not_written() {
-        let shared = OpenPipe {
-            pending: Mutex::new(HashMap::new()),
-            last_heard: Mutex::new(Instant::now()),
-        };
+        let shared = OpenPipe::new();
         let (reply, _rx) = oneshot::channel();
         lock(&shared.pending).insert(
             1,
@@ -844,6 +940,10 @@ mod tests {
         write_frames(&mut out, rx, Some(&shared))
             .await
             .expect("written");
+        assert!(
+            lock(&shared.silent_since).is_some(),
+            "a request written waits for an answer"
+        );
         let mut input = futures::io::Cursor::new(out.into_inner());
         let Ok(RawFrame::Bytes(b)) = read_frame(&mut input).await else {
             panic!("one frame written");
