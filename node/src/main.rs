@@ -11,6 +11,11 @@ mod run;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc rather than glibc's malloc: kiln allocates per message and per write,
+/// and glibc's malloc was ~12 % of all CPU under load (integration/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "kiln: a peer-to-peer cluster node")]
 struct Cli {
