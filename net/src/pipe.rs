@@ -208,6 +208,10 @@ impl Pipes {
             self.count("substream");
             return Err((request, reply));
         }
+        // Encoded before the lock of every peer's pipe is taken (a pipe is open
+        // nearly always; the rare fallback wastes one encoding).
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = wire::encode(&PipeFrame { id, body: &request });
         let out = lock(&self.out);
         let Some(PipeState::Open { frames, shared, .. }) = out.get(&peer) else {
             drop(out);
@@ -221,8 +225,6 @@ impl Pipes {
             self.count("substream");
             return Err((request, reply));
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = wire::encode(&PipeFrame { id, body: &request });
         pending.insert(
             id,
             Pending {
@@ -391,6 +393,8 @@ impl Pipes {
             }
         }
         for (peer, generation) in silent {
+            tracing::warn!(%peer, timeout_s = self.request_timeout.as_secs(),
+                "a request has waited on the pipe to this peer with nothing arriving; reopening the pipe");
             self.close(
                 peer,
                 Some(generation),
