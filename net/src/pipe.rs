@@ -160,6 +160,12 @@ pub(crate) struct Pipes {
     calls: Family<RouteLabel, Counter>,
 }
 
+impl std::fmt::Debug for Pipes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pipes")
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain maps behind, still
     // consistent enough to go on with.

@@ -207,12 +207,6 @@ pub struct NetHandle {
     pipes: Arc<Pipes>,
 }
 
-impl std::fmt::Debug for Pipes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Pipes")
-    }
-}
-
 impl NetHandle {
     pub fn send(&self, cmd: NetCommand) {
         match cmd {
