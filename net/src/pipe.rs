@@ -29,7 +29,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::swarm::{CallError, NetEvent, ServiceRequest};
+use crate::swarm::{CallError, NetEvent, Reply, ServiceRequest};
 use crate::wire::{self, Request, Response, WireError, MAX_FRAME_BYTES};
 
 /// Protocol name of kiln's pipes.
@@ -600,11 +600,31 @@ impl Drop for PipeReply {
     }
 }
 
-/// Where inbound pipe requests go: the same places as request-response ones.
+/// Where inbound requests go, whether they came on a pipe or a substream.
 #[derive(Clone)]
 pub(crate) struct InboundRoutes {
     pub(crate) events: mpsc::UnboundedSender<NetEvent>,
     pub(crate) services: mpsc::UnboundedSender<ServiceRequest>,
+}
+
+impl InboundRoutes {
+    /// A request for a service goes to the services channel, membership's to
+    /// the event channel (the membership actor).
+    pub(crate) fn route(&self, peer: PeerId, request: Request, reply: Reply) {
+        if request.is_service() {
+            let _ = self.services.send(ServiceRequest {
+                peer,
+                request,
+                reply,
+            });
+        } else {
+            let _ = self.events.send(NetEvent::Request {
+                peer,
+                request,
+                reply,
+            });
+        }
+    }
 }
 
 /// Accepts the pipes peers open to this node, and serves each.
@@ -684,21 +704,7 @@ async fn serve_pipe(
                 continue;
             }
         }
-        let reply = crate::swarm::Reply::pipe(reply);
-        let request = frame.body;
-        if request.is_service() {
-            let _ = routes.services.send(ServiceRequest {
-                peer,
-                request,
-                reply,
-            });
-        } else {
-            let _ = routes.events.send(NetEvent::Request {
-                peer,
-                request,
-                reply,
-            });
-        }
+        routes.route(peer, frame.body, Reply::pipe(reply));
     }
     // The writer ends once every reply handed out is answered or dropped.
     drop(responses);

@@ -472,20 +472,16 @@ pub fn spawn(
         .map_err(|e| NetError::Transport(e.to_string()))?;
     let (offence_tx, offence_rx) = mpsc::unbounded_channel();
     let pipes = Pipes::new(control, config.request_timeout, offence_tx, registry);
-    tokio::spawn(pipe::accept_pipes(
-        pipes.clone(),
-        incoming,
-        InboundRoutes {
-            events: ev_tx.clone(),
-            services: svc_tx.clone(),
-        },
-    ));
+    let routes = InboundRoutes {
+        events: ev_tx,
+        services: svc_tx,
+    };
+    tokio::spawn(pipe::accept_pipes(pipes.clone(), incoming, routes.clone()));
     let task = SwarmTask {
         swarm,
         topic,
         broadcast_topic,
-        events: ev_tx,
-        services: svc_tx,
+        routes,
         broadcast: bc_tx,
         calls: HashMap::new(),
         offences: Offences::default(),
@@ -497,7 +493,7 @@ pub fn spawn(
         pipes: pipes.clone(),
     };
     for addr in config.advertise {
-        let _ = task.events.send(NetEvent::ListenAddr(addr));
+        task.emit(NetEvent::ListenAddr(addr));
     }
     tokio::spawn(task.run(cmd_rx, offence_rx));
     Ok((
@@ -518,8 +514,8 @@ struct SwarmTask {
     swarm: Swarm<KilnBehaviour>,
     topic: IdentTopic,
     broadcast_topic: IdentTopic,
-    events: mpsc::UnboundedSender<NetEvent>,
-    services: mpsc::UnboundedSender<ServiceRequest>,
+    /// Where inbound requests and events go.
+    routes: InboundRoutes,
     broadcast: mpsc::UnboundedSender<BroadcastIn>,
     /// Outstanding `Call`s, answered when their response or failure arrives.
     calls: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, CallError>>>,
@@ -585,7 +581,7 @@ impl SwarmTask {
     }
 
     fn emit(&self, ev: NetEvent) {
-        let _ = self.events.send(ev);
+        let _ = self.routes.events.send(ev);
     }
 
     fn on_command(&mut self, cmd: NetCommand) {
@@ -866,20 +862,8 @@ impl SwarmTask {
                     channel,
                     ..
                 } => {
-                    let reply = Reply(ReplyTo::Substream(channel));
-                    if request.is_service() {
-                        let _ = self.services.send(ServiceRequest {
-                            peer,
-                            request,
-                            reply,
-                        });
-                    } else {
-                        self.emit(NetEvent::Request {
-                            peer,
-                            request,
-                            reply,
-                        });
-                    }
+                    self.routes
+                        .route(peer, request, Reply(ReplyTo::Substream(channel)));
                 }
                 Message::Request {
                     request: Inbound::Invalid(e),
