@@ -11,6 +11,7 @@ mod error;
 mod node_store;
 pub mod schema;
 mod stripe_store;
+mod unflushed;
 
 pub use artifact_store::{
     chunk_count, chunks_root, is_sha256_hex, ArtifactStore, Digests, Upload, ARTIFACT_CHUNK,

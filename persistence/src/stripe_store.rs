@@ -7,13 +7,23 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::node_store::open_or_create;
 use crate::schema::*;
+use crate::unflushed::{write_pending, OverlayKv, Unflushed};
 use crate::StoreError;
+
+/// A log write takes the applied state waiting in memory along once this many
+/// entries or this much time gathered it. Larger flushes cost less per write
+/// (a B-tree page changed by several writes is written once) but hold up the
+/// log write that carries them: at 64 clients, 128 entries cut the CPU per
+/// write by ~12 % against a flush with every log write, while p99 at 16
+/// clients stays under 10 ms (every 100 ms / 512 entries: 12 ms).
+const FLUSH_WITH_LOG_ENTRIES: u64 = 128;
+const FLUSH_WITH_LOG_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The stripe database of one data directory.
 pub struct StripeStore {
@@ -25,6 +35,15 @@ pub struct StripeStore {
     durable: bool,
     /// The last change seq applied writes produced (see [`CHANGES`]).
     changes_head: AtomicU64,
+    /// Applied state not yet in the file (see [`crate::unflushed`]).
+    unflushed: Mutex<Unflushed>,
+    /// Held while pending state is written, so one flush runs at a time and
+    /// nothing replaces the state under it.
+    flush_lock: Mutex<()>,
+    /// Entries `unflushed` covers (read without its lock).
+    unflushed_entries: AtomicU64,
+    /// Flushes that wrote something.
+    flushes: AtomicU64,
 }
 
 /// What the stripe database held at open.
@@ -204,6 +223,10 @@ impl StripeStore {
             path,
             durable,
             changes_head: AtomicU64::new(changes_head),
+            unflushed: Mutex::new(Unflushed::default()),
+            flush_lock: Mutex::new(()),
+            unflushed_entries: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
         };
         Ok(store)
     }
@@ -283,8 +306,13 @@ impl StripeStore {
         Ok(txn)
     }
 
-    /// Everything needed to restart replication where it stopped.
+    /// Everything needed to restart replication where it stopped. Applied state
+    /// not yet flushed is dropped: the replica applies those entries again from
+    /// the log, which keeps every entry after the file's applied index.
     pub fn recover(&self) -> Result<StripeRecovered, StoreError> {
+        let _flush = lock(&self.flush_lock);
+        *self.lock_unflushed() = Unflushed::default();
+        self.unflushed_entries.store(0, Ordering::Release);
         let txn = self.begin_read()?;
         let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
         let get = |k: &str| -> Result<Option<Vec<u8>>, StoreError> {
@@ -330,9 +358,24 @@ impl StripeStore {
         promised: Option<u64>,
     ) -> Result<(), StoreError> {
         // A promise is a vote: always durable, whatever the persistence mode.
-        let txn = self.write_txn(self.durable || promised.is_some())?;
-        self.persist_in(&txn, truncate_from, entries, promised)?;
-        txn.commit().map_err(self.storage())
+        // Applied state waiting in memory goes along when due: no commit of
+        // its own.
+        let durable = self.durable || promised.is_some();
+        let due = {
+            let u = self.lock_unflushed();
+            u.entries() >= FLUSH_WITH_LOG_ENTRIES
+                || u.since()
+                    .is_some_and(|t| t.elapsed() >= FLUSH_WITH_LOG_AFTER)
+        };
+        if !due {
+            let txn = self.write_txn(durable)?;
+            self.persist_in(&txn, truncate_from, entries, promised)?;
+            return txn.commit().map_err(self.storage());
+        }
+        self.flush_with(durable, |txn| {
+            self.persist_in(txn, truncate_from, entries, promised)
+        })
+        .map(|_| ())
     }
 
     fn persist_in(
@@ -359,11 +402,10 @@ impl StripeStore {
         Ok(())
     }
 
-    /// [`persist`](Self::persist) and then, in the same transaction, the apply of
-    /// the log entries `from..=upto` (read back from the log, so they may be among
-    /// `entries`; `data_of` turns a log entry into what `f` applies). A standby
-    /// gets new entries and the commit of earlier ones in one message: one
-    /// transaction and one fsync instead of two commits.
+    /// [`persist`](Self::persist), then the apply of the log entries
+    /// `from..=upto` (read back from the log, so they may be among `entries`;
+    /// `data_of` turns a log entry into what `f` applies). A standby gets new
+    /// entries and the commit of earlier ones in one message.
     #[allow(clippy::too_many_arguments)]
     pub fn persist_and_apply<R>(
         &self,
@@ -374,19 +416,15 @@ impl StripeStore {
         data_of: impl Fn(&[u8]) -> Vec<u8>,
         f: impl FnMut(&mut dyn KvTxn, u64, &[u8]) -> Result<R, StoreError>,
     ) -> Result<Vec<(u64, R)>, StoreError> {
-        let txn = self.write_txn(self.durable || promised.is_some())?;
-        self.persist_in(&txn, truncate_from, entries, promised)?;
-        let rows = if from > upto {
-            Vec::new()
-        } else {
-            let log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
-            let mut rows = Vec::new();
-            for row in log.range(from..=upto).map_err(self.storage())? {
-                let (k, v) = row.map_err(self.storage())?;
-                rows.push((k.value(), data_of(v.value())));
-            }
-            rows
-        };
+        self.persist(truncate_from, entries, promised)?;
+        if from > upto {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(u64, Vec<u8>)> = self
+            .entries(from, upto)?
+            .into_iter()
+            .map(|(i, b)| (i, data_of(&b)))
+            .collect();
         if rows.len() as u64 != (upto + 1).saturating_sub(from) {
             // Never skip an entry: the state would silently miss it.
             return Err(StoreError::Corrupt {
@@ -395,10 +433,7 @@ impl StripeStore {
                 detail: format!("only {} of them are in the log", rows.len()),
             });
         }
-        let (outcomes, last_change) = self.apply_in(&txn, &rows, f)?;
-        txn.commit().map_err(self.storage())?;
-        self.changes_head.store(last_change, Ordering::Release);
-        Ok(rows.iter().map(|r| r.0).zip(outcomes).collect())
+        self.apply(&rows, f)
     }
 
     /// Log entries with `from <= index <= to`.
@@ -413,63 +448,148 @@ impl StripeStore {
         Ok(out)
     }
 
-    /// Applies committed entries `(index, bytes)` with `f` in one transaction and
-    /// records the applied index. Not fsynced: the log holds what a crash undoes,
-    /// and it is applied again at restart.
+    /// Applies committed entries `(index, bytes)` with `f`, in memory: readers
+    /// see the result at once, [`flush`](Self::flush) writes it to the file
+    /// (a crash undoes nothing the log does not hold). Entries applied before
+    /// are passed over (a batch that was under way when the replica restarted
+    /// from the file); one after a gap is refused. Returns each applied entry's
+    /// index and outcome.
     pub fn apply<R>(
         &self,
         entries: &[(u64, Vec<u8>)],
-        f: impl FnMut(&mut dyn KvTxn, u64, &[u8]) -> Result<R, StoreError>,
-    ) -> Result<Vec<R>, StoreError> {
+        mut f: impl FnMut(&mut dyn KvTxn, u64, &[u8]) -> Result<R, StoreError>,
+    ) -> Result<Vec<(u64, R)>, StoreError> {
+        let mut out = Vec::with_capacity(entries.len());
         if entries.is_empty() {
-            return Ok(Vec::new());
+            return Ok(out);
         }
-        let txn = self.write_txn(false)?;
-        let (out, last_change) = self.apply_in(&txn, entries, f)?;
-        txn.commit().map_err(self.storage())?;
+        let mut unflushed = self.lock_unflushed();
+        // Opened while pending state cannot be flushed: together they are the
+        // current state.
+        let txn = self.begin_read()?;
+        let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+        let meta_u64 = |k: &str| -> Result<Option<u64>, StoreError> {
+            Ok(meta
+                .get(k)
+                .map_err(self.storage())?
+                .map(|v| u64_of(v.value())))
+        };
+        let applied = match unflushed.applied() {
+            Some(a) => a,
+            None => meta_u64(STRIPE_APPLIED)?.unwrap_or(0),
+        };
+        let last_change = match unflushed.last_change() {
+            Some(c) => c,
+            None => meta_u64(STRIPE_CHANGES)?.unwrap_or(0),
+        };
+        let todo: Vec<&(u64, Vec<u8>)> = entries.iter().filter(|(i, _)| *i > applied).collect();
+        let Some(first) = todo.first().map(|e| e.0) else {
+            return Ok(out);
+        };
+        if first != applied + 1 || todo.windows(2).any(|w| w[1].0 != w[0].0 + 1) {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                what: format!("applying log entries from {first}"),
+                detail: format!("the state covers entries up to {applied} only"),
+            });
+        }
+        let mut tx = OverlayKv {
+            unflushed: &mut unflushed,
+            kv: txn.open_table(KV).map_err(self.storage())?,
+            requests: txn.open_table(REQUESTS).map_err(self.storage())?,
+            expiry: txn.open_table(REQUEST_EXPIRY).map_err(self.storage())?,
+            last_change,
+            path: &self.path,
+        };
+        // An entry that fails leaves the batch half applied in memory: the
+        // replica starts again from the file after a storage error.
+        for (index, bytes) in &todo {
+            out.push((*index, f(&mut tx, *index, bytes)?));
+        }
+        let last_change = tx.last_change;
+        let newest = &mut unflushed.newest;
+        newest.last_change = Some(last_change);
+        newest.applied = todo.last().map_or(applied, |e| e.0);
+        newest.since.get_or_insert_with(std::time::Instant::now);
+        newest.entries += todo.len() as u64;
+        self.unflushed_entries
+            .store(unflushed.entries(), Ordering::Release);
         self.changes_head.store(last_change, Ordering::Release);
         Ok(out)
     }
 
-    /// Applies `entries` within `txn`; returns the outcomes and the last change seq.
-    fn apply_in<R>(
+    /// Entries applied and not yet written to the file.
+    pub fn unflushed_entries(&self) -> u64 {
+        self.unflushed_entries.load(Ordering::Acquire)
+    }
+
+    /// Writes the applied state gathered in memory to the file, in one
+    /// transaction (not fsynced: the log holds what it covers). Returns how many
+    /// entries it covered. After a failure the state stays pending, but earlier
+    /// flushes may be undone with the file (redb drops commits that were not
+    /// fsynced when it reopens the file after an I/O error): start again from
+    /// the file ([`recover`](Self::recover)).
+    pub fn flush(&self) -> Result<u64, StoreError> {
+        {
+            let u = self.lock_unflushed();
+            if u.newest.is_empty() && u.flushing.is_none() {
+                return Ok(0);
+            }
+        }
+        self.flush_with(false, |_| Ok(()))
+    }
+
+    /// Flushes so far, with a log write or alone.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Acquire)
+    }
+
+    /// [`flush`](Self::flush), with `also` in the same transaction.
+    fn flush_with(
         &self,
-        txn: &redb::WriteTransaction,
-        entries: &[(u64, Vec<u8>)],
-        mut f: impl FnMut(&mut dyn KvTxn, u64, &[u8]) -> Result<R, StoreError>,
-    ) -> Result<(Vec<R>, u64), StoreError> {
-        let mut out = Vec::with_capacity(entries.len());
-        let Some(last) = entries.last().map(|e| e.0) else {
-            return Ok((out, self.changes_head()));
+        durable: bool,
+        also: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let _flush = lock(&self.flush_lock);
+        let batch = {
+            let mut u = self.lock_unflushed();
+            let newest = std::mem::take(&mut u.newest);
+            let batch = match u.flushing.take() {
+                Some(failed) => {
+                    let mut merged = Arc::try_unwrap(failed).unwrap_or_else(|a| (*a).clone());
+                    merged.absorb(newest);
+                    merged
+                }
+                None => newest,
+            };
+            let batch = Arc::new(batch);
+            if !batch.is_empty() {
+                u.flushing = Some(batch.clone());
+            }
+            batch
         };
-        let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
-        let changes = meta
-            .get(STRIPE_CHANGES)
-            .map_err(self.storage())?
-            .map(|v| u64_of(v.value()))
-            .unwrap_or(0);
-        let mut tx = WriteKv {
-            kv: txn.open_table(KV).map_err(self.storage())?,
-            requests: txn.open_table(REQUESTS).map_err(self.storage())?,
-            expiry: txn.open_table(REQUEST_EXPIRY).map_err(self.storage())?,
-            changes: txn.open_table(CHANGES).map_err(self.storage())?,
-            last_change: changes,
-            path: &self.path,
-        };
-        for (index, bytes) in entries {
-            out.push(f(&mut tx, *index, bytes)?);
+        let txn = self.write_txn(durable)?;
+        if !batch.is_empty() {
+            write_pending(&txn, &batch, &self.path)?;
         }
-        if tx.last_change != changes {
-            meta.insert(STRIPE_CHANGES, tx.last_change.to_le_bytes().as_slice())
-                .map_err(self.storage())?;
+        also(&txn)?;
+        txn.commit().map_err(self.storage())?;
+        let mut u = self.lock_unflushed();
+        u.flushing = None;
+        self.unflushed_entries.store(u.entries(), Ordering::Release);
+        if !batch.is_empty() {
+            self.flushes.fetch_add(1, Ordering::AcqRel);
         }
-        meta.insert(STRIPE_APPLIED, last.to_le_bytes().as_slice())
-            .map_err(self.storage())?;
-        Ok((out, tx.last_change))
+        Ok(batch.entries)
+    }
+
+    fn lock_unflushed(&self) -> MutexGuard<'_, Unflushed> {
+        lock(&self.unflushed)
     }
 
     /// A consistent view of the applied state, to send as a snapshot.
     pub fn snapshot_source(&self) -> Result<SnapshotSource, StoreError> {
+        self.flush()?;
         let txn = self.begin_read()?;
         let (applied, base, changes) = {
             let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
@@ -538,6 +658,10 @@ impl StripeStore {
         changes: u64,
         expiry_of: &dyn Fn(&[u8]) -> Option<u64>,
     ) -> Result<(), StoreError> {
+        // The snapshot replaces applied state, pending included; readers wait
+        // rather than see pending changes over it.
+        let _flush = lock(&self.flush_lock);
+        let mut unflushed = self.lock_unflushed();
         let txn = self.write_txn(true)?;
         {
             // Make sure both staging tables exist (an empty snapshot stages nothing).
@@ -579,6 +703,8 @@ impl StripeStore {
                 .map_err(self.storage())?;
         }
         txn.commit().map_err(self.storage())?;
+        *unflushed = Unflushed::default();
+        self.unflushed_entries.store(0, Ordering::Release);
         self.changes_head.store(changes, Ordering::Release);
         Ok(())
     }
@@ -586,17 +712,19 @@ impl StripeStore {
     /// Drops log entries up to `base.1` (applied, and held by every member or
     /// covered by snapshots) and records `base` (epoch, index) as the point the
     /// log starts after.
+    /// Pending applied state is flushed in the same transaction: the file's
+    /// state must cover every entry the log no longer holds.
     pub fn compact(&self, base: (u64, u64)) -> Result<(), StoreError> {
-        let txn = self.write_txn(false)?;
-        {
+        self.flush_with(false, |txn| {
             let mut log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
             log.retain_in(..=base.1, |_, _| false)
                 .map_err(self.storage())?;
             let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
             meta.insert(STRIPE_BASE, base_bytes(base).as_slice())
                 .map_err(self.storage())?;
-        }
-        txn.commit().map_err(self.storage())
+            Ok(())
+        })
+        .map(|_| ())
     }
 
     /// The last change seq produced by applied writes.
@@ -606,22 +734,25 @@ impl StripeStore {
 
     /// Change events in the outbox from change seq `from` on, at most `limit`.
     pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.begin_read()?;
+        let (mut pending, txn) = {
+            let u = self.lock_unflushed();
+            (u.changes_from(from), self.begin_read()?)
+        };
         let table = match txn.open_table(CHANGES) {
             Ok(t) => t,
             // A file from before the outbox: no write has produced a change yet.
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(self.storage()(e)),
         };
-        let mut out = Vec::new();
-        for row in table.range(from..).map_err(self.storage())? {
+        // Pending changes follow the file's (a flush that committed meanwhile
+        // may have put some in both).
+        for row in table.range(from..).map_err(self.storage())?.take(limit) {
             let (k, v) = row.map_err(self.storage())?;
-            out.push((k.value(), v.value().to_vec()));
-            if out.len() >= limit {
-                break;
-            }
+            pending
+                .entry(k.value())
+                .or_insert_with(|| v.value().to_vec());
         }
-        Ok(out)
+        Ok(pending.into_iter().take(limit).collect())
     }
 
     /// Removes change events up to `upto` from the outbox once the broadcast log
@@ -640,7 +771,14 @@ impl StripeStore {
 
     /// The current value of a key: (version, value).
     pub fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.begin_read()?;
+        let txn = {
+            let u = self.lock_unflushed();
+            if let Some(v) = u.kv(map, key) {
+                return Ok(v);
+            }
+            // Begun before a flush can take the key's change out of memory.
+            self.begin_read()?
+        };
         let kv = txn.open_table(KV).map_err(self.storage())?;
         Ok(kv.get((map, key)).map_err(self.storage())?.map(|v| {
             let (version, value) = v.value();
@@ -656,38 +794,44 @@ impl StripeStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let txn = self.begin_read()?;
-        let kv = txn.open_table(KV).map_err(self.storage())?;
         let start = match after {
             Some(a) if a >= prefix => a,
             _ => prefix,
         };
-        let mut out = Vec::new();
-        for row in kv.range((map, start)..).map_err(self.storage())? {
+        let (pending, txn) = {
+            let u = self.lock_unflushed();
+            (u.keys_from(map, start), self.begin_read()?)
+        };
+        let kv = txn.open_table(KV).map_err(self.storage())?;
+        // Pending changes decide for the keys they name: at most that many keys
+        // of the file are passed over.
+        let mut keys = std::collections::BTreeSet::new();
+        for row in kv
+            .range((map, start)..)
+            .map_err(self.storage())?
+            .take(limit + pending.len() + 1)
+        {
             let (k, _) = row.map_err(self.storage())?;
             let (m, key) = k.value();
             if m != map || !key.starts_with(prefix) {
                 break;
             }
-            if after == Some(key) {
-                continue;
-            }
-            out.push(key.to_string());
-            if out.len() >= limit {
-                break;
+            if !pending.contains_key(key) {
+                keys.insert(key.to_string());
             }
         }
-        Ok(out)
+        keys.extend(
+            pending
+                .into_iter()
+                .filter(|(k, present)| *present && k.starts_with(prefix))
+                .map(|(k, _)| k),
+        );
+        Ok(keys
+            .into_iter()
+            .filter(|k| after != Some(k.as_str()))
+            .take(limit)
+            .collect())
     }
-}
-
-struct WriteKv<'t> {
-    kv: redb::Table<'t, (&'static str, &'static str), (u64, &'static [u8])>,
-    requests: redb::Table<'t, &'static str, &'static [u8]>,
-    expiry: redb::Table<'t, (u64, &'static str), ()>,
-    changes: redb::Table<'t, u64, &'static [u8]>,
-    last_change: u64,
-    path: &'t Path,
 }
 
 /// Opens (or creates) the stripe database at `path` with all its tables.
@@ -718,91 +862,10 @@ fn storage_error<E: Into<redb::Error>>(path: &Path) -> impl Fn(E) -> StoreError 
     }
 }
 
-impl KvTxn for WriteKv<'_> {
-    fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        Ok(self
-            .kv
-            .get((map, key))
-            .map_err(storage_error(self.path))?
-            .map(|v| {
-                let (version, value) = v.value();
-                (version, value.to_vec())
-            }))
-    }
-
-    fn put(&mut self, map: &str, key: &str, version: u64, value: &[u8]) -> Result<(), StoreError> {
-        self.kv
-            .insert((map, key), (version, value))
-            .map_err(storage_error(self.path))?;
-        Ok(())
-    }
-
-    fn delete(&mut self, map: &str, key: &str) -> Result<(), StoreError> {
-        self.kv
-            .remove((map, key))
-            .map_err(storage_error(self.path))?;
-        Ok(())
-    }
-
-    fn request(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .requests
-            .get(id)
-            .map_err(storage_error(self.path))?
-            .map(|v| v.value().to_vec()))
-    }
-
-    fn record_request(
-        &mut self,
-        id: &str,
-        record: &[u8],
-        remember_until_ms: u64,
-        replaces: Option<u64>,
-    ) -> Result<(), StoreError> {
-        let err = storage_error(self.path);
-        if let Some(old) = replaces {
-            self.expiry.remove((old, id)).map_err(&err)?;
-        }
-        self.requests.insert(id, record).map_err(&err)?;
-        self.expiry
-            .insert((remember_until_ms, id), ())
-            .map_err(&err)?;
-        Ok(())
-    }
-
-    fn prune_requests(&mut self, before_ms: u64, limit: usize) -> Result<u64, StoreError> {
-        let err = storage_error(self.path);
-        let mut gone = Vec::new();
-        for row in self
-            .expiry
-            .range(..(before_ms, ""))
-            .map_err(&err)?
-            .take(limit)
-        {
-            let (k, _) = row.map_err(&err)?;
-            let (until, id) = k.value();
-            gone.push((until, id.to_string()));
-        }
-        for (until, id) in &gone {
-            self.expiry.remove((*until, id.as_str())).map_err(&err)?;
-            self.requests.remove(id.as_str()).map_err(&err)?;
-        }
-        Ok(gone.len() as u64)
-    }
-
-    fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {
-        let seq = self.last_change + 1;
-        self.changes
-            .insert(seq, change)
-            .map_err(storage_error(self.path))?;
-        self.last_change = seq;
-        Ok(seq)
-    }
-
-    fn raise_changes_to(&mut self, seq: u64) -> Result<(), StoreError> {
-        self.last_change = self.last_change.max(seq);
-        Ok(())
-    }
+/// Locks `m`; a panic elsewhere while it was held leaves nothing half done
+/// that matters here (pending state is rebuilt from the log at worst).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -830,7 +893,10 @@ mod tests {
                     Ok(i)
                 })
                 .unwrap();
-            assert_eq!(n, vec![1, 2]);
+            assert_eq!(n, vec![(1, 1), (2, 2)]);
+            assert_eq!(s.unflushed_entries(), 2);
+            assert_eq!(s.flush().unwrap(), 2);
+            assert_eq!(s.unflushed_entries(), 0);
         }
         let s = StripeStore::open(dir.path(), true).unwrap();
         let r = s.recover().unwrap();
@@ -848,7 +914,7 @@ mod tests {
     }
 
     #[test]
-    fn persist_and_apply_appends_and_applies_in_one_transaction() {
+    fn persist_and_apply_appends_then_applies_what_the_log_holds() {
         let dir = tempfile::tempdir().unwrap();
         let put = |tx: &mut dyn KvTxn, i: u64, bytes: &[u8]| {
             let key = String::from_utf8_lossy(bytes).to_string();
@@ -869,11 +935,13 @@ mod tests {
                 .persist_and_apply(None, &[(4, b"d".to_vec())], None, (3, 4), upper, put)
                 .unwrap_err();
             assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+            s.flush().unwrap();
         }
         let s = StripeStore::open(dir.path(), true).unwrap();
         let r = s.recover().unwrap();
         assert_eq!(r.applied, 2);
-        assert_eq!(r.entries, vec![(1, b"a".to_vec()), (2, b"b".to_vec())]);
+        let indexes: Vec<u64> = r.entries.iter().map(|e| e.0).collect();
+        assert_eq!(indexes, vec![1, 2, 4]);
         assert_eq!(s.get("m", "B").unwrap(), Some((2, b"B".to_vec())));
     }
 
@@ -948,7 +1016,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             pruned,
-            vec![(2, None, Some(3000u64.to_le_bytes().to_vec()))]
+            vec![(4, (2, None, Some(3000u64.to_le_bytes().to_vec())))]
         );
 
         active.compact((1, 2)).unwrap();
@@ -958,5 +1026,143 @@ mod tests {
             r.entries.iter().map(|e| e.0).collect::<Vec<_>>(),
             vec![3, 4]
         );
+    }
+
+    /// Applies a put (or, without a value, a delete) as entry `index`, which
+    /// the log holds already.
+    fn put_one(s: &StripeStore, index: u64, key: &str, value: Option<&[u8]>) {
+        s.apply(&[(index, vec![])], |tx, i, _| {
+            match value {
+                Some(v) => tx.put("m", key, i, v)?,
+                None => tx.delete("m", key)?,
+            }
+            tx.record_change(key.as_bytes())?;
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn applied_state_is_read_through_memory_before_and_after_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        let log: Vec<(u64, Vec<u8>)> = (1..=7).map(|i| (i, vec![])).collect();
+        s.persist(None, &log, None).unwrap();
+        put_one(&s, 1, "a", Some(b"1"));
+        put_one(&s, 2, "b", Some(b"2"));
+        put_one(&s, 3, "c", Some(b"3"));
+        assert_eq!(s.flush().unwrap(), 3);
+        assert_eq!(s.flushes(), 1);
+        // In memory only: a new key, a changed one, a deleted one.
+        put_one(&s, 4, "bb", Some(b"4"));
+        put_one(&s, 5, "a", Some(b"5"));
+        put_one(&s, 6, "b", None);
+        let check = |s: &StripeStore| {
+            assert_eq!(s.get("m", "a").unwrap(), Some((5, b"5".to_vec())));
+            assert_eq!(s.get("m", "b").unwrap(), None);
+            assert_eq!(s.get("m", "c").unwrap(), Some((3, b"3".to_vec())));
+            assert_eq!(s.keys("m", "", None, 10).unwrap(), vec!["a", "bb", "c"]);
+            assert_eq!(s.keys("m", "b", None, 10).unwrap(), vec!["bb"]);
+            assert_eq!(s.keys("m", "", Some("a"), 1).unwrap(), vec!["bb"]);
+            assert_eq!(s.keys("m", "", None, 2).unwrap(), vec!["a", "bb"]);
+            let seqs: Vec<u64> = s.changes(2, 10).unwrap().iter().map(|c| c.0).collect();
+            assert_eq!(seqs, vec![2, 3, 4, 5, 6]);
+            assert_eq!(s.changes(3, 2).unwrap().len(), 2);
+            assert_eq!(s.changes_head(), 6);
+        };
+        check(&s);
+        assert_eq!(s.unflushed_entries(), 3);
+        assert_eq!(s.flush().unwrap(), 3);
+        check(&s);
+        // A log write takes pending state along once it waited long enough.
+        put_one(&s, 7, "d", Some(b"7"));
+        s.persist(None, &[(8, vec![])], None).unwrap();
+        assert_eq!((s.unflushed_entries(), s.flushes()), (1, 2));
+        std::thread::sleep(FLUSH_WITH_LOG_AFTER);
+        s.persist(None, &[(9, vec![])], None).unwrap();
+        assert_eq!((s.unflushed_entries(), s.flushes()), (0, 3));
+        drop(s);
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        assert_eq!(s.recover().unwrap().applied, 7);
+        assert_eq!(s.get("m", "d").unwrap(), Some((7, b"7".to_vec())));
+    }
+
+    #[test]
+    fn a_restart_from_the_file_drops_pending_state_and_applies_the_log_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        s.persist(None, &[(1, vec![]), (2, vec![])], None).unwrap();
+        put_one(&s, 1, "a", Some(b"1"));
+        s.flush().unwrap();
+        put_one(&s, 2, "a", Some(b"2"));
+        let r = s.recover().unwrap();
+        assert_eq!(r.applied, 1);
+        assert_eq!(r.entries.len(), 2);
+        assert_eq!(s.get("m", "a").unwrap(), Some((1, b"1".to_vec())));
+        let again = |tx: &mut dyn KvTxn, i: u64, _: &[u8]| {
+            tx.put("m", "a", i, b"2")?;
+            Ok(i)
+        };
+        // Entries the state covers already are passed over; a gap is refused.
+        let done = s.apply(&[(1, vec![]), (2, vec![])], again).unwrap();
+        assert_eq!(done, vec![(2, 2)]);
+        assert!(s.apply(&[(2, vec![])], again).unwrap().is_empty());
+        let err = s.apply(&[(4, vec![])], again).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert_eq!(s.get("m", "a").unwrap(), Some((2, b"2".to_vec())));
+    }
+
+    #[test]
+    fn request_records_are_pruned_alike_from_the_file_and_from_memory() {
+        // The same records, once all flushed and once half in memory (with
+        // one of the file's records replaced in memory): the same ones go.
+        let record = |s: &StripeStore, index: u64, id: &str, until: u64, replaces: Option<u64>| {
+            s.apply(&[(index, vec![])], |tx, _, _| {
+                tx.record_request(id, &until.to_le_bytes(), until, replaces)
+            })
+            .unwrap();
+        };
+        let prune = |s: &StripeStore, index: u64| {
+            s.apply(&[(index, vec![])], |tx, _, _| tx.prune_requests(100, 3))
+                .unwrap()
+        };
+        let mut gone = Vec::new();
+        for flush_at in [6, 3] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = StripeStore::open(dir.path(), true).unwrap();
+            let log: Vec<(u64, Vec<u8>)> = (1..=8).map(|i| (i, vec![])).collect();
+            s.persist(None, &log, None).unwrap();
+            let plan = [(1, "a", 50, None), (2, "b", 10, None), (3, "c", 30, None)];
+            for (i, id, until, replaces) in plan {
+                record(&s, i, id, until, replaces);
+                if i == flush_at {
+                    s.flush().unwrap();
+                }
+            }
+            // "b" is remembered longer now; "d" and "e" come in memory.
+            record(&s, 4, "b", 200, Some(10));
+            record(&s, 5, "d", 20, None);
+            record(&s, 6, "e", 40, None);
+            if flush_at == 6 {
+                s.flush().unwrap();
+            }
+            assert_eq!(prune(&s, 7), vec![(7, 3)]);
+            s.flush().unwrap();
+            let ids = ["a", "b", "c", "d", "e"];
+            let left = s
+                .apply(&[(8, vec![])], |tx, _, _| {
+                    ids.iter()
+                        .map(|id| tx.request(id))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .unwrap()
+                .remove(0)
+                .1;
+            gone.push(left);
+        }
+        assert_eq!(gone[0], gone[1]);
+        let present: Vec<bool> = gone[0].iter().map(Option::is_some).collect();
+        // The three oldest before 100 (d 20, c 30, e 40) went; a 50 stays, b moved to 200.
+        assert_eq!(present, vec![true, true, false, false, false]);
     }
 }

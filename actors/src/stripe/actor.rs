@@ -39,11 +39,15 @@ const TICK: Duration = Duration::from_millis(20);
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(2);
 /// A standby applies committed entries once this many are waiting, or once the
 /// oldest has waited `APPLY_DEFER` (nothing waits for a standby's apply but
-/// stale reads): one apply of many writes dirties far fewer B-tree pages than
-/// many small ones (`stripe_commit_cost`: 16 writes applied alone cost 3.6×
-/// the bytes of their log append).
+/// stale reads): one read of the log and one turn of the state's lock for many
+/// writes rather than for every replication message.
 const APPLY_BATCH: u64 = 64;
 const APPLY_DEFER: Duration = Duration::from_millis(20);
+/// Applied state waits in memory until a log write takes it along (see
+/// `kiln_persistence::StripeStore::persist`); it is flushed alone after this
+/// many ticks without one, or once `FLUSH_ENTRIES` have gathered.
+const FLUSH_ALONE_AFTER_TICKS: u32 = 2;
+const FLUSH_ENTRIES: u64 = 1024;
 /// After a failed log write the stripe starts again from its disk this much
 /// later, and again, twice as late each time (up to `STORAGE_RETRY_MAX`), until
 /// a log write succeeds: an active whose disk stays full would otherwise take
@@ -330,6 +334,11 @@ pub struct StripeActor {
     /// A standby's committed entries not applied yet (see `APPLY_BATCH`), and
     /// since when the oldest of them waits.
     apply_pending: Option<(u64, Instant)>,
+    /// A flush of applied state to the file is under way.
+    flushing: bool,
+    /// `StripeStore::flushes` at the last tick.
+    flushes_seen: u64,
+    ticks_without_flush: u32,
     /// A snapshot being received: its epoch, position and next part.
     receiving: Option<Receiving>,
     /// The answer to a snapshot's last part, sent once it is installed, and
@@ -426,6 +435,9 @@ impl StripeActor {
             storage_down: None,
             storage_failures: 0,
             apply_pending: None,
+            flushing: false,
+            flushes_seen: 0,
+            ticks_without_flush: 0,
             receiving: None,
             install_reply: None,
             sending: HashSet::new(),
@@ -496,6 +508,19 @@ impl StripeActor {
         }
         let Some(stripe) = self.stripe else { return };
         self.restart_after_storage_failure(ctx);
+        // Log writes take applied state along; without any since the last
+        // tick, it goes alone.
+        let flushes = self.store.flushes();
+        if flushes == self.flushes_seen {
+            self.ticks_without_flush += 1;
+            if self.ticks_without_flush >= FLUSH_ALONE_AFTER_TICKS {
+                self.flush_applied(ctx, 1);
+                self.ticks_without_flush = 0;
+            }
+        } else {
+            self.ticks_without_flush = 0;
+        }
+        self.flushes_seen = flushes;
         let mut fx = Vec::new();
         if let Some((upto, since)) = self.apply_pending {
             // Not while a job runs: the Commit would queue again every tick.
@@ -668,6 +693,7 @@ impl StripeActor {
                             act.storage_failures = 0;
                         }
                         act.applied(upto, Ok(done));
+                        act.flush_applied(ctx, FLUSH_ENTRIES);
                         for step in answers {
                             if let Step::Reply(reply, resp) = step {
                                 act.respond(reply, &resp);
@@ -711,15 +737,48 @@ impl StripeActor {
                     .into_iter()
                     .map(|(i, b)| (i, entry_data(&b)))
                     .collect();
-                let outcomes = store.apply(&rows, kv::apply)?;
-                Ok(rows.iter().map(|r| r.0).zip(outcomes).collect::<Vec<_>>())
+                store.apply(&rows, kv::apply)
             }))
             .into_actor(self)
             .map(move |res, act, ctx| {
                 act.busy = false;
-                act.applied(upto, res);
+                match res {
+                    Ok(done) => {
+                        act.applied(upto, Ok(done));
+                        act.flush_applied(ctx, FLUSH_ENTRIES);
+                    }
+                    // The state in memory may be half applied, or the file's
+                    // behind it: start again from the file.
+                    Err(e) => act.log_write_failed(&e),
+                }
                 act.pump(ctx);
             }),
+        );
+    }
+
+    /// Writes the applied state gathered in memory to the file once `at_least`
+    /// entries are waiting (in the background: nothing waits for it).
+    fn flush_applied(&mut self, ctx: &mut Context<Self>, at_least: u64) {
+        let waiting = self.store.unflushed_entries();
+        if self.flushing || waiting == 0 || waiting < at_least {
+            return;
+        }
+        self.flushing = true;
+        let generation = self.replica_generation;
+        let store = self.store.clone();
+        ctx.spawn(
+            blocking(self.metrics.timed("flush", move || store.flush()))
+                .into_actor(self)
+                .map(move |res, act, _ctx| {
+                    act.flushing = false;
+                    if let Err(e) = res {
+                        // Earlier flushes may be undone with the file (see
+                        // `StripeStore::flush`).
+                        if act.replica_generation == generation {
+                            act.log_write_failed(&e);
+                        }
+                    }
+                }),
         );
     }
 

@@ -1,0 +1,367 @@
+//! Applied key/value state not yet written to `stripe.redb`.
+//!
+//! Applying committed entries needs no transaction of its own: the log holds
+//! them durably, and a crash applies them again from there. So applies change
+//! memory only ([`Pending`], read through by every reader of the state), and
+//! the store writes what gathered in one transaction now and then ("flush",
+//! as etcd's backend commits its batch every 100 ms). A write's reply then
+//! waits for neither redb's single writer (busy with the next log append's
+//! fsync) nor a commit, and a key written many times between flushes costs
+//! one B-tree update.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::ReadOnlyTable;
+
+use crate::schema::*;
+use crate::stripe_store::KvTxn;
+use crate::StoreError;
+
+/// A key's (version, value), or `None`: deleted.
+pub(crate) type KvChange = Option<(u64, Vec<u8>)>;
+
+/// What applied entries changed, relative to the tables in the file.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Pending {
+    /// (map, key) → (version, value), or `None`: deleted.
+    pub kv: BTreeMap<(String, String), KvChange>,
+    /// Request id → record, or `None`: dropped.
+    pub requests: HashMap<String, Option<Vec<u8>>>,
+    /// (remember until, request id) → present (`false`: dropped).
+    pub expiry: BTreeMap<(u64, String), bool>,
+    /// Change events added to the outbox.
+    pub changes: BTreeMap<u64, Vec<u8>>,
+    /// Index of the last entry applied (0: nothing pending).
+    pub applied: u64,
+    /// The change seq the outbox reached, if entries moved it.
+    pub last_change: Option<u64>,
+    /// Entries applied.
+    pub entries: u64,
+    /// When the first of them was applied.
+    pub since: Option<std::time::Instant>,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.applied == 0
+    }
+
+    /// Adds the changes of `newer`, applied after these.
+    pub fn absorb(&mut self, newer: Pending) {
+        self.kv.extend(newer.kv);
+        self.requests.extend(newer.requests);
+        self.expiry.extend(newer.expiry);
+        self.changes.extend(newer.changes);
+        self.applied = self.applied.max(newer.applied);
+        self.last_change = newer.last_change.or(self.last_change);
+        self.entries += newer.entries;
+        self.since = match (self.since, newer.since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Pending changes: the ones applies add to, and the ones a flush is writing.
+#[derive(Debug, Default)]
+pub(crate) struct Unflushed {
+    pub newest: Pending,
+    /// Being written (or failed to be): readers still see it until the
+    /// transaction that writes it has committed.
+    pub flushing: Option<Arc<Pending>>,
+}
+
+impl Unflushed {
+    pub fn kv(&self, map: &str, key: &str) -> Option<KvChange> {
+        let k = (map.to_string(), key.to_string());
+        self.newest
+            .kv
+            .get(&k)
+            .or_else(|| self.flushing.as_ref().and_then(|f| f.kv.get(&k)))
+            .cloned()
+    }
+
+    pub fn request(&self, id: &str) -> Option<Option<Vec<u8>>> {
+        self.newest
+            .requests
+            .get(id)
+            .or_else(|| self.flushing.as_ref().and_then(|f| f.requests.get(id)))
+            .cloned()
+    }
+
+    /// Index of the last entry applied, if that is newer than the file.
+    pub fn applied(&self) -> Option<u64> {
+        if !self.newest.is_empty() {
+            return Some(self.newest.applied);
+        }
+        self.flushing.as_ref().map(|f| f.applied)
+    }
+
+    pub fn last_change(&self) -> Option<u64> {
+        self.newest
+            .last_change
+            .or_else(|| self.flushing.as_ref().and_then(|f| f.last_change))
+    }
+
+    /// When the oldest change not yet flushed was applied.
+    pub fn since(&self) -> Option<std::time::Instant> {
+        match (
+            self.newest.since,
+            self.flushing.as_ref().and_then(|f| f.since),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Entries applied and not yet flushed.
+    pub fn entries(&self) -> u64 {
+        self.newest.entries + self.flushing.as_ref().map_or(0, |f| f.entries)
+    }
+
+    /// Pending keys of `map` from `start` on, in order, newest first.
+    pub fn keys_from(&self, map: &str, start: &str) -> BTreeMap<String, bool> {
+        let mut out = BTreeMap::new();
+        let from = (map.to_string(), start.to_string());
+        let layers = self.flushing.iter().map(|f| &f.kv).chain([&self.newest.kv]);
+        for layer in layers {
+            for ((m, k), v) in layer.range(from.clone()..) {
+                if m != map {
+                    break;
+                }
+                out.insert(k.clone(), v.is_some());
+            }
+        }
+        out
+    }
+
+    /// Pending expiry entries before `before_ms`, in order, newest first.
+    fn expiry_before(&self, before_ms: u64) -> BTreeMap<(u64, String), bool> {
+        let mut out = BTreeMap::new();
+        let layers = self
+            .flushing
+            .iter()
+            .map(|f| &f.expiry)
+            .chain([&self.newest.expiry]);
+        for layer in layers {
+            for (k, present) in layer.range(..(before_ms, String::new())) {
+                out.insert(k.clone(), *present);
+            }
+        }
+        out
+    }
+
+    /// Pending change events from `from` on.
+    pub fn changes_from(&self, from: u64) -> BTreeMap<u64, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let layers = self
+            .flushing
+            .iter()
+            .map(|f| &f.changes)
+            .chain([&self.newest.changes]);
+        for layer in layers {
+            out.extend(layer.range(from..).map(|(k, v)| (*k, v.clone())));
+        }
+        out
+    }
+}
+
+/// The state as a batch of committed entries sees it: pending changes over a
+/// read transaction of the file; what the batch does goes to `newest`.
+pub(crate) struct OverlayKv<'a> {
+    pub unflushed: &'a mut Unflushed,
+    pub kv: ReadOnlyTable<(&'static str, &'static str), (u64, &'static [u8])>,
+    pub requests: ReadOnlyTable<&'static str, &'static [u8]>,
+    pub expiry: ReadOnlyTable<(u64, &'static str), ()>,
+    pub last_change: u64,
+    pub path: &'a Path,
+}
+
+impl OverlayKv<'_> {
+    fn err<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
+        move |e| StoreError::Storage {
+            path: self.path.to_path_buf(),
+            source: e.into(),
+        }
+    }
+}
+
+impl KvTxn for OverlayKv<'_> {
+    fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        if let Some(v) = self.unflushed.kv(map, key) {
+            return Ok(v);
+        }
+        Ok(self.kv.get((map, key)).map_err(self.err())?.map(|v| {
+            let (version, value) = v.value();
+            (version, value.to_vec())
+        }))
+    }
+
+    fn put(&mut self, map: &str, key: &str, version: u64, value: &[u8]) -> Result<(), StoreError> {
+        self.unflushed.newest.kv.insert(
+            (map.to_string(), key.to_string()),
+            Some((version, value.to_vec())),
+        );
+        Ok(())
+    }
+
+    fn delete(&mut self, map: &str, key: &str) -> Result<(), StoreError> {
+        self.unflushed
+            .newest
+            .kv
+            .insert((map.to_string(), key.to_string()), None);
+        Ok(())
+    }
+
+    fn request(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(r) = self.unflushed.request(id) {
+            return Ok(r);
+        }
+        Ok(self
+            .requests
+            .get(id)
+            .map_err(self.err())?
+            .map(|v| v.value().to_vec()))
+    }
+
+    fn record_request(
+        &mut self,
+        id: &str,
+        record: &[u8],
+        remember_until_ms: u64,
+        replaces: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let newest = &mut self.unflushed.newest;
+        if let Some(old) = replaces {
+            newest.expiry.insert((old, id.to_string()), false);
+        }
+        newest
+            .requests
+            .insert(id.to_string(), Some(record.to_vec()));
+        newest
+            .expiry
+            .insert((remember_until_ms, id.to_string()), true);
+        Ok(())
+    }
+
+    /// The oldest `limit` records of the file and the pending changes together,
+    /// as one table would give them: every member drops the same ones.
+    fn prune_requests(&mut self, before_ms: u64, limit: usize) -> Result<u64, StoreError> {
+        let pending = self.unflushed.expiry_before(before_ms);
+        // Pending changes decide for the entries they name; at most that many
+        // entries of the file are passed over.
+        let mut filed = Vec::new();
+        for row in self
+            .expiry
+            .range(..(before_ms, ""))
+            .map_err(self.err())?
+            .take(limit + pending.len())
+        {
+            let (k, _) = row.map_err(self.err())?;
+            let (until, id) = k.value();
+            let k = (until, id.to_string());
+            if !pending.contains_key(&k) {
+                filed.push(k);
+            }
+        }
+        let mut filed = filed.into_iter().peekable();
+        let mut kept = pending
+            .into_iter()
+            .filter_map(|(k, present)| present.then_some(k))
+            .peekable();
+        let mut gone = Vec::new();
+        while gone.len() < limit {
+            let next = match (filed.peek(), kept.peek()) {
+                (Some(f), Some(p)) if f < p => filed.next(),
+                (_, Some(_)) => kept.next(),
+                (Some(_), None) => filed.next(),
+                (None, None) => break,
+            };
+            gone.extend(next);
+        }
+        let newest = &mut self.unflushed.newest;
+        for (until, id) in &gone {
+            newest.expiry.insert((*until, id.clone()), false);
+            newest.requests.insert(id.clone(), None);
+        }
+        Ok(gone.len() as u64)
+    }
+
+    fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {
+        let seq = self.last_change + 1;
+        self.unflushed.newest.changes.insert(seq, change.to_vec());
+        self.last_change = seq;
+        Ok(seq)
+    }
+
+    fn raise_changes_to(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.last_change = self.last_change.max(seq);
+        Ok(())
+    }
+}
+
+/// Writes `pending` into the tables of `txn`.
+pub(crate) fn write_pending(
+    txn: &redb::WriteTransaction,
+    pending: &Pending,
+    path: &Path,
+) -> Result<(), StoreError> {
+    let err = |e: redb::Error| StoreError::Storage {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut kv = txn.open_table(KV).map_err(|e| err(e.into()))?;
+    for ((map, key), v) in &pending.kv {
+        match v {
+            Some((version, value)) => {
+                kv.insert((map.as_str(), key.as_str()), (*version, value.as_slice()))
+                    .map_err(|e| err(e.into()))?;
+            }
+            None => {
+                kv.remove((map.as_str(), key.as_str()))
+                    .map_err(|e| err(e.into()))?;
+            }
+        }
+    }
+    let mut requests = txn.open_table(REQUESTS).map_err(|e| err(e.into()))?;
+    for (id, record) in &pending.requests {
+        match record {
+            Some(r) => {
+                requests
+                    .insert(id.as_str(), r.as_slice())
+                    .map_err(|e| err(e.into()))?;
+            }
+            None => {
+                requests.remove(id.as_str()).map_err(|e| err(e.into()))?;
+            }
+        }
+    }
+    let mut expiry = txn.open_table(REQUEST_EXPIRY).map_err(|e| err(e.into()))?;
+    for ((until, id), present) in &pending.expiry {
+        if *present {
+            expiry
+                .insert((*until, id.as_str()), ())
+                .map_err(|e| err(e.into()))?;
+        } else {
+            expiry
+                .remove((*until, id.as_str()))
+                .map_err(|e| err(e.into()))?;
+        }
+    }
+    let mut changes = txn.open_table(CHANGES).map_err(|e| err(e.into()))?;
+    for (seq, change) in &pending.changes {
+        changes
+            .insert(*seq, change.as_slice())
+            .map_err(|e| err(e.into()))?;
+    }
+    let mut meta = txn.open_table(STRIPE_META).map_err(|e| err(e.into()))?;
+    if let Some(c) = pending.last_change {
+        meta.insert(STRIPE_CHANGES, c.to_le_bytes().as_slice())
+            .map_err(|e| err(e.into()))?;
+    }
+    meta.insert(STRIPE_APPLIED, pending.applied.to_le_bytes().as_slice())
+        .map_err(|e| err(e.into()))?;
+    Ok(())
+}
