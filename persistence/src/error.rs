@@ -37,6 +37,8 @@ pub enum StoreError {
         what: String,
         detail: String,
     },
+    #[error("{path} was opened again after an I/O error, which undoes its commits that were not fsynced: the applied state kept in memory no longer fits it, and the stripe starts again from the file")]
+    StateReopened { path: PathBuf },
     #[error("{path} cannot be opened again after an I/O error while transactions begun before it are open; try again shortly")]
     Reopening { path: PathBuf },
     #[error("{path}: storage error: {source}")]

@@ -3,17 +3,17 @@
 //!
 //! Log entries and request records are opaque bytes here; what a write means is
 //! decided in the actors crate, which applies committed entries through
-//! [`KvTxn`] inside one transaction per batch.
+//! [`KvTxn`], in memory until a flush (see [`crate::unflushed`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::node_store::open_or_create;
 use crate::schema::*;
-use crate::unflushed::{write_pending, OverlayKv, Unflushed};
+use crate::unflushed::{write_pending, OverlayKv, Pending, Unflushed};
 use crate::StoreError;
 
 /// A log write takes the applied state waiting in memory along once this many
@@ -44,6 +44,10 @@ pub struct StripeStore {
     unflushed_entries: AtomicU64,
     /// Flushes that wrote something.
     flushes: AtomicU64,
+    /// The file was opened again since the last [`recover`](Self::recover).
+    state_lost: AtomicBool,
+    /// Change events up to this seq left the outbox (a flush skips them).
+    changes_pruned: AtomicU64,
 }
 
 /// What the stripe database held at open.
@@ -227,6 +231,8 @@ impl StripeStore {
             flush_lock: Mutex::new(()),
             unflushed_entries: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            state_lost: AtomicBool::new(false),
+            changes_pruned: AtomicU64::new(0),
         };
         Ok(store)
     }
@@ -262,6 +268,7 @@ impl StripeStore {
         };
         self.changes_head
             .store(read_changes_head(&db, &self.path)?, Ordering::Release);
+        self.state_lost.store(true, Ordering::Release);
         *slot = Some(db.clone());
         tracing::info!(path = %self.path.display(), "stripe database opened again after an I/O error");
         Ok(db)
@@ -314,6 +321,7 @@ impl StripeStore {
         *self.lock_unflushed() = Unflushed::default();
         self.unflushed_entries.store(0, Ordering::Release);
         let txn = self.begin_read()?;
+        self.state_lost.store(false, Ordering::Release);
         let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
         let get = |k: &str| -> Result<Option<Vec<u8>>, StoreError> {
             Ok(meta
@@ -328,6 +336,9 @@ impl StripeStore {
             let (k, v) = row.map_err(self.storage())?;
             entries.push((k.value(), v.value().to_vec()));
         }
+        // Until the entries after the file's state are applied again.
+        let changes = get(STRIPE_CHANGES)?.map(|b| u64_of(&b)).unwrap_or(0);
+        self.changes_head.store(changes, Ordering::Release);
         Ok(StripeRecovered {
             stripe: get(STRIPE_ID)?.map(|b| u64_of(&b) as u32),
             promised: get(STRIPE_PROMISED)?.map(|b| u64_of(&b)).unwrap_or(0),
@@ -467,6 +478,7 @@ impl StripeStore {
         // Opened while pending state cannot be flushed: together they are the
         // current state.
         let txn = self.begin_read()?;
+        self.check_state_kept()?;
         let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
         let meta_u64 = |k: &str| -> Result<Option<u64>, StoreError> {
             Ok(meta
@@ -494,24 +506,26 @@ impl StripeStore {
             });
         }
         let mut tx = OverlayKv {
-            unflushed: &mut unflushed,
+            batch: Pending::default(),
+            unflushed: &unflushed,
             kv: txn.open_table(KV).map_err(self.storage())?,
             requests: txn.open_table(REQUESTS).map_err(self.storage())?,
             expiry: txn.open_table(REQUEST_EXPIRY).map_err(self.storage())?,
             last_change,
             path: &self.path,
         };
-        // An entry that fails leaves the batch half applied in memory: the
-        // replica starts again from the file after a storage error.
+        // An entry that fails drops the whole batch: nothing half applied stays.
         for (index, bytes) in &todo {
             out.push((*index, f(&mut tx, *index, bytes)?));
         }
+        let mut batch = tx.batch;
+        batch.last_change = Some(tx.last_change);
+        batch.base = applied;
+        batch.applied = todo.last().map_or(applied, |e| e.0);
+        batch.since = Some(std::time::Instant::now());
+        batch.entries = todo.len() as u64;
         let last_change = tx.last_change;
-        let newest = &mut unflushed.newest;
-        newest.last_change = Some(last_change);
-        newest.applied = todo.last().map_or(applied, |e| e.0);
-        newest.since.get_or_insert_with(std::time::Instant::now);
-        newest.entries += todo.len() as u64;
+        unflushed.newest.absorb(batch);
         self.unflushed_entries
             .store(unflushed.entries(), Ordering::Release);
         self.changes_head.store(last_change, Ordering::Release);
@@ -570,7 +584,24 @@ impl StripeStore {
         };
         let txn = self.write_txn(durable)?;
         if !batch.is_empty() {
-            write_pending(&txn, &batch, &self.path)?;
+            self.check_state_kept()?;
+            let filed = {
+                let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+                let v = meta.get(STRIPE_APPLIED).map_err(self.storage())?;
+                v.map(|v| u64_of(v.value())).unwrap_or(0)
+            };
+            if filed != batch.base {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: "applied state kept in memory".into(),
+                    detail: format!(
+                        "it follows entry {}, the file's state entry {filed}",
+                        batch.base
+                    ),
+                });
+            }
+            let pruned = self.changes_pruned.load(Ordering::Acquire);
+            write_pending(&txn, &batch, pruned, &self.path)?;
         }
         also(&txn)?;
         txn.commit().map_err(self.storage())?;
@@ -585,6 +616,18 @@ impl StripeStore {
 
     fn lock_unflushed(&self) -> MutexGuard<'_, Unflushed> {
         lock(&self.unflushed)
+    }
+
+    /// Fails once the file was opened again after an I/O error, until
+    /// [`recover`](Self::recover): the reopened file lost the flushes that were
+    /// not fsynced, so pending state no longer fits it.
+    fn check_state_kept(&self) -> Result<(), StoreError> {
+        if self.state_lost.load(Ordering::Acquire) {
+            return Err(StoreError::StateReopened {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// A consistent view of the applied state, to send as a snapshot.
@@ -658,10 +701,12 @@ impl StripeStore {
         changes: u64,
         expiry_of: &dyn Fn(&[u8]) -> Option<u64>,
     ) -> Result<(), StoreError> {
-        // The snapshot replaces applied state, pending included; readers wait
-        // rather than see pending changes over it.
+        // The snapshot replaces applied state, pending included. (Meanwhile
+        // readers see the older state of the file: a member installing a
+        // snapshot answers no linearizable read.)
         let _flush = lock(&self.flush_lock);
-        let mut unflushed = self.lock_unflushed();
+        *self.lock_unflushed() = Unflushed::default();
+        self.unflushed_entries.store(0, Ordering::Release);
         let txn = self.write_txn(true)?;
         {
             // Make sure both staging tables exist (an empty snapshot stages nothing).
@@ -703,8 +748,6 @@ impl StripeStore {
                 .map_err(self.storage())?;
         }
         txn.commit().map_err(self.storage())?;
-        *unflushed = Unflushed::default();
-        self.unflushed_entries.store(0, Ordering::Release);
         self.changes_head.store(changes, Ordering::Release);
         Ok(())
     }
@@ -736,7 +779,9 @@ impl StripeStore {
     pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let (mut pending, txn) = {
             let u = self.lock_unflushed();
-            (u.changes_from(from), self.begin_read()?)
+            let txn = self.begin_read()?;
+            self.check_state_kept()?;
+            (u.changes_from(from), txn)
         };
         let table = match txn.open_table(CHANGES) {
             Ok(t) => t,
@@ -766,6 +811,7 @@ impl StripeStore {
                 .map_err(self.storage())?;
         }
         txn.commit().map_err(self.storage())?;
+        self.changes_pruned.fetch_max(upto, Ordering::AcqRel);
         Ok(())
     }
 
@@ -773,11 +819,14 @@ impl StripeStore {
     pub fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let txn = {
             let u = self.lock_unflushed();
+            // Begun before a flush can take the key's change out of memory
+            // (and before checking: beginning may open the file again).
+            let txn = self.begin_read()?;
+            self.check_state_kept()?;
             if let Some(v) = u.kv(map, key) {
                 return Ok(v);
             }
-            // Begun before a flush can take the key's change out of memory.
-            self.begin_read()?
+            txn
         };
         let kv = txn.open_table(KV).map_err(self.storage())?;
         Ok(kv.get((map, key)).map_err(self.storage())?.map(|v| {
@@ -800,7 +849,9 @@ impl StripeStore {
         };
         let (pending, txn) = {
             let u = self.lock_unflushed();
-            (u.keys_from(map, start), self.begin_read()?)
+            let txn = self.begin_read()?;
+            self.check_state_kept()?;
+            (u.keys_from(map, start), txn)
         };
         let kv = txn.open_table(KV).map_err(self.storage())?;
         // Pending changes decide for the keys they name: at most that many keys
@@ -862,8 +913,8 @@ fn storage_error<E: Into<redb::Error>>(path: &Path) -> impl Fn(E) -> StoreError 
     }
 }
 
-/// Locks `m`; a panic elsewhere while it was held leaves nothing half done
-/// that matters here (pending state is rebuilt from the log at worst).
+/// Locks `m`, even if a thread panicked holding it: an apply changes pending
+/// state only once its whole batch succeeded.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -1164,5 +1215,77 @@ mod tests {
         let present: Vec<bool> = gone[0].iter().map(Option::is_some).collect();
         // The three oldest before 100 (d 20, c 30, e 40) went; a 50 stays, b moved to 200.
         assert_eq!(present, vec![true, true, false, false, false]);
+    }
+
+    #[test]
+    fn a_batch_that_fails_part_way_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        let log: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, vec![])).collect();
+        s.persist(None, &log, None).unwrap();
+        put_one(&s, 1, "a", Some(b"1"));
+        let failing = |tx: &mut dyn KvTxn, i: u64, _: &[u8]| {
+            tx.put("m", "a", i, b"x")?;
+            tx.record_change(b"a")?;
+            if i == 3 {
+                return Err(StoreError::Corrupt {
+                    path: PathBuf::new(),
+                    what: "test".into(),
+                    detail: "entry 3 fails".into(),
+                });
+            }
+            Ok(())
+        };
+        assert!(s.apply(&log[1..], failing).is_err());
+        assert_eq!(s.get("m", "a").unwrap(), Some((1, b"1".to_vec())));
+        assert_eq!((s.changes_head(), s.unflushed_entries()), (1, 1));
+        // The same entries apply again from where the state is.
+        put_one(&s, 2, "a", Some(b"2"));
+        put_one(&s, 3, "b", Some(b"3"));
+        s.flush().unwrap();
+        let seqs: Vec<u64> = s.changes(1, 10).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn pending_state_is_never_written_over_a_file_it_does_not_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        let log: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, vec![])).collect();
+        s.persist(None, &log, None).unwrap();
+        put_one(&s, 1, "a", Some(b"1"));
+        s.flush().unwrap();
+        put_one(&s, 2, "a", Some(b"2"));
+        // As after redb reopened the file and undid the unfsynced flush.
+        s.lock_unflushed().newest.base = 0;
+        let err = s.flush().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        // The file was opened again: pending state is refused until recovered.
+        s.state_lost.store(true, Ordering::Release);
+        assert!(matches!(
+            s.get("m", "a").unwrap_err(),
+            StoreError::StateReopened { .. }
+        ));
+        assert!(s.apply(&log[2..], |_, _, _| Ok(())).is_err());
+        let r = s.recover().unwrap();
+        assert_eq!(r.applied, 1);
+        assert_eq!(s.get("m", "a").unwrap(), Some((1, b"1".to_vec())));
+        put_one(&s, 2, "a", Some(b"2"));
+        assert_eq!(s.flush().unwrap(), 1);
+    }
+
+    #[test]
+    fn change_events_the_outbox_dropped_are_not_written_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        let log: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, vec![])).collect();
+        s.persist(None, &log, None).unwrap();
+        for i in 1..=3 {
+            put_one(&s, i, &format!("k{i}"), Some(b"v"));
+        }
+        s.prune_changes(2).unwrap();
+        s.flush().unwrap();
+        let seqs: Vec<u64> = s.changes(1, 10).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(seqs, vec![3]);
     }
 }

@@ -35,6 +35,9 @@ pub(crate) struct Pending {
     pub changes: BTreeMap<u64, Vec<u8>>,
     /// Index of the last entry applied (0: nothing pending).
     pub applied: u64,
+    /// Index of the last entry the state under these changes covers: a flush
+    /// writes them only over a file that holds exactly that.
+    pub base: u64,
     /// The change seq the outbox reached, if entries moved it.
     pub last_change: Option<u64>,
     /// Entries applied.
@@ -54,6 +57,9 @@ impl Pending {
         self.requests.extend(newer.requests);
         self.expiry.extend(newer.expiry);
         self.changes.extend(newer.changes);
+        if self.is_empty() {
+            self.base = newer.base;
+        }
         self.applied = self.applied.max(newer.applied);
         self.last_change = newer.last_change.or(self.last_change);
         self.entries += newer.entries;
@@ -138,7 +144,7 @@ impl Unflushed {
     }
 
     /// Pending expiry entries before `before_ms`, in order, newest first.
-    fn expiry_before(&self, before_ms: u64) -> BTreeMap<(u64, String), bool> {
+    pub fn expiry_before(&self, before_ms: u64) -> BTreeMap<(u64, String), bool> {
         let mut out = BTreeMap::new();
         let layers = self
             .flushing
@@ -169,9 +175,11 @@ impl Unflushed {
 }
 
 /// The state as a batch of committed entries sees it: pending changes over a
-/// read transaction of the file; what the batch does goes to `newest`.
+/// read transaction of the file. What the batch does goes to `batch`, which
+/// joins the pending changes only once every entry of it applied.
 pub(crate) struct OverlayKv<'a> {
-    pub unflushed: &'a mut Unflushed,
+    pub batch: Pending,
+    pub unflushed: &'a Unflushed,
     pub kv: ReadOnlyTable<(&'static str, &'static str), (u64, &'static [u8])>,
     pub requests: ReadOnlyTable<&'static str, &'static [u8]>,
     pub expiry: ReadOnlyTable<(u64, &'static str), ()>,
@@ -190,6 +198,10 @@ impl OverlayKv<'_> {
 
 impl KvTxn for OverlayKv<'_> {
     fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let k = (map.to_string(), key.to_string());
+        if let Some(v) = self.batch.kv.get(&k) {
+            return Ok(v.clone());
+        }
         if let Some(v) = self.unflushed.kv(map, key) {
             return Ok(v);
         }
@@ -200,7 +212,7 @@ impl KvTxn for OverlayKv<'_> {
     }
 
     fn put(&mut self, map: &str, key: &str, version: u64, value: &[u8]) -> Result<(), StoreError> {
-        self.unflushed.newest.kv.insert(
+        self.batch.kv.insert(
             (map.to_string(), key.to_string()),
             Some((version, value.to_vec())),
         );
@@ -208,14 +220,16 @@ impl KvTxn for OverlayKv<'_> {
     }
 
     fn delete(&mut self, map: &str, key: &str) -> Result<(), StoreError> {
-        self.unflushed
-            .newest
+        self.batch
             .kv
             .insert((map.to_string(), key.to_string()), None);
         Ok(())
     }
 
     fn request(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(r) = self.batch.requests.get(id) {
+            return Ok(r.clone());
+        }
         if let Some(r) = self.unflushed.request(id) {
             return Ok(r);
         }
@@ -233,7 +247,7 @@ impl KvTxn for OverlayKv<'_> {
         remember_until_ms: u64,
         replaces: Option<u64>,
     ) -> Result<(), StoreError> {
-        let newest = &mut self.unflushed.newest;
+        let newest = &mut self.batch;
         if let Some(old) = replaces {
             newest.expiry.insert((old, id.to_string()), false);
         }
@@ -249,7 +263,10 @@ impl KvTxn for OverlayKv<'_> {
     /// The oldest `limit` records of the file and the pending changes together,
     /// as one table would give them: every member drops the same ones.
     fn prune_requests(&mut self, before_ms: u64, limit: usize) -> Result<u64, StoreError> {
-        let pending = self.unflushed.expiry_before(before_ms);
+        let mut pending = self.unflushed.expiry_before(before_ms);
+        for (k, present) in self.batch.expiry.range(..(before_ms, String::new())) {
+            pending.insert(k.clone(), *present);
+        }
         // Pending changes decide for the entries they name; at most that many
         // entries of the file are passed over.
         let mut filed = Vec::new();
@@ -281,7 +298,7 @@ impl KvTxn for OverlayKv<'_> {
             };
             gone.extend(next);
         }
-        let newest = &mut self.unflushed.newest;
+        let newest = &mut self.batch;
         for (until, id) in &gone {
             newest.expiry.insert((*until, id.clone()), false);
             newest.requests.insert(id.clone(), None);
@@ -291,7 +308,7 @@ impl KvTxn for OverlayKv<'_> {
 
     fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {
         let seq = self.last_change + 1;
-        self.unflushed.newest.changes.insert(seq, change.to_vec());
+        self.batch.changes.insert(seq, change.to_vec());
         self.last_change = seq;
         Ok(seq)
     }
@@ -302,10 +319,12 @@ impl KvTxn for OverlayKv<'_> {
     }
 }
 
-/// Writes `pending` into the tables of `txn`.
+/// Writes `pending` into the tables of `txn`, but for change events up to
+/// `changes_pruned` (the outbox dropped them already).
 pub(crate) fn write_pending(
     txn: &redb::WriteTransaction,
     pending: &Pending,
+    changes_pruned: u64,
     path: &Path,
 ) -> Result<(), StoreError> {
     let err = |e: redb::Error| StoreError::Storage {
@@ -351,7 +370,7 @@ pub(crate) fn write_pending(
         }
     }
     let mut changes = txn.open_table(CHANGES).map_err(|e| err(e.into()))?;
-    for (seq, change) in &pending.changes {
+    for (seq, change) in pending.changes.range(changes_pruned + 1..) {
         changes
             .insert(*seq, change.as_slice())
             .map_err(|e| err(e.into()))?;

@@ -760,7 +760,9 @@ impl StripeActor {
     /// entries are waiting (in the background: nothing waits for it).
     fn flush_applied(&mut self, ctx: &mut Context<Self>, at_least: u64) {
         let waiting = self.store.unflushed_entries();
-        if self.flushing || waiting == 0 || waiting < at_least {
+        // Not while the stripe restarts from its file (which drops the state).
+        let restarting = self.replica.is_none() || self.storage_down.is_some();
+        if self.flushing || restarting || waiting == 0 || waiting < at_least {
             return;
         }
         self.flushing = true;
