@@ -20,8 +20,9 @@ use crate::StoreError;
 /// entries or this much time gathered it. Larger flushes cost less per write
 /// (a B-tree page changed by several writes is written once) but hold up the
 /// log write that carries them: at 64 clients, 128 entries cut the CPU per
-/// write by ~12 % against a flush with every log write, while p99 at 16
-/// clients stays under 10 ms (every 100 ms / 512 entries: 12 ms).
+/// write by ~8 % against a flush with every log write (64 entries / 10 ms:
+/// no cut), while p99 at 16 clients stays under 10 ms (every 100 ms / 512
+/// entries: 12 ms). See integration/BENCHMARKS.md.
 const FLUSH_WITH_LOG_ENTRIES: u64 = 128;
 const FLUSH_WITH_LOG_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
