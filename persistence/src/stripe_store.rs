@@ -319,10 +319,14 @@ impl StripeStore {
     /// the log, which keeps every entry after the file's applied index.
     pub fn recover(&self) -> Result<StripeRecovered, StoreError> {
         let _flush = lock(&self.flush_lock);
-        *self.lock_unflushed() = Unflushed::default();
-        self.unflushed_entries.store(0, Ordering::Release);
         let txn = self.begin_read()?;
-        self.state_lost.store(false, Ordering::Release);
+        {
+            // Together: nothing applied over the old file survives the flag.
+            let mut u = self.lock_unflushed();
+            *u = Unflushed::default();
+            self.unflushed_entries.store(0, Ordering::Release);
+            self.state_lost.store(false, Ordering::Release);
+        }
         let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
         let get = |k: &str| -> Result<Option<Vec<u8>>, StoreError> {
             Ok(meta
@@ -554,6 +558,12 @@ impl StripeStore {
         self.flush_with(false, |_| Ok(()))
     }
 
+    /// The file was opened again after an I/O error since the last
+    /// [`recover`](Self::recover): the stripe must start again from it.
+    pub fn state_lost(&self) -> bool {
+        self.state_lost.load(Ordering::Acquire)
+    }
+
     /// Flushes so far, with a log write or alone.
     pub fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Acquire)
@@ -584,8 +594,10 @@ impl StripeStore {
             batch
         };
         let txn = self.write_txn(durable)?;
+        // Also with nothing pending: what `also` does (a compaction) relies on
+        // the file's state being the one this node applied.
+        self.check_state_kept()?;
         if !batch.is_empty() {
-            self.check_state_kept()?;
             let filed = {
                 let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
                 let v = meta.get(STRIPE_APPLIED).map_err(self.storage())?;
@@ -749,6 +761,9 @@ impl StripeStore {
                 .map_err(self.storage())?;
         }
         txn.commit().map_err(self.storage())?;
+        // The file's state is all new, and fsynced: it no longer depends on
+        // commits a reopen undid.
+        self.state_lost.store(false, Ordering::Release);
         self.changes_head.store(changes, Ordering::Release);
         Ok(())
     }
@@ -760,10 +775,22 @@ impl StripeStore {
     /// state must cover every entry the log no longer holds.
     pub fn compact(&self, base: (u64, u64)) -> Result<(), StoreError> {
         self.flush_with(false, |txn| {
+            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+            let filed = meta
+                .get(STRIPE_APPLIED)
+                .map_err(self.storage())?
+                .map(|v| u64_of(v.value()))
+                .unwrap_or(0);
+            if filed < base.1 {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("log compaction up to entry {}", base.1),
+                    detail: format!("the file's state covers entries up to {filed} only"),
+                });
+            }
             let mut log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
             log.retain_in(..=base.1, |_, _| false)
                 .map_err(self.storage())?;
-            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
             meta.insert(STRIPE_BASE, base_bytes(base).as_slice())
                 .map_err(self.storage())?;
             Ok(())
@@ -1288,5 +1315,26 @@ mod tests {
         s.flush().unwrap();
         let seqs: Vec<u64> = s.changes(1, 10).unwrap().iter().map(|c| c.0).collect();
         assert_eq!(seqs, vec![3]);
+    }
+
+    #[test]
+    fn compaction_never_drops_entries_the_file_state_does_not_cover() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        let log: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, vec![])).collect();
+        s.persist(None, &log, None).unwrap();
+        let err = s.compact((1, 2)).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        // Applied in memory only: the compaction flushes it first.
+        put_one(&s, 1, "a", Some(b"1"));
+        put_one(&s, 2, "b", Some(b"2"));
+        s.compact((1, 2)).unwrap();
+        // After a reopen, not at all until the stripe starts again.
+        s.state_lost.store(true, Ordering::Release);
+        let err = s.compact((1, 2)).unwrap_err();
+        assert!(matches!(err, StoreError::StateReopened { .. }), "{err}");
+        let r = s.recover().unwrap();
+        assert_eq!((r.base, r.applied, r.entries.len()), ((1, 2), 2, 1));
+        assert!(!s.state_lost());
     }
 }

@@ -508,6 +508,13 @@ impl StripeActor {
         }
         let Some(stripe) = self.stripe else { return };
         self.restart_after_storage_failure(ctx);
+        if self.store.state_lost() && self.replica.is_some() && self.storage_down.is_none() {
+            // Reads fail until the stripe starts again from the reopened file.
+            let e = StoreError::StateReopened {
+                path: self.store.path().to_path_buf(),
+            };
+            self.log_write_failed(&e);
+        }
         // Log writes take applied state along; without any since the last
         // tick, it goes alone.
         let flushes = self.store.flushes();
@@ -643,7 +650,14 @@ impl StripeActor {
                         _ => {}
                     }
                 }
-                let upto = self.apply_now_or_later(upto);
+                let due = self.apply_now_or_later(upto);
+                // A long catch-up goes in parts (see `apply_committed`); the
+                // rest at the next tick.
+                let upto = due.min(self.applied_index + FLUSH_ENTRIES);
+                if upto < due {
+                    let overdue = Instant::now().checked_sub(APPLY_DEFER);
+                    self.apply_pending = Some((due, overdue.unwrap_or_else(Instant::now)));
+                }
                 self.persist_and_apply(truncate_from, entries, promised, upto, answers, ctx);
                 continue;
             }
@@ -657,8 +671,9 @@ impl StripeActor {
         }
     }
 
-    /// Persists log changes and applies committed entries up to `upto` in one
-    /// transaction; then sends `answers` (they wait for it to be durable).
+    /// Persists log changes, then applies committed entries up to `upto` (in
+    /// memory, see `StripeStore::apply`); then sends `answers` (they wait for
+    /// the log changes to be durable).
     fn persist_and_apply(
         &mut self,
         truncate_from: Option<u64>,
@@ -713,12 +728,16 @@ impl StripeActor {
         );
     }
 
-    /// Applies committed entries up to `upto` in a transaction of its own (not
-    /// fsynced: the log holds them), then answers the writes that waited.
+    /// Applies committed entries up to `upto` (in memory, flushed to the file
+    /// later: the log holds them), then answers the writes that waited.
     fn apply_committed(&mut self, upto: u64, ctx: &mut Context<Self>) {
         if upto <= self.applied_index {
             return;
         }
+        // A long catch-up goes in parts: an apply holds the state's lock, and
+        // reads on this actor's thread wait for it.
+        let target = upto;
+        let upto = upto.min(self.applied_index + FLUSH_ENTRIES);
         self.busy = true;
         let from = self.applied_index + 1;
         let store = self.store.clone();
@@ -746,9 +765,13 @@ impl StripeActor {
                     Ok(done) => {
                         act.applied(upto, Ok(done));
                         act.flush_applied(ctx, FLUSH_ENTRIES);
+                        if target > upto {
+                            act.queue
+                                .push_front(Step::Fx(Effect::Commit { upto: target }));
+                        }
                     }
-                    // The state in memory may be half applied, or the file's
-                    // behind it: start again from the file.
+                    // The file's state is not the one applied so far (it was
+                    // opened again), or unreadable: start again from the file.
                     Err(e) => act.log_write_failed(&e),
                 }
                 act.pump(ctx);
@@ -922,8 +945,16 @@ impl StripeActor {
                     .into_actor(self)
                     .map(|res, act, ctx| {
                         act.busy = false;
-                        if let Err(e) = res {
-                            tracing::warn!(error = %e, "log compaction failed; the log stays longer");
+                        match res {
+                            Ok(()) => {}
+                            // The file lost commits its state had (see
+                            // `StripeStore::flush`): start again from it.
+                            Err(e @ (StoreError::StateReopened { .. } | StoreError::Corrupt { .. })) => {
+                                act.log_write_failed(&e)
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "log compaction failed; the log stays longer")
+                            }
                         }
                         act.pump(ctx);
                     }),
