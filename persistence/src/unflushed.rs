@@ -127,13 +127,17 @@ impl Unflushed {
         self.newest.entries + self.flushing.as_ref().map_or(0, |f| f.entries)
     }
 
-    /// Pending keys of `map` from `start` on, in order, newest first.
+    /// The layers of pending changes, oldest first: a later one overrides.
+    fn layers(&self) -> impl Iterator<Item = &Pending> {
+        self.flushing.as_deref().into_iter().chain([&self.newest])
+    }
+
+    /// Pending keys of `map` from `start` on, in order (present or deleted).
     pub fn keys_from(&self, map: &str, start: &str) -> BTreeMap<String, bool> {
         let mut out = BTreeMap::new();
         let from = (map.to_string(), start.to_string());
-        let layers = self.flushing.iter().map(|f| &f.kv).chain([&self.newest.kv]);
-        for layer in layers {
-            for ((m, k), v) in layer.range(from.clone()..) {
+        for layer in self.layers() {
+            for ((m, k), v) in layer.kv.range(from.clone()..) {
                 if m != map {
                     break;
                 }
@@ -143,16 +147,11 @@ impl Unflushed {
         out
     }
 
-    /// Pending expiry entries before `before_ms`, in order, newest first.
+    /// Pending expiry entries before `before_ms`, in order (present or dropped).
     pub fn expiry_before(&self, before_ms: u64) -> BTreeMap<(u64, String), bool> {
         let mut out = BTreeMap::new();
-        let layers = self
-            .flushing
-            .iter()
-            .map(|f| &f.expiry)
-            .chain([&self.newest.expiry]);
-        for layer in layers {
-            for (k, present) in layer.range(..(before_ms, String::new())) {
+        for layer in self.layers() {
+            for (k, present) in layer.expiry.range(..(before_ms, String::new())) {
                 out.insert(k.clone(), *present);
             }
         }
@@ -162,13 +161,8 @@ impl Unflushed {
     /// Pending change events from `from` on.
     pub fn changes_from(&self, from: u64) -> BTreeMap<u64, Vec<u8>> {
         let mut out = BTreeMap::new();
-        let layers = self
-            .flushing
-            .iter()
-            .map(|f| &f.changes)
-            .chain([&self.newest.changes]);
-        for layer in layers {
-            out.extend(layer.range(from..).map(|(k, v)| (*k, v.clone())));
+        for layer in self.layers() {
+            out.extend(layer.changes.range(from..).map(|(k, v)| (*k, v.clone())));
         }
         out
     }
