@@ -535,3 +535,31 @@ pub fn member_rows_of(members: &serde_json::Value, key: &str) -> Option<Vec<(Str
             .collect(),
     )
 }
+
+/// Clock ticks per second of `/proc/<pid>/stat` CPU times.
+pub fn clock_ticks() -> f64 {
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// User + system CPU ticks of a process (0 once it is gone).
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some((_, rest)) = s.rsplit_once(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
+}
+
+/// CPU ticks of all of `pids`.
+pub fn ticks_of(pids: &[i32]) -> u64 {
+    pids.iter().map(|p| cpu_ticks(*p)).sum()
+}

@@ -51,7 +51,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kiln_integration::{start_cluster, wait_converged, wait_until, Node, NodeOpts};
+use kiln_integration::{
+    clock_ticks, start_cluster, ticks_of, wait_converged, wait_until, Node, NodeOpts,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -1276,32 +1278,6 @@ impl PhaseResult {
         }
         (!why.is_empty()).then(|| why.join(", "))
     }
-}
-
-fn clock_ticks() -> f64 {
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// User + system CPU ticks of a process.
-fn cpu_ticks(pid: i32) -> u64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    let Some((_, rest)) = s.rsplit_once(')') else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    field(11) + field(12)
-}
-
-fn ticks_of(pids: &[i32]) -> u64 {
-    pids.iter().map(|p| cpu_ticks(*p)).sum()
 }
 
 /// Value at quantile `q` (nearest rank) of latencies in ns, in ms.

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use kiln_integration::{free_ip, wait_until, Node, NodeOpts};
+use kiln_integration::{clock_ticks, free_ip, ticks_of, wait_until, Node, NodeOpts};
 use serde_json::{json, Value};
 
 const VALUE_BYTES: usize = 1024;
@@ -42,6 +42,8 @@ trait KvSystem {
     fn restart(&mut self, i: usize);
     /// Waits until the cluster is whole again (all members replicating).
     fn wait_whole(&self);
+    /// Process ids of the running members, for their CPU time.
+    fn pids(&self) -> Vec<i32>;
 }
 
 struct Kiln {
@@ -98,6 +100,9 @@ impl KvSystem for Kiln {
     }
     fn kill9(&mut self, i: usize) {
         self.nodes[i].kill9();
+    }
+    fn pids(&self) -> Vec<i32> {
+        self.nodes.iter().map(|n| n.pid()).collect()
     }
     fn restart(&mut self, i: usize) {
         self.nodes[i].restart();
@@ -242,6 +247,13 @@ impl KvSystem for Etcd {
         }
         None
     }
+    fn pids(&self) -> Vec<i32> {
+        self.children
+            .iter()
+            .flatten()
+            .map(|c| c.id() as i32)
+            .collect()
+    }
     fn kill9(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
             let _ = c.kill();
@@ -266,6 +278,13 @@ struct LoadResult {
     p50_ms: f64,
     p99_ms: f64,
     errors: usize,
+    /// Cores the system's processes used, all of them together.
+    server_cores: f64,
+    /// Their CPU time per acknowledged put: on a machine whose cores the
+    /// system and the load share, what bounds its throughput.
+    cpu_us_per_put: f64,
+    /// Cores the load generator used.
+    load_cores: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -288,6 +307,8 @@ fn load(sys: &dyn KvSystem, clients: usize, secs: f64, tag: &str) -> LoadResult 
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let lat: Mutex<Vec<f64>> = Mutex::default();
     let errors = Mutex::new(0usize);
+    let (pids, me) = (sys.pids(), [std::process::id() as i32]);
+    let (cpu0, me0) = (ticks_of(&pids), ticks_of(&me));
     let started = Instant::now();
     std::thread::scope(|s| {
         for c in 0..clients {
@@ -313,6 +334,8 @@ fn load(sys: &dyn KvSystem, clients: usize, secs: f64, tag: &str) -> LoadResult 
         }
     });
     let elapsed = started.elapsed().as_secs_f64();
+    let (cpu1, me1) = (ticks_of(&pids), ticks_of(&me));
+    let server_s = cpu1.saturating_sub(cpu0) as f64 / clock_ticks();
     let mut lat = lat.into_inner().unwrap();
     lat.sort_by(|a, b| a.total_cmp(b));
     LoadResult {
@@ -320,6 +343,9 @@ fn load(sys: &dyn KvSystem, clients: usize, secs: f64, tag: &str) -> LoadResult 
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         errors: errors.into_inner().unwrap(),
+        server_cores: server_s / elapsed,
+        cpu_us_per_put: server_s * 1e6 / lat.len().max(1) as f64,
+        load_cores: me1.saturating_sub(me0) as f64 / clock_ticks() / elapsed,
     }
 }
 
@@ -401,9 +427,11 @@ fn main() {
     if etcd_available {
         systems.push(Box::new(Etcd::start()));
     }
-    println!("| system | clients | puts/s | p50 ms | p99 ms | errors |");
-    println!("|---|---|---|---|---|---|");
-    let mut table: Vec<(String, usize, f64, f64)> = Vec::new();
+    println!(
+        "| system | clients | puts/s | p50 ms | p99 ms | errors | server CPU (cores) | µs CPU per put | load CPU (cores) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut table: Vec<(String, usize, f64, f64, f64)> = Vec::new();
     for sys in &systems {
         for &clients in &client_counts {
             let r = load(
@@ -413,14 +441,23 @@ fn main() {
                 &format!("{}{clients}", sys.name()),
             );
             println!(
-                "| {} | {clients} | {:.0} | {:.2} | {:.2} | {} |",
+                "| {} | {clients} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {:.2} |",
                 sys.name(),
                 r.puts_per_s,
                 r.p50_ms,
                 r.p99_ms,
-                r.errors
+                r.errors,
+                r.server_cores,
+                r.cpu_us_per_put,
+                r.load_cores
             );
-            table.push((sys.name().to_string(), clients, r.puts_per_s, r.p99_ms));
+            table.push((
+                sys.name().to_string(),
+                clients,
+                r.puts_per_s,
+                r.p99_ms,
+                r.cpu_us_per_put,
+            ));
         }
     }
     if etcd_available {
@@ -428,9 +465,10 @@ fn main() {
             let get = |name: &str| table.iter().find(|r| r.0 == name && r.1 == clients);
             if let (Some(k), Some(e)) = (get("kiln"), get("etcd")) {
                 println!(
-                    "ratio kiln/etcd at {clients} clients: throughput {:.2}, p99 {:.2}",
+                    "ratio kiln/etcd at {clients} clients: throughput {:.2}, p99 {:.2}, CPU per put {:.2}",
                     k.2 / e.2,
-                    k.3 / e.3
+                    k.3 / e.3,
+                    k.4 / e.4
                 );
             }
         }
