@@ -813,8 +813,11 @@ impl StripeStore {
         };
         let table = match txn.open_table(CHANGES) {
             Ok(t) => t,
-            // A file from before the outbox: no write has produced a change yet.
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            // A file from before the outbox: until a flush creates the table,
+            // the events are all in memory.
+            Err(redb::TableError::TableDoesNotExist(_)) => {
+                return Ok(pending.into_iter().take(limit).collect())
+            }
             Err(e) => return Err(self.storage()(e)),
         };
         // Pending changes follow the file's (a flush that committed meanwhile
@@ -831,6 +834,10 @@ impl StripeStore {
     /// Removes change events up to `upto` from the outbox once the broadcast log
     /// holds them. Not fsynced: a crash only leaves a few to be skipped again.
     pub fn prune_changes(&self, upto: u64) -> Result<(), StoreError> {
+        // Raised first: a flush that takes the writer right after this commit
+        // must not write the pruned events back. (If the commit fails, the
+        // broadcast log holds them anyway.)
+        self.changes_pruned.fetch_max(upto, Ordering::AcqRel);
         let txn = self.write_txn(false)?;
         {
             let mut table = txn.open_table(CHANGES).map_err(self.storage())?;
@@ -838,9 +845,7 @@ impl StripeStore {
                 .retain_in(..=upto, |_, _| false)
                 .map_err(self.storage())?;
         }
-        txn.commit().map_err(self.storage())?;
-        self.changes_pruned.fetch_max(upto, Ordering::AcqRel);
-        Ok(())
+        txn.commit().map_err(self.storage())
     }
 
     /// The current value of a key: (version, value).
@@ -1315,6 +1320,18 @@ mod tests {
         s.flush().unwrap();
         let seqs: Vec<u64> = s.changes(1, 10).unwrap().iter().map(|c| c.0).collect();
         assert_eq!(seqs, vec![3]);
+    }
+
+    #[test]
+    fn change_events_of_a_file_from_before_the_outbox_are_read_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        let txn = s.write_txn(true).unwrap();
+        txn.delete_table(CHANGES).unwrap();
+        txn.commit().unwrap();
+        s.persist(None, &[(1, vec![])], None).unwrap();
+        put_one(&s, 1, "k", Some(b"v"));
+        assert_eq!(s.changes(1, 10).unwrap(), vec![(1, b"k".to_vec())]);
     }
 
     #[test]
