@@ -563,3 +563,24 @@ pub fn cpu_ticks(pid: i32) -> u64 {
 pub fn ticks_of(pids: &[i32]) -> u64 {
     pids.iter().map(|p| cpu_ticks(*p)).sum()
 }
+
+/// CPU ticks the whole machine spent busy (all cores; not idle, not waiting
+/// for I/O), from `/proc/stat`.
+pub fn machine_busy_ticks() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    let Some(line) = s.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| f.get(i).copied().unwrap_or(0))
+        .sum()
+}

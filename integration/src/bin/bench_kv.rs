@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use kiln_integration::{clock_ticks, free_ip, ticks_of, wait_until, Node, NodeOpts};
+use kiln_integration::{
+    clock_ticks, free_ip, machine_busy_ticks, ticks_of, wait_until, Node, NodeOpts,
+};
 use serde_json::{json, Value};
 
 const VALUE_BYTES: usize = 1024;
@@ -285,6 +287,8 @@ struct LoadResult {
     cpu_us_per_put: f64,
     /// Cores the load generator used.
     load_cores: f64,
+    /// Cores the whole machine used (the other system idling included).
+    machine_cores: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -308,7 +312,7 @@ fn load(sys: &dyn KvSystem, clients: usize, secs: f64, tag: &str) -> LoadResult 
     let lat: Mutex<Vec<f64>> = Mutex::default();
     let errors = Mutex::new(0usize);
     let (pids, me) = (sys.pids(), [std::process::id() as i32]);
-    let (cpu0, me0) = (ticks_of(&pids), ticks_of(&me));
+    let (cpu0, me0, all0) = (ticks_of(&pids), ticks_of(&me), machine_busy_ticks());
     let started = Instant::now();
     std::thread::scope(|s| {
         for c in 0..clients {
@@ -334,7 +338,7 @@ fn load(sys: &dyn KvSystem, clients: usize, secs: f64, tag: &str) -> LoadResult 
         }
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let (cpu1, me1) = (ticks_of(&pids), ticks_of(&me));
+    let (cpu1, me1, all1) = (ticks_of(&pids), ticks_of(&me), machine_busy_ticks());
     let server_s = cpu1.saturating_sub(cpu0) as f64 / clock_ticks();
     let mut lat = lat.into_inner().unwrap();
     lat.sort_by(|a, b| a.total_cmp(b));
@@ -344,8 +348,13 @@ fn load(sys: &dyn KvSystem, clients: usize, secs: f64, tag: &str) -> LoadResult 
         p99_ms: percentile(&lat, 0.99),
         errors: errors.into_inner().unwrap(),
         server_cores: server_s / elapsed,
-        cpu_us_per_put: server_s * 1e6 / lat.len().max(1) as f64,
+        cpu_us_per_put: if lat.is_empty() {
+            f64::NAN
+        } else {
+            server_s * 1e6 / lat.len() as f64
+        },
         load_cores: me1.saturating_sub(me0) as f64 / clock_ticks() / elapsed,
+        machine_cores: all1.saturating_sub(all0) as f64 / clock_ticks() / elapsed,
     }
 }
 
@@ -428,9 +437,9 @@ fn main() {
         systems.push(Box::new(Etcd::start()));
     }
     println!(
-        "| system | clients | puts/s | p50 ms | p99 ms | errors | server CPU (cores) | µs CPU per put | load CPU (cores) |"
+        "| system | clients | puts/s | p50 ms | p99 ms | errors | server CPU (cores) | µs CPU per put | load CPU (cores) | machine CPU (cores) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut table: Vec<(String, usize, f64, f64, f64)> = Vec::new();
     for sys in &systems {
         for &clients in &client_counts {
@@ -441,7 +450,7 @@ fn main() {
                 &format!("{}{clients}", sys.name()),
             );
             println!(
-                "| {} | {clients} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {:.2} |",
+                "| {} | {clients} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
                 sys.name(),
                 r.puts_per_s,
                 r.p50_ms,
@@ -449,7 +458,8 @@ fn main() {
                 r.errors,
                 r.server_cores,
                 r.cpu_us_per_put,
-                r.load_cores
+                r.load_cores,
+                r.machine_cores
             );
             table.push((
                 sys.name().to_string(),
