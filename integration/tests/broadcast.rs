@@ -312,6 +312,44 @@ fn key_value_writes_become_change_events_and_bad_events_are_refused() {
         "only the crm flush passes the filter: {text}"
     );
     assert!(data[0].contains(r#""kind":"flush""#));
+
+    // A live subscriber is told where it starts before any event passes its
+    // filter: cut off then, it resumes from there, not from the live end.
+    let read_for = |secs: u64, last_event_id: Option<&str>| -> String {
+        let mut req = ureq::AgentBuilder::new()
+            .timeout_read(Duration::from_secs(secs))
+            .build()
+            .get(&format!("http://{}/v1/broadcast/stream", nodes[1].http()))
+            .query("server", "crm");
+        if let Some(id) = last_event_id {
+            req = req.query("last_event_id", id);
+        }
+        let mut raw = Vec::new();
+        let _ =
+            std::io::Read::read_to_end(&mut req.call().expect("stream").into_reader(), &mut raw);
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    let opened = read_for(2, None);
+    assert!(
+        !opened.lines().any(|l| l.starts_with("data: ")),
+        "nothing new passes the filter yet: {opened}"
+    );
+    let start = opened
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap_or_else(|| panic!("the opening frame names the start: {opened}"))
+        .to_string();
+    assert!(start.contains("stripe:0=52"), "{start}");
+    let (code, body) = post(r#"{"kind":"flush","server":"crm","table":"orders"}"#);
+    assert_eq!(code, 202);
+    assert_eq!(body["seqs"], json!([2]));
+    let resumed = read_for(3, Some(&start));
+    let data: Vec<&str> = resumed
+        .lines()
+        .filter(|l| l.starts_with("data: "))
+        .collect();
+    assert_eq!(data.len(), 1, "only what came after the start: {resumed}");
+    assert!(data[0].contains(r#""seq":2"#), "{resumed}");
 }
 
 /// Publishes `n` message events to `node` in one request; returns their seqs.

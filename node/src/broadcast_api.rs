@@ -33,8 +33,11 @@ const LAG_CHECK: Duration = Duration::from_millis(100);
 /// Events read from the log per page of a subscriber's backlog.
 const BACKLOG_PAGE: usize = 1_000;
 /// How long a subscriber catching up waits for received events to be written
-/// (normally milliseconds) before it takes them for a hole.
+/// (normally milliseconds), and how many times, before it takes them for a
+/// hole: a slow disk is no reason for a `resync`, a log that cannot write for
+/// a minute is.
 const LOG_WRITE_WAIT: Duration = Duration::from_secs(5);
+const LOG_WRITE_WAITS: u32 = 12;
 
 pub struct BroadcastApi {
     pub actor: Addr<BroadcastActor>,
@@ -207,6 +210,9 @@ struct Feed {
     tx: mpsc::Sender<Bytes>,
     /// This subscriber's share of `kiln_broadcast_subscriber_lag_events`.
     lag: i64,
+    /// `pos` moved past events the client was not sent (filtered out): the
+    /// next keepalive carries it.
+    position_unsent: bool,
 }
 
 struct SubscriberGuard(prometheus_client::metrics::gauge::Gauge);
@@ -240,6 +246,7 @@ impl Feed {
             filter,
             tx,
             lag: 0,
+            position_unsent: false,
         }
     }
 
@@ -256,8 +263,15 @@ impl Feed {
     }
 
     async fn serve(&mut self) -> End {
-        // Tell the client the stream is open (and since when) right away.
-        if let Err(end) = self.send(Bytes::from(": kiln event stream\n\n")).await {
+        // Tell the client the stream is open, and where it starts: a client
+        // cut off before its first event (or one whose filter passes few)
+        // resumes from there, not from the live end. (No `id:` for an empty
+        // log: an empty token is no different from none to a browser.)
+        let open = match self.pos.is_empty() {
+            true => ": kiln event stream\n\n".to_string(),
+            false => format!(": kiln event stream\nid: {}\n\n", self.token()),
+        };
+        if let Err(end) = self.send(Bytes::from(open)).await {
             return end;
         }
         let backlog: Vec<(String, u64)> = self
@@ -285,9 +299,15 @@ impl Feed {
                     Err(RecvError::Closed) => return End::ClientGone,
                 },
                 _ = keepalive.tick() => {
-                    if let Err(end) = self.send(Bytes::from(": keepalive\n\n")).await {
+                    // With the position if events went by unsent (filtered out).
+                    let frame = match self.position_unsent {
+                        true => format!(": keepalive\nid: {}\n\n", self.token()),
+                        false => ": keepalive\n\n".to_string(),
+                    };
+                    if let Err(end) = self.send(Bytes::from(frame)).await {
                         return end;
                     }
+                    self.position_unsent = false;
                 }
                 _ = self.tx.closed() => return End::ClientGone,
             }
@@ -316,7 +336,7 @@ impl Feed {
     /// Sends what the log holds of `origin` after the subscriber's position, up
     /// to `upto`; a `resync` first if the log no longer holds what it missed.
     async fn catch_up(&mut self, origin: &str, upto: u64) -> Result<(), End> {
-        let mut waited = false;
+        let (mut written, mut waits) = (false, 0);
         loop {
             let at = *self.pos.get(origin).unwrap_or(&0);
             if at >= upto {
@@ -335,13 +355,19 @@ impl Feed {
                 }
                 Err(_) => return Err(End::LogUnreadable),
             };
-            if rows.is_empty() && !waited {
-                // Handed on already but not written yet: that takes a moment.
-                self.sub.log_caught_up(LOG_WRITE_WAIT).await;
-                waited = true;
+            if rows.is_empty() && !written && waits < LOG_WRITE_WAITS {
+                // Handed on already but not written yet: that takes a moment,
+                // longer on a slow disk. Only a log that holds everything handed
+                // on and still lacks them lost them (to retention), or one that
+                // cannot write for a minute.
+                written = self.sub.log_caught_up(LOG_WRITE_WAIT).await;
+                if !written {
+                    waits += 1;
+                    self.send(Bytes::from(": waiting for the log\n\n")).await?;
+                }
                 continue;
             }
-            waited = false;
+            (written, waits) = (false, 0);
             let first = rows.first().map(|r| r.0);
             if first != Some(at + 1) {
                 // What the subscriber missed is older than the log keeps.
@@ -364,6 +390,7 @@ impl Feed {
     async fn resync(&mut self, origin: &str, resume_at: u64) -> Result<(), End> {
         self.sub.metrics.resyncs.inc();
         self.pos.insert(origin.to_string(), resume_at);
+        self.position_unsent = false;
         let data = json!({"kind": "resync", "origin": origin, "datasources": []});
         let frame = format!("id: {}\ndata: {}\n\n", self.token(), data);
         self.send(Bytes::from(frame)).await
@@ -377,11 +404,14 @@ impl Feed {
             }
         }
         let Some(body) = &ev.body else {
+            self.position_unsent = true;
             return Ok(());
         };
         if !self.filter.passes(body) {
+            self.position_unsent = true;
             return Ok(());
         }
+        self.position_unsent = false;
         // One buffer for the whole frame: `id: <token>\ndata: <json>\n\n`.
         let mut frame = String::with_capacity(self.pos.len() * 64 + 256);
         frame.push_str("id: ");
