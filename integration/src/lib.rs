@@ -444,8 +444,11 @@ impl Subscriber {
                         } else if let Some(v) = line.strip_prefix("data: ") {
                             data = serde_json::from_str::<Value>(v).ok();
                         } else if line.is_empty() {
-                            if id.is_some() {
-                                last_id = id.clone();
+                            // A frame may be an id alone (where the stream
+                            // starts, or where filtered events moved it).
+                            let frame_id = id.take();
+                            if frame_id.is_some() {
+                                last_id = frame_id.clone();
                             }
                             if let Some(event) = data.take() {
                                 events
@@ -453,7 +456,7 @@ impl Subscriber {
                                     .unwrap_or_else(|p| p.into_inner())
                                     .push(Streamed {
                                         event,
-                                        id: id.take(),
+                                        id: frame_id,
                                         at: Instant::now(),
                                     });
                             }
