@@ -1708,7 +1708,11 @@ impl StripeActor {
                 };
                 self.respond(reply, &StripeResponse::Pong { active_in });
             }
-            StripeRequest::Write { stripe, cmd } if mine(stripe) => {
+            // While its storage is down (no replica), the active still says
+            // why a write fails (`507`), rather than that it is no member.
+            StripeRequest::Write { stripe, cmd }
+                if mine(stripe) || (self.stripe == Some(stripe) && self.storage_down.is_some()) =>
+            {
                 let (tx, rx) = oneshot::channel();
                 self.write(cmd, tx, ctx);
                 let net = self.net.clone();
