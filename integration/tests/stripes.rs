@@ -597,7 +597,8 @@ impl SmallDisk {
     }
 
     /// A directory for `Node::start_in` whose node keeps its stripe data
-    /// (`stripe.redb`) on this disk and the rest where the directory is.
+    /// (`stripe.redb`, `stripe-state.redb`) on this disk and the rest where
+    /// the directory is.
     fn node_dir(&self, name: &str) -> tempfile::TempDir {
         let dir = tempfile::Builder::new()
             .prefix(&format!("kiln-{name}-"))
@@ -605,11 +606,13 @@ impl SmallDisk {
             .expect("temp dir");
         // `Node::start_in` runs the node with `--data-dir <dir>/data`.
         std::fs::create_dir(dir.path().join("data")).expect("data dir");
-        std::os::unix::fs::symlink(
-            self.dir.path().join("stripe.redb"),
-            dir.path().join("data").join("stripe.redb"),
-        )
-        .expect("symlink");
+        for file in ["stripe.redb", "stripe-state.redb"] {
+            std::os::unix::fs::symlink(
+                self.dir.path().join(file),
+                dir.path().join("data").join(file),
+            )
+            .expect("symlink");
+        }
         dir
     }
 
@@ -661,6 +664,9 @@ fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
                     break;
                 }
             }
+            Err(ureq::Error::Status(code, r)) => {
+                panic!("put {key}: {code} {}", r.into_string().unwrap_or_default())
+            }
             Err(e) => panic!("put {key}: {e}"),
         }
     }
@@ -675,9 +681,10 @@ fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
             );
         }
     };
-    read_all(&node);
-    // With room again writes go on, without a restart, and nothing acknowledged
-    // is missing, then or after a restart.
+    // While the disk is full the stripe cannot even write the no-op that starts
+    // its next epoch, so it serves nothing; with room again writes go on,
+    // without a restart, and nothing acknowledged is missing, then or after a
+    // restart.
     disk.resize(64);
     wait_until("a write succeeds once the disk has room", LONG, || {
         put(&agent, &node, "after", "x").is_some()

@@ -46,10 +46,21 @@ pub const CONTROL_COMMITTED: &str = "committed";
 pub const CONTROL_LAST_PURGED: &str = "last_purged";
 pub const CONTROL_SNAPSHOT: &str = "snapshot";
 
-/// File name of the stripe database (the node's share of the data).
+/// File name of the stripe database (the node's share of the data): the
+/// stripe's facts and replication log.
 pub const STRIPE_DB_FILE: &str = "stripe.redb";
 
-/// Stripe facts: format version, promised epoch, log base, applied index. Keys are `STRIPE_*`.
+/// File name of the stripe's applied state (key/value data, request records,
+/// the change outbox): a file of its own, so its flushes and the log's
+/// appends never wait for one redb writer.
+pub const STRIPE_STATE_DB_FILE: &str = "stripe-state.redb";
+
+/// The applied state's facts: format version, applied index, change seq, an
+/// unfinished snapshot install. Keys are `STRIPE_*`.
+pub const STRIPE_STATE_META: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("kiln_stripe_state_meta");
+
+/// Stripe facts: format version, stripe, promised epoch, log base. Keys are `STRIPE_*`.
 pub const STRIPE_META: TableDefinition<&str, &[u8]> = TableDefinition::new("kiln_stripe_meta");
 
 /// The stripe's replication log: index → one CBOR-encoded entry.
@@ -86,3 +97,6 @@ pub const STRIPE_APPLIED: &str = "applied";
 pub const STRIPE_ID: &str = "stripe";
 /// Number of change events the applied writes produced (the last change seq).
 pub const STRIPE_CHANGES: &str = "changes";
+/// A snapshot installed in the state file whose log part may not be done:
+/// (epoch, index, keep the log's tail).
+pub const STRIPE_INSTALLING: &str = "installing";

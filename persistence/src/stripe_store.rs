@@ -1,5 +1,12 @@
-//! `stripe.redb`: this node's share of the data — the stripe's replication log,
-//! the key/value state it materializes, and recent request results.
+//! `stripe.redb` and `stripe-state.redb`: this node's share of the data — the
+//! stripe's replication log, and the key/value state it materializes with
+//! recent request results and the change outbox.
+//!
+//! Two files, so two redb writers: a log append (fsynced before a write is
+//! acknowledged) never waits for a flush of applied state, and its fsync
+//! writes back log pages only. The state file is fsynced now and then, and
+//! always before the log drops entries it covers; after a crash the log
+//! brings back whatever the state file lost.
 //!
 //! Log entries and request records are opaque bytes here; what a write means is
 //! decided in the actors crate, which applies committed entries through
@@ -8,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
@@ -16,22 +24,28 @@ use crate::schema::*;
 use crate::unflushed::{write_pending, OverlayKv, Pending, Unflushed};
 use crate::StoreError;
 
-/// A log write takes the applied state waiting in memory along once this many
-/// entries or this much time gathered it. Larger flushes cost less per write
-/// (a B-tree page changed by several writes is written once) but hold up the
-/// log write that carries them: at 64 clients, 128 entries cut the CPU per
-/// write by ~8 % against a flush with every log write (64 entries / 10 ms:
-/// no cut), while p99 at 16 clients stays under 10 ms (every 100 ms / 512
-/// entries: 12 ms). See integration/BENCHMARKS.md.
-const FLUSH_WITH_LOG_ENTRIES: u64 = 128;
-const FLUSH_WITH_LOG_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+/// A flush is fsynced once this long after the last fsynced one (the others
+/// are not: the log holds what they cover). Bounds what a crash makes the
+/// node apply again, and lets redb reuse the pages flushes freed.
+const STATE_FSYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// The stripe database of one data directory.
-pub struct StripeStore {
+/// Rows copied between reports while a data directory from before the state
+/// file moves its state there.
+const MIGRATE_REPORT_EVERY: u64 = 100_000;
+
+/// One of the two files, opened again after an I/O error.
+struct DbFile {
     /// `None` after a failed commit until the file is open again (redb refuses
     /// every transaction of a handle that saw an I/O error).
     db: RwLock<Option<Arc<Database>>>,
     path: PathBuf,
+    open: fn(&Path) -> Result<Database, StoreError>,
+}
+
+/// The stripe database of one data directory.
+pub struct StripeStore {
+    log: DbFile,
+    state: DbFile,
     /// Fsync log appends before they are acknowledged (`persistence = "permanent"`).
     durable: bool,
     /// The last change seq applied writes produced (see [`CHANGES`]).
@@ -45,10 +59,12 @@ pub struct StripeStore {
     unflushed_entries: AtomicU64,
     /// Flushes that wrote something.
     flushes: AtomicU64,
-    /// The file was opened again since the last [`recover`](Self::recover).
+    /// A file was opened again since the last [`recover`](Self::recover).
     state_lost: AtomicBool,
     /// Change events up to this seq left the outbox (a flush skips them).
     changes_pruned: AtomicU64,
+    /// When the state file was last fsynced.
+    state_fsynced: Mutex<Instant>,
 }
 
 /// What the stripe database held at open.
@@ -64,10 +80,13 @@ pub struct StripeRecovered {
 }
 
 /// A consistent view of a stripe's applied state, for a snapshot sent to a
-/// member that is too far behind for log entries. It holds a read transaction:
+/// member that is too far behind for log entries. It holds read transactions:
 /// writes go on meanwhile, and the view does not move.
 pub struct SnapshotSource {
-    txn: redb::ReadTransaction,
+    state: redb::ReadTransaction,
+    /// Begun after `state`: it holds every entry the state covers, unless
+    /// compaction dropped it meanwhile.
+    log: redb::ReadTransaction,
     path: PathBuf,
     /// Index of the last entry the state covers.
     pub applied: u64,
@@ -90,13 +109,13 @@ impl SnapshotSource {
 
     /// Keys in the view.
     pub fn key_count(&self) -> Result<u64, StoreError> {
-        let kv = self.txn.open_table(KV).map_err(self.storage())?;
+        let kv = self.state.open_table(KV).map_err(self.storage())?;
         kv.len().map_err(self.storage())
     }
 
     /// The log entry at `index`, if the log still holds it.
     pub fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let log = self.txn.open_table(STRIPE_LOG).map_err(self.storage())?;
+        let log = self.log.open_table(STRIPE_LOG).map_err(self.storage())?;
         Ok(log
             .get(index)
             .map_err(self.storage())?
@@ -110,7 +129,7 @@ impl SnapshotSource {
         after: Option<&(String, String)>,
         max_bytes: usize,
     ) -> Result<Vec<KvRow>, StoreError> {
-        let kv = self.txn.open_table(KV).map_err(self.storage())?;
+        let kv = self.state.open_table(KV).map_err(self.storage())?;
         let mut out = Vec::new();
         let mut size = 0;
         let range = match after {
@@ -140,7 +159,7 @@ impl SnapshotSource {
         after: Option<&str>,
         max_bytes: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let table = self.txn.open_table(REQUESTS).map_err(self.storage())?;
+        let table = self.state.open_table(REQUESTS).map_err(self.storage())?;
         let mut out = Vec::new();
         let mut size = 0;
         let range = match after {
@@ -210,22 +229,45 @@ fn u64_of(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-impl StripeStore {
-    /// Opens (or creates) `stripe.redb` in `dir`. With `durable = false`
-    /// (temporary persistence) existing stripe data is discarded first.
-    pub fn open(dir: &Path, durable: bool) -> Result<Self, StoreError> {
-        let path = dir.join(STRIPE_DB_FILE);
-        if !durable && path.exists() {
-            std::fs::remove_file(&path).map_err(|e| StoreError::Storage {
-                path: path.clone(),
-                source: redb::StorageError::Io(e).into(),
-            })?;
-        }
-        let db = open_db(&path)?;
-        let changes_head = read_changes_head(&db, &path)?;
-        let store = StripeStore {
+impl DbFile {
+    fn new(db: Database, path: PathBuf, open: fn(&Path) -> Result<Database, StoreError>) -> DbFile {
+        DbFile {
             db: RwLock::new(Some(Arc::new(db))),
             path,
+            open,
+        }
+    }
+
+    fn storage<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
+        storage_error(&self.path)
+    }
+}
+
+impl StripeStore {
+    /// Opens (or creates) `stripe.redb` and `stripe-state.redb` in `dir`. With
+    /// `durable = false` (temporary persistence) existing stripe data is
+    /// discarded first. A data directory from before the state file has its
+    /// state moved there (once; see [`migrate_state`]).
+    pub fn open(dir: &Path, durable: bool) -> Result<Self, StoreError> {
+        let log_path = dir.join(STRIPE_DB_FILE);
+        let state_path = dir.join(STRIPE_STATE_DB_FILE);
+        if !durable {
+            for path in [&log_path, &state_path, &migrating_path(&state_path)] {
+                if path.exists() {
+                    std::fs::remove_file(path).map_err(|e| StoreError::Storage {
+                        path: path.clone(),
+                        source: redb::StorageError::Io(e).into(),
+                    })?;
+                }
+            }
+        }
+        let log_db = open_log_db(&log_path)?;
+        migrate_state(&log_db, &log_path, &state_path)?;
+        let state_db = open_state_db(&state_path)?;
+        let changes_head = read_changes_head(&state_db, &state_path)?;
+        Ok(StripeStore {
+            log: DbFile::new(log_db, log_path, open_log_db),
+            state: DbFile::new(state_db, state_path, open_state_db),
             durable,
             changes_head: AtomicU64::new(changes_head),
             unflushed: Mutex::new(Unflushed::default()),
@@ -234,16 +276,16 @@ impl StripeStore {
             flushes: AtomicU64::new(0),
             state_lost: AtomicBool::new(false),
             changes_pruned: AtomicU64::new(0),
-        };
-        Ok(store)
+            state_fsynced: Mutex::new(Instant::now()),
+        })
     }
 
-    /// The open database, opened again if a failed commit closed it.
-    fn db(&self) -> Result<Arc<Database>, StoreError> {
-        let open = self.db.read().unwrap_or_else(|e| e.into_inner()).clone();
+    /// The open database of `file`, opened again if a failed commit closed it.
+    fn db(&self, file: &DbFile) -> Result<Arc<Database>, StoreError> {
+        let open = file.db.read().unwrap_or_else(|e| e.into_inner()).clone();
         match open {
             Some(db) => Ok(db),
-            None => self.reopen(None),
+            None => self.reopen(file, None),
         }
     }
 
@@ -251,8 +293,12 @@ impl StripeStore {
     /// that handle (`failed`) with `PreviousIo`: the file is opened again (redb
     /// repairs it to its last commit), so the stripe can go on once the disk has
     /// room. Fails (`Reopening`) while transactions of the old handle are open.
-    fn reopen(&self, failed: Option<Arc<Database>>) -> Result<Arc<Database>, StoreError> {
-        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+    fn reopen(
+        &self,
+        file: &DbFile,
+        failed: Option<Arc<Database>>,
+    ) -> Result<Arc<Database>, StoreError> {
+        let mut slot = file.db.write().unwrap_or_else(|e| e.into_inner());
         match (slot.as_ref(), failed.as_ref()) {
             // Another caller opened it again already.
             (Some(open), Some(failed)) if !Arc::ptr_eq(open, failed) => return Ok(open.clone()),
@@ -262,64 +308,67 @@ impl StripeStore {
         // Every handle goes first: redb holds a lock on the file while it is open.
         drop(failed);
         *slot = None;
-        let db = match open_db(&self.path) {
+        let db = match (file.open)(&file.path) {
             Ok(db) => Arc::new(db),
             Err(StoreError::InUse { path }) => return Err(StoreError::Reopening { path }),
             Err(e) => return Err(e),
         };
-        self.changes_head
-            .store(read_changes_head(&db, &self.path)?, Ordering::Release);
+        if std::ptr::eq(file, &self.state) {
+            self.changes_head
+                .store(read_changes_head(&db, &file.path)?, Ordering::Release);
+        }
         self.state_lost.store(true, Ordering::Release);
         *slot = Some(db.clone());
-        tracing::info!(path = %self.path.display(), "stripe database opened again after an I/O error");
+        tracing::info!(path = %file.path.display(), "stripe database opened again after an I/O error");
         Ok(db)
     }
 
-    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        let db = self.db()?;
+    fn begin_read(&self, file: &DbFile) -> Result<redb::ReadTransaction, StoreError> {
+        let db = self.db(file)?;
         match db.begin_read() {
-            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {
-                self.reopen(Some(db))?.begin_read().map_err(self.storage())
-            }
-            r => r.map_err(self.storage()),
+            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => self
+                .reopen(file, Some(db))?
+                .begin_read()
+                .map_err(file.storage()),
+            r => r.map_err(file.storage()),
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn storage<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
-        move |e| StoreError::Storage {
-            path: self.path.clone(),
-            source: e.into(),
-        }
-    }
-
-    fn write_txn(&self, durable: bool) -> Result<redb::WriteTransaction, StoreError> {
-        let db = self.db()?;
+    fn write_txn(
+        &self,
+        file: &DbFile,
+        durable: bool,
+    ) -> Result<redb::WriteTransaction, StoreError> {
+        let db = self.db(file)?;
         let mut txn = match db.begin_write() {
             Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => self
-                .reopen(Some(db))?
+                .reopen(file, Some(db))?
                 .begin_write()
-                .map_err(self.storage())?,
-            r => r.map_err(self.storage())?,
+                .map_err(file.storage())?,
+            r => r.map_err(file.storage())?,
         };
         txn.set_durability(if durable {
             Durability::Immediate
         } else {
             Durability::None
         })
-        .map_err(self.storage())?;
+        .map_err(file.storage())?;
         Ok(txn)
+    }
+
+    /// The log file's path (the stripe's data, in messages).
+    pub fn path(&self) -> &Path {
+        &self.log.path
     }
 
     /// Everything needed to restart replication where it stopped. Applied state
     /// not yet flushed is dropped: the replica applies those entries again from
-    /// the log, which keeps every entry after the file's applied index.
+    /// the log, which keeps every entry after the state file's applied index.
     pub fn recover(&self) -> Result<StripeRecovered, StoreError> {
         let _flush = lock(&self.flush_lock);
-        let txn = self.begin_read()?;
+        self.finish_install()?;
+        let state = self.begin_read(&self.state)?;
+        let log = self.begin_read(&self.log)?;
         {
             // Together: nothing applied over the old file survives the flag.
             let mut u = self.lock_unflushed();
@@ -327,42 +376,66 @@ impl StripeStore {
             self.unflushed_entries.store(0, Ordering::Release);
             self.state_lost.store(false, Ordering::Release);
         }
-        let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
-        let get = |k: &str| -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(meta
-                .get(k)
-                .map_err(self.storage())?
-                .map(|v| v.value().to_vec()))
+        let get = |txn: &redb::ReadTransaction,
+                   file: &DbFile,
+                   table: redb::TableDefinition<&str, &[u8]>,
+                   k: &str|
+         -> Result<Option<Vec<u8>>, StoreError> {
+            let meta = txn.open_table(table).map_err(file.storage())?;
+            let v = meta.get(k).map_err(file.storage())?;
+            Ok(v.map(|v| v.value().to_vec()))
         };
-        let base = get(STRIPE_BASE)?.map(|b| base_of(&b)).unwrap_or((0, 0));
-        let log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
+        let base = get(&log, &self.log, STRIPE_META, STRIPE_BASE)?
+            .map(|b| base_of(&b))
+            .unwrap_or((0, 0));
+        let applied = get(&state, &self.state, STRIPE_STATE_META, STRIPE_APPLIED)?
+            .map(|b| u64_of(&b))
+            .unwrap_or(0);
+        if applied < base.1 {
+            // The log no longer holds the entries in between: the state file
+            // lost fsynced commits, or is not this log's.
+            return Err(StoreError::Corrupt {
+                path: self.state.path.clone(),
+                what: "the stripe's applied state".into(),
+                detail: format!(
+                    "it covers log entries up to {applied}, but the log ({}) starts after {}",
+                    self.log.path.display(),
+                    base.1
+                ),
+            });
+        }
+        let table = log.open_table(STRIPE_LOG).map_err(self.log.storage())?;
         let mut entries = Vec::new();
-        for row in log.range(base.1 + 1..).map_err(self.storage())? {
-            let (k, v) = row.map_err(self.storage())?;
+        for row in table.range(base.1 + 1..).map_err(self.log.storage())? {
+            let (k, v) = row.map_err(self.log.storage())?;
             entries.push((k.value(), v.value().to_vec()));
         }
         // Until the entries after the file's state are applied again.
-        let changes = get(STRIPE_CHANGES)?.map(|b| u64_of(&b)).unwrap_or(0);
+        let changes = get(&state, &self.state, STRIPE_STATE_META, STRIPE_CHANGES)?
+            .map(|b| u64_of(&b))
+            .unwrap_or(0);
         self.changes_head.store(changes, Ordering::Release);
         Ok(StripeRecovered {
-            stripe: get(STRIPE_ID)?.map(|b| u64_of(&b) as u32),
-            promised: get(STRIPE_PROMISED)?.map(|b| u64_of(&b)).unwrap_or(0),
+            stripe: get(&log, &self.log, STRIPE_META, STRIPE_ID)?.map(|b| u64_of(&b) as u32),
+            promised: get(&log, &self.log, STRIPE_META, STRIPE_PROMISED)?
+                .map(|b| u64_of(&b))
+                .unwrap_or(0),
             base,
             entries,
-            applied: get(STRIPE_APPLIED)?.map(|b| u64_of(&b)).unwrap_or(0),
+            applied,
         })
     }
 
     /// Records which stripe this data belongs to (a node placed elsewhere must
     /// not serve it).
     pub fn set_stripe(&self, stripe: u32) -> Result<(), StoreError> {
-        let txn = self.write_txn(true)?;
+        let txn = self.write_txn(&self.log, true)?;
         {
-            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+            let mut meta = txn.open_table(STRIPE_META).map_err(self.log.storage())?;
             meta.insert(STRIPE_ID, u64::from(stripe).to_le_bytes().as_slice())
-                .map_err(self.storage())?;
+                .map_err(self.log.storage())?;
         }
-        txn.commit().map_err(self.storage())
+        txn.commit().map_err(self.log.storage())
     }
 
     /// Log changes in one transaction, fsynced in permanent mode: drop entries
@@ -374,48 +447,25 @@ impl StripeStore {
         promised: Option<u64>,
     ) -> Result<(), StoreError> {
         // A promise is a vote: always durable, whatever the persistence mode.
-        // Applied state waiting in memory goes along when due: no commit of
-        // its own.
         let durable = self.durable || promised.is_some();
-        let due = {
-            let u = self.lock_unflushed();
-            u.entries() >= FLUSH_WITH_LOG_ENTRIES
-                || u.since()
-                    .is_some_and(|t| t.elapsed() >= FLUSH_WITH_LOG_AFTER)
-        };
-        if !due {
-            let txn = self.write_txn(durable)?;
-            self.persist_in(&txn, truncate_from, entries, promised)?;
-            return txn.commit().map_err(self.storage());
+        let txn = self.write_txn(&self.log, durable)?;
+        {
+            let mut log = txn.open_table(STRIPE_LOG).map_err(self.log.storage())?;
+            if let Some(from) = truncate_from {
+                log.retain_in(from.., |_, _| false)
+                    .map_err(self.log.storage())?;
+            }
+            for (index, bytes) in entries {
+                log.insert(*index, bytes.as_slice())
+                    .map_err(self.log.storage())?;
+            }
+            if let Some(p) = promised {
+                let mut meta = txn.open_table(STRIPE_META).map_err(self.log.storage())?;
+                meta.insert(STRIPE_PROMISED, p.to_le_bytes().as_slice())
+                    .map_err(self.log.storage())?;
+            }
         }
-        self.flush_with(durable, |txn| {
-            self.persist_in(txn, truncate_from, entries, promised)
-        })
-        .map(|_| ())
-    }
-
-    fn persist_in(
-        &self,
-        txn: &redb::WriteTransaction,
-        truncate_from: Option<u64>,
-        entries: &[(u64, Vec<u8>)],
-        promised: Option<u64>,
-    ) -> Result<(), StoreError> {
-        let mut log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
-        if let Some(from) = truncate_from {
-            log.retain_in(from.., |_, _| false)
-                .map_err(self.storage())?;
-        }
-        for (index, bytes) in entries {
-            log.insert(*index, bytes.as_slice())
-                .map_err(self.storage())?;
-        }
-        if let Some(p) = promised {
-            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
-            meta.insert(STRIPE_PROMISED, p.to_le_bytes().as_slice())
-                .map_err(self.storage())?;
-        }
-        Ok(())
+        txn.commit().map_err(self.log.storage())
     }
 
     /// [`persist`](Self::persist), then the apply of the log entries
@@ -444,7 +494,7 @@ impl StripeStore {
         if rows.len() as u64 != (upto + 1).saturating_sub(from) {
             // Never skip an entry: the state would silently miss it.
             return Err(StoreError::Corrupt {
-                path: self.path.clone(),
+                path: self.log.path.clone(),
                 what: format!("log entries {from}..={upto}"),
                 detail: format!("only {} of them are in the log", rows.len()),
             });
@@ -454,11 +504,11 @@ impl StripeStore {
 
     /// Log entries with `from <= index <= to`.
     pub fn entries(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.begin_read()?;
-        let log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
+        let txn = self.begin_read(&self.log)?;
+        let log = txn.open_table(STRIPE_LOG).map_err(self.log.storage())?;
         let mut out = Vec::new();
-        for row in log.range(from..=to).map_err(self.storage())? {
-            let (k, v) = row.map_err(self.storage())?;
+        for row in log.range(from..=to).map_err(self.log.storage())? {
+            let (k, v) = row.map_err(self.log.storage())?;
             out.push((k.value(), v.value().to_vec()));
         }
         Ok(out)
@@ -482,13 +532,15 @@ impl StripeStore {
         let mut unflushed = self.lock_unflushed();
         // Opened while pending state cannot be flushed: together they are the
         // current state.
-        let txn = self.begin_read()?;
+        let txn = self.begin_read(&self.state)?;
         self.check_state_kept()?;
-        let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
+        let meta = txn
+            .open_table(STRIPE_STATE_META)
+            .map_err(self.state.storage())?;
         let meta_u64 = |k: &str| -> Result<Option<u64>, StoreError> {
             Ok(meta
                 .get(k)
-                .map_err(self.storage())?
+                .map_err(self.state.storage())?
                 .map(|v| u64_of(v.value())))
         };
         let applied = match unflushed.applied() {
@@ -505,7 +557,7 @@ impl StripeStore {
         };
         if first != applied + 1 || todo.windows(2).any(|w| w[1].0 != w[0].0 + 1) {
             return Err(StoreError::Corrupt {
-                path: self.path.clone(),
+                path: self.state.path.clone(),
                 what: format!("applying log entries from {first}"),
                 detail: format!("the state covers entries up to {applied} only"),
             });
@@ -513,11 +565,13 @@ impl StripeStore {
         let mut tx = OverlayKv {
             batch: Pending::default(),
             unflushed: &unflushed,
-            kv: txn.open_table(KV).map_err(self.storage())?,
-            requests: txn.open_table(REQUESTS).map_err(self.storage())?,
-            expiry: txn.open_table(REQUEST_EXPIRY).map_err(self.storage())?,
+            kv: txn.open_table(KV).map_err(self.state.storage())?,
+            requests: txn.open_table(REQUESTS).map_err(self.state.storage())?,
+            expiry: txn
+                .open_table(REQUEST_EXPIRY)
+                .map_err(self.state.storage())?,
             last_change,
-            path: &self.path,
+            path: &self.state.path,
         };
         // An entry that fails drops the whole batch: nothing half applied stays.
         for (index, bytes) in &todo {
@@ -527,7 +581,6 @@ impl StripeStore {
         batch.last_change = Some(tx.last_change);
         batch.base = applied;
         batch.applied = todo.last().map_or(applied, |e| e.0);
-        batch.since = Some(std::time::Instant::now());
         batch.entries = todo.len() as u64;
         let last_change = tx.last_change;
         unflushed.newest.absorb(batch);
@@ -542,12 +595,12 @@ impl StripeStore {
         self.unflushed_entries.load(Ordering::Acquire)
     }
 
-    /// Writes the applied state gathered in memory to the file, in one
-    /// transaction (not fsynced: the log holds what it covers). Returns how many
-    /// entries it covered. After a failure the state stays pending, but earlier
-    /// flushes may be undone with the file (redb drops commits that were not
-    /// fsynced when it reopens the file after an I/O error): start again from
-    /// the file ([`recover`](Self::recover)).
+    /// Writes the applied state gathered in memory to the state file, in one
+    /// transaction (fsynced only now and then: the log holds what it covers).
+    /// Returns how many entries it covered. After a failure the state stays
+    /// pending, but earlier flushes may be undone with the file (redb drops
+    /// commits that were not fsynced when it reopens the file after an I/O
+    /// error): start again from the files ([`recover`](Self::recover)).
     pub fn flush(&self) -> Result<u64, StoreError> {
         {
             let u = self.lock_unflushed();
@@ -555,26 +608,24 @@ impl StripeStore {
                 return Ok(0);
             }
         }
-        self.flush_with(false, |_| Ok(()))
+        self.flush_state(false).map(|(entries, _)| entries)
     }
 
-    /// The file was opened again after an I/O error since the last
-    /// [`recover`](Self::recover): the stripe must start again from it.
+    /// A file was opened again after an I/O error since the last
+    /// [`recover`](Self::recover): the stripe must start again from the files.
     pub fn state_lost(&self) -> bool {
         self.state_lost.load(Ordering::Acquire)
     }
 
-    /// Flushes so far, with a log write or alone.
+    /// Flushes so far that wrote something.
     pub fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Acquire)
     }
 
-    /// [`flush`](Self::flush), with `also` in the same transaction.
-    fn flush_with(
-        &self,
-        durable: bool,
-        also: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
-    ) -> Result<u64, StoreError> {
+    /// [`flush`](Self::flush), fsynced if `fsync` (in permanent mode), even
+    /// with nothing pending: then every earlier flush is durable too. Returns
+    /// the entries it covered and the state file's applied index.
+    fn flush_state(&self, fsync: bool) -> Result<(u64, u64), StoreError> {
         let _flush = lock(&self.flush_lock);
         let batch = {
             let mut u = self.lock_unflushed();
@@ -593,19 +644,26 @@ impl StripeStore {
             }
             batch
         };
-        let txn = self.write_txn(durable)?;
-        // Also with nothing pending: what `also` does (a compaction) relies on
-        // the file's state being the one this node applied.
+        let fsync =
+            self.durable && (fsync || lock(&self.state_fsynced).elapsed() >= STATE_FSYNC_EVERY);
+        let started = Instant::now();
+        let txn = self.write_txn(&self.state, fsync)?;
+        // Also with nothing pending: a caller (compaction) relies on the file's
+        // state being the one this node applied.
         self.check_state_kept()?;
-        if !batch.is_empty() {
-            let filed = {
-                let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
-                let v = meta.get(STRIPE_APPLIED).map_err(self.storage())?;
-                v.map(|v| u64_of(v.value())).unwrap_or(0)
-            };
+        let filed = {
+            let meta = txn
+                .open_table(STRIPE_STATE_META)
+                .map_err(self.state.storage())?;
+            let v = meta.get(STRIPE_APPLIED).map_err(self.state.storage())?;
+            v.map(|v| u64_of(v.value())).unwrap_or(0)
+        };
+        let applied = if batch.is_empty() {
+            filed
+        } else {
             if filed != batch.base {
                 return Err(StoreError::Corrupt {
-                    path: self.path.clone(),
+                    path: self.state.path.clone(),
                     what: "applied state kept in memory".into(),
                     detail: format!(
                         "it follows entry {}, the file's state entry {filed}",
@@ -614,30 +672,33 @@ impl StripeStore {
                 });
             }
             let pruned = self.changes_pruned.load(Ordering::Acquire);
-            write_pending(&txn, &batch, pruned, &self.path)?;
+            write_pending(&txn, &batch, pruned, &self.state.path)?;
+            batch.applied
+        };
+        txn.commit().map_err(self.state.storage())?;
+        if fsync {
+            *lock(&self.state_fsynced) = started;
         }
-        also(&txn)?;
-        txn.commit().map_err(self.storage())?;
         let mut u = self.lock_unflushed();
         u.flushing = None;
         self.unflushed_entries.store(u.entries(), Ordering::Release);
         if !batch.is_empty() {
             self.flushes.fetch_add(1, Ordering::AcqRel);
         }
-        Ok(batch.entries)
+        Ok((batch.entries, applied))
     }
 
     fn lock_unflushed(&self) -> MutexGuard<'_, Unflushed> {
         lock(&self.unflushed)
     }
 
-    /// Fails once the file was opened again after an I/O error, until
+    /// Fails once a file was opened again after an I/O error, until
     /// [`recover`](Self::recover): the reopened file lost the flushes that were
     /// not fsynced, so pending state no longer fits it.
     fn check_state_kept(&self) -> Result<(), StoreError> {
         if self.state_lost.load(Ordering::Acquire) {
             return Err(StoreError::StateReopened {
-                path: self.path.clone(),
+                path: self.log.path.clone(),
             });
         }
         Ok(())
@@ -646,25 +707,27 @@ impl StripeStore {
     /// A consistent view of the applied state, to send as a snapshot.
     pub fn snapshot_source(&self) -> Result<SnapshotSource, StoreError> {
         self.flush()?;
-        let txn = self.begin_read()?;
-        let (applied, base, changes) = {
-            let meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
-            let get = |k: &str| -> Result<Option<Vec<u8>>, StoreError> {
-                Ok(meta
-                    .get(k)
-                    .map_err(self.storage())?
-                    .map(|v| v.value().to_vec()))
+        let state = self.begin_read(&self.state)?;
+        let log = self.begin_read(&self.log)?;
+        let (applied, changes) = {
+            let meta = state
+                .open_table(STRIPE_STATE_META)
+                .map_err(self.state.storage())?;
+            let get = |k: &str| -> Result<u64, StoreError> {
+                let v = meta.get(k).map_err(self.state.storage())?;
+                Ok(v.map(|v| u64_of(v.value())).unwrap_or(0))
             };
-            let base = get(STRIPE_BASE)?.map(|b| base_of(&b)).unwrap_or((0, 0));
-            (
-                get(STRIPE_APPLIED)?.map(|b| u64_of(&b)).unwrap_or(0),
-                base,
-                get(STRIPE_CHANGES)?.map(|b| u64_of(&b)).unwrap_or(0),
-            )
+            (get(STRIPE_APPLIED)?, get(STRIPE_CHANGES)?)
+        };
+        let base = {
+            let meta = log.open_table(STRIPE_META).map_err(self.log.storage())?;
+            let v = meta.get(STRIPE_BASE).map_err(self.log.storage())?;
+            v.map(|v| base_of(v.value())).unwrap_or((0, 0))
         };
         Ok(SnapshotSource {
-            txn,
-            path: self.path.clone(),
+            state,
+            log,
+            path: self.state.path.clone(),
             applied,
             base,
             changes,
@@ -681,32 +744,39 @@ impl StripeStore {
         requests: &[(String, Vec<u8>)],
         durable: bool,
     ) -> Result<(), StoreError> {
-        let txn = self.write_txn(durable)?;
+        let txn = self.write_txn(&self.state, durable)?;
         {
             if reset {
-                txn.delete_table(KV_STAGING).map_err(self.storage())?;
-                txn.delete_table(REQUESTS_STAGING).map_err(self.storage())?;
+                txn.delete_table(KV_STAGING).map_err(self.state.storage())?;
+                txn.delete_table(REQUESTS_STAGING)
+                    .map_err(self.state.storage())?;
             }
-            let mut staging = txn.open_table(KV_STAGING).map_err(self.storage())?;
+            let mut staging = txn.open_table(KV_STAGING).map_err(self.state.storage())?;
             for (map, key, version, value) in kv {
                 staging
                     .insert((map.as_str(), key.as_str()), (*version, value.as_slice()))
-                    .map_err(self.storage())?;
+                    .map_err(self.state.storage())?;
             }
-            let mut reqs = txn.open_table(REQUESTS_STAGING).map_err(self.storage())?;
+            let mut reqs = txn
+                .open_table(REQUESTS_STAGING)
+                .map_err(self.state.storage())?;
             for (id, record) in requests {
                 reqs.insert(id.as_str(), record.as_slice())
-                    .map_err(self.storage())?;
+                    .map_err(self.state.storage())?;
             }
         }
-        txn.commit().map_err(self.storage())
+        txn.commit().map_err(self.state.storage())
     }
 
     /// Makes the staged snapshot the stripe's state, covering the log up to `at`
     /// (epoch, index): the staged tables replace the live ones, the log keeps
     /// only the entries after `at` (or none, unless `keep_log`), and the change
-    /// outbox starts after `changes`. One fsynced transaction. `expiry_of`
-    /// reads a request record's expiry, to index the records received.
+    /// outbox starts after `changes`. `expiry_of` reads a request record's
+    /// expiry, to index the records received.
+    ///
+    /// The state file's fsynced commit decides: it also records the install,
+    /// so that a crash before the log's part is done finishes it at the next
+    /// [`recover`](Self::recover).
     pub fn install_snapshot(
         &self,
         at: (u64, u64),
@@ -720,82 +790,128 @@ impl StripeStore {
         let _flush = lock(&self.flush_lock);
         *self.lock_unflushed() = Unflushed::default();
         self.unflushed_entries.store(0, Ordering::Release);
-        let txn = self.write_txn(true)?;
+        let txn = self.write_txn(&self.state, true)?;
         {
             // Make sure both staging tables exist (an empty snapshot stages nothing).
-            txn.open_table(KV_STAGING).map_err(self.storage())?;
-            txn.open_table(REQUESTS_STAGING).map_err(self.storage())?;
-            txn.delete_table(KV).map_err(self.storage())?;
-            txn.delete_table(REQUESTS).map_err(self.storage())?;
-            txn.rename_table(KV_STAGING, KV).map_err(self.storage())?;
+            txn.open_table(KV_STAGING).map_err(self.state.storage())?;
+            txn.open_table(REQUESTS_STAGING)
+                .map_err(self.state.storage())?;
+            txn.delete_table(KV).map_err(self.state.storage())?;
+            txn.delete_table(REQUESTS).map_err(self.state.storage())?;
+            txn.rename_table(KV_STAGING, KV)
+                .map_err(self.state.storage())?;
             txn.rename_table(REQUESTS_STAGING, REQUESTS)
-                .map_err(self.storage())?;
-            txn.delete_table(REQUEST_EXPIRY).map_err(self.storage())?;
+                .map_err(self.state.storage())?;
+            txn.delete_table(REQUEST_EXPIRY)
+                .map_err(self.state.storage())?;
             {
-                let requests = txn.open_table(REQUESTS).map_err(self.storage())?;
-                let mut expiry = txn.open_table(REQUEST_EXPIRY).map_err(self.storage())?;
-                for row in requests.iter().map_err(self.storage())? {
-                    let (id, record) = row.map_err(self.storage())?;
+                let requests = txn.open_table(REQUESTS).map_err(self.state.storage())?;
+                let mut expiry = txn
+                    .open_table(REQUEST_EXPIRY)
+                    .map_err(self.state.storage())?;
+                for row in requests.iter().map_err(self.state.storage())? {
+                    let (id, record) = row.map_err(self.state.storage())?;
                     if let Some(until) = expiry_of(record.value()) {
                         expiry
                             .insert((until, id.value()), ())
-                            .map_err(self.storage())?;
+                            .map_err(self.state.storage())?;
                     }
                 }
             }
-            let mut log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
-            if keep_log {
-                log.retain_in(..=at.1, |_, _| false)
-                    .map_err(self.storage())?;
-            } else {
-                log.retain(|_, _| false).map_err(self.storage())?;
-            }
-            let mut outbox = txn.open_table(CHANGES).map_err(self.storage())?;
-            outbox.retain(|_, _| false).map_err(self.storage())?;
-            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
-            meta.insert(STRIPE_BASE, base_bytes(at).as_slice())
-                .map_err(self.storage())?;
+            let mut outbox = txn.open_table(CHANGES).map_err(self.state.storage())?;
+            outbox.retain(|_, _| false).map_err(self.state.storage())?;
+            let mut meta = txn
+                .open_table(STRIPE_STATE_META)
+                .map_err(self.state.storage())?;
             meta.insert(STRIPE_APPLIED, at.1.to_le_bytes().as_slice())
-                .map_err(self.storage())?;
+                .map_err(self.state.storage())?;
             meta.insert(STRIPE_CHANGES, changes.to_le_bytes().as_slice())
-                .map_err(self.storage())?;
+                .map_err(self.state.storage())?;
+            meta.insert(STRIPE_INSTALLING, installing_bytes(at, keep_log).as_slice())
+                .map_err(self.state.storage())?;
         }
-        txn.commit().map_err(self.storage())?;
-        // The file's state is all new, and fsynced: it no longer depends on
+        txn.commit().map_err(self.state.storage())?;
+        *lock(&self.state_fsynced) = Instant::now();
+        self.finish_install()?;
+        // The files' state is all new, and fsynced: it no longer depends on
         // commits a reopen undid.
         self.state_lost.store(false, Ordering::Release);
         self.changes_head.store(changes, Ordering::Release);
         Ok(())
     }
 
+    /// The log's part of an installed snapshot, if the state file records one
+    /// the log has not caught up with: drop the entries the snapshot covers
+    /// (all of them, unless it kept the log's tail) and start the log after it.
+    fn finish_install(&self) -> Result<(), StoreError> {
+        let installing = {
+            let txn = self.begin_read(&self.state)?;
+            let meta = txn
+                .open_table(STRIPE_STATE_META)
+                .map_err(self.state.storage())?;
+            let v = meta.get(STRIPE_INSTALLING).map_err(self.state.storage())?;
+            v.and_then(|v| installing_of(v.value()))
+        };
+        let Some((at, keep_log)) = installing else {
+            return Ok(());
+        };
+        let txn = self.write_txn(&self.log, true)?;
+        {
+            let mut meta = txn.open_table(STRIPE_META).map_err(self.log.storage())?;
+            let base = meta
+                .get(STRIPE_BASE)
+                .map_err(self.log.storage())?
+                .map(|v| base_of(v.value()))
+                .unwrap_or((0, 0));
+            // Done already if the log starts at or after it (and may have new
+            // entries since, which must stay).
+            if base.1 < at.1 {
+                let mut log = txn.open_table(STRIPE_LOG).map_err(self.log.storage())?;
+                if keep_log {
+                    log.retain_in(..=at.1, |_, _| false)
+                        .map_err(self.log.storage())?;
+                } else {
+                    log.retain(|_, _| false).map_err(self.log.storage())?;
+                }
+                meta.insert(STRIPE_BASE, base_bytes(at).as_slice())
+                    .map_err(self.log.storage())?;
+            }
+        }
+        txn.commit().map_err(self.log.storage())?;
+        let txn = self.write_txn(&self.state, false)?;
+        {
+            let mut meta = txn
+                .open_table(STRIPE_STATE_META)
+                .map_err(self.state.storage())?;
+            meta.remove(STRIPE_INSTALLING)
+                .map_err(self.state.storage())?;
+        }
+        txn.commit().map_err(self.state.storage())
+    }
+
     /// Drops log entries up to `base.1` (applied, and held by every member or
     /// covered by snapshots) and records `base` (epoch, index) as the point the
-    /// log starts after.
-    /// Pending applied state is flushed in the same transaction: the file's
-    /// state must cover every entry the log no longer holds.
+    /// log starts after. The state file is flushed and fsynced first: it must
+    /// cover every entry the log no longer holds.
     pub fn compact(&self, base: (u64, u64)) -> Result<(), StoreError> {
-        self.flush_with(false, |txn| {
-            let mut meta = txn.open_table(STRIPE_META).map_err(self.storage())?;
-            let filed = meta
-                .get(STRIPE_APPLIED)
-                .map_err(self.storage())?
-                .map(|v| u64_of(v.value()))
-                .unwrap_or(0);
-            if filed < base.1 {
-                return Err(StoreError::Corrupt {
-                    path: self.path.clone(),
-                    what: format!("log compaction up to entry {}", base.1),
-                    detail: format!("the file's state covers entries up to {filed} only"),
-                });
-            }
-            let mut log = txn.open_table(STRIPE_LOG).map_err(self.storage())?;
+        let (_, filed) = self.flush_state(true)?;
+        if filed < base.1 {
+            return Err(StoreError::Corrupt {
+                path: self.state.path.clone(),
+                what: format!("log compaction up to entry {}", base.1),
+                detail: format!("the file's state covers entries up to {filed} only"),
+            });
+        }
+        let txn = self.write_txn(&self.log, false)?;
+        {
+            let mut log = txn.open_table(STRIPE_LOG).map_err(self.log.storage())?;
             log.retain_in(..=base.1, |_, _| false)
-                .map_err(self.storage())?;
+                .map_err(self.log.storage())?;
+            let mut meta = txn.open_table(STRIPE_META).map_err(self.log.storage())?;
             meta.insert(STRIPE_BASE, base_bytes(base).as_slice())
-                .map_err(self.storage())?;
-            Ok(())
-        })
-        .map(|_| ())
+                .map_err(self.log.storage())?;
+        }
+        txn.commit().map_err(self.log.storage())
     }
 
     /// The last change seq produced by applied writes.
@@ -807,23 +923,19 @@ impl StripeStore {
     pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let (mut pending, txn) = {
             let u = self.lock_unflushed();
-            let txn = self.begin_read()?;
+            let txn = self.begin_read(&self.state)?;
             self.check_state_kept()?;
             (u.changes_from(from), txn)
         };
-        let table = match txn.open_table(CHANGES) {
-            Ok(t) => t,
-            // A file from before the outbox: until a flush creates the table,
-            // the events are all in memory.
-            Err(redb::TableError::TableDoesNotExist(_)) => {
-                return Ok(pending.into_iter().take(limit).collect())
-            }
-            Err(e) => return Err(self.storage()(e)),
-        };
+        let table = txn.open_table(CHANGES).map_err(self.state.storage())?;
         // Pending changes follow the file's (a flush that committed meanwhile
         // may have put some in both).
-        for row in table.range(from..).map_err(self.storage())?.take(limit) {
-            let (k, v) = row.map_err(self.storage())?;
+        for row in table
+            .range(from..)
+            .map_err(self.state.storage())?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(self.state.storage())?;
             pending
                 .entry(k.value())
                 .or_insert_with(|| v.value().to_vec());
@@ -838,14 +950,14 @@ impl StripeStore {
         // must not write the pruned events back. (If the commit fails, the
         // broadcast log holds them anyway.)
         self.changes_pruned.fetch_max(upto, Ordering::AcqRel);
-        let txn = self.write_txn(false)?;
+        let txn = self.write_txn(&self.state, false)?;
         {
-            let mut table = txn.open_table(CHANGES).map_err(self.storage())?;
+            let mut table = txn.open_table(CHANGES).map_err(self.state.storage())?;
             table
                 .retain_in(..=upto, |_, _| false)
-                .map_err(self.storage())?;
+                .map_err(self.state.storage())?;
         }
-        txn.commit().map_err(self.storage())
+        txn.commit().map_err(self.state.storage())
     }
 
     /// The current value of a key: (version, value).
@@ -854,15 +966,15 @@ impl StripeStore {
             let u = self.lock_unflushed();
             // Begun before a flush can take the key's change out of memory
             // (and before checking: beginning may open the file again).
-            let txn = self.begin_read()?;
+            let txn = self.begin_read(&self.state)?;
             self.check_state_kept()?;
             if let Some(v) = u.kv(map, key) {
                 return Ok(v);
             }
             txn
         };
-        let kv = txn.open_table(KV).map_err(self.storage())?;
-        Ok(kv.get((map, key)).map_err(self.storage())?.map(|v| {
+        let kv = txn.open_table(KV).map_err(self.state.storage())?;
+        Ok(kv.get((map, key)).map_err(self.state.storage())?.map(|v| {
             let (version, value) = v.value();
             (version, value.to_vec())
         }))
@@ -882,20 +994,20 @@ impl StripeStore {
         };
         let (pending, txn) = {
             let u = self.lock_unflushed();
-            let txn = self.begin_read()?;
+            let txn = self.begin_read(&self.state)?;
             self.check_state_kept()?;
             (u.keys_from(map, start), txn)
         };
-        let kv = txn.open_table(KV).map_err(self.storage())?;
+        let kv = txn.open_table(KV).map_err(self.state.storage())?;
         // Pending changes decide for the keys they name: at most that many keys
         // of the file are passed over.
         let mut keys = std::collections::BTreeSet::new();
         for row in kv
             .range((map, start)..)
-            .map_err(self.storage())?
+            .map_err(self.state.storage())?
             .take(limit + pending.len() + 1)
         {
-            let (k, _) = row.map_err(self.storage())?;
+            let (k, _) = row.map_err(self.state.storage())?;
             let (m, key) = k.value();
             if m != map || !key.starts_with(prefix) {
                 break;
@@ -918,10 +1030,17 @@ impl StripeStore {
     }
 }
 
-/// Opens (or creates) the stripe database at `path` with all its tables.
-fn open_db(path: &Path) -> Result<Database, StoreError> {
+/// Opens (or creates) the stripe's log database at `path`.
+fn open_log_db(path: &Path) -> Result<Database, StoreError> {
     open_or_create(path, STRIPE_META, |txn| {
         txn.open_table(STRIPE_LOG)?;
+        Ok(())
+    })
+}
+
+/// Opens (or creates) the stripe's state database at `path` with all its tables.
+fn open_state_db(path: &Path) -> Result<Database, StoreError> {
+    open_or_create(path, STRIPE_STATE_META, |txn| {
         txn.open_table(KV)?;
         txn.open_table(REQUESTS)?;
         txn.open_table(REQUEST_EXPIRY)?;
@@ -930,12 +1049,186 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
     })
 }
 
-/// The last change seq recorded in `db`.
+/// Where a state file is built while a data directory from before it moves
+/// its state there (renamed into place once complete).
+fn migrating_path(state_path: &Path) -> PathBuf {
+    state_path.with_extension("redb.migrating")
+}
+
+/// A data directory from before the state file kept the applied state in the
+/// log's file: it is copied to a new state file (built aside, then renamed
+/// into place, so a crash leaves either no state file or a complete one), then
+/// dropped from the log's file. Once done, only the leftovers are dropped.
+fn migrate_state(log_db: &Database, log_path: &Path, state_path: &Path) -> Result<(), StoreError> {
+    let legacy = {
+        let txn = log_db.begin_read().map_err(storage_error(log_path))?;
+        match txn.open_table(KV) {
+            Ok(_) => true,
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(storage_error(log_path)(e)),
+        }
+    };
+    if !legacy {
+        return Ok(());
+    }
+    if !state_path.exists() {
+        copy_state(log_db, log_path, state_path)?;
+    }
+    let mut txn = log_db.begin_write().map_err(storage_error(log_path))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(storage_error(log_path))?;
+    for table in [KV, KV_STAGING] {
+        txn.delete_table(table).map_err(storage_error(log_path))?;
+    }
+    for table in [REQUESTS, REQUESTS_STAGING] {
+        txn.delete_table(table).map_err(storage_error(log_path))?;
+    }
+    txn.delete_table(REQUEST_EXPIRY)
+        .map_err(storage_error(log_path))?;
+    txn.delete_table(CHANGES).map_err(storage_error(log_path))?;
+    {
+        let mut meta = txn
+            .open_table(STRIPE_META)
+            .map_err(storage_error(log_path))?;
+        meta.remove(STRIPE_APPLIED)
+            .map_err(storage_error(log_path))?;
+        meta.remove(STRIPE_CHANGES)
+            .map_err(storage_error(log_path))?;
+    }
+    txn.commit().map_err(storage_error(log_path))?;
+    tracing::info!(path = %log_path.display(), "old applied-state tables dropped from the log's file");
+    Ok(())
+}
+
+/// Copies the applied state out of a log file from before the state file.
+fn copy_state(log_db: &Database, log_path: &Path, state_path: &Path) -> Result<(), StoreError> {
+    let tmp = migrating_path(state_path);
+    if tmp.exists() {
+        // An earlier attempt that did not finish.
+        std::fs::remove_file(&tmp).map_err(|e| StoreError::Storage {
+            path: tmp.clone(),
+            source: redb::StorageError::Io(e).into(),
+        })?;
+    }
+    tracing::info!(from = %log_path.display(), to = %state_path.display(), "moving the stripe's applied state to a file of its own");
+    let new = open_state_db(&tmp)?;
+    let read = log_db.begin_read().map_err(storage_error(log_path))?;
+    let mut txn = new.begin_write().map_err(storage_error(&tmp))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(storage_error(&tmp))?;
+    let mut rows = 0u64;
+    let report = |rows: &mut u64| {
+        *rows += 1;
+        if rows.is_multiple_of(MIGRATE_REPORT_EVERY) {
+            tracing::info!(rows = *rows, "moving the stripe's applied state");
+        }
+    };
+    {
+        let mut to = txn.open_table(KV).map_err(storage_error(&tmp))?;
+        for row in read
+            .open_table(KV)
+            .map_err(storage_error(log_path))?
+            .iter()
+            .map_err(storage_error(log_path))?
+        {
+            let (k, v) = row.map_err(storage_error(log_path))?;
+            to.insert(k.value(), v.value())
+                .map_err(storage_error(&tmp))?;
+            report(&mut rows);
+        }
+    }
+    {
+        let mut to = txn.open_table(REQUESTS).map_err(storage_error(&tmp))?;
+        for row in read
+            .open_table(REQUESTS)
+            .map_err(storage_error(log_path))?
+            .iter()
+            .map_err(storage_error(log_path))?
+        {
+            let (k, v) = row.map_err(storage_error(log_path))?;
+            to.insert(k.value(), v.value())
+                .map_err(storage_error(&tmp))?;
+            report(&mut rows);
+        }
+    }
+    match read.open_table(REQUEST_EXPIRY) {
+        Ok(from) => {
+            let mut to = txn
+                .open_table(REQUEST_EXPIRY)
+                .map_err(storage_error(&tmp))?;
+            for row in from.iter().map_err(storage_error(log_path))? {
+                let (k, _) = row.map_err(storage_error(log_path))?;
+                to.insert(k.value(), ()).map_err(storage_error(&tmp))?;
+                report(&mut rows);
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(storage_error(log_path)(e)),
+    }
+    match read.open_table(CHANGES) {
+        Ok(from) => {
+            let mut to = txn.open_table(CHANGES).map_err(storage_error(&tmp))?;
+            for row in from.iter().map_err(storage_error(log_path))? {
+                let (k, v) = row.map_err(storage_error(log_path))?;
+                to.insert(k.value(), v.value())
+                    .map_err(storage_error(&tmp))?;
+                report(&mut rows);
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(storage_error(log_path)(e)),
+    }
+    {
+        let from = read
+            .open_table(STRIPE_META)
+            .map_err(storage_error(log_path))?;
+        let mut to = txn
+            .open_table(STRIPE_STATE_META)
+            .map_err(storage_error(&tmp))?;
+        for key in [STRIPE_APPLIED, STRIPE_CHANGES] {
+            if let Some(v) = from.get(key).map_err(storage_error(log_path))? {
+                to.insert(key, v.value()).map_err(storage_error(&tmp))?;
+            }
+        }
+    }
+    txn.commit().map_err(storage_error(&tmp))?;
+    drop(new);
+    std::fs::rename(&tmp, state_path).map_err(|e| StoreError::Storage {
+        path: state_path.to_path_buf(),
+        source: redb::StorageError::Io(e).into(),
+    })?;
+    // The rename itself must survive a crash before the log's file changes.
+    if let Some(dir) = state_path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::Storage {
+                path: dir.to_path_buf(),
+                source: redb::StorageError::Io(e).into(),
+            })?;
+    }
+    tracing::info!(rows, path = %state_path.display(), "the stripe's applied state has a file of its own");
+    Ok(())
+}
+
+/// The last change seq recorded in the state database `db`.
 fn read_changes_head(db: &Database, path: &Path) -> Result<u64, StoreError> {
     let txn = db.begin_read().map_err(storage_error(path))?;
-    let meta = txn.open_table(STRIPE_META).map_err(storage_error(path))?;
+    let meta = txn
+        .open_table(STRIPE_STATE_META)
+        .map_err(storage_error(path))?;
     let head = meta.get(STRIPE_CHANGES).map_err(storage_error(path))?;
     Ok(head.map(|v| u64_of(v.value())).unwrap_or(0))
+}
+
+fn installing_bytes(at: (u64, u64), keep_log: bool) -> [u8; 17] {
+    let mut b = [0u8; 17];
+    b[..16].copy_from_slice(&base_bytes(at));
+    b[16] = u8::from(keep_log);
+    b
+}
+
+fn installing_of(b: &[u8]) -> Option<((u64, u64), bool)> {
+    (b.len() == 17).then(|| (base_of(&b[..16]), b[16] == 1))
 }
 
 /// A storage error of the database at `path`.
@@ -1158,12 +1451,12 @@ mod tests {
         assert_eq!(s.unflushed_entries(), 3);
         assert_eq!(s.flush().unwrap(), 3);
         check(&s);
-        // A log write takes pending state along once it waited long enough.
+        // Log writes leave pending state to flushes (the state has a file,
+        // and a writer, of its own).
         put_one(&s, 7, "d", Some(b"7"));
         s.persist(None, &[(8, vec![])], None).unwrap();
         assert_eq!((s.unflushed_entries(), s.flushes()), (1, 2));
-        std::thread::sleep(FLUSH_WITH_LOG_AFTER);
-        s.persist(None, &[(9, vec![])], None).unwrap();
+        assert_eq!(s.flush().unwrap(), 1);
         assert_eq!((s.unflushed_entries(), s.flushes()), (0, 3));
         drop(s);
         let s = StripeStore::open(dir.path(), true).unwrap();
@@ -1323,15 +1616,102 @@ mod tests {
     }
 
     #[test]
-    fn change_events_of_a_file_from_before_the_outbox_are_read_from_memory() {
+    fn a_data_directory_from_before_the_state_file_moves_its_state_there_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join(STRIPE_DB_FILE);
+        {
+            // As an older kiln left it: state and log in one file.
+            let db = open_or_create(&log_path, STRIPE_META, |txn| {
+                txn.open_table(STRIPE_LOG)?;
+                txn.open_table(KV)?;
+                txn.open_table(REQUESTS)?;
+                txn.open_table(REQUEST_EXPIRY)?;
+                txn.open_table(CHANGES)?;
+                Ok(())
+            })
+            .unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(STRIPE_LOG).unwrap();
+                for i in 1..=3u64 {
+                    log.insert(i, b"e".as_slice()).unwrap();
+                }
+                let mut kv = txn.open_table(KV).unwrap();
+                kv.insert(("m", "a"), (1, b"1".as_slice())).unwrap();
+                kv.insert(("m", "b"), (2, b"2".as_slice())).unwrap();
+                let mut requests = txn.open_table(REQUESTS).unwrap();
+                requests.insert("r:1", b"rec".as_slice()).unwrap();
+                let mut expiry = txn.open_table(REQUEST_EXPIRY).unwrap();
+                expiry.insert((9, "r:1"), ()).unwrap();
+                let mut changes = txn.open_table(CHANGES).unwrap();
+                changes.insert(2, b"b".as_slice()).unwrap();
+                let mut meta = txn.open_table(STRIPE_META).unwrap();
+                meta.insert(STRIPE_APPLIED, 2u64.to_le_bytes().as_slice())
+                    .unwrap();
+                meta.insert(STRIPE_CHANGES, 2u64.to_le_bytes().as_slice())
+                    .unwrap();
+                meta.insert(STRIPE_PROMISED, 7u64.to_le_bytes().as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        for _ in 0..2 {
+            let s = StripeStore::open(dir.path(), true).unwrap();
+            let r = s.recover().unwrap();
+            assert_eq!((r.applied, r.promised, r.entries.len()), (2, 7, 3));
+            assert_eq!(s.get("m", "b").unwrap(), Some((2, b"2".to_vec())));
+            assert_eq!(s.changes(1, 10).unwrap(), vec![(2, b"b".to_vec())]);
+            assert_eq!(s.changes_head(), 2);
+            let requests = s
+                .apply(&[(3, vec![])], |tx, _, _| tx.request("r:1"))
+                .unwrap();
+            assert_eq!(requests, vec![(3, Some(b"rec".to_vec()))]);
+            // Nothing of the state is left in the log's file.
+            let txn = s.begin_read(&s.log).unwrap();
+            assert!(matches!(
+                txn.open_table(KV),
+                Err(redb::TableError::TableDoesNotExist(_))
+            ));
+            let meta = txn.open_table(STRIPE_META).unwrap();
+            assert!(meta.get(STRIPE_APPLIED).unwrap().is_none());
+        }
+        assert!(!migrating_path(&dir.path().join(STRIPE_STATE_DB_FILE)).exists());
+    }
+
+    #[test]
+    fn a_snapshot_install_cut_off_before_its_log_part_is_finished_by_the_next_recovery() {
         let dir = tempfile::tempdir().unwrap();
         let s = StripeStore::open(dir.path(), true).unwrap();
-        let txn = s.write_txn(true).unwrap();
-        txn.delete_table(CHANGES).unwrap();
+        let log: Vec<(u64, Vec<u8>)> = (1..=5).map(|i| (i, vec![])).collect();
+        s.persist(None, &log, None).unwrap();
+        s.stage_snapshot(
+            true,
+            &[("m".into(), "k".into(), 9, b"v".to_vec())],
+            &[],
+            false,
+        )
+        .unwrap();
+        // What an install's state part leaves: the log still holds 1..=5.
+        let txn = s.write_txn(&s.state, true).unwrap();
+        {
+            let mut meta = txn.open_table(STRIPE_STATE_META).unwrap();
+            meta.insert(STRIPE_APPLIED, 9u64.to_le_bytes().as_slice())
+                .unwrap();
+            meta.insert(
+                STRIPE_INSTALLING,
+                installing_bytes((2, 9), false).as_slice(),
+            )
+            .unwrap();
+        }
         txn.commit().unwrap();
-        s.persist(None, &[(1, vec![])], None).unwrap();
-        put_one(&s, 1, "k", Some(b"v"));
-        assert_eq!(s.changes(1, 10).unwrap(), vec![(1, b"k".to_vec())]);
+        drop(s);
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        let r = s.recover().unwrap();
+        assert_eq!((r.base, r.applied, r.entries.len()), ((2, 9), 9, 0));
+        // Finished once: new entries after it stay at the next recovery.
+        s.persist(None, &[(10, vec![])], None).unwrap();
+        let r = s.recover().unwrap();
+        assert_eq!(r.entries.len(), 1);
     }
 
     #[test]

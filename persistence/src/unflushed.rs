@@ -1,13 +1,12 @@
-//! Applied key/value state not yet written to `stripe.redb`.
+//! Applied key/value state not yet written to `stripe-state.redb`.
 //!
 //! Applying committed entries needs no transaction of its own: the log holds
 //! them durably, and a crash applies them again from there. So applies change
 //! memory only ([`Pending`], read through by every reader of the state), and
 //! the store writes what gathered in one transaction now and then ("flush",
 //! as etcd's backend commits its batch every 100 ms). A write's reply then
-//! waits for neither redb's single writer (busy with the next log append's
-//! fsync) nor a commit, and a key written many times between flushes costs
-//! one B-tree update.
+//! waits for no commit of the state, and a key written many times between
+//! flushes costs one B-tree update.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -42,8 +41,6 @@ pub(crate) struct Pending {
     pub last_change: Option<u64>,
     /// Entries applied.
     pub entries: u64,
-    /// When the first of them was applied.
-    pub since: Option<std::time::Instant>,
 }
 
 impl Pending {
@@ -63,10 +60,6 @@ impl Pending {
         self.applied = self.applied.max(newer.applied);
         self.last_change = newer.last_change.or(self.last_change);
         self.entries += newer.entries;
-        self.since = match (self.since, newer.since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
     }
 }
 
@@ -109,17 +102,6 @@ impl Unflushed {
         self.newest
             .last_change
             .or_else(|| self.flushing.as_ref().and_then(|f| f.last_change))
-    }
-
-    /// When the oldest change not yet flushed was applied.
-    pub fn since(&self) -> Option<std::time::Instant> {
-        match (
-            self.newest.since,
-            self.flushing.as_ref().and_then(|f| f.since),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
     }
 
     /// Entries applied and not yet flushed.
@@ -369,7 +351,9 @@ pub(crate) fn write_pending(
             .insert(*seq, change.as_slice())
             .map_err(|e| err(e.into()))?;
     }
-    let mut meta = txn.open_table(STRIPE_META).map_err(|e| err(e.into()))?;
+    let mut meta = txn
+        .open_table(STRIPE_STATE_META)
+        .map_err(|e| err(e.into()))?;
     if let Some(c) = pending.last_change {
         meta.insert(STRIPE_CHANGES, c.to_le_bytes().as_slice())
             .map_err(|e| err(e.into()))?;

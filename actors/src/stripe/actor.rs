@@ -43,9 +43,9 @@ const REPLICATION_TIMEOUT: Duration = Duration::from_secs(2);
 /// writes rather than for every replication message.
 const APPLY_BATCH: u64 = 64;
 const APPLY_DEFER: Duration = Duration::from_millis(20);
-/// Applied state waits in memory until a log write takes it along (see
-/// `kiln_persistence::StripeStore::persist`); it is flushed alone after this
-/// many ticks without one, or once `FLUSH_ENTRIES` have gathered.
+/// Applied state waits in memory (readers read through it) and is flushed to
+/// its own file in the background after this many ticks without a flush, or
+/// once `FLUSH_ENTRIES` have gathered (see `kiln_persistence::StripeStore`).
 const FLUSH_ALONE_AFTER_TICKS: u32 = 2;
 const FLUSH_ENTRIES: u64 = 1024;
 /// After a failed log write the stripe starts again from its disk this much
@@ -515,8 +515,7 @@ impl StripeActor {
             };
             self.log_write_failed(&e);
         }
-        // Log writes take applied state along; without any since the last
-        // tick, it goes alone.
+        // Also counts the flushes others made (compaction, snapshots).
         let flushes = self.store.flushes();
         if flushes == self.flushes_seen {
             self.ticks_without_flush += 1;
