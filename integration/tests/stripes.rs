@@ -681,10 +681,10 @@ fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
             );
         }
     };
-    // While the disk is full the stripe cannot even write the no-op that starts
-    // its next epoch, so it serves nothing; with room again writes go on,
-    // without a restart, and nothing acknowledged is missing, then or after a
-    // restart.
+    // While the disk is full this lone member's stripe stays down (each restart
+    // first probes both of its files with a small fsynced write), so it serves
+    // no reads either; with room again writes go on, without a restart of the
+    // process, and nothing acknowledged is missing, then or after a restart.
     disk.resize(64);
     wait_until("a write succeeds once the disk has room", LONG, || {
         put(&agent, &node, "after", "x").is_some()

@@ -25,9 +25,12 @@ use crate::unflushed::{write_pending, OverlayKv, Pending, Unflushed};
 use crate::StoreError;
 
 /// A flush is fsynced once this long after the last fsynced one (the others
-/// are not: the log holds what they cover). Bounds what a crash makes the
-/// node apply again, and lets redb reuse the pages flushes freed.
-const STATE_FSYNC_EVERY: Duration = Duration::from_secs(1);
+/// are not: the log holds what they cover), and before compaction. Bounds what
+/// a crash makes the node apply again, and lets redb reuse the pages flushes
+/// freed. Each such fsync writes back seconds of state pages and holds up the
+/// log's fsyncs meanwhile: every second, p99 at 16 clients was 10.9–11.1 ms;
+/// every 10 s, 9.6–9.7 (integration/BENCHMARKS.md).
+const STATE_FSYNC_EVERY: Duration = Duration::from_secs(10);
 
 /// Rows copied between reports while a data directory from before the state
 /// file moves its state there.
@@ -61,6 +64,8 @@ pub struct StripeStore {
     flushes: AtomicU64,
     /// A file was opened again since the last [`recover`](Self::recover).
     state_lost: AtomicBool,
+    /// Which one (last), for messages.
+    reopened: Mutex<Option<PathBuf>>,
     /// Change events up to this seq left the outbox (a flush skips them).
     changes_pruned: AtomicU64,
     /// When the state file was last fsynced.
@@ -261,8 +266,8 @@ impl StripeStore {
                 }
             }
         }
-        let log_db = open_log_db(&log_path)?;
-        migrate_state(&log_db, &log_path, &state_path)?;
+        let mut log_db = open_log_db(&log_path)?;
+        migrate_state(&mut log_db, &log_path, &state_path)?;
         let state_db = open_state_db(&state_path)?;
         let changes_head = read_changes_head(&state_db, &state_path)?;
         Ok(StripeStore {
@@ -275,6 +280,7 @@ impl StripeStore {
             unflushed_entries: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             state_lost: AtomicBool::new(false),
+            reopened: Mutex::new(None),
             changes_pruned: AtomicU64::new(0),
             state_fsynced: Mutex::new(Instant::now()),
         })
@@ -317,6 +323,7 @@ impl StripeStore {
             self.changes_head
                 .store(read_changes_head(&db, &file.path)?, Ordering::Release);
         }
+        *lock(&self.reopened) = Some(file.path.clone());
         self.state_lost.store(true, Ordering::Release);
         *slot = Some(db.clone());
         tracing::info!(path = %file.path.display(), "stripe database opened again after an I/O error");
@@ -410,20 +417,74 @@ impl StripeStore {
             let (k, v) = row.map_err(self.log.storage())?;
             entries.push((k.value(), v.value().to_vec()));
         }
+        drop(table);
+        let stripe = get(&log, &self.log, STRIPE_META, STRIPE_ID)?.map(|b| u64_of(&b) as u32);
+        let promised = get(&log, &self.log, STRIPE_META, STRIPE_PROMISED)?
+            .map(|b| u64_of(&b))
+            .unwrap_or(0);
+        let last = entries.last().map_or(base.1, |e| e.0);
+        if applied > last && !self.durable {
+            // Temporary persistence fsyncs neither file's data, so after an I/O
+            // error each may go back to a different point: the state ahead of
+            // the log. Start empty, as after a restart; the stripe's active
+            // brings this member up to date.
+            drop((state, log));
+            self.clear_data()?;
+            self.changes_head.store(0, Ordering::Release);
+            tracing::warn!(path = %self.log.path.display(), applied, last,
+                "the stripe's state was ahead of its log after an I/O error (temporary persistence): starting empty");
+            return Ok(StripeRecovered {
+                stripe,
+                promised,
+                ..StripeRecovered::default()
+            });
+        }
         // Until the entries after the file's state are applied again.
         let changes = get(&state, &self.state, STRIPE_STATE_META, STRIPE_CHANGES)?
             .map(|b| u64_of(&b))
             .unwrap_or(0);
         self.changes_head.store(changes, Ordering::Release);
         Ok(StripeRecovered {
-            stripe: get(&log, &self.log, STRIPE_META, STRIPE_ID)?.map(|b| u64_of(&b) as u32),
-            promised: get(&log, &self.log, STRIPE_META, STRIPE_PROMISED)?
-                .map(|b| u64_of(&b))
-                .unwrap_or(0),
+            stripe,
+            promised,
             base,
             entries,
             applied,
         })
+    }
+
+    /// Empties the log and the applied state; keeps the stripe and the promise.
+    fn clear_data(&self) -> Result<(), StoreError> {
+        let txn = self.write_txn(&self.state, true)?;
+        {
+            let err = self.state.storage();
+            for table in [KV, KV_STAGING] {
+                txn.delete_table(table).map_err(&err)?;
+            }
+            for table in [REQUESTS, REQUESTS_STAGING] {
+                txn.delete_table(table).map_err(&err)?;
+            }
+            txn.delete_table(REQUEST_EXPIRY).map_err(&err)?;
+            txn.delete_table(CHANGES).map_err(&err)?;
+            // Empty again, as a new file has them.
+            txn.open_table(KV).map_err(&err)?;
+            txn.open_table(REQUESTS).map_err(&err)?;
+            txn.open_table(REQUEST_EXPIRY).map_err(&err)?;
+            txn.open_table(CHANGES).map_err(&err)?;
+            let mut meta = txn.open_table(STRIPE_STATE_META).map_err(&err)?;
+            for key in [STRIPE_APPLIED, STRIPE_CHANGES, STRIPE_INSTALLING] {
+                meta.remove(key).map_err(self.state.storage())?;
+            }
+        }
+        txn.commit().map_err(self.state.storage())?;
+        let txn = self.write_txn(&self.log, true)?;
+        {
+            let mut log = txn.open_table(STRIPE_LOG).map_err(self.log.storage())?;
+            log.retain(|_, _| false).map_err(self.log.storage())?;
+            let mut meta = txn.open_table(STRIPE_META).map_err(self.log.storage())?;
+            meta.remove(STRIPE_BASE).map_err(self.log.storage())?;
+        }
+        txn.commit().map_err(self.log.storage())
     }
 
     /// Records which stripe this data belongs to (a node placed elsewhere must
@@ -436,6 +497,27 @@ impl StripeStore {
                 .map_err(self.log.storage())?;
         }
         txn.commit().map_err(self.log.storage())
+    }
+
+    /// Whether both files take fsynced writes again (after a failed one): a
+    /// small write to each, fsynced. Records `stripe` as [`set_stripe`](Self::set_stripe) does.
+    pub fn probe(&self, stripe: u32) -> Result<(), StoreError> {
+        self.set_stripe(stripe)?;
+        let txn = self.write_txn(&self.state, true)?;
+        {
+            // The same value again: a page written, nothing changed.
+            let mut meta = txn
+                .open_table(STRIPE_STATE_META)
+                .map_err(self.state.storage())?;
+            let changes = meta
+                .get(STRIPE_CHANGES)
+                .map_err(self.state.storage())?
+                .map(|v| u64_of(v.value()))
+                .unwrap_or(0);
+            meta.insert(STRIPE_CHANGES, changes.to_le_bytes().as_slice())
+                .map_err(self.state.storage())?;
+        }
+        txn.commit().map_err(self.state.storage())
     }
 
     /// Log changes in one transaction, fsynced in permanent mode: drop entries
@@ -622,9 +704,10 @@ impl StripeStore {
         self.flushes.load(Ordering::Acquire)
     }
 
-    /// [`flush`](Self::flush), fsynced if `fsync` (in permanent mode), even
-    /// with nothing pending: then every earlier flush is durable too. Returns
-    /// the entries it covered and the state file's applied index.
+    /// [`flush`](Self::flush), fsynced if `fsync` (in either mode: a log that
+    /// drops entries relies on it), even with nothing pending: then every
+    /// earlier flush is durable too. Returns the entries it covered and the
+    /// state file's applied index.
     fn flush_state(&self, fsync: bool) -> Result<(u64, u64), StoreError> {
         let _flush = lock(&self.flush_lock);
         let batch = {
@@ -645,7 +728,7 @@ impl StripeStore {
             batch
         };
         let fsync =
-            self.durable && (fsync || lock(&self.state_fsynced).elapsed() >= STATE_FSYNC_EVERY);
+            fsync || (self.durable && lock(&self.state_fsynced).elapsed() >= STATE_FSYNC_EVERY);
         let started = Instant::now();
         let txn = self.write_txn(&self.state, fsync)?;
         // Also with nothing pending: a caller (compaction) relies on the file's
@@ -697,8 +780,9 @@ impl StripeStore {
     /// not fsynced, so pending state no longer fits it.
     fn check_state_kept(&self) -> Result<(), StoreError> {
         if self.state_lost.load(Ordering::Acquire) {
+            let path = lock(&self.reopened).clone();
             return Err(StoreError::StateReopened {
-                path: self.log.path.clone(),
+                path: path.unwrap_or_else(|| self.log.path.clone()),
             });
         }
         Ok(())
@@ -1059,7 +1143,11 @@ fn migrating_path(state_path: &Path) -> PathBuf {
 /// log's file: it is copied to a new state file (built aside, then renamed
 /// into place, so a crash leaves either no state file or a complete one), then
 /// dropped from the log's file. Once done, only the leftovers are dropped.
-fn migrate_state(log_db: &Database, log_path: &Path, state_path: &Path) -> Result<(), StoreError> {
+fn migrate_state(
+    log_db: &mut Database,
+    log_path: &Path,
+    state_path: &Path,
+) -> Result<(), StoreError> {
     let legacy = {
         let txn = log_db.begin_read().map_err(storage_error(log_path))?;
         match txn.open_table(KV) {
@@ -1096,6 +1184,8 @@ fn migrate_state(log_db: &Database, log_path: &Path, state_path: &Path) -> Resul
             .map_err(storage_error(log_path))?;
     }
     txn.commit().map_err(storage_error(log_path))?;
+    // Give the room back: the log's file held the state too.
+    log_db.compact().map_err(storage_error(log_path))?;
     tracing::info!(path = %log_path.display(), "old applied-state tables dropped from the log's file");
     Ok(())
 }
@@ -1712,6 +1802,30 @@ mod tests {
         s.persist(None, &[(10, vec![])], None).unwrap();
         let r = s.recover().unwrap();
         assert_eq!(r.entries.len(), 1);
+    }
+
+    #[test]
+    fn temporary_mode_starts_empty_when_the_state_is_ahead_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StripeStore::open(dir.path(), false).unwrap();
+        s.set_stripe(3).unwrap();
+        let log: Vec<(u64, Vec<u8>)> = (1..=2).map(|i| (i, vec![])).collect();
+        s.persist(None, &log, Some(5)).unwrap();
+        put_one(&s, 1, "a", Some(b"1"));
+        put_one(&s, 2, "b", Some(b"2"));
+        s.flush().unwrap();
+        // As after the log's file went back to an earlier commit.
+        let txn = s.write_txn(&s.log, false).unwrap();
+        txn.open_table(STRIPE_LOG)
+            .unwrap()
+            .retain(|_, _| false)
+            .unwrap();
+        txn.commit().unwrap();
+        let r = s.recover().unwrap();
+        assert_eq!((r.stripe, r.promised), (Some(3), 5));
+        assert_eq!((r.applied, r.base, r.entries.len()), (0, (0, 0), 0));
+        assert_eq!(s.get("m", "a").unwrap(), None);
+        assert_eq!(s.changes_head(), 0);
     }
 
     #[test]

@@ -329,8 +329,12 @@ pub struct StripeActor {
     /// A log write failed: the error, and when to start the replica again from
     /// the disk. Writes meanwhile are refused with the error at once.
     storage_down: Option<(String, Instant)>,
-    /// Log writes and restarts that failed since the last log write that did not.
+    /// Writes and restarts that failed since both files last took a write.
     storage_failures: u32,
+    /// Since the last failed write: a log append, and a flush of applied
+    /// state, succeeded (both files take writes again: the backoff resets).
+    appended_since_failure: bool,
+    flushed_since_failure: bool,
     /// A standby's committed entries not applied yet (see `APPLY_BATCH`), and
     /// since when the oldest of them waits.
     apply_pending: Option<(u64, Instant)>,
@@ -434,6 +438,8 @@ impl StripeActor {
             replica_generation: 0,
             storage_down: None,
             storage_failures: 0,
+            appended_since_failure: false,
+            flushed_since_failure: false,
             apply_pending: None,
             flushing: false,
             flushes_seen: 0,
@@ -704,7 +710,7 @@ impl StripeActor {
                 match res {
                     Ok(done) => {
                         if has_entries {
-                            act.storage_failures = 0;
+                            act.storage_ok(true);
                         }
                         act.applied(upto, Ok(done));
                         act.flush_applied(ctx, FLUSH_ENTRIES);
@@ -795,12 +801,15 @@ impl StripeActor {
                 .into_actor(self)
                 .map(move |res, act, _ctx| {
                     act.flushing = false;
-                    if let Err(e) = res {
+                    match res {
+                        Ok(n) if n > 0 && act.replica_generation == generation => {
+                            act.storage_ok(false)
+                        }
+                        Ok(_) => {}
                         // Earlier flushes may be undone with the file (see
                         // `StripeStore::flush`).
-                        if act.replica_generation == generation {
-                            act.log_write_failed(&e);
-                        }
+                        Err(e) if act.replica_generation == generation => act.log_write_failed(&e),
+                        Err(_) => {}
                     }
                 }),
         );
@@ -1273,7 +1282,7 @@ impl StripeActor {
                 match res {
                     Ok(()) if act.replica_generation != generation => {}
                     Ok(()) => {
-                        act.storage_failures = 0;
+                        act.storage_ok(true);
                         if let Some(r) = act.replica.as_mut() {
                             let fx = r.on_persisted(last);
                             act.queue.extend(fx.into_iter().map(Step::Fx));
@@ -1288,6 +1297,19 @@ impl StripeActor {
                 act.pump(ctx);
             }),
         );
+    }
+
+    /// A log append (`append`) or a flush of applied state succeeded: once
+    /// both did since the last failure, restarts no longer back off.
+    fn storage_ok(&mut self, append: bool) {
+        if append {
+            self.appended_since_failure = true;
+        } else {
+            self.flushed_since_failure = true;
+        }
+        if self.appended_since_failure && self.flushed_since_failure {
+            self.storage_failures = 0;
+        }
     }
 
     fn storage_failed(&mut self, e: &StoreError) {
@@ -1336,6 +1358,7 @@ impl StripeActor {
         // What the failed write would have covered is not on the disk.
         self.apply_pending = None;
         self.storage_failures += 1;
+        (self.appended_since_failure, self.flushed_since_failure) = (false, false);
         let retry = storage_retry(self.storage_failures);
         tracing::error!(stripe = ?self.stripe, error = %e, retry_s = retry.as_secs(),
             failures = self.storage_failures,
@@ -1357,11 +1380,11 @@ impl StripeActor {
         self.busy = true;
         let store = self.store.clone();
         ctx.spawn(
-            // A small durable write first: while the disk still fails, the
-            // stripe stays down without asking the control plane for a new
-            // epoch each time.
+            // A small durable write to each file first: while the disk still
+            // fails, the stripe stays down without asking the control plane
+            // for a new epoch each time.
             blocking(move || {
-                store.set_stripe(stripe)?;
+                store.probe(stripe)?;
                 recover_stripe(&store, stripe)
             })
             .into_actor(self)
