@@ -1207,67 +1207,10 @@ fn copy_state(log_db: &Database, log_path: &Path, state_path: &Path) -> Result<(
     txn.set_durability(Durability::Immediate)
         .map_err(storage_error(&tmp))?;
     let mut rows = 0u64;
-    let report = |rows: &mut u64| {
-        *rows += 1;
-        if rows.is_multiple_of(MIGRATE_REPORT_EVERY) {
-            tracing::info!(rows = *rows, "moving the stripe's applied state");
-        }
-    };
-    {
-        let mut to = txn.open_table(KV).map_err(storage_error(&tmp))?;
-        for row in read
-            .open_table(KV)
-            .map_err(storage_error(log_path))?
-            .iter()
-            .map_err(storage_error(log_path))?
-        {
-            let (k, v) = row.map_err(storage_error(log_path))?;
-            to.insert(k.value(), v.value())
-                .map_err(storage_error(&tmp))?;
-            report(&mut rows);
-        }
-    }
-    {
-        let mut to = txn.open_table(REQUESTS).map_err(storage_error(&tmp))?;
-        for row in read
-            .open_table(REQUESTS)
-            .map_err(storage_error(log_path))?
-            .iter()
-            .map_err(storage_error(log_path))?
-        {
-            let (k, v) = row.map_err(storage_error(log_path))?;
-            to.insert(k.value(), v.value())
-                .map_err(storage_error(&tmp))?;
-            report(&mut rows);
-        }
-    }
-    match read.open_table(REQUEST_EXPIRY) {
-        Ok(from) => {
-            let mut to = txn
-                .open_table(REQUEST_EXPIRY)
-                .map_err(storage_error(&tmp))?;
-            for row in from.iter().map_err(storage_error(log_path))? {
-                let (k, _) = row.map_err(storage_error(log_path))?;
-                to.insert(k.value(), ()).map_err(storage_error(&tmp))?;
-                report(&mut rows);
-            }
-        }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(storage_error(log_path)(e)),
-    }
-    match read.open_table(CHANGES) {
-        Ok(from) => {
-            let mut to = txn.open_table(CHANGES).map_err(storage_error(&tmp))?;
-            for row in from.iter().map_err(storage_error(log_path))? {
-                let (k, v) = row.map_err(storage_error(log_path))?;
-                to.insert(k.value(), v.value())
-                    .map_err(storage_error(&tmp))?;
-                report(&mut rows);
-            }
-        }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(storage_error(log_path)(e)),
-    }
+    copy_table(&read, &txn, KV, log_path, &tmp, &mut rows)?;
+    copy_table(&read, &txn, REQUESTS, log_path, &tmp, &mut rows)?;
+    copy_table(&read, &txn, REQUEST_EXPIRY, log_path, &tmp, &mut rows)?;
+    copy_table(&read, &txn, CHANGES, log_path, &tmp, &mut rows)?;
     {
         let from = read
             .open_table(STRIPE_META)
@@ -1297,6 +1240,34 @@ fn copy_state(log_db: &Database, log_path: &Path, state_path: &Path) -> Result<(
             })?;
     }
     tracing::info!(rows, path = %state_path.display(), "the stripe's applied state has a file of its own");
+    Ok(())
+}
+
+/// Copies every row of `table` from `read` (of the file at `from`; none if it
+/// lacks the table) into `txn` (of the file at `to`), counting them in `rows`.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    read: &redb::ReadTransaction,
+    txn: &redb::WriteTransaction,
+    table: redb::TableDefinition<K, V>,
+    from: &Path,
+    to: &Path,
+    rows: &mut u64,
+) -> Result<(), StoreError> {
+    let source = match read.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(storage_error(from)(e)),
+    };
+    let mut dest = txn.open_table(table).map_err(storage_error(to))?;
+    for row in source.iter().map_err(storage_error(from))? {
+        let (k, v) = row.map_err(storage_error(from))?;
+        dest.insert(k.value(), v.value())
+            .map_err(storage_error(to))?;
+        *rows += 1;
+        if rows.is_multiple_of(MIGRATE_REPORT_EVERY) {
+            tracing::info!(rows = *rows, "moving the stripe's applied state");
+        }
+    }
     Ok(())
 }
 
