@@ -423,20 +423,19 @@ impl StripeStore {
             .map(|b| u64_of(&b))
             .unwrap_or(0);
         let last = entries.last().map_or(base.1, |e| e.0);
-        if applied > last && !self.durable {
+        if applied > last {
             // Temporary persistence fsyncs neither file's data, so after an I/O
-            // error each may go back to a different point: the state ahead of
-            // the log. Start empty, as after a restart; the stripe's active
-            // brings this member up to date.
-            drop((state, log));
-            self.clear_data()?;
-            self.changes_head.store(0, Ordering::Release);
-            tracing::warn!(path = %self.log.path.display(), applied, last,
-                "the stripe's state was ahead of its log after an I/O error (temporary persistence): starting empty");
-            return Ok(StripeRecovered {
-                stripe,
-                promised,
-                ..StripeRecovered::default()
+            // error each may go back to a different point. Starting from a log
+            // behind its state could apply new writes over old indexes; the
+            // stripe stays down on this node instead (a restart of the process
+            // starts it empty).
+            return Err(StoreError::Corrupt {
+                path: self.state.path.clone(),
+                what: "the stripe's applied state".into(),
+                detail: format!(
+                    "it covers log entries up to {applied}, but the log ({}) ends at {last}; restart the node",
+                    self.log.path.display()
+                ),
             });
         }
         // Until the entries after the file's state are applied again.
@@ -451,40 +450,6 @@ impl StripeStore {
             entries,
             applied,
         })
-    }
-
-    /// Empties the log and the applied state; keeps the stripe and the promise.
-    fn clear_data(&self) -> Result<(), StoreError> {
-        let txn = self.write_txn(&self.state, true)?;
-        {
-            let err = self.state.storage();
-            for table in [KV, KV_STAGING] {
-                txn.delete_table(table).map_err(&err)?;
-            }
-            for table in [REQUESTS, REQUESTS_STAGING] {
-                txn.delete_table(table).map_err(&err)?;
-            }
-            txn.delete_table(REQUEST_EXPIRY).map_err(&err)?;
-            txn.delete_table(CHANGES).map_err(&err)?;
-            // Empty again, as a new file has them.
-            txn.open_table(KV).map_err(&err)?;
-            txn.open_table(REQUESTS).map_err(&err)?;
-            txn.open_table(REQUEST_EXPIRY).map_err(&err)?;
-            txn.open_table(CHANGES).map_err(&err)?;
-            let mut meta = txn.open_table(STRIPE_STATE_META).map_err(&err)?;
-            for key in [STRIPE_APPLIED, STRIPE_CHANGES, STRIPE_INSTALLING] {
-                meta.remove(key).map_err(self.state.storage())?;
-            }
-        }
-        txn.commit().map_err(self.state.storage())?;
-        let txn = self.write_txn(&self.log, true)?;
-        {
-            let mut log = txn.open_table(STRIPE_LOG).map_err(self.log.storage())?;
-            log.retain(|_, _| false).map_err(self.log.storage())?;
-            let mut meta = txn.open_table(STRIPE_META).map_err(self.log.storage())?;
-            meta.remove(STRIPE_BASE).map_err(self.log.storage())?;
-        }
-        txn.commit().map_err(self.log.storage())
     }
 
     /// Records which stripe this data belongs to (a node placed elsewhere must
@@ -778,7 +743,7 @@ impl StripeStore {
     /// Fails once a file was opened again after an I/O error, until
     /// [`recover`](Self::recover): the reopened file lost the flushes that were
     /// not fsynced, so pending state no longer fits it.
-    fn check_state_kept(&self) -> Result<(), StoreError> {
+    pub fn check_state_kept(&self) -> Result<(), StoreError> {
         if self.state_lost.load(Ordering::Acquire) {
             let path = lock(&self.reopened).clone();
             return Err(StoreError::StateReopened {
@@ -1184,8 +1149,13 @@ fn migrate_state(
             .map_err(storage_error(log_path))?;
     }
     txn.commit().map_err(storage_error(log_path))?;
-    // Give the room back: the log's file held the state too.
-    log_db.compact().map_err(storage_error(log_path))?;
+    // Give the room back: the log's file held the state too. (Not needed to
+    // go on: a failure only leaves the file larger.)
+    tracing::info!(path = %log_path.display(), "compacting the log's file");
+    if let Err(e) = log_db.compact() {
+        tracing::warn!(path = %log_path.display(), error = %e,
+            "cannot compact the log's file after moving the state out; it keeps its size");
+    }
     tracing::info!(path = %log_path.display(), "old applied-state tables dropped from the log's file");
     Ok(())
 }
@@ -1776,10 +1746,9 @@ mod tests {
     }
 
     #[test]
-    fn temporary_mode_starts_empty_when_the_state_is_ahead_of_the_log() {
+    fn a_state_ahead_of_its_log_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = StripeStore::open(dir.path(), false).unwrap();
-        s.set_stripe(3).unwrap();
         let log: Vec<(u64, Vec<u8>)> = (1..=2).map(|i| (i, vec![])).collect();
         s.persist(None, &log, Some(5)).unwrap();
         put_one(&s, 1, "a", Some(b"1"));
@@ -1792,11 +1761,8 @@ mod tests {
             .retain(|_, _| false)
             .unwrap();
         txn.commit().unwrap();
-        let r = s.recover().unwrap();
-        assert_eq!((r.stripe, r.promised), (Some(3), 5));
-        assert_eq!((r.applied, r.base, r.entries.len()), (0, (0, 0), 0));
-        assert_eq!(s.get("m", "a").unwrap(), None);
-        assert_eq!(s.changes_head(), 0);
+        let err = s.recover().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     }
 
     #[test]

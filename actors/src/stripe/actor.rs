@@ -55,6 +55,8 @@ const FLUSH_ENTRIES: u64 = 1024;
 /// the take-over entry does not).
 const STORAGE_RETRY: Duration = Duration::from_secs(1);
 const STORAGE_RETRY_MAX: Duration = Duration::from_secs(16);
+/// A storage failure this long after the previous one backs off from the start.
+const STORAGE_FAILURES_FORGOTTEN: Duration = Duration::from_secs(60);
 
 /// The pause before the replica starts again after `failures` log writes or
 /// restarts in a row failed.
@@ -335,6 +337,7 @@ pub struct StripeActor {
     /// state, succeeded (both files take writes again: the backoff resets).
     appended_since_failure: bool,
     flushed_since_failure: bool,
+    last_storage_failure: Option<Instant>,
     /// A standby's committed entries not applied yet (see `APPLY_BATCH`), and
     /// since when the oldest of them waits.
     apply_pending: Option<(u64, Instant)>,
@@ -440,6 +443,7 @@ impl StripeActor {
             storage_failures: 0,
             appended_since_failure: false,
             flushed_since_failure: false,
+            last_storage_failure: None,
             apply_pending: None,
             flushing: false,
             flushes_seen: 0,
@@ -514,12 +518,11 @@ impl StripeActor {
         }
         let Some(stripe) = self.stripe else { return };
         self.restart_after_storage_failure(ctx);
-        if self.store.state_lost() && self.replica.is_some() && self.storage_down.is_none() {
+        if self.replica.is_some() && self.storage_down.is_none() {
             // Reads fail until the stripe starts again from the reopened file.
-            let e = StoreError::StateReopened {
-                path: self.store.path().to_path_buf(),
-            };
-            self.log_write_failed(&e);
+            if let Err(e) = self.store.check_state_kept() {
+                self.log_write_failed(&e);
+            }
         }
         // Also counts the flushes others made (compaction, snapshots).
         let flushes = self.store.flushes();
@@ -693,6 +696,7 @@ impl StripeActor {
         let rows: Vec<(u64, Vec<u8>)> = entries.iter().map(|(i, e)| (*i, to_cbor(e))).collect();
         let has_entries = !rows.is_empty();
         let from = self.applied_index + 1;
+        let generation = self.replica_generation;
         ctx.spawn(
             blocking(self.metrics.timed("persist", move || {
                 store.persist_and_apply(
@@ -709,7 +713,7 @@ impl StripeActor {
                 act.busy = false;
                 match res {
                     Ok(done) => {
-                        if has_entries {
+                        if has_entries && act.replica_generation == generation {
                             act.storage_ok(true);
                         }
                         act.applied(upto, Ok(done));
@@ -1357,6 +1361,15 @@ impl StripeActor {
         self.local_queue.clear();
         // What the failed write would have covered is not on the disk.
         self.apply_pending = None;
+        // A failure long after the last one starts the backoff afresh (an
+        // idle member may never have written since).
+        if self
+            .last_storage_failure
+            .is_some_and(|t| t.elapsed() >= STORAGE_FAILURES_FORGOTTEN)
+        {
+            self.storage_failures = 0;
+        }
+        self.last_storage_failure = Some(Instant::now());
         self.storage_failures += 1;
         (self.appended_since_failure, self.flushed_since_failure) = (false, false);
         let retry = storage_retry(self.storage_failures);
