@@ -20,8 +20,10 @@ pub struct RepairConfig {
     pub fetch_timeout_ms: u64,
     /// After a fetch that brought nothing, how long before the next one.
     pub retry_after_ms: u64,
-    /// Events held ahead of a gap, per origin; later ones are dropped and fetched.
+    /// Events, and bytes of their bodies, held ahead of a gap, per origin;
+    /// later ones are dropped and fetched once the gap is filled.
     pub max_pending: usize,
+    pub max_pending_bytes: u64,
 }
 
 impl Default for RepairConfig {
@@ -31,6 +33,7 @@ impl Default for RepairConfig {
             fetch_timeout_ms: 3_000,
             retry_after_ms: 500,
             max_pending: 100_000,
+            max_pending_bytes: 64 << 20,
         }
     }
 }
@@ -51,6 +54,8 @@ struct OriginLog {
     /// Next seq to hand to an append (above `stored` while appends are running).
     next: u64,
     pending: BTreeMap<u64, EventFrame>,
+    /// Bytes of the bodies in `pending`.
+    pending_bytes: u64,
     /// Highest seq known to exist, and a peer that holds it.
     head: u64,
     holder: Option<PeerId>,
@@ -210,7 +215,7 @@ impl Origins {
         source: Option<PeerId>,
         now_ms: u64,
     ) -> Vec<Effect> {
-        let max_pending = self.config.max_pending;
+        let (max_pending, max_bytes) = (self.config.max_pending, self.config.max_pending_bytes);
         let log = self.log(origin);
         if source.is_some() && source == log.node {
             log.silent_repairs = 0;
@@ -225,12 +230,19 @@ impl Origins {
                     log.holder = source;
                 }
             }
-            if log.pending.len() < max_pending || ev.seq == log.next {
-                log.pending.entry(ev.seq).or_insert(ev);
+            let size = ev.body.len() as u64;
+            let room = log.pending.len() < max_pending && log.pending_bytes + size <= max_bytes;
+            if room || ev.seq == log.next {
+                if let std::collections::btree_map::Entry::Vacant(slot) = log.pending.entry(ev.seq)
+                {
+                    log.pending_bytes += size;
+                    slot.insert(ev);
+                }
             }
         }
         let mut ready = Vec::new();
         while let Some(ev) = log.pending.remove(&log.next) {
+            log.pending_bytes = log.pending_bytes.saturating_sub(ev.body.len() as u64);
             ready.push(ev);
             log.next += 1;
         }
@@ -311,6 +323,7 @@ impl Origins {
                 log.stored = log.stored.max(first - 1);
                 log.first = log.first.max(first);
                 log.pending.retain(|s, _| *s >= first);
+                log.pending_bytes = log.pending.values().map(|e| e.body.len() as u64).sum();
             } else {
                 log.hole_report.get_or_insert((peer, now_ms));
                 if log.holder == Some(peer) {
@@ -480,6 +493,32 @@ mod tests {
         assert!(o.tick(50, &[p]).is_empty());
         assert_eq!(seqs(&o.receive("a", vec![ev(3)], Some(p), 60)), vec![3, 4]);
         assert!(o.tick(500, &[p]).is_empty());
+    }
+
+    #[test]
+    fn events_ahead_of_a_gap_are_held_up_to_a_byte_bound() {
+        let p = PeerId::random();
+        let config = RepairConfig {
+            max_pending_bytes: 10,
+            ..RepairConfig::default()
+        };
+        let mut o = Origins::new(config, []);
+        let big = |seq: u64| EventFrame {
+            body: serde_bytes::ByteBuf::from(vec![0u8; 4]),
+            ..ev(seq)
+        };
+        // 2 and 3 fit in 10 bytes; 4 does not, and is left to a fetch.
+        assert!(o
+            .receive("a", vec![big(2), big(3), big(4)], Some(p), 0)
+            .is_empty());
+        // The next seq is always taken, whatever the bound.
+        assert_eq!(
+            seqs(&o.receive("a", vec![big(1)], Some(p), 0)),
+            vec![1, 2, 3]
+        );
+        // Handed on, they no longer count: 4 is held now (and 5 after it).
+        assert!(o.receive("a", vec![big(5)], Some(p), 0).is_empty());
+        assert_eq!(seqs(&o.receive("a", vec![big(4)], Some(p), 0)), vec![4, 5]);
     }
 
     #[test]
