@@ -9,7 +9,7 @@ use actix_web::{web, HttpServer};
 use anyhow::Context;
 use kiln_actors::artifact::{ArtifactActor, ArtifactMetrics, ServeArtifact};
 use kiln_actors::broadcast::{
-    BroadcastActor, BroadcastConfig, BroadcastMetrics, GossipIn, ServeFetch,
+    BroadcastActor, BroadcastConfig, BroadcastMetrics, GossipInlet, ServeFetch,
 };
 use kiln_actors::control::types::node_id_of;
 use kiln_actors::control::wire::{from_cbor, MAX_CONTROL_BODY};
@@ -250,11 +250,11 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             });
         }
         {
-            let broadcast = broadcast.clone();
+            let mut inlet = GossipInlet::new(broadcast.clone().recipient());
             let mut gossip = channels.broadcast;
             actix_rt::spawn(async move {
                 while let Some(msg) = gossip.recv().await {
-                    broadcast.do_send(GossipIn(msg));
+                    inlet.push(msg);
                 }
             });
         }

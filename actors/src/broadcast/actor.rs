@@ -11,7 +11,7 @@
 //! for a transaction of its own, and what a crash loses is fetched again.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -890,17 +890,62 @@ impl Handler<Publish> for BroadcastActor {
     }
 }
 
+/// Gossip messages waiting in the broadcast actor's mailbox beyond which more
+/// are dropped: the mailbox has no bound of its own, and a node that cannot
+/// keep up would hold every message its peers send. What is dropped shows as
+/// a gap and is fetched once the node catches up.
+const MAX_GOSSIP_QUEUED: usize = 2_048;
+
 /// Gossip from the broadcast topic.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct GossipIn(pub BroadcastIn);
+pub struct GossipIn {
+    gossip: BroadcastIn,
+    /// The inlet's count of messages waiting, taken off once this one is handled.
+    queued: Arc<AtomicUsize>,
+}
+
+/// Hands gossip to the broadcast actor, dropping it while `MAX_GOSSIP_QUEUED`
+/// messages wait there.
+pub struct GossipInlet {
+    actor: Recipient<GossipIn>,
+    queued: Arc<AtomicUsize>,
+    dropped: u64,
+}
+
+impl GossipInlet {
+    pub fn new(actor: Recipient<GossipIn>) -> Self {
+        GossipInlet {
+            actor,
+            queued: Arc::new(AtomicUsize::new(0)),
+            dropped: 0,
+        }
+    }
+
+    pub fn push(&mut self, gossip: BroadcastIn) {
+        if self.queued.load(Ordering::Acquire) >= MAX_GOSSIP_QUEUED {
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                tracing::warn!(dropped = self.dropped, waiting = MAX_GOSSIP_QUEUED,
+                    "broadcast gossip dropped: the node is not keeping up (the events are fetched later)");
+            }
+            return;
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        self.actor.do_send(GossipIn {
+            gossip,
+            queued: self.queued.clone(),
+        });
+    }
+}
 
 impl Handler<GossipIn> for BroadcastActor {
     type Result = ();
 
     fn handle(&mut self, msg: GossipIn, ctx: &mut Self::Context) {
+        msg.queued.fetch_sub(1, Ordering::AcqRel);
         let now = self.now_ms();
-        let BroadcastIn { source, msg } = msg.0;
+        let BroadcastIn { source, msg } = msg.gossip;
         match msg {
             BroadcastGossip::Events { origin, events } => {
                 if origin == self.origin {
@@ -1084,5 +1129,62 @@ impl Handler<GetOrigins> for BroadcastActor {
             .collect();
         out.sort();
         MessageResult(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes gossip off the count as the broadcast actor does, and keeps it.
+    struct Sink(Vec<BroadcastIn>);
+
+    impl Actor for Sink {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<GossipIn> for Sink {
+        type Result = ();
+        fn handle(&mut self, msg: GossipIn, _: &mut Context<Self>) {
+            msg.queued.fetch_sub(1, Ordering::AcqRel);
+            self.0.push(msg.gossip);
+        }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "usize")]
+    struct Count;
+
+    impl Handler<Count> for Sink {
+        type Result = usize;
+        fn handle(&mut self, _: Count, _: &mut Context<Self>) -> usize {
+            self.0.len()
+        }
+    }
+
+    fn heads() -> BroadcastIn {
+        BroadcastIn {
+            source: PeerId::random(),
+            msg: BroadcastGossip::Heads {
+                sent_ms: 1,
+                heads: Vec::new(),
+            },
+        }
+    }
+
+    #[actix_rt::test]
+    async fn gossip_beyond_what_the_actor_has_waiting_is_dropped() {
+        let sink = Sink(Vec::new()).start();
+        let mut inlet = GossipInlet::new(sink.clone().recipient());
+        // The actor runs only when this task yields: all of these wait at once.
+        for _ in 0..MAX_GOSSIP_QUEUED + 10 {
+            inlet.push(heads());
+        }
+        assert_eq!(inlet.dropped, 10);
+        assert_eq!(sink.send(Count).await.unwrap(), MAX_GOSSIP_QUEUED);
+        // Handled, they no longer count.
+        inlet.push(heads());
+        assert_eq!(sink.send(Count).await.unwrap(), MAX_GOSSIP_QUEUED + 1);
+        assert_eq!(inlet.dropped, 10);
     }
 }

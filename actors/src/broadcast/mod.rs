@@ -6,6 +6,6 @@ pub mod event;
 pub mod state;
 
 pub use actor::{
-    BroadcastActor, BroadcastConfig, BroadcastMetrics, Delivered, GetOrigins, GossipIn, Publish,
-    ServeFetch, Subscribe, Subscription,
+    BroadcastActor, BroadcastConfig, BroadcastMetrics, Delivered, GetOrigins, GossipIn,
+    GossipInlet, Publish, ServeFetch, Subscribe, Subscription,
 };
