@@ -89,10 +89,10 @@ pub struct StripeRecovered {
 /// writes go on meanwhile, and the view does not move.
 pub struct SnapshotSource {
     state: redb::ReadTransaction,
-    /// Begun after `state`: it holds every entry the state covers, unless
-    /// compaction dropped it meanwhile.
-    log: redb::ReadTransaction,
     path: PathBuf,
+    /// The log entry at `applied` (read after `state` was begun), unless
+    /// compaction dropped it meanwhile: what names the snapshot's epoch.
+    pub applied_entry: Option<Vec<u8>>,
     /// Index of the last entry the state covers.
     pub applied: u64,
     /// (epoch, index) of the compaction point.
@@ -116,15 +116,6 @@ impl SnapshotSource {
     pub fn key_count(&self) -> Result<u64, StoreError> {
         let kv = self.state.open_table(KV).map_err(self.storage())?;
         kv.len().map_err(self.storage())
-    }
-
-    /// The log entry at `index`, if the log still holds it.
-    pub fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let log = self.log.open_table(STRIPE_LOG).map_err(self.storage())?;
-        Ok(log
-            .get(index)
-            .map_err(self.storage())?
-            .map(|v| v.value().to_vec()))
     }
 
     /// Key/value rows after `after` (all from the start if `None`), up to about
@@ -768,14 +759,20 @@ impl StripeStore {
             };
             (get(STRIPE_APPLIED)?, get(STRIPE_CHANGES)?)
         };
-        let base = {
+        // Read now, not held: a read transaction open for the whole stream
+        // would keep `stripe.redb` from being opened again after an I/O error.
+        let (base, applied_entry) = {
             let meta = log.open_table(STRIPE_META).map_err(self.log.storage())?;
             let v = meta.get(STRIPE_BASE).map_err(self.log.storage())?;
-            v.map(|v| base_of(v.value())).unwrap_or((0, 0))
+            let base = v.map(|v| base_of(v.value())).unwrap_or((0, 0));
+            let table = log.open_table(STRIPE_LOG).map_err(self.log.storage())?;
+            let entry = table.get(applied).map_err(self.log.storage())?;
+            (base, entry.map(|v| v.value().to_vec()))
         };
+        drop(log);
         Ok(SnapshotSource {
             state,
-            log,
+            applied_entry,
             path: self.state.path.clone(),
             applied,
             base,

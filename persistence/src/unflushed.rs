@@ -75,18 +75,13 @@ pub(crate) struct Unflushed {
 impl Unflushed {
     pub fn kv(&self, map: &str, key: &str) -> Option<KvChange> {
         let k = (map.to_string(), key.to_string());
-        self.newest
-            .kv
-            .get(&k)
-            .or_else(|| self.flushing.as_ref().and_then(|f| f.kv.get(&k)))
-            .cloned()
+        self.layers().rev().find_map(|l| l.kv.get(&k)).cloned()
     }
 
     pub fn request(&self, id: &str) -> Option<Option<Vec<u8>>> {
-        self.newest
-            .requests
-            .get(id)
-            .or_else(|| self.flushing.as_ref().and_then(|f| f.requests.get(id)))
+        self.layers()
+            .rev()
+            .find_map(|l| l.requests.get(id))
             .cloned()
     }
 
@@ -110,7 +105,7 @@ impl Unflushed {
     }
 
     /// The layers of pending changes, oldest first: a later one overrides.
-    fn layers(&self) -> impl Iterator<Item = &Pending> {
+    fn layers(&self) -> impl DoubleEndedIterator<Item = &Pending> {
         self.flushing.as_deref().into_iter().chain([&self.newest])
     }
 

@@ -46,8 +46,11 @@ const APPLY_DEFER: Duration = Duration::from_millis(20);
 /// Applied state waits in memory (readers read through it) and is flushed to
 /// its own file in the background after this many ticks without a flush, or
 /// once `FLUSH_ENTRIES` have gathered (see `kiln_persistence::StripeStore`).
-const FLUSH_ALONE_AFTER_TICKS: u32 = 2;
+const FLUSH_AFTER_TICKS: u32 = 2;
 const FLUSH_ENTRIES: u64 = 1024;
+/// A long catch-up applies this many entries at a time: an apply holds the
+/// state's lock, and reads on this actor's thread wait for it.
+const APPLY_PART: u64 = 1024;
 /// After a failed log write the stripe starts again from its disk this much
 /// later, and again, twice as late each time (up to `STORAGE_RETRY_MAX`), until
 /// a log write succeeds: an active whose disk stays full would otherwise take
@@ -528,7 +531,7 @@ impl StripeActor {
         let flushes = self.store.flushes();
         if flushes == self.flushes_seen {
             self.ticks_without_flush += 1;
-            if self.ticks_without_flush >= FLUSH_ALONE_AFTER_TICKS {
+            if self.ticks_without_flush >= FLUSH_AFTER_TICKS {
                 self.flush_applied(ctx, 1);
                 self.ticks_without_flush = 0;
             }
@@ -661,7 +664,7 @@ impl StripeActor {
                 let due = self.apply_now_or_later(upto);
                 // A long catch-up goes in parts (see `apply_committed`); the
                 // rest at the next tick.
-                let upto = due.min(self.applied_index + FLUSH_ENTRIES);
+                let upto = due.min(self.applied_index + APPLY_PART);
                 if upto < due {
                     let overdue = Instant::now().checked_sub(APPLY_DEFER);
                     self.apply_pending = Some((due, overdue.unwrap_or_else(Instant::now)));
@@ -746,7 +749,7 @@ impl StripeActor {
         // A long catch-up goes in parts: an apply holds the state's lock, and
         // reads on this actor's thread wait for it.
         let target = upto;
-        let upto = upto.min(self.applied_index + FLUSH_ENTRIES);
+        let upto = upto.min(self.applied_index + APPLY_PART);
         self.busy = true;
         let from = self.applied_index + 1;
         let store = self.store.clone();
@@ -1875,9 +1878,9 @@ fn stream_snapshot(
         source.base.0
     } else {
         source
-            .entry(source.applied)
-            .map_err(|e| e.to_string())?
-            .and_then(|b| from_cbor::<Entry>(&b, usize::MAX).ok())
+            .applied_entry
+            .as_deref()
+            .and_then(|b| from_cbor::<Entry>(b, usize::MAX).ok())
             .map(|e| e.epoch)
             .ok_or_else(|| format!("entry {} is not in the log", source.applied))?
     };
