@@ -587,3 +587,66 @@ pub fn machine_busy_ticks() -> u64 {
         .map(|&i| f.get(i).copied().unwrap_or(0))
         .sum()
 }
+
+/// A tmpfs of `mib` MiB mounted on a temporary directory (root only), unmounted
+/// when dropped.
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// A tmpfs of `mib` MiB, or `None` (and a note that the test is skipped)
+    /// where mounting is not allowed.
+    pub fn mount(mib: u64) -> Option<SmallDisk> {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-smalldisk-")
+            .tempdir()
+            .ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        }
+        ok.then_some(SmallDisk { dir })
+    }
+
+    /// A directory for `Node::start_in` whose node keeps `files` (of its data
+    /// directory) on this disk and the rest where the directory is.
+    pub fn node_dir(&self, name: &str, files: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kiln-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        // `Node::start_in` runs the node with `--data-dir <dir>/data`.
+        std::fs::create_dir(dir.path().join("data")).expect("data dir");
+        for file in files {
+            std::os::unix::fs::symlink(
+                self.dir.path().join(file),
+                dir.path().join("data").join(file),
+            )
+            .expect("symlink");
+        }
+        dir
+    }
+
+    pub fn resize(&self, mib: u64) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot resize the tmpfs");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}

@@ -621,3 +621,133 @@ fn a_subscriber_that_stops_reading_is_told_lagged_and_resumes_where_it_was() {
         "the resumed stream starts right after the last event received, once each"
     );
 }
+
+/// Publishes `n` message events of `size` bytes of payload each to `node`;
+/// their seqs, or the status of a refusal.
+fn try_publish(agent: &ureq::Agent, node: &Node, n: usize, size: usize) -> Result<Vec<u64>, u16> {
+    let events: Vec<Value> = (0..n)
+        .map(|_| json!({"kind": "message", "topic": "t", "payload": "p".repeat(size)}))
+        .collect();
+    match agent
+        .post(&format!("http://{}/v1/broadcast", node.http()))
+        .send_json(Value::Array(events))
+    {
+        Ok(resp) => {
+            let body: Value = resp.into_json().expect("202 body");
+            Ok(body["seqs"]
+                .as_array()
+                .expect("seqs")
+                .iter()
+                .filter_map(Value::as_u64)
+                .collect())
+        }
+        Err(ureq::Error::Status(code, resp)) => {
+            let body: Value = resp.into_json().expect("a JSON error");
+            assert!(body["error"].is_string(), "{body}");
+            Err(code)
+        }
+        Err(e) => panic!("publish to {}: {e}", node.name),
+    }
+}
+
+/// A node whose broadcast log fills its disk answers its publishers 507, takes
+/// publishes again once the disk has room — without a restart — and neither it
+/// nor its peer loses, repeats or reorders an acknowledged event: what it
+/// received from its peer while the disk was full is fetched again.
+#[test]
+fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has_room() {
+    let _serial = serial();
+    let Some(disk) = SmallDisk::mount(8) else {
+        return;
+    };
+    let data = disk.node_dir("bfull", &["broadcast.redb"]);
+    let full = Node::start_in("bfull", data.path(), free_ip(), NodeOpts::default());
+    let other = Node::start(
+        "bother",
+        NodeOpts {
+            seeds: vec![full.seed()],
+            ..Default::default()
+        },
+    );
+    let mut nodes = [full, other];
+    wait_converged(&nodes, LONG);
+    let [full, other] = &mut nodes;
+    let subs = [
+        Subscriber::follow(full.http(), Some(String::new())),
+        Subscriber::follow(other.http(), Some(String::new())),
+    ];
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
+    let mut acked = [Vec::new(), Vec::new()];
+    let mut refused = 0;
+    for _ in 0..1_000 {
+        // Events from the peer reach the full node meanwhile.
+        acked[1].extend(try_publish(&agent, other, 5, 4096).expect("the peer has room"));
+        match try_publish(&agent, full, 50, 4096) {
+            Ok(seqs) => acked[0].extend(seqs),
+            Err(507) => {
+                refused += 1;
+                if refused == 3 {
+                    break;
+                }
+            }
+            Err(code) => panic!("publish to the full node: {code}"),
+        }
+    }
+    assert!(refused > 0, "8 MiB never filled up");
+    eprintln!(
+        "acknowledged before the disk filled up: {} by the full node, {} by its peer",
+        acked[0].len(),
+        acked[1].len()
+    );
+    assert!(
+        full.log().contains("broadcast"),
+        "the full node logged nothing about its broadcast log"
+    );
+    disk.resize(64);
+    wait_until(
+        "the full node takes publishes again",
+        LONG,
+        || match try_publish(&agent, full, 1, 16) {
+            Ok(seqs) => {
+                acked[0].extend(seqs);
+                true
+            }
+            Err(_) => false,
+        },
+    );
+    acked[1].extend(try_publish(&agent, other, 5, 16).expect("the peer has room"));
+    let origins = [full.id(), other.id()];
+    for (i, a) in acked.iter().enumerate() {
+        assert_eq!(
+            *a,
+            (1..=a.len() as u64).collect::<Vec<_>>(),
+            "seqs acknowledged by node {i}"
+        );
+    }
+    for (sub, node) in subs.iter().zip([&*full, &*other]) {
+        wait_until(
+            &format!("{}'s subscriber has every acknowledged event", node.name),
+            LONG,
+            || {
+                check_stream(&sub.snapshot()).is_ok_and(|last| {
+                    origins
+                        .iter()
+                        .zip(&acked)
+                        .all(|(o, a)| last.get(o).copied().unwrap_or(0) >= a.len() as u64)
+                })
+            },
+        );
+        if let Err(e) = check_stream(&sub.snapshot()) {
+            panic!("{}'s subscriber: {e}", node.name);
+        }
+    }
+    // And the log holds them, after a restart too.
+    full.restart();
+    for (o, a) in origins.iter().zip(&acked) {
+        wait_until(&format!("the full node's log holds {o}"), LONG, || {
+            run_of(full, o).is_some_and(|(_, last)| last >= a.len() as u64)
+        });
+    }
+}

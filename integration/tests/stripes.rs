@@ -563,77 +563,16 @@ fn a_standby_joining_after_log_compaction_syncs_by_snapshot_and_holds_every_writ
     }
 }
 
-/// A tmpfs of `mib` MiB mounted on a temporary directory (root only), unmounted
-/// when dropped.
-struct SmallDisk {
-    dir: tempfile::TempDir,
+/// Node options for the full-disk tests: stripe data fsynced, so a full disk
+/// fails the log write itself.
+fn full_disk_opts() -> NodeOpts {
+    let mut o = opts();
+    o.extra = vec!["--persistence".into(), "permanent".into()];
+    o
 }
 
-impl SmallDisk {
-    /// A tmpfs of `mib` MiB, or `None` (and a note that the test is skipped)
-    /// where mounting is not allowed.
-    fn mount(mib: u64) -> Option<SmallDisk> {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-smalldisk-")
-            .tempdir()
-            .ok()?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        }
-        ok.then_some(SmallDisk { dir })
-    }
-
-    /// Node options for these tests: stripe data fsynced, so a full disk fails
-    /// the log write itself.
-    fn opts() -> NodeOpts {
-        let mut o = opts();
-        o.extra = vec!["--persistence".into(), "permanent".into()];
-        o
-    }
-
-    /// A directory for `Node::start_in` whose node keeps its stripe data
-    /// (`stripe.redb`, `stripe-state.redb`) on this disk and the rest where
-    /// the directory is.
-    fn node_dir(&self, name: &str) -> tempfile::TempDir {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("kiln-{name}-"))
-            .tempdir()
-            .expect("temp dir");
-        // `Node::start_in` runs the node with `--data-dir <dir>/data`.
-        std::fs::create_dir(dir.path().join("data")).expect("data dir");
-        for file in ["stripe.redb", "stripe-state.redb"] {
-            std::os::unix::fs::symlink(
-                self.dir.path().join(file),
-                dir.path().join("data").join(file),
-            )
-            .expect("symlink");
-        }
-        dir
-    }
-
-    fn resize(&self, mib: u64) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={mib}m")])
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot resize the tmpfs");
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
+/// The stripe's files, on a small disk.
+const STRIPE_FILES: [&str; 2] = ["stripe.redb", "stripe-state.redb"];
 
 #[test]
 fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
@@ -641,8 +580,8 @@ fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
     let Some(disk) = SmallDisk::mount(8) else {
         return;
     };
-    let data = disk.node_dir("full");
-    let o = SmallDisk::opts();
+    let data = disk.node_dir("full", &STRIPE_FILES);
+    let o = full_disk_opts();
     let mut node = Node::start_in("full", data.path(), free_ip(), o);
     wait_in_sync(&[&node], 0);
     let agent = agent();
@@ -702,13 +641,13 @@ fn a_standby_whose_disk_fills_up_fails_no_write_and_catches_up_once_it_has_room(
     let Some(disk) = SmallDisk::mount(8) else {
         return;
     };
-    let o = SmallDisk::opts();
+    let o = full_disk_opts();
     let first = Node::start("sfa", o.clone());
     let mut o2 = o.clone();
     o2.seeds.push(first.seed());
     let second = Node::start("sfb", o2.clone());
     // The third node's stripe data goes to the small disk.
-    let data = disk.node_dir("sfc");
+    let data = disk.node_dir("sfc", &STRIPE_FILES);
     let third = Node::start_in("sfc", data.path(), free_ip(), o2);
     let mut active = wait_in_sync(&[&first, &second, &third], 2);
     if active == third.id() {

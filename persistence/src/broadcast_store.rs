@@ -10,10 +10,12 @@
 //! carries its timestamp so that age-based retention needs no decoding.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 
+use crate::db_file::DbFile;
 use crate::error::StoreError;
 use crate::node_store::open_or_create;
 
@@ -64,6 +66,14 @@ impl OriginRun {
     }
 }
 
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    open_or_create(path, BROADCAST_META, |txn| {
+        txn.open_table(EVENTS)?;
+        txn.open_table(ORIGINS)?;
+        Ok(())
+    })
+}
+
 /// One event to append.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
@@ -82,47 +92,53 @@ pub struct Retention {
 }
 
 pub struct BroadcastStore {
-    db: Database,
-    path: PathBuf,
+    file: DbFile,
+    /// Times the file was opened again after an I/O error (each time the
+    /// commits since the last durable one may be gone).
+    reopens: AtomicU64,
 }
 
 impl BroadcastStore {
     /// Opens (or creates) `broadcast.redb` in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(BROADCAST_DB_FILE);
-        let db = open_or_create(&path, BROADCAST_META, |txn| {
-            txn.open_table(EVENTS)?;
-            txn.open_table(ORIGINS)?;
-            Ok(())
-        })?;
-        Ok(BroadcastStore { db, path })
+        let db = open_db(&path)?;
+        Ok(BroadcastStore {
+            file: DbFile::new(db, path, open_db),
+            reopens: AtomicU64::new(0),
+        })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.file.path
+    }
+
+    /// Times the file was opened again after an I/O error: the runs of events
+    /// held may have gone back to the last durable commit since.
+    pub fn reopens(&self) -> u64 {
+        self.reopens.load(Ordering::Acquire)
+    }
+
+    fn reopened(&self, _db: &Database) -> Result<(), StoreError> {
+        self.reopens.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     fn storage<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
-        move |e| StoreError::Storage {
-            path: self.path.clone(),
-            source: e.into(),
-        }
+        self.file.storage()
     }
 
     fn write_txn(&self, durable: bool) -> Result<redb::WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write().map_err(self.storage())?;
-        txn.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(self.storage())?;
-        Ok(txn)
+        self.file.write_txn(durable, &|db| self.reopened(db))
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.file.begin_read(&|db| self.reopened(db))
     }
 
     /// Every origin's run of events.
     pub fn runs(&self) -> Result<HashMap<String, OriginRun>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.storage())?;
+        let txn = self.begin_read()?;
         let origins = txn.open_table(ORIGINS).map_err(self.storage())?;
         let mut out = HashMap::new();
         for row in origins.iter().map_err(self.storage())? {
@@ -162,7 +178,7 @@ impl BroadcastStore {
                 }
                 if ev.seq != run.last + 1 {
                     return Err(StoreError::Corrupt {
-                        path: self.path.clone(),
+                        path: self.file.path.clone(),
                         what: format!("broadcast event {}#{}", ev.origin, ev.seq),
                         detail: format!("appended after #{}: events must be contiguous", run.last),
                     });
@@ -223,7 +239,7 @@ impl BroadcastStore {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(self.storage())?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(EVENTS).map_err(self.storage())?;
         let mut out = Vec::new();
         let mut size = 0usize;
@@ -294,6 +310,14 @@ impl BroadcastStore {
         }
         txn.commit().map_err(self.storage())?;
         Ok(removed)
+    }
+
+    /// Every origin's run, after opening the file again if an I/O error closed
+    /// it (a write transaction is begun for that: a read may still be served
+    /// from the old handle).
+    pub fn reload_runs(&self) -> Result<HashMap<String, OriginRun>, StoreError> {
+        drop(self.write_txn(false)?);
+        self.runs()
     }
 
     /// Makes every earlier non-durable append durable.

@@ -41,6 +41,8 @@ pub enum StoreError {
     StateReopened { path: PathBuf },
     #[error("{path} cannot be opened again after an I/O error while transactions begun before it are open; try again shortly")]
     Reopening { path: PathBuf },
+    #[error("{path} cannot be written ({detail}); free disk space or fix the disk: the node tries again shortly")]
+    Unwritable { path: PathBuf, detail: String },
     #[error("{path}: storage error: {source}")]
     Storage { path: PathBuf, source: redb::Error },
 }

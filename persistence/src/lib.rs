@@ -7,6 +7,7 @@
 mod artifact_store;
 mod broadcast_store;
 mod control_store;
+mod db_file;
 mod error;
 mod node_store;
 pub mod schema;

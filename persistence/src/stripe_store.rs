@@ -14,11 +14,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
+use crate::db_file::{storage_error, DbFile};
 use crate::node_store::open_or_create;
 use crate::schema::*;
 use crate::unflushed::{write_pending, OverlayKv, Pending, Unflushed};
@@ -35,15 +36,6 @@ const STATE_FSYNC_EVERY: Duration = Duration::from_secs(10);
 /// Rows copied between reports while a data directory from before the state
 /// file moves its state there.
 const MIGRATE_REPORT_EVERY: u64 = 100_000;
-
-/// One of the two files, opened again after an I/O error.
-struct DbFile {
-    /// `None` after a failed commit until the file is open again (redb refuses
-    /// every transaction of a handle that saw an I/O error).
-    db: RwLock<Option<Arc<Database>>>,
-    path: PathBuf,
-    open: fn(&Path) -> Result<Database, StoreError>,
-}
 
 /// The stripe database of one data directory.
 pub struct StripeStore {
@@ -225,20 +217,6 @@ fn u64_of(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-impl DbFile {
-    fn new(db: Database, path: PathBuf, open: fn(&Path) -> Result<Database, StoreError>) -> DbFile {
-        DbFile {
-            db: RwLock::new(Some(Arc::new(db))),
-            path,
-            open,
-        }
-    }
-
-    fn storage<E: Into<redb::Error>>(&self) -> impl Fn(E) -> StoreError + '_ {
-        storage_error(&self.path)
-    }
-}
-
 impl StripeStore {
     /// Opens (or creates) `stripe.redb` and `stripe-state.redb` in `dir`. With
     /// `durable = false` (temporary persistence) existing stripe data is
@@ -277,59 +255,20 @@ impl StripeStore {
         })
     }
 
-    /// The open database of `file`, opened again if a failed commit closed it.
-    fn db(&self, file: &DbFile) -> Result<Arc<Database>, StoreError> {
-        let open = file.db.read().unwrap_or_else(|e| e.into_inner()).clone();
-        match open {
-            Some(db) => Ok(db),
-            None => self.reopen(file, None),
-        }
-    }
-
-    /// After an I/O error (a full disk, say) redb answers every transaction of
-    /// that handle (`failed`) with `PreviousIo`: the file is opened again (redb
-    /// repairs it to its last commit), so the stripe can go on once the disk has
-    /// room. Fails (`Reopening`) while transactions of the old handle are open.
-    fn reopen(
-        &self,
-        file: &DbFile,
-        failed: Option<Arc<Database>>,
-    ) -> Result<Arc<Database>, StoreError> {
-        let mut slot = file.db.write().unwrap_or_else(|e| e.into_inner());
-        match (slot.as_ref(), failed.as_ref()) {
-            // Another caller opened it again already.
-            (Some(open), Some(failed)) if !Arc::ptr_eq(open, failed) => return Ok(open.clone()),
-            (Some(open), None) => return Ok(open.clone()),
-            _ => {}
-        }
-        // Every handle goes first: redb holds a lock on the file while it is open.
-        drop(failed);
-        *slot = None;
-        let db = match (file.open)(&file.path) {
-            Ok(db) => Arc::new(db),
-            Err(StoreError::InUse { path }) => return Err(StoreError::Reopening { path }),
-            Err(e) => return Err(e),
-        };
+    /// `file` was opened again after an I/O error (see [`DbFile`]): whatever
+    /// was applied over the old handle is void until [`recover`](Self::recover).
+    fn reopened(&self, file: &DbFile, db: &Database) -> Result<(), StoreError> {
         if std::ptr::eq(file, &self.state) {
             self.changes_head
-                .store(read_changes_head(&db, &file.path)?, Ordering::Release);
+                .store(read_changes_head(db, &file.path)?, Ordering::Release);
         }
         *lock(&self.reopened) = Some(file.path.clone());
         self.state_lost.store(true, Ordering::Release);
-        *slot = Some(db.clone());
-        tracing::info!(path = %file.path.display(), "stripe database opened again after an I/O error");
-        Ok(db)
+        Ok(())
     }
 
     fn begin_read(&self, file: &DbFile) -> Result<redb::ReadTransaction, StoreError> {
-        let db = self.db(file)?;
-        match db.begin_read() {
-            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => self
-                .reopen(file, Some(db))?
-                .begin_read()
-                .map_err(file.storage()),
-            r => r.map_err(file.storage()),
-        }
+        file.begin_read(&|db| self.reopened(file, db))
     }
 
     fn write_txn(
@@ -337,21 +276,7 @@ impl StripeStore {
         file: &DbFile,
         durable: bool,
     ) -> Result<redb::WriteTransaction, StoreError> {
-        let db = self.db(file)?;
-        let mut txn = match db.begin_write() {
-            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => self
-                .reopen(file, Some(db))?
-                .begin_write()
-                .map_err(file.storage())?,
-            r => r.map_err(file.storage())?,
-        };
-        txn.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(file.storage())?;
-        Ok(txn)
+        file.write_txn(durable, &|db| self.reopened(file, db))
     }
 
     /// The log file's path (the stripe's data, in messages).
@@ -1257,14 +1182,6 @@ fn installing_bytes(at: (u64, u64), keep_log: bool) -> [u8; 17] {
 
 fn installing_of(b: &[u8]) -> Option<((u64, u64), bool)> {
     (b.len() == 17).then(|| (base_of(&b[..16]), b[16] == 1))
-}
-
-/// A storage error of the database at `path`.
-fn storage_error<E: Into<redb::Error>>(path: &Path) -> impl Fn(E) -> StoreError + '_ {
-    move |e| StoreError::Storage {
-        path: path.to_path_buf(),
-        source: e.into(),
-    }
 }
 
 /// Locks `m`, even if a thread panicked holding it: an apply changes pending

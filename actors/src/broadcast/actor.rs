@@ -45,6 +45,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// A node's own events are fsynced before they are acknowledged, in both modes:
 /// a seq must never be given out twice.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// The backoff before the log is read again after a second storage failure in
+/// a row (doubling with each further one up to [`RELOAD_BACKOFF_MAX`]).
+const RELOAD_RETRY: Duration = Duration::from_secs(1);
+const RELOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Bytes of events in one gossip message (gossip frames are limited to 256 KiB).
 const GOSSIP_BATCH_BYTES: usize = 192 * 1024;
 /// Bytes of events in one fetch answer (frames are limited to 4 MiB).
@@ -264,6 +268,16 @@ pub struct BroadcastActor {
     last_heads: Instant,
     last_prune: Instant,
     last_sync: Instant,
+    /// A storage job failed: before any other, the log's runs are read again
+    /// (the file may have been opened again and gone back to its last durable
+    /// commit), not before this time.
+    reload_due: Option<Instant>,
+    /// The last storage error (what a refused publish is told).
+    store_error: Option<StoreError>,
+    /// Storage failures since the last append that succeeded: from the second
+    /// on, the log is read again only after a backoff (opening the file again
+    /// walks all of it), and publishes are refused meanwhile.
+    failures_in_row: u32,
 }
 
 impl BroadcastActor {
@@ -314,6 +328,9 @@ impl BroadcastActor {
             last_heads: now,
             last_prune: now,
             last_sync: now,
+            reload_due: None,
+            store_error: None,
+            failures_in_row: 0,
         };
         actor.publish_known_change_seq();
         Ok(actor)
@@ -450,6 +467,14 @@ impl BroadcastActor {
         if self.busy {
             return;
         }
+        if let Some(due) = self.reload_due {
+            if Instant::now() >= due {
+                self.start_reload(ctx);
+            } else {
+                self.refuse_jobs();
+            }
+            return;
+        }
         let Some(mut job) = self.jobs.pop_front() else {
             return;
         };
@@ -490,6 +515,7 @@ impl BroadcastActor {
                         .map(move |r, act, ctx| {
                             if let Err(e) = r {
                                 tracing::error!(error = %e, %origin, "cannot record a hole in the broadcast log");
+                                act.log_failed(&e);
                             }
                             act.busy = false;
                             act.run_jobs(ctx);
@@ -517,7 +543,10 @@ impl BroadcastActor {
                                     act.origins.pruned(&origin, run.first);
                                 }
                             }
-                            Err(e) => tracing::warn!(error = %e, "broadcast log pruning failed"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "broadcast log pruning failed");
+                                act.log_failed(&e);
+                            }
                         }
                         act.busy = false;
                         act.run_jobs(ctx);
@@ -540,7 +569,8 @@ impl BroadcastActor {
                                 }
                             }
                             Err(e) => {
-                                tracing::warn!(error = %e, "cannot fsync the broadcast log")
+                                tracing::warn!(error = %e, "cannot fsync the broadcast log");
+                                act.log_failed(&e);
                             }
                         }
                         act.busy = false;
@@ -597,6 +627,7 @@ impl BroadcastActor {
                     act.busy = false;
                     match r {
                         Ok(()) => {
+                            act.failures_in_row = 0;
                             if !durable {
                                 act.unsynced = true;
                             }
@@ -636,11 +667,83 @@ impl BroadcastActor {
                             for (reply, _) in replies {
                                 let _ = reply.send(Err(again(&e)));
                             }
+                            act.log_failed(&e);
                         }
                     }
                     act.run_jobs(ctx);
                 }),
         );
+    }
+
+    /// A storage job failed. redb refuses every transaction of a handle that
+    /// saw an I/O error; the store opens the file again (it may go back to its
+    /// last durable commit), so the runs held are read again before anything
+    /// else is written.
+    fn log_failed(&mut self, e: &StoreError) {
+        self.store_error = Some(again(e));
+        self.failures_in_row += 1;
+        if self.reload_due.is_none() {
+            let backoff = match self.failures_in_row {
+                0 | 1 => Duration::ZERO,
+                n => (RELOAD_RETRY * 2u32.pow((n - 2).min(5))).min(RELOAD_BACKOFF_MAX),
+            };
+            self.reload_due = Some(Instant::now() + backoff);
+        }
+    }
+
+    /// Reads the runs the log holds and goes on from them: what the file lost
+    /// is fetched again (subscribers step over the copies they had).
+    fn start_reload(&mut self, ctx: &mut Context<Self>) {
+        self.busy = true;
+        let store = self.store.clone();
+        let reopens = store.reopens();
+        ctx.spawn(blocking(move || store.reload_runs()).into_actor(self).map(
+            move |r, act, ctx| {
+                act.busy = false;
+                match r {
+                    Ok(runs) => {
+                        let now = act.now_ms();
+                        act.origins.reload(&runs, now);
+                        // Handed on, but numbered after what the log may hold
+                        // now: fetched again.
+                        act.unwritten.clear();
+                        act.unwritten_events = 0;
+                        act.reload_due = None;
+                        tracing::info!(
+                            origins = runs.len(),
+                            reopened = act.store.reopens() > reopens,
+                            "broadcast log read again after a storage error; events it lost are fetched again"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, path = %act.store.path().display(), "cannot open the broadcast log again (retrying with a backoff of up to 30 s; this node's publishes get 507 meanwhile)");
+                        act.reload_due = None;
+                        act.log_failed(&e);
+                    }
+                }
+                act.run_jobs(ctx);
+            },
+        ));
+    }
+
+    /// While the log cannot be read again: this node's new events are refused
+    /// (507), received ones dropped (fetched again once it can).
+    fn refuse_jobs(&mut self) {
+        self.unwritten.clear();
+        self.unwritten_events = 0;
+        for job in self.jobs.drain(..) {
+            if let Job::Append { own, .. } = job {
+                for (_, reply) in own {
+                    let err = self.store_error.as_ref().map_or_else(
+                        || StoreError::Reopening {
+                            path: self.store.path().to_path_buf(),
+                        },
+                        again,
+                    );
+                    let _ = reply.send(Err(err));
+                }
+            }
+        }
     }
 
     /// Hands events, in order, to the node's subscribers (and to its peers, for
@@ -831,10 +934,15 @@ impl BroadcastActor {
 
 /// The error again, for another recipient (redb errors are not `Clone`).
 fn again(e: &StoreError) -> StoreError {
-    StoreError::Corrupt {
-        path: Default::default(),
-        what: "broadcast log append".into(),
-        detail: e.to_string(),
+    match e {
+        StoreError::Unwritable { path, detail } => StoreError::Unwritable {
+            path: path.clone(),
+            detail: detail.clone(),
+        },
+        other => StoreError::Unwritable {
+            path: Default::default(),
+            detail: other.to_string(),
+        },
     }
 }
 

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use kiln_net::wire::{EventFrame, OriginHead};
 use kiln_net::PeerId;
+use kiln_persistence::OriginRun;
 
 #[derive(Debug, Clone)]
 pub struct RepairConfig {
@@ -376,6 +377,27 @@ impl Origins {
         self.log(origin).next
     }
 
+    /// The log was opened again after a storage error and holds `runs` (what
+    /// was appended since its last durable commit may be gone): every origin
+    /// goes on from what it holds, and what is missing now is fetched again.
+    /// Events still waiting behind a gap stay.
+    pub fn reload(&mut self, runs: &HashMap<String, OriginRun>, now_ms: u64) {
+        for (origin, log) in self.logs.iter_mut() {
+            let run = runs.get(origin).copied().unwrap_or(OriginRun {
+                first: 1,
+                ..Default::default()
+            });
+            log.first = run.first;
+            log.stored = run.last;
+            log.next = run.last + 1;
+            log.pending.retain(|s, _| *s > run.last);
+            log.pending_bytes = log.pending.values().map(|e| e.body.len() as u64).sum();
+            if log.next <= log.head {
+                log.missing_since.get_or_insert(now_ms);
+            }
+        }
+    }
+
     /// An append failed: what was handed to it is to be had again.
     pub fn rollback(&mut self, origin: &str) {
         let log = self.log(origin);
@@ -668,6 +690,40 @@ mod tests {
         );
         let f = o.tick(1_200, &[p, q]);
         assert!(matches!(&f[..], [Effect::Fetch { peer, from: 2, .. }] if *peer == q));
+    }
+
+    #[test]
+    fn a_reloaded_log_goes_on_from_what_it_holds_and_fetches_the_rest() {
+        let p = PeerId::random();
+        let mut o = Origins::default();
+        let out = o.receive("a", (1..=10).map(ev).collect(), Some(p), 0);
+        assert_eq!(seqs(&out), (1..=10).collect::<Vec<_>>());
+        o.appended("a", 10);
+        // 12 waits behind a gap at 11; the file went back to its durable 1..=4.
+        assert!(o.receive("a", vec![ev(12)], Some(p), 0).is_empty());
+        let runs = HashMap::from([(
+            "a".to_string(),
+            OriginRun {
+                first: 1,
+                last: 4,
+                count: 4,
+                bytes: 4,
+            },
+        )]);
+        o.reload(&runs, 100);
+        let s = o.status("a").expect("known");
+        assert_eq!((s.first, s.stored, s.head), (1, 4, 12));
+        let f = o.tick(1_000, &[p]);
+        assert!(matches!(&f[..], [Effect::Fetch { from: 5, .. }]), "{f:?}");
+        // The fetch brings 5..=11; 12 was kept.
+        let out = o.fetched(p, "a", 1, 11, (5..=11).map(ev).collect(), 1_100);
+        assert_eq!(seqs(&out), (5..=12).collect::<Vec<_>>());
+        // An origin the file lost whole starts again at 1.
+        o.receive("b", (1..=3).map(ev).collect(), Some(p), 0);
+        o.appended("b", 3);
+        o.reload(&runs, 2_000);
+        assert_eq!(o.status("b").map(|s| (s.first, s.stored)), Some((1, 0)));
+        assert_eq!(o.next("b"), 1);
     }
 
     #[test]
