@@ -719,3 +719,98 @@ fn a_standby_whose_disk_fills_up_fails_no_write_and_catches_up_once_it_has_room(
             .all(|k| stale(k).is_some_and(|v| v.len() == value.len()))
     });
 }
+
+/// The active's disk fills up: the writes it cannot persist are not
+/// acknowledged, an in-sync standby takes over (the active stops replicating,
+/// so it is silent like a crashed one), writes go on through it, and nothing
+/// acknowledged is lost. With room again the old active catches up as a standby.
+#[test]
+fn an_active_whose_disk_fills_up_is_replaced_and_no_acknowledged_write_is_lost() {
+    let _serial = serial();
+    let Some(disk) = SmallDisk::mount(8) else {
+        return;
+    };
+    let o = full_disk_opts();
+    let data = disk.node_dir("afa", &STRIPE_FILES);
+    let first = Node::start_in("afa", data.path(), free_ip(), o.clone());
+    let mut o2 = o.clone();
+    o2.seeds.push(first.seed());
+    let second = Node::start("afb", o2.clone());
+    let third = Node::start("afc", o2);
+    let active = wait_in_sync(&[&first, &second, &third], 2);
+    if active != first.id() {
+        let to = first.id();
+        wait_until("the active hands over to the first node", LONG, || {
+            let args = ["stripe", "handover", "--stripe", "0", "--to", &to];
+            let out = kiln_cli(&[&args[..], &["--http", &second.http()]].concat());
+            out.status.success()
+        });
+        wait_until("the first node is active", LONG, || {
+            second
+                .get("/v1/cluster/stripes")
+                .is_some_and(|v| v["stripes"][0]["active"] == to.as_str())
+        });
+    }
+    let agent = agent();
+    // 16 MiB through the second node (forwarded to the active) while the
+    // active has room for 8: each write is retried until it is acknowledged.
+    let value = "a".repeat(64 * 1024);
+    let keys: Vec<String> = (0..256).map(|i| format!("a{i}")).collect();
+    let mut refusals = 0;
+    for k in &keys {
+        wait_until(&format!("put {k} is acknowledged"), LONG, || {
+            let ok = put(&agent, &second, k, &value).is_some();
+            if !ok {
+                refusals += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ok
+        });
+    }
+    assert!(
+        first.log().contains("a stripe log write failed"),
+        "the small disk never filled up"
+    );
+    let stripes = second.get("/v1/cluster/stripes").expect("stripes");
+    assert_ne!(
+        stripes["stripes"][0]["active"],
+        first.id().as_str(),
+        "the full node is still active: {stripes}"
+    );
+    eprintln!("writes refused or timed out during the failover: {refusals}");
+    for k in &keys {
+        assert_eq!(
+            get(&agent, &second, k).map(|v| v.len()),
+            Some(value.len()),
+            "key {k} after the failover"
+        );
+    }
+    disk.resize(128);
+    wait_until(
+        "the old active is an in-sync standby again",
+        LONG * 3,
+        || {
+            second.get("/v1/cluster/stripes").is_some_and(|v| {
+                v["stripes"][0]["members"].as_array().is_some_and(|m| {
+                    m.iter()
+                        .any(|m| m["id"] == first.id().as_str() && m["role"] == "standby")
+                })
+            })
+        },
+    );
+    let stale = |k: &str| {
+        agent
+            .get(&format!(
+                "http://{}/v1/kv/test/{k}?stale=true",
+                first.http()
+            ))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()
+    };
+    wait_until("the old active holds every write", LONG, || {
+        keys.iter()
+            .all(|k| stale(k).is_some_and(|v| v.len() == value.len()))
+    });
+}
