@@ -249,6 +249,12 @@ pub struct BroadcastActor {
     /// Received events handed to subscribers and not yet given to an append.
     unwritten: Vec<(String, Vec<EventFrame>)>,
     unwritten_events: usize,
+    /// Bytes of received events handed on whose append has not finished (in
+    /// `unwritten`, queued, or being written): gossip beyond
+    /// [`MAX_UNWRITTEN_BYTES`] is dropped while the log is this far behind.
+    unwritten_bytes: u64,
+    /// Gossip messages dropped for that (warned at powers of two).
+    dropped_behind_log: u64,
     /// Counts hand-offs of received events (written after they are handed on);
     /// `written` tells the highest count whose events are all in the log (a
     /// subscriber catching up waits for it).
@@ -317,6 +323,8 @@ impl BroadcastActor {
             busy: false,
             unwritten: Vec::new(),
             unwritten_events: 0,
+            unwritten_bytes: 0,
+            dropped_behind_log: 0,
             handed_on: Arc::new(AtomicU64::new(0)),
             fed_bytes: Arc::new(AtomicU64::new(0)),
             written: watch::Sender::new(0),
@@ -366,6 +374,7 @@ impl BroadcastActor {
                     self.deliver(&origin, &events, gossip);
                     self.handed_on.fetch_add(1, Ordering::Relaxed);
                     self.unwritten_events += events.len();
+                    self.unwritten_bytes += frame_bytes(&events);
                     self.unwritten.push((origin, events));
                 }
                 Effect::Fetch { peer, origin, from } => self.fetch(peer, origin, from, ctx),
@@ -389,6 +398,15 @@ impl BroadcastActor {
             self.flush_unwritten();
         }
         self.run_jobs(ctx);
+    }
+
+    /// Forgets the received events not yet given to an append (they are
+    /// fetched again).
+    fn drop_unwritten(&mut self) {
+        let bytes: u64 = self.unwritten.iter().map(|(_, e)| frame_bytes(e)).sum();
+        self.unwritten_bytes = self.unwritten_bytes.saturating_sub(bytes);
+        self.unwritten.clear();
+        self.unwritten_events = 0;
     }
 
     /// Queues the write of the received events handed to subscribers so far.
@@ -620,11 +638,13 @@ impl BroadcastActor {
             })
             .collect();
         let store = self.store.clone();
+        let received_bytes: u64 = received.iter().map(|(_, e)| frame_bytes(e)).sum();
         ctx.spawn(
             blocking(move || store.append(&rows, durable))
                 .into_actor(self)
                 .map(move |r, act, ctx| {
                     act.busy = false;
+                    act.unwritten_bytes = act.unwritten_bytes.saturating_sub(received_bytes);
                     match r {
                         Ok(()) => {
                             act.failures_in_row = 0;
@@ -706,8 +726,7 @@ impl BroadcastActor {
                         act.origins.reload(&runs, now);
                         // Handed on, but numbered after what the log may hold
                         // now: fetched again.
-                        act.unwritten.clear();
-                        act.unwritten_events = 0;
+                        act.drop_unwritten();
                         act.reload_due = None;
                         tracing::info!(
                             origins = runs.len(),
@@ -729,10 +748,12 @@ impl BroadcastActor {
     /// While the log cannot be read again: this node's new events are refused
     /// (507), received ones dropped (fetched again once it can).
     fn refuse_jobs(&mut self) {
-        self.unwritten.clear();
-        self.unwritten_events = 0;
+        self.drop_unwritten();
         for job in self.jobs.drain(..) {
-            if let Job::Append { own, .. } = job {
+            if let Job::Append { own, received, .. } = job {
+                self.unwritten_bytes = self
+                    .unwritten_bytes
+                    .saturating_sub(received.iter().map(|(_, e)| frame_bytes(e)).sum());
                 for (_, reply) in own {
                     let err = self.store_error.as_ref().map_or_else(
                         || StoreError::Reopening {
@@ -998,6 +1019,15 @@ impl Handler<Publish> for BroadcastActor {
     }
 }
 
+/// Bytes of received events waiting for the log beyond which gossip is
+/// dropped (and fetched later): a stalled disk must not make the node hold
+/// everything its peers send meanwhile.
+const MAX_UNWRITTEN_BYTES: u64 = 64 << 20;
+
+fn frame_bytes(events: &[EventFrame]) -> u64 {
+    events.iter().map(|e| e.body.len() as u64 + 32).sum()
+}
+
 /// Gossip messages waiting in the broadcast actor's mailbox beyond which more
 /// are dropped: the mailbox has no bound of its own, and a node that cannot
 /// keep up would hold every message its peers send. What is dropped shows as
@@ -1058,6 +1088,16 @@ impl Handler<GossipIn> for BroadcastActor {
             BroadcastGossip::Events { origin, events } => {
                 if origin == self.origin {
                     // Our own events coming back: nothing new.
+                    return;
+                }
+                if self.unwritten_bytes >= MAX_UNWRITTEN_BYTES {
+                    // The log is far behind (a stalled disk): what is dropped
+                    // shows as a gap, fetched once the log caught up.
+                    self.dropped_behind_log += 1;
+                    if self.dropped_behind_log.is_power_of_two() {
+                        tracing::warn!(dropped = self.dropped_behind_log, waiting_bytes = self.unwritten_bytes,
+                            "broadcast gossip dropped: the broadcast log is not keeping up (the events are fetched later)");
+                    }
                     return;
                 }
                 let fx = self.origins.receive(&origin, events, Some(source), now);
