@@ -623,8 +623,13 @@ fn a_subscriber_that_stops_reading_is_told_lagged_and_resumes_where_it_was() {
 }
 
 /// Publishes `n` message events of `size` bytes of payload each to `node`;
-/// their seqs, or the status of a refusal.
-fn try_publish(agent: &ureq::Agent, node: &Node, n: usize, size: usize) -> Result<Vec<u64>, u16> {
+/// their seqs, or the status and error message of a refusal.
+fn try_publish(
+    agent: &ureq::Agent,
+    node: &Node,
+    n: usize,
+    size: usize,
+) -> Result<Vec<u64>, (u16, String)> {
     let events: Vec<Value> = (0..n)
         .map(|_| json!({"kind": "message", "topic": "t", "payload": "p".repeat(size)}))
         .collect();
@@ -643,8 +648,8 @@ fn try_publish(agent: &ureq::Agent, node: &Node, n: usize, size: usize) -> Resul
         }
         Err(ureq::Error::Status(code, resp)) => {
             let body: Value = resp.into_json().expect("a JSON error");
-            assert!(body["error"].is_string(), "{body}");
-            Err(code)
+            let error = body["error"].as_str().expect("an error message");
+            Err((code, error.to_string()))
         }
         Err(e) => panic!("publish to {}: {e}", node.name),
     }
@@ -686,13 +691,14 @@ fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has
         acked[1].extend(try_publish(&agent, other, 5, 4096).expect("the peer has room"));
         match try_publish(&agent, full, 50, 4096) {
             Ok(seqs) => acked[0].extend(seqs),
-            Err(507) => {
+            Err((507, error)) => {
+                assert!(error.contains("broadcast.redb"), "{error}");
                 refused += 1;
                 if refused == 3 {
                     break;
                 }
             }
-            Err(code) => panic!("publish to the full node: {code}"),
+            Err((code, error)) => panic!("publish to the full node: {code} {error}"),
         }
     }
     assert!(refused > 0, "8 MiB never filled up");

@@ -11,6 +11,7 @@
 //! for a transaction of its own, and what a crash loses is fetched again.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -685,7 +686,7 @@ impl BroadcastActor {
                                 act.origins.rollback(&origin);
                             }
                             for (reply, _) in replies {
-                                let _ = reply.send(Err(again(&e)));
+                                let _ = reply.send(Err(again(&e, act.store.path())));
                             }
                             act.log_failed(&e);
                         }
@@ -700,7 +701,7 @@ impl BroadcastActor {
     /// last durable commit), so the runs held are read again before anything
     /// else is written.
     fn log_failed(&mut self, e: &StoreError) {
-        self.store_error = Some(again(e));
+        self.store_error = Some(again(e, self.store.path()));
         self.failures_in_row += 1;
         if self.reload_due.is_none() {
             let backoff = match self.failures_in_row {
@@ -755,11 +756,12 @@ impl BroadcastActor {
                     .unwritten_bytes
                     .saturating_sub(received.iter().map(|(_, e)| frame_bytes(e)).sum());
                 for (_, reply) in own {
+                    let path = self.store.path();
                     let err = self.store_error.as_ref().map_or_else(
                         || StoreError::Reopening {
-                            path: self.store.path().to_path_buf(),
+                            path: path.to_path_buf(),
                         },
-                        again,
+                        |e| again(e, path),
                     );
                     let _ = reply.send(Err(err));
                 }
@@ -953,17 +955,17 @@ impl BroadcastActor {
     }
 }
 
-/// The error again, for another recipient (redb errors are not `Clone`).
-fn again(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unwritable { path, detail } => StoreError::Unwritable {
-            path: path.clone(),
-            detail: detail.clone(),
-        },
-        other => StoreError::Unwritable {
-            path: Default::default(),
-            detail: other.to_string(),
-        },
+/// The error again, for another recipient (redb errors are not `Clone`), as
+/// what a publisher is told: the log at `path` cannot be written.
+fn again(e: &StoreError, path: &Path) -> StoreError {
+    let detail = match e {
+        StoreError::Unwritable { detail, .. } => detail.clone(),
+        StoreError::Storage { source, .. } => source.to_string(),
+        other => other.to_string(),
+    };
+    StoreError::Unwritable {
+        path: path.to_path_buf(),
+        detail,
     }
 }
 
