@@ -38,6 +38,8 @@ const BACKLOG_PAGE: usize = 1_000;
 /// a minute is.
 const LOG_WRITE_WAIT: Duration = Duration::from_secs(5);
 const LOG_WRITE_WAITS: u32 = 12;
+/// Polls of the log per [`LOG_WRITE_WAIT`] while events it lost are fetched again.
+const REFETCH_POLLS_PER_WAIT: u32 = 20;
 
 pub struct BroadcastApi {
     pub actor: Addr<BroadcastActor>,
@@ -118,7 +120,7 @@ pub async fn publish(
         }
         Ok(Err(e)) => Err(ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
-            format!("the events could not be persisted: {e}"),
+            format!("the events were not acknowledged (they are published only if the failure came after their commit reached the disk): {e}"),
         )),
         Err(_) => Err(ApiError::retry_later("node is shutting down".into())),
     }
@@ -366,6 +368,26 @@ impl Feed {
                     self.send(Bytes::from(": waiting for the log\n\n")).await?;
                 }
                 continue;
+            }
+            if rows.is_empty() && waits < LOG_WRITE_WAITS * REFETCH_POLLS_PER_WAIT {
+                // Everything handed on was written, yet the log's run of the
+                // origin does not reach past the subscriber and starts no later:
+                // not pruned but lost with a storage failure (the log went back
+                // to its last fsynced commit) and being fetched again.
+                let store = self.sub.store.clone();
+                let o = origin.to_string();
+                let run = tokio::task::spawn_blocking(move || store.run(&o)).await;
+                if let Ok(Ok(Some(run))) = run {
+                    if run.first <= at + 1 {
+                        waits += 1;
+                        tokio::time::sleep(LOG_WRITE_WAIT / REFETCH_POLLS_PER_WAIT).await;
+                        if waits % REFETCH_POLLS_PER_WAIT == 0 {
+                            self.send(Bytes::from(": waiting for the log\n\n")).await?;
+                        }
+                        written = false;
+                        continue;
+                    }
+                }
             }
             (written, waits) = (false, 0);
             let first = rows.first().map(|r| r.0);

@@ -148,6 +148,17 @@ impl BroadcastStore {
         Ok(out)
     }
 
+    /// The run of events held for `origin` (`None`: none ever).
+    pub fn run(&self, origin: &str) -> Result<Option<OriginRun>, StoreError> {
+        let txn = self.begin_read()?;
+        let origins = txn.open_table(ORIGINS).map_err(self.storage())?;
+        let run = origins
+            .get(origin)
+            .map_err(self.storage())?
+            .map(|v| OriginRun::from_row(v.value()));
+        Ok(run)
+    }
+
     /// Appends events in one transaction. Each must be the next seq of its origin
     /// (an event at or below the run's end is a duplicate and skipped); a gap is a
     /// `Corrupt` error, since the caller orders events before storing them.

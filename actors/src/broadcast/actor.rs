@@ -50,6 +50,8 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// a row (doubling with each further one up to [`RELOAD_BACKOFF_MAX`]).
 const RELOAD_RETRY: Duration = Duration::from_secs(1);
 const RELOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How soon the log is tried again while a reader of the failed handle holds it.
+const REOPEN_WAIT: Duration = Duration::from_millis(100);
 /// Bytes of events in one gossip message (gossip frames are limited to 256 KiB).
 const GOSSIP_BATCH_BYTES: usize = 192 * 1024;
 /// Bytes of events in one fetch answer (frames are limited to 4 MiB).
@@ -378,6 +380,9 @@ impl BroadcastActor {
                     self.unwritten_bytes += frame_bytes(&events);
                     self.unwritten.push((origin, events));
                 }
+                // Not while the log is far behind: what a fetch brings would
+                // wait in memory too. Asked again once the fetch times out.
+                Effect::Fetch { .. } if self.unwritten_bytes >= MAX_UNWRITTEN_BYTES => {}
                 Effect::Fetch { peer, origin, from } => self.fetch(peer, origin, from, ctx),
                 Effect::Reconnect { peer } => {
                     tracing::warn!(%peer, repairs = super::state::SILENT_REPAIRS_MAX,
@@ -532,9 +537,12 @@ impl BroadcastActor {
                     blocking(move || store.skip_to(&o, first))
                         .into_actor(self)
                         .map(move |r, act, ctx| {
-                            if let Err(e) = r {
-                                tracing::error!(error = %e, %origin, "cannot record a hole in the broadcast log");
-                                act.log_failed(&e);
+                            match r {
+                                Ok(_) => act.failures_in_row = 0,
+                                Err(e) => {
+                                    tracing::error!(error = %e, %origin, "cannot record a hole in the broadcast log");
+                                    act.log_failed(&e);
+                                }
                             }
                             act.busy = false;
                             act.run_jobs(ctx);
@@ -554,6 +562,7 @@ impl BroadcastActor {
                     .map(|r, act, ctx| {
                         match r {
                             Ok((n, runs)) => {
+                                act.failures_in_row = 0;
                                 act.metrics.pruned.inc_by(n);
                                 if n > 0 {
                                     tracing::debug!(events = n, "broadcast log pruned");
@@ -583,6 +592,7 @@ impl BroadcastActor {
                     move |r, act, ctx| {
                         match r {
                             Ok(()) => {
+                                act.failures_in_row = 0;
                                 if let Some(s) = stripe_stored {
                                     act.stripe_durable = act.stripe_durable.max(s);
                                 }
@@ -683,7 +693,7 @@ impl BroadcastActor {
                             }
                             if durable {
                                 let origin = act.origin.clone();
-                                act.origins.rollback(&origin);
+                                act.origins.unreserve(&origin);
                             }
                             for (reply, _) in replies {
                                 let _ = reply.send(Err(again(&e, act.store.path())));
@@ -725,15 +735,24 @@ impl BroadcastActor {
                     Ok(runs) => {
                         let now = act.now_ms();
                         act.origins.reload(&runs, now);
-                        // Handed on, but numbered after what the log may hold
-                        // now: fetched again.
+                        let own = act.origin.clone();
+                        act.origins.unreserve(&own);
+                        // Handed on, but after what the log may hold now:
+                        // fetched again. Holes found are found again.
                         act.drop_unwritten();
+                        act.drop_queued_received();
                         act.reload_due = None;
                         tracing::info!(
                             origins = runs.len(),
                             reopened = act.store.reopens() > reopens,
                             "broadcast log read again after a storage error; events it lost are fetched again"
                         );
+                    }
+                    // A reader of the old handle is still busy: shortly, and
+                    // not counted as a failure.
+                    Err(e @ StoreError::Reopening { .. }) => {
+                        tracing::debug!(error = %e, "broadcast log not opened again yet");
+                        act.reload_due = Some(Instant::now() + REOPEN_WAIT);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, path = %act.store.path().display(), "cannot open the broadcast log again (retrying with a backoff of up to 30 s; this node's publishes get 507 meanwhile)");
@@ -744,6 +763,22 @@ impl BroadcastActor {
                 act.run_jobs(ctx);
             },
         ));
+    }
+
+    /// Takes the received events out of the queued appends (this node's own
+    /// events stay), and the queued hole skips.
+    fn drop_queued_received(&mut self) {
+        let mut dropped = 0;
+        self.jobs.retain_mut(|job| match job {
+            Job::Append { received, own, .. } => {
+                dropped += received.iter().map(|(_, e)| frame_bytes(e)).sum::<u64>();
+                received.clear();
+                !own.is_empty()
+            }
+            Job::SkipTo { .. } => false,
+            Job::Prune | Job::Sync => true,
+        });
+        self.unwritten_bytes = self.unwritten_bytes.saturating_sub(dropped);
     }
 
     /// While the log cannot be read again: this node's new events are refused

@@ -404,6 +404,16 @@ impl Origins {
         log.next = log.stored + 1;
     }
 
+    /// This node's own seqs reserved beyond what its log holds were never
+    /// given out (their append failed, or the log was read again): they are
+    /// not missing events to fetch.
+    pub fn unreserve(&mut self, own: &str) {
+        let log = self.log(own);
+        log.next = log.stored + 1;
+        log.head = log.stored;
+        log.missing_since = None;
+    }
+
     /// Retention removed the events before `first`.
     pub fn pruned(&mut self, origin: &str, first: u64) {
         let log = self.log(origin);
@@ -724,6 +734,16 @@ mod tests {
         o.reload(&runs, 2_000);
         assert_eq!(o.status("b").map(|s| (s.first, s.stored)), Some((1, 0)));
         assert_eq!(o.next("b"), 1);
+        // Own seqs reserved for an append that failed are not fetched.
+        o.appended("me", 0);
+        assert_eq!(o.reserve("me", 5), 1);
+        o.unreserve("me");
+        assert_eq!(o.status("me").map(|s| (s.stored, s.head)), Some((0, 0)));
+        assert_eq!(o.reserve("me", 2), 1);
+        assert!(!o
+            .tick(3_000, &[p])
+            .iter()
+            .any(|e| matches!(e, Effect::Fetch { origin, .. } if origin == "me")));
     }
 
     #[test]
