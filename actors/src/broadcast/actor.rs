@@ -119,6 +119,8 @@ pub struct BroadcastMetrics {
     pub subscriber_lag: Gauge,
     pruned: Counter,
     latency: Histogram,
+    log_failures: Counter,
+    gossip_dropped_behind_log: Counter,
 }
 
 impl BroadcastMetrics {
@@ -135,6 +137,8 @@ impl BroadcastMetrics {
             subscribers_lagged: Default::default(),
             subscriber_lag: Default::default(),
             pruned: Default::default(),
+            log_failures: Default::default(),
+            gossip_dropped_behind_log: Default::default(),
             latency: Histogram::new([
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
             ]),
@@ -194,6 +198,16 @@ impl BroadcastMetrics {
             "events_pruned",
             "Events removed from the log by retention",
             m.pruned.clone(),
+        );
+        r.register(
+            "log_failures",
+            "Writes of the broadcast log that failed (a full disk, an I/O error); the log is read again after each",
+            m.log_failures.clone(),
+        );
+        r.register(
+            "gossip_dropped_behind_log",
+            "Gossip messages dropped because 64 MiB of received events waited for the log (fetched later)",
+            m.gossip_dropped_behind_log.clone(),
         );
         r.register(
             "delivery_latency_seconds",
@@ -711,6 +725,7 @@ impl BroadcastActor {
     /// last durable commit), so the runs held are read again before anything
     /// else is written.
     fn log_failed(&mut self, e: &StoreError) {
+        self.metrics.log_failures.inc();
         self.store_error = Some(again(e, self.store.path()));
         self.failures_in_row += 1;
         if self.reload_due.is_none() {
@@ -1131,6 +1146,7 @@ impl Handler<GossipIn> for BroadcastActor {
                     // The log is far behind (a stalled disk): what is dropped
                     // shows as a gap, fetched once the log caught up.
                     self.dropped_behind_log += 1;
+                    self.metrics.gossip_dropped_behind_log.inc();
                     if self.dropped_behind_log.is_power_of_two() {
                         tracing::warn!(dropped = self.dropped_behind_log, waiting_bytes = self.unwritten_bytes,
                             "broadcast gossip dropped: the broadcast log is not keeping up (the events are fetched later)");
