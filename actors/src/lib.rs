@@ -5,5 +5,6 @@ pub mod artifact;
 mod blocking;
 pub mod broadcast;
 pub mod control;
+pub mod health;
 pub mod membership;
 pub mod stripe;

@@ -711,6 +711,17 @@ fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has
         full.metric_positive("kiln_broadcast_log_failures_total"),
         "the full node counted no failed write of its broadcast log"
     );
+    // The operator sees it in the node's status.
+    let errors = &full.get("/v1/node").expect("node info")["storage_errors"];
+    assert!(
+        errors["broadcast"]
+            .as_str()
+            .is_some_and(|e| e.contains("broadcast.redb")),
+        "{errors}"
+    );
+    let status = kiln_cli(&["status", "--http", &full.http()]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("STORAGE FAILING (broadcast)"), "{text}");
     disk.resize(64);
     wait_until(
         "the full node takes publishes again",
@@ -749,6 +760,13 @@ fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has
             panic!("{}'s subscriber: {e}", node.name);
         }
     }
+    wait_until("the node's status shows no storage error", LONG, || {
+        full.get("/v1/node").is_some_and(|n| {
+            n["storage_errors"]
+                .as_object()
+                .is_some_and(|e| e.is_empty())
+        })
+    });
     // And the log holds them, after a restart too.
     full.restart();
     for (o, a) in origins.iter().zip(&acked) {

@@ -611,6 +611,8 @@ fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
     }
     assert!(refused > 0, "8 MiB never filled up");
     assert!(!acked.is_empty());
+    let errors = &node.get("/v1/node").expect("node info")["storage_errors"];
+    assert!(errors["stripe"].is_string(), "{errors}");
     let read_all = |node: &Node| {
         for k in &acked {
             assert_eq!(
@@ -629,6 +631,12 @@ fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
         put(&agent, &node, "after", "x").is_some()
     });
     read_all(&node);
+    assert!(
+        node.get("/v1/node").is_some_and(|n| n["storage_errors"]
+            .as_object()
+            .is_some_and(|e| e.is_empty())),
+        "a storage error still shows after a write succeeded"
+    );
     node.restart();
     wait_in_sync(&[&node], 0);
     read_all(&node);

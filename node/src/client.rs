@@ -186,6 +186,14 @@ pub fn status(args: &ApiArgs) -> anyhow::Result<()> {
         list.len(),
         alive
     );
+    if let Some(errors) = node["storage_errors"].as_object() {
+        for (part, e) in errors {
+            println!(
+                "STORAGE FAILING ({part}): {}",
+                e.as_str().unwrap_or_default()
+            );
+        }
+    }
     print!(
         "{}",
         format_members(&members, kiln_actors::membership::unix_ms())

@@ -28,6 +28,8 @@ pub struct ApiState {
     pub artifacts: Option<crate::artifact_api::ArtifactApi>,
     pub registry: Arc<Registry>,
     pub token: Option<String>,
+    /// What the node's storage cannot do now (see `GET /v1/node`).
+    pub health: kiln_actors::health::StorageHealth,
 }
 
 /// An API error: status code and a message for the client.
@@ -103,6 +105,13 @@ async fn node(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
         .send(GetNodeInfo)
         .await
         .map_err(unavailable)?;
+    // Parts of the node that cannot write their files now, and why.
+    let storage_errors: serde_json::Map<String, serde_json::Value> = state
+        .health
+        .failures()
+        .into_iter()
+        .map(|(part, e)| (part.as_str().to_string(), serde_json::Value::String(e)))
+        .collect();
     Ok(HttpResponse::Ok().json(json!({
         "id": info.id,
         "name": info.name,
@@ -110,6 +119,7 @@ async fn node(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
         "cluster": info.cluster,
         "incarnation": info.incarnation,
         "version": env!("CARGO_PKG_VERSION"),
+        "storage_errors": storage_errors,
     })))
 }
 

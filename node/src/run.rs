@@ -107,6 +107,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let stripe_metrics = StripeMetrics::register(&mut registry);
     let kv_metrics = KvMetrics::register(&mut registry);
     let broadcast_metrics = BroadcastMetrics::register(&mut registry);
+    let health = kiln_actors::health::StorageHealth::register(&mut registry);
     let broadcast_store = Arc::new(BroadcastStore::open(&settings.data_dir)?);
     let artifact_metrics = ArtifactMetrics::register(&mut registry);
     let artifact_store = Arc::new(ArtifactStore::open(&settings.data_dir)?);
@@ -203,6 +204,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             },
             broadcast_metrics,
             known_change_seq.clone(),
+            health.clone(),
         )?
         .start();
         let stripe = (!settings.control.witness).then(|| {
@@ -216,6 +218,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 control.clone(),
                 stripe_metrics,
                 known_change_seq.clone(),
+                health.clone(),
             )
             .start()
         });
@@ -288,6 +291,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             }),
             registry,
             token: settings.http_token.clone(),
+            health,
         });
         let server = HttpServer::new(move || http::app(state.clone()))
             .workers(1)

@@ -35,6 +35,7 @@ use crate::blocking::blocking;
 use crate::control::state::Placement;
 use crate::control::types::NodeId;
 use crate::control::{addresses, AddressBook, SharedApplied};
+use crate::health::{StorageHealth, StoragePart};
 use crate::stripe::kv::KvChange;
 use crate::stripe::KnownChangeSeq;
 
@@ -301,6 +302,8 @@ pub struct BroadcastActor {
     /// on, the log is read again only after a backoff (opening the file again
     /// walks all of it), and publishes are refused meanwhile.
     failures_in_row: u32,
+    /// Where failures show (status, metrics).
+    health: StorageHealth,
 }
 
 impl BroadcastActor {
@@ -316,6 +319,7 @@ impl BroadcastActor {
         config: BroadcastConfig,
         metrics: BroadcastMetrics,
         known_change_seq: KnownChangeSeq,
+        health: StorageHealth,
     ) -> Result<Self, StoreError> {
         let runs = store.runs()?;
         let origins = Origins::new(
@@ -356,6 +360,7 @@ impl BroadcastActor {
             reload_due: None,
             store_error: None,
             failures_in_row: 0,
+            health,
         };
         actor.publish_known_change_seq();
         Ok(actor)
@@ -552,7 +557,7 @@ impl BroadcastActor {
                         .into_actor(self)
                         .map(move |r, act, ctx| {
                             match r {
-                                Ok(_) => act.failures_in_row = 0,
+                                Ok(_) => act.log_wrote(),
                                 Err(e) => {
                                     tracing::error!(error = %e, %origin, "cannot record a hole in the broadcast log");
                                     act.log_failed(&e);
@@ -576,7 +581,7 @@ impl BroadcastActor {
                     .map(|r, act, ctx| {
                         match r {
                             Ok((n, runs)) => {
-                                act.failures_in_row = 0;
+                                act.log_wrote();
                                 act.metrics.pruned.inc_by(n);
                                 if n > 0 {
                                     tracing::debug!(events = n, "broadcast log pruned");
@@ -606,7 +611,7 @@ impl BroadcastActor {
                     move |r, act, ctx| {
                         match r {
                             Ok(()) => {
-                                act.failures_in_row = 0;
+                                act.log_wrote();
                                 if let Some(s) = stripe_stored {
                                     act.stripe_durable = act.stripe_durable.max(s);
                                 }
@@ -672,7 +677,7 @@ impl BroadcastActor {
                     act.unwritten_bytes = act.unwritten_bytes.saturating_sub(received_bytes);
                     match r {
                         Ok(()) => {
-                            act.failures_in_row = 0;
+                            act.log_wrote();
                             if !durable {
                                 act.unsynced = true;
                             }
@@ -726,6 +731,7 @@ impl BroadcastActor {
     /// else is written.
     fn log_failed(&mut self, e: &StoreError) {
         self.metrics.log_failures.inc();
+        self.health.failing(StoragePart::Broadcast, e.to_string());
         self.store_error = Some(again(e, self.store.path()));
         self.failures_in_row += 1;
         if self.reload_due.is_none() {
@@ -734,6 +740,14 @@ impl BroadcastActor {
                 n => (RELOAD_RETRY * 2u32.pow((n - 2).min(5))).min(RELOAD_BACKOFF_MAX),
             };
             self.reload_due = Some(Instant::now() + backoff);
+        }
+    }
+
+    /// A write of the log succeeded.
+    fn log_wrote(&mut self) {
+        if self.failures_in_row > 0 {
+            self.failures_in_row = 0;
+            self.health.ok(StoragePart::Broadcast);
         }
     }
 

@@ -32,6 +32,7 @@ use crate::control::wire::{from_cbor, to_cbor, MAX_CONTROL_BODY};
 use crate::control::{
     addresses, AddressBook, ConfirmActive, ControlPlane, Propose, RequestElection, SharedApplied,
 };
+use crate::health::{StorageHealth, StoragePart};
 
 /// How often the replica's timers run and the control plane's view is read.
 const TICK: Duration = Duration::from_millis(20);
@@ -334,6 +335,8 @@ pub struct StripeActor {
     /// A log write failed: the error, and when to start the replica again from
     /// the disk. Writes meanwhile are refused with the error at once.
     storage_down: Option<(String, Instant)>,
+    /// Where `storage_down` shows (status, metrics).
+    health: StorageHealth,
     /// Writes and restarts that failed since both files last took a write.
     storage_failures: u32,
     /// Since the last failed write: a log append, and a flush of applied
@@ -416,9 +419,11 @@ impl StripeActor {
         control: Addr<ControlPlane>,
         metrics: StripeMetrics,
         known_change_seq: super::KnownChangeSeq,
+        health: StorageHealth,
     ) -> Self {
         StripeActor {
             known_change_seq,
+            health,
             me,
             stripe: None,
             replica: None,
@@ -1380,6 +1385,7 @@ impl StripeActor {
             failures = self.storage_failures,
             "a stripe log write failed; the stripe starts again from its disk (free space or fix the disk)");
         self.storage_down = Some((e.to_string(), Instant::now() + retry));
+        self.health.failing(StoragePart::Stripe, e.to_string());
     }
 
     /// Starts the replica again from the disk once the pause after a failed log
@@ -1409,6 +1415,7 @@ impl StripeActor {
                 match res {
                     Ok(recovered) => {
                         act.storage_down = None;
+                        act.health.ok(StoragePart::Stripe);
                         // The new replica learns the stripe's view at the next tick.
                         act.view_version = 0;
                         if let Some(r) = recovered {
@@ -1421,6 +1428,7 @@ impl StripeActor {
                         tracing::warn!(stripe, error = %e, retry_s = retry.as_secs(),
                             "the stripe data still cannot be written or read back; trying again");
                         act.storage_down = Some((e.to_string(), Instant::now() + retry));
+                        act.health.failing(StoragePart::Stripe, e.to_string());
                     }
                 }
                 act.pump(ctx);
