@@ -686,6 +686,7 @@ fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has
         .build();
     let mut acked = [Vec::new(), Vec::new()];
     let mut refused = 0;
+    let (mut shown, mut status_shown) = (false, false);
     for _ in 0..1_000 {
         // Events from the peer reach the full node meanwhile.
         acked[1].extend(try_publish(&agent, other, 5, 4096).expect("the peer has room"));
@@ -693,6 +694,17 @@ fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has
             Ok(seqs) => acked[0].extend(seqs),
             Err((507, error)) => {
                 assert!(error.contains("broadcast.redb"), "{error}");
+                // The operator sees it in the node's status (until a durable
+                // write succeeds: look right after the refusal).
+                let errors = &full.get("/v1/node").expect("node info")["storage_errors"];
+                shown |= errors["broadcast"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("broadcast.redb"));
+                if shown && !status_shown {
+                    let status = kiln_cli(&["status", "--http", &full.http()]);
+                    let text = String::from_utf8_lossy(&status.stdout);
+                    status_shown = text.contains("STORAGE FAILING (broadcast)");
+                }
                 refused += 1;
                 if refused == 3 {
                     break;
@@ -711,17 +723,14 @@ fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has
         full.metric_positive("kiln_broadcast_log_failures_total"),
         "the full node counted no failed write of its broadcast log"
     );
-    // The operator sees it in the node's status.
-    let errors = &full.get("/v1/node").expect("node info")["storage_errors"];
     assert!(
-        errors["broadcast"]
-            .as_str()
-            .is_some_and(|e| e.contains("broadcast.redb")),
-        "{errors}"
+        shown,
+        "the node's status never showed the broadcast log failing"
     );
-    let status = kiln_cli(&["status", "--http", &full.http()]);
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(text.contains("STORAGE FAILING (broadcast)"), "{text}");
+    assert!(
+        status_shown,
+        "kiln status never showed the broadcast log failing"
+    );
     disk.resize(64);
     wait_until(
         "the full node takes publishes again",

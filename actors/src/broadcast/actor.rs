@@ -581,7 +581,6 @@ impl BroadcastActor {
                     .map(|r, act, ctx| {
                         match r {
                             Ok((n, runs)) => {
-                                act.log_wrote();
                                 act.metrics.pruned.inc_by(n);
                                 if n > 0 {
                                     tracing::debug!(events = n, "broadcast log pruned");
@@ -611,6 +610,8 @@ impl BroadcastActor {
                     move |r, act, ctx| {
                         match r {
                             Ok(()) => {
+                                // It wrote the received events appended since
+                                // the last one (queued only when there were some).
                                 act.log_wrote();
                                 if let Some(s) = stripe_stored {
                                     act.stripe_durable = act.stripe_durable.max(s);
@@ -677,8 +678,9 @@ impl BroadcastActor {
                     act.unwritten_bytes = act.unwritten_bytes.saturating_sub(received_bytes);
                     match r {
                         Ok(()) => {
-                            act.log_wrote();
-                            if !durable {
+                            if durable {
+                                act.log_wrote();
+                            } else {
                                 act.unsynced = true;
                             }
                             for (origin, events) in &received {
@@ -743,7 +745,9 @@ impl BroadcastActor {
         }
     }
 
-    /// A write of the log succeeded.
+    /// A durable write of the log succeeded. Only a durable one counts: redb
+    /// keeps a non-durable commit's pages in memory, so one can succeed on a
+    /// full disk.
     fn log_wrote(&mut self) {
         if self.failures_in_row > 0 {
             self.failures_in_row = 0;

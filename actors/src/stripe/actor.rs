@@ -917,6 +917,10 @@ impl StripeActor {
                             Ok(()) => {
                                 act.applied_index = at.index;
                                 act.metrics.snapshots_installed.inc();
+                                if act.storage_down.is_none() {
+                                    // A snapshot that failed to stage before.
+                                    act.health.ok(StoragePart::Stripe);
+                                }
                                 act.metrics.snapshot_keys_total.set(0);
                                 act.metrics.snapshot_keys_done.set(0);
                                 if let Some(rx) = act.receiving.take() {
@@ -1217,6 +1221,7 @@ impl StripeActor {
                     Err(e) => {
                         rx.failed = Some(format!("cannot store the snapshot: {e}"));
                         rx.staging.clear();
+                        act.health.failing(StoragePart::Stripe, e.to_string());
                     }
                 }
                 let failed = rx.failed.clone();
@@ -1415,6 +1420,9 @@ impl StripeActor {
                 match res {
                     Ok(recovered) => {
                         act.storage_down = None;
+                        // The probe's small fsynced writes went through (a
+                        // nearly full disk may still fail a larger one: the
+                        // status then shows it again).
                         act.health.ok(StoragePart::Stripe);
                         // The new replica learns the stripe's view at the next tick.
                         act.view_version = 0;
