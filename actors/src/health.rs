@@ -17,6 +17,8 @@ pub enum StoragePart {
     Stripe,
     /// `broadcast.redb`.
     Broadcast,
+    /// `artifacts/`: content fetched from peers.
+    Artifacts,
 }
 
 impl StoragePart {
@@ -24,6 +26,7 @@ impl StoragePart {
         match self {
             StoragePart::Stripe => "stripe",
             StoragePart::Broadcast => "broadcast",
+            StoragePart::Artifacts => "artifacts",
         }
     }
 }
@@ -45,10 +48,14 @@ impl StorageHealth {
         let health = StorageHealth::default();
         registry.register(
             "kiln_storage_failing",
-            "1 while a part of the node (stripe, broadcast) cannot write its files (a full disk, an I/O error)",
+            "1 while a part of the node (stripe, broadcast, artifacts) cannot write its files (a full disk, an I/O error)",
             health.gauge.clone(),
         );
-        for part in [StoragePart::Stripe, StoragePart::Broadcast] {
+        for part in [
+            StoragePart::Stripe,
+            StoragePart::Broadcast,
+            StoragePart::Artifacts,
+        ] {
             health.set_gauge(part, 0);
         }
         health

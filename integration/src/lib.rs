@@ -613,6 +613,11 @@ impl SmallDisk {
         ok.then_some(SmallDisk { dir })
     }
 
+    /// Where the disk is mounted.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// A directory for `Node::start_in` whose node keeps `files` (of its data
     /// directory) on this disk and the rest where the directory is.
     pub fn node_dir(&self, name: &str, files: &[&str]) -> tempfile::TempDir {

@@ -225,3 +225,65 @@ fn a_corrupt_chunk_from_a_holder_is_fetched_again_from_another() {
         "the late node logged the bad chunks"
     );
 }
+
+/// A node whose disk cannot take an artifact says so in its status, keeps
+/// nothing half-written visible, and fetches the artifact once the disk has room.
+#[test]
+fn a_node_whose_disk_cannot_take_an_artifact_says_so_and_fetches_it_once_it_has_room() {
+    let _serial = serial();
+    let Some(disk) = SmallDisk::mount(4) else {
+        return;
+    };
+    std::fs::create_dir(disk.path().join("artifacts")).expect("artifacts dir on the small disk");
+    let first = Node::start("afd1", NodeOpts::default());
+    let data_dir = disk.node_dir("afd2", &["artifacts"]);
+    let full = Node::start_in(
+        "afd2",
+        data_dir.path(),
+        free_ip(),
+        NodeOpts {
+            seeds: vec![first.seed()],
+            ..Default::default()
+        },
+    );
+    let nodes = [first, full];
+    wait_converged(&nodes, LONG);
+    let data = content(8 * 1024 * 1024);
+    let sha = hex_of(&Sha256::digest(&data));
+    let resp = ureq::put(&format!("http://{}/v1/artifacts/big", nodes[0].http()))
+        .send_bytes(&data)
+        .expect("upload");
+    assert_eq!(resp.status(), 201);
+    let [first, full] = &nodes;
+    wait_until(
+        "the full node reports its artifacts storage failing",
+        LONG,
+        || {
+            full.get("/v1/node")
+                .is_some_and(|n| n["storage_errors"]["artifacts"].is_string())
+        },
+    );
+    assert_ne!(
+        here(full, "big").map(|(state, _)| state),
+        Some("complete".to_string()),
+        "8 MiB cannot be complete on a 4 MiB disk"
+    );
+    let download = ureq::get(&format!("http://{}/v1/artifacts/big", full.http())).call();
+    assert!(
+        download.is_err(),
+        "the full node served an artifact it does not hold whole"
+    );
+    disk.resize(64);
+    wait_until("the full node holds the artifact", LONG, || {
+        here(full, "big").is_some_and(|(state, _)| state == "complete")
+    });
+    assert_eq!(sha_of_download(full, "big"), sha);
+    assert_eq!(sha_of_download(first, "big"), sha);
+    wait_until("the full node's status clears", LONG, || {
+        full.get("/v1/node").is_some_and(|n| {
+            n["storage_errors"]
+                .as_object()
+                .is_some_and(|e| e.is_empty())
+        })
+    });
+}

@@ -234,6 +234,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             control.clone(),
             broadcast.clone(),
             artifact_metrics,
+            health.clone(),
         )
         .start();
         // Peers' requests go to the actor that serves them.

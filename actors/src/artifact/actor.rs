@@ -25,6 +25,7 @@ use crate::broadcast::{BroadcastActor, Publish};
 use crate::control::state::{ArtifactCommand, ControlCommand};
 use crate::control::types::NodeId;
 use crate::control::{addresses, AddressBook, ControlPlane, Propose, SharedApplied};
+use crate::health::{StorageHealth, StoragePart};
 
 const TICK: Duration = Duration::from_millis(500);
 /// Chunk requests in flight per transfer.
@@ -160,6 +161,8 @@ pub struct ArtifactActor {
     control: Addr<ControlPlane>,
     broadcast: Addr<BroadcastActor>,
     metrics: ArtifactMetrics,
+    /// Where a failed write of fetched content shows (status, metrics).
+    health: StorageHealth,
     /// Digests of complete content held here.
     local: HashSet<String>,
     transfers: HashMap<String, Transfer>,
@@ -179,8 +182,10 @@ impl ArtifactActor {
         control: Addr<ControlPlane>,
         broadcast: Addr<BroadcastActor>,
         metrics: ArtifactMetrics,
+        health: StorageHealth,
     ) -> Self {
         ArtifactActor {
+            health,
             me,
             store,
             applied,
@@ -517,9 +522,13 @@ impl ArtifactActor {
                     };
                     t.writing = false;
                     match r {
-                        Ok(n) => t.written += n,
+                        Ok(n) => {
+                            t.written += n;
+                            act.health.ok(StoragePart::Artifacts);
+                        }
                         Err(e) => {
                             tracing::error!(error = %e, sha256 = %sha, "cannot write artifact content; will retry");
+                            act.health.failing(StoragePart::Artifacts, e.to_string());
                             act.transfers.remove(&sha);
                             return;
                         }
