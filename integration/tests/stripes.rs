@@ -643,6 +643,59 @@ fn a_full_disk_answers_507_and_loses_no_acknowledged_write() {
     assert_eq!(get(&agent, &node, "after").as_deref(), Some("x"));
 }
 
+/// Makes `to` the active of stripe 0 (`kiln stripe handover`, asked through
+/// `via`) and waits until `via` sees it.
+fn hand_over_to(to: &Node, via: &Node) {
+    let id = to.id();
+    wait_until(
+        &format!("the active hands over to {}", to.name),
+        LONG,
+        || {
+            let args = ["stripe", "handover", "--stripe", "0", "--to", &id];
+            let out = kiln_cli(&[&args[..], &["--http", &via.http()]].concat());
+            out.status.success()
+        },
+    );
+    wait_until(&format!("{} is active", to.name), LONG, || {
+        via.get("/v1/cluster/stripes")
+            .is_some_and(|v| v["stripes"][0]["active"] == id.as_str())
+    });
+}
+
+/// Waits until `member` (whose disk filled up) is an in-sync standby again, as
+/// `observer` sees it, and answers every key with a value of `len` bytes.
+fn rejoins_holding_every_write(observer: &Node, member: &Node, keys: &[String], len: usize) {
+    // Catching up 16 MiB takes seconds; the deadline only guards against hanging.
+    wait_until(
+        &format!("{} is an in-sync standby again", member.name),
+        LONG * 3,
+        || {
+            observer.get("/v1/cluster/stripes").is_some_and(|v| {
+                v["stripes"][0]["members"].as_array().is_some_and(|m| {
+                    m.iter()
+                        .any(|m| m["id"] == member.id().as_str() && m["role"] == "standby")
+                })
+            })
+        },
+    );
+    let agent = agent();
+    let stale = |k: &str| {
+        agent
+            .get(&format!(
+                "http://{}/v1/kv/test/{k}?stale=true",
+                member.http()
+            ))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()
+    };
+    wait_until(&format!("{} holds every write", member.name), LONG, || {
+        keys.iter()
+            .all(|k| stale(k).is_some_and(|v| v.len() == len))
+    });
+}
+
 #[test]
 fn a_standby_whose_disk_fills_up_fails_no_write_and_catches_up_once_it_has_room() {
     let _serial = serial();
@@ -660,18 +713,8 @@ fn a_standby_whose_disk_fills_up_fails_no_write_and_catches_up_once_it_has_room(
     let mut active = wait_in_sync(&[&first, &second, &third], 2);
     if active == third.id() {
         // The small disk must be a standby's: move the active role away.
-        let to = first.id();
-        wait_until("the active hands over to the first node", LONG, || {
-            let args = ["stripe", "handover", "--stripe", "0", "--to", &to];
-            let out = kiln_cli(&[&args[..], &["--http", &third.http()]].concat());
-            out.status.success()
-        });
-        wait_until("the first node is active", LONG, || {
-            first
-                .get("/v1/cluster/stripes")
-                .is_some_and(|v| v["stripes"][0]["active"] == to.as_str())
-        });
-        active = to;
+        hand_over_to(&first, &third);
+        active = first.id();
     }
     let nodes = [&first, &second, &third];
     let writer = nodes
@@ -698,34 +741,7 @@ fn a_standby_whose_disk_fills_up_fails_no_write_and_catches_up_once_it_has_room(
     );
     // With room again the member catches up and holds every write.
     disk.resize(128);
-    // Catching up 16 MiB takes seconds; the deadline only guards against hanging.
-    wait_until(
-        "the third node is an in-sync standby again",
-        LONG * 3,
-        || {
-            first.get("/v1/cluster/stripes").is_some_and(|v| {
-                v["stripes"][0]["members"].as_array().is_some_and(|m| {
-                    m.iter()
-                        .any(|m| m["id"] == third.id().as_str() && m["role"] == "standby")
-                })
-            })
-        },
-    );
-    let stale = |k: &str| {
-        agent
-            .get(&format!(
-                "http://{}/v1/kv/test/{k}?stale=true",
-                third.http()
-            ))
-            .call()
-            .ok()?
-            .into_string()
-            .ok()
-    };
-    wait_until("the third member holds every write", LONG, || {
-        keys.iter()
-            .all(|k| stale(k).is_some_and(|v| v.len() == value.len()))
-    });
+    rejoins_holding_every_write(&first, &third, &keys, value.len());
 }
 
 /// The active's disk fills up: the writes it cannot persist are not
@@ -747,17 +763,7 @@ fn an_active_whose_disk_fills_up_is_replaced_and_no_acknowledged_write_is_lost()
     let third = Node::start("afc", o2);
     let active = wait_in_sync(&[&first, &second, &third], 2);
     if active != first.id() {
-        let to = first.id();
-        wait_until("the active hands over to the first node", LONG, || {
-            let args = ["stripe", "handover", "--stripe", "0", "--to", &to];
-            let out = kiln_cli(&[&args[..], &["--http", &second.http()]].concat());
-            out.status.success()
-        });
-        wait_until("the first node is active", LONG, || {
-            second
-                .get("/v1/cluster/stripes")
-                .is_some_and(|v| v["stripes"][0]["active"] == to.as_str())
-        });
+        hand_over_to(&first, &second);
     }
     let agent = agent();
     // 16 MiB through the second node (forwarded to the active) while the
@@ -794,31 +800,5 @@ fn an_active_whose_disk_fills_up_is_replaced_and_no_acknowledged_write_is_lost()
         );
     }
     disk.resize(128);
-    wait_until(
-        "the old active is an in-sync standby again",
-        LONG * 3,
-        || {
-            second.get("/v1/cluster/stripes").is_some_and(|v| {
-                v["stripes"][0]["members"].as_array().is_some_and(|m| {
-                    m.iter()
-                        .any(|m| m["id"] == first.id().as_str() && m["role"] == "standby")
-                })
-            })
-        },
-    );
-    let stale = |k: &str| {
-        agent
-            .get(&format!(
-                "http://{}/v1/kv/test/{k}?stale=true",
-                first.http()
-            ))
-            .call()
-            .ok()?
-            .into_string()
-            .ok()
-    };
-    wait_until("the old active holds every write", LONG, || {
-        keys.iter()
-            .all(|k| stale(k).is_some_and(|v| v.len() == value.len()))
-    });
+    rejoins_holding_every_write(&second, &first, &keys, value.len());
 }
