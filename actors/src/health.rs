@@ -22,6 +22,12 @@ pub enum StoragePart {
 }
 
 impl StoragePart {
+    pub const ALL: [StoragePart; 3] = [
+        StoragePart::Stripe,
+        StoragePart::Broadcast,
+        StoragePart::Artifacts,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             StoragePart::Stripe => "stripe",
@@ -37,9 +43,11 @@ struct PartLabel {
 }
 
 /// Shared by the actors that write (each reports its own part) and the HTTP API.
+/// A part is failing while any of its sources is: each source (a job of the
+/// stripe, one artifact's transfer) clears only its own failure.
 #[derive(Clone, Default)]
 pub struct StorageHealth {
-    failing: Arc<Mutex<BTreeMap<StoragePart, String>>>,
+    failing: Arc<Mutex<BTreeMap<(StoragePart, String), String>>>,
     gauge: Family<PartLabel, Gauge>,
 }
 
@@ -51,43 +59,60 @@ impl StorageHealth {
             "1 while a part of the node (stripe, broadcast, artifacts) cannot write its files (a full disk, an I/O error)",
             health.gauge.clone(),
         );
-        for part in [
-            StoragePart::Stripe,
-            StoragePart::Broadcast,
-            StoragePart::Artifacts,
-        ] {
-            health.set_gauge(part, 0);
+        let failing = health.lock();
+        for part in StoragePart::ALL {
+            health.update_gauge(&failing, part);
         }
+        drop(failing);
         health
     }
 
-    fn set_gauge(&self, part: StoragePart, v: i64) {
+    /// Sets `part`'s gauge from the map (called with its lock held, so the two
+    /// agree).
+    fn update_gauge(&self, failing: &BTreeMap<(StoragePart, String), String>, part: StoragePart) {
+        let any = failing.keys().any(|(p, _)| *p == part);
         self.gauge
             .get_or_create(&PartLabel {
                 part: part.as_str().to_string(),
             })
-            .set(v);
+            .set(i64::from(any));
     }
 
-    /// `part` cannot write: `error` says why (the latest failure).
-    pub fn failing(&self, part: StoragePart, error: String) {
-        self.set_gauge(part, 1);
-        self.lock().insert(part, error);
+    /// `source` of `part` cannot write: `error` says why (the latest failure).
+    pub fn failing(&self, part: StoragePart, source: &str, error: String) {
+        let mut failing = self.lock();
+        failing.insert((part, source.to_string()), error);
+        self.update_gauge(&failing, part);
     }
 
-    /// `part` wrote successfully.
-    pub fn ok(&self, part: StoragePart) {
-        if self.lock().remove(&part).is_some() {
-            self.set_gauge(part, 0);
+    /// `source` of `part` wrote successfully (or is gone).
+    pub fn ok(&self, part: StoragePart, source: &str) {
+        let mut failing = self.lock();
+        if failing.remove(&(part, source.to_string())).is_some() {
+            self.update_gauge(&failing, part);
         }
     }
 
-    /// The failing parts and why.
-    pub fn failures(&self) -> Vec<(StoragePart, String)> {
-        self.lock().iter().map(|(p, e)| (*p, e.clone())).collect()
+    /// Keeps the failures of `part` whose source `keep` accepts (the others are
+    /// gone: an artifact retired, or held by now).
+    pub fn retain(&self, part: StoragePart, keep: impl Fn(&str) -> bool) {
+        let mut failing = self.lock();
+        failing.retain(|(p, source), _| *p != part || keep(source));
+        self.update_gauge(&failing, part);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<StoragePart, String>> {
+    /// The failing parts and why (the first failing source of each).
+    pub fn failures(&self) -> Vec<(StoragePart, String)> {
+        let mut out: Vec<(StoragePart, String)> = Vec::new();
+        for ((part, _), e) in self.lock().iter() {
+            if out.last().is_none_or(|(p, _)| p != part) {
+                out.push((*part, e.clone()));
+            }
+        }
+        out
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(StoragePart, String), String>> {
         self.failing.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -97,12 +122,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_part_is_failing_until_it_writes_again() {
+    fn a_part_is_failing_until_each_of_its_sources_writes_again() {
         let mut registry = Registry::default();
         let h = StorageHealth::register(&mut registry);
-        h.failing(StoragePart::Broadcast, "no space".into());
-        h.failing(StoragePart::Stripe, "I/O error".into());
-        h.failing(StoragePart::Broadcast, "still no space".into());
+        h.failing(StoragePart::Broadcast, "log", "no space".into());
+        h.failing(StoragePart::Stripe, "log", "I/O error".into());
+        h.failing(StoragePart::Broadcast, "log", "still no space".into());
         assert_eq!(
             h.failures(),
             vec![
@@ -110,8 +135,12 @@ mod tests {
                 (StoragePart::Broadcast, "still no space".to_string())
             ]
         );
-        h.ok(StoragePart::Stripe);
+        h.ok(StoragePart::Stripe, "log");
         assert_eq!(h.failures().len(), 1);
+        // Two sources of one part: one writing again does not clear the other.
+        h.failing(StoragePart::Artifacts, "a", "no space".into());
+        h.failing(StoragePart::Artifacts, "b", "no space".into());
+        h.ok(StoragePart::Artifacts, "a");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         assert!(
@@ -122,5 +151,11 @@ mod tests {
             text.contains(r#"kiln_storage_failing{part="stripe"} 0"#),
             "{text}"
         );
+        assert!(
+            text.contains(r#"kiln_storage_failing{part="artifacts"} 1"#),
+            "{text}"
+        );
+        h.ok(StoragePart::Artifacts, "b");
+        assert_eq!(h.failures().len(), 1);
     }
 }

@@ -32,6 +32,11 @@ const TICK: Duration = Duration::from_millis(500);
 const WINDOW: usize = 4;
 /// Transfers at once: more would only split the same bandwidth.
 const MAX_TRANSFERS: usize = 2;
+/// The pause before content whose write failed `n` times in a row is fetched
+/// again: 1, 2, 4 … 30 s.
+fn write_retry(n: u32) -> Duration {
+    (Duration::from_secs(1) * 2u32.pow(n.saturating_sub(1).min(5))).min(Duration::from_secs(30))
+}
 /// A holder that failed is not asked again for this long.
 const PEER_BACKOFF: Duration = Duration::from_secs(5);
 /// Unreferenced content younger than this is kept (an upload awaiting its version).
@@ -163,6 +168,8 @@ pub struct ArtifactActor {
     metrics: ArtifactMetrics,
     /// Where a failed write of fetched content shows (status, metrics).
     health: StorageHealth,
+    /// Content whose write failed: when last, and how many times in a row.
+    write_failed: HashMap<String, (Instant, u32)>,
     /// Digests of complete content held here.
     local: HashSet<String>,
     transfers: HashMap<String, Transfer>,
@@ -186,6 +193,7 @@ impl ArtifactActor {
     ) -> Self {
         ArtifactActor {
             health,
+            write_failed: HashMap::new(),
             me,
             store,
             applied,
@@ -234,6 +242,15 @@ impl ArtifactActor {
             if self.transfers.len() >= MAX_TRANSFERS {
                 continue;
             }
+            if self
+                .write_failed
+                .get(&w.sha256)
+                .is_some_and(|(at, n)| at.elapsed() < write_retry(*n))
+            {
+                // Its content could not be written: not before the backoff
+                // (a new transfer reads and hashes what it has so far).
+                continue;
+            }
             tracing::info!(name = %w.name, version = w.version, size = w.size, sha256 = %w.sha256,
                 "fetching artifact content");
             let sha = w.sha256.clone();
@@ -257,6 +274,10 @@ impl ArtifactActor {
         // Retired while fetching: drop the transfer (its file is collected).
         self.transfers
             .retain(|sha, t| plan.live.contains(sha) || t.writing);
+        // A failed write of content retired since, or held by now, fails no more.
+        let still_wanted = |sha: &str| plan.live.contains(sha) && !self.local.contains(sha);
+        self.health.retain(StoragePart::Artifacts, still_wanted);
+        self.write_failed.retain(|sha, _| still_wanted(sha));
         self.metrics.transfers.set(self.transfers.len() as i64);
         let shas: Vec<String> = self.transfers.keys().cloned().collect();
         for sha in shas {
@@ -524,11 +545,16 @@ impl ArtifactActor {
                     match r {
                         Ok(n) => {
                             t.written += n;
-                            act.health.ok(StoragePart::Artifacts);
+                            act.health.ok(StoragePart::Artifacts, &sha);
+                            act.write_failed.remove(&sha);
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, sha256 = %sha, "cannot write artifact content; will retry");
-                            act.health.failing(StoragePart::Artifacts, e.to_string());
+                            let failures = act.write_failed.get(&sha).map_or(0, |(_, n)| *n) + 1;
+                            tracing::error!(error = %e, sha256 = %sha, retry_s = write_retry(failures).as_secs(),
+                                "cannot write artifact content; will retry");
+                            act.health
+                                .failing(StoragePart::Artifacts, &sha, e.to_string());
+                            act.write_failed.insert(sha.clone(), (Instant::now(), failures));
                             act.transfers.remove(&sha);
                             return;
                         }

@@ -733,7 +733,8 @@ impl BroadcastActor {
     /// else is written.
     fn log_failed(&mut self, e: &StoreError) {
         self.metrics.log_failures.inc();
-        self.health.failing(StoragePart::Broadcast, e.to_string());
+        self.health
+            .failing(StoragePart::Broadcast, "log", e.to_string());
         self.store_error = Some(again(e, self.store.path()));
         self.failures_in_row += 1;
         if self.reload_due.is_none() {
@@ -751,7 +752,7 @@ impl BroadcastActor {
     fn log_wrote(&mut self) {
         if self.failures_in_row > 0 {
             self.failures_in_row = 0;
-            self.health.ok(StoragePart::Broadcast);
+            self.health.ok(StoragePart::Broadcast, "log");
         }
     }
 
@@ -775,6 +776,9 @@ impl BroadcastActor {
                         act.drop_unwritten();
                         act.drop_queued_received();
                         act.reload_due = None;
+                        // An fsync within a second says whether the disk takes
+                        // writes again, even on a node with nothing to write.
+                        act.unsynced = true;
                         tracing::info!(
                             origins = runs.len(),
                             reopened = act.store.reopens() > reopens,

@@ -34,6 +34,11 @@ use crate::control::{
 };
 use crate::health::{StorageHealth, StoragePart};
 
+/// Sources of the stripe's storage health: its log and state files, and the
+/// staging of a snapshot being received.
+const LOG_SOURCE: &str = "log";
+const SNAPSHOT_SOURCE: &str = "snapshot";
+
 /// How often the replica's timers run and the control plane's view is read.
 const TICK: Duration = Duration::from_millis(20);
 /// A replication request not answered this long counts as lost.
@@ -917,10 +922,7 @@ impl StripeActor {
                             Ok(()) => {
                                 act.applied_index = at.index;
                                 act.metrics.snapshots_installed.inc();
-                                if act.storage_down.is_none() {
-                                    // A snapshot that failed to stage before.
-                                    act.health.ok(StoragePart::Stripe);
-                                }
+                                act.health.ok(StoragePart::Stripe, SNAPSHOT_SOURCE);
                                 act.metrics.snapshot_keys_total.set(0);
                                 act.metrics.snapshot_keys_done.set(0);
                                 if let Some(rx) = act.receiving.take() {
@@ -1221,7 +1223,8 @@ impl StripeActor {
                     Err(e) => {
                         rx.failed = Some(format!("cannot store the snapshot: {e}"));
                         rx.staging.clear();
-                        act.health.failing(StoragePart::Stripe, e.to_string());
+                        act.health
+                            .failing(StoragePart::Stripe, SNAPSHOT_SOURCE, e.to_string());
                     }
                 }
                 let failed = rx.failed.clone();
@@ -1320,6 +1323,9 @@ impl StripeActor {
     /// both did since the last failure, restarts no longer back off.
     fn storage_ok(&mut self, append: bool) {
         if append {
+            // A durable append: a snapshot that could not be staged before
+            // would be now.
+            self.health.ok(StoragePart::Stripe, SNAPSHOT_SOURCE);
             self.appended_since_failure = true;
         } else {
             self.flushed_since_failure = true;
@@ -1390,7 +1396,8 @@ impl StripeActor {
             failures = self.storage_failures,
             "a stripe log write failed; the stripe starts again from its disk (free space or fix the disk)");
         self.storage_down = Some((e.to_string(), Instant::now() + retry));
-        self.health.failing(StoragePart::Stripe, e.to_string());
+        self.health
+            .failing(StoragePart::Stripe, LOG_SOURCE, e.to_string());
     }
 
     /// Starts the replica again from the disk once the pause after a failed log
@@ -1423,7 +1430,7 @@ impl StripeActor {
                         // The probe's small fsynced writes went through (a
                         // nearly full disk may still fail a larger one: the
                         // status then shows it again).
-                        act.health.ok(StoragePart::Stripe);
+                        act.health.ok(StoragePart::Stripe, LOG_SOURCE);
                         // The new replica learns the stripe's view at the next tick.
                         act.view_version = 0;
                         if let Some(r) = recovered {
@@ -1436,7 +1443,8 @@ impl StripeActor {
                         tracing::warn!(stripe, error = %e, retry_s = retry.as_secs(),
                             "the stripe data still cannot be written or read back; trying again");
                         act.storage_down = Some((e.to_string(), Instant::now() + retry));
-                        act.health.failing(StoragePart::Stripe, e.to_string());
+                        act.health
+                            .failing(StoragePart::Stripe, LOG_SOURCE, e.to_string());
                     }
                 }
                 act.pump(ctx);
