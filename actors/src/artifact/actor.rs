@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use kiln_net::wire::{Request, Response};
 use kiln_net::{CallError, NetCommand, NetHandle, PeerId, Reply};
-use kiln_persistence::{chunk_count, chunks_root, ArtifactStore, ARTIFACT_CHUNK};
+use kiln_persistence::{chunk_count, chunks_root, ArtifactStore, StoreError, ARTIFACT_CHUNK};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -549,12 +549,7 @@ impl ArtifactActor {
                             act.write_failed.remove(&sha);
                         }
                         Err(e) => {
-                            let failures = act.write_failed.get(&sha).map_or(0, |(_, n)| *n) + 1;
-                            tracing::error!(error = %e, sha256 = %sha, retry_s = write_retry(failures).as_secs(),
-                                "cannot write artifact content; will retry");
-                            act.health
-                                .failing(StoragePart::Artifacts, &sha, e.to_string());
-                            act.write_failed.insert(sha.clone(), (Instant::now(), failures));
+                            act.content_unwritable(&sha, &e);
                             act.transfers.remove(&sha);
                             return;
                         }
@@ -567,6 +562,18 @@ impl ArtifactActor {
                 }
             }),
         );
+    }
+
+    /// The content `sha` could not be written: shown in the node's status,
+    /// fetched again after a backoff.
+    fn content_unwritable(&mut self, sha: &str, e: &StoreError) {
+        let failures = self.write_failed.get(sha).map_or(0, |(_, n)| *n) + 1;
+        tracing::error!(error = %e, sha256 = %sha, retry_s = write_retry(failures).as_secs(),
+            "cannot write artifact content; will retry");
+        self.health
+            .failing(StoragePart::Artifacts, sha, e.to_string());
+        self.write_failed
+            .insert(sha.to_string(), (Instant::now(), failures));
     }
 
     fn finish(&mut self, sha: &str, ctx: &mut Context<Self>) {
@@ -597,8 +604,13 @@ impl ArtifactActor {
                                     mb_per_s = t.wanted.size as f64 / 1e6 / secs.max(1e-9),
                                     "artifact content fetched and verified");
                                 act.metrics.transfers_completed.inc();
+                                act.health.ok(StoragePart::Artifacts, &sha);
+                                act.write_failed.remove(&sha);
                                 act.local.insert(sha);
                             }
+                            // Reading it back, fsyncing or moving it failed: the
+                            // disk, not the content.
+                            Err(e @ StoreError::Storage { .. }) => act.content_unwritable(&sha, &e),
                             Err(e) => tracing::warn!(error = %e, "artifact content did not verify; fetching it again"),
                         }
                     }
