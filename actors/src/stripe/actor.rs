@@ -34,10 +34,11 @@ use crate::control::{
 };
 use crate::health::{StorageHealth, StoragePart};
 
-/// Sources of the stripe's storage health: its log and state files, and the
-/// staging of a snapshot being received.
+/// Sources of the stripe's storage health: its log and state files, the
+/// staging of a snapshot being received, and opening them at start.
 const LOG_SOURCE: &str = "log";
 const SNAPSHOT_SOURCE: &str = "snapshot";
+const OPEN_SOURCE: &str = "open";
 
 /// How often the replica's timers run and the control plane's view is read.
 const TICK: Duration = Duration::from_millis(20);
@@ -342,6 +343,8 @@ pub struct StripeActor {
     storage_down: Option<(String, Instant)>,
     /// Where `storage_down` shows (status, metrics).
     health: StorageHealth,
+    /// The last error opening the stripe's data at start (logged once).
+    open_error: Option<String>,
     /// Writes and restarts that failed since both files last took a write.
     storage_failures: u32,
     /// Since the last failed write: a log append, and a flush of applied
@@ -429,6 +432,7 @@ impl StripeActor {
         StripeActor {
             known_change_seq,
             health,
+            open_error: None,
             me,
             stripe: None,
             replica: None,
@@ -523,8 +527,18 @@ impl StripeActor {
                 .ok()
                 .and_then(|a| a.state.nodes.get(&self.me).map(|n| n.placement));
             if let Some(Placement::Stripe(k)) = placed {
-                if let Err(e) = self.start_replica(k) {
-                    tracing::error!(error = %e, "cannot open the stripe data");
+                match self.start_replica(k) {
+                    Ok(()) => self.health.ok(StoragePart::Stripe, OPEN_SOURCE),
+                    Err(e) => {
+                        // Tried every tick: said once per distinct error.
+                        let msg = e.to_string();
+                        if self.open_error.as_ref() != Some(&msg) {
+                            tracing::error!(stripe = k, error = %e, "cannot open the stripe data (trying again)");
+                            self.health
+                                .failing(StoragePart::Stripe, OPEN_SOURCE, msg.clone());
+                            self.open_error = Some(msg);
+                        }
+                    }
                 }
             }
             return;
