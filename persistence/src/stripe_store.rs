@@ -1194,6 +1194,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    /// A durable store whose log holds entries `1..=n` with empty bodies.
+    fn store_with_empty_entries(n: u64) -> (tempfile::TempDir, StripeStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        s.persist(None, &empty_entries(1..=n), None).unwrap();
+        (dir, s)
+    }
+
+    fn empty_entries(indexes: std::ops::RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {
+        indexes.map(|i| (i, vec![])).collect()
+    }
+
     #[test]
     fn log_and_promise_survive_reopen_and_apply_writes_state() {
         let dir = tempfile::tempdir().unwrap();
@@ -1366,10 +1378,7 @@ mod tests {
 
     #[test]
     fn applied_state_is_read_through_memory_before_and_after_a_flush() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = StripeStore::open(dir.path(), true).unwrap();
-        let log: Vec<(u64, Vec<u8>)> = (1..=7).map(|i| (i, vec![])).collect();
-        s.persist(None, &log, None).unwrap();
+        let (dir, s) = store_with_empty_entries(7);
         put_one(&s, 1, "a", Some(b"1"));
         put_one(&s, 2, "b", Some(b"2"));
         put_one(&s, 3, "c", Some(b"3"));
@@ -1450,10 +1459,7 @@ mod tests {
         };
         let mut gone = Vec::new();
         for flush_at in [6, 3] {
-            let dir = tempfile::tempdir().unwrap();
-            let s = StripeStore::open(dir.path(), true).unwrap();
-            let log: Vec<(u64, Vec<u8>)> = (1..=8).map(|i| (i, vec![])).collect();
-            s.persist(None, &log, None).unwrap();
+            let (_dir, s) = store_with_empty_entries(8);
             let plan = [(1, "a", 50, None), (2, "b", 10, None), (3, "c", 30, None)];
             for (i, id, until, replaces) in plan {
                 record(&s, i, id, until, replaces);
@@ -1490,10 +1496,7 @@ mod tests {
 
     #[test]
     fn a_batch_that_fails_part_way_leaves_nothing_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = StripeStore::open(dir.path(), true).unwrap();
-        let log: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, vec![])).collect();
-        s.persist(None, &log, None).unwrap();
+        let (_dir, s) = store_with_empty_entries(3);
         put_one(&s, 1, "a", Some(b"1"));
         let failing = |tx: &mut dyn KvTxn, i: u64, _: &[u8]| {
             tx.put("m", "a", i, b"x")?;
@@ -1507,7 +1510,7 @@ mod tests {
             }
             Ok(())
         };
-        assert!(s.apply(&log[1..], failing).is_err());
+        assert!(s.apply(&empty_entries(2..=3), failing).is_err());
         assert_eq!(s.get("m", "a").unwrap(), Some((1, b"1".to_vec())));
         assert_eq!((s.changes_head(), s.unflushed_entries()), (1, 1));
         // The same entries apply again from where the state is.
@@ -1520,10 +1523,7 @@ mod tests {
 
     #[test]
     fn pending_state_is_never_written_over_a_file_it_does_not_follow() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = StripeStore::open(dir.path(), true).unwrap();
-        let log: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, vec![])).collect();
-        s.persist(None, &log, None).unwrap();
+        let (_dir, s) = store_with_empty_entries(3);
         put_one(&s, 1, "a", Some(b"1"));
         s.flush().unwrap();
         put_one(&s, 2, "a", Some(b"2"));
@@ -1537,7 +1537,7 @@ mod tests {
             s.get("m", "a").unwrap_err(),
             StoreError::StateReopened { .. }
         ));
-        assert!(s.apply(&log[2..], |_, _, _| Ok(())).is_err());
+        assert!(s.apply(&empty_entries(3..=3), |_, _, _| Ok(())).is_err());
         let r = s.recover().unwrap();
         assert_eq!(r.applied, 1);
         assert_eq!(s.get("m", "a").unwrap(), Some((1, b"1".to_vec())));
@@ -1547,10 +1547,7 @@ mod tests {
 
     #[test]
     fn change_events_the_outbox_dropped_are_not_written_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = StripeStore::open(dir.path(), true).unwrap();
-        let log: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, vec![])).collect();
-        s.persist(None, &log, None).unwrap();
+        let (_dir, s) = store_with_empty_entries(3);
         for i in 1..=3 {
             put_one(&s, i, &format!("k{i}"), Some(b"v"));
         }
@@ -1625,10 +1622,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_install_cut_off_before_its_log_part_is_finished_by_the_next_recovery() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = StripeStore::open(dir.path(), true).unwrap();
-        let log: Vec<(u64, Vec<u8>)> = (1..=5).map(|i| (i, vec![])).collect();
-        s.persist(None, &log, None).unwrap();
+        let (dir, s) = store_with_empty_entries(5);
         s.stage_snapshot(
             true,
             &[("m".into(), "k".into(), 9, b"v".to_vec())],
@@ -1663,8 +1657,7 @@ mod tests {
     fn a_state_ahead_of_its_log_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = StripeStore::open(dir.path(), false).unwrap();
-        let log: Vec<(u64, Vec<u8>)> = (1..=2).map(|i| (i, vec![])).collect();
-        s.persist(None, &log, Some(5)).unwrap();
+        s.persist(None, &empty_entries(1..=2), Some(5)).unwrap();
         put_one(&s, 1, "a", Some(b"1"));
         put_one(&s, 2, "b", Some(b"2"));
         s.flush().unwrap();
@@ -1681,10 +1674,7 @@ mod tests {
 
     #[test]
     fn compaction_never_drops_entries_the_file_state_does_not_cover() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = StripeStore::open(dir.path(), true).unwrap();
-        let log: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, vec![])).collect();
-        s.persist(None, &log, None).unwrap();
+        let (_dir, s) = store_with_empty_entries(3);
         let err = s.compact((1, 2)).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         // Applied in memory only: the compaction flushes it first.
