@@ -822,13 +822,11 @@ impl BroadcastActor {
     /// (507), received ones dropped (fetched again once it can).
     fn refuse_jobs(&mut self) {
         self.drop_unwritten();
+        self.drop_queued_received();
+        let path = self.store.path();
         for job in self.jobs.drain(..) {
-            if let Job::Append { own, received, .. } = job {
-                self.unwritten_bytes = self
-                    .unwritten_bytes
-                    .saturating_sub(received.iter().map(|(_, e)| frame_bytes(e)).sum());
+            if let Job::Append { own, .. } = job {
                 for (_, reply) in own {
-                    let path = self.store.path();
                     let err = self.store_error.as_ref().map_or_else(
                         || StoreError::Reopening {
                             path: path.to_path_buf(),
