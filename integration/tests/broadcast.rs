@@ -518,6 +518,120 @@ fn change_events_go_on_after_a_whole_stripe_restart_in_temporary_mode() {
     assert_eq!(changes[24]["pks"], json!([["after4"]]));
 }
 
+/// Temporary persistence, and the members of a stripe die right after a burst
+/// of writes, before their broadcast logs fsynced its change events (received
+/// events are fsynced within a second): only a node of another stripe holds the
+/// last ones. The node that takes the stripe over must continue above those too
+/// (it waits for that node's digest); continuing above its own log only, it
+/// would give out seqs that node holds already, and its subscribers would never
+/// see the new writes.
+#[test]
+fn change_events_go_on_above_what_another_stripe_holds_after_the_stripe_dies_unsynced() {
+    let _serial = serial();
+    let opts = NodeOpts {
+        extra: vec![
+            "--persistence".into(),
+            "temporary".into(),
+            "--stripes".into(),
+            "2".into(),
+        ],
+        ..Default::default()
+    };
+    let mut nodes = start_cluster("bcuns", 3, opts);
+    let ids = wait_converged(&nodes, LONG);
+    // Which nodes hold stripe 0 (two of them) and which stripe 1.
+    let mut members: Vec<String> = Vec::new();
+    wait_until("stripe 0 has two members with an active", LONG, || {
+        let Some(v) = nodes[0].get("/v1/cluster/stripes") else {
+            return false;
+        };
+        let Some(s0) = v["stripes"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["id"] == 0))
+        else {
+            return false;
+        };
+        members = s0["members"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|m| m["id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        members.len() == 2 && s0["active"].is_string()
+    });
+    let outside = ids
+        .iter()
+        .position(|id| !members.contains(id))
+        .expect("a node outside stripe 0");
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    let put = |node: &Node, key: &str| {
+        wait_until(&format!("{key} written"), LONG, || {
+            agent
+                .put(&format!("http://{}/v1/kv/orders/{key}", node.http()))
+                .send_string("v")
+                .is_ok()
+        });
+    };
+    // Keys go to both stripes (by slot); those of stripe 0 make its events.
+    for i in 0..200 {
+        put(&nodes[outside], &format!("before{i}"));
+    }
+    let held = run_of(&nodes[outside], "stripe:0").map_or(0, |(_, last)| last);
+    assert!(held > 0, "writes to stripe 0 made change events");
+    for i in 0..3 {
+        if ids[i] != ids[outside] {
+            nodes[i].kill9();
+        }
+    }
+    wait_until(
+        "the outside node holds every change event of stripe 0",
+        LONG,
+        || run_of(&nodes[outside], "stripe:0").is_some_and(|(_, last)| last >= held),
+    );
+    let held = run_of(&nodes[outside], "stripe:0").map_or(0, |(_, last)| last);
+    for i in 0..3 {
+        if ids[i] != ids[outside] {
+            nodes[i].restart();
+        }
+    }
+    wait_converged(&nodes, LONG);
+    let sub = Subscriber::follow(nodes[outside].http(), Some(String::new()));
+    let after: Vec<String> = (0..40).map(|i| format!("after{i}")).collect();
+    for key in &after {
+        put(&nodes[outside], key);
+    }
+    // Every new write's change event reaches the outside node, whichever stripe
+    // took it; stripe 0's events stay gap-free and once each.
+    let missing = || -> Vec<String> {
+        let streamed = sub.snapshot();
+        after
+            .iter()
+            .filter(|k| !streamed.iter().any(|s| s.event["pks"] == json!([[k]])))
+            .cloned()
+            .collect()
+    };
+    wait_until(
+        "every new write's change event reaches the outside node",
+        LONG,
+        || missing().is_empty(),
+    );
+    let seqs: Vec<u64> = sub
+        .snapshot()
+        .iter()
+        .filter(|s| s.event["origin"] == "stripe:0")
+        .filter_map(|s| s.event["seq"].as_u64())
+        .collect();
+    assert!(
+        seqs.len() as u64 > held,
+        "new change events of stripe 0 were made"
+    );
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}
+
 /// Reads an event stream to its end: (event, id) of every `data:` message.
 fn read_stream(reader: impl std::io::Read) -> Vec<Streamed> {
     use std::io::BufRead;

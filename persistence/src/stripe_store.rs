@@ -255,6 +255,12 @@ impl StripeStore {
         })
     }
 
+    /// Whether log appends are fsynced (`persistence = "permanent"`); with
+    /// temporary persistence the stripe data started empty.
+    pub fn durable(&self) -> bool {
+        self.durable
+    }
+
     /// `file` was opened again after an I/O error (see [`DbFile`]): whatever
     /// was applied over the old handle is void until [`recover`](Self::recover).
     fn reopened(&self, file: &DbFile, db: &Database) -> Result<(), StoreError> {

@@ -10,7 +10,7 @@
 //! their origin holds them durably, so the node need not make every subscriber wait
 //! for a transaction of its own, and what a crash loses is fetched again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -41,6 +41,10 @@ use crate::stripe::KnownChangeSeq;
 
 const TICK: Duration = Duration::from_millis(20);
 const HEADS_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for every other node's digest before the known change seq of
+/// this node's stripe counts as settled (see [`KnownChangeSeq`]): a few digests'
+/// time, for connections and the gossip mesh to form after a start.
+pub const SETTLE_WAIT: Duration = Duration::from_secs(3);
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// Non-durable appends (received events) are made durable at least this often
 /// (whatever the persistence mode: redb reclaims space only at durable commits).
@@ -289,6 +293,9 @@ pub struct BroadcastActor {
     /// Weight of every event put into the live feed so far (see [`Subscription::behind_bytes`]).
     fed_bytes: Arc<AtomicU64>,
     started: Instant,
+    /// Peers whose digest arrived since this node started (until the known
+    /// change seq is settled).
+    heads_heard: HashSet<PeerId>,
     last_heads: Instant,
     last_prune: Instant,
     last_sync: Instant,
@@ -327,7 +334,7 @@ impl BroadcastActor {
             runs.into_iter().map(|(o, r)| (o, r.first, r.last)),
         );
         let now = Instant::now();
-        let actor = BroadcastActor {
+        let mut actor = BroadcastActor {
             known_change_seq,
             me,
             origin: me.to_string(),
@@ -354,6 +361,7 @@ impl BroadcastActor {
             stripe_durable: 0,
             subscribers: None,
             started: now,
+            heads_heard: HashSet::new(),
             last_heads: now,
             last_prune: now,
             last_sync: now,
@@ -904,14 +912,13 @@ impl BroadcastActor {
         self.flush_unwritten();
         if self.last_heads.elapsed() >= HEADS_EVERY {
             self.last_heads = Instant::now();
-            let heads = self.origins.heads();
-            if !heads.is_empty() {
-                self.net
-                    .send(NetCommand::PublishBroadcast(BroadcastGossip::Heads {
-                        heads,
-                        sent_ms: crate::membership::unix_ms(),
-                    }));
-            }
+            // Sent empty too: a node waiting to settle its known change seq
+            // counts every node's digest.
+            self.net
+                .send(NetCommand::PublishBroadcast(BroadcastGossip::Heads {
+                    heads: self.origins.heads(),
+                    sent_ms: crate::membership::unix_ms(),
+                }));
         }
         if self.last_prune.elapsed() >= PRUNE_EVERY {
             self.last_prune = Instant::now();
@@ -927,14 +934,42 @@ impl BroadcastActor {
     }
 
     /// Tells the stripe actor the highest change seq of this node's stripe known
-    /// here (held, or seen in a peer's digest).
-    fn publish_known_change_seq(&self) {
-        if let Some((stripe, _)) = self.my_stripe() {
-            let head = self
-                .origins
-                .status(&stripe_origin(stripe))
-                .map_or(0, |s| s.head);
-            self.known_change_seq.store(head, Ordering::Relaxed);
+    /// here (held, or seen in a peer's digest), and settles it once every other
+    /// node of the cluster sent its digest, or after [`SETTLE_WAIT`].
+    fn publish_known_change_seq(&mut self) {
+        let Some((stripe, _)) = self.my_stripe() else {
+            return;
+        };
+        let head = self
+            .origins
+            .status(&stripe_origin(stripe))
+            .map_or(0, |s| s.head);
+        self.known_change_seq.set(head);
+        if self.known_change_seq.settled() {
+            return;
+        }
+        let unheard = match self.applied.read() {
+            Ok(a) => a
+                .state
+                .nodes
+                .iter()
+                .filter(|(n, e)| {
+                    **n != self.node && !self.heads_heard.iter().any(|p| p.to_string() == e.peer)
+                })
+                .count(),
+            Err(_) => usize::MAX,
+        };
+        let waited = self.started.elapsed();
+        if unheard == 0 || waited >= SETTLE_WAIT {
+            self.known_change_seq.settle();
+            self.heads_heard = HashSet::new();
+            tracing::info!(
+                stripe,
+                change_seq = head,
+                waited_ms = waited.as_millis() as u64,
+                unheard,
+                "known change seq of the stripe settled"
+            );
         }
     }
 
@@ -1177,6 +1212,9 @@ impl Handler<GossipIn> for BroadcastActor {
                 self.apply_effects(fx, false, ctx);
             }
             BroadcastGossip::Heads { heads, .. } => {
+                if !self.known_change_seq.settled() {
+                    self.heads_heard.insert(source);
+                }
                 let heads: Vec<OriginHead> = heads
                     .into_iter()
                     .filter(|h| h.origin != self.origin)

@@ -5,7 +5,6 @@
 //! one fsync) and reads, and proposals to the control plane.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -527,6 +526,12 @@ impl StripeActor {
                 .ok()
                 .and_then(|a| a.state.nodes.get(&self.me).map(|n| n.placement));
             if let Some(Placement::Stripe(k)) = placed {
+                if !self.store.durable() && !self.known_change_seq.settled() {
+                    // The stripe data started empty: if this node takes the
+                    // stripe over, its change seqs go on above what the cluster
+                    // holds, which the peers' digests tell.
+                    return;
+                }
                 match self.start_replica(k) {
                     Ok(()) => self.health.ok(StoragePart::Stripe, OPEN_SOURCE),
                     Err(e) => {
@@ -575,7 +580,7 @@ impl StripeActor {
                 self.view_version = view.version;
                 if let Some(r) = self.replica.as_mut() {
                     let before = r.role();
-                    let known = self.known_change_seq.load(Ordering::Relaxed);
+                    let known = self.known_change_seq.get();
                     r.set_first_entry(if known > 0 {
                         kv::encode(&kv::TakeOver {
                             change_floor: known,
