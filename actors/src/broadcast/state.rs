@@ -221,6 +221,15 @@ impl Origins {
         if source.is_some() && source == log.node {
             log.silent_repairs = 0;
         }
+        let mut ready = Vec::new();
+        let take_held = |log: &mut OriginLog, ready: &mut Vec<EventFrame>| {
+            while let Some(ev) = log.pending.remove(&log.next) {
+                log.pending_bytes = log.pending_bytes.saturating_sub(ev.body.len() as u64);
+                ready.push(ev);
+                log.next += 1;
+            }
+        };
+        take_held(log, &mut ready);
         for ev in events {
             if ev.seq < log.next {
                 continue;
@@ -231,21 +240,24 @@ impl Origins {
                     log.holder = source;
                 }
             }
+            if ev.seq == log.next {
+                // Taken at once, whatever the bound, and so is what it frees:
+                // a fetched run fills its gap in one answer even while the
+                // events held beyond the gap are at the bound.
+                ready.push(ev);
+                log.next += 1;
+                take_held(log, &mut ready);
+                continue;
+            }
             let size = ev.body.len() as u64;
             let room = log.pending.len() < max_pending && log.pending_bytes + size <= max_bytes;
-            if room || ev.seq == log.next {
+            if room {
                 if let std::collections::btree_map::Entry::Vacant(slot) = log.pending.entry(ev.seq)
                 {
                     log.pending_bytes += size;
                     slot.insert(ev);
                 }
             }
-        }
-        let mut ready = Vec::new();
-        while let Some(ev) = log.pending.remove(&log.next) {
-            log.pending_bytes = log.pending_bytes.saturating_sub(ev.body.len() as u64);
-            ready.push(ev);
-            log.next += 1;
         }
         if log.next <= log.head {
             log.missing_since.get_or_insert(now_ms);
@@ -551,6 +563,21 @@ mod tests {
         // Handed on, they no longer count: 4 is held now (and 5 after it).
         assert!(o.receive("a", vec![big(5)], Some(p), 0).is_empty());
         assert_eq!(seqs(&o.receive("a", vec![big(4)], Some(p), 0)), vec![4, 5]);
+    }
+
+    #[test]
+    fn a_fetched_run_fills_its_gap_at_once_while_the_held_events_are_at_the_bound() {
+        let p = PeerId::random();
+        let config = RepairConfig {
+            max_pending: 2,
+            ..RepairConfig::default()
+        };
+        let mut o = Origins::new(config, []);
+        // 1 arrived; 101 and 102 are held beyond the gap, and fill the bound.
+        o.receive("a", vec![ev(1), ev(101), ev(102), ev(103)], Some(p), 0);
+        // The answer to the fetch of 2..: the whole gap, and what it frees.
+        let fx = o.fetched(p, "a", 1, 103, (2..=100).map(ev).collect(), 200);
+        assert_eq!(seqs(&fx), (2..=102).collect::<Vec<_>>());
     }
 
     #[test]
