@@ -605,6 +605,21 @@ impl StripeActor {
             for w in self.handover_waiters.drain(..) {
                 let _ = w.send(Ok(active));
             }
+        } else if !self.handover_waiters.is_empty()
+            && self
+                .replica
+                .as_ref()
+                .is_some_and(|r| r.handing_over().is_none())
+        {
+            tracing::warn!(stripe, epoch = self.replica.as_ref().map(|r| r.view().epoch),
+                "planned handover given up: the standby left the in-sync set or did not take over in time; taking writes again");
+            for w in self.handover_waiters.drain(..) {
+                let _ = w.send(Err(
+                    "given up: the standby left the in-sync set or did not take over within 8 s; \
+                     this node is still the active and takes writes again"
+                        .to_string(),
+                ));
+            }
         }
         self.push(fx, ctx);
     }

@@ -172,6 +172,10 @@ pub enum Effect {
     },
 }
 
+/// A planned handover whose standby has not taken over by then is given up (the
+/// active takes writes again): below the 10 s an operator's request waits.
+pub const HANDOVER_GIVE_UP_MS: u64 = 8_000;
+
 /// Timing and limits of replication.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
@@ -327,6 +331,7 @@ pub struct Replica {
     confirm_asked: bool,
     /// A planned handover to this standby is under way: no new writes.
     handing_over: Option<NodeId>,
+    handover_since_ms: u64,
     handover_asked: bool,
     /// When a `Renew` was last asked (it is asked again after an election
     /// timeout: the request or its answer may be lost).
@@ -364,6 +369,7 @@ impl Replica {
             confirmed: false,
             confirm_asked: false,
             handing_over: None,
+            handover_since_ms: 0,
             handover_asked: false,
             renew_asked_ms: None,
             adding: BTreeSet::new(),
@@ -379,6 +385,11 @@ impl Replica {
     /// whose log is empty here (and was never compacted): the start of the log.
     pub fn set_first_entry(&mut self, data: Vec<u8>) {
         self.first_entry = data;
+    }
+
+    /// The standby a planned handover waits for, while it does.
+    pub fn handing_over(&self) -> Option<NodeId> {
+        self.handing_over
     }
 
     pub fn role(&self) -> Role {
@@ -638,6 +649,16 @@ impl Replica {
         let mut fx = Vec::new();
         match self.role {
             Role::Active { epoch } => {
+                if let Some(to) = self.handing_over {
+                    // A standby that left the in-sync set (it died) or never got
+                    // there in time is not waited for: writes are taken again.
+                    if !self.view.in_sync.contains(&to)
+                        || now_ms.saturating_sub(self.handover_since_ms) >= HANDOVER_GIVE_UP_MS
+                    {
+                        self.handing_over = None;
+                        self.handover_asked = false;
+                    }
+                }
                 if !self.confirmed && !self.confirm_asked {
                     self.confirm_asked = true;
                     fx.push(Effect::Propose(Proposal::ConfirmActive { epoch }));
@@ -1250,6 +1271,7 @@ impl Replica {
                 .ok_or(HandOverError::NoStandby)?,
         };
         self.handing_over = Some(target);
+        self.handover_since_ms = self.now_ms;
         self.handover_asked = false;
         let mut fx = Vec::new();
         self.replicate(&mut fx, true);

@@ -807,6 +807,40 @@ fn a_planned_handover_moves_the_active_without_an_election() {
 }
 
 #[test]
+fn a_planned_handover_to_a_standby_that_dies_is_given_up_and_writes_go_on() {
+    let mut sim = Sim::new(12, 3);
+    sim.loss = 0.0;
+    sim.chaos = false;
+    for _ in 0..200 {
+        sim.step();
+    }
+    let before = sim.view();
+    let old = before.active.unwrap();
+    let to = *before.in_sync.iter().next().unwrap();
+    let (_, fx) = sim.nodes[(old - 1) as usize]
+        .replica
+        .hand_over(Some(to))
+        .unwrap_or_else(|e| panic!("{e:?} view {:?}", sim.view()));
+    // The standby dies before it takes over.
+    sim.isolated.insert(to);
+    sim.run(old, fx);
+    let acked = sim.acked.len();
+    // 3 s: once the control plane took it out of the in-sync set, well before
+    // the handover's own deadline.
+    for _ in 0..300 {
+        sim.step();
+    }
+    let after = sim.view();
+    assert!(!after.in_sync.contains(&to));
+    assert_eq!(after.active, Some(old), "still the active: {after:?}");
+    assert!(sim.nodes[(old - 1) as usize]
+        .replica
+        .handing_over()
+        .is_none());
+    assert!(sim.acked.len() > acked, "writes are taken again");
+}
+
+#[test]
 fn a_paused_active_is_replaced_and_rejoins_as_standby() {
     let mut sim = Sim::new(7, 3);
     sim.loss = 0.0;
