@@ -632,6 +632,41 @@ fn change_events_go_on_above_what_another_stripe_holds_after_the_stripe_dies_uns
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
 }
 
+/// A stream opened on an empty log still says where it starts, in an id a
+/// browser sends back: a client cut off before the first event resumes from the
+/// start, and gets what was published meanwhile.
+#[test]
+fn a_stream_opened_on_an_empty_log_resumes_from_its_start() {
+    let node = Node::start("bcempty", NodeOpts::default());
+    node.id();
+    let resp = ureq::AgentBuilder::new()
+        .timeout_read(Duration::from_secs(30))
+        .build()
+        .get(&format!("http://{}/v1/broadcast/stream", node.http()))
+        .call()
+        .expect("stream");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(resp.into_reader()));
+    let id = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| l.strip_prefix("id: ").map(String::from))
+        .expect("the opening frame carries an id");
+    assert!(!id.is_empty());
+    drop(lines);
+    let seqs = publish_messages(&node, 3);
+    let sub = Subscriber::follow(node.http(), Some(id));
+    wait_until("the 3 events published meanwhile", LONG, || {
+        sub.snapshot().len() >= 3
+    });
+    let got: Vec<u64> = sub
+        .snapshot()
+        .iter()
+        .filter_map(|s| s.event["seq"].as_u64())
+        .collect();
+    assert_eq!(got, seqs);
+}
+
 /// Reads an event stream to its end: (event, id) of every `data:` message.
 fn read_stream(reader: impl std::io::Read) -> Vec<Streamed> {
     use std::io::BufRead;

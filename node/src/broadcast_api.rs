@@ -267,12 +267,8 @@ impl Feed {
     async fn serve(&mut self) -> End {
         // Tell the client the stream is open, and where it starts: a client
         // cut off before its first event (or one whose filter passes few)
-        // resumes from there, not from the live end. (No `id:` for an empty
-        // log: an empty token is no different from none to a browser.)
-        let open = match self.pos.is_empty() {
-            true => ": kiln event stream\n\n".to_string(),
-            false => format!(": kiln event stream\nid: {}\n\n", self.token()),
-        };
+        // resumes from there, not from the live end.
+        let open = format!(": kiln event stream\nid: {}\n\n", self.token());
         if let Err(end) = self.send(Bytes::from(open)).await {
             return end;
         }

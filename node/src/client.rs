@@ -751,7 +751,7 @@ pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
                     "/v1/kv/{}?prefix={}&limit={}",
                     encode_segment(&map),
                     encode_segment(&prefix),
-                    limit.clamp(1, 10_000)
+                    limit.saturating_sub(printed).clamp(1, 10_000)
                 );
                 if let Some(a) = &after {
                     q.push_str(&format!("&after={}", encode_segment(a)));

@@ -1003,7 +1003,7 @@ impl BroadcastActor {
                             return;
                         }
                     };
-                    let now = act.now_ms();
+                    let now = crate::membership::unix_ms();
                     let frames: Vec<EventFrame> = changes
                         .into_iter()
                         .map(|(seq, bytes)| {

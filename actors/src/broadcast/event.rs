@@ -231,6 +231,12 @@ impl Positions {
     /// event: no copy of the map, no allocation beyond `out`).
     pub fn write_token(positions: &BTreeMap<String, u64>, out: &mut String) {
         use std::fmt::Write;
+        if positions.is_empty() {
+            // Not empty: a browser sends no Last-Event-ID after an empty id,
+            // and would resume at the live end instead of the start.
+            out.push_str(EMPTY_TOKEN);
+            return;
+        }
         for (i, (origin, seq)) in positions.iter().enumerate() {
             if i > 0 {
                 out.push(',');
@@ -241,8 +247,22 @@ impl Positions {
     }
 
     pub fn from_token(token: &str) -> Result<Positions, EventError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(EventError::Invalid(format!(
+                "Last-Event-ID is {} bytes; at most {MAX_TOKEN_BYTES} (resume with an id this cluster sent)",
+                token.len()
+            )));
+        }
+        if token.chars().any(char::is_control) {
+            return Err(EventError::Invalid(
+                "Last-Event-ID holds control characters".to_string(),
+            ));
+        }
         let mut map = BTreeMap::new();
-        for part in token.split(',').filter(|p| !p.trim().is_empty()) {
+        for part in token
+            .split(',')
+            .filter(|p| !p.trim().is_empty() && p.trim() != EMPTY_TOKEN)
+        {
             let (origin, seq) = part.trim().rsplit_once('=').ok_or_else(|| {
                 EventError::Invalid(format!(
                     "bad Last-Event-ID part `{part}`: expected origin=seq"
@@ -263,6 +283,14 @@ impl Positions {
         Ok(Positions(map))
     }
 }
+
+/// The token of no positions (a stream that starts on an empty log): from the
+/// start.
+pub const EMPTY_TOKEN: &str = "-";
+
+/// Longest resume token taken: every event a subscriber is sent carries its
+/// token back (a few thousand origins of ~60 bytes fit).
+pub const MAX_TOKEN_BYTES: usize = 256 * 1024;
 
 /// The origin of a stripe's key/value change events.
 pub fn stripe_origin(stripe: u32) -> String {
@@ -388,5 +416,12 @@ mod tests {
         assert!(Positions::from_token("x").is_err());
         assert!(Positions::from_token("x=y").is_err());
         assert_eq!(Positions::from_token("").unwrap(), Positions::default());
+        // No positions: a token a browser sends back, meaning the start.
+        let empty = Positions::default().to_token();
+        assert!(!empty.is_empty());
+        assert_eq!(Positions::from_token(&empty).unwrap(), Positions::default());
+        // A line break would split the `id:` line each event echoes it in.
+        assert!(Positions::from_token("a=1,b\ndata: {}=2").is_err());
+        assert!(Positions::from_token(&"a=1,".repeat(MAX_TOKEN_BYTES / 4 + 1)).is_err());
     }
 }
