@@ -246,6 +246,30 @@ fn a_retry_with_the_same_idempotency_key_is_applied_once() {
         String::from_utf8_lossy(&out.stderr).contains("404"),
         "{out:?}"
     );
+
+    // Names are percent-decoded UTF-8; bytes that are not UTF-8 are refused,
+    // never replaced (which would make `%FF` and `%FE` one key).
+    let url = |path: &str| format!("http://{}{path}", nodes[0].http());
+    for bad in ["/v1/kv/test/%FF", "/v1/kv/test/%FE", "/v1/kv/%FF/k"] {
+        let r = agent.put(&url(bad)).send_string("x");
+        assert!(
+            matches!(r, Err(ureq::Error::Status(400, _))),
+            "{bad}: {r:?}"
+        );
+    }
+    let r = agent.get(&url("/v1/kv/test?prefix=%FF")).call();
+    assert!(matches!(r, Err(ureq::Error::Status(400, _))), "{r:?}");
+    assert!(agent
+        .put(&url("/v1/kv/test/caf%C3%A9+1"))
+        .send_string("c")
+        .is_ok());
+    let list: Value = agent
+        .get(&url("/v1/kv/test?prefix=caf%C3%A9%2B"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(list["keys"], serde_json::json!(["café+1"]));
 }
 
 #[test]

@@ -320,6 +320,42 @@ fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, msg.into())
 }
 
+/// Map and key of a `/v1/kv/{map}/{key}` request, percent-decoded from the raw
+/// path: a name that is not UTF-8 once decoded is refused (the router's own
+/// decoding replaces such bytes, so `%FF` and `%FE` would name one key).
+fn names(req: &HttpRequest) -> Result<(String, String), ApiError> {
+    let rest = req
+        .uri()
+        .path()
+        .strip_prefix("/v1/kv/")
+        .ok_or_else(|| bad_request("expected /v1/kv/{map}/{key}"))?;
+    let (map, key) = rest
+        .split_once('/')
+        .ok_or_else(|| bad_request("expected /v1/kv/{map}/{key}"))?;
+    let (map, key) = (decode_name(map, "map")?, decode_name(key, "key")?);
+    check_names(&map, &key)?;
+    Ok((map, key))
+}
+
+/// One percent-encoded name (a path segment or query value), strictly UTF-8.
+fn decode_name(raw: &str, what: &str) -> Result<String, ApiError> {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| bad_request(format!("{what} is not UTF-8 once percent-decoded")))
+}
+
+/// A query parameter, strictly decoded (`+` is a space, as in forms).
+fn query_param(req: &HttpRequest, name: &str) -> Result<Option<String>, ApiError> {
+    for pair in req.query_string().split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode_name(&k.replace('+', " "), "a query parameter name")? == name {
+            return decode_name(&v.replace('+', " "), name).map(Some);
+        }
+    }
+    Ok(None)
+}
+
 fn check_names(map: &str, key: &str) -> Result<(), ApiError> {
     if map.is_empty() || key.is_empty() {
         return Err(bad_request("map and key must not be empty"));
@@ -409,12 +445,10 @@ fn router(state: &ApiState) -> Result<&Arc<KvRouter>, ApiError> {
 
 pub async fn put(
     state: web::Data<ApiState>,
-    path: web::Path<(String, String)>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (map, key) = path.into_inner();
-    check_names(&map, &key)?;
+    let (map, key) = names(&req)?;
     let kv = router(&state)?;
     let cond = condition(&req)?;
     let (request, received_ms, remember_until_ms) = kv.identify(&req)?;
@@ -437,11 +471,9 @@ pub async fn put(
 
 pub async fn delete(
     state: web::Data<ApiState>,
-    path: web::Path<(String, String)>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let (map, key) = path.into_inner();
-    check_names(&map, &key)?;
+    let (map, key) = names(&req)?;
     let kv = router(&state)?;
     let cond = condition(&req)?;
     let (request, received_ms, remember_until_ms) = kv.identify(&req)?;
@@ -464,11 +496,10 @@ pub struct ReadQuery {
 
 pub async fn get(
     state: web::Data<ApiState>,
-    path: web::Path<(String, String)>,
     query: web::Query<ReadQuery>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let (map, key) = path.into_inner();
-    check_names(&map, &key)?;
+    let (map, key) = names(&req)?;
     let kv = router(&state)?;
     match kv.read(&map, &key, query.stale).await? {
         Some((version, value)) => Ok(HttpResponse::Ok()
@@ -481,26 +512,28 @@ pub async fn get(
 
 #[derive(serde::Deserialize)]
 pub struct ListQuery {
-    #[serde(default)]
-    prefix: String,
     limit: Option<usize>,
-    after: Option<String>,
 }
 
 pub async fn list(
     state: web::Data<ApiState>,
-    map: web::Path<String>,
     query: web::Query<ListQuery>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let map = map.into_inner();
+    let map = req
+        .uri()
+        .path()
+        .strip_prefix("/v1/kv/")
+        .ok_or_else(|| bad_request("expected /v1/kv/{map}"))?;
+    let map = decode_name(map, "map")?;
+    let prefix = query_param(&req, "prefix")?.unwrap_or_default();
+    let after = query_param(&req, "after")?;
     let kv = router(&state)?;
     let limit = query.limit.unwrap_or(1000);
     if limit == 0 || limit > 10_000 {
         return Err(bad_request("limit must be between 1 and 10000"));
     }
-    let (keys, next) = kv
-        .keys(&map, &query.prefix, query.after.as_deref(), limit)
-        .await?;
+    let (keys, next) = kv.keys(&map, &prefix, after.as_deref(), limit).await?;
     Ok(HttpResponse::Ok().json(json!({ "keys": keys, "next": next })))
 }
 
