@@ -45,6 +45,13 @@ pub struct StripeEntry {
     /// Standbys (never the active) that hold every acknowledged write: the active
     /// waits for each of them before acknowledging, and only they are electable.
     pub in_sync: BTreeSet<NodeId>,
+    /// Raised by every removal from the in-sync set. An addition carries the
+    /// figure its active saw when it began waiting for the standby, and is
+    /// refused once it moved: an active whose addition seemed to fail stops
+    /// waiting for the standby only after a removal, which no late copy of the
+    /// addition can then undo.
+    #[serde(default)]
+    pub in_sync_removals: u64,
 }
 
 /// One version of an artifact: its content (by digest) and the nodes that hold it.
@@ -126,6 +133,10 @@ pub enum ControlCommand {
         by: NodeId,
         node: NodeId,
         in_sync: bool,
+        /// For an addition: the stripe's `in_sync_removals` its active saw
+        /// (`None` in entries written before it existed: not checked).
+        #[serde(default)]
+        removals: Option<u64>,
     },
     /// Artifact versions and their holders.
     Artifact(ArtifactCommand),
@@ -209,7 +220,8 @@ impl ControlState {
                 by,
                 node,
                 in_sync,
-            } => self.set_in_sync(*stripe, *epoch, *by, *node, *in_sync),
+                removals,
+            } => self.set_in_sync(*stripe, *epoch, *by, *node, *in_sync, *removals),
             ControlCommand::Renew {
                 stripe,
                 epoch,
@@ -444,6 +456,7 @@ impl ControlState {
         by: NodeId,
         node: NodeId,
         in_sync: bool,
+        removals: Option<u64>,
     ) -> ControlOutcome {
         let stripe = match self.stripe_in_epoch(k, epoch) {
             Ok(s) => s,
@@ -458,9 +471,15 @@ impl ControlState {
             return rejected(format!("node {node} is not a standby of stripe {k}"));
         }
         if in_sync {
+            if removals.is_some_and(|r| r != stripe.in_sync_removals) {
+                return rejected(format!(
+                    "a removal from the in-sync set of stripe {k} was decided since node {node}'s addition was proposed"
+                ));
+            }
             stripe.in_sync.insert(node);
         } else {
             stripe.in_sync.remove(&node);
+            stripe.in_sync_removals += 1;
         }
         ControlOutcome::InSyncChanged
     }

@@ -89,6 +89,46 @@ fn join_is_idempotent_and_honours_wishes() {
     assert!(s.stripes.values().all(|st| !st.members.contains(&2)));
 }
 
+/// An addition proposed before a removal was decided is refused: its active
+/// may have stopped waiting for the standby (the removal) and acknowledged
+/// writes it does not hold.
+#[test]
+fn an_in_sync_addition_is_refused_once_a_removal_was_decided_after_it_was_proposed() {
+    let mut s = configured(1);
+    for n in 1..=3 {
+        join(&mut s, n, false, None);
+    }
+    let set = |node, in_sync, removals| ControlCommand::SetInSync {
+        stripe: 0,
+        epoch: 1,
+        by: 1,
+        node,
+        in_sync,
+        removals,
+    };
+    assert_eq!(
+        s.apply(&set(2, true, Some(0))),
+        ControlOutcome::InSyncChanged
+    );
+    // Node 3's addition is proposed, seems to fail; the active has it removed.
+    assert_eq!(s.apply(&set(3, false, None)), ControlOutcome::InSyncChanged);
+    assert_eq!(s.stripes[&0].in_sync_removals, 1);
+    // A late copy of the addition finds the figure moved.
+    assert!(matches!(
+        s.apply(&set(3, true, Some(0))),
+        ControlOutcome::Rejected { .. }
+    ));
+    assert_eq!(s.stripes[&0].in_sync, BTreeSet::from([2]));
+    // Proposed again with the figure of now, it is taken; entries written
+    // before the figure existed are not checked.
+    assert_eq!(
+        s.apply(&set(3, true, Some(1))),
+        ControlOutcome::InSyncChanged
+    );
+    assert_eq!(s.apply(&set(2, false, None)), ControlOutcome::InSyncChanged);
+    assert_eq!(s.apply(&set(2, true, None)), ControlOutcome::InSyncChanged);
+}
+
 #[test]
 fn promote_needs_the_current_epoch_and_an_in_sync_standby() {
     let mut s = configured(1);
@@ -101,6 +141,7 @@ fn promote_needs_the_current_epoch_and_an_in_sync_standby() {
         by: 1,
         node,
         in_sync,
+        removals: None,
     };
     assert_eq!(s.apply(&set(1, 2, true)), ControlOutcome::InSyncChanged);
     assert_eq!(s.apply(&set(1, 3, true)), ControlOutcome::InSyncChanged);

@@ -101,6 +101,7 @@ pub fn stripe_view(applied: &SharedApplied, stripe: u32) -> Option<StripeView> {
         active: s.active,
         members: s.members.clone(),
         in_sync: s.in_sync.clone(),
+        in_sync_removals: s.in_sync_removals,
     })
 }
 
@@ -1614,6 +1615,7 @@ impl StripeActor {
                 epoch,
                 node,
                 in_sync,
+                removals,
             } => {
                 let cmd = ControlCommand::SetInSync {
                     stripe,
@@ -1621,15 +1623,19 @@ impl StripeActor {
                     by: self.me,
                     node,
                     in_sync,
+                    removals: in_sync.then_some(removals),
                 };
                 tracing::info!(stripe, epoch, node, in_sync, "proposing an in-sync change");
                 ctx.spawn(self.control.send(Propose(cmd)).into_actor(self).map(
                     move |res, act, _| {
-                        let failed = !matches!(res, Ok(Ok(_)));
-                        if failed {
-                            if let Some(r) = act.replica.as_mut() {
-                                r.on_proposal_failed(&p);
+                        let Some(r) = act.replica.as_mut() else { return };
+                        match res {
+                            Ok(Ok(ControlOutcome::Rejected { reason })) => {
+                                tracing::info!(stripe, epoch, node, in_sync, %reason, "in-sync change refused");
+                                r.on_proposal_rejected(&p);
                             }
+                            Ok(Ok(_)) => {}
+                            _ => r.on_proposal_failed(&p),
                         }
                     },
                 ));

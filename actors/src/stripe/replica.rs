@@ -62,6 +62,8 @@ pub struct StripeView {
     pub active: Option<NodeId>,
     pub members: BTreeSet<NodeId>,
     pub in_sync: BTreeSet<NodeId>,
+    /// See [`crate::control::StripeEntry::in_sync_removals`].
+    pub in_sync_removals: u64,
 }
 
 /// Messages between members of a stripe.
@@ -97,11 +99,13 @@ pub enum Proposal {
     /// This in-sync standby has not heard its active of `epoch` for the election
     /// timeout: elect a new one.
     Election { epoch: u64 },
-    /// The active of `epoch` adds or removes `node` from the in-sync set.
+    /// The active of `epoch` adds or removes `node` from the in-sync set; an
+    /// addition only while the set's `removals` figure is the one given.
     InSync {
         epoch: u64,
         node: NodeId,
         in_sync: bool,
+        removals: u64,
     },
     /// This node took over as active of `epoch` from its own copy of the
     /// control plane's state, which may be stale (after a restart, say): it
@@ -175,6 +179,15 @@ pub enum Effect {
 /// A planned handover whose standby has not taken over by then is given up (the
 /// active takes writes again): below the 10 s an operator's request waits.
 pub const HANDOVER_GIVE_UP_MS: u64 = 8_000;
+
+/// A standby proposed for the in-sync set (see [`Replica`]'s `adding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Adding {
+    /// The view's `in_sync_removals` when the active began waiting for it.
+    removals: u64,
+    /// Proposed, and no failure heard since.
+    asked: bool,
+}
 
 /// Timing and limits of replication.
 #[derive(Debug, Clone)]
@@ -336,8 +349,12 @@ pub struct Replica {
     /// When a `Renew` was last asked (it is asked again after an election
     /// timeout: the request or its answer may be lost).
     renew_asked_ms: Option<u64>,
-    /// Standbys proposed for the in-sync set: already waited for.
-    adding: BTreeSet<NodeId>,
+    /// Standbys proposed for the in-sync set: already waited for, until the
+    /// view shows them in the set, or shows that their addition can no longer
+    /// be applied (a removal moved `in_sync_removals` past the figure it
+    /// carries). A proposal that seemed to fail may still be applied, so it is
+    /// asked again, never forgotten.
+    adding: BTreeMap<NodeId, Adding>,
     /// In-sync standbys proposed for removal (still waited for until decided).
     removing: BTreeSet<NodeId>,
     round: u64,
@@ -372,7 +389,7 @@ impl Replica {
             handover_since_ms: 0,
             handover_asked: false,
             renew_asked_ms: None,
-            adding: BTreeSet::new(),
+            adding: BTreeMap::new(),
             removing: BTreeSet::new(),
             round: 0,
             last_heartbeat_ms: 0,
@@ -446,7 +463,8 @@ impl Replica {
     fn required(&self) -> BTreeSet<NodeId> {
         self.view
             .in_sync
-            .union(&self.adding)
+            .iter()
+            .chain(self.adding.keys())
             .copied()
             .filter(|n| *n != self.me)
             .collect()
@@ -482,7 +500,12 @@ impl Replica {
             }
         }
         if self.is_active() {
-            self.adding.retain(|n| !self.view.in_sync.contains(n));
+            let view = &self.view;
+            self.adding.retain(|n, a| {
+                !view.in_sync.contains(n)
+                    && view.members.contains(n)
+                    && view.in_sync_removals == a.removals
+            });
             self.removing.retain(|n| self.view.in_sync.contains(n));
             let members: BTreeSet<NodeId> = self
                 .view
@@ -678,13 +701,14 @@ impl Replica {
                         now_ms.saturating_sub(p.last_ack_ms) >= self.cfg.in_sync_timeout_ms;
                     if holding_up
                         && silent
-                        && self.view.in_sync.contains(&n)
+                        && (self.view.in_sync.contains(&n) || self.adding.contains_key(&n))
                         && self.removing.insert(n)
                     {
                         fx.push(Effect::Propose(Proposal::InSync {
                             epoch,
                             node: n,
                             in_sync: false,
+                            removals: self.view.in_sync_removals,
                         }));
                     }
                 }
@@ -695,19 +719,31 @@ impl Replica {
                     .iter()
                     .filter(|(n, p)| {
                         !self.view.in_sync.contains(n)
-                            && !self.adding.contains(n)
+                            && !self.adding.contains_key(n)
                             && p.matched >= self.commit
                             && p.matched >= self.start_index
                             && now_ms.saturating_sub(p.last_ack_ms) < self.cfg.in_sync_timeout_ms
                     })
                     .map(|(n, _)| *n)
                     .collect();
+                let removals = self.view.in_sync_removals;
                 for n in candidates {
-                    self.adding.insert(n);
+                    self.adding.insert(
+                        n,
+                        Adding {
+                            removals,
+                            asked: false,
+                        },
+                    );
+                }
+                // New additions, and those whose proposal seemed to fail.
+                for (n, a) in self.adding.iter_mut().filter(|(_, a)| !a.asked) {
+                    a.asked = true;
                     fx.push(Effect::Propose(Proposal::InSync {
                         epoch,
-                        node: n,
+                        node: *n,
                         in_sync: true,
+                        removals: a.removals,
                     }));
                 }
                 self.maybe_hand_over(&mut fx);
@@ -1223,9 +1259,8 @@ impl Replica {
         fx
     }
 
-    /// A proposal this replica made did not reach the control plane: forget it,
-    /// so the next tick proposes it again (an addition the control plane did take
-    /// shows up in the view and is waited for from there).
+    /// No answer came to a proposal this replica made (it may still be applied):
+    /// the next tick proposes it again. An addition stays waited for meanwhile.
     pub fn on_proposal_failed(&mut self, proposal: &Proposal) {
         match proposal {
             Proposal::InSync {
@@ -1233,7 +1268,9 @@ impl Replica {
                 in_sync: true,
                 ..
             } => {
-                self.adding.remove(node);
+                if let Some(a) = self.adding.get_mut(node) {
+                    a.asked = false;
+                }
             }
             Proposal::InSync {
                 node,
@@ -1246,6 +1283,22 @@ impl Replica {
             Proposal::ConfirmActive { .. } => self.confirm_asked = false,
             Proposal::HandOver { .. } => self.handover_asked = false,
             Proposal::Renew { .. } => self.renew_asked_ms = None,
+        }
+    }
+
+    /// The control plane refused a proposal: refusals are final (the epoch, the
+    /// members and `in_sync_removals` only move on), so an addition refused is
+    /// not waited for any more.
+    pub fn on_proposal_rejected(&mut self, proposal: &Proposal) {
+        match proposal {
+            Proposal::InSync {
+                node,
+                in_sync: true,
+                ..
+            } => {
+                self.adding.remove(node);
+            }
+            other => self.on_proposal_failed(other),
         }
     }
 
@@ -1461,6 +1514,7 @@ mod tests {
             active: Some(1),
             members: [1, 2].into(),
             in_sync: [2].into(),
+            in_sync_removals: 0,
         });
         r.on_persisted(1);
         r.on_confirmed(1, true);

@@ -84,6 +84,9 @@ enum SimMsg {
         at: LogPos,
     },
     Propose(Proposal),
+    /// The control plane's answer to a proposal did not come: the proposer is
+    /// told it failed, whether or not the command was (or will be) applied.
+    ProposalFailed(Proposal),
 }
 
 struct Node {
@@ -205,6 +208,7 @@ impl Sim {
             active: s.active,
             members: s.members.clone(),
             in_sync: s.in_sync.clone(),
+            in_sync_removals: s.in_sync_removals,
         }
     }
 
@@ -219,10 +223,20 @@ impl Sim {
 
     fn send(&mut self, from: NodeId, to: NodeId, msg: SimMsg) {
         if self.rng.gen_bool(self.loss) {
+            self.proposal_lost(from, msg);
             return;
         }
         let delay = self.rng.gen_range(0..4) * STEP_MS;
         self.net.push((self.now + delay, from, to, msg));
+    }
+
+    /// A proposal that never reaches the control plane times out at its
+    /// proposer (as a call through openraft does).
+    fn proposal_lost(&mut self, from: NodeId, msg: SimMsg) {
+        if let SimMsg::Propose(p) = msg {
+            let at = self.now + 300;
+            self.net.push((at, CP, from, SimMsg::ProposalFailed(p)));
+        }
     }
 
     fn broadcast_view(&mut self) {
@@ -381,7 +395,17 @@ impl Sim {
     }
 
     fn deliver(&mut self, from: NodeId, to: NodeId, msg: SimMsg) {
+        if let SimMsg::ProposalFailed(p) = &msg {
+            // The proposer's own timeout: no network in between.
+            if to != CP && self.nodes[(to - 1) as usize].up {
+                self.nodes[(to - 1) as usize].replica.on_proposal_failed(p);
+            }
+            return;
+        }
         if !self.reachable(from, to) {
+            if to == CP && self.nodes[(from - 1) as usize].up {
+                self.proposal_lost(from, msg);
+            }
             return;
         }
         if std::env::var("SIM_TRACE").is_ok() {
@@ -389,21 +413,41 @@ impl Sim {
         }
         if to == CP {
             if !self.cp_up() {
+                self.proposal_lost(from, msg);
                 return;
             }
             match msg {
-                SimMsg::Propose(Proposal::InSync {
-                    epoch,
-                    node,
-                    in_sync,
-                }) => {
-                    self.apply_cp(ControlCommand::SetInSync {
-                        stripe: 0,
+                SimMsg::Propose(
+                    p @ Proposal::InSync {
                         epoch,
-                        by: from,
                         node,
                         in_sync,
-                    });
+                        removals,
+                    },
+                ) => {
+                    // As a proposal through openraft can time out on the way: the
+                    // proposer hears it failed, yet it was applied, or will be
+                    // applied later (still queued at the leader), or never.
+                    let r: f64 = if self.chaos { self.rng.gen() } else { 1.0 };
+                    if r < 0.1 {
+                        self.send(CP, from, SimMsg::ProposalFailed(p.clone()));
+                        let later = self.now + self.rng.gen_range(5..100) * STEP_MS;
+                        self.net.push((later, from, CP, SimMsg::Propose(p)));
+                        return;
+                    }
+                    if r >= 0.15 || self.rng.gen_bool(0.5) {
+                        self.apply_cp(ControlCommand::SetInSync {
+                            stripe: 0,
+                            epoch,
+                            by: from,
+                            node,
+                            in_sync,
+                            removals: in_sync.then_some(removals),
+                        });
+                    }
+                    if r < 0.15 {
+                        self.send(CP, from, SimMsg::ProposalFailed(p));
+                    }
                 }
                 SimMsg::Propose(Proposal::Election { epoch }) => self.start_election(epoch),
                 SimMsg::Propose(Proposal::Renew { epoch }) => {
@@ -438,6 +482,7 @@ impl Sim {
                     }
                 }
                 SimMsg::SnapshotDone { .. }
+                | SimMsg::ProposalFailed(_)
                 | SimMsg::Stripe(_)
                 | SimMsg::View(_)
                 | SimMsg::Confirmed { .. } => {}
@@ -449,6 +494,7 @@ impl Sim {
         let fx = match msg {
             SimMsg::Stripe(m) => self.nodes[i].replica.on_message(from, m),
             SimMsg::View(v) => self.nodes[i].replica.on_view(v),
+            SimMsg::ProposalFailed(_) => return,
             SimMsg::Prepare { epoch, election } => {
                 let (pos, fx) = self.nodes[i].replica.on_prepare(epoch);
                 self.run(to, fx);
@@ -763,6 +809,19 @@ fn random_schedules_keep_one_active_per_epoch_and_every_acknowledged_write() {
         "only {acked} writes acknowledged"
     );
     assert!(reads > seeds * 25, "only {reads} reads served");
+}
+
+#[test]
+fn two_member_stripes_too() {
+    // A stripe whose only standby is the one an addition is about.
+    let seeds: u64 = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    for seed in 200..200 + seeds {
+        let mut sim = run_seed(seed, 2, 3_000);
+        assert!(sim.recovers(), "seed {seed}: no progress after healing");
+    }
 }
 
 #[test]
