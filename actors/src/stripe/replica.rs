@@ -763,7 +763,9 @@ impl Replica {
                         epoch: self.view.epoch,
                     }));
                 }
-                let electable = self.view.in_sync.contains(&self.me) && self.view.active.is_some();
+                // With no active at all (the operator removed it from the
+                // cluster), an in-sync standby asks for an election too.
+                let electable = self.view.in_sync.contains(&self.me);
                 let silent =
                     now_ms.saturating_sub(self.last_heard_ms) >= self.cfg.election_timeout_ms;
                 // Asked again every heartbeat interval while silent: the first ask

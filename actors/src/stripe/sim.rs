@@ -900,6 +900,30 @@ fn a_planned_handover_to_a_standby_that_dies_is_given_up_and_writes_go_on() {
 }
 
 #[test]
+fn a_stripe_whose_active_is_removed_from_the_cluster_elects_a_standby() {
+    let mut sim = Sim::new(13, 3);
+    sim.loss = 0.0;
+    sim.chaos = false;
+    for _ in 0..200 {
+        sim.step();
+    }
+    let before = sim.view();
+    let old = before.active.unwrap();
+    // The operator forgets the active (it stopped for good).
+    sim.crash(old);
+    sim.apply_cp(ControlCommand::Remove { node: old });
+    sim.broadcast_view();
+    assert_eq!(sim.view().active, None);
+    let acked = sim.acked.len();
+    for _ in 0..300 {
+        sim.step();
+    }
+    let after = sim.view();
+    assert!(after.active.is_some_and(|a| a != old), "{after:?}");
+    assert!(sim.acked.len() > acked, "writes go on");
+}
+
+#[test]
 fn a_paused_active_is_replaced_and_rejoins_as_standby() {
     let mut sim = Sim::new(7, 3);
     sim.loss = 0.0;
