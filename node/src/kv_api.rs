@@ -171,33 +171,48 @@ impl KvRouter {
     ) -> Result<T, ApiError> {
         let started = Instant::now();
         let deadline = started + self.request_timeout;
+        // An attempt whose write may have been committed: no later attempt
+        // (applied at most once, same request id) may say "not persisted".
+        let mut unsettled = false;
         loop {
             let active = stripe_view(&self.applied, stripe).and_then(|v| v.active);
             let why = match active {
                 None => "no active".to_string(),
-                Some(a) => match self.ask(a, request.clone(), ATTEMPT_TIMEOUT).await {
-                    Err(e) => e,
-                    Ok(resp) => match answer(resp) {
-                        None => "unexpected answer".to_string(),
-                        Some(Ok(t)) => {
-                            let route = if a == self.me { "local" } else { "forwarded" };
-                            self.metrics
-                                .requests
-                                .get_or_create(&RequestLabel { op, route })
-                                .observe(started.elapsed().as_secs_f64());
-                            return Ok(t);
-                        }
-                        Some(Err(ServeError::Storage(e))) => {
-                            return Err(ApiError::new(
-                                StatusCode::INSUFFICIENT_STORAGE,
-                                format!("the write could not be persisted: {e}"),
-                            ))
-                        }
-                        Some(Err(e)) => e.to_string(),
-                    },
-                },
+                Some(a) => {
+                    match self.ask(a, request.clone(), ATTEMPT_TIMEOUT).await {
+                        Err(e) => e,
+                        Ok(resp) => match answer(resp) {
+                            None => "unexpected answer".to_string(),
+                            Some(Ok(t)) => {
+                                let route = if a == self.me { "local" } else { "forwarded" };
+                                self.metrics
+                                    .requests
+                                    .get_or_create(&RequestLabel { op, route })
+                                    .observe(started.elapsed().as_secs_f64());
+                                return Ok(t);
+                            }
+                            Some(Err(ServeError::Storage(e))) if op == "write" && !unsettled => {
+                                return Err(ApiError::new(
+                                    StatusCode::INSUFFICIENT_STORAGE,
+                                    format!("the write could not be persisted: {e}"),
+                                ))
+                            }
+                            Some(Err(ServeError::Unsettled(e))) => {
+                                unsettled = true;
+                                format!("the stripe's storage failed while the write was replicated: {e}")
+                            }
+                            Some(Err(e)) => e.to_string(),
+                        },
+                    }
+                }
             };
             if Instant::now() >= deadline {
+                if unsettled {
+                    return Err(ApiError::retry_later(format!(
+                        "the outcome of this write on stripe {stripe} is not known yet ({why}); \
+                         it may have been applied: send it again with the same Idempotency-Key"
+                    )));
+                }
                 return Err(ApiError::retry_later(format!(
                     "stripe {stripe} has no reachable active ({why}); retry later"
                 )));

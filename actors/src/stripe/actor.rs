@@ -1373,7 +1373,7 @@ impl StripeActor {
     fn storage_failed(&mut self, e: &StoreError) {
         tracing::error!(error = %e, stripe = ?self.stripe, "stripe storage failed");
         for (_, reply) in std::mem::take(&mut self.waiting) {
-            let _ = reply.send(Err(ServeError::Storage(e.to_string())));
+            let _ = reply.send(Err(ServeError::Unsettled(e.to_string())));
         }
     }
 
@@ -1382,8 +1382,9 @@ impl StripeActor {
     /// promise that is not durable could lose an acknowledged write). The replica
     /// starts again from what the disk holds; the active sends the rest again.
     fn log_write_failed(&mut self, e: &StoreError) {
+        // Appended writes may still be committed: not "not persisted".
         for (_, reply) in std::mem::take(&mut self.waiting) {
-            let _ = reply.send(Err(ServeError::Storage(e.to_string())));
+            let _ = reply.send(Err(ServeError::Unsettled(e.to_string())));
         }
         for step in std::mem::take(&mut self.queue) {
             let Step::Reply(reply, resp) = step else {

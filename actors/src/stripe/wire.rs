@@ -63,6 +63,11 @@ pub enum ServeError {
     Storage(String),
     #[error("the node stepped down before the operation completed")]
     SteppedDown,
+    /// The write was in the log when the stripe's storage failed: it may yet be
+    /// committed (a standby holding it can take over), so its outcome is not
+    /// known; sent again under the same request id, it is applied at most once.
+    #[error("the stripe's storage failed after the write was appended; its outcome is not known yet: {0}")]
+    Unsettled(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
