@@ -494,8 +494,10 @@ impl Replica {
             && self.view.epoch > 0
         {
             // Otherwise (entries of this epoch already in the log) `tick` asks
-            // for a new epoch.
-            if self.last().epoch < self.view.epoch {
+            // for a new epoch; with no log at all while standbys hold the data
+            // (temporary persistence, or a wiped data directory) it asks for an
+            // election among them instead.
+            if self.last().epoch < self.view.epoch && !self.lost_its_log() {
                 self.take_over(&mut fx);
             }
         }
@@ -765,7 +767,7 @@ impl Replica {
                 }
                 // With no active at all (the operator removed it from the
                 // cluster), an in-sync standby asks for an election too.
-                let electable = self.view.in_sync.contains(&self.me);
+                let electable = self.view.in_sync.contains(&self.me) || self.lost_its_log();
                 let silent =
                     now_ms.saturating_sub(self.last_heard_ms) >= self.cfg.election_timeout_ms;
                 // Asked again every heartbeat interval while silent: the first ask
@@ -783,6 +785,17 @@ impl Replica {
             }
         }
         fx
+    }
+
+    /// Named the active, this node holds no log while in-sync standbys do: it
+    /// came back from a restart that emptied its stripe data. Taking over its old
+    /// epoch with an empty log would give that epoch's positions a second
+    /// meaning; one of those standbys is elected instead, and this node syncs.
+    fn lost_its_log(&self) -> bool {
+        self.view.active == Some(self.me)
+            && self.last() == LogPos::default()
+            && self.promised == 0
+            && !self.view.in_sync.is_empty()
     }
 
     /// Sends entries (or a heartbeat) to members that need them.
@@ -1510,13 +1523,21 @@ mod tests {
             },
         );
         r.tick(1_000);
-        r.on_view(StripeView {
+        // A new stripe's first active; the standby joined the in-sync set
+        // once it held the take-over no-op.
+        let view = StripeView {
             version: 1,
             epoch: 1,
             active: Some(1),
             members: [1, 2].into(),
-            in_sync: [2].into(),
+            in_sync: BTreeSet::new(),
             in_sync_removals: 0,
+        };
+        r.on_view(view.clone());
+        r.on_view(StripeView {
+            version: 2,
+            in_sync: [2].into(),
+            ..view
         });
         r.on_persisted(1);
         r.on_confirmed(1, true);
