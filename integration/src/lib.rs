@@ -314,6 +314,14 @@ impl Node {
         }
     }
 
+    /// The exit code if the process has exited by itself; it is left running
+    /// otherwise.
+    pub fn exited(&mut self) -> Option<i32> {
+        let st = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        st.code()
+    }
+
     /// Waits for the process to exit by itself (a refused start); returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let mut c = self.child.take()?;

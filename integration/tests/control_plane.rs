@@ -226,3 +226,47 @@ fn every_decision_survives_a_full_restart_in_reverse_order() {
     assert_eq!(places(&after), places(&before));
     assert_eq!(voters(&after), voters(&before));
 }
+
+/// openraft stops a control plane for good at its first storage error: the node
+/// must not go on as a voter that silently decides nothing. It leaves and exits
+/// with an error naming `control.redb` (a supervisor restarts it).
+#[test]
+fn a_node_whose_control_log_cannot_be_written_exits_naming_the_file() {
+    let _serial = serial();
+    let Some(disk) = SmallDisk::mount(8) else {
+        return;
+    };
+    let data = disk.node_dir("cpfull", &["control.redb"]);
+    let mut node = Node::start_in("cpfull", data.path(), free_ip(), opts(&[]));
+    node.id();
+    wait_until("the node is placed", LONG, || {
+        stripes(&node).is_some_and(|v| v["stripes"][0]["active"].is_string())
+    });
+    // Fill the disk under control.redb.
+    let mut filler = std::fs::File::create(disk.path().join("filler")).expect("filler");
+    let chunk = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut filler, &chunk).is_ok() {}
+    let _ = filler.sync_all();
+    // Every artifact upload is a control-plane decision (its version).
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    let mut code = None;
+    for i in 0..20_000 {
+        let _ = agent
+            .put(&format!("http://{}/v1/artifacts/a{i}", node.http()))
+            .send_bytes(b"x");
+        code = node.exited();
+        if code.is_some() || node.log().contains("the control plane stopped") {
+            break;
+        }
+    }
+    // It leaves the cluster first (a few seconds at most).
+    let code = code.or_else(|| node.wait_exit(Duration::from_secs(60)));
+    assert_eq!(code, Some(1), "the node exits with an error");
+    let log = node.log();
+    assert!(
+        log.contains("the control plane stopped") && log.contains("control.redb"),
+        "{log}"
+    );
+}

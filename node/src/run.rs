@@ -315,7 +315,17 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::info!(http = %settings.http, "HTTP API ready");
         actix_rt::spawn(server);
         actix_rt::spawn(return_freed_memory());
-        wait_for_signal().await;
+        // A control plane whose storage failed has stopped for good (openraft
+        // treats every storage error as fatal): a voter that silently stopped
+        // would leave its group one failure from standstill, so the node
+        // stops too, loudly, and a restart opens `control.redb` again.
+        let fatal = tokio::select! {
+            _ = wait_for_signal() => None,
+            f = control_plane_stopped(raft.metrics()) => Some(f),
+        };
+        if let Some(f) = &fatal {
+            tracing::error!(error = %f, "the control plane stopped; leaving the cluster and exiting");
+        }
         if let Some(stripe) = &stripe {
             // An active hands its role to an in-sync standby first, so that no
             // client request fails because this node goes away.
@@ -339,16 +349,42 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         }
         net.shutdown().await;
         tracing::info!("stopped");
-        anyhow::Ok([membership_thread, consensus_thread])
+        anyhow::Ok(([membership_thread, consensus_thread], fatal))
     });
     net_runtime.shutdown_timeout(Duration::from_secs(2));
     // Stopping the membership thread drops its actor, which waits for its queued
     // writes to the node database.
-    for thread in result? {
+    let (threads, fatal) = result?;
+    for thread in threads {
         thread.stop();
         let _ = thread.join();
     }
-    Ok(())
+    match fatal {
+        Some(f) => Err(anyhow::anyhow!(
+            "the control plane stopped: {f}; check the disk holding {} and start the node again",
+            settings.data_dir.join("control.redb").display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Resolves with openraft's fatal error once the control plane stops running.
+async fn control_plane_stopped(
+    mut metrics: tokio::sync::watch::Receiver<
+        openraft::RaftMetrics<
+            kiln_actors::control::types::NodeId,
+            kiln_actors::control::types::ControlNode,
+        >,
+    >,
+) -> String {
+    loop {
+        if let Err(f) = &metrics.borrow().running_state {
+            return f.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the control plane's core went away".to_string();
+        }
+    }
 }
 
 /// Replication timing derived from the election timeout: heartbeats five times
