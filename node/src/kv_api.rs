@@ -179,7 +179,16 @@ impl KvRouter {
             let why = match active {
                 None => "no active".to_string(),
                 Some(a) => {
-                    match self.ask(a, request.clone(), ATTEMPT_TIMEOUT).await {
+                    // No attempt outlives the request's deadline.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match self
+                        .ask(
+                            a,
+                            request.clone(),
+                            ATTEMPT_TIMEOUT.min(left.max(RETRY_PAUSE)),
+                        )
+                        .await
+                    {
                         Err(e) => e,
                         Ok(resp) => match answer(resp) {
                             None => "unexpected answer".to_string(),
@@ -303,8 +312,9 @@ impl KvRouter {
             .keys()
             .copied()
             .collect();
-        let mut all = Vec::new();
-        for stripe in stripes {
+        // All stripes at once: one failing over holds the answer up by at most
+        // `request_timeout_ms`, not that times the number of stripes.
+        let pages = stripes.into_iter().map(|stripe| {
             let request = StripeRequest::Keys {
                 stripe,
                 map: map.into(),
@@ -312,14 +322,16 @@ impl KvRouter {
                 after: after.map(String::from),
                 limit: (limit + 1) as u32,
             };
-            let keys = self
-                .routed("list", stripe, request, |r| match r {
-                    StripeResponse::Keys(k) => Some(k),
-                    _ => None,
-                })
-                .await?;
-            all.extend(keys);
-        }
+            self.routed("list", stripe, request, |r| match r {
+                StripeResponse::Keys(k) => Some(k),
+                _ => None,
+            })
+        });
+        let mut all: Vec<String> = futures::future::try_join_all(pages)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
         all.sort();
         let next = (all.len() > limit).then(|| all[limit - 1].clone());
         all.truncate(limit);
