@@ -21,7 +21,7 @@ use serde_bytes::ByteBuf;
 
 use super::network::{addresses, AddressBook};
 use super::state::{plan_voters, ControlCommand, ControlOutcome, ControlState, Placement};
-use super::storage::SharedApplied;
+use super::storage::{SharedApplied, MAX_SNAPSHOT_BYTES};
 use super::types::{node_id_of, ControlNode, ControlTypes, NodeId};
 use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTROL_BODY};
 use crate::membership::{GetNodeInfo, ListMembers, MemberView, MembershipActor};
@@ -601,6 +601,21 @@ impl ControlPlane {
                 return;
             }
         };
+        if let ControlRequest::InstallSnapshot(r) = &request {
+            // openraft writes a chunk at the offset it names: a peer's offset
+            // far beyond any snapshot must not grow the buffer to it.
+            let end = r.offset.saturating_add(r.data.len() as u64);
+            if end > MAX_SNAPSHOT_BYTES as u64 {
+                tracing::warn!(%peer, offset = r.offset, "refused a control-plane snapshot chunk beyond the snapshot bound");
+                self.net.send(NetCommand::Respond {
+                    reply,
+                    response: Response::Refused {
+                        reason: format!("snapshot chunk ends at byte {end}, beyond {MAX_SNAPSHOT_BYTES}"),
+                    },
+                });
+                return;
+            }
+        }
         if let ControlRequest::Elect { stripe, epoch } = request {
             if self.raft.metrics().borrow().current_leader == Some(self.me) {
                 self.coordinate(stripe, epoch, ctx);

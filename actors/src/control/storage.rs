@@ -29,8 +29,10 @@ use super::state::{ControlOutcome, ControlState};
 use super::types::{ControlNode, ControlTypes, NodeId};
 use super::wire::{from_cbor, to_cbor};
 
-/// Largest record read back from `control.redb`.
-const MAX_RECORD: usize = 64 * 1024 * 1024;
+/// Largest record read back from `control.redb` (a snapshot is the largest).
+pub(super) const MAX_RECORD: usize = 64 * 1024 * 1024;
+/// Largest control-plane snapshot taken from a peer.
+pub(super) const MAX_SNAPSHOT_BYTES: usize = MAX_RECORD;
 
 /// What the control plane has applied: shared with the node, which reads it for
 /// placement, routing and status.
