@@ -312,6 +312,8 @@ impl KvRouter {
             .keys()
             .copied()
             .collect();
+        // A stripe's answer must fit one frame (keys are up to 1 KiB each).
+        let ask = (limit + 1).min(MAX_KEYS_PER_STRIPE_ANSWER);
         // All stripes at once: one failing over holds the answer up by at most
         // `request_timeout_ms`, not that times the number of stripes.
         let pages = stripes.into_iter().map(|stripe| {
@@ -320,23 +322,42 @@ impl KvRouter {
                 map: map.into(),
                 prefix: prefix.into(),
                 after: after.map(String::from),
-                limit: (limit + 1) as u32,
+                limit: ask as u32,
             };
             self.routed("list", stripe, request, |r| match r {
                 StripeResponse::Keys(k) => Some(k),
                 _ => None,
             })
         });
-        let mut all: Vec<String> = futures::future::try_join_all(pages)
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
-        all.sort();
-        let next = (all.len() > limit).then(|| all[limit - 1].clone());
-        all.truncate(limit);
-        Ok((all, next))
+        let pages = futures::future::try_join_all(pages).await?;
+        Ok(merge_pages(pages, ask, limit))
     }
+}
+
+/// Most keys one stripe is asked for in one listing: 2 000 keys of at most 1 KiB
+/// fit a forwarded answer's frame.
+const MAX_KEYS_PER_STRIPE_ANSWER: usize = 2_000;
+
+/// One page of a listing from each stripe's sorted answer (each asked for `ask`
+/// keys): at most `limit` keys in order, and where the next page starts. A
+/// stripe that answered all `ask` may hold more beyond its last key, so the page
+/// stops there: no key of another stripe after it can be listed before them.
+fn merge_pages(pages: Vec<Vec<String>>, ask: usize, limit: usize) -> (Vec<String>, Option<String>) {
+    let cut = pages
+        .iter()
+        .filter(|p| p.len() >= ask)
+        .filter_map(|p| p.last().cloned())
+        .min();
+    let mut all: Vec<String> = pages
+        .into_iter()
+        .flatten()
+        .filter(|k| cut.as_ref().is_none_or(|c| k <= c))
+        .collect();
+    all.sort();
+    let more = cut.is_some() || all.len() > limit;
+    all.truncate(limit);
+    let next = if more { all.last().cloned() } else { None };
+    (all, next)
 }
 
 fn unavailable(what: &str) -> ApiError {
@@ -579,4 +600,29 @@ pub async fn handover(
         .handover(stripe.into_inner(), query.into_inner().to)
         .await?;
     Ok(HttpResponse::Ok().json(json!({ "active": active })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_pages;
+
+    fn keys(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_listing_page_neither_skips_nor_repeats_keys_across_stripes() {
+        // Everything fits: no next page.
+        let (page, next) = merge_pages(vec![keys(&["a", "c"]), keys(&["b"])], 11, 10);
+        assert_eq!((page, next), (keys(&["a", "b", "c"]), None));
+        // More than the limit: the next page starts after the last key given.
+        let (page, next) = merge_pages(vec![keys(&["a", "c", "e"]), keys(&["b", "d"])], 4, 3);
+        assert_eq!((page, next), (keys(&["a", "b", "c"]), Some("c".into())));
+        // A stripe that answered all it was asked for (a capped answer) may hold
+        // keys before another stripe's later ones: the page stops at its last.
+        let (page, next) = merge_pages(vec![keys(&["a", "d"]), keys(&["b", "c"])], 2, 10);
+        assert_eq!((page, next), (keys(&["a", "b", "c"]), Some("c".into())));
+        let (page, next) = merge_pages(vec![keys(&["a", "d"]), keys(&["b"])], 2, 10);
+        assert_eq!((page, next), (keys(&["a", "b", "d"]), Some("d".into())));
+    }
 }

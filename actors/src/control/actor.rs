@@ -610,7 +610,9 @@ impl ControlPlane {
                 self.net.send(NetCommand::Respond {
                     reply,
                     response: Response::Refused {
-                        reason: format!("snapshot chunk ends at byte {end}, beyond {MAX_SNAPSHOT_BYTES}"),
+                        reason: format!(
+                            "snapshot chunk ends at byte {end}, beyond {MAX_SNAPSHOT_BYTES}"
+                        ),
                     },
                 });
                 return;
