@@ -272,6 +272,46 @@ fn a_retry_with_the_same_idempotency_key_is_applied_once() {
     assert_eq!(list["keys"], serde_json::json!(["café+1"]));
 }
 
+/// An Idempotency-Key's scope is the cluster: a different request under it is
+/// refused whichever stripe its key belongs to; the retry gets the first answer.
+#[test]
+fn an_idempotency_key_is_one_request_across_stripes() {
+    let _serial = serial();
+    let o = NodeOpts {
+        extra: vec!["--stripes".into(), "2".into()],
+        ..opts()
+    };
+    let nodes = start_cluster("idem2", 2, o);
+    wait_converged(&nodes, LONG);
+    wait_until("both stripes have an active", LONG, || {
+        nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
+            v["stripes"]
+                .as_array()
+                .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["active"].is_string()))
+        })
+    });
+    let agent = agent();
+    let send = |key: &str, body: &str| {
+        agent
+            .put(&format!("http://{}/v1/kv/test/{key}", nodes[1].http()))
+            .set("Idempotency-Key", "order-7")
+            .send_string(body)
+            .map_err(Box::new)
+    };
+    let first: Value = send("a", "1").unwrap().into_json().unwrap();
+    // Twenty other keys: both stripes, but for a chance of one in a million.
+    for i in 0..20 {
+        let other = send(&format!("b{i}"), "1").map_err(|e| *e);
+        assert!(
+            matches!(other, Err(ureq::Error::Status(422, _))),
+            "b{i}: {other:?}"
+        );
+        assert_eq!(get(&agent, &nodes[0], &format!("b{i}")), None);
+    }
+    let again: Value = send("a", "1").unwrap().into_json().unwrap();
+    assert_eq!(first, again);
+}
+
 #[test]
 fn a_graceful_stop_or_a_handover_of_the_active_fails_no_request() {
     let _serial = serial();

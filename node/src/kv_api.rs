@@ -12,7 +12,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures::StreamExt;
 use kiln_actors::control::state::SLOT_COUNT;
 use kiln_actors::control::{addresses, AddressBook, SharedApplied};
-use kiln_actors::stripe::kv::{slot_of, Condition, KvCommand, KvOp, KvOutcome};
+use kiln_actors::stripe::kv::{idempotency_home, slot_of, Condition, KvCommand, KvOp, KvOutcome};
 use kiln_actors::stripe::wire::{ServeError, StripeRequest, StripeResponse};
 use kiln_actors::stripe::{
     stripe_request, stripe_response, stripe_view, Responder, ServeStripe, StripeActor,
@@ -231,8 +231,45 @@ impl KvRouter {
     }
 
     pub async fn write(&self, cmd: KvCommand) -> Result<KvOutcome, ApiError> {
-        let (map, key) = cmd.op.map_key();
+        let (map, key) = cmd
+            .op
+            .map_key()
+            .ok_or_else(|| bad_request("a reservation is not a client write"))?;
         let stripe = self.stripe_of(map, key)?;
+        // An Idempotency-Key's scope is the cluster: one whose home stripe is
+        // not the write's is taken there first, for this request only (a
+        // different request under it is refused there, a retry passes).
+        if let Some(k) = cmd.request.strip_prefix("k:") {
+            let (home_map, home_key) = idempotency_home(k);
+            let home = self.stripe_of(home_map, home_key)?;
+            if home != stripe {
+                let reserve = KvCommand {
+                    request: cmd.request.clone(),
+                    op: KvOp::Reserve {
+                        fingerprint: cmd.fingerprint(),
+                    },
+                    received_ms: cmd.received_ms,
+                    remember_until_ms: cmd.remember_until_ms,
+                };
+                let taken = self
+                    .routed(
+                        "write",
+                        home,
+                        StripeRequest::Write {
+                            stripe: home,
+                            cmd: reserve,
+                        },
+                        |r| match r {
+                            StripeResponse::Written(w) => Some(w),
+                            _ => None,
+                        },
+                    )
+                    .await?;
+                if taken == KvOutcome::RequestIdReused {
+                    return Ok(taken);
+                }
+            }
+        }
         self.routed(
             "write",
             stripe,

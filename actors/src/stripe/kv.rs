@@ -33,14 +33,27 @@ pub enum KvOp {
         key: String,
         cond: Condition,
     },
+    /// Takes an `Idempotency-Key` (the command's request id) for the request
+    /// whose fingerprint this is, in the key's home stripe (see
+    /// [`idempotency_home`]) when the write goes to another stripe: the key's
+    /// scope is the cluster, and only its home stripe sees every use of it.
+    Reserve { fingerprint: [u8; 32] },
 }
 
 impl KvOp {
-    pub fn map_key(&self) -> (&str, &str) {
+    /// Map and key the operation writes (`None` for a reservation).
+    pub fn map_key(&self) -> Option<(&str, &str)> {
         match self {
-            KvOp::Put { map, key, .. } | KvOp::Delete { map, key, .. } => (map, key),
+            KvOp::Put { map, key, .. } | KvOp::Delete { map, key, .. } => Some((map, key)),
+            KvOp::Reserve { .. } => None,
         }
     }
+}
+
+/// Map and key whose slot is the home stripe of an `Idempotency-Key` (the map
+/// name is empty, which no client's can be).
+pub fn idempotency_home(idempotency_key: &str) -> (&'static str, &str) {
+    ("", idempotency_key)
 }
 
 /// One client write as it travels and as it sits in the log.
@@ -63,6 +76,9 @@ pub struct KvCommand {
 impl KvCommand {
     /// What makes two requests under one id the same request.
     pub fn fingerprint(&self) -> [u8; 32] {
+        if let KvOp::Reserve { fingerprint } = &self.op {
+            return *fingerprint;
+        }
         let mut buf = Vec::new();
         let _ = ciborium::into_writer(&self.op, &mut buf);
         Sha256::digest(&buf).into()
@@ -180,10 +196,16 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
             KvOutcome::RequestIdReused
         });
     }
-    let (map, key) = cmd.op.map_key();
+    let Some((map, key)) = cmd.op.map_key() else {
+        // A reservation: the record below is all it writes.
+        let outcome = KvOutcome::Done { version: index };
+        record(tx, &cmd, fingerprint, &outcome, replaces)?;
+        return Ok(outcome);
+    };
     let current = tx.get(map, key)?.map(|(v, _)| v);
     let cond = match &cmd.op {
         KvOp::Put { cond, .. } | KvOp::Delete { cond, .. } => *cond,
+        KvOp::Reserve { .. } => Condition::None,
     };
     let holds = match cond {
         Condition::None => true,
@@ -214,8 +236,21 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
                     KvOutcome::Done { version: index }
                 }
             }
+            KvOp::Reserve { .. } => KvOutcome::Done { version: index },
         }
     };
+    record(tx, &cmd, fingerprint, &outcome, replaces)?;
+    Ok(outcome)
+}
+
+/// Remembers the outcome of `cmd` under its request id.
+fn record(
+    tx: &mut dyn KvTxn,
+    cmd: &KvCommand,
+    fingerprint: [u8; 32],
+    outcome: &KvOutcome,
+    replaces: Option<u64>,
+) -> Result<(), StoreError> {
     tx.record_request(
         &cmd.request,
         &encode(&RequestRecord {
@@ -225,8 +260,7 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
         }),
         cmd.remember_until_ms,
         replaces,
-    )?;
-    Ok(outcome)
+    )
 }
 
 fn record_change(
@@ -308,6 +342,41 @@ mod tests {
             self.change_floor += seq.saturating_sub(last);
             Ok(())
         }
+    }
+
+    /// The home stripe of an Idempotency-Key takes it for one request: a retry
+    /// passes, a different request is refused, and nothing else is written.
+    #[test]
+    fn a_reservation_takes_an_idempotency_key_for_one_request() {
+        let mut m = Mem::default();
+        let request = |v: &[u8]| -> KvCommand { decode(&put("k:X", v, Condition::None)).unwrap() };
+        let reserve = |cmd: &KvCommand| {
+            encode(&KvCommand {
+                op: KvOp::Reserve {
+                    fingerprint: cmd.fingerprint(),
+                },
+                ..cmd.clone()
+            })
+        };
+        let first = request(b"1");
+        assert_eq!(
+            apply(&mut m, 5, &reserve(&first)).unwrap(),
+            KvOutcome::Done { version: 5 }
+        );
+        assert_eq!(
+            apply(&mut m, 6, &reserve(&first)).unwrap(),
+            KvOutcome::Done { version: 5 }
+        );
+        assert_eq!(
+            apply(&mut m, 7, &reserve(&request(b"2"))).unwrap(),
+            KvOutcome::RequestIdReused
+        );
+        // A write in this stripe under the same key is the same request or not.
+        assert_eq!(
+            apply(&mut m, 8, &put("k:X", b"2", Condition::None)).unwrap(),
+            KvOutcome::RequestIdReused
+        );
+        assert!(m.kv.is_empty() && m.changes.is_empty());
     }
 
     #[test]
