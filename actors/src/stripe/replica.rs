@@ -788,9 +788,11 @@ impl Replica {
     }
 
     /// Named the active, this node holds no log while in-sync standbys do: it
-    /// came back from a restart that emptied its stripe data. Taking over its old
-    /// epoch with an empty log would give that epoch's positions a second
-    /// meaning; one of those standbys is elected instead, and this node syncs.
+    /// came back from a restart that emptied its stripe data (temporary
+    /// persistence, a wiped directory). Taking over its old epoch with an empty
+    /// log would give that epoch's positions a second meaning; one of those
+    /// standbys is elected instead, and this node syncs. (With nobody in sync
+    /// it still takes over: see the README's limits of temporary persistence.)
     fn lost_its_log(&self) -> bool {
         self.view.active == Some(self.me)
             && self.last() == LogPos::default()
@@ -1279,11 +1281,12 @@ impl Replica {
     pub fn on_proposal_failed(&mut self, proposal: &Proposal) {
         match proposal {
             Proposal::InSync {
+                epoch,
                 node,
                 in_sync: true,
-                ..
+                removals,
             } => {
-                if let Some(a) = self.adding.get_mut(node) {
+                if let Some(a) = self.current_addition(*epoch, *node, *removals) {
                     a.asked = false;
                 }
             }
@@ -1307,14 +1310,30 @@ impl Replica {
     pub fn on_proposal_rejected(&mut self, proposal: &Proposal) {
         match proposal {
             Proposal::InSync {
+                epoch,
                 node,
                 in_sync: true,
-                ..
+                removals,
             } => {
-                self.adding.remove(node);
+                // Only the addition this refusal answers: a refusal of an older
+                // copy (an earlier figure or epoch) says nothing of a newer one.
+                if self.current_addition(*epoch, *node, *removals).is_some() {
+                    self.adding.remove(node);
+                }
             }
             other => self.on_proposal_failed(other),
         }
+    }
+
+    /// The addition of `node` waited for now, if it is the one proposed in
+    /// `epoch` with the figure `removals`.
+    fn current_addition(&mut self, epoch: u64, node: NodeId, removals: u64) -> Option<&mut Adding> {
+        if self.role != (Role::Active { epoch }) {
+            return None;
+        }
+        self.adding
+            .get_mut(&node)
+            .filter(|a| a.removals == removals)
     }
 
     /// Starts a planned handover (graceful stop, maintenance): no new writes are
@@ -1523,19 +1542,20 @@ mod tests {
             },
         );
         r.tick(1_000);
-        // A new stripe's first active; the standby joined the in-sync set
-        // once it held the take-over no-op.
+        // A new stripe's first active; the standby joined, then the in-sync
+        // set once it held the take-over no-op.
         let view = StripeView {
             version: 1,
             epoch: 1,
             active: Some(1),
-            members: [1, 2].into(),
+            members: [1].into(),
             in_sync: BTreeSet::new(),
             in_sync_removals: 0,
         };
         r.on_view(view.clone());
         r.on_view(StripeView {
             version: 2,
+            members: [1, 2].into(),
             in_sync: [2].into(),
             ..view
         });

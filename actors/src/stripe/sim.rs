@@ -87,6 +87,9 @@ enum SimMsg {
     /// The control plane's answer to a proposal did not come: the proposer is
     /// told it failed, whether or not the command was (or will be) applied.
     ProposalFailed(Proposal),
+    /// The control plane refused the proposal (its answer, as the proposer's
+    /// call returns it).
+    ProposalRejected(Proposal),
 }
 
 struct Node {
@@ -352,7 +355,7 @@ impl Sim {
                     let seen: BTreeSet<u64> = node.disk.writes_upto(index).into_iter().collect();
                     let missing: Vec<u64> = before.difference(&seen).copied().collect();
                     assert!(
-                        missing.is_empty(),
+                        missing.is_empty() || self.wiped.contains(&id),
                         "read {read} at node {id} (index {index}) misses acknowledged writes {missing:?}"
                     );
                     self.reads_served += 1;
@@ -406,6 +409,15 @@ impl Sim {
             }
             return;
         }
+        if let SimMsg::ProposalRejected(p) = &msg {
+            // The answer to the proposer's call (the call itself was made).
+            if to != CP && self.nodes[(to - 1) as usize].up {
+                self.nodes[(to - 1) as usize]
+                    .replica
+                    .on_proposal_rejected(p);
+            }
+            return;
+        }
         if !self.reachable(from, to) {
             if to == CP && self.nodes[(from - 1) as usize].up {
                 self.proposal_lost(from, msg);
@@ -434,23 +446,34 @@ impl Sim {
                     // applied later (still queued at the leader), or never.
                     let r: f64 = if self.chaos { self.rng.gen() } else { 1.0 };
                     if r < 0.1 {
-                        self.send(CP, from, SimMsg::ProposalFailed(p.clone()));
+                        self.net.push((
+                            self.now + STEP_MS,
+                            CP,
+                            from,
+                            SimMsg::ProposalFailed(p.clone()),
+                        ));
                         let later = self.now + self.rng.gen_range(5..100) * STEP_MS;
                         self.net.push((later, from, CP, SimMsg::Propose(p)));
                         return;
                     }
                     if r >= 0.15 || self.rng.gen_bool(0.5) {
-                        self.apply_cp(ControlCommand::SetInSync {
+                        let out = self.apply_cp(ControlCommand::SetInSync {
                             stripe: 0,
                             epoch,
                             by: from,
                             node,
                             in_sync,
-                            removals: in_sync.then_some(removals),
+                            removals: Some(removals),
                         });
+                        if r >= 0.15 && matches!(out, ControlOutcome::Rejected { .. }) {
+                            let at = self.now + self.rng.gen_range(0..4) * STEP_MS;
+                            self.net
+                                .push((at, CP, from, SimMsg::ProposalRejected(p.clone())));
+                        }
                     }
                     if r < 0.15 {
-                        self.send(CP, from, SimMsg::ProposalFailed(p));
+                        self.net
+                            .push((self.now + STEP_MS, CP, from, SimMsg::ProposalFailed(p)));
                     }
                 }
                 SimMsg::Propose(Proposal::Election { epoch }) => self.start_election(epoch),
@@ -487,6 +510,7 @@ impl Sim {
                 }
                 SimMsg::SnapshotDone { .. }
                 | SimMsg::ProposalFailed(_)
+                | SimMsg::ProposalRejected(_)
                 | SimMsg::Stripe(_)
                 | SimMsg::View(_)
                 | SimMsg::Confirmed { .. } => {}
@@ -498,7 +522,7 @@ impl Sim {
         let fx = match msg {
             SimMsg::Stripe(m) => self.nodes[i].replica.on_message(from, m),
             SimMsg::View(v) => self.nodes[i].replica.on_view(v),
-            SimMsg::ProposalFailed(_) => return,
+            SimMsg::ProposalFailed(_) | SimMsg::ProposalRejected(_) => return,
             SimMsg::Prepare { epoch, election } => {
                 let (pos, fx) = self.nodes[i].replica.on_prepare(epoch);
                 self.run(to, fx);
@@ -886,12 +910,16 @@ fn a_planned_handover_to_a_standby_that_dies_is_given_up_and_writes_go_on() {
     let before = sim.view();
     let old = before.active.unwrap();
     let to = *before.in_sync.iter().next().unwrap();
+    // The standby dies, and writes it lacks go on, before the handover to it
+    // starts (not yet out of the in-sync set).
+    sim.isolated.insert(to);
+    for _ in 0..5 {
+        sim.step();
+    }
     let (_, fx) = sim.nodes[(old - 1) as usize]
         .replica
         .hand_over(Some(to))
         .unwrap_or_else(|e| panic!("{e:?} view {:?}", sim.view()));
-    // The standby dies before it takes over.
-    sim.isolated.insert(to);
     sim.run(old, fx);
     let acked = sim.acked.len();
     // 3 s: once the control plane took it out of the in-sync set, well before
