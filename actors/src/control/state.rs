@@ -133,8 +133,11 @@ pub enum ControlCommand {
         by: NodeId,
         node: NodeId,
         in_sync: bool,
-        /// For an addition: the stripe's `in_sync_removals` its active saw
-        /// (`None` in entries written before it existed: not checked).
+        /// The stripe's `in_sync_removals` its active saw: an addition is refused
+        /// if it moved; a removal raises it. `None` in entries written before
+        /// it existed: neither checked nor counted, so a node replaying old
+        /// entries over an old snapshot reaches the same figure as one that
+        /// restored a newer snapshot.
         #[serde(default)]
         removals: Option<u64>,
     },
@@ -479,7 +482,9 @@ impl ControlState {
             stripe.in_sync.insert(node);
         } else {
             stripe.in_sync.remove(&node);
-            stripe.in_sync_removals += 1;
+            if removals.is_some() {
+                stripe.in_sync_removals += 1;
+            }
         }
         ControlOutcome::InSyncChanged
     }

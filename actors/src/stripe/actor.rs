@@ -1624,7 +1624,7 @@ impl StripeActor {
                     by: self.me,
                     node,
                     in_sync,
-                    removals: in_sync.then_some(removals),
+                    removals: Some(removals),
                 };
                 tracing::info!(stripe, epoch, node, in_sync, "proposing an in-sync change");
                 ctx.spawn(self.control.send(Propose(cmd)).into_actor(self).map(
