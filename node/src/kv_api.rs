@@ -169,9 +169,24 @@ impl KvRouter {
         request: StripeRequest,
         answer: impl Fn(StripeResponse) -> Option<Result<T, ServeError>>,
     ) -> Result<T, ApiError> {
+        let deadline = Instant::now() + self.request_timeout;
+        self.routed_until(deadline, op, stripe, request, answer)
+            .await
+    }
+
+    /// [`Self::routed`] with the deadline of a request that routes more than
+    /// once (a write that reserves its Idempotency-Key first).
+    async fn routed_until<T>(
+        &self,
+        deadline: Instant,
+        op: &'static str,
+        stripe: u32,
+        request: StripeRequest,
+        answer: impl Fn(StripeResponse) -> Option<Result<T, ServeError>>,
+    ) -> Result<T, ApiError> {
         let started = Instant::now();
-        let deadline = started + self.request_timeout;
-        // An attempt whose write may have been committed: no later attempt
+        // An attempt whose write may have been committed (in the log when the
+        // storage failed, stepped down from, or unanswered): no later attempt
         // (applied at most once, same request id) may say "not persisted".
         let mut unsettled = false;
         loop {
@@ -189,7 +204,11 @@ impl KvRouter {
                         )
                         .await
                     {
-                        Err(e) => e,
+                        Err(e) => {
+                            // The attempt may have reached the log (a timeout).
+                            unsettled = true;
+                            e
+                        }
                         Ok(resp) => match answer(resp) {
                             None => "unexpected answer".to_string(),
                             Some(Ok(t)) => {
@@ -210,13 +229,18 @@ impl KvRouter {
                                 unsettled = true;
                                 format!("the stripe's storage failed while the write was replicated: {e}")
                             }
-                            Some(Err(e)) => e.to_string(),
+                            Some(Err(e)) => {
+                                // Stepped down with the write in its log: it
+                                // may be committed by the next active.
+                                unsettled |= matches!(e, ServeError::SteppedDown);
+                                e.to_string()
+                            }
                         },
                     }
                 }
             };
             if Instant::now() >= deadline {
-                if unsettled {
+                if unsettled && op == "write" {
                     return Err(ApiError::retry_later(format!(
                         "the outcome of this write on stripe {stripe} is not known yet ({why}); \
                          it may have been applied: send it again with the same Idempotency-Key"
@@ -236,6 +260,7 @@ impl KvRouter {
             .map_key()
             .ok_or_else(|| bad_request("a reservation is not a client write"))?;
         let stripe = self.stripe_of(map, key)?;
+        let deadline = Instant::now() + self.request_timeout;
         // An Idempotency-Key's scope is the cluster: one whose home stripe is
         // not the write's is taken there first, for this request only (a
         // different request under it is refused there, a retry passes).
@@ -252,7 +277,8 @@ impl KvRouter {
                     remember_until_ms: cmd.remember_until_ms,
                 };
                 let taken = self
-                    .routed(
+                    .routed_until(
+                        deadline,
                         "write",
                         home,
                         StripeRequest::Write {
@@ -270,7 +296,8 @@ impl KvRouter {
                 }
             }
         }
-        self.routed(
+        self.routed_until(
+            deadline,
             "write",
             stripe,
             StripeRequest::Write { stripe, cmd },
