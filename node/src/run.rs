@@ -326,7 +326,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         if let Some(f) = &fatal {
             tracing::error!(error = %f, "the control plane stopped; leaving the cluster and exiting");
         }
-        if let Some(stripe) = &stripe {
+        // With its control plane stopped a handover cannot be decided: the
+        // standbys elect a new active once this node is gone.
+        if let (Some(stripe), None) = (&stripe, &fatal) {
             // An active hands its role to an in-sync standby first, so that no
             // client request fails because this node goes away.
             let (tx, rx) = tokio::sync::oneshot::channel();
