@@ -456,17 +456,6 @@ fn change_events_go_on_after_a_whole_stripe_restart_in_temporary_mode() {
     };
     let mut nodes = start_cluster("bctmp", 3, opts);
     wait_converged(&nodes, LONG);
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
-    let put = |node: &Node, key: &str| {
-        wait_until(&format!("{key} written"), LONG, || {
-            agent
-                .put(&format!("http://{}/v1/kv/orders/{key}", node.http()))
-                .send_string("v")
-                .is_ok()
-        });
-    };
     for i in 0..20 {
         put(&nodes[i % 3], &format!("before{i}"));
     }
@@ -565,17 +554,6 @@ fn change_events_go_on_above_what_another_stripe_holds_after_the_stripe_dies_uns
         .iter()
         .position(|id| !members.contains(id))
         .expect("a node outside stripe 0");
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
-    let put = |node: &Node, key: &str| {
-        wait_until(&format!("{key} written"), LONG, || {
-            agent
-                .put(&format!("http://{}/v1/kv/orders/{key}", node.http()))
-                .send_string("v")
-                .is_ok()
-        });
-    };
     // Keys go to both stripes (by slot); those of stripe 0 make its events.
     for i in 0..200 {
         put(&nodes[outside], &format!("before{i}"));
@@ -665,6 +643,20 @@ fn a_stream_opened_on_an_empty_log_resumes_from_its_start() {
         .filter_map(|s| s.event["seq"].as_u64())
         .collect();
     assert_eq!(got, seqs);
+}
+
+/// Writes `orders/<key>` through `node`, again until it is acknowledged (a
+/// stripe may be between actives).
+fn put(node: &Node, key: &str) {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    wait_until(&format!("{key} written"), LONG, || {
+        agent
+            .put(&format!("http://{}/v1/kv/orders/{key}", node.http()))
+            .send_string("v")
+            .is_ok()
+    });
 }
 
 /// Reads an event stream to its end: (event, id) of every `data:` message.

@@ -804,6 +804,20 @@ impl Sim {
     }
 }
 
+impl Sim {
+    /// A stripe of `nodes` with no chaos and no loss, run for 2 s: an active
+    /// and its in-sync standbys, for tests that then do one thing to it.
+    fn settled(seed: u64, nodes: u64) -> Sim {
+        let mut sim = Sim::new(seed, nodes);
+        sim.loss = 0.0;
+        sim.chaos = false;
+        for _ in 0..200 {
+            sim.step();
+        }
+        sim
+    }
+}
+
 fn run_seed(seed: u64, nodes: u64, steps: usize) -> Sim {
     let mut sim = Sim::new(seed, nodes);
     for _ in 0..steps {
@@ -868,12 +882,7 @@ fn five_member_stripes_too() {
 
 #[test]
 fn a_planned_handover_moves_the_active_without_an_election() {
-    let mut sim = Sim::new(11, 3);
-    sim.loss = 0.0;
-    sim.chaos = false;
-    for _ in 0..200 {
-        sim.step();
-    }
+    let mut sim = Sim::settled(11, 3);
     let before = sim.view();
     let old = before.active.unwrap();
     let (to, fx) = sim.nodes[(old - 1) as usize]
@@ -901,12 +910,7 @@ fn a_planned_handover_moves_the_active_without_an_election() {
 
 #[test]
 fn a_planned_handover_to_a_standby_that_dies_is_given_up_and_writes_go_on() {
-    let mut sim = Sim::new(12, 3);
-    sim.loss = 0.0;
-    sim.chaos = false;
-    for _ in 0..200 {
-        sim.step();
-    }
+    let mut sim = Sim::settled(12, 3);
     let before = sim.view();
     let old = before.active.unwrap();
     let to = *before.in_sync.iter().next().unwrap();
@@ -939,12 +943,7 @@ fn a_planned_handover_to_a_standby_that_dies_is_given_up_and_writes_go_on() {
 
 #[test]
 fn a_stripe_whose_active_is_removed_from_the_cluster_elects_a_standby() {
-    let mut sim = Sim::new(13, 3);
-    sim.loss = 0.0;
-    sim.chaos = false;
-    for _ in 0..200 {
-        sim.step();
-    }
+    let mut sim = Sim::settled(13, 3);
     let before = sim.view();
     let old = before.active.unwrap();
     // The operator forgets the active (it stopped for good).
@@ -967,12 +966,7 @@ fn a_stripe_whose_active_is_removed_from_the_cluster_elects_a_standby() {
 /// meanings of one position): a standby is elected and it syncs.
 #[test]
 fn an_active_that_restarts_with_no_log_hands_the_stripe_to_a_standby_and_syncs() {
-    let mut sim = Sim::new(14, 3);
-    sim.loss = 0.0;
-    sim.chaos = false;
-    for _ in 0..200 {
-        sim.step();
-    }
+    let mut sim = Sim::settled(14, 3);
     let before = sim.view();
     let old = before.active.unwrap();
     sim.crash(old);
@@ -1000,12 +994,7 @@ fn an_active_that_restarts_with_no_log_hands_the_stripe_to_a_standby_and_syncs()
 
 #[test]
 fn a_paused_active_is_replaced_and_rejoins_as_standby() {
-    let mut sim = Sim::new(7, 3);
-    sim.loss = 0.0;
-    sim.chaos = false;
-    for _ in 0..200 {
-        sim.step();
-    }
+    let mut sim = Sim::settled(7, 3);
     let before = sim.view();
     assert_eq!(
         before.in_sync.len(),
