@@ -765,8 +765,9 @@ impl Replica {
                         epoch: self.view.epoch,
                     }));
                 }
-                // With no active at all (the operator removed it from the
-                // cluster), an in-sync standby asks for an election too.
+                // An in-sync standby whose active is silent, or absent (removed
+                // from the cluster), asks for an election; so does a named
+                // active that lost its log.
                 let electable = self.view.in_sync.contains(&self.me) || self.lost_its_log();
                 let silent =
                     now_ms.saturating_sub(self.last_heard_ms) >= self.cfg.election_timeout_ms;
