@@ -948,26 +948,26 @@ impl BroadcastActor {
         if self.known_change_seq.settled() {
             return;
         }
-        let unheard = match self.applied.read() {
-            Ok(a) => a
-                .state
+        // Other nodes of the cluster whose digest has not arrived (unknown if
+        // the control state cannot be read).
+        let unheard = self.applied.read().ok().map(|a| {
+            a.state
                 .nodes
                 .iter()
                 .filter(|(n, e)| {
                     **n != self.node && !self.heads_heard.iter().any(|p| p.to_string() == e.peer)
                 })
-                .count(),
-            Err(_) => usize::MAX,
-        };
+                .count()
+        });
         let waited = self.started.elapsed();
-        if unheard == 0 || waited >= SETTLE_WAIT {
+        if unheard == Some(0) || waited >= SETTLE_WAIT {
             self.known_change_seq.settle();
             self.heads_heard = HashSet::new();
             tracing::info!(
                 stripe,
                 change_seq = head,
                 waited_ms = waited.as_millis() as u64,
-                unheard,
+                unheard = ?unheard,
                 "known change seq of the stripe settled"
             );
         }
