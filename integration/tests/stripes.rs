@@ -312,6 +312,58 @@ fn an_idempotency_key_is_one_request_across_stripes() {
     assert_eq!(first, again);
 }
 
+/// `?stale=true` may be answered by any member holding every acknowledged write:
+/// with the active paused (and no election yet), an in-sync standby answers it,
+/// while a linearizable read waits for an active and gets 503.
+#[test]
+fn a_stale_read_is_answered_by_a_standby_while_the_active_is_paused() {
+    let _serial = serial();
+    let o = NodeOpts {
+        extra: vec![
+            "--election-timeout-ms".into(),
+            "60000".into(),
+            "--request-timeout-ms".into(),
+            "1000".into(),
+        ],
+        ..opts()
+    };
+    let nodes = start_cluster("stale", 3, o);
+    wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let active = wait_in_sync(&all, 2);
+    let agent = agent();
+    assert!(put(&agent, &nodes[0], "s1", "hello").is_some());
+    let paused = nodes.iter().find(|n| n.id() == active).expect("the active");
+    let standby = nodes.iter().find(|n| n.id() != active).expect("a standby");
+    // Every standby holds the write once the next heartbeat told it the commit.
+    wait_until("the standby applied the write", LONG, || {
+        agent
+            .get(&format!(
+                "http://{}/v1/kv/test/s1?stale=true",
+                standby.http()
+            ))
+            .call()
+            .is_ok()
+    });
+    paused.signal(libc::SIGSTOP);
+    let stale = agent
+        .get(&format!(
+            "http://{}/v1/kv/test/s1?stale=true",
+            standby.http()
+        ))
+        .call()
+        .map(|r| r.into_string().unwrap_or_default());
+    let fresh = agent
+        .get(&format!("http://{}/v1/kv/test/s1", standby.http()))
+        .call();
+    paused.signal(libc::SIGCONT);
+    assert_eq!(stale.map_err(|e| e.to_string()), Ok("hello".to_string()));
+    assert!(
+        matches!(fresh, Err(ureq::Error::Status(503, _))),
+        "{fresh:?}"
+    );
+}
+
 #[test]
 fn a_graceful_stop_or_a_handover_of_the_active_fails_no_request() {
     let _serial = serial();

@@ -322,11 +322,66 @@ impl KvRouter {
             key: key.into(),
             stale,
         };
+        if stale {
+            return self.read_stale(stripe, request).await;
+        }
         self.routed("read", stripe, request, |r| match r {
             StripeResponse::Value(v) => Some(v.map(|v| v.map(|(ver, b)| (ver, b.into_vec())))),
             _ => None,
         })
         .await
+    }
+
+    /// A `?stale=true` read, answered by any member that holds every
+    /// acknowledged write (the active or an in-sync standby; this node first if
+    /// it is one): it goes on while the stripe has no active, during a failover.
+    async fn read_stale(
+        &self,
+        stripe: u32,
+        request: StripeRequest,
+    ) -> Result<Option<(u64, Vec<u8>)>, ApiError> {
+        let started = Instant::now();
+        let deadline = started + self.request_timeout;
+        loop {
+            let mut holders: Vec<u64> = Vec::new();
+            if let Some(v) = stripe_view(&self.applied, stripe) {
+                let holds = |n: &u64| v.active == Some(*n) || v.in_sync.contains(n);
+                if holds(&self.me) {
+                    holders.push(self.me);
+                }
+                holders.extend(v.active.filter(|a| *a != self.me));
+                holders.extend(v.in_sync.iter().filter(|n| **n != self.me));
+            }
+            let mut why = "no member holds every write".to_string();
+            for n in holders {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                why = match self
+                    .ask(n, request.clone(), ATTEMPT_TIMEOUT.min(left))
+                    .await
+                {
+                    Ok(StripeResponse::Value(Ok(v))) => {
+                        let route = if n == self.me { "local" } else { "forwarded" };
+                        self.metrics
+                            .requests
+                            .get_or_create(&RequestLabel { op: "read", route })
+                            .observe(started.elapsed().as_secs_f64());
+                        return Ok(v.map(|(ver, b)| (ver, b.into_vec())));
+                    }
+                    Ok(StripeResponse::Value(Err(e))) => e.to_string(),
+                    Ok(_) => "unexpected answer".to_string(),
+                    Err(e) => e,
+                };
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::retry_later(format!(
+                    "no member of stripe {stripe} answered a stale read ({why}); retry later"
+                )));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
     }
 
     /// Planned handover of `stripe`'s active role; answers the new active.
