@@ -320,8 +320,10 @@ fn a_stale_read_is_answered_by_a_standby_while_the_active_is_paused() {
     let _serial = serial();
     let o = NodeOpts {
         extra: vec![
+            // No election while the active is paused (a second or two), yet
+            // heartbeats (a fifth of it) often enough to carry the commit.
             "--election-timeout-ms".into(),
-            "60000".into(),
+            "10000".into(),
             "--request-timeout-ms".into(),
             "1000".into(),
         ],
