@@ -415,7 +415,13 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn follow(http: String, from: Option<String>) -> Subscriber {
+        Self::follow_filtered(http, "", from)
+    }
+
+    /// As [`follow`](Self::follow), with a filter such as `?table=orders`.
+    pub fn follow_filtered(http: String, query: &str, from: Option<String>) -> Subscriber {
         use std::io::BufRead;
+        let query = query.to_string();
         let events: std::sync::Arc<Mutex<Vec<Streamed>>> = Default::default();
         let connections: std::sync::Arc<AtomicU32> = Default::default();
         let stop: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
@@ -430,7 +436,7 @@ impl Subscriber {
                     .build();
                 let mut last_id = from;
                 while !stop.load(Ordering::SeqCst) {
-                    let mut req = agent.get(&format!("http://{http}/v1/broadcast/stream"));
+                    let mut req = agent.get(&format!("http://{http}/v1/broadcast/stream{query}"));
                     if let Some(id) = &last_id {
                         req = req.set("Last-Event-ID", id);
                     }

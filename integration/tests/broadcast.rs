@@ -404,9 +404,19 @@ fn a_subscriber_or_node_behind_retention_gets_a_resync_never_a_silent_gap() {
         wait_until("the subscriber has 50 events", LONG, || sub.count() >= 50);
         sub.snapshot()[49].id.clone().expect("an id")
     };
-    // Node 3 is down while 500 more events push the first 450 out of every log.
+    // Node 3 is down while 500 more events push the first 450 out of every log:
+    // messages, a change of crm.orders and a flush of crm.customers.
     nodes[2].kill9();
-    for _ in 0..10 {
+    let mut first: Vec<Value> = (0..48)
+        .map(|i| json!({"kind": "message", "topic": "t", "payload": i}))
+        .collect();
+    first.push(json!({"kind": "change", "server": "crm", "table": "orders",
+        "action": "update", "pks": [[42]]}));
+    first.push(json!({"kind": "flush", "server": "crm", "table": "customers"}));
+    ureq::post(&format!("http://{}/v1/broadcast", nodes[0].http()))
+        .send_json(Value::Array(first))
+        .expect("publish");
+    for _ in 0..9 {
         publish_messages(&nodes[0], 50);
     }
     for n in &nodes[..2] {
@@ -420,6 +430,7 @@ fn a_subscriber_or_node_behind_retention_gets_a_resync_never_a_silent_gap() {
     });
     // Resuming from before the hole, on a node that had the events and pruned
     // them and on the node that never got them: a resync, then the rest in order.
+    // The node that pruned them knows what they were about; the other does not.
     for n in &nodes[1..] {
         let sub = Subscriber::follow(n.http(), Some(token.clone()));
         let (first, _) = run_of(n, &origin).expect("run");
@@ -428,8 +439,19 @@ fn a_subscriber_or_node_behind_retention_gets_a_resync_never_a_silent_gap() {
             sub.count() >= want as usize
         });
         let events = sub.snapshot();
-        assert_eq!(events[0].event["kind"], "resync", "{}", events[0].event);
-        assert_eq!(events[0].event["origin"], origin.as_str());
+        let resync = &events[0].event;
+        assert_eq!(resync["kind"], "resync", "{resync}");
+        assert_eq!(resync["origin"], origin.as_str());
+        if n.name == nodes[1].name {
+            assert_eq!(resync["all"], false, "{resync}");
+            assert_eq!(
+                resync["datasources"],
+                json!([{"server": "crm", "table": "customers"}, {"server": "crm", "table": "orders"}]),
+            );
+            assert_eq!(resync["topics"], json!(["t"]));
+        } else {
+            assert_eq!(resync["all"], true, "{resync}");
+        }
         let seqs: Vec<u64> = events[1..]
             .iter()
             .filter(|s| s.event["origin"] == origin.as_str())
@@ -441,6 +463,42 @@ fn a_subscriber_or_node_behind_retention_gets_a_resync_never_a_silent_gap() {
         nodes[2].metric_positive("kiln_broadcast_holes_skipped_total"),
         "node 3 recorded the hole it skipped"
     );
+    // A subscriber of crm.orders alone is told of that table only; one of a
+    // table nothing happened to is not told anything, and goes on.
+    let orders = Subscriber::follow_filtered(
+        nodes[1].http(),
+        "?server=crm&table=orders",
+        Some(token.clone()),
+    );
+    let quiet = Subscriber::follow_filtered(nodes[1].http(), "?table=invoices", Some(token));
+    wait_until("the orders subscriber's resync", LONG, || {
+        orders.count() >= 1
+    });
+    let resync = &orders.snapshot()[0].event;
+    assert_eq!(resync["all"], false, "{resync}");
+    assert_eq!(
+        resync["datasources"],
+        json!([{"server": "crm", "table": "orders"}])
+    );
+    assert_eq!(resync["topics"], json!([]));
+    let after = publish_change(&nodes[0], "crm", "invoices");
+    wait_until("the invoices subscriber's first event", LONG, || {
+        quiet.count() >= 1
+    });
+    let got = &quiet.snapshot()[0].event;
+    assert_eq!(got["kind"], "change", "no resync first: {got}");
+    assert_eq!(got["seq"], after);
+}
+
+/// Publishes one `change` of `server`.`table`; returns its seq.
+fn publish_change(node: &Node, server: &str, table: &str) -> u64 {
+    let resp: Value = ureq::post(&format!("http://{}/v1/broadcast", node.http()))
+        .send_json(json!({"kind": "change", "server": server, "table": table,
+            "action": "insert", "pks": [[1]]}))
+        .expect("publish")
+        .into_json()
+        .expect("202 body");
+    resp["seqs"][0].as_u64().expect("a seq")
 }
 
 /// Temporary persistence: a restart of the whole stripe starts its data empty,

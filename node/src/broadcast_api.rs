@@ -2,7 +2,7 @@
 //! /v1/broadcast/stream` follows the stream as Server-Sent Events and resumes from
 //! `Last-Event-ID` on any node, `GET /v1/broadcast/origins` shows the log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,10 +10,11 @@ use actix::Addr;
 use actix_web::http::{header, StatusCode};
 use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
-use kiln_actors::broadcast::event::{EventBody, EventJson, Filter, Positions};
+use kiln_actors::broadcast::event::{EventBody, EventJson, Filter, MissedAbout, Positions};
 use kiln_actors::broadcast::{
     BroadcastActor, Delivered, GetOrigins, Publish, Subscribe, Subscription,
 };
+use kiln_persistence::Missed;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot};
@@ -390,7 +391,7 @@ impl Feed {
             if first != Some(at + 1) {
                 // What the subscriber missed is older than the log keeps.
                 let resume_at = first.map(|f| f - 1).unwrap_or(upto).min(upto);
-                self.resync(origin, resume_at).await?;
+                self.resync(origin, at, resume_at).await?;
                 if first.is_none() {
                     return Ok(());
                 }
@@ -405,11 +406,59 @@ impl Feed {
         }
     }
 
-    async fn resync(&mut self, origin: &str, resume_at: u64) -> Result<(), End> {
-        self.sub.metrics.resyncs.inc();
+    /// The subscriber saw `origin` up to `seen`, and the log lost what follows
+    /// up to `resume_at`: tells it what to refresh (or that it missed nothing
+    /// its filter passes).
+    async fn resync(&mut self, origin: &str, seen: u64, resume_at: u64) -> Result<(), End> {
         self.pos.insert(origin.to_string(), resume_at);
+        let store = self.sub.store.clone();
+        let o = origin.to_string();
+        let missed = match tokio::task::spawn_blocking(move || store.missed(&o, seen)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, %origin,
+                    "cannot read what a subscriber missed from the broadcast log; it is told to refresh everything of the origin");
+                Missed::Unknown
+            }
+            Err(_) => Missed::Unknown,
+        };
+        let about = match missed {
+            Missed::Unknown => None,
+            Missed::Labels(labels) => labels
+                .iter()
+                .map(|l| MissedAbout::from_label(l))
+                // A label this version cannot read: refresh everything.
+                .collect::<Option<BTreeSet<_>>>(),
+        };
+        let data = match about {
+            None => json!({"kind": "resync", "origin": origin, "all": true,
+                "datasources": [], "topics": [], "artifacts": []}),
+            Some(about) => {
+                let about: Vec<_> = about
+                    .into_iter()
+                    .filter(|a| self.filter.passes_about(a))
+                    .collect();
+                if about.is_empty() {
+                    // Nothing this subscriber would have been sent.
+                    self.position_unsent = true;
+                    return Ok(());
+                }
+                let (mut datasources, mut topics, mut artifacts) = (vec![], vec![], vec![]);
+                for a in about {
+                    match a {
+                        MissedAbout::Datasource { server, table } => {
+                            datasources.push(json!({"server": server, "table": table}))
+                        }
+                        MissedAbout::Topic(t) => topics.push(t),
+                        MissedAbout::Artifact(name) => artifacts.push(name),
+                    }
+                }
+                json!({"kind": "resync", "origin": origin, "all": false,
+                    "datasources": datasources, "topics": topics, "artifacts": artifacts})
+            }
+        };
+        self.sub.metrics.resyncs.inc();
         self.position_unsent = false;
-        let data = json!({"kind": "resync", "origin": origin, "datasources": []});
         let frame = format!("id: {}\ndata: {}\n\n", self.token(), data);
         self.send(Bytes::from(frame)).await
     }

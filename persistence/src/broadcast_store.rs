@@ -32,6 +32,19 @@ const EVENTS: TableDefinition<(&str, u64), (u64, &[u8])> =
 const ORIGINS: TableDefinition<&str, (u64, u64, u64, u64)> =
     TableDefinition::new("kiln_broadcast_origins");
 
+/// (origin, what) → the highest seq of the events retention dropped that were
+/// about `what` (a datasource, message topic or artifact, as the caller's
+/// `missed_label` encodes it): what a subscriber that missed them must refresh.
+const MISSED: TableDefinition<(&str, &[u8]), u64> = TableDefinition::new("kiln_broadcast_missed");
+
+/// origin → the seq from which `MISSED` knows every dropped event (below it the
+/// log never held some, or forgot what they were about): 1 when absent.
+const MISSED_FROM: TableDefinition<&str, u64> = TableDefinition::new("kiln_broadcast_missed_from");
+
+/// What `MISSED` keeps per origin; beyond it the least recent go, and with them
+/// the knowledge of the seqs up to theirs.
+pub const MAX_MISSED_PER_ORIGIN: usize = 4096;
+
 /// The run of events held for one origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OriginRun {
@@ -70,6 +83,8 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
     open_or_create(path, BROADCAST_META, |txn| {
         txn.open_table(EVENTS)?;
         txn.open_table(ORIGINS)?;
+        txn.open_table(MISSED)?;
+        txn.open_table(MISSED_FROM)?;
         Ok(())
     })
 }
@@ -81,6 +96,16 @@ pub struct StoredEvent {
     pub seq: u64,
     pub ts: u64,
     pub bytes: Vec<u8>,
+}
+
+/// What a subscriber that missed events older than the log keeps must refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Missed {
+    /// The log does not know what every missed event was about (it never held
+    /// some of them): everything of the origin.
+    Unknown,
+    /// What the missed events were about, as `missed_label` encoded it.
+    Labels(Vec<Vec<u8>>),
 }
 
 /// Limits of the log; whichever is reached first removes the oldest events.
@@ -228,9 +253,19 @@ impl BroadcastStore {
                 &mut run,
                 first.saturating_sub(1),
                 u64::MAX,
+                None,
             )
             .map_err(self.storage())?;
             if run.last + 1 < first {
+                // Never held what lies between: nobody can say what it was about.
+                let mut from = txn.open_table(MISSED_FROM).map_err(self.storage())?;
+                let known_from = from
+                    .get(origin)
+                    .map_err(self.storage())?
+                    .map_or(1, |v| v.value());
+                if known_from < first {
+                    from.insert(origin, first).map_err(self.storage())?;
+                }
                 run.last = first - 1;
             }
             run.first = run.first.max(first);
@@ -271,8 +306,14 @@ impl BroadcastStore {
 
     /// Applies retention: events older than the age limit go, then the oldest
     /// events of the largest origins until the count and size limits hold.
-    /// Returns how many events were removed.
-    pub fn prune(&self, now_ms: u64, limits: Retention) -> Result<u64, StoreError> {
+    /// What each removed event was about (`missed_label` of its bytes) is kept
+    /// for [`missed`](Self::missed). Returns how many events were removed.
+    pub fn prune(
+        &self,
+        now_ms: u64,
+        limits: Retention,
+        missed_label: &dyn Fn(&[u8]) -> Option<Vec<u8>>,
+    ) -> Result<u64, StoreError> {
         let runs = self.runs()?;
         let oldest_allowed = now_ms.saturating_sub(limits.max_age_ms);
         let txn = self.write_txn(false)?;
@@ -281,10 +322,19 @@ impl BroadcastStore {
             let mut table = txn.open_table(EVENTS).map_err(self.storage())?;
             let mut origins = txn.open_table(ORIGINS).map_err(self.storage())?;
             let mut runs: Vec<(String, OriginRun)> = runs.into_iter().collect();
+            let mut labels: HashMap<String, HashMap<Vec<u8>, u64>> = HashMap::new();
             for (origin, run) in runs.iter_mut() {
                 let before = run.count;
-                remove_front(&mut table, origin, run, u64::MAX, oldest_allowed)
-                    .map_err(self.storage())?;
+                let sink = (missed_label, labels.entry(origin.clone()).or_default());
+                remove_front(
+                    &mut table,
+                    origin,
+                    run,
+                    u64::MAX,
+                    oldest_allowed,
+                    Some(sink),
+                )
+                .map_err(self.storage())?;
                 removed += before - run.count;
             }
             loop {
@@ -307,7 +357,9 @@ impl BroadcastStore {
                 let step = excess.div_ceil(10).clamp(1, run.count);
                 let upto = run.first + step - 1;
                 let before = run.count;
-                remove_front(&mut table, origin, run, upto, u64::MAX).map_err(self.storage())?;
+                let sink = (missed_label, labels.entry(origin.clone()).or_default());
+                remove_front(&mut table, origin, run, upto, u64::MAX, Some(sink))
+                    .map_err(self.storage())?;
                 if before == run.count {
                     break;
                 }
@@ -318,9 +370,107 @@ impl BroadcastStore {
                     .insert(origin.as_str(), r.row())
                     .map_err(self.storage())?;
             }
+            for (origin, labels) in labels {
+                if !labels.is_empty() {
+                    self.remember_missed(&txn, &origin, labels)?;
+                }
+            }
         }
         txn.commit().map_err(self.storage())?;
         Ok(removed)
+    }
+
+    /// Adds what removed events of `origin` were about (label → highest seq),
+    /// keeping at most `MAX_MISSED_PER_ORIGIN`: the least recent go, and the
+    /// seqs up to theirs count as unknown from then on.
+    fn remember_missed(
+        &self,
+        txn: &redb::WriteTransaction,
+        origin: &str,
+        labels: HashMap<Vec<u8>, u64>,
+    ) -> Result<(), StoreError> {
+        let mut missed = txn.open_table(MISSED).map_err(self.storage())?;
+        for (label, seq) in labels {
+            let held = missed
+                .get((origin, label.as_slice()))
+                .map_err(self.storage())?
+                .map_or(0, |v| v.value());
+            if seq > held {
+                missed
+                    .insert((origin, label.as_slice()), seq)
+                    .map_err(self.storage())?;
+            }
+        }
+        let mut all: Vec<(u64, Vec<u8>)> = Vec::new();
+        for row in missed
+            .range((origin, [].as_slice())..)
+            .map_err(self.storage())?
+        {
+            let (k, v) = row.map_err(self.storage())?;
+            if k.value().0 != origin {
+                break;
+            }
+            all.push((v.value(), k.value().1.to_vec()));
+        }
+        if all.len() <= MAX_MISSED_PER_ORIGIN {
+            return Ok(());
+        }
+        all.sort_unstable();
+        let excess = all.len() - MAX_MISSED_PER_ORIGIN;
+        let mut forgotten_upto = 0;
+        for (seq, label) in &all[..excess] {
+            missed
+                .remove((origin, label.as_slice()))
+                .map_err(self.storage())?;
+            forgotten_upto = forgotten_upto.max(*seq);
+        }
+        let mut from = txn.open_table(MISSED_FROM).map_err(self.storage())?;
+        let known_from = from
+            .get(origin)
+            .map_err(self.storage())?
+            .map_or(1, |v| v.value());
+        if known_from <= forgotten_upto {
+            from.insert(origin, forgotten_upto + 1)
+                .map_err(self.storage())?;
+        }
+        Ok(())
+    }
+
+    /// What the events of `origin` after `seen` that retention dropped were
+    /// about, for a subscriber that saw everything up to `seen`.
+    pub fn missed(&self, origin: &str, seen: u64) -> Result<Missed, StoreError> {
+        let txn = self.begin_read()?;
+        // Files from before this table have no record of what was dropped.
+        let from = match txn.open_table(MISSED_FROM) {
+            Ok(t) => t
+                .get(origin)
+                .map_err(self.storage())?
+                .map_or(1, |v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Missed::Unknown),
+            Err(e) => return Err(self.storage()(e)),
+        };
+        if seen + 1 < from {
+            return Ok(Missed::Unknown);
+        }
+        let missed = match txn.open_table(MISSED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Missed::Unknown),
+            Err(e) => return Err(self.storage()(e)),
+        };
+        let mut labels = Vec::new();
+        for row in missed
+            .range((origin, [].as_slice())..)
+            .map_err(self.storage())?
+        {
+            let (k, v) = row.map_err(self.storage())?;
+            if k.value().0 != origin {
+                break;
+            }
+            if v.value() > seen {
+                labels.push(k.value().1.to_vec());
+            }
+        }
+        Ok(Missed::Labels(labels))
     }
 
     /// Every origin's run, after opening the file again if an I/O error closed
@@ -339,6 +489,13 @@ impl BroadcastStore {
     }
 }
 
+/// Where `remove_front` notes what removed events were about: the labelling
+/// function and label → highest seq.
+type MissedSink<'a> = (
+    &'a dyn Fn(&[u8]) -> Option<Vec<u8>>,
+    &'a mut HashMap<Vec<u8>, u64>,
+);
+
 /// Removes the origin's events from the front of its run while their seq is at
 /// most `upto_seq` and their timestamp below `before_ts`.
 fn remove_front(
@@ -347,6 +504,7 @@ fn remove_front(
     run: &mut OriginRun,
     upto_seq: u64,
     before_ts: u64,
+    mut missed: Option<MissedSink>,
 ) -> Result<(), redb::StorageError> {
     while run.count > 0 && run.first <= upto_seq {
         let Some(v) = table.get((origin, run.first))? else {
@@ -356,10 +514,15 @@ fn remove_front(
         };
         let (ts, bytes) = v.value();
         let len = bytes.len() as u64;
-        drop(v);
         if ts >= before_ts {
             break;
         }
+        if let Some((label_of, labels)) = missed.as_mut() {
+            if let Some(label) = label_of(bytes) {
+                labels.insert(label, run.first);
+            }
+        }
+        drop(v);
         table.remove((origin, run.first))?;
         run.first += 1;
         run.count -= 1;
@@ -418,6 +581,89 @@ mod tests {
         assert_eq!(s.range("a", 1, 10, 15).unwrap().len(), 1, "byte bound");
     }
 
+    fn no_label(_: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Labels an event by its first byte (the tests' events are `[seq; 10]`).
+    fn label_by_seq_mod_3(bytes: &[u8]) -> Option<Vec<u8>> {
+        Some(vec![bytes[0] % 3])
+    }
+
+    fn labels(m: Missed) -> Vec<u8> {
+        match m {
+            Missed::Unknown => panic!("unknown"),
+            Missed::Labels(l) => l.into_iter().map(|l| l[0]).collect(),
+        }
+    }
+
+    #[test]
+    fn what_retention_dropped_is_remembered_for_subscribers_that_missed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        let events: Vec<_> = (1..=10).map(|i| ev("a", i, i)).collect();
+        s.append(&events, false).unwrap();
+        // Nothing dropped yet: a subscriber anywhere missed nothing.
+        assert_eq!(labels(s.missed("a", 0).unwrap()), Vec::<u8>::new());
+        let limits = Retention {
+            max_events: 1000,
+            max_bytes: 1 << 30,
+            max_age_ms: 1000,
+        };
+        // Seqs 1..=5 go (ts < 6): labels 1, 2, 0, 1, 2 → highest seqs 3 (0), 4 (1), 5 (2).
+        assert_eq!(s.prune(1006, limits, &label_by_seq_mod_3).unwrap(), 5);
+        assert_eq!(labels(s.missed("a", 0).unwrap()), vec![0, 1, 2]);
+        assert_eq!(labels(s.missed("a", 3).unwrap()), vec![1, 2]);
+        assert_eq!(labels(s.missed("a", 4).unwrap()), vec![2]);
+        assert_eq!(labels(s.missed("a", 5).unwrap()), Vec::<u8>::new());
+        drop(s);
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        assert_eq!(
+            labels(s.missed("a", 3).unwrap()),
+            vec![1, 2],
+            "kept on disk"
+        );
+        // A hole the log never held: below it nobody knows what was missed.
+        s.skip_to("a", 20).unwrap();
+        assert_eq!(s.missed("a", 5).unwrap(), Missed::Unknown);
+        assert_eq!(labels(s.missed("a", 19).unwrap()), Vec::<u8>::new());
+        // An origin never seen: nothing known to have been dropped.
+        assert_eq!(labels(s.missed("b", 0).unwrap()), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn what_was_missed_is_bounded_per_origin_and_forgetting_makes_it_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        let n = MAX_MISSED_PER_ORIGIN as u64 + 10;
+        let events: Vec<_> = (1..=n).map(|i| ev("a", i, i)).collect();
+        s.append(&events, false).unwrap();
+        let limits = Retention {
+            max_events: 0,
+            max_bytes: 1 << 30,
+            max_age_ms: u64::MAX,
+        };
+        // Every event its own label: events are dropped in seq order, so the
+        // n-th label asked for is that of seq n.
+        let counter = std::cell::Cell::new(0u64);
+        let unique = |_: &[u8]| -> Option<Vec<u8>> {
+            counter.set(counter.get() + 1);
+            Some(counter.get().to_be_bytes().to_vec())
+        };
+        while s.runs().unwrap()["a"].count > 0 {
+            s.prune(0, limits, &unique).unwrap();
+        }
+        assert_eq!(
+            s.missed("a", 9).unwrap(),
+            Missed::Unknown,
+            "the 10 oldest were forgotten"
+        );
+        match s.missed("a", 10).unwrap() {
+            Missed::Labels(l) => assert_eq!(l.len(), MAX_MISSED_PER_ORIGIN),
+            Missed::Unknown => panic!("known from seq 11"),
+        }
+    }
+
     #[test]
     fn retention_by_age_count_and_skip() {
         let dir = tempfile::tempdir().unwrap();
@@ -430,14 +676,14 @@ mod tests {
             max_age_ms: 50,
         };
         // now = 100: events with ts < 50 are too old.
-        assert_eq!(s.prune(100, limits).unwrap(), 49);
+        assert_eq!(s.prune(100, limits, &no_label).unwrap(), 49);
         assert_eq!(s.runs().unwrap()["a"].first, 50);
         let limits = Retention {
             max_events: 20,
             max_bytes: 1 << 30,
             max_age_ms: 1000,
         };
-        s.prune(100, limits).unwrap();
+        s.prune(100, limits, &no_label).unwrap();
         let run = s.runs().unwrap()["a"];
         assert_eq!(run.count, 20);
         assert_eq!((run.first, run.last), (81, 100));

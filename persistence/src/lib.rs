@@ -17,7 +17,9 @@ mod unflushed;
 pub use artifact_store::{
     chunk_count, chunks_root, is_sha256_hex, ArtifactStore, Digests, Upload, ARTIFACT_CHUNK,
 };
-pub use broadcast_store::{BroadcastStore, OriginRun, Retention, StoredEvent, BROADCAST_DB_FILE};
+pub use broadcast_store::{
+    BroadcastStore, Missed, OriginRun, Retention, StoredEvent, BROADCAST_DB_FILE,
+};
 pub use control_store::ControlStore;
 pub use error::StoreError;
 pub use node_store::{verify_untouched, MemberState, NodeStore, SecretCheck, StoredMember};

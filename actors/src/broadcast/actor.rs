@@ -29,7 +29,7 @@ use prometheus_client::registry::Registry;
 use serde_bytes::ByteBuf;
 use tokio::sync::{broadcast, oneshot, watch};
 
-use super::event::{stripe_origin, EventBody};
+use super::event::{stripe_origin, EventBody, MissedAbout};
 use super::state::{Effect, Origins, RepairConfig};
 use crate::blocking::blocking;
 use crate::control::state::Placement;
@@ -582,7 +582,7 @@ impl BroadcastActor {
                 let limits = self.config.retention;
                 ctx.spawn(
                     blocking(move || {
-                        let n = store.prune(now, limits)?;
+                        let n = store.prune(now, limits, &MissedAbout::label_of_event)?;
                         Ok((n, store.runs()?))
                     })
                     .into_actor(self)

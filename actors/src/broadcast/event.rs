@@ -174,6 +174,49 @@ impl EventBody {
     }
 }
 
+/// What an event retention dropped was about, kept so that a subscriber that
+/// missed it learns what to refresh (see `BroadcastStore::missed`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum MissedAbout {
+    Datasource { server: String, table: String },
+    Topic(String),
+    Artifact(String),
+}
+
+/// The fields that say what an event is about, for decoding only those.
+#[derive(Deserialize)]
+struct AboutFields {
+    kind: String,
+    server: Option<String>,
+    table: Option<String>,
+    topic: Option<String>,
+    name: Option<String>,
+}
+
+impl MissedAbout {
+    /// What the stored event `bytes` is about, encoded as the log keeps it
+    /// (`None`: bytes of no known kind).
+    pub fn label_of_event(bytes: &[u8]) -> Option<Vec<u8>> {
+        let f: AboutFields = ciborium::from_reader(bytes).ok()?;
+        let about = match f.kind.as_str() {
+            "change" | "flush" => MissedAbout::Datasource {
+                server: f.server?,
+                table: f.table?,
+            },
+            "message" => MissedAbout::Topic(f.topic?),
+            "artifact" => MissedAbout::Artifact(f.name?),
+            _ => return None,
+        };
+        let mut buf = Vec::new();
+        ciborium::into_writer(&about, &mut buf).ok()?;
+        Some(buf)
+    }
+
+    pub fn from_label(label: &[u8]) -> Option<MissedAbout> {
+        ciborium::from_reader(label).ok()
+    }
+}
+
 /// An event as HTTP clients see it: the body's fields plus origin, seq and ts.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventJson<'a> {
@@ -195,6 +238,23 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Whether this subscriber would have been sent events about `about`.
+    pub fn passes_about(&self, about: &MissedAbout) -> bool {
+        let data_filter = self.server.is_some() || self.table.is_some();
+        if !data_filter && self.topic.is_none() {
+            return true;
+        }
+        match about {
+            MissedAbout::Datasource { server, table } => {
+                data_filter
+                    && self.server.as_deref().is_none_or(|s| s == server)
+                    && self.table.as_deref().is_none_or(|t| t == table)
+            }
+            MissedAbout::Topic(topic) => self.topic.as_deref() == Some(topic.as_str()),
+            MissedAbout::Artifact(_) => false,
+        }
+    }
+
     pub fn passes(&self, body: &EventBody) -> bool {
         let data_filter = self.server.is_some() || self.table.is_some();
         if !data_filter && self.topic.is_none() {
@@ -301,6 +361,43 @@ pub fn stripe_origin(stripe: u32) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_dropped_event_is_remembered_by_what_it_was_about() {
+        let about = |body: EventBody| {
+            MissedAbout::from_label(&MissedAbout::label_of_event(&body.to_cbor()).unwrap()).unwrap()
+        };
+        let change: EventBody = serde_json::from_value(json!({
+            "kind": "change", "server": "crm", "table": "orders",
+            "pks": [[42]], "action": "insert", "columns": {"a": 1}
+        }))
+        .unwrap();
+        let orders = MissedAbout::Datasource {
+            server: "crm".into(),
+            table: "orders".into(),
+        };
+        assert_eq!(about(change), orders);
+        let flush = EventBody::Flush {
+            server: "crm".into(),
+            table: "orders".into(),
+        };
+        assert_eq!(about(flush), orders);
+        let message = EventBody::Message {
+            topic: "t".into(),
+            payload: json!({"x": [1, 2]}),
+        };
+        assert_eq!(about(message), MissedAbout::Topic("t".into()));
+        assert_eq!(MissedAbout::label_of_event(b"not cbor"), None);
+
+        let table = Filter {
+            table: Some("orders".into()),
+            ..Default::default()
+        };
+        assert!(table.passes_about(&orders));
+        assert!(!table.passes_about(&MissedAbout::Topic("t".into())));
+        assert!(!table.passes_about(&MissedAbout::Artifact("crm".into())));
+        assert!(Filter::default().passes_about(&MissedAbout::Artifact("crm".into())));
+    }
 
     #[test]
     fn json_form_matches_the_api() {
