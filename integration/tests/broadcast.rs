@@ -490,6 +490,70 @@ fn a_subscriber_or_node_behind_retention_gets_a_resync_never_a_silent_gap() {
     assert_eq!(got["seq"], after);
 }
 
+/// A node whose `broadcast.redb` is gone (deleted, a lost disk) must not give
+/// out its seqs again: its peers hold events under them and would drop the new
+/// ones as duplicates — acknowledged, yet delivered nowhere.
+#[test]
+fn a_node_that_lost_its_broadcast_log_continues_its_seqs_and_loses_nothing() {
+    let _serial = serial();
+    let mut nodes = start_cluster("bcl", 3, NodeOpts::default());
+    wait_converged(&nodes, LONG);
+    let origin = nodes[0].id();
+    assert_eq!(
+        publish_messages(&nodes[0], 30),
+        (1..=30).collect::<Vec<_>>()
+    );
+    for n in &nodes[1..] {
+        wait_until(&format!("{} holds 30 events", n.name), LONG, || {
+            run_of(n, &origin).is_some_and(|(_, last)| last == 30)
+        });
+    }
+    let sub = Subscriber::follow(nodes[1].http(), None);
+    std::thread::sleep(Duration::from_millis(500));
+    nodes[0].kill9();
+    std::fs::remove_file(nodes[0].dir.join("data").join("broadcast.redb"))
+        .expect("remove broadcast.redb");
+    nodes[0].restart();
+    // Refused (503) while it gets its own events back, then continued.
+    let mut seqs = Vec::new();
+    wait_until("a publish on the restarted node", LONG, || {
+        let r = ureq::post(&format!("http://{}/v1/broadcast", nodes[0].http()))
+            .send_json(json!({"kind": "message", "topic": "t", "payload": "after"}));
+        match r {
+            Ok(resp) => {
+                let v: Value = resp.into_json().expect("202 body");
+                seqs = v["seqs"]
+                    .as_array()
+                    .expect("seqs")
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .collect();
+                true
+            }
+            // Not listening yet, or refused while recovering.
+            Err(ureq::Error::Transport(_)) | Err(ureq::Error::Status(503, _)) => {
+                std::thread::sleep(Duration::from_millis(200));
+                false
+            }
+            Err(e) => panic!("publish: {e}"),
+        }
+    });
+    assert_eq!(seqs, vec![31], "seqs continue above what the peers hold");
+    wait_until("the new event at a peer's subscriber", LONG, || {
+        sub.snapshot().iter().any(|e| e.event["payload"] == "after")
+    });
+    let got: Vec<u64> = sub
+        .snapshot()
+        .iter()
+        .filter(|e| e.event["origin"] == origin.as_str())
+        .filter_map(|e| e.event["seq"].as_u64())
+        .collect();
+    assert_eq!(got, vec![31]);
+    wait_until("the restarted node holds its events again", LONG, || {
+        run_of(&nodes[0], &origin) == Some((1, 31))
+    });
+}
+
 /// Publishes one `change` of `server`.`table`; returns its seq.
 fn publish_change(node: &Node, server: &str, table: &str) -> u64 {
     let resp: Value = ureq::post(&format!("http://{}/v1/broadcast", node.http()))

@@ -12,7 +12,7 @@ use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use kiln_actors::broadcast::event::{EventBody, EventJson, Filter, MissedAbout, Positions};
 use kiln_actors::broadcast::{
-    BroadcastActor, Delivered, GetOrigins, Publish, Subscribe, Subscription,
+    BroadcastActor, Delivered, GetOrigins, Publish, PublishError, Subscribe, Subscription,
 };
 use kiln_persistence::Missed;
 use serde::Deserialize;
@@ -119,10 +119,13 @@ pub async fn publish(
         Ok(Ok((origin, seqs))) => {
             Ok(HttpResponse::Accepted().json(json!({ "origin": origin, "seqs": seqs })))
         }
-        Ok(Err(e)) => Err(ApiError::new(
+        Ok(Err(PublishError::Storage(e))) => Err(ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
             format!("the events were not acknowledged (they are published only if the failure came after their commit reached the disk): {e}"),
         )),
+        Ok(Err(e)) => Err(ApiError::retry_later(format!(
+            "the events were not published: {e}"
+        ))),
         Err(_) => Err(ApiError::retry_later("node is shutting down".into())),
     }
 }

@@ -118,6 +118,8 @@ pub struct Retention {
 
 pub struct BroadcastStore {
     file: DbFile,
+    /// The file did not exist when this store opened it.
+    created: bool,
     /// Times the file was opened again after an I/O error (each time the
     /// commits since the last durable one may be gone).
     reopens: AtomicU64,
@@ -127,15 +129,23 @@ impl BroadcastStore {
     /// Opens (or creates) `broadcast.redb` in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(BROADCAST_DB_FILE);
+        let created = !path.exists();
         let db = open_db(&path)?;
         Ok(BroadcastStore {
             file: DbFile::new(db, path, open_db),
+            created,
             reopens: AtomicU64::new(0),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.file.path
+    }
+
+    /// Whether opening the store created the file (a new node, or one whose
+    /// log was lost).
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// Times the file was opened again after an I/O error: the runs of events

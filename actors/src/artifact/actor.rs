@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use super::{plan, Wanted};
 use crate::blocking::blocking;
 use crate::broadcast::event::EventBody;
-use crate::broadcast::{BroadcastActor, Publish};
+use crate::broadcast::{BroadcastActor, Publish, PublishError};
 use crate::control::state::{ArtifactCommand, ControlCommand};
 use crate::control::types::NodeId;
 use crate::control::{addresses, AddressBook, ControlPlane, Propose, SharedApplied};
@@ -626,19 +626,37 @@ pub async fn announce(
     version: u64,
     sha256: String,
 ) {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    broadcast.do_send(Publish {
-        bodies: vec![EventBody::Artifact {
-            name,
-            version,
-            sha256,
-        }],
-        reply: tx,
-    });
-    if let Ok(Err(e)) = rx.await {
-        tracing::warn!(error = %e, "cannot announce an artifact version");
+    // A node getting its own earlier events back (a lost broadcast log) takes
+    // new ones a few seconds later: the announcement waits for that.
+    for _ in 0..ANNOUNCE_TRIES {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        broadcast.do_send(Publish {
+            bodies: vec![EventBody::Artifact {
+                name: name.clone(),
+                version,
+                sha256: sha256.clone(),
+            }],
+            reply: tx,
+        });
+        match rx.await {
+            Ok(Err(PublishError::Recovering)) => {
+                tokio::time::sleep(ANNOUNCE_RETRY).await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, artifact = %name, version, "cannot announce an artifact version");
+                return;
+            }
+            Ok(Ok(_)) | Err(_) => return,
+        }
     }
+    tracing::warn!(artifact = %name, version,
+        "cannot announce an artifact version: the node's broadcast log is still being recovered from its peers");
 }
+
+/// How often, and how long apart, an announcement is tried while the node
+/// gets its own earlier events back (see `BroadcastActor`): a minute in all.
+const ANNOUNCE_TRIES: u32 = 120;
+const ANNOUNCE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Actor for ArtifactActor {
     type Context = Context<Self>;

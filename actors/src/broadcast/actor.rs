@@ -254,6 +254,9 @@ enum Job {
 pub struct BroadcastActor {
     /// Kept up to date for the stripe actor (see [`KnownChangeSeq`]).
     known_change_seq: KnownChangeSeq,
+    /// Set while this node, whose log was lost, gets its own earlier events
+    /// back from its peers (see [`OwnRecovery`]).
+    own_recovery: Option<OwnRecovery>,
     me: PeerId,
     /// The origin of this node's own events: its peer id.
     origin: String,
@@ -313,6 +316,29 @@ pub struct BroadcastActor {
     health: StorageHealth,
 }
 
+/// A node that existed before but whose `broadcast.redb` is new (deleted, or
+/// lost with a disk) has peers that may hold events of its own that it no
+/// longer has. Given out again, their seqs would make every peer drop the new
+/// events as ones it holds: acknowledged, yet never delivered. So until every
+/// other node's digest arrived (or [`SETTLE_WAIT`] passed) and what they hold
+/// of this origin is fetched back into the log, publishes are refused.
+#[derive(Debug, Default)]
+struct OwnRecovery {
+    heard: HashSet<PeerId>,
+    settled: bool,
+}
+
+/// Why a publish was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Storage(StoreError),
+    #[error("this node lost its broadcast log and is fetching its own earlier events back from its peers before it gives out new seqs; try again shortly")]
+    Recovering,
+    #[error("the broadcast actor stopped")]
+    Stopped,
+}
+
 impl BroadcastActor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -327,8 +353,14 @@ impl BroadcastActor {
         metrics: BroadcastMetrics,
         known_change_seq: KnownChangeSeq,
         health: StorageHealth,
+        lost_own_log: bool,
     ) -> Result<Self, StoreError> {
         let runs = store.runs()?;
+        let own_recovery = lost_own_log.then(|| {
+            tracing::warn!(log = %store.path().display(),
+                "this node's broadcast log is new but the node is not: its own earlier events are fetched back from its peers before it publishes again");
+            OwnRecovery::default()
+        });
         let origins = Origins::new(
             RepairConfig::default(),
             runs.into_iter().map(|(o, r)| (o, r.first, r.last)),
@@ -336,6 +368,7 @@ impl BroadcastActor {
         let now = Instant::now();
         let mut actor = BroadcastActor {
             known_change_seq,
+            own_recovery,
             me,
             origin: me.to_string(),
             node,
@@ -908,6 +941,7 @@ impl BroadcastActor {
         let fx = self.origins.tick(now, &peers);
         self.apply_effects(fx, false, ctx);
         self.publish_known_change_seq();
+        self.own_recovered();
         self.import_changes(ctx);
         self.flush_unwritten();
         if self.last_heads.elapsed() >= HEADS_EVERY {
@@ -931,6 +965,45 @@ impl BroadcastActor {
             self.jobs.push_back(Job::Sync);
         }
         self.run_jobs(ctx);
+    }
+
+    /// Whether this node may give out seqs of its own (see [`OwnRecovery`]):
+    /// ends the recovery once every other node's digest arrived (or after
+    /// [`SETTLE_WAIT`]) and the log holds what they hold of this origin.
+    fn own_recovered(&mut self) -> bool {
+        let Some(recovery) = &self.own_recovery else {
+            return true;
+        };
+        if !recovery.settled {
+            let unheard = self.applied.read().ok().map(|a| {
+                a.state
+                    .nodes
+                    .iter()
+                    .filter(|(n, e)| {
+                        **n != self.node && !recovery.heard.iter().any(|p| p.to_string() == e.peer)
+                    })
+                    .count()
+            });
+            if unheard != Some(0) && self.started.elapsed() < SETTLE_WAIT {
+                return false;
+            }
+            if let Some(r) = self.own_recovery.as_mut() {
+                r.settled = true;
+            }
+            tracing::info!(unheard = ?unheard, waited_ms = self.started.elapsed().as_millis() as u64,
+                "heard from the other nodes about this node's own earlier events");
+        }
+        let status = self.origins.status(&self.origin);
+        let (stored, head) = status.map_or((0, 0), |s| (s.stored, s.head));
+        if stored < head {
+            return false;
+        }
+        self.own_recovery = None;
+        tracing::info!(
+            continues_at = stored + 1,
+            "this node's own earlier events are back in its broadcast log; publishing again"
+        );
+        true
     }
 
     /// Tells the stripe actor the highest change seq of this node's stripe known
@@ -1088,13 +1161,17 @@ impl Actor for BroadcastActor {
 #[rtype(result = "()")]
 pub struct Publish {
     pub bodies: Vec<EventBody>,
-    pub reply: oneshot::Sender<Result<(String, Vec<u64>), String>>,
+    pub reply: oneshot::Sender<Result<(String, Vec<u64>), PublishError>>,
 }
 
 impl Handler<Publish> for BroadcastActor {
     type Result = ();
 
     fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
+        if !self.own_recovered() {
+            let _ = msg.reply.send(Err(PublishError::Recovering));
+            return;
+        }
         let bodies = msg.bodies.iter().map(EventBody::to_cbor).collect();
         let (tx, rx) = oneshot::channel();
         // Received events waiting for their write share this fsync. With them
@@ -1117,8 +1194,8 @@ impl Handler<Publish> for BroadcastActor {
         actix_rt::spawn(async move {
             let r = match rx.await {
                 Ok(Ok(seqs)) => Ok((origin, seqs)),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("the broadcast actor stopped".into()),
+                Ok(Err(e)) => Err(PublishError::Storage(e)),
+                Err(_) => Err(PublishError::Stopped),
             };
             let _ = reply.send(r);
         });
@@ -1215,9 +1292,18 @@ impl Handler<GossipIn> for BroadcastActor {
                 if !self.known_change_seq.settled() {
                     self.heads_heard.insert(source);
                 }
+                let recovering = match self.own_recovery.as_mut() {
+                    Some(r) => {
+                        r.heard.insert(source);
+                        true
+                    }
+                    None => false,
+                };
+                // Nobody holds more of this node's events than it does, but
+                // while it gets back what it lost.
                 let heads: Vec<OriginHead> = heads
                     .into_iter()
-                    .filter(|h| h.origin != self.origin)
+                    .filter(|h| recovering || h.origin != self.origin)
                     .collect();
                 self.origins.peer_heads(source, &heads, now);
             }

@@ -7,5 +7,5 @@ pub mod state;
 
 pub use actor::{
     BroadcastActor, BroadcastConfig, BroadcastMetrics, Delivered, GetOrigins, GossipIn,
-    GossipInlet, Publish, ServeFetch, Subscribe, Subscription,
+    GossipInlet, Publish, PublishError, ServeFetch, Subscribe, Subscription,
 };
