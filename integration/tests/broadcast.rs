@@ -538,7 +538,12 @@ fn a_node_that_lost_its_broadcast_log_continues_its_seqs_and_loses_nothing() {
             Err(e) => panic!("publish: {e}"),
         }
     });
-    assert_eq!(seqs, vec![31], "seqs continue above what the peers hold");
+    assert_eq!(
+        seqs,
+        vec![31],
+        "seqs continue above what the peers hold: {}",
+        nodes[0].log()
+    );
     wait_until("the new event at a peer's subscriber", LONG, || {
         sub.snapshot().iter().any(|e| e.event["payload"] == "after")
     });

@@ -967,6 +967,26 @@ impl BroadcastActor {
         self.run_jobs(ctx);
     }
 
+    /// Other nodes whose digest is not in `heard`: those of the control state
+    /// and the peers membership knows. Unknown while the control state cannot
+    /// be read or does not hold this node yet.
+    fn unheard(&self, heard: &HashSet<PeerId>) -> Option<usize> {
+        let a = self.applied.read().ok()?;
+        if !a.state.nodes.contains_key(&self.node) {
+            return None;
+        }
+        let heard: HashSet<String> = heard.iter().map(PeerId::to_string).collect();
+        let mut others: HashSet<String> = a
+            .state
+            .nodes
+            .iter()
+            .filter(|(n, _)| **n != self.node)
+            .map(|(_, e)| e.peer.clone())
+            .collect();
+        others.extend(self.peers().iter().map(PeerId::to_string));
+        Some(others.difference(&heard).count())
+    }
+
     /// Whether this node may give out seqs of its own (see [`OwnRecovery`]):
     /// ends the recovery once every other node's digest arrived (or after
     /// [`SETTLE_WAIT`]) and the log holds what they hold of this origin.
@@ -975,16 +995,11 @@ impl BroadcastActor {
             return true;
         };
         if !recovery.settled {
-            let unheard = self.applied.read().ok().map(|a| {
-                a.state
-                    .nodes
-                    .iter()
-                    .filter(|(n, e)| {
-                        **n != self.node && !recovery.heard.iter().any(|p| p.to_string() == e.peer)
-                    })
-                    .count()
-            });
-            if unheard != Some(0) && self.started.elapsed() < SETTLE_WAIT {
+            let unheard = self.unheard(&recovery.heard);
+            // Hearing nobody is no proof that nobody holds this node's events
+            // (its control state may predate every other node's join).
+            let all_heard = unheard == Some(0) && !recovery.heard.is_empty();
+            if !all_heard && self.started.elapsed() < SETTLE_WAIT {
                 return false;
             }
             if let Some(r) = self.own_recovery.as_mut() {
@@ -1021,17 +1036,7 @@ impl BroadcastActor {
         if self.known_change_seq.settled() {
             return;
         }
-        // Other nodes of the cluster whose digest has not arrived (unknown if
-        // the control state cannot be read).
-        let unheard = self.applied.read().ok().map(|a| {
-            a.state
-                .nodes
-                .iter()
-                .filter(|(n, e)| {
-                    **n != self.node && !self.heads_heard.iter().any(|p| p.to_string() == e.peer)
-                })
-                .count()
-        });
+        let unheard = self.unheard(&self.heads_heard);
         let waited = self.started.elapsed();
         if unheard == Some(0) || waited >= SETTLE_WAIT {
             self.known_change_seq.settle();
