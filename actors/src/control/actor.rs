@@ -25,7 +25,7 @@ use super::storage::{SharedApplied, MAX_SNAPSHOT_BYTES};
 use super::types::{node_id_of, ControlNode, ControlTypes, NodeId};
 use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTROL_BODY};
 use crate::membership::{GetNodeInfo, ListMembers, MemberView, MembershipActor};
-use crate::stripe::replica::{choose_candidate, LogPos};
+use crate::stripe::replica::{choose_candidate, electable, LogPos};
 use crate::stripe::wire::{StripeRequest, StripeResponse};
 use crate::stripe::{stripe_request, stripe_response, Responder, ServeStripe, StripeActor};
 
@@ -680,6 +680,7 @@ impl ControlPlane {
         }
         let peer_of = |n: NodeId| -> Option<PeerId> { state.peer_of(n)?.parse().ok() };
         let active = entry.active.and_then(|a| peer_of(a).map(|p| (a, p)));
+        let in_sync_count = entry.in_sync.len();
         let standbys: Vec<(NodeId, PeerId)> = entry
             .in_sync
             .iter()
@@ -710,18 +711,24 @@ impl ControlPlane {
                 let n = *n;
                 async move {
                     match tokio::time::timeout(ELECTION_PROBE, ask).await {
-                        Ok(Ok(StripeResponse::Prepared(Ok(pos)))) => Some((n, pos)),
+                        Ok(Ok(StripeResponse::Prepared(Ok(pos)))) => Some((n, pos, false)),
+                        Ok(Ok(StripeResponse::PreparedBehind(pos))) => Some((n, pos, true)),
                         _ => None,
                     }
                 }
             });
-            let positions: Vec<(NodeId, LogPos)> = futures::future::join_all(prepares)
+            let answers: Vec<(NodeId, LogPos, bool)> = futures::future::join_all(prepares)
                 .await
                 .into_iter()
                 .flatten()
                 .collect();
+            let positions = electable(&answers, in_sync_count);
             let Some(winner) = choose_candidate(&positions, Some(me)) else {
-                return Err("no in-sync standby answered".to_string());
+                return Err(if answers.is_empty() {
+                    "no in-sync standby answered".to_string()
+                } else {
+                    format!("the {} in-sync standbys that answered started without their stripe data; waiting for the others, which may hold it", answers.len())
+                });
             };
             let in_sync = positions.iter().map(|(n, _)| *n).collect();
             proposer

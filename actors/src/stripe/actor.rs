@@ -1792,16 +1792,21 @@ impl StripeActor {
                 let Some(r) = self.replica.as_mut() else {
                     return;
                 };
-                let (pos, fx) = r.on_prepare(epoch);
+                let (pos, behind, fx) = r.on_prepare(epoch);
                 tracing::info!(
                     stripe,
                     epoch,
                     last = pos.index,
+                    started_empty = behind,
                     "an election asked for this standby's position"
                 );
                 self.queue.extend(fx.into_iter().map(Step::Fx));
-                self.queue
-                    .push_back(Step::Reply(reply, StripeResponse::Prepared(Ok(pos))));
+                let answer = if behind {
+                    StripeResponse::PreparedBehind(pos)
+                } else {
+                    StripeResponse::Prepared(Ok(pos))
+                };
+                self.queue.push_back(Step::Reply(reply, answer));
                 self.pump(ctx);
             }
             StripeRequest::Ping { .. } => {

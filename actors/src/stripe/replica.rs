@@ -362,11 +362,21 @@ pub struct Replica {
     reads: Vec<PendingRead>,
     /// Data of the no-op this node writes if it takes over with an empty log.
     first_entry: Vec<u8>,
+    /// Started with no log and no promise (a new member, or one whose stripe
+    /// data a restart emptied: temporary persistence, a wiped directory) and
+    /// not yet shown by an active to hold every committed entry. The control
+    /// state may still count it in sync, but elected, it would lose what the
+    /// others hold: it answers no election until then.
+    started_empty: bool,
 }
 
 impl Replica {
     pub fn new(me: NodeId, cfg: ReplicaConfig, recovered: Recovered) -> Replica {
+        let started_empty = recovered.entries.is_empty()
+            && recovered.base == LogPos::default()
+            && recovered.promised == 0;
         Replica {
+            started_empty,
             me,
             cfg,
             view: StripeView::default(),
@@ -1183,6 +1193,10 @@ impl Replica {
             self.commit = new_commit;
             fx.push(Effect::Commit { upto: new_commit });
         }
+        if self.started_empty && commit <= matched {
+            // Holds everything its active has committed.
+            self.started_empty = false;
+        }
         fx.push(Effect::Send {
             to: from,
             msg: Message::AppendAck {
@@ -1430,8 +1444,9 @@ impl Replica {
 
     /// An election for the epoch after `epoch` asks for this member's position:
     /// from now on it refuses entries of `epoch` and older (durably, before it
-    /// answers).
-    pub fn on_prepare(&mut self, epoch: u64) -> (LogPos, Vec<Effect>) {
+    /// answers), and whether it started empty and has not caught up since
+    /// (see [`electable`]).
+    pub fn on_prepare(&mut self, epoch: u64) -> (LogPos, bool, Vec<Effect>) {
         let mut fx = Vec::new();
         if let Role::Active { epoch: mine } = self.role {
             if mine <= epoch {
@@ -1447,8 +1462,26 @@ impl Replica {
                 promised: Some(self.promised),
             });
         }
-        (self.last(), fx)
+        (self.last(), self.started_empty, fx)
     }
+}
+
+/// Who may win an election, from the answers to its prepare: (member, log
+/// position, started empty and not caught up since). A member that lost its
+/// stripe data in a restart may still count as in sync, but elected it would
+/// make the others drop what only they hold; it stands only when all
+/// `in_sync` members answered and every one of them lost its data (a whole
+/// stripe restarted with temporary persistence: nothing is left to keep).
+pub fn electable(answers: &[(NodeId, LogPos, bool)], in_sync: usize) -> Vec<(NodeId, LogPos)> {
+    let caught_up: Vec<(NodeId, LogPos)> = answers
+        .iter()
+        .filter(|(_, _, behind)| !behind)
+        .map(|(n, pos, _)| (*n, *pos))
+        .collect();
+    if !caught_up.is_empty() || answers.len() < in_sync {
+        return caught_up;
+    }
+    answers.iter().map(|(n, pos, _)| (*n, *pos)).collect()
 }
 
 /// Why a planned handover cannot start.

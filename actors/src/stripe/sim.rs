@@ -74,6 +74,7 @@ enum SimMsg {
     Prepared {
         election: u64,
         pos: LogPos,
+        behind: bool,
     },
     Snapshot {
         epoch: u64,
@@ -111,7 +112,7 @@ struct Election {
     epoch: u64,
     id: u64,
     started: u64,
-    answers: Vec<(NodeId, LogPos)>,
+    answers: Vec<(NodeId, LogPos, bool)>,
 }
 
 struct Sim {
@@ -501,10 +502,14 @@ impl Sim {
                         self.send(CP, from, SimMsg::View(v));
                     }
                 }
-                SimMsg::Prepared { election, pos } => {
+                SimMsg::Prepared {
+                    election,
+                    pos,
+                    behind,
+                } => {
                     if let Some(e) = self.election.as_mut() {
                         if e.id == election {
-                            e.answers.push((from, pos));
+                            e.answers.push((from, pos, behind));
                         }
                     }
                 }
@@ -524,9 +529,17 @@ impl Sim {
             SimMsg::View(v) => self.nodes[i].replica.on_view(v),
             SimMsg::ProposalFailed(_) | SimMsg::ProposalRejected(_) => return,
             SimMsg::Prepare { epoch, election } => {
-                let (pos, fx) = self.nodes[i].replica.on_prepare(epoch);
+                let (pos, behind, fx) = self.nodes[i].replica.on_prepare(epoch);
                 self.run(to, fx);
-                self.send(to, CP, SimMsg::Prepared { election, pos });
+                self.send(
+                    to,
+                    CP,
+                    SimMsg::Prepared {
+                        election,
+                        pos,
+                        behind,
+                    },
+                );
                 return;
             }
             SimMsg::Snapshot { epoch, at, writes } => {
@@ -596,8 +609,9 @@ impl Sim {
         if !self.cp_up() {
             return;
         }
-        if let Some(winner) = choose_candidate(&e.answers, None) {
-            let responders: BTreeSet<NodeId> = e.answers.iter().map(|(n, _)| *n).collect();
+        let candidates = electable(&e.answers, in_sync.len());
+        if let Some(winner) = choose_candidate(&candidates, None) {
+            let responders: BTreeSet<NodeId> = candidates.iter().map(|(n, _)| *n).collect();
             self.apply_cp(ControlCommand::Promote {
                 stripe: 0,
                 epoch: e.epoch,
@@ -988,6 +1002,61 @@ fn an_active_that_restarts_with_no_log_hands_the_stripe_to_a_standby_and_syncs()
         }
     }
     assert!(sim.view().in_sync.contains(&old), "the old active synced");
+    sim.wiped.clear();
+    sim.check(true);
+}
+
+/// Temporary persistence: a standby restarts with its stripe data gone while it
+/// still counts as in sync, then the active dies and the other standby is down.
+/// Elected, the emptied standby would make the other one drop every write only
+/// it holds; so the stripe waits for that one, elects it, and the emptied
+/// standby syncs. (Were every in-sync member emptied, one of them would stand:
+/// nothing would be left to keep.)
+#[test]
+fn a_standby_that_restarted_empty_is_not_elected_over_one_that_holds_the_data() {
+    let mut sim = Sim::settled(21, 3);
+    for _ in 0..2_000 {
+        if sim.view().in_sync.len() == 2 {
+            break;
+        }
+        sim.step();
+    }
+    let before = sim.view();
+    let active = before.active.unwrap();
+    let standbys: Vec<NodeId> = before
+        .in_sync
+        .iter()
+        .copied()
+        .filter(|n| *n != active)
+        .collect();
+    assert_eq!(standbys.len(), 2, "{before:?}");
+    let (emptied, holder) = (standbys[0], standbys[1]);
+    sim.crash(emptied);
+    sim.nodes[(emptied - 1) as usize].disk = Disk::default();
+    sim.wiped.insert(emptied);
+    sim.restart(emptied);
+    sim.crash(holder);
+    sim.crash(active);
+    for _ in 0..500 {
+        sim.step();
+    }
+    assert_ne!(sim.view().active, Some(emptied), "{:?}", sim.view());
+    sim.restart(holder);
+    for _ in 0..1_000 {
+        sim.step();
+        if sim.view().epoch > before.epoch {
+            break;
+        }
+    }
+    assert_eq!(sim.view().active, Some(holder), "{:?}", sim.view());
+    sim.restart(active);
+    for _ in 0..2_000 {
+        sim.step();
+        if sim.view().in_sync.contains(&emptied) {
+            break;
+        }
+    }
+    assert!(sim.view().in_sync.contains(&emptied), "{:?}", sim.view());
     sim.wiped.clear();
     sim.check(true);
 }

@@ -74,6 +74,9 @@ pub enum ServeError {
 pub enum StripeResponse {
     Replicated(Option<Message>),
     Prepared(Result<LogPos, ServeError>),
+    /// The position of a member that started without its stripe data and has
+    /// not caught up since (see `replica::electable`).
+    PreparedBehind(LogPos),
     /// The epoch in which the answering node is active, if it is.
     Pong {
         active_in: Option<u64>,
