@@ -416,7 +416,9 @@ impl Feed {
         self.pos.insert(origin.to_string(), resume_at);
         let store = self.sub.store.clone();
         let o = origin.to_string();
-        let missed = match tokio::task::spawn_blocking(move || store.missed(&o, seen)).await {
+        let missed = match tokio::task::spawn_blocking(move || store.missed(&o, seen, resume_at))
+            .await
+        {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, %origin,

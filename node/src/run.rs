@@ -108,9 +108,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let kv_metrics = KvMetrics::register(&mut registry);
     let broadcast_metrics = BroadcastMetrics::register(&mut registry);
     let health = kiln_actors::health::StorageHealth::register(&mut registry);
-    let broadcast_store = Arc::new(BroadcastStore::open(&settings.data_dir)?);
-    // Peers may hold events of this node that its new log has not.
-    let lost_own_log = broadcast_store.created() && !created;
+    // A node that existed before and finds no log lost it: its peers may hold
+    // events of its own that the new log has not.
+    let broadcast_store = Arc::new(BroadcastStore::open_for_node(&settings.data_dir, !created)?);
     let artifact_metrics = ArtifactMetrics::register(&mut registry);
     let artifact_store = Arc::new(ArtifactStore::open(&settings.data_dir)?);
     let state_machine = StateMachine::open(control_store.clone())?;
@@ -207,7 +207,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             broadcast_metrics,
             known_change_seq.clone(),
             health.clone(),
-            lost_own_log,
         )?
         .start();
         let stripe = (!settings.control.witness).then(|| {

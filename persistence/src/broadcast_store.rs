@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::db_file::DbFile;
 use crate::error::StoreError;
@@ -79,14 +79,62 @@ impl OriginRun {
     }
 }
 
+/// Set in the meta table while this node gets its own earlier events back
+/// from its peers (see `BroadcastActor`): kept across restarts until done.
+const OWN_RECOVERY: &str = "own_recovery";
+
 fn open_db(path: &Path) -> Result<Database, StoreError> {
-    open_or_create(path, BROADCAST_META, |txn| {
+    open_db_for(path, false)
+}
+
+/// Opens (or creates) the file; one created for a node that existed before
+/// starts with the recovery of the node's own events pending, in the same
+/// commit that creates it.
+fn open_db_for(path: &Path, node_existed: bool) -> Result<Database, StoreError> {
+    let db = open_or_create(path, BROADCAST_META, |txn| {
         txn.open_table(EVENTS)?;
         txn.open_table(ORIGINS)?;
         txn.open_table(MISSED)?;
         txn.open_table(MISSED_FROM)?;
+        if node_existed {
+            let mut meta = txn.open_table(BROADCAST_META)?;
+            meta.insert(OWN_RECOVERY, [1u8].as_slice())?;
+        }
         Ok(())
-    })
+    })?;
+    remember_what_older_files_dropped(&db, path)?;
+    Ok(db)
+}
+
+/// A file from before `MISSED` kept no record of what retention dropped: every
+/// origin's record starts at its run's first seq.
+fn remember_what_older_files_dropped(db: &Database, path: &Path) -> Result<(), StoreError> {
+    let storage = |e: redb::Error| StoreError::Storage {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let read = db.begin_read().map_err(|e| storage(e.into()))?;
+    match read.open_table(MISSED_FROM) {
+        Ok(_) => return Ok(()),
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(storage(e.into())),
+    }
+    drop(read);
+    let txn = db.begin_write().map_err(|e| storage(e.into()))?;
+    {
+        let origins = txn.open_table(ORIGINS).map_err(|e| storage(e.into()))?;
+        let mut from = txn.open_table(MISSED_FROM).map_err(|e| storage(e.into()))?;
+        txn.open_table(MISSED).map_err(|e| storage(e.into()))?;
+        for row in origins.iter().map_err(|e| storage(e.into()))? {
+            let (k, v) = row.map_err(|e| storage(e.into()))?;
+            let run = OriginRun::from_row(v.value());
+            if run.first > 1 {
+                from.insert(k.value(), run.first)
+                    .map_err(|e| storage(e.into()))?;
+            }
+        }
+    }
+    txn.commit().map_err(|e| storage(e.into()))
 }
 
 /// One event to append.
@@ -118,8 +166,6 @@ pub struct Retention {
 
 pub struct BroadcastStore {
     file: DbFile,
-    /// The file did not exist when this store opened it.
-    created: bool,
     /// Times the file was opened again after an I/O error (each time the
     /// commits since the last durable one may be gone).
     reopens: AtomicU64,
@@ -128,12 +174,17 @@ pub struct BroadcastStore {
 impl BroadcastStore {
     /// Opens (or creates) `broadcast.redb` in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_for_node(dir, false)
+    }
+
+    /// As [`open`](Self::open), for a node that `existed` before this start: a
+    /// log it has to create anew was lost, and the node's own earlier events
+    /// are to be fetched back from its peers (see [`own_recovery_pending`](Self::own_recovery_pending)).
+    pub fn open_for_node(dir: &Path, existed: bool) -> Result<Self, StoreError> {
         let path = dir.join(BROADCAST_DB_FILE);
-        let created = !path.exists();
-        let db = open_db(&path)?;
+        let db = open_db_for(&path, existed)?;
         Ok(BroadcastStore {
             file: DbFile::new(db, path, open_db),
-            created,
             reopens: AtomicU64::new(0),
         })
     }
@@ -142,10 +193,22 @@ impl BroadcastStore {
         &self.file.path
     }
 
-    /// Whether opening the store created the file (a new node, or one whose
-    /// log was lost).
-    pub fn created(&self) -> bool {
-        self.created
+    /// Whether a recovery of this node's own events was begun and not finished.
+    pub fn own_recovery_pending(&self) -> Result<bool, StoreError> {
+        let txn = self.begin_read()?;
+        let meta = txn.open_table(BROADCAST_META).map_err(self.storage())?;
+        Ok(meta.get(OWN_RECOVERY).map_err(self.storage())?.is_some())
+    }
+
+    /// Ends the recovery in a durable commit, which also makes every event
+    /// fetched back durable.
+    pub fn finish_own_recovery(&self) -> Result<(), StoreError> {
+        let txn = self.write_txn(true)?;
+        {
+            let mut meta = txn.open_table(BROADCAST_META).map_err(self.storage())?;
+            meta.remove(OWN_RECOVERY).map_err(self.storage())?;
+        }
+        txn.commit().map_err(self.storage())
     }
 
     /// Times the file was opened again after an I/O error: the runs of events
@@ -266,16 +329,17 @@ impl BroadcastStore {
                 None,
             )
             .map_err(self.storage())?;
+            // Below `first` the log keeps no record of what events were
+            // about: those it never held, and those dropped here.
+            let mut from = txn.open_table(MISSED_FROM).map_err(self.storage())?;
+            let known_from = from
+                .get(origin)
+                .map_err(self.storage())?
+                .map_or(1, |v| v.value());
+            if known_from < first {
+                from.insert(origin, first).map_err(self.storage())?;
+            }
             if run.last + 1 < first {
-                // Never held what lies between: nobody can say what it was about.
-                let mut from = txn.open_table(MISSED_FROM).map_err(self.storage())?;
-                let known_from = from
-                    .get(origin)
-                    .map_err(self.storage())?
-                    .map_or(1, |v| v.value());
-                if known_from < first {
-                    from.insert(origin, first).map_err(self.storage())?;
-                }
                 run.last = first - 1;
             }
             run.first = run.first.max(first);
@@ -446,10 +510,21 @@ impl BroadcastStore {
         Ok(())
     }
 
-    /// What the events of `origin` after `seen` that retention dropped were
-    /// about, for a subscriber that saw everything up to `seen`.
-    pub fn missed(&self, origin: &str, seen: u64) -> Result<Missed, StoreError> {
+    /// What the events of `origin` after `seen` up to `upto` were about, for a
+    /// subscriber that saw everything up to `seen` and that this log no longer
+    /// holds. Known only when retention (or a hole skipped) dropped all of them
+    /// from this log: events lost otherwise (a storage failure took back the
+    /// end of the run) are `Unknown`.
+    pub fn missed(&self, origin: &str, seen: u64, upto: u64) -> Result<Missed, StoreError> {
         let txn = self.begin_read()?;
+        let origins = txn.open_table(ORIGINS).map_err(self.storage())?;
+        let run = origins
+            .get(origin)
+            .map_err(self.storage())?
+            .map(|v| OriginRun::from_row(v.value()));
+        if run.is_none_or(|r| upto >= r.first) {
+            return Ok(Missed::Unknown);
+        }
         // Files from before this table have no record of what was dropped.
         let from = match txn.open_table(MISSED_FROM) {
             Ok(t) => t
@@ -614,7 +689,7 @@ mod tests {
         let events: Vec<_> = (1..=10).map(|i| ev("a", i, i)).collect();
         s.append(&events, false).unwrap();
         // Nothing dropped yet: a subscriber anywhere missed nothing.
-        assert_eq!(labels(s.missed("a", 0).unwrap()), Vec::<u8>::new());
+        assert_eq!(labels(s.missed("a", 0, 0).unwrap()), Vec::<u8>::new());
         let limits = Retention {
             max_events: 1000,
             max_bytes: 1 << 30,
@@ -622,23 +697,51 @@ mod tests {
         };
         // Seqs 1..=5 go (ts < 6): labels 1, 2, 0, 1, 2 → highest seqs 3 (0), 4 (1), 5 (2).
         assert_eq!(s.prune(1006, limits, &label_by_seq_mod_3).unwrap(), 5);
-        assert_eq!(labels(s.missed("a", 0).unwrap()), vec![0, 1, 2]);
-        assert_eq!(labels(s.missed("a", 3).unwrap()), vec![1, 2]);
-        assert_eq!(labels(s.missed("a", 4).unwrap()), vec![2]);
-        assert_eq!(labels(s.missed("a", 5).unwrap()), Vec::<u8>::new());
+        assert_eq!(labels(s.missed("a", 0, 5).unwrap()), vec![0, 1, 2]);
+        assert_eq!(labels(s.missed("a", 3, 5).unwrap()), vec![1, 2]);
+        assert_eq!(labels(s.missed("a", 4, 5).unwrap()), vec![2]);
+        assert_eq!(labels(s.missed("a", 5, 5).unwrap()), Vec::<u8>::new());
+        // What the log still holds was not dropped: lost otherwise, if missing.
+        assert_eq!(s.missed("a", 3, 6).unwrap(), Missed::Unknown);
         drop(s);
         let s = BroadcastStore::open(dir.path()).unwrap();
         assert_eq!(
-            labels(s.missed("a", 3).unwrap()),
+            labels(s.missed("a", 3, 5).unwrap()),
             vec![1, 2],
             "kept on disk"
         );
         // A hole the log never held: below it nobody knows what was missed.
         s.skip_to("a", 20).unwrap();
-        assert_eq!(s.missed("a", 5).unwrap(), Missed::Unknown);
-        assert_eq!(labels(s.missed("a", 19).unwrap()), Vec::<u8>::new());
-        // An origin never seen: nothing known to have been dropped.
-        assert_eq!(labels(s.missed("b", 0).unwrap()), Vec::<u8>::new());
+        assert_eq!(s.missed("a", 5, 19).unwrap(), Missed::Unknown);
+        assert_eq!(labels(s.missed("a", 19, 19).unwrap()), Vec::<u8>::new());
+        // An origin this log never held: nothing is known of it.
+        assert_eq!(s.missed("b", 0, 3).unwrap(), Missed::Unknown);
+    }
+
+    #[test]
+    fn a_file_from_before_the_record_of_dropped_events_knows_nothing_below_its_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        let events: Vec<_> = (1..=10).map(|i| ev("a", i, i)).collect();
+        s.append(&events, false).unwrap();
+        let limits = Retention {
+            max_events: 1000,
+            max_bytes: 1 << 30,
+            max_age_ms: 1000,
+        };
+        s.prune(1006, limits, &label_by_seq_mod_3).unwrap();
+        drop(s);
+        // As an older kiln left it: no record of what was dropped.
+        {
+            let db = Database::open(dir.path().join(BROADCAST_DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(MISSED).unwrap();
+            txn.delete_table(MISSED_FROM).unwrap();
+            txn.commit().unwrap();
+        }
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        assert_eq!(s.missed("a", 0, 5).unwrap(), Missed::Unknown);
+        assert_eq!(labels(s.missed("a", 5, 5).unwrap()), Vec::<u8>::new());
     }
 
     #[test]
@@ -664,11 +767,11 @@ mod tests {
             s.prune(0, limits, &unique).unwrap();
         }
         assert_eq!(
-            s.missed("a", 9).unwrap(),
+            s.missed("a", 9, n).unwrap(),
             Missed::Unknown,
             "the 10 oldest were forgotten"
         );
-        match s.missed("a", 10).unwrap() {
+        match s.missed("a", 10, n).unwrap() {
             Missed::Labels(l) => assert_eq!(l.len(), MAX_MISSED_PER_ORIGIN),
             Missed::Unknown => panic!("known from seq 11"),
         }

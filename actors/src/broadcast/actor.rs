@@ -249,6 +249,8 @@ enum Job {
     },
     Prune,
     Sync,
+    /// Ends this node's recovery of its own events in a durable commit.
+    FinishOwnRecovery,
 }
 
 pub struct BroadcastActor {
@@ -319,14 +321,31 @@ pub struct BroadcastActor {
 /// A node that existed before but whose `broadcast.redb` is new (deleted, or
 /// lost with a disk) has peers that may hold events of its own that it no
 /// longer has. Given out again, their seqs would make every peer drop the new
-/// events as ones it holds: acknowledged, yet never delivered. So until every
-/// other node's digest arrived (or [`SETTLE_WAIT`] passed) and what they hold
-/// of this origin is fetched back into the log, publishes are refused.
+/// events as ones it holds: acknowledged, yet never delivered. So publishes
+/// are refused until it heard the other nodes' digests (every one it knows
+/// of, or at least one by [`SETTLE_WAIT`]; alone, none), fetched what they
+/// hold of this origin back into the log (or, after [`RECOVERY_FETCH_WAIT`],
+/// skipped past it) and made that durable. The log's meta table keeps the
+/// recovery pending across restarts until then.
 #[derive(Debug, Default)]
 struct OwnRecovery {
     heard: HashSet<PeerId>,
-    settled: bool,
+    /// When enough digests were heard.
+    settled: Option<Instant>,
+    /// The highest seq of this origin in a digest (kept here: a reload of the
+    /// log resets what `Origins` knows of this node's own origin).
+    head: u64,
+    /// The durable commit that ends the recovery is queued or running.
+    finishing: bool,
 }
+
+/// How long a recovering node waits for a digest from a node it knows of
+/// before it goes on with what it has (warning that seqs may be given twice).
+const RECOVERY_HEAR_MAX: Duration = Duration::from_secs(60);
+/// How long it tries to fetch its own events back before it continues above
+/// the highest seq a peer reported (the events it could not fetch are skipped:
+/// its subscribers get a resync, its peers keep them).
+const RECOVERY_FETCH_WAIT: Duration = Duration::from_secs(30);
 
 /// Why a publish was not acknowledged.
 #[derive(Debug, thiserror::Error)]
@@ -353,10 +372,9 @@ impl BroadcastActor {
         metrics: BroadcastMetrics,
         known_change_seq: KnownChangeSeq,
         health: StorageHealth,
-        lost_own_log: bool,
     ) -> Result<Self, StoreError> {
         let runs = store.runs()?;
-        let own_recovery = lost_own_log.then(|| {
+        let own_recovery = store.own_recovery_pending()?.then(|| {
             tracing::warn!(log = %store.path().display(),
                 "this node's broadcast log is new but the node is not: its own earlier events are fetched back from its peers before it publishes again");
             OwnRecovery::default()
@@ -444,6 +462,8 @@ impl BroadcastActor {
                 // wait in memory too. Asked again once the fetch times out.
                 Effect::Fetch { .. } if self.unwritten_bytes >= MAX_UNWRITTEN_BYTES => {}
                 Effect::Fetch { peer, origin, from } => self.fetch(peer, origin, from, ctx),
+                // This node's own origin, while it fetches its events back.
+                Effect::Reconnect { peer } if peer == self.me => {}
                 Effect::Reconnect { peer } => {
                     tracing::warn!(%peer, repairs = super::state::SILENT_REPAIRS_MAX,
                         "this node's events reach us only by repair, none by gossip: closing the connection to it so that a new one starts with fresh gossip streams");
@@ -601,6 +621,36 @@ impl BroadcastActor {
                                 Ok(_) => act.log_wrote(),
                                 Err(e) => {
                                     tracing::error!(error = %e, %origin, "cannot record a hole in the broadcast log");
+                                    act.log_failed(&e);
+                                }
+                            }
+                            act.busy = false;
+                            act.run_jobs(ctx);
+                        }),
+                );
+            }
+            Job::FinishOwnRecovery => {
+                let store = self.store.clone();
+                ctx.spawn(
+                    blocking(move || store.finish_own_recovery())
+                        .into_actor(self)
+                        .map(|r, act, ctx| {
+                            match r {
+                                Ok(()) => {
+                                    act.log_wrote();
+                                    let continues_at = act
+                                        .origins
+                                        .status(&act.origin)
+                                        .map_or(1, |s| s.stored + 1);
+                                    act.own_recovery = None;
+                                    tracing::info!(continues_at,
+                                        "this node's own earlier events are back in its broadcast log; publishing again");
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot end the recovery of this node's own events");
+                                    if let Some(r) = act.own_recovery.as_mut() {
+                                        r.finishing = false;
+                                    }
                                     act.log_failed(&e);
                                 }
                             }
@@ -844,9 +894,11 @@ impl BroadcastActor {
     }
 
     /// Takes the received events out of the queued appends (this node's own
-    /// events stay), and the queued hole skips.
+    /// events stay), and the queued hole skips and end of an own recovery
+    /// (what it was to make durable went with them).
     fn drop_queued_received(&mut self) {
         let mut dropped = 0;
+        let mut finish_dropped = false;
         self.jobs.retain_mut(|job| match job {
             Job::Append { received, own, .. } => {
                 dropped += received.iter().map(|(_, e)| frame_bytes(e)).sum::<u64>();
@@ -854,9 +906,16 @@ impl BroadcastActor {
                 !own.is_empty()
             }
             Job::SkipTo { .. } => false,
+            Job::FinishOwnRecovery => {
+                finish_dropped = true;
+                false
+            }
             Job::Prune | Job::Sync => true,
         });
         self.unwritten_bytes = self.unwritten_bytes.saturating_sub(dropped);
+        if let (true, Some(r)) = (finish_dropped, self.own_recovery.as_mut()) {
+            r.finishing = false;
+        }
     }
 
     /// While the log cannot be read again: this node's new events are refused
@@ -987,38 +1046,75 @@ impl BroadcastActor {
         Some(others.difference(&heard).count())
     }
 
-    /// Whether this node may give out seqs of its own (see [`OwnRecovery`]):
-    /// ends the recovery once every other node's digest arrived (or after
-    /// [`SETTLE_WAIT`]) and the log holds what they hold of this origin.
+    /// Whether this node may give out seqs of its own (see [`OwnRecovery`]);
+    /// moves the recovery on.
     fn own_recovered(&mut self) -> bool {
         let Some(recovery) = &self.own_recovery else {
             return true;
         };
-        if !recovery.settled {
-            let unheard = self.unheard(&recovery.heard);
-            // Hearing nobody is no proof that nobody holds this node's events
-            // (its control state may predate every other node's join).
-            let all_heard = unheard == Some(0) && !recovery.heard.is_empty();
-            if !all_heard && self.started.elapsed() < SETTLE_WAIT {
-                return false;
+        let waited = self.started.elapsed();
+        let settled = match recovery.settled {
+            Some(at) => at,
+            None => {
+                let unheard = self.unheard(&recovery.heard);
+                let heard_any = !recovery.heard.is_empty();
+                // Hearing nobody is no proof that nobody holds this node's
+                // events (its control state may predate every other node's
+                // join), unless it knows of nobody else.
+                let alone = unheard == Some(0) && !heard_any;
+                let enough = (unheard == Some(0) && heard_any)
+                    || (waited >= SETTLE_WAIT && (heard_any || alone))
+                    || waited >= RECOVERY_HEAR_MAX;
+                if !enough {
+                    return false;
+                }
+                if heard_any || alone {
+                    tracing::info!(unheard = ?unheard, waited_ms = waited.as_millis() as u64,
+                        "heard from the other nodes about this node's own earlier events");
+                } else {
+                    tracing::warn!(waited_ms = waited.as_millis() as u64,
+                        "no other node answered about this node's own earlier events: going on with what the log holds; events of this node that a peer holds may be given their seqs again");
+                }
+                let now = Instant::now();
+                if let Some(r) = self.own_recovery.as_mut() {
+                    r.settled = Some(now);
+                }
+                now
             }
-            if let Some(r) = self.own_recovery.as_mut() {
-                r.settled = true;
-            }
-            tracing::info!(unheard = ?unheard, waited_ms = self.started.elapsed().as_millis() as u64,
-                "heard from the other nodes about this node's own earlier events");
-        }
+        };
         let status = self.origins.status(&self.origin);
-        let (stored, head) = status.map_or((0, 0), |s| (s.stored, s.head));
+        let (stored, known) = status.map_or((0, 0), |s| (s.stored, s.head));
+        let head = known.max(self.own_recovery.as_ref().map_or(0, |r| r.head));
         if stored < head {
+            if settled.elapsed() >= RECOVERY_FETCH_WAIT {
+                tracing::warn!(stored, head, waited_s = settled.elapsed().as_secs(),
+                    "this node's own events up to the highest seq its peers reported could not all be fetched back: continuing above it (the events not fetched are skipped here)");
+                let fx = self.origins.skip_before(&self.origin, head + 1);
+                self.apply_own_effects(fx);
+            }
             return false;
         }
-        self.own_recovery = None;
-        tracing::info!(
-            continues_at = stored + 1,
-            "this node's own earlier events are back in its broadcast log; publishing again"
-        );
-        true
+        let Some(recovery) = self.own_recovery.as_mut() else {
+            return true;
+        };
+        if !recovery.finishing {
+            // What was fetched back is durable before a seq above it is given out.
+            recovery.finishing = true;
+            self.flush_unwritten();
+            self.jobs.push_back(Job::FinishOwnRecovery);
+        }
+        false
+    }
+
+    /// Effects of skipping within this node's own origin (no context needed).
+    fn apply_own_effects(&mut self, fx: Vec<Effect>) {
+        for effect in fx {
+            if let Effect::SkipTo { origin, first } = effect {
+                self.metrics.holes_skipped.inc();
+                self.flush_unwritten();
+                self.jobs.push_back(Job::SkipTo { origin, first });
+            }
+        }
     }
 
     /// Tells the stripe actor the highest change seq of this node's stripe known
@@ -1300,6 +1396,8 @@ impl Handler<GossipIn> for BroadcastActor {
                 let recovering = match self.own_recovery.as_mut() {
                     Some(r) => {
                         r.heard.insert(source);
+                        let own = heads.iter().filter(|h| h.origin == self.origin);
+                        r.head = own.map(|h| h.last).fold(r.head, u64::max);
                         true
                     }
                     None => false,

@@ -426,6 +426,27 @@ impl Origins {
         log.missing_since = None;
     }
 
+    /// Gives up on `origin`'s events before `first` (this node's own, which
+    /// it could not fetch back): the log continues at `first`.
+    pub fn skip_before(&mut self, origin: &str, first: u64) -> Vec<Effect> {
+        let log = self.log(origin);
+        if log.next >= first {
+            return Vec::new();
+        }
+        log.next = first;
+        log.stored = log.stored.max(first - 1);
+        log.first = log.first.max(first);
+        log.head = log.head.max(first - 1);
+        log.fetching = None;
+        log.missing_since = None;
+        log.pending.retain(|s, _| *s >= first);
+        log.pending_bytes = log.pending.values().map(|e| e.body.len() as u64).sum();
+        vec![Effect::SkipTo {
+            origin: origin.to_string(),
+            first,
+        }]
+    }
+
     /// Retention removed the events before `first`.
     pub fn pruned(&mut self, origin: &str, first: u64) {
         let log = self.log(origin);
