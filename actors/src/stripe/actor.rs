@@ -1713,6 +1713,7 @@ impl StripeActor {
             let _ = reply.send(Err(self.not_active()));
             return;
         }
+        let cmd = cmd.stamped_at(crate::membership::unix_ms());
         self.batch.push((kv::encode(&cmd), reply));
         if self.ready_for_batch() {
             self.flush_batch(ctx);

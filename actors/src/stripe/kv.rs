@@ -74,6 +74,19 @@ pub struct KvCommand {
 }
 
 impl KvCommand {
+    /// The command as the active appends it: received at `now` by the active's
+    /// clock, remembered as long after that as the accepting node asked. The
+    /// times in the log then come from the actives' clocks alone, not from
+    /// every node that takes requests: a node with a clock minutes ahead would
+    /// otherwise make every member drop request records still in their window
+    /// (a retry then applied twice), one minutes behind keep its own too short.
+    pub fn stamped_at(mut self, now: u64) -> KvCommand {
+        let window = self.remember_until_ms.saturating_sub(self.received_ms);
+        self.received_ms = now;
+        self.remember_until_ms = now.saturating_add(window);
+        self
+    }
+
     /// What makes two requests under one id the same request.
     pub fn fingerprint(&self) -> [u8; 32] {
         if let KvOp::Reserve { fingerprint } = &self.op {
@@ -518,6 +531,26 @@ mod tests {
         assert_eq!(
             apply(&mut tx, 3, &at(200_000, b"b")).unwrap(),
             KvOutcome::Done { version: 3 }
+        );
+    }
+
+    #[test]
+    fn the_active_stamps_a_command_with_its_own_clock_keeping_the_window() {
+        let cmd = KvCommand {
+            request: "k:x".into(),
+            op: KvOp::Delete {
+                map: "m".into(),
+                key: "k".into(),
+                cond: Condition::None,
+            },
+            // From a node whose clock is ten minutes ahead.
+            received_ms: 600_000 + 5_000,
+            remember_until_ms: 600_000 + 125_000,
+        };
+        let stamped = cmd.stamped_at(5_100);
+        assert_eq!(
+            (stamped.received_ms, stamped.remember_until_ms),
+            (5_100, 125_100)
         );
     }
 
