@@ -654,8 +654,9 @@ pub async fn announce(
 }
 
 /// How often, and how long apart, an announcement is tried while the node
-/// gets its own earlier events back (see `BroadcastActor`): a minute in all.
-const ANNOUNCE_TRIES: u32 = 120;
+/// gets its own earlier events back (see `BroadcastActor`: up to a minute to
+/// hear its peers and half a minute to fetch): three minutes in all.
+const ANNOUNCE_TRIES: u32 = 360;
 const ANNOUNCE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Actor for ArtifactActor {

@@ -638,13 +638,19 @@ impl BroadcastActor {
                             match r {
                                 Ok(()) => {
                                     act.log_wrote();
-                                    let continues_at = act
+                                    let (stored, known) = act
                                         .origins
                                         .status(&act.origin)
-                                        .map_or(1, |s| s.stored + 1);
-                                    act.own_recovery = None;
-                                    tracing::info!(continues_at,
-                                        "this node's own earlier events are back in its broadcast log; publishing again");
+                                        .map_or((0, 0), |s| (s.stored, s.head));
+                                    let heard = act.own_recovery.as_ref().map_or(0, |r| r.head);
+                                    if stored >= known.max(heard) {
+                                        act.own_recovery = None;
+                                        tracing::info!(continues_at = stored + 1,
+                                            "this node's own earlier events are back in its broadcast log; publishing again");
+                                    } else if let Some(r) = act.own_recovery.as_mut() {
+                                        // A digest told of more meanwhile: fetch that too.
+                                        r.finishing = false;
+                                    }
                                 }
                                 Err(e) => {
                                     tracing::warn!(error = %e, "cannot end the recovery of this node's own events");

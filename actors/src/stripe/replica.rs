@@ -567,6 +567,8 @@ impl Replica {
     }
 
     fn take_over(&mut self, fx: &mut Vec<Effect>) {
+        // Its log is the stripe's from now on.
+        self.started_empty = false;
         let epoch = self.view.epoch;
         let index = self.last().index + 1;
         let noop = Entry {
@@ -1193,8 +1195,8 @@ impl Replica {
             self.commit = new_commit;
             fx.push(Effect::Commit { upto: new_commit });
         }
-        if self.started_empty && commit <= matched {
-            // Holds everything its active has committed.
+        if self.started_empty && commit <= matched && epoch >= self.view.epoch {
+            // Holds everything the current active has committed.
             self.started_empty = false;
         }
         fx.push(Effect::Send {
@@ -1472,6 +1474,8 @@ impl Replica {
 /// make the others drop what only they hold; it stands only when all
 /// `in_sync` members answered and every one of them lost its data (a whole
 /// stripe restarted with temporary persistence: nothing is left to keep).
+/// The active is not asked (a prepare would fence it): one that still holds
+/// its data but does not answer the coordinator is not waited for then.
 pub fn electable(answers: &[(NodeId, LogPos, bool)], in_sync: usize) -> Vec<(NodeId, LogPos)> {
     let caught_up: Vec<(NodeId, LogPos)> = answers
         .iter()
