@@ -475,17 +475,7 @@ impl BroadcastStore {
                     .map_err(self.storage())?;
             }
         }
-        let mut all: Vec<(u64, Vec<u8>)> = Vec::new();
-        for row in missed
-            .range((origin, [].as_slice())..)
-            .map_err(self.storage())?
-        {
-            let (k, v) = row.map_err(self.storage())?;
-            if k.value().0 != origin {
-                break;
-            }
-            all.push((v.value(), k.value().1.to_vec()));
-        }
+        let mut all = missed_of(&missed, origin).map_err(self.storage())?;
         if all.len() <= MAX_MISSED_PER_ORIGIN {
             return Ok(());
         }
@@ -542,19 +532,12 @@ impl BroadcastStore {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Missed::Unknown),
             Err(e) => return Err(self.storage()(e)),
         };
-        let mut labels = Vec::new();
-        for row in missed
-            .range((origin, [].as_slice())..)
+        let labels = missed_of(&missed, origin)
             .map_err(self.storage())?
-        {
-            let (k, v) = row.map_err(self.storage())?;
-            if k.value().0 != origin {
-                break;
-            }
-            if v.value() > seen {
-                labels.push(k.value().1.to_vec());
-            }
-        }
+            .into_iter()
+            .filter(|(seq, _)| *seq > seen)
+            .map(|(_, label)| label)
+            .collect();
         Ok(Missed::Labels(labels))
     }
 
@@ -572,6 +555,22 @@ impl BroadcastStore {
         txn.commit().map_err(self.storage())?;
         Ok(())
     }
+}
+
+/// What `MISSED` holds for `origin`: (highest seq, label), in label order.
+fn missed_of(
+    table: &impl ReadableTable<(&'static str, &'static [u8]), u64>,
+    origin: &str,
+) -> Result<Vec<(u64, Vec<u8>)>, redb::StorageError> {
+    let mut out = Vec::new();
+    for row in table.range((origin, [].as_slice())..)? {
+        let (k, v) = row?;
+        if k.value().0 != origin {
+            break;
+        }
+        out.push((v.value(), k.value().1.to_vec()));
+    }
+    Ok(out)
 }
 
 /// Where `remove_front` notes what removed events were about: the labelling
@@ -666,6 +665,23 @@ mod tests {
         assert_eq!(s.range("a", 1, 10, 15).unwrap().len(), 1, "byte bound");
     }
 
+    /// A store holding events 1..=`n` of origin "a" (ts = seq).
+    fn store_with_events(n: u64) -> (tempfile::TempDir, BroadcastStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        let events: Vec<_> = (1..=n).map(|i| ev("a", i, i)).collect();
+        s.append(&events, false).unwrap();
+        (dir, s)
+    }
+
+    fn retention(max_events: u64, max_age_ms: u64) -> Retention {
+        Retention {
+            max_events,
+            max_bytes: 1 << 30,
+            max_age_ms,
+        }
+    }
+
     fn no_label(_: &[u8]) -> Option<Vec<u8>> {
         None
     }
@@ -684,17 +700,10 @@ mod tests {
 
     #[test]
     fn what_retention_dropped_is_remembered_for_subscribers_that_missed_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = BroadcastStore::open(dir.path()).unwrap();
-        let events: Vec<_> = (1..=10).map(|i| ev("a", i, i)).collect();
-        s.append(&events, false).unwrap();
+        let (dir, s) = store_with_events(10);
         // Nothing dropped yet: a subscriber anywhere missed nothing.
         assert_eq!(labels(s.missed("a", 0, 0).unwrap()), Vec::<u8>::new());
-        let limits = Retention {
-            max_events: 1000,
-            max_bytes: 1 << 30,
-            max_age_ms: 1000,
-        };
+        let limits = retention(1000, 1000);
         // Seqs 1..=5 go (ts < 6): labels 1, 2, 0, 1, 2 → highest seqs 3 (0), 4 (1), 5 (2).
         assert_eq!(s.prune(1006, limits, &label_by_seq_mod_3).unwrap(), 5);
         assert_eq!(labels(s.missed("a", 0, 5).unwrap()), vec![0, 1, 2]);
@@ -720,15 +729,8 @@ mod tests {
 
     #[test]
     fn a_file_from_before_the_record_of_dropped_events_knows_nothing_below_its_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = BroadcastStore::open(dir.path()).unwrap();
-        let events: Vec<_> = (1..=10).map(|i| ev("a", i, i)).collect();
-        s.append(&events, false).unwrap();
-        let limits = Retention {
-            max_events: 1000,
-            max_bytes: 1 << 30,
-            max_age_ms: 1000,
-        };
+        let (dir, s) = store_with_events(10);
+        let limits = retention(1000, 1000);
         s.prune(1006, limits, &label_by_seq_mod_3).unwrap();
         drop(s);
         // As an older kiln left it: no record of what was dropped.
@@ -751,11 +753,7 @@ mod tests {
         let n = MAX_MISSED_PER_ORIGIN as u64 + 10;
         let events: Vec<_> = (1..=n).map(|i| ev("a", i, i)).collect();
         s.append(&events, false).unwrap();
-        let limits = Retention {
-            max_events: 0,
-            max_bytes: 1 << 30,
-            max_age_ms: u64::MAX,
-        };
+        let limits = retention(0, u64::MAX);
         // Every event its own label: events are dropped in seq order, so the
         // n-th label asked for is that of seq n.
         let counter = std::cell::Cell::new(0u64);
@@ -779,23 +777,12 @@ mod tests {
 
     #[test]
     fn retention_by_age_count_and_skip() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = BroadcastStore::open(dir.path()).unwrap();
-        let events: Vec<_> = (1..=100).map(|i| ev("a", i, i)).collect();
-        s.append(&events, false).unwrap();
-        let limits = Retention {
-            max_events: 1000,
-            max_bytes: 1 << 30,
-            max_age_ms: 50,
-        };
+        let (_dir, s) = store_with_events(100);
+        let limits = retention(1000, 50);
         // now = 100: events with ts < 50 are too old.
         assert_eq!(s.prune(100, limits, &no_label).unwrap(), 49);
         assert_eq!(s.runs().unwrap()["a"].first, 50);
-        let limits = Retention {
-            max_events: 20,
-            max_bytes: 1 << 30,
-            max_age_ms: 1000,
-        };
+        let limits = retention(20, 1000);
         s.prune(100, limits, &no_label).unwrap();
         let run = s.runs().unwrap()["a"];
         assert_eq!(run.count, 20);
