@@ -506,15 +506,11 @@ impl BroadcastStore {
     /// from this log: events lost otherwise (a storage failure took back the
     /// end of the run) are `Unknown`.
     pub fn missed(&self, origin: &str, seen: u64, upto: u64) -> Result<Missed, StoreError> {
-        let txn = self.begin_read()?;
-        let origins = txn.open_table(ORIGINS).map_err(self.storage())?;
-        let run = origins
-            .get(origin)
-            .map_err(self.storage())?
-            .map(|v| OriginRun::from_row(v.value()));
-        if run.is_none_or(|r| upto >= r.first) {
+        // A prune between this read and the labels' only adds labels.
+        if self.run(origin)?.is_none_or(|r| upto >= r.first) {
             return Ok(Missed::Unknown);
         }
+        let txn = self.begin_read()?;
         // Files from before this table have no record of what was dropped.
         let from = match txn.open_table(MISSED_FROM) {
             Ok(t) => t
