@@ -338,6 +338,9 @@ pub struct StripeActor {
     /// Counts replica restarts after a failed log write: a local append started
     /// before one must not report to the replica that replaced it.
     replica_generation: u64,
+    /// The replica dropped after a storage failure had started without its
+    /// stripe data and not caught up: the next one is behind too.
+    restart_behind: bool,
     /// A log write failed: the error, and when to start the replica again from
     /// the disk. Writes meanwhile are refused with the error at once.
     storage_down: Option<(String, Instant)>,
@@ -456,6 +459,7 @@ impl StripeActor {
             local_queue: VecDeque::new(),
             local_busy: false,
             replica_generation: 0,
+            restart_behind: false,
             storage_down: None,
             storage_failures: 0,
             appended_since_failure: false,
@@ -496,7 +500,7 @@ impl StripeActor {
                 "corrupt entries in the stripe log; serving what precedes them");
         }
         self.applied_index = r.applied;
-        self.replica = Some(Replica::new(
+        let mut replica = Replica::new(
             self.me,
             self.cfg.clone(),
             Recovered {
@@ -508,7 +512,11 @@ impl StripeActor {
                 entries,
                 applied: r.applied,
             },
-        ));
+        );
+        if std::mem::take(&mut self.restart_behind) {
+            replica.still_behind();
+        }
+        self.replica = Some(replica);
         self.stripe = Some(stripe);
         tracing::info!(
             stripe,
@@ -1411,6 +1419,7 @@ impl StripeActor {
             let why = format!("cannot store the snapshot: {e}");
             self.respond(reply, &StripeResponse::SnapshotStored(Err(why)));
         }
+        self.restart_behind = self.replica.as_ref().is_some_and(Replica::started_empty);
         self.replica = None;
         self.replica_generation += 1;
         self.local_queue.clear();

@@ -419,6 +419,18 @@ impl Replica {
         self.handing_over
     }
 
+    /// Whether it started without its stripe data and has not caught up since.
+    pub fn started_empty(&self) -> bool {
+        self.started_empty
+    }
+
+    /// A replica started again from the disk after a storage failure goes on
+    /// from where the one before was: still behind if that one was (what it
+    /// wrote since its empty start may be a part of the log).
+    pub fn still_behind(&mut self) {
+        self.started_empty = true;
+    }
+
     pub fn role(&self) -> Role {
         self.role
     }
