@@ -25,7 +25,7 @@ use super::storage::{SharedApplied, MAX_SNAPSHOT_BYTES};
 use super::types::{node_id_of, ControlNode, ControlTypes, NodeId};
 use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTROL_BODY};
 use crate::membership::{GetNodeInfo, ListMembers, MemberView, MembershipActor};
-use crate::stripe::replica::{choose_candidate, electable, LogPos};
+use crate::stripe::replica::{choose_candidate, electable, LogPos, NamedActive};
 use crate::stripe::wire::{StripeRequest, StripeResponse};
 use crate::stripe::{stripe_request, stripe_response, Responder, ServeStripe, StripeActor};
 
@@ -679,6 +679,7 @@ impl ControlPlane {
             return;
         }
         let peer_of = |n: NodeId| -> Option<PeerId> { state.peer_of(n)?.parse().ok() };
+        let named = entry.active;
         let active = entry.active.and_then(|a| peer_of(a).map(|p| (a, p)));
         let in_sync_count = entry.in_sync.len();
         let standbys: Vec<(NodeId, PeerId)> = entry
@@ -696,14 +697,24 @@ impl ControlPlane {
         let proposer = self.proposer();
         let me = self.me;
         let fut = async move {
+            let mut named = match named {
+                Some(_) => NamedActive::Silent,
+                None => NamedActive::Absent,
+            };
             if let Some((a, peer)) = active {
                 let ping = asker.ask(a, peer, StripeRequest::Ping { stripe });
-                if let Ok(Ok(StripeResponse::Pong { active_in: Some(e) })) =
-                    tokio::time::timeout(ELECTION_PROBE, ping).await
-                {
-                    if e == epoch {
+                match tokio::time::timeout(ELECTION_PROBE, ping).await {
+                    Ok(Ok(StripeResponse::Pong {
+                        active_in: Some(e), ..
+                    })) if e == epoch => {
                         return Err("the active answers the control-plane leader".to_string());
                     }
+                    Ok(Ok(StripeResponse::Pong {
+                        started_empty: true,
+                        ..
+                    })) => named = NamedActive::LostData,
+                    Ok(Ok(StripeResponse::Pong { .. })) => named = NamedActive::HoldsData,
+                    _ => {}
                 }
             }
             let prepares = standbys.iter().map(|(n, p)| {
@@ -722,12 +733,12 @@ impl ControlPlane {
                 .into_iter()
                 .flatten()
                 .collect();
-            let positions = electable(&answers, in_sync_count);
+            let positions = electable(&answers, in_sync_count, named);
             let Some(winner) = choose_candidate(&positions, Some(me)) else {
                 return Err(if answers.is_empty() {
                     "no in-sync standby answered".to_string()
                 } else {
-                    format!("the {} in-sync standbys that answered started without their stripe data; waiting for the others, which may hold it", answers.len())
+                    format!("the {} in-sync standbys that answered started without their stripe data; waiting for the others or the active ({named:?}), which may hold it", answers.len())
                 });
             };
             let in_sync = positions.iter().map(|(n, _)| *n).collect();

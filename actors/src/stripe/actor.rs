@@ -1824,7 +1824,14 @@ impl StripeActor {
                     Some(Role::Active { epoch }) => Some(epoch),
                     _ => None,
                 };
-                self.respond(reply, &StripeResponse::Pong { active_in });
+                let started_empty = self.replica.as_ref().is_some_and(Replica::started_empty);
+                self.respond(
+                    reply,
+                    &StripeResponse::Pong {
+                        active_in,
+                        started_empty,
+                    },
+                );
             }
             // While its storage is down (no replica), the active still says
             // why a write fails (`507`), rather than that it is no member.

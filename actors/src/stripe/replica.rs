@@ -1480,21 +1480,40 @@ impl Replica {
     }
 }
 
+/// What the coordinator of an election learned of the stripe's named active
+/// (it pings it; a prepare would fence it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedActive {
+    /// The stripe names none.
+    Absent,
+    /// It did not answer: it may hold the writes (paused, cut off).
+    Silent,
+    /// It answered that it started without its stripe data.
+    LostData,
+    /// It answered with its data, not as the active of the epoch (it stepped
+    /// down, and takes a new epoch itself: `Renew`).
+    HoldsData,
+}
+
 /// Who may win an election, from the answers to its prepare: (member, log
 /// position, started empty and not caught up since). A member that lost its
 /// stripe data in a restart may still count as in sync, but elected it would
 /// make the others drop what only they hold; it stands only when all
-/// `in_sync` members answered and every one of them lost its data (a whole
-/// stripe restarted with temporary persistence: nothing is left to keep).
-/// The active is not asked (a prepare would fence it): one that still holds
-/// its data but does not answer the coordinator is not waited for then.
-pub fn electable(answers: &[(NodeId, LogPos, bool)], in_sync: usize) -> Vec<(NodeId, LogPos)> {
+/// `in_sync` members answered, every one of them lost its data, and so did
+/// the named active (or there is none): a whole stripe restarted with
+/// temporary persistence, nothing is left to keep.
+pub fn electable(
+    answers: &[(NodeId, LogPos, bool)],
+    in_sync: usize,
+    active: NamedActive,
+) -> Vec<(NodeId, LogPos)> {
     let caught_up: Vec<(NodeId, LogPos)> = answers
         .iter()
         .filter(|(_, _, behind)| !behind)
         .map(|(n, pos, _)| (*n, *pos))
         .collect();
-    if !caught_up.is_empty() || answers.len() < in_sync {
+    let nothing_left = matches!(active, NamedActive::Absent | NamedActive::LostData);
+    if !caught_up.is_empty() || answers.len() < in_sync || !nothing_left {
         return caught_up;
     }
     answers.iter().map(|(n, pos, _)| (*n, *pos)).collect()

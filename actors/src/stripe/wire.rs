@@ -77,9 +77,12 @@ pub enum StripeResponse {
     /// The position of a member that started without its stripe data and has
     /// not caught up since (see `replica::electable`).
     PreparedBehind(LogPos),
-    /// The epoch in which the answering node is active, if it is.
+    /// The epoch in which the answering node is active, if it is, and whether
+    /// it started without its stripe data and has not caught up since.
     Pong {
         active_in: Option<u64>,
+        #[serde(default)]
+        started_empty: bool,
     },
     Written(Result<KvOutcome, ServeError>),
     Value(Result<Option<(u64, serde_bytes::ByteBuf)>, ServeError>),
