@@ -833,6 +833,40 @@ impl Sim {
 }
 
 impl Sim {
+    /// A settled stripe of 3 whose two standbys are both in sync.
+    fn settled_with_two_in_sync(seed: u64) -> Sim {
+        let mut sim = Sim::settled(seed, 3);
+        for _ in 0..2_000 {
+            if sim.view().in_sync.len() == 2 {
+                break;
+            }
+            sim.step();
+        }
+        assert_eq!(sim.view().in_sync.len(), 2, "{:?}", sim.view());
+        sim
+    }
+
+    /// Restarts `id` with its stripe data gone (temporary persistence, a
+    /// wiped directory); its missing writes are not held against it until
+    /// `wiped` is cleared.
+    fn restart_empty(&mut self, id: NodeId) {
+        self.crash(id);
+        self.nodes[(id - 1) as usize].disk = Disk::default();
+        self.wiped.insert(id);
+        self.restart(id);
+    }
+
+    /// Steps until `done` holds (checked after each step), at most `max` times.
+    fn step_until(&mut self, max: usize, done: impl Fn(&Sim) -> bool) -> bool {
+        for _ in 0..max {
+            self.step();
+            if done(self) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// A stripe of `nodes` with no chaos and no loss, run for 2 s: an active
     /// and its in-sync standbys, for tests that then do one thing to it.
     fn settled(seed: u64, nodes: u64) -> Sim {
@@ -997,10 +1031,7 @@ fn an_active_that_restarts_with_no_log_hands_the_stripe_to_a_standby_and_syncs()
     let mut sim = Sim::settled(14, 3);
     let before = sim.view();
     let old = before.active.unwrap();
-    sim.crash(old);
-    sim.nodes[(old - 1) as usize].disk = Disk::default();
-    sim.wiped.insert(old);
-    sim.restart(old);
+    sim.restart_empty(old);
     let acked = sim.acked.len();
     for _ in 0..300 {
         sim.step();
@@ -1028,27 +1059,12 @@ fn an_active_that_restarts_with_no_log_hands_the_stripe_to_a_standby_and_syncs()
 /// nothing would be left to keep.)
 #[test]
 fn a_standby_that_restarted_empty_is_not_elected_over_one_that_holds_the_data() {
-    let mut sim = Sim::settled(21, 3);
-    for _ in 0..2_000 {
-        if sim.view().in_sync.len() == 2 {
-            break;
-        }
-        sim.step();
-    }
+    let mut sim = Sim::settled_with_two_in_sync(21);
     let before = sim.view();
     let active = before.active.unwrap();
-    let standbys: Vec<NodeId> = before
-        .in_sync
-        .iter()
-        .copied()
-        .filter(|n| *n != active)
-        .collect();
-    assert_eq!(standbys.len(), 2, "{before:?}");
+    let standbys: Vec<NodeId> = before.in_sync.iter().copied().collect();
     let (emptied, holder) = (standbys[0], standbys[1]);
-    sim.crash(emptied);
-    sim.nodes[(emptied - 1) as usize].disk = Disk::default();
-    sim.wiped.insert(emptied);
-    sim.restart(emptied);
+    sim.restart_empty(emptied);
     sim.crash(holder);
     sim.crash(active);
     for _ in 0..500 {
@@ -1056,21 +1072,11 @@ fn a_standby_that_restarted_empty_is_not_elected_over_one_that_holds_the_data() 
     }
     assert_ne!(sim.view().active, Some(emptied), "{:?}", sim.view());
     sim.restart(holder);
-    for _ in 0..1_000 {
-        sim.step();
-        if sim.view().epoch > before.epoch {
-            break;
-        }
-    }
+    sim.step_until(1_000, |sim| sim.view().epoch > before.epoch);
     assert_eq!(sim.view().active, Some(holder), "{:?}", sim.view());
     sim.restart(active);
-    for _ in 0..2_000 {
-        sim.step();
-        if sim.view().in_sync.contains(&emptied) {
-            break;
-        }
-    }
-    assert!(sim.view().in_sync.contains(&emptied), "{:?}", sim.view());
+    let synced = sim.step_until(2_000, |sim| sim.view().in_sync.contains(&emptied));
+    assert!(synced, "{:?}", sim.view());
     sim.wiped.clear();
     sim.check(true);
 }
@@ -1081,22 +1087,12 @@ fn a_standby_that_restarted_empty_is_not_elected_over_one_that_holds_the_data() 
 /// back: the stripe waits for it instead.
 #[test]
 fn emptied_standbys_are_not_elected_while_a_silent_active_may_hold_the_writes() {
-    let mut sim = Sim::settled(5, 3);
-    for _ in 0..2_000 {
-        if sim.view().in_sync.len() == 2 {
-            break;
-        }
-        sim.step();
-    }
+    let mut sim = Sim::settled_with_two_in_sync(5);
     let before = sim.view();
     let active = before.active.unwrap();
-    assert_eq!(before.in_sync.len(), 2, "{before:?}");
     sim.isolated.insert(active);
     for &n in &before.in_sync {
-        sim.crash(n);
-        sim.nodes[(n - 1) as usize].disk = Disk::default();
-        sim.wiped.insert(n);
-        sim.restart(n);
+        sim.restart_empty(n);
     }
     for _ in 0..500 {
         sim.step();
@@ -1113,13 +1109,10 @@ fn emptied_standbys_are_not_elected_while_a_silent_active_may_hold_the_writes() 
             .iter()
             .all(|n| !sim.nodes[(*n - 1) as usize].replica.started_empty())
     };
-    for _ in 0..2_000 {
-        sim.step();
-        if caught_up(&sim) {
-            break;
-        }
-    }
-    assert!(caught_up(&sim), "the emptied standbys caught up");
+    assert!(
+        sim.step_until(2_000, caught_up),
+        "the emptied standbys caught up"
+    );
     sim.wiped.clear();
     sim.check(true);
 }
@@ -1131,20 +1124,12 @@ fn a_stripe_whose_every_member_lost_its_data_elects_one_of_them() {
     let mut sim = Sim::settled(8, 3);
     let before = sim.view();
     for n in 1..=3 {
-        sim.crash(n);
-        sim.nodes[(n - 1) as usize].disk = Disk::default();
-        sim.wiped.insert(n);
-    }
-    for n in 1..=3 {
-        sim.restart(n);
+        sim.restart_empty(n);
     }
     let acked = sim.acked.len();
-    for _ in 0..2_000 {
-        sim.step();
-        if sim.view().epoch > before.epoch && sim.acked.len() > acked {
-            break;
-        }
-    }
+    sim.step_until(2_000, |sim| {
+        sim.view().epoch > before.epoch && sim.acked.len() > acked
+    });
     assert!(sim.view().epoch > before.epoch, "{:?}", sim.view());
     assert!(sim.acked.len() > acked, "writes go on");
 }
