@@ -1,7 +1,8 @@
 //! Artifact publish with real `kiln` processes: a 100 MiB artifact reaches every
 //! node — one restarted in the middle of its transfer (it resumes) and one that
-//! joins after the upload included — and every copy has the uploaded SHA-256; a
-//! holder whose copy went bad on disk does not spread it.
+//! joins after the upload included — and every copy has the uploaded SHA-256, and
+//! each node announces it once with an `artifact` event; a holder whose copy went
+//! bad on disk does not spread it.
 //! Deadlines only guard against hanging.
 
 use std::io::{Read, Write};
@@ -70,6 +71,8 @@ fn a_100_mib_artifact_reaches_every_node_across_a_restart_and_a_late_join() {
     let _serial = serial();
     let mut nodes = start_cluster("art", 3, NodeOpts::default());
     wait_converged(&nodes, LONG);
+    // Node 2 stays up throughout: its stream sees every node's announcement.
+    let events = Subscriber::follow(nodes[1].http(), Some(String::new()));
     let data = content(SIZE);
     let sha = hex_of(&Sha256::digest(&data));
     let file = tempfile::NamedTempFile::new().expect("temp file");
@@ -137,6 +140,38 @@ fn a_100_mib_artifact_reaches_every_node_across_a_restart_and_a_late_join() {
     );
     for n in &nodes {
         assert_eq!(sha_of_download(n, "crm-solution"), sha, "{}'s copy", n.name);
+    }
+    // Each node announced the version it holds, once: the uploader, the node
+    // restarted mid-transfer and the late joiner included.
+    let announcements = || -> Vec<(String, Value)> {
+        events
+            .snapshot()
+            .into_iter()
+            .filter(|s| s.event["kind"] == "artifact")
+            .map(|s| {
+                (
+                    s.event["origin"].as_str().unwrap_or("").to_string(),
+                    s.event,
+                )
+            })
+            .collect()
+    };
+    wait_until("every node announces the version", LONG, || {
+        nodes
+            .iter()
+            .all(|n| announcements().iter().any(|(origin, _)| *origin == n.id()))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let seen = announcements();
+    assert_eq!(
+        seen.len(),
+        nodes.len(),
+        "one announcement per node: {seen:?}"
+    );
+    for (_, e) in &seen {
+        assert_eq!(e["name"], "crm-solution");
+        assert_eq!(e["version"], 1);
+        assert_eq!(e["sha256"], sha.as_str());
     }
     // Every node is recorded as a holder: a node records itself through the
     // control plane after it completes, so the list catches up a moment later.

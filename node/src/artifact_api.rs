@@ -10,8 +10,7 @@ use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use futures::StreamExt;
-use kiln_actors::artifact::{actor::announce, ArtifactActor, GetTransfers, Uploaded};
-use kiln_actors::broadcast::BroadcastActor;
+use kiln_actors::artifact::{ArtifactActor, GetTransfers, Uploaded};
 use kiln_actors::control::state::{
     ArtifactCommand, ArtifactVersion, ControlCommand, ControlOutcome,
 };
@@ -35,7 +34,6 @@ pub struct ArtifactApi {
     pub store: Arc<ArtifactStore>,
     pub applied: SharedApplied,
     pub control: Addr<ControlPlane>,
-    pub broadcast: Addr<BroadcastActor>,
     pub me: NodeId,
     pub keep_versions: u32,
 }
@@ -66,6 +64,40 @@ fn check_name(name: &str) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("an artifact is at most {MAX_ARTIFACT_BYTES} bytes"),
+    )
+}
+
+fn content_length(req: &HttpRequest) -> Result<Option<u64>, ApiError> {
+    match req.headers().get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .map(Some)
+            .ok_or_else(|| bad_request("Content-Length is not a number".into())),
+    }
+}
+
+/// What names this upload to the control plane: the client's
+/// `Idempotency-Key` (a retry gets the version the first try got, while it is
+/// live), else a fresh id.
+fn upload_id(req: &HttpRequest) -> Result<String, ApiError> {
+    match req.headers().get("idempotency-key") {
+        None => Ok(format!("{:032x}", rand::random::<u128>())),
+        Some(v) => match v.to_str().map(str::trim) {
+            Ok(k) if !k.is_empty() && k.len() <= 256 => Ok(format!("k:{k}")),
+            _ => Err(bad_request(
+                "Idempotency-Key must be 1 to 256 characters of text".into(),
+            )),
+        },
+    }
 }
 
 /// The SHA-256 a `Content-Digest: sha-256=:<base64>:` header asks for.
@@ -120,6 +152,13 @@ pub async fn put(
     check_name(&name)?;
     let api = api(&state)?;
     let wanted = wanted_digest(&req)?;
+    let upload_id = upload_id(&req)?;
+    // Refused before the body is read, so the client sees why.
+    if let Some(len) = content_length(&req)? {
+        if len > MAX_ARTIFACT_BYTES {
+            return Err(too_large());
+        }
+    }
     let store = api.store.clone();
     let mut upload: Upload = blocking(move || store.upload()).await?;
     let mut buf = Vec::with_capacity(WRITE_BATCH);
@@ -128,10 +167,7 @@ pub async fn put(
         let chunk = chunk.map_err(|e| bad_request(format!("cannot read the body: {e}")))?;
         total += chunk.len() as u64;
         if total > MAX_ARTIFACT_BYTES {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("an artifact is at most {MAX_ARTIFACT_BYTES} bytes"),
-            ));
+            return Err(too_large());
         }
         buf.extend_from_slice(&chunk);
         if buf.len() >= WRITE_BATCH {
@@ -170,7 +206,7 @@ pub async fn put(
             size: digests.size,
             chunks_root: digests.chunks_root(),
             published_ms: kiln_actors::membership::unix_ms(),
-            upload: format!("{:032x}", rand::random::<u128>()),
+            upload: upload_id.clone(),
             holders: Default::default(),
         },
         by: api.me,
@@ -186,19 +222,28 @@ pub async fn put(
         }
         Ok(Err(e)) => {
             return Err(ApiError::retry_later(format!(
-                "the control plane could not assign a version ({e}); the upload is kept for 10 minutes, retry"
+                "the control plane could not assign a version ({e}); it may have assigned one \
+                 all the same: retry with the same Idempotency-Key to get that one rather than \
+                 a second version (the upload is kept for 10 minutes)"
             )))
         }
         Err(e) => return Err(ApiError::retry_later(format!("node is shutting down: {e}"))),
     };
+    if let Ok((_, v)) = lookup(api, &name, Some(version)) {
+        if v.upload == upload_id && v.sha256 != digests.sha256 {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "this Idempotency-Key was used for another upload of {name} (version {version}, \
+                     sha-256 {}); nothing new was published",
+                    v.sha256
+                ),
+            ));
+        }
+    }
+    // The artifact actor announces the version once this node's applied
+    // state records it holding it.
     api.actor.do_send(Uploaded(digests.sha256.clone()));
-    announce(
-        &api.broadcast,
-        name.clone(),
-        version,
-        digests.sha256.clone(),
-    )
-    .await;
     tracing::info!(%name, version, size = digests.size, sha256 = %digests.sha256, "artifact version published");
     Ok(HttpResponse::Created().json(json!({
         "name": name,
@@ -270,13 +315,32 @@ pub async fn get(
         )));
     }
     let path = api.store.blob_path(&v.sha256);
-    let file = blocking(move || {
-        std::fs::File::open(&path).map_err(|e| StoreError::Storage {
-            path: path.clone(),
-            source: redb::StorageError::Io(e).into(),
-        })
+    let file = match tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&path).map_err(|e| (path, e))
     })
-    .await?;
+    .await
+    {
+        Ok(Ok(f)) => f,
+        // Retired and collected since `lookup`.
+        Ok(Err((_, e))) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("version {version} of {name} was retired meanwhile"),
+            ))
+        }
+        Ok(Err((path, e))) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read {}: {e}", path.display()),
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("artifact storage task failed: {e}"),
+            ))
+        }
+    };
     let body = futures::stream::unfold(Some(file), |file| async move {
         let mut file = file?;
         let read = tokio::task::spawn_blocking(move || {

@@ -565,6 +565,9 @@ pub fn format_artifacts(view: &Value) -> String {
     )
 }
 
+/// Tries of an artifact upload answered 503 (the control plane busy electing).
+const UPLOAD_TRIES: u32 = 3;
+
 pub fn artifact(cmd: ArtifactCommand) -> anyhow::Result<()> {
     use sha2::Digest;
     use std::io::Read;
@@ -576,6 +579,13 @@ pub fn artifact(cmd: ArtifactCommand) -> anyhow::Result<()> {
             };
             let mut f = open()?;
             let size = f.metadata()?.len();
+            let max = crate::artifact_api::MAX_ARTIFACT_BYTES;
+            if size > max {
+                return Err(anyhow!(
+                    "{} is {size} bytes; an artifact is at most {max} bytes",
+                    file.display()
+                ));
+            }
             let mut h = sha2::Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
             loop {
@@ -593,28 +603,39 @@ pub fn artifact(cmd: ArtifactCommand) -> anyhow::Result<()> {
             let agent = ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(10))
                 .build();
-            let mut req = agent
-                .put(&url)
-                .set("Content-Digest", &format!("sha-256=:{digest}:"))
-                .set("Content-Length", &size.to_string());
-            if let Some(t) = &api.token {
-                req = req.set("Authorization", &format!("Bearer {t}"));
-            }
-            eprintln!("uploading {} ({size} bytes) as {name}", file.display());
-            match req.send(open()?) {
-                Ok(resp) => {
-                    let v: Value = resp.into_json()?;
-                    println!("{v}");
-                    Ok(())
+            // The same key on every try: a retry after a 503 gets the version
+            // an earlier try may have been given, not a second one.
+            let key = format!("{:032x}", rand::random::<u128>());
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let mut req = agent
+                    .put(&url)
+                    .set("Content-Digest", &format!("sha-256=:{digest}:"))
+                    .set("Content-Length", &size.to_string())
+                    .set("Idempotency-Key", &key);
+                if let Some(t) = &api.token {
+                    req = req.set("Authorization", &format!("Bearer {t}"));
                 }
-                Err(ureq::Error::Status(code, resp)) => {
-                    let body: Value = resp.into_json().unwrap_or(Value::Null);
-                    Err(anyhow!(
-                        "PUT {url}: {code}: {}",
-                        body["error"].as_str().unwrap_or("no detail")
-                    ))
+                eprintln!("uploading {} ({size} bytes) as {name}", file.display());
+                match req.send(open()?) {
+                    Ok(resp) => {
+                        let v: Value = resp.into_json()?;
+                        println!("{v}");
+                        return Ok(());
+                    }
+                    Err(ureq::Error::Status(code, resp)) => {
+                        let body: Value = resp.into_json().unwrap_or(Value::Null);
+                        let detail = body["error"].as_str().unwrap_or("no detail");
+                        if code == 503 && tries < UPLOAD_TRIES {
+                            eprintln!("PUT {url}: {code}: {detail}; trying again");
+                            std::thread::sleep(Duration::from_secs(2));
+                            continue;
+                        }
+                        return Err(anyhow!("PUT {url}: {code}: {detail}"));
+                    }
+                    Err(e) => return Err(anyhow!("cannot reach kiln at {}: {e}", api.base)),
                 }
-                Err(e) => Err(anyhow!("cannot reach kiln at {}: {e}", api.base)),
             }
         }
         ArtifactCommand::Get {
@@ -636,12 +657,47 @@ pub fn artifact(cmd: ArtifactCommand) -> anyhow::Result<()> {
                 &[],
                 None,
             )?;
+            let etag = resp.header("ETag").map(|t| t.trim_matches('"').to_string());
             let mut reader = resp.into_reader();
             match output {
                 Some(path) => {
-                    let mut f = std::fs::File::create(&path)
-                        .with_context(|| format!("cannot create {}", path.display()))?;
-                    std::io::copy(&mut reader, &mut f)?;
+                    // Written beside the target and moved there once complete
+                    // and checked: a broken download leaves no partial file
+                    // under the name asked for.
+                    let mut partial = path.clone().into_os_string();
+                    partial.push(".kiln-partial");
+                    let partial = std::path::PathBuf::from(partial);
+                    let mut f = std::fs::File::create(&partial)
+                        .with_context(|| format!("cannot create {}", partial.display()))?;
+                    let mut h = sha2::Sha256::new();
+                    let mut buf = vec![0u8; 1 << 20];
+                    let copied = (|| -> anyhow::Result<()> {
+                        loop {
+                            let n = reader.read(&mut buf).context("download broke off")?;
+                            if n == 0 {
+                                break;
+                            }
+                            h.update(&buf[..n]);
+                            std::io::Write::write_all(&mut f, &buf[..n])
+                                .with_context(|| format!("cannot write {}", partial.display()))?;
+                        }
+                        f.sync_all()
+                            .with_context(|| format!("cannot write {}", partial.display()))?;
+                        let got = hex::encode(h.finalize());
+                        match &etag {
+                            Some(want) if *want != got => Err(anyhow!(
+                                "the download's SHA-256 is {got}, the node said {want}"
+                            )),
+                            _ => Ok(()),
+                        }
+                    })();
+                    if let Err(e) = copied {
+                        let _ = std::fs::remove_file(&partial);
+                        return Err(e.context(format!("{} was not written", path.display())));
+                    }
+                    std::fs::rename(&partial, &path).with_context(|| {
+                        format!("cannot move the download to {}", path.display())
+                    })?;
                 }
                 None => {
                     std::io::copy(&mut reader, &mut std::io::stdout().lock())?;

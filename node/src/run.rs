@@ -237,6 +237,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             broadcast.clone(),
             artifact_metrics,
             health.clone(),
+            artifact_store.announced()?,
         )
         .start();
         // Peers' requests go to the actor that serves them.
@@ -288,7 +289,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 store: artifact_store,
                 applied,
                 control,
-                broadcast,
                 me,
                 keep_versions: settings.artifact_keep_versions,
             }),

@@ -3,14 +3,17 @@
 //! `artifacts/partial/<sha>` is a fetch under way (resumed after a restart from its
 //! verified prefix); `artifacts/uploads/` holds uploads being received. Content
 //! becomes visible under `blobs/` only by an atomic rename after it was verified
-//! and fsynced, so nothing half-written is ever served.
+//! and fsynced, so nothing half-written is ever served. `artifacts/announced`
+//! lists the versions this node has announced holding (so an announcement cut
+//! off by a crash or a timeout is made later, and a made one is not repeated).
 //!
 //! Every function does blocking file I/O: call it off the async threads.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -59,7 +62,17 @@ pub fn is_sha256_hex(s: &str) -> bool {
 
 pub struct ArtifactStore {
     dir: PathBuf,
+    /// Held by garbage collection while it looks at and removes a file, and by
+    /// an upload kept as content already here, so the collection never removes
+    /// content an upload has just claimed.
+    claims: Mutex<()>,
+    /// The newest list of announced versions written (an older one that
+    /// finishes later is not written over it).
+    announced_written: Mutex<u64>,
 }
+
+/// Versions (name, version) this node has announced holding.
+pub type Announced = BTreeSet<(String, u64)>;
 
 fn io_err(path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Storage {
@@ -137,6 +150,7 @@ impl ArtifactStore {
     /// discarded.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let dir = data_dir.join("artifacts");
+        let fresh = !dir.exists();
         for sub in ["blobs", "partial", "uploads"] {
             let p = dir.join(sub);
             fs::create_dir_all(&p).map_err(|e| StoreError::CreateDir {
@@ -151,7 +165,69 @@ impl ArtifactStore {
         {
             let _ = fs::remove_file(entry.path());
         }
-        Ok(ArtifactStore { dir })
+        let store = ArtifactStore {
+            dir,
+            claims: Mutex::new(()),
+            announced_written: Mutex::new(0),
+        };
+        if fresh {
+            // A directory from before the list has none (see `announced`).
+            store.set_announced(1, &Announced::new())?;
+        }
+        Ok(store)
+    }
+
+    fn announced_path(&self) -> PathBuf {
+        self.dir.join("announced")
+    }
+
+    /// The versions this node announced holding, or `None` for a directory
+    /// kept by a kiln from before the list (which announced everything it held).
+    pub fn announced(&self) -> Result<Option<Announced>, StoreError> {
+        let path = self.announced_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path, e)),
+        };
+        let corrupt = |line: &str| StoreError::Corrupt {
+            path: path.clone(),
+            what: "announced artifact versions".into(),
+            detail: format!("line {line:?} is not '<version> <hex name>'"),
+        };
+        let mut out = Announced::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let (version, name) = line.split_once(' ').ok_or_else(|| corrupt(line))?;
+            let version = version.parse().map_err(|_| corrupt(line))?;
+            let name = hex::decode(name)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| corrupt(line))?;
+            out.insert((name, version));
+        }
+        Ok(Some(out))
+    }
+
+    /// Replaces the list of announced versions (fsynced), unless a list of a
+    /// later `generation` was written already.
+    pub fn set_announced(&self, generation: u64, set: &Announced) -> Result<(), StoreError> {
+        let mut written = lock(&self.announced_written);
+        if generation < *written {
+            return Ok(());
+        }
+        let path = self.announced_path();
+        let tmp = path.with_extension("tmp");
+        let mut text = String::new();
+        for (name, version) in set {
+            text.push_str(&format!("{version} {}\n", hex::encode(name)));
+        }
+        let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        f.write_all(text.as_bytes()).map_err(|e| io_err(&tmp, e))?;
+        f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+        sync_dir(&self.dir)?;
+        *written = generation;
+        Ok(())
     }
 
     pub fn blob_path(&self, sha: &str) -> PathBuf {
@@ -197,6 +273,7 @@ impl ArtifactStore {
             .sync_all()
             .map_err(|e| io_err(&upload.path, e))?;
         let dest = self.blob_path(&digests.sha256);
+        let _claim = lock(&self.claims);
         if self.has(&digests.sha256) {
             // Same content already here (perhaps retired, awaiting collection):
             // it counts as new, so garbage collection grants it its grace period.
@@ -359,8 +436,10 @@ impl ArtifactStore {
                 if keep.contains(sha) {
                     continue;
                 }
-                let young = entry
-                    .metadata()
+                // Looked at again under the claim: an upload may have just
+                // taken this content back (see `keep_upload`).
+                let _claim = lock(&self.claims);
+                let young = fs::metadata(entry.path())
                     .and_then(|m| m.modified())
                     .map(|t| now.duration_since(t).unwrap_or_default() < grace)
                     .unwrap_or(true);
@@ -374,6 +453,10 @@ impl ArtifactStore {
         }
         Ok(removed)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -450,5 +533,27 @@ mod tests {
         assert_eq!(removed, vec![d.sha256.clone()]);
         assert!(!store.has(&d.sha256));
         assert!(!is_sha256_hex("../etc/passwd"));
+    }
+
+    #[test]
+    fn announced_versions_survive_reopen_and_a_directory_from_before_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        assert_eq!(store.announced().unwrap(), Some(Announced::new()));
+        let set = Announced::from([
+            ("crm solution".to_string(), 3),
+            ("a\u{e9} b".to_string(), 1),
+        ]);
+        store.set_announced(2, &set).unwrap();
+        // A list computed earlier that finishes later does not win.
+        store.set_announced(1, &Announced::new()).unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        assert_eq!(store.announced().unwrap(), Some(set));
+
+        fs::remove_file(dir.path().join("artifacts/announced")).unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        assert_eq!(store.announced().unwrap(), None);
+        fs::write(dir.path().join("artifacts/announced"), "x y\n").unwrap();
+        assert!(matches!(store.announced(), Err(StoreError::Corrupt { .. })));
     }
 }

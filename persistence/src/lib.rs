@@ -15,7 +15,8 @@ mod stripe_store;
 mod unflushed;
 
 pub use artifact_store::{
-    chunk_count, chunks_root, is_sha256_hex, ArtifactStore, Digests, Upload, ARTIFACT_CHUNK,
+    chunk_count, chunks_root, is_sha256_hex, Announced, ArtifactStore, Digests, Upload,
+    ARTIFACT_CHUNK,
 };
 pub use broadcast_store::{
     BroadcastStore, Missed, OriginRun, Retention, StoredEvent, BROADCAST_DB_FILE,

@@ -1,8 +1,9 @@
 //! The artifact actor: fetches the content of live artifact versions this node
 //! lacks, chunk by chunk from the nodes that hold it (each chunk checked against
 //! its digest; a bad one is fetched from another holder), records this node as a
-//! holder once the whole content is verified, announces it with an `artifact`
-//! event, serves chunks to other nodes and collects retired content.
+//! holder once the whole content is verified, announces every version it is
+//! recorded as holding with an `artifact` event (once: the versions announced
+//! are kept on disk), serves chunks to other nodes and collects retired content.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -11,7 +12,9 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use kiln_net::wire::{Request, Response};
 use kiln_net::{CallError, NetCommand, NetHandle, PeerId, Reply};
-use kiln_persistence::{chunk_count, chunks_root, ArtifactStore, StoreError, ARTIFACT_CHUNK};
+use kiln_persistence::{
+    chunk_count, chunks_root, Announced, ArtifactStore, StoreError, ARTIFACT_CHUNK,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -22,7 +25,7 @@ use super::{plan, Wanted};
 use crate::blocking::blocking;
 use crate::broadcast::event::EventBody;
 use crate::broadcast::{BroadcastActor, Publish, PublishError};
-use crate::control::state::{ArtifactCommand, ControlCommand};
+use crate::control::state::{ArtifactCommand, ControlCommand, ControlOutcome};
 use crate::control::types::NodeId;
 use crate::control::{addresses, AddressBook, ControlPlane, Propose, SharedApplied};
 use crate::health::{StorageHealth, StoragePart};
@@ -42,6 +45,12 @@ const PEER_BACKOFF: Duration = Duration::from_secs(5);
 /// Unreferenced content younger than this is kept (an upload awaiting its version).
 const GC_GRACE: Duration = Duration::from_secs(600);
 const GC_EVERY: Duration = Duration::from_secs(30);
+/// An announcement refused while the node gets its own earlier events back
+/// (a lost broadcast log, up to a minute and a half) is tried again this soon.
+const ANNOUNCE_RECOVERING_RETRY: Duration = Duration::from_secs(1);
+/// An announcement that failed otherwise, or whose answer is awaited, is tried
+/// again after this long.
+const ANNOUNCE_RETRY: Duration = Duration::from_secs(10);
 
 /// kiln_artifact_* metrics.
 #[derive(Clone, Default)]
@@ -126,9 +135,8 @@ impl Transfer {
     }
 
     /// A holder to ask next: round-robin over those not recently failed.
-    fn pick_holder(&mut self) -> Option<PeerId> {
-        let holders: Vec<PeerId> = self
-            .wanted
+    fn usable_holders(&self) -> Vec<PeerId> {
+        self.wanted
             .holders
             .iter()
             .filter_map(|h| h.parse().ok())
@@ -137,7 +145,20 @@ impl Transfer {
                     .get(p)
                     .is_none_or(|since| since.elapsed() >= PEER_BACKOFF)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Nothing under way and nobody to ask (every holder gone or failing): the
+    /// transfer does not hold up the fetch of other versions meanwhile.
+    fn stalled(&self) -> bool {
+        self.inflight.is_empty()
+            && !self.asking_manifest
+            && !self.writing
+            && self.usable_holders().is_empty()
+    }
+
+    fn pick_holder(&mut self) -> Option<PeerId> {
+        let holders = self.usable_holders();
         if holders.is_empty() {
             return None;
         }
@@ -175,6 +196,13 @@ pub struct ArtifactActor {
     transfers: HashMap<String, Transfer>,
     /// Hold proposals sent, and when (retried after a while if not applied).
     holding: HashMap<(String, u64), Instant>,
+    /// Versions announced (as on disk); `None` until the first tick for a
+    /// directory kept by a kiln from before the list.
+    announced: Option<Announced>,
+    /// Generation of the last list of announced versions handed to the store.
+    announced_generation: u64,
+    /// Announcements under way or refused, and when they may be tried again.
+    announcing: HashMap<(String, u64), Instant>,
     last_gc: Instant,
 }
 
@@ -190,8 +218,12 @@ impl ArtifactActor {
         broadcast: Addr<BroadcastActor>,
         metrics: ArtifactMetrics,
         health: StorageHealth,
+        announced: Option<Announced>,
     ) -> Self {
         ArtifactActor {
+            announced,
+            announced_generation: 1,
+            announcing: HashMap::new(),
             health,
             write_failed: HashMap::new(),
             me,
@@ -233,13 +265,15 @@ impl ArtifactActor {
         for (name, version) in plan.hold {
             self.propose_hold(name, version);
         }
+        self.announce_held(&plan.held, ctx);
+        let mut busy = self.transfers.values().filter(|t| !t.stalled()).count();
         for w in plan.fetch {
             if let Some(t) = self.transfers.get_mut(&w.sha256) {
                 // Holders change as other nodes complete.
                 t.wanted.holders = w.holders;
                 continue;
             }
-            if self.transfers.len() >= MAX_TRANSFERS {
+            if busy >= MAX_TRANSFERS {
                 continue;
             }
             if self
@@ -254,6 +288,7 @@ impl ArtifactActor {
             tracing::info!(name = %w.name, version = w.version, size = w.size, sha256 = %w.sha256,
                 "fetching artifact content");
             let sha = w.sha256.clone();
+            busy += 1;
             self.transfers.insert(
                 sha.clone(),
                 Transfer {
@@ -287,7 +322,9 @@ impl ArtifactActor {
             self.last_gc = Instant::now();
             let store = self.store.clone();
             let live = plan.live.clone();
-            self.local.retain(|s| live.contains(s));
+            // Content that went from the disk (removed by hand, lost) is
+            // fetched again rather than counted as held.
+            self.local.retain(|s| live.contains(s) && self.store.has(s));
             let in_transfer: HashSet<String> = self.transfers.keys().cloned().collect();
             tokio::task::spawn_blocking(move || {
                 let keep: HashSet<String> = live.union(&in_transfer).cloned().collect();
@@ -312,34 +349,101 @@ impl ArtifactActor {
             return;
         }
         self.holding.insert(key, Instant::now());
-        let sha = self
-            .applied
-            .read()
-            .ok()
-            .and_then(|a| {
-                a.state
-                    .artifacts
-                    .get(&name)?
-                    .versions
-                    .get(&version)
-                    .map(|v| v.sha256.clone())
-            })
-            .unwrap_or_default();
         let cmd = ControlCommand::Artifact(ArtifactCommand::Hold {
             name: name.clone(),
             version,
             node: self.me,
         });
         let control = self.control.clone();
-        let broadcast = self.broadcast.clone();
+        // The announcement follows from the applied state (`announce_held`).
         actix_rt::spawn(async move {
             match control.send(Propose(cmd)).await {
-                Ok(Ok(_)) => {
-                    tracing::info!(%name, version, "holding artifact version");
-                    announce(&broadcast, name, version, sha).await;
+                Ok(Ok(ControlOutcome::Rejected { reason })) => {
+                    tracing::info!(%name, version, %reason, "artifact version retired before this node was recorded holding it")
                 }
+                Ok(Ok(_)) => tracing::info!(%name, version, "holding artifact version"),
                 Ok(Err(e)) => tracing::debug!(%name, version, error = %e, "hold not recorded yet"),
                 Err(_) => {}
+            }
+        });
+    }
+
+    /// Announces each version this node is recorded as holding and has not
+    /// announced yet — whatever cut an earlier try off (a crash, a timeout, a
+    /// broadcast log being recovered) — and forgets retired ones.
+    fn announce_held(&mut self, held: &[(String, u64, String)], ctx: &mut Context<Self>) {
+        let recorded: Announced = held.iter().map(|(n, v, _)| (n.clone(), *v)).collect();
+        let announced = match self.announced.as_mut() {
+            Some(a) => a,
+            None => {
+                // A directory from before the list: the kiln that kept it
+                // announced what it held.
+                self.announced = Some(recorded.clone());
+                self.save_announced();
+                return;
+            }
+        };
+        let before = announced.len();
+        announced.retain(|k| recorded.contains(k));
+        if announced.len() != before {
+            self.save_announced();
+        }
+        let now = Instant::now();
+        self.announcing.retain(|k, _| recorded.contains(k));
+        for (name, version, sha256) in held {
+            let key = (name.clone(), *version);
+            if self.announced.as_ref().is_some_and(|a| a.contains(&key))
+                || self.announcing.get(&key).is_some_and(|at| now < *at)
+            {
+                continue;
+            }
+            self.announcing.insert(key.clone(), now + ANNOUNCE_RETRY);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.broadcast.do_send(Publish {
+                bodies: vec![EventBody::Artifact {
+                    name: name.clone(),
+                    version: *version,
+                    sha256: sha256.clone(),
+                }],
+                reply: tx,
+            });
+            ctx.spawn(rx.into_actor(self).map(
+                move |answer, act, _ctx| match answer {
+                    Ok(Ok(_)) => {
+                        tracing::info!(artifact = %key.0, version = key.1, "announced artifact version");
+                        act.announcing.remove(&key);
+                        if let Some(a) = act.announced.as_mut() {
+                            a.insert(key);
+                        }
+                        act.save_announced();
+                    }
+                    Ok(Err(PublishError::Recovering)) => {
+                        act.announcing
+                            .insert(key, Instant::now() + ANNOUNCE_RECOVERING_RETRY);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, artifact = %key.0, version = key.1,
+                            retry_s = ANNOUNCE_RETRY.as_secs(), "cannot announce an artifact version; will retry");
+                    }
+                    Err(_) => {}
+                },
+            ));
+        }
+    }
+
+    /// Writes the list of announced versions (in the background; the newest
+    /// list wins).
+    fn save_announced(&mut self) {
+        let Some(set) = self.announced.clone() else {
+            return;
+        };
+        self.announced_generation += 1;
+        let generation = self.announced_generation;
+        let store = self.store.clone();
+        actix_rt::spawn(async move {
+            if let Err(e) = blocking(move || store.set_announced(generation, &set)).await {
+                // Not fatal: at worst a version is announced again after a restart.
+                tracing::warn!(error = %e, "cannot record the announced artifact versions");
             }
         });
     }
@@ -619,46 +723,6 @@ impl ArtifactActor {
     }
 }
 
-/// Announces on the databroadcast that this node holds a complete version.
-pub async fn announce(
-    broadcast: &Addr<BroadcastActor>,
-    name: String,
-    version: u64,
-    sha256: String,
-) {
-    // A node getting its own earlier events back (a lost broadcast log) takes
-    // new ones a few seconds later: the announcement waits for that.
-    for _ in 0..ANNOUNCE_TRIES {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        broadcast.do_send(Publish {
-            bodies: vec![EventBody::Artifact {
-                name: name.clone(),
-                version,
-                sha256: sha256.clone(),
-            }],
-            reply: tx,
-        });
-        match rx.await {
-            Ok(Err(PublishError::Recovering)) => {
-                tokio::time::sleep(ANNOUNCE_RETRY).await;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, artifact = %name, version, "cannot announce an artifact version");
-                return;
-            }
-            Ok(Ok(_)) | Err(_) => return,
-        }
-    }
-    tracing::warn!(artifact = %name, version,
-        "cannot announce an artifact version: the node's broadcast log is still being recovered from its peers");
-}
-
-/// How often, and how long apart, an announcement is tried while the node
-/// gets its own earlier events back (see `BroadcastActor`: up to a minute to
-/// hear its peers and half a minute to fetch): three minutes in all.
-const ANNOUNCE_TRIES: u32 = 360;
-const ANNOUNCE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
-
 impl Actor for ArtifactActor {
     type Context = Context<Self>;
 
@@ -755,5 +819,48 @@ impl Handler<GetTransfers> for ArtifactActor {
                 })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transfer(holders: Vec<String>) -> Transfer {
+        Transfer {
+            wanted: Wanted {
+                name: "crm".into(),
+                version: 1,
+                sha256: "a".repeat(64),
+                size: 10,
+                chunks_root: String::new(),
+                holders,
+            },
+            manifest: None,
+            asking_manifest: false,
+            written: 0,
+            todo: BTreeSet::new(),
+            inflight: HashMap::new(),
+            ready: BTreeMap::new(),
+            writing: false,
+            avoid: HashMap::new(),
+            next_holder: 0,
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_transfer_with_nobody_to_ask_is_stalled_and_leaves_its_slot() {
+        // Its only holder left the cluster: nothing to ask, nothing under way.
+        assert!(transfer(Vec::new()).stalled());
+        let peer = PeerId::random();
+        let mut t = transfer(vec![peer.to_string()]);
+        assert!(!t.stalled());
+        // The holder failed just now: stalled until its backoff ends.
+        t.avoid.insert(peer, Instant::now());
+        assert!(t.stalled());
+        // A request still under way keeps the slot.
+        t.inflight.insert(0, peer);
+        assert!(!t.stalled());
     }
 }

@@ -33,6 +33,8 @@ pub struct Plan {
     pub fetch: Vec<Wanted>,
     /// Versions this node holds but is not yet recorded as holding.
     pub hold: Vec<(String, u64)>,
+    /// Versions this node is recorded as holding: (name, version, sha256).
+    pub held: Vec<(String, u64, String)>,
     /// Digests of every live version: everything else may be collected.
     pub live: HashSet<String>,
 }
@@ -44,6 +46,9 @@ pub fn plan(state: &ControlState, me: NodeId, local: &HashSet<String>) -> Plan {
         let ArtifactEntry { versions, .. } = entry;
         for (n, v) in versions {
             out.live.insert(v.sha256.clone());
+            if v.holders.contains(&me) {
+                out.held.push((name.clone(), *n, v.sha256.clone()));
+            }
             if local.contains(&v.sha256) {
                 if !v.holders.contains(&me) {
                     out.hold.push((name.clone(), *n));
@@ -119,6 +124,7 @@ mod tests {
 
         let p = plan(&s, 2, &HashSet::from(["b".to_string()]));
         assert_eq!(p.hold, vec![("crm".to_string(), 2)]);
+        assert!(p.held.is_empty());
         assert_eq!(p.fetch.len(), 1);
         assert_eq!(p.fetch[0].sha256, "c");
         assert_eq!(p.fetch[0].holders, vec!["p1".to_string()]);
@@ -129,9 +135,9 @@ mod tests {
             version: 2,
             node: 2,
         }));
-        assert!(plan(&s, 2, &HashSet::from(["b".to_string()]))
-            .hold
-            .is_empty());
+        let p = plan(&s, 2, &HashSet::from(["b".to_string()]));
+        assert!(p.hold.is_empty());
+        assert_eq!(p.held, vec![("crm".to_string(), 2, "b".to_string())]);
         s.apply(&ControlCommand::Artifact(ArtifactCommand::Retire {
             name: "crm".into(),
             version: 3,
