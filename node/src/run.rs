@@ -165,7 +165,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                     me,
                     raft_config,
                     network,
-                    LogStore::new(control_store),
+                    LogStore::new(control_store, &state_machine),
                     state_machine,
                 )
                 .await;

@@ -12,6 +12,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use kiln_persistence::schema::{
     CONTROL_COMMITTED, CONTROL_LAST_PURGED, CONTROL_SNAPSHOT, CONTROL_VOTE,
@@ -44,6 +45,12 @@ pub struct Applied {
 }
 
 pub type SharedApplied = Arc<RwLock<Applied>>;
+
+/// The last log id the stored snapshot covers: a purge of the log waits for it.
+type SnapshotCovers = Arc<tokio::sync::watch::Sender<Option<LogId<NodeId>>>>;
+
+/// How long a purge waits for a snapshot being installed to be stored.
+const PURGE_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -83,11 +90,16 @@ async fn blocking<T: Send + 'static>(
 #[derive(Clone)]
 pub struct LogStore {
     store: Arc<ControlStore>,
+    snapshot_covers: SnapshotCovers,
 }
 
 impl LogStore {
-    pub fn new(store: Arc<ControlStore>) -> Self {
-        LogStore { store }
+    /// The log of `state_machine`'s store (whose stored snapshots bound purges).
+    pub fn new(store: Arc<ControlStore>, state_machine: &StateMachine) -> Self {
+        LogStore {
+            store,
+            snapshot_covers: state_machine.snapshot_covers.clone(),
+        }
     }
 
     fn meta<T: serde::de::DeserializeOwned>(
@@ -219,6 +231,23 @@ impl RaftLogStorage<ControlTypes> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        // openraft purges what a snapshot from the leader covers while the state
+        // machine is still storing it: purged first, a crash would leave a log
+        // that starts after the stored snapshot ends, and no way to start again.
+        let mut covers = self.snapshot_covers.subscribe();
+        let stored = covers.wait_for(|c| c.is_some_and(|c| c.index >= log_id.index));
+        if !matches!(tokio::time::timeout(PURGE_WAIT, stored).await, Ok(Ok(_))) {
+            return Err(io_error(
+                ErrorSubject::Log(log_id),
+                ErrorVerb::Delete,
+                format!(
+                    "{}: no stored snapshot covers the log up to {} after {} s; not purging it",
+                    self.store.path().display(),
+                    log_id.index,
+                    PURGE_WAIT.as_secs()
+                ),
+            ));
+        }
         let store = self.store.clone();
         let bytes = to_cbor(&Some(log_id));
         blocking(move || store.purge_upto(log_id.index, &bytes))
@@ -233,12 +262,14 @@ pub struct StateMachine {
     store: Arc<ControlStore>,
     applied: SharedApplied,
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
+    snapshot_covers: SnapshotCovers,
 }
 
 impl StateMachine {
     /// Loads the last stored snapshot (if any) as the starting state.
     pub fn open(store: Arc<ControlStore>) -> Result<Self, StoreError> {
         let mut applied = Applied::default();
+        let mut covers = None;
         if let Some(bytes) = store.get_meta(CONTROL_SNAPSHOT)? {
             let snap: StoredSnapshot =
                 from_cbor(&bytes, MAX_RECORD).map_err(|detail| StoreError::Corrupt {
@@ -251,11 +282,13 @@ impl StateMachine {
                 what: "control-plane snapshot data".into(),
                 detail,
             })?;
+            covers = snap.meta.last_log_id;
         }
         Ok(StateMachine {
             store,
             applied: Arc::new(RwLock::new(applied)),
             snapshot_lock: Arc::default(),
+            snapshot_covers: Arc::new(tokio::sync::watch::Sender::new(covers)),
         })
     }
 
@@ -291,10 +324,19 @@ impl StateMachine {
                 }
             }
         }
+        let covers = snap.meta.last_log_id;
         let bytes = to_cbor(&snap);
         blocking(move || store.put_meta(CONTROL_SNAPSHOT, &bytes))
             .await
-            .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))
+            .map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        self.snapshot_covers.send_if_modified(|c| {
+            let newer = covers > *c;
+            if newer {
+                *c = covers;
+            }
+            newer
+        });
+        Ok(())
     }
 }
 
@@ -406,5 +448,67 @@ impl RaftStateMachine<ControlTypes> for StateMachine {
                 }))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn log_id(index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    fn blank(index: u64) -> (u64, Vec<u8>) {
+        let entry: Entry<ControlTypes> = Entry {
+            log_id: log_id(index),
+            payload: EntryPayload::Blank,
+        };
+        (index, to_cbor(&entry))
+    }
+
+    #[tokio::test]
+    async fn the_log_is_purged_only_once_a_stored_snapshot_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ControlStore::open(dir.path(), None).unwrap());
+        store
+            .append(&(1..=10).map(blank).collect::<Vec<_>>())
+            .unwrap();
+        let mut sm = StateMachine::open(store.clone()).unwrap();
+        let mut log = LogStore::new(store.clone(), &sm);
+
+        // A snapshot from the leader up to 7 is being installed: openraft asks
+        // for the purge before the state machine has stored it.
+        let purge = tokio::spawn(async move { log.purge(log_id(7)).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !purge.is_finished(),
+            "purged before the snapshot was stored"
+        );
+        assert_eq!(store.range(0, u64::MAX).unwrap().len(), 10);
+
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(7)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "s".into(),
+        };
+        let data = to_cbor(&Applied::default());
+        sm.install_snapshot(&meta, Box::new(Cursor::new(data)))
+            .await
+            .unwrap();
+        purge.await.unwrap().unwrap();
+        let left: Vec<u64> = store
+            .range(0, u64::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(left, vec![8, 9, 10]);
+
+        // A restart finds the snapshot: purges up to it go through at once.
+        let sm = StateMachine::open(store.clone()).unwrap();
+        let mut log = LogStore::new(store, &sm);
+        log.purge(log_id(7)).await.unwrap();
     }
 }
