@@ -202,6 +202,57 @@ fn a_witness_completes_the_majority_of_a_two_node_stripe() {
     assert!(placement(&view).iter().all(|(_, id, _)| *id != witness_id));
     assert_eq!(stripes_of(&witness), "witness");
     assert_eq!(view["warnings"], serde_json::json!([]));
+
+    // A stripe member started again as a witness would leave its stripe
+    // counting a member that serves nothing: it refuses, saying why.
+    let mut nodes = nodes;
+    let mut args = nodes[1].args.clone();
+    args.push("--witness".into());
+    nodes[1].restart_with(args);
+    let code = nodes[1].wait_exit(LONG);
+    assert_eq!(code, Some(1), "a data node started with --witness exits");
+    let log = nodes[1].log();
+    assert!(log.contains("cannot run as a witness"), "{log}");
+}
+
+#[test]
+fn a_witness_gone_for_good_leaves_one_voter_and_the_survivor_of_the_next_failure_serves() {
+    let _serial = serial();
+    let mut nodes = start_cluster("cpg", 2, opts(&["--voter-replace-after-s", "2"]));
+    wait_converged(&nodes, LONG);
+    let mut witness = Node::start(
+        "cpg-witness",
+        NodeOpts {
+            seeds: vec![nodes[0].seed()],
+            ..opts(&["--witness", "--voter-replace-after-s", "2"])
+        },
+    );
+    let all: Vec<&Node> = nodes.iter().chain(std::iter::once(&witness)).collect();
+    wait_agreed(&all, 2, 3);
+
+    // The witness dies for good; nobody can take its place. Kept as a voter,
+    // it would make both servers needed for every decision.
+    witness.kill9();
+    let pair: Vec<&Node> = nodes.iter().collect();
+    let view = wait_agreed(&pair, 2, 1);
+    let warnings = view["warnings"].to_string();
+    assert!(warnings.contains("cannot fail over safely"), "{warnings}");
+
+    // The server that is not the voter fails: the voter decides alone (drops
+    // it from the in-sync set, or takes the active role) and writes go on.
+    let voter = voters(&view).into_iter().next().unwrap_or_default();
+    let other = nodes.iter().position(|n| n.id() != voter).unwrap_or(0);
+    nodes[other].kill9();
+    let survivor = &nodes[1 - other];
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    wait_until("a write on the surviving voter succeeds", LONG, || {
+        agent
+            .put(&format!("http://{}/v1/kv/m/k", survivor.http()))
+            .send_bytes(b"v")
+            .is_ok()
+    });
 }
 
 #[test]

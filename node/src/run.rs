@@ -119,6 +119,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!("persistence = \"temporary\": stripe data is not fsynced and starts empty at every restart");
     }
     let applied = state_machine.shared();
+    let applied_for_check = applied.clone();
     let raft_config = Arc::new(raft_config().context("invalid control-plane timing")?);
     let registry = Arc::new(registry);
     let store = Arc::new(store);
@@ -321,13 +322,21 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         // treats every storage error as fatal): a voter that silently stopped
         // would leave its group one failure from standstill, so the node
         // stops too, loudly, and a restart opens `control.redb` again.
+        let control_file = settings.data_dir.join("control.redb");
         let fatal = tokio::select! {
             _ = wait_for_signal() => None,
-            f = control_plane_stopped(raft.metrics()) => Some(f),
+            f = control_plane_stopped(raft.metrics()) => {
+                tracing::error!(error = %f, "the control plane stopped; leaving the cluster and exiting");
+                Some(format!(
+                    "the control plane stopped: {f}; check the disk holding {} and start the node again",
+                    control_file.display()
+                ))
+            }
+            m = placement_mismatch(applied_for_check, me, settings.control.witness) => {
+                tracing::error!(reason = %m, "this node's place does not match how it was started; exiting");
+                Some(m)
+            }
         };
-        if let Some(f) = &fatal {
-            tracing::error!(error = %f, "the control plane stopped; leaving the cluster and exiting");
-        }
         // With its control plane stopped a handover cannot be decided: the
         // standbys elect a new active once this node is gone.
         if let (Some(stripe), None) = (&stripe, &fatal) {
@@ -364,11 +373,42 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         let _ = thread.join();
     }
     match fatal {
-        Some(f) => Err(anyhow::anyhow!(
-            "the control plane stopped: {f}; check the disk holding {} and start the node again",
-            settings.data_dir.join("control.redb").display()
-        )),
+        Some(f) => Err(anyhow::anyhow!(f)),
         None => Ok(()),
+    }
+}
+
+/// Resolves with an explanation once the control plane has this node in a
+/// place its start does not fit: a stripe member started with `--witness`
+/// (its stripe would count a member that serves nothing), or a witness started
+/// without it.
+async fn placement_mismatch(
+    applied: kiln_actors::control::SharedApplied,
+    me: kiln_actors::control::types::NodeId,
+    witness: bool,
+) -> String {
+    use kiln_actors::control::state::Placement;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let placement = applied
+            .read()
+            .ok()
+            .and_then(|a| a.state.nodes.get(&me).map(|n| n.placement));
+        match (placement, witness) {
+            (Some(Placement::Stripe(k)), true) => {
+                return format!(
+                    "this node is a member of stripe {k} and holds its data; it cannot run as a \
+                     witness: start it without --witness (a witness needs a data directory of its own)"
+                )
+            }
+            (Some(Placement::Witness), false) => {
+                return "this node was placed as a witness; start it with --witness (a data node \
+                        needs a data directory of its own)"
+                    .to_string()
+            }
+            _ => {}
+        }
     }
 }
 

@@ -328,15 +328,33 @@ impl ControlPlane {
             .values()
             .filter(|n| matches!(n.placement, Placement::Stripe(_)))
             .count();
-        if voters.len() < 3 && data_nodes >= 2 {
+        let live_voters = self.live_voters(&voters);
+        if live_voters < 3 && data_nodes >= 2 {
             if !self.warned_no_failover {
-                tracing::warn!(voters = voters.len(), data_nodes,
-                    "the control plane has fewer than 3 voters: a stripe cannot fail over safely; add a third node or a `kiln run --witness`");
+                tracing::warn!(voters = voters.len(), live_voters, data_nodes,
+                    "the control plane has fewer than 3 live voters: a stripe cannot fail over safely; add a third node or a `kiln run --witness`");
                 self.warned_no_failover = true;
             }
         } else {
             self.warned_no_failover = false;
         }
+    }
+
+    /// Voters this node or membership sees alive (or only suspected).
+    fn live_voters(&self, voters: &BTreeSet<NodeId>) -> usize {
+        voters
+            .iter()
+            .filter(|v| {
+                **v == self.me
+                    || self.members.iter().any(|m| {
+                        node_id_of(&m.record.id) == **v
+                            && matches!(
+                                m.record.status,
+                                MemberStatus::Alive | MemberStatus::Suspect
+                            )
+                    })
+            })
+            .count()
     }
 
     fn finish_joint(&mut self, ctx: &mut Context<Self>, voters: BTreeSet<NodeId>) {
@@ -495,6 +513,13 @@ impl ControlPlane {
             let since = *self.gone_since.entry(*id).or_insert(now);
             // A member that left said so itself: no need to wait.
             if st == Some(MemberStatus::Left) || now - since >= self.cfg.voter_replace_after {
+                gone.insert(*id);
+            }
+        }
+        // A node an operator removed is gone whatever membership says: it may
+        // come back with its old data directory, and it is refused a place.
+        for id in &followers {
+            if *id != self.me && state.removed.contains(id) {
                 gone.insert(*id);
             }
         }
@@ -825,10 +850,13 @@ impl ControlPlane {
             .values()
             .filter(|n| matches!(n.placement, Placement::Stripe(_)))
             .count();
-        if voters.len() < 3 && data_nodes >= 2 {
+        let voter_ids: BTreeSet<NodeId> =
+            metrics.membership_config.membership().voter_ids().collect();
+        let live_voters = self.live_voters(&voter_ids);
+        if live_voters < 3 && data_nodes >= 2 {
             warnings.push(format!(
-                "the control plane has {} voter(s): a stripe cannot fail over safely; add a third node or a `kiln run --witness`",
-                voters.len()
+                "the control plane has {} voter(s), {live_voters} of them alive: a stripe cannot fail over safely; add a third node or a `kiln run --witness`",
+                voter_ids.len()
             ));
         }
         if metrics.current_leader.is_none() {
@@ -1093,7 +1121,18 @@ impl Handler<RequestElection> for ControlPlane {
             self.coordinate(msg.stripe, msg.epoch, ctx);
             return;
         }
-        let Some(peer) = leader.and_then(|l| self.state().peer_of(l).map(str::to_string)) else {
+        // The leader may be a node without a place (yet): its peer id is in
+        // the consensus membership.
+        let peer = leader.and_then(|l| {
+            let metrics = self.raft.metrics().borrow().clone();
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.peer.clone())
+                .or_else(|| self.state().peer_of(l).map(str::to_string))
+        });
+        let Some(peer) = peer else {
             tracing::debug!(
                 stripe = msg.stripe,
                 "no control-plane leader to run an election"

@@ -515,11 +515,15 @@ pub fn wanted_voters(eligible: usize) -> usize {
 ///
 /// `live` are placed nodes that membership sees alive and that already follow the
 /// log (learners or voters); `gone` are voters dead or left for longer than the
-/// replacement delay. A gone voter is swapped for a live node when there is one
-/// (never dropped without a replacement: that would only shrink the majority);
-/// the set grows toward `wanted_voters`. New voters are picked to spread the
-/// votes: witnesses first, then the stripe with the fewest voters, then the
-/// lowest node id.
+/// replacement delay, or removed by an operator. A gone voter is swapped for a
+/// live node when there is one; when there is none it is dropped, and the set
+/// shrinks to what the live nodes call for (`wanted_voters`): a dead voter kept
+/// only makes every decision need more of the live ones (the two servers of a
+/// witness that died for good would both be needed for everything, worse than
+/// never having had a witness). The set grows toward `wanted_voters`. New voters
+/// are picked to spread the votes: witnesses first, then the stripe with the
+/// fewest voters, then the lowest node id; the voters dropped to shrink are the
+/// last in that order.
 pub fn plan_voters(
     state: &ControlState,
     voters: &BTreeSet<NodeId>,
@@ -542,7 +546,42 @@ pub fn plan_voters(
         }
         next.insert(pick);
     }
-    (next != *voters).then_some(next)
+    if !to_replace.is_empty() {
+        for old in &to_replace {
+            next.remove(old);
+        }
+        let target = wanted_voters(live.len());
+        while next.len() > target.max(1) {
+            let Some(last) = least_preferred_voter(state, &next) else {
+                break;
+            };
+            next.remove(&last);
+        }
+    }
+    (next != *voters && !next.is_empty()).then_some(next)
+}
+
+/// The voter `pick_voter` would have picked last.
+fn least_preferred_voter(state: &ControlState, current: &BTreeSet<NodeId>) -> Option<NodeId> {
+    let votes_in = |k: u32| {
+        current
+            .iter()
+            .filter(|v| {
+                state
+                    .nodes
+                    .get(v)
+                    .is_some_and(|e| e.placement == Placement::Stripe(k))
+            })
+            .count()
+    };
+    current
+        .iter()
+        .copied()
+        .max_by_key(|n| match state.nodes.get(n).map(|e| e.placement) {
+            Some(Placement::Witness) => (0, 0, *n),
+            Some(Placement::Stripe(k)) => (1, votes_in(k), *n),
+            None => (2, 0, *n),
+        })
 }
 
 fn pick_voter(

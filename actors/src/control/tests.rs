@@ -242,18 +242,50 @@ fn a_witness_is_preferred_as_voter() {
 }
 
 #[test]
-fn a_gone_voter_is_swapped_never_just_dropped() {
+fn a_gone_voter_is_swapped_when_a_live_node_can_take_its_place() {
     let mut s = configured(1);
     for n in 1..=4 {
         join(&mut s, n, false, None);
     }
     let voters = ids(&[1, 2, 3]);
-    // No live replacement: keep the voter set as it is.
-    assert_eq!(plan_voters(&s, &voters, &ids(&[1, 2]), &ids(&[3])), None);
     // Node 4 is live: it replaces node 3.
     assert_eq!(
         plan_voters(&s, &voters, &ids(&[1, 2, 4]), &ids(&[3])),
         Some(ids(&[1, 2, 4]))
+    );
+}
+
+#[test]
+fn a_gone_voter_nobody_can_replace_is_dropped_down_to_what_the_live_nodes_call_for() {
+    // Two servers and a witness; the witness is gone for good.
+    let mut s = configured(1);
+    join(&mut s, 1, false, None);
+    join(&mut s, 2, false, None);
+    join(&mut s, 9, true, None);
+    let v = plan_voters(&s, &ids(&[1, 2, 9]), &ids(&[1, 2]), &ids(&[9])).unwrap();
+    // One voter, as a two-node cluster without a witness has: either server
+    // alone can no longer stop every decision.
+    assert_eq!(v.len(), 1);
+    assert!(v.is_subset(&ids(&[1, 2])));
+
+    // Five voters, two gone for good, no spare: the three live ones.
+    let mut s = configured(2);
+    for n in 1..=5 {
+        join(&mut s, n, false, None);
+    }
+    assert_eq!(
+        plan_voters(&s, &ids(&[1, 2, 3, 4, 5]), &ids(&[1, 2, 3]), &ids(&[4, 5])),
+        Some(ids(&[1, 2, 3]))
+    );
+    // Five voters, one gone, no spare: three of the four live ones (an even
+    // count tolerates no more failures than one fewer).
+    let v = plan_voters(&s, &ids(&[1, 2, 3, 4, 5]), &ids(&[1, 2, 3, 4]), &ids(&[5])).unwrap();
+    assert_eq!(v.len(), 3);
+    assert!(v.is_subset(&ids(&[1, 2, 3, 4])));
+    // Nothing gone: a set larger than wanted is left alone.
+    assert_eq!(
+        plan_voters(&s, &ids(&[1, 2, 3, 4, 5]), &ids(&[1, 2, 3, 4]), &ids(&[])),
+        None
     );
 }
 
