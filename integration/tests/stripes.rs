@@ -259,6 +259,24 @@ fn a_retry_with_the_same_idempotency_key_is_applied_once() {
     }
     let r = agent.get(&url("/v1/kv/test?prefix=%FF")).call();
     assert!(matches!(r, Err(ureq::Error::Status(400, _))), "{r:?}");
+    // Paths of another shape are bad requests, not unknown endpoints; a
+    // method a path does not have is 405.
+    for bad in ["/v1/kv/test/", "/v1/kv//k", "/v1/kv/test/a/b"] {
+        let r = agent.put(&url(bad)).send_string("x");
+        assert!(
+            matches!(r, Err(ureq::Error::Status(400, _))),
+            "{bad}: {r:?}"
+        );
+    }
+    let r = agent.put(&url("/v1/kv/test")).send_string("x");
+    assert!(matches!(r, Err(ureq::Error::Status(405, _))), "{r:?}");
+    // '.' and '..' cannot travel in a URL: the CLI refuses them.
+    let out = kiln_cli(&["kv", "get", ".", "k", "--http", &nodes[0].http()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be addressed"),
+        "{out:?}"
+    );
     assert!(agent
         .put(&url("/v1/kv/test/caf%C3%A9+1"))
         .send_string("c")

@@ -58,9 +58,14 @@ fn storage(e: StoreError) -> ApiError {
 
 /// A name is one path segment of printable characters, at most 200 bytes.
 fn check_name(name: &str) -> Result<(), ApiError> {
-    if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_control() || c == '/') {
+    if name.is_empty()
+        || name.len() > 200
+        || name.chars().any(|c| c.is_control() || c == '/')
+        || name == "."
+        || name == ".."
+    {
         return Err(bad_request(
-            "an artifact name is 1 to 200 bytes of printable characters without '/'".into(),
+            "an artifact name is 1 to 200 bytes of printable characters without '/', and not '.' or '..'".into(),
         ));
     }
     Ok(())

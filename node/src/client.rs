@@ -218,6 +218,18 @@ pub fn forget(args: &ApiArgs, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A name (`what`: map, key, artifact) as one URL path segment. `.` and `..`
+/// cannot be sent: URL parsers resolve them away (`%2E` as well), and the
+/// request would go to another path.
+pub fn name_segment(what: &str, s: &str) -> anyhow::Result<String> {
+    if s.is_empty() || s == "." || s == ".." {
+        return Err(anyhow!(
+            "{what} {s:?} cannot be addressed over HTTP: a {what} cannot be empty, '.' or '..'"
+        ));
+    }
+    Ok(encode_segment(s))
+}
+
 /// Percent-encodes one URL path segment (everything but unreserved characters).
 pub fn encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -598,7 +610,11 @@ pub fn artifact(cmd: ArtifactCommand) -> anyhow::Result<()> {
             use base64::Engine;
             let digest = base64::engine::general_purpose::STANDARD.encode(h.finalize());
             let api = Api::new(&api);
-            let url = format!("{}/v1/artifacts/{}", api.base, encode_segment(&name));
+            let url = format!(
+                "{}/v1/artifacts/{}",
+                api.base,
+                name_segment("artifact name", &name)?
+            );
             // No overall timeout: a large upload takes as long as it takes.
             let agent = ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(10))
@@ -653,7 +669,7 @@ pub fn artifact(cmd: ArtifactCommand) -> anyhow::Result<()> {
             let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
             let resp = api.send(
                 "GET",
-                &format!("/v1/artifacts/{}{q}", encode_segment(&name)),
+                &format!("/v1/artifacts/{}{q}", name_segment("artifact name", &name)?),
                 &[],
                 None,
             )?;
@@ -713,7 +729,7 @@ pub fn artifact(cmd: ArtifactCommand) -> anyhow::Result<()> {
         ArtifactCommand::Rm { name, version, api } => {
             let v = Api::new(&api).delete(&format!(
                 "/v1/artifacts/{}?version={version}",
-                encode_segment(&name)
+                name_segment("artifact name", &name)?
             ))?;
             println!("{v}");
             Ok(())
@@ -723,8 +739,13 @@ pub fn artifact(cmd: ArtifactCommand) -> anyhow::Result<()> {
 
 pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
     use std::io::{Read, Write};
-    let path =
-        |map: &str, key: &str| format!("/v1/kv/{}/{}", encode_segment(map), encode_segment(key));
+    let path = |map: &str, key: &str| -> anyhow::Result<String> {
+        Ok(format!(
+            "/v1/kv/{}/{}",
+            name_segment("map", map)?,
+            name_segment("key", key)?
+        ))
+    };
     match cmd {
         KvCommand::Get {
             map,
@@ -734,7 +755,7 @@ pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
         } => {
             let api = Api::new(&api);
             let q = if stale { "?stale=true" } else { "" };
-            let resp = api.send("GET", &format!("{}{q}", path(&map, &key)), &[], None)?;
+            let resp = api.send("GET", &format!("{}{q}", path(&map, &key)?), &[], None)?;
             let mut value = Vec::new();
             resp.into_reader()
                 .read_to_end(&mut value)
@@ -775,7 +796,7 @@ pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
             if let Some(k) = idempotency_key {
                 headers.push(("Idempotency-Key", k));
             }
-            let resp = api.send("PUT", &path(&map, &key), &headers, Some(&body))?;
+            let resp = api.send("PUT", &path(&map, &key)?, &headers, Some(&body))?;
             let v: Value = resp.into_json().context("answer is not JSON")?;
             println!("version {}", v["version"]);
         }
@@ -789,7 +810,7 @@ pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
             let headers: Vec<(&str, String)> = if_version
                 .map(|v| vec![("If-Match", format!("\"{v}\""))])
                 .unwrap_or_default();
-            let resp = api.send("DELETE", &path(&map, &key), &headers, None)?;
+            let resp = api.send("DELETE", &path(&map, &key)?, &headers, None)?;
             let v: Value = resp.into_json().context("answer is not JSON")?;
             println!("deleted at version {}", v["version"]);
         }
@@ -805,7 +826,7 @@ pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
             loop {
                 let mut q = format!(
                     "/v1/kv/{}?prefix={}&limit={}",
-                    encode_segment(&map),
+                    name_segment("map", &map)?,
                     encode_segment(&prefix),
                     limit.saturating_sub(printed).clamp(1, 10_000)
                 );
@@ -851,5 +872,9 @@ mod tests {
         assert_eq!(encode_segment("orders/42 x"), "orders%2F42%20x");
         assert_eq!(encode_segment("a-b_c.d~"), "a-b_c.d~");
         assert_eq!(encode_segment("é"), "%C3%A9");
+        assert_eq!(name_segment("key", "a.b").unwrap(), "a.b");
+        for bad in ["", ".", ".."] {
+            assert!(name_segment("key", bad).is_err());
+        }
     }
 }

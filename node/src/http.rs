@@ -345,7 +345,34 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/v1/kv/{map}/{key}",
             web::delete().to(crate::kv_api::delete),
         )
+        .route("/v1/kv/{rest:.*}", web::to(bad_kv_path))
         .default_service(web::to(not_found));
+}
+
+/// A request under `/v1/kv/` that no route took: a path of another shape
+/// (an empty map or key, a key with an unencoded '/'), or a method the path
+/// does not have.
+async fn bad_kv_path(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    let rest = req.path().trim_start_matches("/v1/kv/");
+    let segments: Vec<&str> = rest.split('/').collect();
+    let shaped = segments.iter().all(|s| !s.is_empty()) && matches!(segments.len(), 1 | 2);
+    if shaped {
+        let allowed = if segments.len() == 1 {
+            "GET"
+        } else {
+            "GET, PUT, DELETE"
+        };
+        return Err(ApiError(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} is not allowed here; allowed: {allowed}", req.method()),
+        ));
+    }
+    Err(ApiError(
+        StatusCode::BAD_REQUEST,
+        "a key/value path is /v1/kv/{map}/{key} (a '/' inside a map or key is sent as %2F), \
+         or /v1/kv/{map} to list; neither may be empty"
+            .into(),
+    ))
 }
 
 pub fn app(

@@ -527,6 +527,10 @@ fn check_names(map: &str, key: &str) -> Result<(), ApiError> {
     if map.is_empty() || key.is_empty() {
         return Err(bad_request("map and key must not be empty"));
     }
+    // URL clients resolve these away: a key so named could not be read back.
+    if [map, key].iter().any(|n| *n == "." || *n == "..") {
+        return Err(bad_request("a map or key cannot be '.' or '..'"));
+    }
     if key.len() > MAX_KEY_BYTES {
         return Err(bad_request(format!(
             "key of {} bytes exceeds the limit of {MAX_KEY_BYTES}",
@@ -549,20 +553,89 @@ fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Result<Option<&'a str>, A
     }
 }
 
+/// Most entity tags one conditional header may list.
+const MAX_CONDITION_TAGS: usize = 64;
+
+/// An entity tag of a conditional header: `"n"` or `W/"n"` (`n` is `None` for
+/// a tag that is not a version number: it matches no key).
+struct EntityTag {
+    weak: bool,
+    version: Option<u64>,
+}
+
+/// Every line of header `name`, as one comma-separated list: `None` if absent,
+/// `Some(None)` for `*`.
+fn entity_tags(req: &HttpRequest, name: &str) -> Result<Option<Option<Vec<EntityTag>>>, ApiError> {
+    let mut lines = Vec::new();
+    for v in req.headers().get_all(name) {
+        lines.push(
+            v.to_str()
+                .map_err(|_| bad_request(format!("header {name} is not text")))?,
+        );
+    }
+    if lines.is_empty() {
+        return Ok(None);
+    }
+    let joined = lines.join(",");
+    let items: Vec<&str> = joined
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if items == ["*"] {
+        return Ok(Some(None));
+    }
+    if items.is_empty() || items.len() > MAX_CONDITION_TAGS {
+        return Err(bad_request(format!(
+            "{name} must be * or 1 to {MAX_CONDITION_TAGS} entity tags like \"12\""
+        )));
+    }
+    let mut tags = Vec::with_capacity(items.len());
+    for item in items {
+        let (weak, quoted) = match item.strip_prefix("W/") {
+            Some(rest) => (true, rest),
+            None => (false, item),
+        };
+        let inner = quoted
+            .strip_prefix('"')
+            .and_then(|q| q.strip_suffix('"'))
+            .filter(|i| !i.contains('"'))
+            .ok_or_else(|| {
+                bad_request(format!(
+                    "{name}: {item} is not an entity tag; a key's version is sent quoted, like \"12\""
+                ))
+            })?;
+        tags.push(EntityTag {
+            weak,
+            version: inner.parse().ok(),
+        });
+    }
+    Ok(Some(Some(tags)))
+}
+
+/// The precondition of a write, as RFC 9110 has it: `If-Match` compares
+/// strongly (a weak tag never matches), `If-None-Match` weakly.
 fn condition(req: &HttpRequest) -> Result<Condition, ApiError> {
-    let if_match = header_str(req, "if-match")?;
-    let if_none = header_str(req, "if-none-match")?;
+    let if_match = entity_tags(req, "if-match")?;
+    let if_none = entity_tags(req, "if-none-match")?;
     match (if_match, if_none) {
         (Some(_), Some(_)) => Err(bad_request("give If-Match or If-None-Match, not both")),
-        (Some(v), None) => v
-            .trim_matches('"')
-            .parse::<u64>()
-            .map(Condition::IfVersion)
-            .map_err(|_| bad_request(format!("If-Match must be a version like \"12\", not {v}"))),
-        (None, Some("*")) => Ok(Condition::IfAbsent),
-        (None, Some(v)) => Err(bad_request(format!(
-            "If-None-Match supports only *, not {v}"
-        ))),
+        (Some(None), None) => Ok(Condition::IfExists),
+        (Some(Some(tags)), None) => {
+            let versions: Vec<u64> = tags
+                .iter()
+                .filter(|t| !t.weak)
+                .filter_map(|t| t.version)
+                .collect();
+            Ok(match versions.as_slice() {
+                [v] => Condition::IfVersion(*v),
+                _ => Condition::IfVersionIn(versions),
+            })
+        }
+        (None, Some(None)) => Ok(Condition::IfAbsent),
+        (None, Some(Some(tags))) => Ok(Condition::IfVersionNotIn(
+            tags.iter().filter_map(|t| t.version).collect(),
+        )),
         (None, None) => Ok(Condition::None),
     }
 }
@@ -723,7 +796,60 @@ pub async fn handover(
 
 #[cfg(test)]
 mod tests {
-    use super::merge_pages;
+    use super::{condition, merge_pages, Condition};
+
+    fn cond(headers: &[(&str, &str)]) -> Result<Condition, u16> {
+        let mut req = actix_web::test::TestRequest::default();
+        for (k, v) in headers {
+            req = req.append_header((*k, *v));
+        }
+        condition(&req.to_http_request())
+            .map_err(|e| actix_web::ResponseError::status_code(&e).as_u16())
+    }
+
+    #[test]
+    fn conditional_headers_follow_rfc_9110() {
+        assert_eq!(cond(&[]), Ok(Condition::None));
+        assert_eq!(cond(&[("If-Match", "\"5\"")]), Ok(Condition::IfVersion(5)));
+        assert_eq!(cond(&[("If-Match", "*")]), Ok(Condition::IfExists));
+        assert_eq!(
+            cond(&[("If-Match", "\"1\", \"2\"")]),
+            Ok(Condition::IfVersionIn(vec![1, 2]))
+        );
+        // Two header lines are one list.
+        assert_eq!(
+            cond(&[("If-Match", "\"1\""), ("If-Match", "\"2\"")]),
+            Ok(Condition::IfVersionIn(vec![1, 2]))
+        );
+        // A weak tag, or one that is no version, never matches (412 at the stripe).
+        assert_eq!(
+            cond(&[("If-Match", "W/\"5\"")]),
+            Ok(Condition::IfVersionIn(vec![]))
+        );
+        assert_eq!(
+            cond(&[("If-Match", "\"abc\"")]),
+            Ok(Condition::IfVersionIn(vec![]))
+        );
+        assert!(!Condition::IfVersionIn(vec![]).holds(Some(5)));
+        assert_eq!(cond(&[("If-None-Match", "*")]), Ok(Condition::IfAbsent));
+        // If-None-Match compares weakly.
+        assert_eq!(
+            cond(&[("If-None-Match", "W/\"5\", \"7\"")]),
+            Ok(Condition::IfVersionNotIn(vec![5, 7]))
+        );
+        assert!(!Condition::IfVersionNotIn(vec![5]).holds(Some(5)));
+        assert!(Condition::IfVersionNotIn(vec![5]).holds(Some(6)));
+        assert!(Condition::IfVersionNotIn(vec![5]).holds(None));
+        assert!(!Condition::IfExists.holds(None));
+        // Malformed: 400.
+        for bad in ["5", "\"5", "\"\"5\"\"", ""] {
+            assert_eq!(cond(&[("If-Match", bad)]), Err(400), "{bad:?}");
+        }
+        assert_eq!(
+            cond(&[("If-Match", "\"1\""), ("If-None-Match", "*")]),
+            Err(400)
+        );
+    }
 
     fn keys(k: &[&str]) -> Vec<String> {
         k.iter().map(|s| s.to_string()).collect()

@@ -119,6 +119,58 @@ enum Step {
 
 type WriteReply = oneshot::Sender<Result<KvOutcome, ServeError>>;
 type ReadReply = oneshot::Sender<Result<Option<(u64, Vec<u8>)>, ServeError>>;
+type KeysReply = oneshot::Sender<Result<Vec<String>, ServeError>>;
+
+/// A read the active answers once it has confirmed it still is (`ReadReady`).
+enum PendingRead {
+    Value {
+        map: String,
+        key: String,
+        reply: ReadReply,
+    },
+    Keys {
+        map: String,
+        prefix: String,
+        after: Option<String>,
+        limit: usize,
+        reply: KeysReply,
+    },
+}
+
+impl PendingRead {
+    fn fail(self, e: ServeError) {
+        match self {
+            PendingRead::Value { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            PendingRead::Keys { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn answer(self, store: &StripeStore) {
+        let storage = |e: StoreError| ServeError::Storage(e.to_string());
+        match self {
+            PendingRead::Value { map, key, reply } => {
+                let _ = reply.send(store.get(&map, &key).map_err(storage));
+            }
+            PendingRead::Keys {
+                map,
+                prefix,
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(
+                    store
+                        .keys(&map, &prefix, after.as_deref(), limit)
+                        .map_err(storage),
+                );
+            }
+        }
+    }
+}
 
 /// A stripe request from a peer (or from this node, with `Responder::Local`).
 #[derive(Message)]
@@ -327,7 +379,7 @@ pub struct StripeActor {
     batch: Vec<(Vec<u8>, WriteReply)>,
     /// Appended client writes waiting for their commit, by log index.
     waiting: BTreeMap<u64, WriteReply>,
-    reads: HashMap<u64, (String, String, ReadReply)>,
+    reads: HashMap<u64, PendingRead>,
     next_read: u64,
     view_version: u64,
     handover_waiters: Vec<oneshot::Sender<Result<Option<u64>, String>>>,
@@ -1031,12 +1083,8 @@ impl StripeActor {
             }
             Effect::Propose(p) => self.propose(p, ctx),
             Effect::ReadReady { id, .. } => {
-                if let Some((map, key, reply)) = self.reads.remove(&id) {
-                    let _ = reply.send(
-                        self.store
-                            .get(&map, &key)
-                            .map_err(|e| ServeError::Storage(e.to_string())),
-                    );
+                if let Some(read) = self.reads.remove(&id) {
+                    read.answer(&self.store);
                 }
             }
             Effect::SteppedDown { epoch } => {
@@ -1044,8 +1092,8 @@ impl StripeActor {
                 for (_, reply) in std::mem::take(&mut self.waiting) {
                     let _ = reply.send(Err(ServeError::SteppedDown));
                 }
-                for (_, (_, _, reply)) in std::mem::take(&mut self.reads) {
-                    let _ = reply.send(Err(ServeError::SteppedDown));
+                for (_, read) in std::mem::take(&mut self.reads) {
+                    read.fail(ServeError::SteppedDown);
                 }
             }
         }
@@ -1410,8 +1458,8 @@ impl StripeActor {
         for (_, reply) in std::mem::take(&mut self.batch) {
             let _ = reply.send(Err(ServeError::Storage(e.to_string())));
         }
-        for (_, (_, _, reply)) in std::mem::take(&mut self.reads) {
-            let _ = reply.send(Err(ServeError::Storage(e.to_string())));
+        for (_, read) in std::mem::take(&mut self.reads) {
+            read.fail(ServeError::Storage(e.to_string()));
         }
         // A snapshot being received starts over once the replica is back.
         self.receiving = None;
@@ -1737,11 +1785,18 @@ impl StripeActor {
         reply: ReadReply,
         ctx: &mut Context<Self>,
     ) {
-        if self.replica.is_none() {
+        let Some(r) = self.replica.as_ref() else {
             let _ = reply.send(Err(ServeError::NotMember(self.stripe.unwrap_or(0))));
             return;
-        }
+        };
         if stale {
+            // The control state may still count a member in sync that started
+            // without its data or is taking a snapshot: it would answer from
+            // what it has, missing acknowledged writes.
+            if r.started_empty() || self.receiving.is_some() {
+                let _ = reply.send(Err(ServeError::Behind(self.stripe.unwrap_or(0))));
+                return;
+            }
             let _ = reply.send(
                 self.store
                     .get(&map, &key)
@@ -1749,19 +1804,25 @@ impl StripeActor {
             );
             return;
         }
+        self.confirmed_read(PendingRead::Value { map, key, reply }, ctx);
+    }
+
+    /// Answers `read` once this node has confirmed it is still the active
+    /// (every in-sync standby acknowledged a heartbeat of its epoch), so the
+    /// answer holds every write acknowledged before it was asked.
+    fn confirmed_read(&mut self, read: PendingRead, ctx: &mut Context<Self>) {
         let id = self.next_read;
         self.next_read += 1;
         let Some(r) = self.replica.as_mut() else {
+            read.fail(ServeError::NotMember(self.stripe.unwrap_or(0)));
             return;
         };
         match r.read(id) {
             Ok(fx) => {
-                self.reads.insert(id, (map, key, reply));
+                self.reads.insert(id, read);
                 self.push(fx, ctx);
             }
-            Err(_) => {
-                let _ = reply.send(Err(self.not_active()));
-            }
+            Err(_) => read.fail(self.not_active()),
         }
     }
 
@@ -1908,11 +1969,23 @@ impl StripeActor {
                 after,
                 limit,
             } if mine(stripe) => {
-                let keys = self
-                    .store
-                    .keys(&map, &prefix, after.as_deref(), limit as usize)
-                    .map_err(|e| ServeError::Storage(e.to_string()));
-                self.respond(reply, &StripeResponse::Keys(keys));
+                // Listed by the active, once confirmed: a standby (or a new
+                // active before its first commit) may not have applied every
+                // acknowledged write yet.
+                let (tx, rx) = oneshot::channel();
+                let read = PendingRead::Keys {
+                    map,
+                    prefix,
+                    after,
+                    limit: limit as usize,
+                    reply: tx,
+                };
+                self.confirmed_read(read, ctx);
+                let net = self.net.clone();
+                actix_rt::spawn(async move {
+                    let keys = rx.await.unwrap_or(Err(ServeError::SteppedDown));
+                    respond_with(&net, reply, &StripeResponse::Keys(keys));
+                });
             }
             other => {
                 let stripe = match other {

@@ -10,13 +10,34 @@ use sha2::{Digest, Sha256};
 use kiln_persistence::{KvTxn, StoreError};
 
 /// Precondition of a write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Condition {
     None,
     /// `If-Match: "n"`: the key's current version is `n`.
     IfVersion(u64),
     /// `If-None-Match: *`: the key does not exist.
     IfAbsent,
+    /// `If-Match: *`: the key exists.
+    IfExists,
+    /// `If-Match: "a", "b"`: the key's current version is one of these (none
+    /// listed: a list of tags that can never match, such as weak ones).
+    IfVersionIn(Vec<u64>),
+    /// `If-None-Match: "a", "b"`: the key does not exist at one of these versions.
+    IfVersionNotIn(Vec<u64>),
+}
+
+impl Condition {
+    /// Whether a write of a key now at `current` may go ahead.
+    pub fn holds(&self, current: Option<u64>) -> bool {
+        match self {
+            Condition::None => true,
+            Condition::IfVersion(v) => current == Some(*v),
+            Condition::IfAbsent => current.is_none(),
+            Condition::IfExists => current.is_some(),
+            Condition::IfVersionIn(vs) => current.is_some_and(|c| vs.contains(&c)),
+            Condition::IfVersionNotIn(vs) => current.is_none_or(|c| !vs.contains(&c)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,14 +237,9 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
         return Ok(outcome);
     };
     let current = tx.get(map, key)?.map(|(v, _)| v);
-    let cond = match &cmd.op {
-        KvOp::Put { cond, .. } | KvOp::Delete { cond, .. } => *cond,
-        KvOp::Reserve { .. } => Condition::None,
-    };
-    let holds = match cond {
-        Condition::None => true,
-        Condition::IfVersion(v) => current == Some(v),
-        Condition::IfAbsent => current.is_none(),
+    let holds = match &cmd.op {
+        KvOp::Put { cond, .. } | KvOp::Delete { cond, .. } => cond.holds(current),
+        KvOp::Reserve { .. } => true,
     };
     let outcome = if !holds {
         KvOutcome::PreconditionFailed { current }

@@ -63,6 +63,10 @@ pub enum ServeError {
     Storage(String),
     #[error("the node stepped down before the operation completed")]
     SteppedDown,
+    /// A stale read asked of a member that started without its data (or is
+    /// taking a snapshot) and has not caught up: another member answers.
+    #[error("this member of stripe {0} is still catching up")]
+    Behind(u32),
     /// The write was in the log when the stripe's storage failed: it may yet be
     /// committed (a standby holding it can take over), so its outcome is not
     /// known; sent again under the same request id, it is applied at most once.
