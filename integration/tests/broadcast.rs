@@ -876,12 +876,13 @@ fn a_subscriber_that_stops_reading_is_told_lagged_and_resumes_where_it_was() {
         "the stuck subscriber was cut off before the end ({upto} of {EVENTS})"
     );
 
-    // Resuming from the last id gets exactly what was missed.
-    let token = delivered
-        .iter()
-        .rev()
-        .find_map(|s| s.id.clone())
-        .unwrap_or_default();
+    // The `lagged` frame carries the position reached (a client whose filter
+    // passed over everything still resumes from there): resuming from it gets
+    // exactly what was missed.
+    let token = got
+        .last()
+        .and_then(|s| s.id.clone())
+        .expect("the `lagged` frame carries an id");
     let resumed = Subscriber::follow(node.http(), Some(token));
     wait_until("the resumed stream has the rest", LONG, || {
         resumed.count() >= EVENTS - upto as usize

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use actix_web::http::{header, StatusCode};
@@ -29,6 +29,11 @@ const CLIENT_BUFFER: usize = 64;
 /// A comment line this often keeps proxies from closing an idle stream and
 /// notices a client that went away.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// While events go by that a subscriber's filter passes over, its position is
+/// sent this often (a client cut off then resumes from there, not from its
+/// last event: a rare topic after a long backlog would otherwise start over
+/// every time).
+const POSITION_EVERY: Duration = Duration::from_secs(1);
 /// How often a feed blocked on a slow client looks at how far behind it is.
 const LAG_CHECK: Duration = Duration::from_millis(100);
 /// Events read from the log per page of a subscriber's backlog.
@@ -207,7 +212,9 @@ enum End {
 /// One subscriber's stream: the backlog from the log, then the live feed.
 struct Feed {
     sub: Subscription,
-    /// Last seq given (or stepped over) per origin.
+    /// Last seq given (or stepped over) per origin: an event whose frame
+    /// could not be queued is not counted, so a `lagged` frame's position is
+    /// where the client resumes without a gap.
     pos: BTreeMap<String, u64>,
     /// Without a resume token, the subscriber starts at the live end: an origin
     /// first seen later starts at its first live event.
@@ -217,8 +224,10 @@ struct Feed {
     /// This subscriber's share of `kiln_broadcast_subscriber_lag_events`.
     lag: i64,
     /// `pos` moved past events the client was not sent (filtered out): the
-    /// next keepalive carries it.
+    /// next keepalive (or position frame) carries it.
     position_unsent: bool,
+    /// When the client was last sent a position.
+    position_sent: Instant,
 }
 
 struct SubscriberGuard(prometheus_client::metrics::gauge::Gauge);
@@ -253,6 +262,7 @@ impl Feed {
             tx,
             lag: 0,
             position_unsent: false,
+            position_sent: Instant::now(),
         }
     }
 
@@ -263,7 +273,12 @@ impl Feed {
         self.sub.metrics.subscriber_lag.dec_by(self.lag);
         if let End::Lagged = end {
             self.sub.metrics.subscribers_lagged.inc();
-            let frame = Bytes::from("data: {\"kind\":\"lagged\"}\n\n");
+            // With the position reached: what the client got or its filter
+            // passed over, so it resumes there.
+            let frame = Bytes::from(format!(
+                "id: {}\ndata: {{\"kind\":\"lagged\"}}\n\n",
+                self.token()
+            ));
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tx.send(frame)).await;
         }
     }
@@ -310,6 +325,7 @@ impl Feed {
                         return end;
                     }
                     self.position_unsent = false;
+                    self.position_sent = Instant::now();
                 }
                 _ = self.tx.closed() => return End::ClientGone,
             }
@@ -413,7 +429,7 @@ impl Feed {
     /// up to `resume_at`: tells it what to refresh (or that it missed nothing
     /// its filter passes).
     async fn resync(&mut self, origin: &str, seen: u64, resume_at: u64) -> Result<(), End> {
-        self.pos.insert(origin.to_string(), resume_at);
+        let before = self.pos.insert(origin.to_string(), resume_at);
         let store = self.sub.store.clone();
         let o = origin.to_string();
         let missed = match tokio::task::spawn_blocking(move || store.missed(&o, seen, resume_at))
@@ -462,28 +478,43 @@ impl Feed {
                     "datasources": datasources, "topics": topics, "artifacts": artifacts})
             }
         };
+        let frame = format!("id: {}\ndata: {}\n\n", self.token(), data);
+        if let Err(end) = self.send(Bytes::from(frame)).await {
+            self.set_position(origin, before);
+            return Err(end);
+        }
         self.sub.metrics.resyncs.inc();
         self.position_unsent = false;
-        let frame = format!("id: {}\ndata: {}\n\n", self.token(), data);
-        self.send(Bytes::from(frame)).await
+        self.position_sent = Instant::now();
+        Ok(())
+    }
+
+    /// Puts an origin's position back to what it was before a frame that could
+    /// not be queued.
+    fn set_position(&mut self, origin: &str, to: Option<u64>) {
+        match to {
+            Some(seq) => {
+                self.pos.insert(origin.to_string(), seq);
+            }
+            None => {
+                self.pos.remove(origin);
+            }
+        }
     }
 
     async fn emit(&mut self, ev: &Delivered) -> Result<(), End> {
-        match self.pos.get_mut(&ev.origin) {
-            Some(seq) => *seq = ev.seq,
-            None => {
-                self.pos.insert(ev.origin.clone(), ev.seq);
-            }
-        }
-        let Some(body) = &ev.body else {
+        let before = self.pos.insert(ev.origin.clone(), ev.seq);
+        let Some(body) = ev.body.as_ref().filter(|b| self.filter.passes(b)) else {
+            // Passed over: the position moves on all the same.
             self.position_unsent = true;
+            if self.position_sent.elapsed() >= POSITION_EVERY {
+                let frame = format!(": position\nid: {}\n\n", self.token());
+                self.send(Bytes::from(frame)).await?;
+                self.position_unsent = false;
+                self.position_sent = Instant::now();
+            }
             return Ok(());
         };
-        if !self.filter.passes(body) {
-            self.position_unsent = true;
-            return Ok(());
-        }
-        self.position_unsent = false;
         // One buffer for the whole frame: `id: <token>\ndata: <json>\n\n`.
         let mut frame = String::with_capacity(self.pos.len() * 64 + 256);
         frame.push_str("id: ");
@@ -500,7 +531,13 @@ impl Feed {
             return Ok(());
         }
         frame.extend_from_slice(b"\n\n");
-        self.send(Bytes::from(frame)).await
+        if let Err(end) = self.send(Bytes::from(frame)).await {
+            self.set_position(&ev.origin, before);
+            return Err(end);
+        }
+        self.position_unsent = false;
+        self.position_sent = Instant::now();
+        Ok(())
     }
 
     fn token(&self) -> String {

@@ -367,9 +367,14 @@ pub enum BroadcastCommand {
         table: Option<String>,
         #[arg(long)]
         topic: Option<String>,
-        /// Resume after this event id (an earlier line's `id`), not at the live end.
+        /// Resume after this event id (what `--ids` printed before an earlier
+        /// line), not at the live end.
         #[arg(long, value_name = "ID")]
         from: Option<String>,
+        /// Print each event's id before it, separated by a tab, to resume from
+        /// with `--from`.
+        #[arg(long)]
+        ids: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -429,8 +434,9 @@ pub fn broadcast(cmd: BroadcastCommand) -> anyhow::Result<()> {
             table,
             topic,
             from,
+            ids,
             api,
-        } => tail(&api, server, table, topic, from),
+        } => tail(&api, server, table, topic, from, ids),
     }
 }
 
@@ -440,6 +446,7 @@ fn tail(
     table: Option<String>,
     topic: Option<String>,
     mut last_id: Option<String>,
+    print_ids: bool,
 ) -> anyhow::Result<()> {
     use std::io::{BufRead, Write};
     let mut query = Vec::new();
@@ -466,23 +473,32 @@ fn tail(
             Ok(resp) => {
                 failures = 0;
                 let reader = std::io::BufReader::new(resp.into_reader());
-                let mut id = None;
+                let (mut id, mut data) = (None, None);
                 for line in reader.lines() {
                     let Ok(line) = line else { break };
                     if let Some(v) = line.strip_prefix("id: ") {
                         id = Some(v.to_string());
-                    } else if let Some(data) = line.strip_prefix("data: ") {
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        data = Some(d.to_string());
+                    } else if line.is_empty() {
+                        // A message is whole at its blank line: printed and
+                        // counted as seen together, so a connection broken in
+                        // between neither repeats nor loses it.
+                        if let Some(i) = id.take() {
+                            last_id = Some(i);
+                        }
+                        let Some(d) = data.take() else { continue };
                         let mut out = std::io::stdout().lock();
-                        if writeln!(out, "{data}").is_err() {
+                        let written = match (&last_id, print_ids) {
+                            (Some(i), true) => writeln!(out, "{i}\t{d}"),
+                            _ => writeln!(out, "{d}"),
+                        };
+                        if written.is_err() {
                             return Ok(());
                         }
                         let _ = out.flush();
-                        if data.contains("\"kind\":\"lagged\"") {
+                        if d.contains("\"kind\":\"lagged\"") {
                             eprintln!("kiln: fell behind the node's buffer; resuming");
-                        }
-                    } else if line.is_empty() {
-                        if let Some(i) = id.take() {
-                            last_id = Some(i);
                         }
                     }
                 }

@@ -464,10 +464,13 @@ impl Settings {
             .max_event_bytes
             .or(file.max_event_bytes)
             .unwrap_or(64 * 1024);
-        if max_event_bytes == 0 || max_event_bytes > 128 * 1024 {
+        // An event's binary (CBOR) form can be up to 2.25 times its JSON (a
+        // number like 0.1 takes 9 bytes): at most 100 KiB of JSON keeps one
+        // event within a gossip message.
+        if max_event_bytes == 0 || max_event_bytes > 100 * 1024 {
             return Err(ConfigError::Invalid {
                 key: "max_event_bytes",
-                error: "must be between 1 and 131072 (events travel in 256 KiB gossip messages)"
+                error: "must be between 1 and 102400 (an event, up to 2.25 times larger in its binary form, must fit a 256 KiB gossip message)"
                     .into(),
             });
         }
