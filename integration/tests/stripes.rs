@@ -308,6 +308,19 @@ fn an_idempotency_key_is_one_request_across_stripes() {
                 .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["active"].is_string()))
         })
     });
+    // Every stripe's lag is known on every node (asked of each stripe's active),
+    // not only on the active of the asking node's own stripe.
+    wait_until("each stripe's members show their lag", LONG, || {
+        nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
+            v["stripes"].as_array().is_some_and(|s| {
+                s.iter().all(|st| {
+                    st["members"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().all(|m| m["lag"].is_u64()))
+                })
+            })
+        })
+    });
     let agent = agent();
     let send = |key: &str, body: &str| {
         agent

@@ -15,7 +15,6 @@ use kiln_actors::control::{ControlPlane, GetStripes, Propose};
 use kiln_actors::membership::{
     ForgetMember, GetNodeInfo, ListMembers, MemberView, MembershipActor,
 };
-use kiln_actors::stripe::GetReplication;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
@@ -168,18 +167,22 @@ async fn forget(
 
 async fn stripes(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     let mut view = state.control.send(GetStripes).await.map_err(unavailable)?;
-    // The active of this node's stripe knows how far behind each member is.
-    if let Some(addr) = state.kv.as_ref().and_then(|kv| kv.stripe.clone()) {
-        let rep = addr.send(GetReplication).await.map_err(unavailable)?;
-        if rep.role == "active" {
-            for st in view.stripes.iter_mut().filter(|s| Some(s.id) == rep.stripe) {
-                for m in st.members.iter_mut() {
-                    m.lag = if m.role == "active" {
-                        Some(0)
-                    } else {
-                        rep.lags.get(&m.id).copied()
-                    };
-                }
+    // Each stripe's active knows how far behind its members are: asked all at
+    // once, briefly (a stripe without an answer shows no lag).
+    if let Some(kv) = state.kv.as_ref() {
+        let asks = view
+            .stripes
+            .iter()
+            .map(|s| kv.member_lags(s.id, std::time::Duration::from_secs(1)));
+        let answers = futures::future::join_all(asks).await;
+        for (st, lags) in view.stripes.iter_mut().zip(answers) {
+            let Some(lags) = lags else { continue };
+            for m in st.members.iter_mut() {
+                m.lag = if m.role == "active" {
+                    Some(0)
+                } else {
+                    lags.get(&m.id).copied()
+                };
             }
         }
     }

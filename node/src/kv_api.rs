@@ -87,6 +87,23 @@ pub struct KvRouter {
 }
 
 impl KvRouter {
+    /// How far behind its active each member of `stripe` is, by peer id, as
+    /// the active says (`None` if it did not answer within `timeout`).
+    pub async fn member_lags(
+        &self,
+        stripe: u32,
+        timeout: Duration,
+    ) -> Option<std::collections::BTreeMap<String, u64>> {
+        let active = stripe_view(&self.applied, stripe)?.active?;
+        match self
+            .ask(active, StripeRequest::Lags { stripe }, timeout)
+            .await
+        {
+            Ok(StripeResponse::Lags(Ok(lags))) => Some(lags),
+            _ => None,
+        }
+    }
+
     /// A write's request id, when it arrived, and until when its result is
     /// remembered: a client's `Idempotency-Key` for the reconnect window; without
     /// one, an id of the node's own for as long as the node itself retries it.

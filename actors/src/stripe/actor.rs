@@ -333,22 +333,6 @@ impl StripeMetrics {
     }
 }
 
-/// Replication state of this node's stripe, for status and metrics.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ReplicationStatus {
-    pub stripe: Option<u32>,
-    pub role: &'static str,
-    pub epoch: u64,
-    pub last_index: u64,
-    pub commit_index: u64,
-    /// Entries each other member is behind (on the active only), by peer id.
-    pub lags: BTreeMap<String, u64>,
-}
-
-#[derive(Message)]
-#[rtype(result = "ReplicationStatus")]
-pub struct GetReplication;
-
 /// Planned handover of this node's active role (to `to`, or the most
 /// up-to-date in-sync standby). Answers the new active once the control plane
 /// made it so; `Ok(None)` if this node is not active (nothing to hand over).
@@ -1826,6 +1810,17 @@ impl StripeActor {
         }
     }
 
+    /// Entries each other member is behind (known on the active), by peer id.
+    fn member_lags(&self) -> BTreeMap<String, u64> {
+        let Some(r) = self.replica.as_ref() else {
+            return BTreeMap::new();
+        };
+        r.lags()
+            .into_iter()
+            .filter_map(|(n, l)| self.peer_of(n).map(|p| (p.to_string(), l)))
+            .collect()
+    }
+
     fn serve(&mut self, msg: ServeStripe, ctx: &mut Context<Self>) {
         let ServeStripe {
             peer,
@@ -1987,6 +1982,13 @@ impl StripeActor {
                     respond_with(&net, reply, &StripeResponse::Keys(keys));
                 });
             }
+            StripeRequest::Lags { stripe } if mine(stripe) => {
+                let lags = match self.is_active() {
+                    true => Ok(self.member_lags()),
+                    false => Err(self.not_active()),
+                };
+                self.respond(reply, &StripeResponse::Lags(lags));
+            }
             other => {
                 let stripe = match other {
                     StripeRequest::Replicate { stripe, .. }
@@ -1996,7 +1998,8 @@ impl StripeActor {
                     | StripeRequest::Read { stripe, .. }
                     | StripeRequest::HandOver { stripe, .. }
                     | StripeRequest::SnapshotChunk { stripe, .. }
-                    | StripeRequest::Keys { stripe, .. } => stripe,
+                    | StripeRequest::Keys { stripe, .. }
+                    | StripeRequest::Lags { stripe } => stripe,
                 };
                 let err = ServeError::NotMember(stripe);
                 let resp = match other {
@@ -2004,6 +2007,7 @@ impl StripeActor {
                     StripeRequest::Write { .. } => StripeResponse::Written(Err(err)),
                     StripeRequest::Read { .. } => StripeResponse::Value(Err(err)),
                     StripeRequest::Keys { .. } => StripeResponse::Keys(Err(err)),
+                    StripeRequest::Lags { .. } => StripeResponse::Lags(Err(err)),
                     StripeRequest::HandOver { .. } => {
                         StripeResponse::HandedOver(Err(err.to_string()))
                     }
@@ -2189,34 +2193,6 @@ impl Handler<HandOver> for StripeActor {
                 let _ = msg.reply.send(Err(e.to_string()));
             }
         }
-    }
-}
-
-impl Handler<GetReplication> for StripeActor {
-    type Result = MessageResult<GetReplication>;
-    fn handle(&mut self, _: GetReplication, _: &mut Self::Context) -> Self::Result {
-        let Some(r) = self.replica.as_ref() else {
-            return MessageResult(ReplicationStatus {
-                role: "none",
-                ..Default::default()
-            });
-        };
-        let lags = r
-            .lags()
-            .into_iter()
-            .filter_map(|(n, l)| self.peer_of(n).map(|p| (p.to_string(), l)))
-            .collect();
-        MessageResult(ReplicationStatus {
-            stripe: self.stripe,
-            role: match r.role() {
-                Role::Active { .. } => "active",
-                Role::Follower => "follower",
-            },
-            epoch: r.view().epoch,
-            last_index: r.last().index,
-            commit_index: r.commit_index(),
-            lags,
-        })
     }
 }
 

@@ -2,6 +2,8 @@
 //! operations forwarded to a stripe's active. Carried as the body of
 //! `Request::Stripe` / `Response::Stripe` of the net crate's versioned envelope.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::kv::{KvCommand, KvOutcome};
@@ -50,6 +52,8 @@ pub enum StripeRequest {
         after: Option<String>,
         limit: u32,
     },
+    /// How far behind the active each other member is (asked of the active).
+    Lags { stripe: u32 },
 }
 
 /// Why a node could not serve a stripe request.
@@ -91,6 +95,8 @@ pub enum StripeResponse {
     Written(Result<KvOutcome, ServeError>),
     Value(Result<Option<(u64, serde_bytes::ByteBuf)>, ServeError>),
     Keys(Result<Vec<String>, ServeError>),
+    /// Entries each member is behind the active, by peer id.
+    Lags(Result<BTreeMap<String, u64>, ServeError>),
     /// The new active's peer id (`None`: the node was not active).
     HandedOver(Result<Option<String>, String>),
     /// A snapshot part was stored (the last one: installed).
