@@ -256,6 +256,32 @@ fn a_witness_gone_for_good_leaves_one_voter_and_the_survivor_of_the_next_failure
 }
 
 #[test]
+fn a_graceful_stop_of_the_only_voter_hands_its_vote_over_and_writes_go_on() {
+    let _serial = serial();
+    let mut nodes = start_cluster("cps", 2, opts(&[]));
+    wait_converged(&nodes, LONG);
+    let pair: Vec<&Node> = nodes.iter().collect();
+    let view = wait_agreed(&pair, 2, 1);
+    let voter = voters(&view).into_iter().next().unwrap_or_default();
+    let v = nodes.iter().position(|n| n.id() == voter).unwrap_or(0);
+    // Stopped for maintenance: it hands its stripe role and its vote over, so
+    // the other server can still drop it from the in-sync set and go on.
+    assert_eq!(nodes[v].terminate(), Some(0));
+    let survivor = &nodes[1 - v];
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    wait_until("a write on the other server succeeds", LONG, || {
+        agent
+            .put(&format!("http://{}/v1/kv/m/k", survivor.http()))
+            .send_bytes(b"v")
+            .is_ok()
+    });
+    let view = stripes(survivor).unwrap_or_default();
+    assert_eq!(voters(&view), BTreeSet::from([survivor.id()]));
+}
+
+#[test]
 fn every_decision_survives_a_full_restart_in_reverse_order() {
     let _serial = serial();
     let mut nodes = start_cluster("cpr", 3, opts(&["--stripes", "2"]));

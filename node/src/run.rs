@@ -14,8 +14,8 @@ use kiln_actors::broadcast::{
 use kiln_actors::control::types::node_id_of;
 use kiln_actors::control::wire::{from_cbor, MAX_CONTROL_BODY};
 use kiln_actors::control::{
-    raft_config, AddressBook, AttachStripe, ControlMetrics, ControlNetwork, ControlPlane, LogStore,
-    ServeControl, StateMachine,
+    raft_config, AddressBook, AttachStripe, ControlMetrics, ControlNetwork, ControlPlane,
+    GiveUpVote, LogStore, ServeControl, StateMachine,
 };
 use kiln_actors::membership::{Leave, MembershipActor, MembershipMetrics};
 use kiln_actors::stripe::replica::ReplicaConfig;
@@ -176,7 +176,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 .context("the control-plane thread stopped while starting")?
                 .context("cannot start the control plane")?
         };
-        let control = ControlPlane::new(
+        // On the consensus thread too: peers' Raft requests pass through this
+        // actor, and a heartbeat (answered within 100 ms) must not wait behind
+        // stripe and broadcast work on the main thread.
+        let control_plane = ControlPlane::new(
             peer_id,
             raft.clone(),
             applied.clone(),
@@ -186,8 +189,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             store.clone(),
             settings.control.clone(),
             control_metrics,
-        )
-        .start();
+        );
+        let control =
+            ControlPlane::start_in_arbiter(&consensus_thread.handle(), move |_| control_plane);
         let me = node_id_of(&id);
         // Before the stripe actor: it reads the change seqs the broadcast log holds
         // when it takes over an empty stripe log.
@@ -289,7 +293,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 actor: artifacts,
                 store: artifact_store,
                 applied,
-                control,
+                control: control.clone(),
                 me,
                 keep_versions: settings.artifact_keep_versions,
             }),
@@ -352,6 +356,13 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 Ok(Ok(Ok(None))) => {}
                 Ok(Ok(Err(e))) => tracing::warn!(reason = %e, "stopping without a handover"),
                 _ => tracing::warn!("the handover did not complete within 5 s; stopping anyway"),
+            }
+        }
+        if fatal.is_none() {
+            match tokio::time::timeout(Duration::from_secs(5), control.send(GiveUpVote)).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(why))) => tracing::debug!(%why, "kept the control-plane vote"),
+                _ => tracing::warn!("the control-plane vote was not handed over within 5 s; stopping anyway"),
             }
         }
         tracing::info!("shutting down: announcing leave");

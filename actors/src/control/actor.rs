@@ -1106,6 +1106,61 @@ impl Handler<ConfirmActive> for ControlPlane {
 
 /// A standby of `stripe` has not heard its active of `epoch`: the control-plane
 /// leader coordinates an election.
+/// A node stopping gracefully gives up its vote first, when it leads the
+/// control plane: the voters left behind (with a live node in its place, if
+/// there is one) keep deciding — a sole voter that just left would leave the
+/// others unable to decide anything, even to drop it from its stripe's in-sync
+/// set. Answers once the change is committed, or why there was none.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct GiveUpVote;
+
+impl Handler<GiveUpVote> for ControlPlane {
+    type Result = ResponseFuture<Result<(), String>>;
+    fn handle(&mut self, _: GiveUpVote, _: &mut Self::Context) -> Self::Result {
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let learners: BTreeSet<NodeId> = metrics
+            .membership_config
+            .membership()
+            .learner_ids()
+            .collect();
+        if !voters.contains(&self.me) {
+            return Box::pin(async { Ok(()) });
+        }
+        if metrics.current_leader != Some(self.me) {
+            // The leader sees this node leave and replaces it; the voters left
+            // are a majority unless this was one of two.
+            return Box::pin(async { Err("not the control-plane leader".to_string()) });
+        }
+        let state = self.state();
+        let live: BTreeSet<NodeId> = self
+            .members
+            .iter()
+            .filter(|m| !m.is_self && m.record.status == MemberStatus::Alive)
+            .map(|m| node_id_of(&m.record.id))
+            .filter(|id| {
+                (voters.contains(id) || learners.contains(id)) && state.nodes.contains_key(id)
+            })
+            .collect();
+        let Some(next) = plan_voters(&state, &voters, &live, &BTreeSet::from([self.me])) else {
+            return Box::pin(async { Err("no other node can hold the vote".to_string()) });
+        };
+        if next.contains(&self.me) {
+            return Box::pin(async { Err("no other node can hold the vote".to_string()) });
+        }
+        tracing::info!(voters = ?next, "stopping: handing this node's control-plane vote over");
+        self.changing = true;
+        let raft = self.raft.clone();
+        Box::pin(async move {
+            raft.change_membership(next, false)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RequestElection {

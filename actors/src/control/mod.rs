@@ -14,8 +14,8 @@ mod tests;
 
 pub use actor::{
     raft_config, AttachStripe, ClusterStripes, ConfirmActive, ControlMetrics, ControlPlane,
-    ControlPlaneConfig, GetStripes, Propose, RequestElection, ServeControl, StripeMemberView,
-    StripeView,
+    ControlPlaneConfig, GetStripes, GiveUpVote, Propose, RequestElection, ServeControl,
+    StripeMemberView, StripeView,
 };
 pub use network::{addresses, AddressBook, ControlNetwork};
 pub use storage::{Applied, LogStore, SharedApplied, StateMachine};
