@@ -35,6 +35,9 @@ const TICK: Duration = Duration::from_millis(500);
 const WINDOW: usize = 4;
 /// Transfers at once: more would only split the same bandwidth.
 const MAX_TRANSFERS: usize = 2;
+/// Chunks read for other nodes at once (each is held in memory until sent): a
+/// peer asking for many more than its window waits rather than filling memory.
+const SERVE_AT_ONCE: usize = 8;
 /// The pause before content whose write failed `n` times in a row is fetched
 /// again: 1, 2, 4 … 30 s.
 fn write_retry(n: u32) -> Duration {
@@ -203,6 +206,8 @@ pub struct ArtifactActor {
     announced_generation: u64,
     /// Announcements under way or refused, and when they may be tried again.
     announcing: HashMap<(String, u64), Instant>,
+    /// Permits to read a chunk for another node (see `SERVE_AT_ONCE`).
+    serving: Arc<tokio::sync::Semaphore>,
     last_gc: Instant,
 }
 
@@ -224,6 +229,7 @@ impl ArtifactActor {
             announced,
             announced_generation: 1,
             announcing: HashMap::new(),
+            serving: Arc::new(tokio::sync::Semaphore::new(SERVE_AT_ONCE)),
             health,
             write_failed: HashMap::new(),
             me,
@@ -747,7 +753,10 @@ impl Handler<ServeArtifact> for ArtifactActor {
         let store = self.store.clone();
         let net = self.net.clone();
         let served = self.metrics.bytes_served.clone();
+        let serving = self.serving.clone();
         actix_rt::spawn(async move {
+            // Never closed; should it be, the read goes ahead unbounded.
+            let _permit = serving.acquire_owned().await.ok();
             let response = match msg.request {
                 Request::ArtifactManifest { sha256 } if store.has(&sha256) => {
                     match blocking(move || store.manifest(&sha256)).await {

@@ -86,19 +86,21 @@ pub struct Delivered {
     /// `None` if the stored bytes do not decode (an event of a newer kiln):
     /// subscribers step over it.
     pub body: Option<EventBody>,
-    /// About the memory it holds (its encoded size and some), for the
-    /// subscribers' byte bound.
+    /// About the memory it holds (the decoded event's, or its encoded size),
+    /// for the subscribers' byte bound.
     pub weight: u64,
 }
 
 impl Delivered {
     pub fn decode(origin: &str, seq: u64, ts: u64, bytes: &[u8]) -> Delivered {
+        let body = EventBody::from_cbor(bytes);
+        let held = body.as_ref().map_or(bytes.len(), EventBody::heap_bytes);
         Delivered {
             origin: origin.to_string(),
             seq,
             ts,
-            body: EventBody::from_cbor(bytes),
-            weight: (bytes.len() * 2 + origin.len() + 64) as u64,
+            body,
+            weight: (held.max(bytes.len()) + origin.len() + 128) as u64,
         }
     }
 }

@@ -45,6 +45,57 @@ pub enum EventBody {
     },
 }
 
+impl EventBody {
+    /// About the memory the decoded event holds: a JSON value tree takes far
+    /// more than its CBOR (`[0,0,...]` is a byte an element as CBOR, tens as
+    /// values), which a subscriber's byte bound must count.
+    pub fn heap_bytes(&self) -> usize {
+        const STRING: usize = 24;
+        match self {
+            EventBody::Change {
+                server,
+                table,
+                pks,
+                columns,
+                ..
+            } => {
+                server.len()
+                    + table.len()
+                    + pks
+                        .iter()
+                        .map(|t| STRING + t.iter().map(value_bytes).sum::<usize>())
+                        .sum::<usize>()
+                    + columns.as_ref().map_or(0, |c| {
+                        c.iter()
+                            .map(|(k, v)| MAP_ENTRY + k.len() + value_bytes(v))
+                            .sum()
+                    })
+            }
+            EventBody::Flush { server, table } => server.len() + table.len(),
+            EventBody::Message { topic, payload } => topic.len() + value_bytes(payload),
+            EventBody::Artifact { name, sha256, .. } => name.len() + sha256.len(),
+        }
+    }
+}
+
+/// A B-tree map entry's share of its nodes, beyond its key and value.
+const MAP_ENTRY: usize = 48;
+
+/// About the memory a JSON value holds, itself included.
+fn value_bytes(v: &Value) -> usize {
+    const VALUE: usize = 32;
+    VALUE
+        + match v {
+            Value::String(s) => s.len(),
+            Value::Array(a) => a.iter().map(value_bytes).sum(),
+            Value::Object(o) => o
+                .iter()
+                .map(|(k, v)| MAP_ENTRY + k.len() + value_bytes(v))
+                .sum(),
+            _ => 0,
+        }
+}
+
 /// Every field any kind of [`EventBody`] has, for decoding its CBOR in one pass.
 #[derive(Deserialize)]
 struct CborFields {
@@ -361,6 +412,22 @@ pub fn stripe_origin(stripe: u32) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_decoded_event_weighs_what_its_values_hold_not_its_cbor() {
+        let zeros = EventBody::Message {
+            topic: "t".into(),
+            payload: json!(vec![0; 10_000]),
+        };
+        // About a byte each as CBOR; a value each once decoded.
+        assert!(zeros.to_cbor().len() < 11_000);
+        assert!(zeros.heap_bytes() >= 320_000);
+        let text = EventBody::Message {
+            topic: "t".into(),
+            payload: json!("x".repeat(50_000)),
+        };
+        assert!((50_000..51_000).contains(&text.heap_bytes()));
+    }
 
     #[test]
     fn a_dropped_event_is_remembered_by_what_it_was_about() {
