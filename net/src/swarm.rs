@@ -490,6 +490,7 @@ pub fn spawn(
         net_metrics,
         advertise: !config.advertise.is_empty(),
         probes_ok: HashSet::new(),
+        probes_failed: HashMap::new(),
         pipes: pipes.clone(),
     };
     for addr in config.advertise {
@@ -527,8 +528,16 @@ struct SwarmTask {
     advertise: bool,
     /// Peers that answered a ping since the last report.
     probes_ok: HashSet<PeerId>,
+    /// Pings in a row that failed, per connection.
+    probes_failed: HashMap<libp2p::swarm::ConnectionId, u32>,
     pipes: Arc<Pipes>,
 }
+
+/// Pings in a row a connection may fail before it is closed: libp2p's ping
+/// no longer closes one, and a connection whose packets vanish (a lost NAT or
+/// conntrack entry) would otherwise count as up until TCP gives up, minutes
+/// later — with nothing redialled meanwhile.
+const PROBE_FAILURES_TO_CLOSE: u32 = 2;
 
 /// How often answered pings are reported to the actors.
 pub const PROBE_REPORT_INTERVAL: Duration = Duration::from_millis(200);
@@ -717,6 +726,9 @@ impl SwarmTask {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<KilnBehaviourEvent>) {
+        if let SwarmEvent::ConnectionClosed { connection_id, .. } = &event {
+            self.probes_failed.remove(connection_id);
+        }
         self.libp2p_metrics.record(&event);
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -839,12 +851,23 @@ impl SwarmTask {
                 self.libp2p_metrics.record(&ev);
                 match ev.result {
                     Ok(_) => {
+                        self.probes_failed.remove(&ev.connection);
                         self.probes_ok.insert(ev.peer);
                     }
-                    Err(e) => self.emit(NetEvent::ProbeFailed {
-                        peer: ev.peer,
-                        error: e.to_string(),
-                    }),
+                    Err(e) => {
+                        let failed = self.probes_failed.entry(ev.connection).or_insert(0);
+                        *failed += 1;
+                        if *failed >= PROBE_FAILURES_TO_CLOSE {
+                            tracing::info!(peer = %ev.peer, failed = *failed, error = %e,
+                                "closing a connection that stopped answering pings");
+                            self.probes_failed.remove(&ev.connection);
+                            self.swarm.close_connection(ev.connection);
+                        }
+                        self.emit(NetEvent::ProbeFailed {
+                            peer: ev.peer,
+                            error: e.to_string(),
+                        })
+                    }
                 }
             }
             KilnBehaviourEvent::Rr(ev) => self.on_rr_event(ev),

@@ -447,8 +447,17 @@ impl MembershipActor {
     /// lone first node). Once the member tables had time to converge, the member
     /// with the smallest peer id creates the cluster id; its announcements and
     /// push-pulls hand it to the others.
+    ///
+    /// Only once a table was exchanged with a peer that has no cluster id
+    /// either, and every connected peer is in the table: a peer just connected
+    /// whose table has not arrived could be smaller, and two nodes each
+    /// creating an id would split the cluster for good.
     fn create_cluster_if_smallest(&mut self) {
-        if self.cluster.is_some() || self.connected == 0 || self.epoch.elapsed() < CLUSTER_ID_GRACE
+        if self.cluster.is_some()
+            || self.connected == 0
+            || self.epoch.elapsed() < CLUSTER_ID_GRACE
+            || !self.met_peer_without_cluster
+            || self.state.has_unknown_connection()
         {
             return;
         }

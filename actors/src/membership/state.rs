@@ -668,6 +668,14 @@ impl Membership {
         self.me.id.as_str() < id
     }
 
+    /// Whether a connected peer is not in the member table yet (its table or
+    /// announcement has not arrived): who is smallest is not known until it is.
+    pub fn has_unknown_connection(&self) -> bool {
+        self.connected
+            .iter()
+            .any(|id| !self.members.contains_key(id))
+    }
+
     pub fn on_connected(&mut self, now: Now, id: &str) -> Vec<Effect> {
         self.connected.insert(id.to_string());
         if let Some(m) = self.members.get_mut(id) {

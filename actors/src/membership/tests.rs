@@ -606,3 +606,14 @@ mod prop {
         }
     }
 }
+
+#[test]
+fn a_connected_peer_whose_table_has_not_arrived_is_unknown_until_it_does() {
+    let mut a = node("a");
+    assert!(!a.has_unknown_connection());
+    a.on_connected(at(0), "b");
+    // Connected, but nothing heard of it yet: it might be the smallest.
+    assert!(a.has_unknown_connection());
+    a.on_announce(at(10), rec("b", 1, MemberStatus::Alive), 1);
+    assert!(!a.has_unknown_connection());
+}
