@@ -15,7 +15,7 @@ use kiln_actors::control::types::node_id_of;
 use kiln_actors::control::wire::{from_cbor, MAX_CONTROL_BODY};
 use kiln_actors::control::{
     raft_config, AddressBook, AttachStripe, ControlMetrics, ControlNetwork, ControlPlane,
-    GiveUpVote, LogStore, ServeControl, StateMachine,
+    GiveUpVote, LogStore, ServeControl, StateMachine, VoteHandover,
 };
 use kiln_actors::membership::{Leave, MembershipActor, MembershipMetrics};
 use kiln_actors::stripe::replica::ReplicaConfig;
@@ -359,11 +359,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             }
         }
         if fatal.is_none() {
-            match tokio::time::timeout(Duration::from_secs(5), control.send(GiveUpVote)).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(why))) => tracing::debug!(%why, "kept the control-plane vote"),
-                _ => tracing::warn!("the control-plane vote was not handed over within 5 s; stopping anyway"),
-            }
+            hand_vote_over(&control).await;
         }
         tracing::info!("shutting down: announcing leave");
         let _ = membership.send(Leave).await;
@@ -386,6 +382,38 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     match fatal {
         Some(f) => Err(anyhow::anyhow!(f)),
         None => Ok(()),
+    }
+}
+
+/// A leader's vote goes to the voters left before the node stops (waiting
+/// out a voter change under way; 5 s at most).
+async fn hand_vote_over(control: &actix::Addr<ControlPlane>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, control.send(GiveUpVote)).await {
+            Ok(Ok(VoteHandover::Done)) => {
+                tracing::info!("handed the control-plane vote over");
+                return;
+            }
+            Ok(Ok(VoteHandover::NotNeeded(why))) => {
+                tracing::debug!(why, "no control-plane vote to hand over");
+                return;
+            }
+            Ok(Ok(VoteHandover::Busy)) if !left.is_zero() => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Ok(VoteHandover::Failed(e))) => {
+                tracing::warn!(error = %e, "cannot hand the control-plane vote over; stopping with it");
+                return;
+            }
+            _ => {
+                tracing::warn!(
+                    "the control-plane vote was not handed over within 5 s; stopping with it"
+                );
+                return;
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use actix::prelude::*;
 use kiln_net::wire::{MemberStatus, Request, Response};
 use kiln_net::{Multiaddr, NetCommand, NetHandle, PeerId, ServiceRequest};
 use kiln_persistence::NodeStore;
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Raft, ServerState};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -486,8 +486,10 @@ impl ControlPlane {
             let id = node_id_of(&m.record.id);
             status.insert(id, m.record.status);
             // Every live member follows the log, placed or not: a node learns who
-            // leads the control plane (to ask for its place) by following it.
-            if m.record.status == MemberStatus::Alive {
+            // leads the control plane (to ask for its place) by following it —
+            // but not one an operator removed (refused a place, it would be
+            // added as a learner and dropped as gone on every other tick).
+            if m.record.status == MemberStatus::Alive && !state.removed.contains(&id) {
                 alive.insert(
                     id,
                     ControlNode {
@@ -558,7 +560,7 @@ impl ControlPlane {
             );
             return;
         }
-        if let Some(next) = plan_voters(state, voters, &live, &gone) {
+        if let Some(next) = plan_voters(state, voters, &live, &gone, self.me) {
             let peers = |ids: &BTreeSet<NodeId>| -> Vec<String> {
                 ids.iter()
                     .map(|id| state.peer_of(*id).unwrap_or("?").to_string())
@@ -566,8 +568,10 @@ impl ControlPlane {
             };
             tracing::info!(from = ?peers(voters), to = ?peers(&next), "changing the control-plane voters");
             self.changing = true;
+            // Voters dropped stay learners (a live one follows the log still;
+            // a gone one is dropped as a learner below).
             ctx.spawn(
-                async move { raft.change_membership(next, false).await }
+                async move { raft.change_membership(next, true).await }
                     .into_actor(self)
                     .map(|res, act, _| {
                         act.changing = false;
@@ -1104,34 +1108,45 @@ impl Handler<ConfirmActive> for ControlPlane {
     }
 }
 
-/// A standby of `stripe` has not heard its active of `epoch`: the control-plane
-/// leader coordinates an election.
 /// A node stopping gracefully gives up its vote first, when it leads the
 /// control plane: the voters left behind (with a live node in its place, if
 /// there is one) keep deciding — a sole voter that just left would leave the
 /// others unable to decide anything, even to drop it from its stripe's in-sync
-/// set. Answers once the change is committed, or why there was none.
+/// set.
 #[derive(Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "VoteHandover")]
 pub struct GiveUpVote;
 
+/// What became of a [`GiveUpVote`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoteHandover {
+    /// Handed over: the change is committed.
+    Done,
+    /// Nothing to hand over, or nobody to hand it to (why).
+    NotNeeded(&'static str),
+    /// Another voter change is under way: ask again shortly.
+    Busy,
+    Failed(String),
+}
+
 impl Handler<GiveUpVote> for ControlPlane {
-    type Result = ResponseFuture<Result<(), String>>;
+    type Result = ResponseFuture<VoteHandover>;
     fn handle(&mut self, _: GiveUpVote, _: &mut Self::Context) -> Self::Result {
+        let ready = |v: VoteHandover| -> Self::Result { Box::pin(async move { v }) };
         let metrics = self.raft.metrics().borrow().clone();
-        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
-        let learners: BTreeSet<NodeId> = metrics
-            .membership_config
-            .membership()
-            .learner_ids()
-            .collect();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
         if !voters.contains(&self.me) {
-            return Box::pin(async { Ok(()) });
+            return ready(VoteHandover::NotNeeded("not a voter"));
         }
         if metrics.current_leader != Some(self.me) {
             // The leader sees this node leave and replaces it; the voters left
-            // are a majority unless this was one of two.
-            return Box::pin(async { Err("not the control-plane leader".to_string()) });
+            // are a majority (a sole voter always leads).
+            return ready(VoteHandover::NotNeeded("not the control-plane leader"));
+        }
+        if self.changing || membership.get_joint_config().len() > 1 {
+            return ready(VoteHandover::Busy);
         }
         let state = self.state();
         let live: BTreeSet<NodeId> = self
@@ -1140,27 +1155,34 @@ impl Handler<GiveUpVote> for ControlPlane {
             .filter(|m| !m.is_self && m.record.status == MemberStatus::Alive)
             .map(|m| node_id_of(&m.record.id))
             .filter(|id| {
-                (voters.contains(id) || learners.contains(id)) && state.nodes.contains_key(id)
+                (voters.contains(id) || learners.contains(id))
+                    && state.nodes.contains_key(id)
+                    && !state.removed.contains(id)
             })
             .collect();
-        let Some(next) = plan_voters(&state, &voters, &live, &BTreeSet::from([self.me])) else {
-            return Box::pin(async { Err("no other node can hold the vote".to_string()) });
+        let next = plan_voters(&state, &voters, &live, &BTreeSet::from([self.me]), self.me);
+        let Some(next) = next.filter(|n| !n.contains(&self.me)) else {
+            return ready(VoteHandover::NotNeeded("no other node can hold the vote"));
         };
-        if next.contains(&self.me) {
-            return Box::pin(async { Err("no other node can hold the vote".to_string()) });
-        }
         tracing::info!(voters = ?next, "stopping: handing this node's control-plane vote over");
+        // Left set: the node is stopping, and its own reconcile must not undo
+        // the change meanwhile.
         self.changing = true;
         let raft = self.raft.clone();
         Box::pin(async move {
-            raft.change_membership(next, false)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            match raft.change_membership(next, true).await {
+                Ok(_) => VoteHandover::Done,
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) => VoteHandover::Busy,
+                Err(e) => VoteHandover::Failed(e.to_string()),
+            }
         })
     }
 }
 
+/// A standby of `stripe` has not heard its active of `epoch`: the control-plane
+/// leader coordinates an election.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RequestElection {

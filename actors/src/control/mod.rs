@@ -15,7 +15,7 @@ mod tests;
 pub use actor::{
     raft_config, AttachStripe, ClusterStripes, ConfirmActive, ControlMetrics, ControlPlane,
     ControlPlaneConfig, GetStripes, GiveUpVote, Propose, RequestElection, ServeControl,
-    StripeMemberView, StripeView,
+    StripeMemberView, StripeView, VoteHandover,
 };
 pub use network::{addresses, AddressBook, ControlNetwork};
 pub use storage::{Applied, LogStore, SharedApplied, StateMachine};

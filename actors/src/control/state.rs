@@ -522,13 +522,15 @@ pub fn wanted_voters(eligible: usize) -> usize {
 /// witness that died for good would both be needed for everything, worse than
 /// never having had a witness). The set grows toward `wanted_voters`. New voters
 /// are picked to spread the votes: witnesses first, then the stripe with the
-/// fewest voters, then the lowest node id; the voters dropped to shrink are the
-/// last in that order.
+/// fewest voters, then the lowest node id; the voters dropped to shrink are
+/// those not live first, then the last in that order, never `leader` (which
+/// would cost an election).
 pub fn plan_voters(
     state: &ControlState,
     voters: &BTreeSet<NodeId>,
     live: &BTreeSet<NodeId>,
     gone: &BTreeSet<NodeId>,
+    leader: NodeId,
 ) -> Option<BTreeSet<NodeId>> {
     let mut next: BTreeSet<NodeId> = voters.clone();
     let want = wanted_voters(live.len()).max(voters.len());
@@ -552,7 +554,15 @@ pub fn plan_voters(
         }
         let target = wanted_voters(live.len());
         while next.len() > target.max(1) {
-            let Some(last) = least_preferred_voter(state, &next) else {
+            let droppable: BTreeSet<NodeId> =
+                next.iter().copied().filter(|v| *v != leader).collect();
+            let not_live: BTreeSet<NodeId> = droppable.difference(live).copied().collect();
+            let pool = if not_live.is_empty() {
+                &droppable
+            } else {
+                &not_live
+            };
+            let Some(last) = least_preferred_voter(state, pool) else {
                 break;
             };
             next.remove(&last);

@@ -215,10 +215,13 @@ fn voters_grow_to_three_then_five_spread_across_stripes() {
         join(&mut s, n, false, None);
     }
     // Nodes 1,3,5 are in stripe 0; 2,4,6 in stripe 1.
-    assert_eq!(plan_voters(&s, &ids(&[1]), &ids(&[1, 2]), &ids(&[])), None);
-    let three = plan_voters(&s, &ids(&[1]), &ids(&[1, 2, 3]), &ids(&[])).unwrap();
+    assert_eq!(
+        plan_voters(&s, &ids(&[1]), &ids(&[1, 2]), &ids(&[]), 1),
+        None
+    );
+    let three = plan_voters(&s, &ids(&[1]), &ids(&[1, 2, 3]), &ids(&[]), 1).unwrap();
     assert_eq!(three, ids(&[1, 2, 3]));
-    let five = plan_voters(&s, &three, &ids(&[1, 2, 3, 4, 5, 6]), &ids(&[])).unwrap();
+    let five = plan_voters(&s, &three, &ids(&[1, 2, 3, 4, 5, 6]), &ids(&[]), 1).unwrap();
     assert_eq!(five.len(), 5);
     assert!(five.contains(&4), "stripe 1 had fewer voters: {five:?}");
 }
@@ -229,7 +232,7 @@ fn a_witness_is_preferred_as_voter() {
     join(&mut s, 1, false, None);
     join(&mut s, 2, false, None);
     join(&mut s, 9, true, None);
-    let v = plan_voters(&s, &ids(&[1]), &ids(&[1, 2, 9]), &ids(&[])).unwrap();
+    let v = plan_voters(&s, &ids(&[1]), &ids(&[1, 2, 9]), &ids(&[]), 1).unwrap();
     assert_eq!(v, ids(&[1, 2, 9]));
     let mut s = configured(1);
     for n in 1..=4 {
@@ -237,7 +240,7 @@ fn a_witness_is_preferred_as_voter() {
     }
     join(&mut s, 9, true, None);
     // With 1 voter and 5 live, the witness comes before any data node.
-    let v = plan_voters(&s, &ids(&[1]), &ids(&[1, 2, 3, 4, 9]), &ids(&[])).unwrap();
+    let v = plan_voters(&s, &ids(&[1]), &ids(&[1, 2, 3, 4, 9]), &ids(&[]), 1).unwrap();
     assert!(v.contains(&9));
 }
 
@@ -250,7 +253,7 @@ fn a_gone_voter_is_swapped_when_a_live_node_can_take_its_place() {
     let voters = ids(&[1, 2, 3]);
     // Node 4 is live: it replaces node 3.
     assert_eq!(
-        plan_voters(&s, &voters, &ids(&[1, 2, 4]), &ids(&[3])),
+        plan_voters(&s, &voters, &ids(&[1, 2, 4]), &ids(&[3]), 1),
         Some(ids(&[1, 2, 4]))
     );
 }
@@ -262,7 +265,7 @@ fn a_gone_voter_nobody_can_replace_is_dropped_down_to_what_the_live_nodes_call_f
     join(&mut s, 1, false, None);
     join(&mut s, 2, false, None);
     join(&mut s, 9, true, None);
-    let v = plan_voters(&s, &ids(&[1, 2, 9]), &ids(&[1, 2]), &ids(&[9])).unwrap();
+    let v = plan_voters(&s, &ids(&[1, 2, 9]), &ids(&[1, 2]), &ids(&[9]), 1).unwrap();
     // One voter, as a two-node cluster without a witness has: either server
     // alone can no longer stop every decision.
     assert_eq!(v.len(), 1);
@@ -274,17 +277,42 @@ fn a_gone_voter_nobody_can_replace_is_dropped_down_to_what_the_live_nodes_call_f
         join(&mut s, n, false, None);
     }
     assert_eq!(
-        plan_voters(&s, &ids(&[1, 2, 3, 4, 5]), &ids(&[1, 2, 3]), &ids(&[4, 5])),
+        plan_voters(
+            &s,
+            &ids(&[1, 2, 3, 4, 5]),
+            &ids(&[1, 2, 3]),
+            &ids(&[4, 5]),
+            1
+        ),
         Some(ids(&[1, 2, 3]))
     );
     // Five voters, one gone, no spare: three of the four live ones (an even
     // count tolerates no more failures than one fewer).
-    let v = plan_voters(&s, &ids(&[1, 2, 3, 4, 5]), &ids(&[1, 2, 3, 4]), &ids(&[5])).unwrap();
+    let v = plan_voters(
+        &s,
+        &ids(&[1, 2, 3, 4, 5]),
+        &ids(&[1, 2, 3, 4]),
+        &ids(&[5]),
+        1,
+    )
+    .unwrap();
     assert_eq!(v.len(), 3);
     assert!(v.is_subset(&ids(&[1, 2, 3, 4])));
+    // A voter dead but not yet gone is dropped before a live one, and the
+    // leader is kept.
+    let v = plan_voters(&s, &ids(&[1, 2, 3, 4, 5]), &ids(&[1, 2, 4]), &ids(&[5]), 4).unwrap();
+    assert_eq!(v, ids(&[1, 2, 4]));
+    let v = plan_voters(&s, &ids(&[1, 2, 3]), &ids(&[1, 2]), &ids(&[3]), 2).unwrap();
+    assert_eq!(v, ids(&[2]));
     // Nothing gone: a set larger than wanted is left alone.
     assert_eq!(
-        plan_voters(&s, &ids(&[1, 2, 3, 4, 5]), &ids(&[1, 2, 3, 4]), &ids(&[])),
+        plan_voters(
+            &s,
+            &ids(&[1, 2, 3, 4, 5]),
+            &ids(&[1, 2, 3, 4]),
+            &ids(&[]),
+            1
+        ),
         None
     );
 }
