@@ -532,6 +532,10 @@ impl Feed {
         }
         frame.extend_from_slice(b"\n\n");
         if let Err(end) = self.send(Bytes::from(frame)).await {
+            // A stream from the live end had no position for an origin first
+            // seen now: it resumes just before this event, not from the
+            // origin's first retained one.
+            let before = before.or(self.live_only.then(|| ev.seq - 1));
             self.set_position(&ev.origin, before);
             return Err(end);
         }

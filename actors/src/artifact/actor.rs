@@ -45,14 +45,15 @@ fn write_retry(n: u32) -> Duration {
 }
 /// A holder that failed is not asked again for this long.
 const PEER_BACKOFF: Duration = Duration::from_secs(5);
+/// A transfer whose every holder has failed this long leaves its slot to others.
+const STALL_AFTER: Duration = Duration::from_secs(30);
 /// Unreferenced content younger than this is kept (an upload awaiting its version).
 const GC_GRACE: Duration = Duration::from_secs(600);
 const GC_EVERY: Duration = Duration::from_secs(30);
 /// An announcement refused while the node gets its own earlier events back
 /// (a lost broadcast log, up to a minute and a half) is tried again this soon.
 const ANNOUNCE_RECOVERING_RETRY: Duration = Duration::from_secs(1);
-/// An announcement that failed otherwise, or whose answer is awaited, is tried
-/// again after this long.
+/// An announcement that failed otherwise is tried again after this long.
 const ANNOUNCE_RETRY: Duration = Duration::from_secs(10);
 
 /// kiln_artifact_* metrics.
@@ -119,6 +120,8 @@ struct Transfer {
     writing: bool,
     /// Holders that failed or sent a bad chunk, and since when.
     avoid: HashMap<PeerId, Instant>,
+    /// Holders failing since (cleared by a good answer).
+    failing_since: HashMap<PeerId, Instant>,
     next_holder: usize,
     started: Instant,
 }
@@ -151,13 +154,33 @@ impl Transfer {
             .collect()
     }
 
-    /// Nothing under way and nobody to ask (every holder gone or failing): the
+    fn failed(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        self.avoid.insert(peer, now);
+        self.failing_since.entry(peer).or_insert(now);
+    }
+
+    fn answered(&mut self, peer: PeerId) {
+        self.failing_since.remove(&peer);
+    }
+
+    /// Nothing under way and nobody to ask — no holder left, or every one
+    /// failing for `STALL_AFTER` (gone, not just slow for a moment): the
     /// transfer does not hold up the fetch of other versions meanwhile.
     fn stalled(&self) -> bool {
         self.inflight.is_empty()
             && !self.asking_manifest
             && !self.writing
-            && self.usable_holders().is_empty()
+            && self
+                .wanted
+                .holders
+                .iter()
+                .filter_map(|h| h.parse::<PeerId>().ok())
+                .all(|p| {
+                    self.failing_since
+                        .get(&p)
+                        .is_some_and(|since| since.elapsed() >= STALL_AFTER)
+                })
     }
 
     fn pick_holder(&mut self) -> Option<PeerId> {
@@ -204,8 +227,9 @@ pub struct ArtifactActor {
     announced: Option<Announced>,
     /// Generation of the last list of announced versions handed to the store.
     announced_generation: u64,
-    /// Announcements under way or refused, and when they may be tried again.
-    announcing: HashMap<(String, u64), Instant>,
+    /// Announcements under way (`None`: awaiting the publish's answer) or
+    /// refused, and when they may be tried again.
+    announcing: HashMap<(String, u64), Option<Instant>>,
     /// Permits to read a chunk for another node (see `SERVE_AT_ONCE`).
     serving: Arc<tokio::sync::Semaphore>,
     last_gc: Instant,
@@ -307,6 +331,7 @@ impl ArtifactActor {
                     ready: BTreeMap::new(),
                     writing: false,
                     avoid: HashMap::new(),
+                    failing_since: HashMap::new(),
                     next_holder: 0,
                     started: Instant::now(),
                 },
@@ -399,11 +424,15 @@ impl ArtifactActor {
         for (name, version, sha256) in held {
             let key = (name.clone(), *version);
             if self.announced.as_ref().is_some_and(|a| a.contains(&key))
-                || self.announcing.get(&key).is_some_and(|at| now < *at)
+                // One publish at a time (a slow one is not sent again).
+                || self.announcing.get(&key).is_some_and(|at| at.is_none_or(|at| now < at))
+                // Recorded as holding it, but the content is not here (the
+                // artifacts directory was lost): announced once fetched again.
+                || !self.local.contains(sha256)
             {
                 continue;
             }
-            self.announcing.insert(key.clone(), now + ANNOUNCE_RETRY);
+            self.announcing.insert(key.clone(), None);
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.broadcast.do_send(Publish {
                 bodies: vec![EventBody::Artifact {
@@ -425,13 +454,18 @@ impl ArtifactActor {
                     }
                     Ok(Err(PublishError::Recovering)) => {
                         act.announcing
-                            .insert(key, Instant::now() + ANNOUNCE_RECOVERING_RETRY);
+                            .insert(key, Some(Instant::now() + ANNOUNCE_RECOVERING_RETRY));
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, artifact = %key.0, version = key.1,
                             retry_s = ANNOUNCE_RETRY.as_secs(), "cannot announce an artifact version; will retry");
+                        act.announcing
+                            .insert(key, Some(Instant::now() + ANNOUNCE_RETRY));
                     }
-                    Err(_) => {}
+                    Err(_) => {
+                        act.announcing
+                            .insert(key, Some(Instant::now() + ANNOUNCE_RETRY));
+                    }
                 },
             ));
         }
@@ -523,7 +557,7 @@ impl ArtifactActor {
             Ok(Response::ArtifactManifest { digests }) => digests,
             other => {
                 tracing::debug!(%peer, sha256 = sha, answer = ?other.map(|_| ()), "manifest request failed");
-                t.avoid.insert(peer, Instant::now());
+                t.failed(peer);
                 return;
             }
         };
@@ -540,9 +574,10 @@ impl ArtifactActor {
             || chunks_root(&chunks) != t.wanted.chunks_root
         {
             tracing::warn!(%peer, sha256 = sha, "a holder sent chunk digests that do not match the recorded root; asking another");
-            t.avoid.insert(peer, Instant::now());
+            t.failed(peer);
             return;
         }
+        t.answered(peer);
         let manifest = Arc::new(chunks);
         t.manifest = Some(manifest.clone());
         let store = self.store.clone();
@@ -604,13 +639,14 @@ impl ArtifactActor {
                 self.metrics.chunks_rejected.inc();
                 tracing::warn!(%peer, sha256 = sha, index, "a chunk did not match its digest; fetching it from another holder");
             }
-            t.avoid.insert(peer, Instant::now());
+            t.failed(peer);
             t.todo.insert(index);
             return self.pump(sha, ctx);
         }
         let Ok(Response::ArtifactChunk { data }) = r else {
             return;
         };
+        t.answered(peer);
         self.metrics.bytes_fetched.inc_by(data.len() as u64);
         t.ready.insert(index, data.into_vec());
         self.write_ready(sha, ctx);
@@ -853,6 +889,7 @@ mod tests {
             ready: BTreeMap::new(),
             writing: false,
             avoid: HashMap::new(),
+            failing_since: HashMap::new(),
             next_holder: 0,
             started: Instant::now(),
         }
@@ -865,11 +902,19 @@ mod tests {
         let peer = PeerId::random();
         let mut t = transfer(vec![peer.to_string()]);
         assert!(!t.stalled());
-        // The holder failed just now: stalled until its backoff ends.
-        t.avoid.insert(peer, Instant::now());
+        // The holder failed just now: a moment's failure keeps the slot.
+        t.failed(peer);
+        assert!(!t.stalled());
+        // Failing for long: it leaves the slot.
+        t.failing_since
+            .insert(peer, Instant::now() - STALL_AFTER - Duration::from_secs(1));
         assert!(t.stalled());
         // A request still under way keeps the slot.
         t.inflight.insert(0, peer);
+        assert!(!t.stalled());
+        t.inflight.clear();
+        // A good answer clears the failure.
+        t.answered(peer);
         assert!(!t.stalled());
     }
 }
