@@ -365,10 +365,11 @@ async fn bad_kv_path(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiErr
         } else {
             "GET, PUT, DELETE"
         };
-        return Err(ApiError(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{} is not allowed here; allowed: {allowed}", req.method()),
-        ));
+        return Ok(HttpResponse::MethodNotAllowed()
+            .insert_header((header::ALLOW, allowed))
+            .json(json!({
+                "error": format!("{} is not allowed here; allowed: {allowed}", req.method())
+            })));
     }
     Err(ApiError(
         StatusCode::BAD_REQUEST,

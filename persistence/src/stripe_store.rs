@@ -335,11 +335,34 @@ impl StripeStore {
         }
         let table = log.open_table(STRIPE_LOG).map_err(self.log.storage())?;
         let mut entries = Vec::new();
+        let mut gap_at = None;
         for row in table.range(base.1 + 1..).map_err(self.log.storage())? {
             let (k, v) = row.map_err(self.log.storage())?;
+            let expected = base.1 + 1 + entries.len() as u64;
+            if k.value() != expected {
+                gap_at = Some(expected);
+                break;
+            }
             entries.push((k.value(), v.value().to_vec()));
         }
         drop(table);
+        if let Some(at) = gap_at {
+            // Entries written after a reopen went back to an older commit
+            // (temporary persistence after an I/O error): what follows the hole
+            // would be served at the wrong indexes. Inside what the state covers
+            // the stripe stays down here; past it the tail is dropped (the
+            // active sends it again).
+            if at <= applied {
+                return Err(StoreError::Corrupt {
+                    path: self.log.path.clone(),
+                    what: "the stripe log".into(),
+                    detail: format!(
+                        "entry {at} is missing, within what the applied state covers ({applied}); restart the node"
+                    ),
+                });
+            }
+            self.persist(Some(at), &[], None)?;
+        }
         let stripe = get(&log, &self.log, STRIPE_META, STRIPE_ID)?.map(|b| u64_of(&b) as u32);
         let promised = get(&log, &self.log, STRIPE_META, STRIPE_PROMISED)?
             .map(|b| u64_of(&b))
@@ -722,6 +745,9 @@ impl StripeStore {
         durable: bool,
     ) -> Result<(), StoreError> {
         let txn = self.write_txn(&self.state, durable)?;
+        // A reopen of the file went back to its last fsynced commit: staged
+        // parts since are gone, and the transfer starts over.
+        self.check_state_kept()?;
         {
             if reset {
                 txn.delete_table(KV_STAGING).map_err(self.state.storage())?;
@@ -768,6 +794,8 @@ impl StripeStore {
         *self.lock_unflushed() = Unflushed::default();
         self.unflushed_entries.store(0, Ordering::Release);
         let txn = self.write_txn(&self.state, true)?;
+        // Staged over a file a reopen took back: parts are missing.
+        self.check_state_kept()?;
         {
             // Make sure both staging tables exist (an empty snapshot stages nothing).
             txn.open_table(KV_STAGING).map_err(self.state.storage())?;
@@ -1213,6 +1241,25 @@ mod tests {
     }
 
     #[test]
+    fn a_log_with_a_hole_past_the_applied_state_loses_what_follows_the_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        let mut rows = empty_entries(1..=2);
+        rows.extend(empty_entries(4..=5));
+        s.persist(None, &rows, None).unwrap();
+        let r = s.recover().unwrap();
+        assert_eq!(
+            r.entries.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        // Dropped from the file too: appends go on at 3.
+        assert!(s.entries(3, 10).unwrap().is_empty());
+        drop(s);
+        let s = StripeStore::open(dir.path(), true).unwrap();
+        assert_eq!(s.recover().unwrap().entries.len(), 2);
+    }
+
+    #[test]
     fn log_and_promise_survive_reopen_and_apply_writes_state() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -1280,8 +1327,9 @@ mod tests {
         let s = StripeStore::open(dir.path(), true).unwrap();
         let r = s.recover().unwrap();
         assert_eq!(r.applied, 2);
+        // Entry 4 follows a hole: dropped at recovery (the active sends it again).
         let indexes: Vec<u64> = r.entries.iter().map(|e| e.0).collect();
-        assert_eq!(indexes, vec![1, 2, 4]);
+        assert_eq!(indexes, vec![1, 2]);
         assert_eq!(s.get("m", "B").unwrap(), Some((2, b"B".to_vec())));
     }
 

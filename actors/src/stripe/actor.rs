@@ -1335,6 +1335,11 @@ impl StripeActor {
         let Some(r) = self.replica.as_mut() else {
             return;
         };
+        // Committed already (an earlier transfer's answer was lost, or the
+        // member caught up meanwhile): committed prefixes are the same on
+        // every member, so it holds all the snapshot does — said so, the
+        // active goes on with log entries instead of sending it again.
+        let held = epoch >= r.promised() && at.index <= r.commit_index();
         let fx = r.on_snapshot_received(epoch, at);
         if fx
             .iter()
@@ -1345,12 +1350,11 @@ impl StripeActor {
         } else {
             self.receiving = None;
             self.push(fx, ctx);
-            self.respond(
-                reply,
-                &StripeResponse::SnapshotStored(Err(
-                    "the snapshot is older than what this member holds".into(),
-                )),
-            );
+            let answer = match held {
+                true => Ok(()),
+                false => Err("the snapshot is older than what this member holds".into()),
+            };
+            self.respond(reply, &StripeResponse::SnapshotStored(answer));
         }
     }
 
