@@ -31,6 +31,36 @@ fn a_data_dir_is_refused_with_another_secret_and_left_untouched() {
 }
 
 #[test]
+fn a_node_started_with_another_cluster_secret_says_so_on_both_sides() {
+    let _serial = serial();
+    let a = Node::start(
+        "sec1",
+        NodeOpts {
+            secret: Some("first".into()),
+            ..Default::default()
+        },
+    );
+    a.id();
+    let b = Node::start(
+        "sec2",
+        NodeOpts {
+            secret: Some("second".into()),
+            seeds: vec![a.seed()],
+            ..Default::default()
+        },
+    );
+    // Nothing else would tell: the handshake fails before either side
+    // learns who the other is.
+    for n in [&b, &a] {
+        wait_until(
+            &format!("{} warns about the cluster secret", n.name),
+            Duration::from_secs(60),
+            || n.log().contains("same --cluster-secret"),
+        );
+    }
+}
+
+#[test]
 fn a_file_that_is_not_a_kiln_database_is_refused() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();

@@ -491,6 +491,7 @@ pub fn spawn(
         advertise: !config.advertise.is_empty(),
         probes_ok: HashSet::new(),
         probes_failed: HashMap::new(),
+        handshake_warned: None,
         pipes: pipes.clone(),
     };
     for addr in config.advertise {
@@ -530,13 +531,17 @@ struct SwarmTask {
     probes_ok: HashSet<PeerId>,
     /// Pings in a row that failed, per connection.
     probes_failed: HashMap<libp2p::swarm::ConnectionId, u32>,
+    /// When a failed handshake was last reported at warn level.
+    handshake_warned: Option<std::time::Instant>,
     pipes: Arc<Pipes>,
 }
 
-/// Pings in a row a connection may fail before it is closed: libp2p's ping
-/// no longer closes one, and a connection whose packets vanish (a lost NAT or
-/// conntrack entry) would otherwise count as up until TCP gives up, minutes
-/// later — with nothing redialled meanwhile.
+/// Reported ping failures in a row after which a connection is closed:
+/// libp2p's ping no longer closes one, and a connection whose packets vanish
+/// (a lost NAT or conntrack entry) would otherwise count as up until TCP gives
+/// up, minutes later — with nothing redialled meanwhile. libp2p-ping reports a
+/// connection's failures from its second on, so this is three pings in a row
+/// (about half a minute with a 10 s ping timeout).
 const PROBE_FAILURES_TO_CLOSE: u32 = 2;
 
 /// How often answered pings are reported to the actors.
@@ -758,14 +763,46 @@ impl SwarmTask {
                 self.emit(NetEvent::ConnectionDown { peer: peer_id });
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                let error = error.to_string();
+                self.handshake_failed(&error);
                 self.emit(NetEvent::DialFailed {
                     peer: peer_id,
-                    error: error.to_string(),
+                    error,
                 });
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                let error = error.to_string();
+                tracing::debug!(from = %send_back_addr, %error, "incoming connection failed");
+                self.handshake_failed(&error);
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
             _ => {}
         }
+    }
+
+    /// A connection failed in its handshake: with pnet in front of noise, that
+    /// is what a peer started with another cluster secret looks like. Said at
+    /// warn level (at most every 30 s), since nothing else would tell.
+    fn handshake_failed(&mut self, error: &str) {
+        let e = error.to_ascii_lowercase();
+        // Outgoing: "... Handshake failed ..."; incoming: "Failed to negotiate
+        // transport protocol(s)" (pnet garbles what follows the nonce).
+        if !(e.contains("handshake") || e.contains("noise") || e.contains("negotiate transport")) {
+            return;
+        }
+        if self
+            .handshake_warned
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(30))
+        {
+            return;
+        }
+        self.handshake_warned = Some(std::time::Instant::now());
+        tracing::warn!(%error,
+            "a connection failed in its handshake: check that every node has the same --cluster-secret");
     }
 
     fn on_behaviour_event(&mut self, ev: KilnBehaviourEvent) {

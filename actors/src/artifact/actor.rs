@@ -127,6 +127,23 @@ struct Transfer {
 }
 
 impl Transfer {
+    fn new(wanted: Wanted) -> Self {
+        Transfer {
+            wanted,
+            manifest: None,
+            asking_manifest: false,
+            written: 0,
+            todo: BTreeSet::new(),
+            inflight: HashMap::new(),
+            ready: BTreeMap::new(),
+            writing: false,
+            avoid: HashMap::new(),
+            failing_since: HashMap::new(),
+            next_holder: 0,
+            started: Instant::now(),
+        }
+    }
+
     fn count(&self) -> u64 {
         chunk_count(self.wanted.size)
     }
@@ -319,23 +336,7 @@ impl ArtifactActor {
                 "fetching artifact content");
             let sha = w.sha256.clone();
             busy += 1;
-            self.transfers.insert(
-                sha.clone(),
-                Transfer {
-                    wanted: w,
-                    manifest: None,
-                    asking_manifest: false,
-                    written: 0,
-                    todo: BTreeSet::new(),
-                    inflight: HashMap::new(),
-                    ready: BTreeMap::new(),
-                    writing: false,
-                    avoid: HashMap::new(),
-                    failing_since: HashMap::new(),
-                    next_holder: 0,
-                    started: Instant::now(),
-                },
-            );
+            self.transfers.insert(sha.clone(), Transfer::new(w));
         }
         // Retired while fetching: drop the transfer (its file is collected).
         self.transfers
@@ -872,27 +873,14 @@ mod tests {
     use super::*;
 
     fn transfer(holders: Vec<String>) -> Transfer {
-        Transfer {
-            wanted: Wanted {
-                name: "crm".into(),
-                version: 1,
-                sha256: "a".repeat(64),
-                size: 10,
-                chunks_root: String::new(),
-                holders,
-            },
-            manifest: None,
-            asking_manifest: false,
-            written: 0,
-            todo: BTreeSet::new(),
-            inflight: HashMap::new(),
-            ready: BTreeMap::new(),
-            writing: false,
-            avoid: HashMap::new(),
-            failing_since: HashMap::new(),
-            next_holder: 0,
-            started: Instant::now(),
-        }
+        Transfer::new(Wanted {
+            name: "crm".into(),
+            version: 1,
+            sha256: "a".repeat(64),
+            size: 10,
+            chunks_root: String::new(),
+            holders,
+        })
     }
 
     #[test]

@@ -365,7 +365,7 @@ impl ControlPlane {
             "completing an unfinished control-plane voter change"
         );
         ctx.spawn(
-            async move { raft.change_membership(voters, false).await }
+            async move { raft.change_membership(voters, true).await }
                 .into_actor(self)
                 .map(|res, act, _| {
                     act.changing = false;
@@ -1130,9 +1130,9 @@ pub enum VoteHandover {
 }
 
 impl Handler<GiveUpVote> for ControlPlane {
-    type Result = ResponseFuture<VoteHandover>;
+    type Result = ResponseActFuture<Self, VoteHandover>;
     fn handle(&mut self, _: GiveUpVote, _: &mut Self::Context) -> Self::Result {
-        let ready = |v: VoteHandover| -> Self::Result { Box::pin(async move { v }) };
+        let ready = |v: VoteHandover| -> Self::Result { Box::pin(actix::fut::ready(v)) };
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -1165,19 +1165,29 @@ impl Handler<GiveUpVote> for ControlPlane {
             return ready(VoteHandover::NotNeeded("no other node can hold the vote"));
         };
         tracing::info!(voters = ?next, "stopping: handing this node's control-plane vote over");
-        // Left set: the node is stopping, and its own reconcile must not undo
-        // the change meanwhile.
+        // Kept set once done: the node is stopping, and its own reconcile must
+        // not undo the change meanwhile. Cleared if it did not go through, so
+        // that it can be asked again.
         self.changing = true;
         let raft = self.raft.clone();
-        Box::pin(async move {
-            match raft.change_membership(next, true).await {
-                Ok(_) => VoteHandover::Done,
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
-                    ChangeMembershipError::InProgress(_),
-                ))) => VoteHandover::Busy,
-                Err(e) => VoteHandover::Failed(e.to_string()),
+        Box::pin(
+            async move {
+                match raft.change_membership(next, true).await {
+                    Ok(_) => VoteHandover::Done,
+                    Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                        ChangeMembershipError::InProgress(_),
+                    ))) => VoteHandover::Busy,
+                    Err(e) => VoteHandover::Failed(e.to_string()),
+                }
             }
-        })
+            .into_actor(self)
+            .map(|outcome, act, _| {
+                if outcome != VoteHandover::Done {
+                    act.changing = false;
+                }
+                outcome
+            }),
+        )
     }
 }
 

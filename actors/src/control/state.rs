@@ -562,7 +562,7 @@ pub fn plan_voters(
             } else {
                 &not_live
             };
-            let Some(last) = least_preferred_voter(state, pool) else {
+            let Some(last) = least_preferred_voter(state, &next, pool) else {
                 break;
             };
             next.remove(&last);
@@ -571,25 +571,31 @@ pub fn plan_voters(
     (next != *voters && !next.is_empty()).then_some(next)
 }
 
-/// The voter `pick_voter` would have picked last.
-fn least_preferred_voter(state: &ControlState, current: &BTreeSet<NodeId>) -> Option<NodeId> {
-    let votes_in = |k: u32| {
-        current
-            .iter()
-            .filter(|v| {
-                state
-                    .nodes
-                    .get(v)
-                    .is_some_and(|e| e.placement == Placement::Stripe(k))
-            })
-            .count()
-    };
+/// Voters of `current` placed in stripe `k`.
+fn votes_in(state: &ControlState, current: &BTreeSet<NodeId>, k: u32) -> usize {
     current
         .iter()
+        .filter(|v| {
+            state
+                .nodes
+                .get(v)
+                .is_some_and(|e| e.placement == Placement::Stripe(k))
+        })
+        .count()
+}
+
+/// Of `pool` (some of the voters `current`), the one `pick_voter` would have
+/// picked last.
+fn least_preferred_voter(
+    state: &ControlState,
+    current: &BTreeSet<NodeId>,
+    pool: &BTreeSet<NodeId>,
+) -> Option<NodeId> {
+    pool.iter()
         .copied()
         .max_by_key(|n| match state.nodes.get(n).map(|e| e.placement) {
             Some(Placement::Witness) => (0, 0, *n),
-            Some(Placement::Stripe(k)) => (1, votes_in(k), *n),
+            Some(Placement::Stripe(k)) => (1, votes_in(state, current, k), *n),
             None => (2, 0, *n),
         })
 }
@@ -599,23 +605,12 @@ fn pick_voter(
     current: &BTreeSet<NodeId>,
     live: &BTreeSet<NodeId>,
 ) -> Option<NodeId> {
-    let votes_in = |k: u32| {
-        current
-            .iter()
-            .filter(|v| {
-                state
-                    .nodes
-                    .get(v)
-                    .is_some_and(|e| e.placement == Placement::Stripe(k))
-            })
-            .count()
-    };
     live.iter()
         .filter(|n| !current.contains(n))
         .filter_map(|n| state.nodes.get(n).map(|e| (*n, e.placement)))
         .min_by_key(|(n, placement)| match placement {
             Placement::Witness => (0, 0, *n),
-            Placement::Stripe(k) => (1, votes_in(*k), *n),
+            Placement::Stripe(k) => (1, votes_in(state, current, *k), *n),
         })
         .map(|(n, _)| n)
 }

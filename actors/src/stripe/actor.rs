@@ -526,14 +526,22 @@ impl StripeActor {
 
     /// Runs the replica of `stripe` from what its store held.
     fn start_replica_from(&mut self, stripe: u32, r: StripeRecovered) {
+        // The log is positional: an entry that does not decode ends it (what
+        // follows would be served at the wrong indexes).
         let entries: Vec<Entry> = r
             .entries
             .iter()
-            .filter_map(|(_, b)| from_cbor::<Entry>(b, usize::MAX).ok())
+            .map_while(|(_, b)| from_cbor::<Entry>(b, usize::MAX).ok())
             .collect();
         if entries.len() != r.entries.len() {
-            tracing::error!(path = %self.store.path().display(),
-                "corrupt entries in the stripe log; serving what precedes them");
+            let from = r.base.1 + 1 + entries.len() as u64;
+            tracing::error!(path = %self.store.path().display(), from,
+                "an entry of the stripe log does not decode; serving what precedes it");
+            if from > r.applied {
+                if let Err(e) = self.store.persist(Some(from), &[], None) {
+                    tracing::error!(error = %e, "cannot drop the undecodable stripe log tail");
+                }
+            }
         }
         self.applied_index = r.applied;
         let mut replica = Replica::new(
@@ -1164,7 +1172,11 @@ impl StripeActor {
         }
         let fresh = seq == 0;
         if fresh {
-            if self.receiving.as_ref().is_some_and(|rx| rx.staging_busy) {
+            // An install pending or under way would be undone by a new
+            // transfer's reset of the staging tables.
+            if self.receiving.as_ref().is_some_and(|rx| rx.staging_busy)
+                || self.install_reply.is_some()
+            {
                 let why = "an earlier snapshot is still being written; offer it again".into();
                 return refuse(self, reply, why);
             }
@@ -1349,12 +1361,16 @@ impl StripeActor {
             self.push(fx, ctx);
         } else {
             self.receiving = None;
-            self.push(fx, ctx);
             let answer = match held {
                 true => Ok(()),
                 false => Err("the snapshot is older than what this member holds".into()),
             };
-            self.respond(reply, &StripeResponse::SnapshotStored(answer));
+            // After what is queued: the entries behind `commit` are durable
+            // before the active counts them held.
+            self.queue.extend(fx.into_iter().map(Step::Fx));
+            self.queue
+                .push_back(Step::Reply(reply, StripeResponse::SnapshotStored(answer)));
+            self.pump(ctx);
         }
     }
 
@@ -1455,7 +1471,11 @@ impl StripeActor {
             let why = format!("cannot store the snapshot: {e}");
             self.respond(reply, &StripeResponse::SnapshotStored(Err(why)));
         }
-        self.restart_behind = self.replica.as_ref().is_some_and(Replica::started_empty);
+        // Still behind if the one before was; in temporary mode also when it
+        // was not: a reopen takes the log back to its last fsynced commit (a
+        // promise), so entries it acknowledged may be gone.
+        self.restart_behind =
+            self.replica.as_ref().is_some_and(Replica::started_empty) || !self.store.durable();
         self.replica = None;
         self.replica_generation += 1;
         self.local_queue.clear();
