@@ -255,7 +255,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             };
             let net = net.clone();
             let mut services = channels.services;
-            actix_rt::spawn(async move {
+            // On the consensus thread: peers' Raft requests come this way, and
+            // must not wait behind stripe and broadcast work on the main one.
+            consensus_thread.spawn(async move {
                 while let Some(req) = services.recv().await {
                     route_service(req, &services_of, &net);
                 }
