@@ -503,7 +503,15 @@ impl Feed {
     }
 
     async fn emit(&mut self, ev: &Delivered) -> Result<(), End> {
-        let before = self.pos.insert(ev.origin.clone(), ev.seq);
+        // In place when the origin is known (per event and subscriber: no
+        // allocation on that path).
+        let before = match self.pos.get_mut(&ev.origin) {
+            Some(seq) => Some(std::mem::replace(seq, ev.seq)),
+            None => {
+                self.pos.insert(ev.origin.clone(), ev.seq);
+                None
+            }
+        };
         let Some(body) = ev.body.as_ref().filter(|b| self.filter.passes(b)) else {
             // Passed over: the position moves on all the same.
             self.position_unsent = true;
