@@ -215,6 +215,19 @@ fn a_witness_completes_the_majority_of_a_two_node_stripe() {
     assert!(log.contains("cannot run as a witness"), "{log}");
 }
 
+/// Waits until a key/value write on `node` is acknowledged.
+fn wait_write_succeeds(node: &Node) {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    wait_until(&format!("a write on {} succeeds", node.name), LONG, || {
+        agent
+            .put(&format!("http://{}/v1/kv/m/k", node.http()))
+            .send_bytes(b"v")
+            .is_ok()
+    });
+}
+
 #[test]
 fn a_witness_gone_for_good_leaves_one_voter_and_the_survivor_of_the_next_failure_serves() {
     let _serial = serial();
@@ -244,15 +257,7 @@ fn a_witness_gone_for_good_leaves_one_voter_and_the_survivor_of_the_next_failure
     let other = nodes.iter().position(|n| n.id() != voter).unwrap_or(0);
     nodes[other].kill9();
     let survivor = &nodes[1 - other];
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
-    wait_until("a write on the surviving voter succeeds", LONG, || {
-        agent
-            .put(&format!("http://{}/v1/kv/m/k", survivor.http()))
-            .send_bytes(b"v")
-            .is_ok()
-    });
+    wait_write_succeeds(survivor);
 }
 
 #[test]
@@ -268,15 +273,7 @@ fn a_graceful_stop_of_the_only_voter_hands_its_vote_over_and_writes_go_on() {
     // the other server can still drop it from the in-sync set and go on.
     assert_eq!(nodes[v].terminate(), Some(0));
     let survivor = &nodes[1 - v];
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
-    wait_until("a write on the other server succeeds", LONG, || {
-        agent
-            .put(&format!("http://{}/v1/kv/m/k", survivor.http()))
-            .send_bytes(b"v")
-            .is_ok()
-    });
+    wait_write_succeeds(survivor);
     let view = stripes(survivor).unwrap_or_default();
     assert_eq!(voters(&view), BTreeSet::from([survivor.id()]));
 }
