@@ -764,7 +764,7 @@ impl SwarmTask {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 let error = error.to_string();
-                self.handshake_failed(&error);
+                self.handshake_failed(&error, true);
                 self.emit(NetEvent::DialFailed {
                     peer: peer_id,
                     error,
@@ -777,7 +777,7 @@ impl SwarmTask {
             } => {
                 let error = error.to_string();
                 tracing::debug!(from = %send_back_addr, %error, "incoming connection failed");
-                self.handshake_failed(&error);
+                self.handshake_failed(&error, false);
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
             _ => {}
@@ -787,11 +787,16 @@ impl SwarmTask {
     /// A connection failed in its handshake: with pnet in front of noise, that
     /// is what a peer started with another cluster secret looks like. Said at
     /// warn level (at most every 30 s), since nothing else would tell.
-    fn handshake_failed(&mut self, error: &str) {
+    fn handshake_failed(&mut self, error: &str, outgoing: bool) {
         let e = error.to_ascii_lowercase();
-        // Outgoing: "... Handshake failed ..."; incoming: "Failed to negotiate
-        // transport protocol(s)" (pnet garbles what follows the nonce).
-        if !(e.contains("handshake") || e.contains("noise") || e.contains("negotiate transport")) {
+        // Outgoing: "... Handshake failed ..." (every failed dial, a refused one
+        // too, says "Failed to negotiate transport protocol(s)" around its
+        // cause); incoming: "Failed to negotiate transport protocol(s)" (pnet
+        // garbles what follows the nonce).
+        let handshake = e.contains("handshake")
+            || e.contains("noise")
+            || (!outgoing && e.contains("negotiate transport"));
+        if !handshake {
             return;
         }
         if self
