@@ -126,6 +126,54 @@ impl Lab {
         Ok(())
     }
 
+    /// Cuts nodes `i` and `j` off from each other only, as if each were down for
+    /// the other: each one's namespace answers every TCP packet from the other
+    /// with a reset (connections fail at once, dials are refused). Both still
+    /// reach every other node. `heal_between` removes it.
+    pub fn cut_between(&self, i: usize, j: usize) -> Result<(), String> {
+        for (me, other) in [(i, j), (j, i)] {
+            let ns = &self.namespaces[me];
+            let other = self.ip(other).to_string();
+            let exec = |rule: &[&str]| {
+                let mut args = vec!["ip", "netns", "exec", ns, "nft"];
+                args.extend_from_slice(rule);
+                run(&args)
+            };
+            exec(&["add", "table", "inet", "kilnpair"])?;
+            exec(&[
+                "add",
+                "chain",
+                "inet",
+                "kilnpair",
+                "in",
+                "{ type filter hook input priority 0; policy accept; }",
+            ])?;
+            exec(&[
+                // Not the other side's resets: those must get through.
+                "add", "rule", "inet", "kilnpair", "in", "ip", "saddr", &other, "tcp", "flags", "&",
+                "rst", "==", "0", "reject", "with", "tcp", "reset",
+            ])?;
+        }
+        Ok(())
+    }
+
+    pub fn heal_between(&self, i: usize, j: usize) -> Result<(), String> {
+        for me in [i, j] {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.namespaces[me],
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "kilnpair",
+            ])?;
+        }
+        Ok(())
+    }
+
     pub fn heal(&self, i: usize) -> Result<(), String> {
         run(&[
             "ip",

@@ -180,3 +180,110 @@ fn a_cut_off_active_acknowledges_nothing_after_the_election_and_converges_after_
         );
     }
 }
+
+/// Two nodes that cannot reach each other while both reach a third are not dead:
+/// the third still hears both. Before indirect probes, each declared the other
+/// dead half a second after a refused redial, the claim spread to every node,
+/// the subject refuted it, and the pair flapped dead/alive cluster-wide for as
+/// long as the cut lasted.
+#[test]
+fn a_pair_that_cannot_reach_each_other_is_not_declared_dead() {
+    let _serial = serial();
+    let lab = Lab::new(3).unwrap_or_else(|e| panic!("cannot build the network namespaces: {e}"));
+    let opts = |i: usize, seeds: Vec<String>| NodeOpts {
+        netns: Some(lab.namespace(i)),
+        secret: Some("pair-cut-test".into()),
+        seeds,
+        ..Default::default()
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = Node::start_in("pair1", dirs[0].path(), lab.ip(0), opts(0, vec![]));
+    let seed = first.seed();
+    let mut nodes = vec![first];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        nodes.push(Node::start_in(
+            &format!("pair{}", i + 1),
+            dir.path(),
+            lab.ip(i),
+            opts(i, vec![seed.clone()]),
+        ));
+    }
+    let ids = wait_converged(&nodes, LONG);
+    let incarnations = |node: &Node| -> BTreeMap<String, u64> {
+        node.get("/v1/cluster/members")
+            .and_then(|v| v["members"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap_or_default().to_string(),
+                    m["incarnation"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let connected = |node: &Node, id: &str| -> Option<bool> {
+        node.get("/v1/cluster/members")?["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == id)?["connected"]
+            .as_bool()
+    };
+    // A full mesh first: a node that has not connected to the third yet has
+    // nobody to ask, and takes the fast path as before.
+    wait_until("every node connected to every other", LONG, || {
+        (0..3).all(|a| (0..3).all(|b| a == b || connected(&nodes[a], &ids[b]) == Some(true)))
+    });
+    let before = incarnations(&nodes[2]);
+
+    lab.cut_between(0, 1).unwrap();
+    // Long enough for several rounds of connection loss, refused redials and
+    // (before the fix) claims and refutations.
+    let watch_until = Instant::now() + Duration::from_secs(15);
+    let mut seen_gone: Vec<String> = Vec::new();
+    let mut seen_unlinked = false;
+    while Instant::now() < watch_until {
+        seen_unlinked |= connected(&nodes[0], &ids[1]) == Some(false);
+        for (n, node) in nodes.iter().enumerate() {
+            for (id, state) in node.member_states().unwrap_or_default() {
+                if state == "dead" || state == "left" {
+                    seen_gone.push(format!("node {n} held {id} {state}"));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        seen_gone.is_empty(),
+        "a node was declared gone while the third node heard it: {:?}",
+        &seen_gone[..seen_gone.len().min(5)]
+    );
+    assert_eq!(
+        incarnations(&nodes[2]),
+        before,
+        "a member refuted a claim of death during the cut"
+    );
+    assert!(
+        seen_unlinked,
+        "the pair never lost its connection: the cut did not work"
+    );
+    for n in &nodes {
+        assert!(
+            !n.log().contains("same --cluster-secret"),
+            "{}: a refused connection was taken for a secret mismatch",
+            n.name
+        );
+    }
+    assert!(
+        nodes[0].log().contains("another member reaches it")
+            || nodes[1].log().contains("another member reaches it"),
+        "neither node of the pair said it reaches the other only through others"
+    );
+
+    lab.heal_between(0, 1).unwrap();
+    wait_until(
+        "every node alive for every node after healing",
+        LONG,
+        || nodes.iter().all(|n| n.alive().len() == 3),
+    );
+}

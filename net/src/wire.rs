@@ -140,6 +140,10 @@ pub enum Request {
         cluster: Option<String>,
         members: Vec<MemberRecord>,
     },
+    /// Indirect probe: can the receiver reach `subject` (which the sender cannot)?
+    /// A receiver that is `subject` answers at once; another asks `subject` the
+    /// same question over its own connection and answers once it hears back.
+    MembershipProbe { subject: String },
     /// A control-plane (Raft) message. The body is encoded by the control plane
     /// itself, which owns the schema of its messages (they embed openraft types);
     /// here it is a size-limited byte string like any other frame.
@@ -159,7 +163,10 @@ impl Request {
     /// Requests for a service other than membership, routed to the node's
     /// services channel instead of the membership actor.
     pub fn is_service(&self) -> bool {
-        !matches!(self, Request::MembershipSync { .. })
+        !matches!(
+            self,
+            Request::MembershipSync { .. } | Request::MembershipProbe { .. }
+        )
     }
 }
 
@@ -169,6 +176,10 @@ pub enum Response {
     MembershipSync {
         cluster: Option<String>,
         members: Vec<MemberRecord>,
+    },
+    MembershipProbe {
+        subject: String,
+        reachable: bool,
     },
     ControlPlane {
         body: serde_bytes::ByteBuf,

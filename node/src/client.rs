@@ -93,7 +93,18 @@ pub fn format_members(members: &Value, now_ms: u64) -> String {
                 format!("{mark}{id}"),
                 m["name"].as_str().unwrap_or("").to_string(),
                 m["addrs"][0].as_str().unwrap_or("").to_string(),
-                m["state"].as_str().unwrap_or("?").to_string(),
+                {
+                    let state = m["state"].as_str().unwrap_or("?");
+                    // Alive without a connection from here: reached through
+                    // others (or still being connected to).
+                    let unlinked = m["connected"] == Value::Bool(false)
+                        && matches!(state, "alive" | "suspect");
+                    if unlinked {
+                        format!("{state} (no direct link)")
+                    } else {
+                        state.to_string()
+                    }
+                },
                 m["incarnation"].to_string(),
                 if id == me {
                     "-".into()

@@ -85,6 +85,8 @@ pub struct MemberJson {
     pub state: &'static str,
     pub incarnation: u64,
     pub last_seen_ms: Option<u64>,
+    /// This node holds a direct connection to the member.
+    pub connected: bool,
 }
 
 fn member_json(v: MemberView) -> MemberJson {
@@ -95,6 +97,7 @@ fn member_json(v: MemberView) -> MemberJson {
         state: v.record.status.as_str(),
         incarnation: v.record.incarnation,
         last_seen_ms: v.last_seen_unix_ms,
+        connected: v.connected,
     }
 }
 

@@ -547,7 +547,9 @@ fn route_service(req: ServiceRequest, services: &Services, net: &NetHandle) {
             from: *from,
             reply: req.reply,
         }),
-        Request::MembershipSync { .. } => refuse(req.reply, "not a service request".into()),
+        Request::MembershipSync { .. } | Request::MembershipProbe { .. } => {
+            refuse(req.reply, "not a service request".into())
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use kiln_net::addr::PeerAddr;
 use kiln_net::wire::{MemberRecord, MemberStatus, MembershipGossip, Request, Response};
-use kiln_net::{Multiaddr, NetCommand, NetEvent, NetHandle, PeerId};
+use kiln_net::{Multiaddr, NetCommand, NetEvent, NetHandle, PeerId, Reply};
 use kiln_persistence::{MemberState, NodeStore, StoredMember};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -26,6 +26,9 @@ const SEED_REDIAL_MAX: Duration = Duration::from_secs(5);
 /// How long a node started with seeds waits for a cluster id from its peers
 /// before the smallest member creates one.
 const CLUSTER_ID_GRACE: Duration = Duration::from_secs(5);
+/// How long a peer's indirect probe waits for the subject's answer before it is
+/// told "not reached" (within the asker's own wait, `INDIRECT_PROBE_TIMEOUT_MS`).
+const FORWARDED_PROBE_TIMEOUT: Duration = Duration::from_millis(1_500);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -43,6 +46,8 @@ pub struct MembershipMetrics {
     refutations: Counter,
     deaths_declared: Counter,
     syncs: Counter,
+    indirect_probes: Counter,
+    reached_indirectly: Counter,
 }
 
 impl MembershipMetrics {
@@ -88,6 +93,16 @@ impl MembershipMetrics {
             "syncs",
             "Push-pull member table exchanges completed",
             m.syncs.clone(),
+        );
+        r.register(
+            "indirect_probes",
+            "Times this node asked other members to reach a member it could not",
+            m.indirect_probes.clone(),
+        );
+        r.register(
+            "reached_indirectly",
+            "Times a member this node could not reach was found reachable by another",
+            m.reached_indirectly.clone(),
         );
         m
     }
@@ -239,6 +254,9 @@ pub struct MembershipActor {
     writer: StoreWriter,
     /// A push-pull showed a peer without a cluster id either: nobody founded one.
     met_peer_without_cluster: bool,
+    /// Indirect probes peers asked of this node, by subject: answered once the
+    /// subject answers this node (or fails to).
+    forwarded_probes: std::collections::HashMap<PeerId, Vec<(Reply, Instant)>>,
 }
 
 impl MembershipActor {
@@ -271,6 +289,7 @@ impl MembershipActor {
             leaving: false,
             writer: StoreWriter::start(store.clone()),
             met_peer_without_cluster: false,
+            forwarded_probes: Default::default(),
             founder: store.is_cluster_founder()?,
         })
     }
@@ -334,6 +353,31 @@ impl MembershipActor {
                         },
                     });
                 }
+                Effect::ProbeIndirectly { subject, via } => {
+                    self.metrics.indirect_probes.inc();
+                    tracing::debug!(peer = %subject, via = ?via, "member unreachable from here: asking others to reach it");
+                    for v in via {
+                        let Ok(peer) = v.parse::<PeerId>() else {
+                            continue;
+                        };
+                        self.net.send(NetCommand::Request {
+                            peer,
+                            request: Request::MembershipProbe {
+                                subject: subject.clone(),
+                            },
+                        });
+                    }
+                }
+                Effect::ReachedIndirectly { id, via } => {
+                    self.metrics.reached_indirectly.inc();
+                    let name = self
+                        .state
+                        .member(&id)
+                        .map(|m| m.record.name.clone())
+                        .unwrap_or_default();
+                    tracing::warn!(peer = %id, peer_name = %name, %via,
+                        "cannot connect to this member, but another member reaches it: it is kept alive; check the network between the two nodes");
+                }
                 Effect::PersistIncarnation(inc) => {
                     // On this thread, before the announcement that follows it: a
                     // refuted incarnation must never be reused after a crash.
@@ -369,6 +413,77 @@ impl MembershipActor {
                     self.pending_forgotten.push((id, incarnation));
                 }
             }
+        }
+    }
+
+    /// A peer asks whether this node reaches `subject`: yes at once if this node
+    /// is the subject; otherwise the subject is asked over this node's own
+    /// connection (a connection not yet known to be lost is no proof of life).
+    fn forward_probe(&mut self, asker: PeerId, subject: String, reply: Reply) {
+        let answer = |net: &NetHandle, reply: Reply, reachable: bool| {
+            net.send(NetCommand::Respond {
+                reply,
+                response: Response::MembershipProbe {
+                    subject: subject.clone(),
+                    reachable,
+                },
+            });
+        };
+        if subject == self.state.me().id {
+            answer(&self.net, reply, true);
+            return;
+        }
+        let target = subject.parse::<PeerId>().ok().filter(|p| {
+            *p != asker
+                && self.state.member(&subject).is_some_and(|m| {
+                    m.connected
+                        && m.record.status != MemberStatus::Dead
+                        && m.record.status != MemberStatus::Left
+                })
+        });
+        let Some(target) = target else {
+            answer(&self.net, reply, false);
+            return;
+        };
+        let waiting = self.forwarded_probes.entry(target).or_default();
+        if waiting.is_empty() {
+            self.net.send(NetCommand::Request {
+                peer: target,
+                request: Request::MembershipProbe { subject },
+            });
+        }
+        waiting.push((reply, Instant::now()));
+    }
+
+    /// `subject` answered (or failed to answer) this node: tells every peer that
+    /// asked this node to reach it.
+    fn answer_forwarded_probes(&mut self, subject: &PeerId, reachable: bool) {
+        let Some(waiting) = self.forwarded_probes.remove(subject) else {
+            return;
+        };
+        for (reply, _) in waiting {
+            self.net.send(NetCommand::Respond {
+                reply,
+                response: Response::MembershipProbe {
+                    subject: subject.to_string(),
+                    reachable,
+                },
+            });
+        }
+    }
+
+    fn expire_forwarded_probes(&mut self) {
+        let late: Vec<PeerId> = self
+            .forwarded_probes
+            .iter()
+            .filter(|(_, w)| {
+                w.first()
+                    .is_some_and(|(_, at)| at.elapsed() >= FORWARDED_PROBE_TIMEOUT)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in late {
+            self.answer_forwarded_probes(&p, false);
         }
     }
 
@@ -608,12 +723,29 @@ impl MembershipActor {
                 self.metrics.syncs.inc();
                 self.state.on_sync(now, Self::valid_records(&peer, members))
             }
+            NetEvent::Request {
+                peer,
+                request: Request::MembershipProbe { subject },
+                reply,
+            } => {
+                self.forward_probe(peer, subject, reply);
+                vec![]
+            }
+            NetEvent::Response {
+                peer,
+                response: Response::MembershipProbe { subject, reachable },
+            } => {
+                self.answer_forwarded_probes(&peer, reachable);
+                self.state
+                    .on_indirect_answer(now, &subject, &peer.to_string(), reachable)
+            }
             NetEvent::Response {
                 peer,
                 response: Response::Refused { reason },
             } => {
-                tracing::warn!(%peer, %reason, "peer refused to sync membership");
-                vec![]
+                tracing::warn!(%peer, %reason, "peer refused a membership request");
+                self.answer_forwarded_probes(&peer, false);
+                self.state.on_request_failed(now, &peer.to_string())
             }
             // Service requests and call responses never reach this stream; the
             // swarm routes them elsewhere.
@@ -629,7 +761,8 @@ impl MembershipActor {
             NetEvent::Response { .. } => vec![],
             NetEvent::RequestFailed { peer, error } => {
                 tracing::debug!(%peer, %error, "request failed");
-                vec![]
+                self.answer_forwarded_probes(&peer, false);
+                self.state.on_request_failed(now, &peer.to_string())
             }
             NetEvent::ProbesOk { peers } => peers
                 .iter()
@@ -683,6 +816,7 @@ impl Actor for MembershipActor {
                 act.dial_seeds();
             }
             act.create_cluster_if_smallest();
+            act.expire_forwarded_probes();
             act.flush();
             act.update_gauges();
         });

@@ -10,7 +10,9 @@
 //!   `unreachable_confirm_ms`: its connection closed and redials keep failing (a
 //!   crashed process: the kernel closed its sockets and refuses connections). A
 //!   paused process keeps its connections and still accepts TCP, so a pause never
-//!   takes that fast path;
+//!   takes that fast path. Nor does a member that only this node cannot reach:
+//!   before taking it, up to `INDIRECT_PROBE_FANOUT` connected members are asked
+//!   to reach it (SWIM's indirect probe), and one that does vouches for it;
 //! - suspicion stays this node's own opinion; death is gossiped as a claim that
 //!   every node adopts, and the subject refutes it by announcing a higher
 //!   incarnation, which outranks every claim about an older one;
@@ -69,6 +71,12 @@ pub enum Effect {
     Sync {
         id: String,
     },
+    /// Ask each of `via` whether it can reach `subject`, which this node cannot;
+    /// the answers come back through `on_indirect_answer`.
+    ProbeIndirectly {
+        subject: String,
+        via: Vec<String>,
+    },
     /// Our incarnation went up (refutation); it must survive a restart.
     PersistIncarnation(u64),
     StatusChanged {
@@ -85,6 +93,12 @@ pub enum Effect {
     },
     Refuted {
         incarnation: u64,
+    },
+    /// This node cannot reach `id` but `via` can: the path between the two is
+    /// broken, not the member.
+    ReachedIndirectly {
+        id: String,
+        via: String,
     },
     Forgotten {
         id: String,
@@ -112,6 +126,18 @@ pub struct Member {
     last_reclaim_ms: Option<u64>,
     /// A first connection to it has been attempted.
     first_dial_tried: bool,
+    /// Members asked to reach it for us, and since when; while any has not
+    /// answered, the fast path to `dead` waits.
+    indirect_probe: Option<IndirectProbe>,
+    /// Since when another member reaches it for us while we cannot (monotonic
+    /// ms); cleared by a direct connection.
+    reached_indirectly_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct IndirectProbe {
+    started_ms: u64,
+    waiting: BTreeSet<String>,
 }
 
 /// A row of the member table as shown to operators.
@@ -121,6 +147,8 @@ pub struct MemberView {
     /// Unix ms of the last evidence of life (for this node itself: now).
     pub last_seen_unix_ms: Option<u64>,
     pub is_self: bool,
+    /// This node holds a direct connection to it (always true for itself).
+    pub connected: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -160,6 +188,12 @@ const ANTI_ENTROPY_MS: u64 = 10_000;
 const FIRST_DIAL_SPACING_MS: u64 = 100;
 const FIRST_DIAL_BURST: u64 = 4;
 
+/// Members asked at once to reach a member this node cannot, and how long their
+/// answers are waited for (a member that asks the subject itself answers well
+/// within it; one that does not answer counts as "cannot reach").
+pub const INDIRECT_PROBE_FANOUT: usize = 3;
+pub const INDIRECT_PROBE_TIMEOUT_MS: u64 = 2_000;
+
 /// Incarnations above this are refused from peers: a member raises its
 /// incarnation once per restart or refutation, so a real one never gets near it,
 /// and one at `u64::MAX` could never be outranked.
@@ -195,6 +229,7 @@ pub struct Membership {
     started_ms: u64,
     last_anti_entropy_ms: u64,
     anti_entropy_turn: usize,
+    probe_turn: usize,
 }
 
 impl Membership {
@@ -223,6 +258,8 @@ impl Membership {
                     last_dial_ms: None,
                     last_reclaim_ms: None,
                     first_dial_tried: false,
+                    indirect_probe: None,
+                    reached_indirectly_ms: None,
                 },
             );
         }
@@ -239,6 +276,7 @@ impl Membership {
             started_ms: 0,
             last_anti_entropy_ms: 0,
             anti_entropy_turn: 0,
+            probe_turn: 0,
         }
     }
 
@@ -278,6 +316,7 @@ impl Membership {
             record: self.me.clone(),
             last_seen_unix_ms: Some(now.unix_ms),
             is_self: true,
+            connected: true,
         }];
         rows.extend(self.members.values().map(|m| {
             MemberView {
@@ -286,6 +325,7 @@ impl Membership {
                     .last_heard_ms
                     .map(|h| now.unix_ms.saturating_sub(now.mono_ms.saturating_sub(h))),
                 is_self: false,
+                connected: m.connected,
             }
         }));
         rows
@@ -458,6 +498,8 @@ impl Membership {
                     last_dial_ms,
                     last_reclaim_ms: None,
                     first_dial_tried: false,
+                    indirect_probe: None,
+                    reached_indirectly_ms: None,
                 },
             );
             self.forgotten.remove(&id);
@@ -682,6 +724,8 @@ impl Membership {
             m.connected = true;
             m.ever_connected = true;
             m.unreachable_since_ms = None;
+            m.indirect_probe = None;
+            m.reached_indirectly_ms = None;
             if !gone(m.record.status) {
                 m.last_heard_ms = Some(now.mono_ms);
             }
@@ -717,14 +761,118 @@ impl Membership {
         let Some(m) = self.members.get_mut(id) else {
             return out;
         };
-        if m.connected {
+        if m.connected || gone(m.record.status) {
             return out;
         }
         m.unreachable_since_ms.get_or_insert(now.mono_ms);
-        if m.record.status == MemberStatus::Alive {
+        // Reached through others a moment ago: this failure says nothing new
+        // about the member, only about the path from here.
+        let vouched = m.reached_indirectly_ms.is_some();
+        let probing = m.indirect_probe.is_some();
+        if m.record.status == MemberStatus::Alive && !vouched {
             self.suspect(now, id, &mut out);
         }
+        if !probing {
+            out.extend(self.probe_indirectly(now, id));
+        }
         out
+    }
+
+    /// Asks up to `INDIRECT_PROBE_FANOUT` connected live members, in turn, to
+    /// reach `subject`. With none to ask, nothing is sent and the fast path is
+    /// taken as before (a two-node cluster, say).
+    fn probe_indirectly(&mut self, now: Now, subject: &str) -> Option<Effect> {
+        let candidates: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(id, m)| m.connected && !gone(m.record.status) && id.as_str() != subject)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let start = self.probe_turn % candidates.len();
+        self.probe_turn = self.probe_turn.wrapping_add(1);
+        let via: Vec<String> = candidates
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(INDIRECT_PROBE_FANOUT.min(candidates.len()))
+            .cloned()
+            .collect();
+        let m = self.members.get_mut(subject)?;
+        m.indirect_probe = Some(IndirectProbe {
+            started_ms: now.mono_ms,
+            waiting: via.iter().cloned().collect(),
+        });
+        Some(Effect::ProbeIndirectly {
+            subject: subject.to_string(),
+            via,
+        })
+    }
+
+    /// `from` answered whether it reached `subject` for us.
+    pub fn on_indirect_answer(
+        &mut self,
+        now: Now,
+        subject: &str,
+        from: &str,
+        reachable: bool,
+    ) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let Some(m) = self.members.get_mut(subject) else {
+            return out;
+        };
+        let Some(probe) = m.indirect_probe.as_mut() else {
+            return out;
+        };
+        if !probe.waiting.remove(from) {
+            return out;
+        }
+        if !reachable {
+            if probe.waiting.is_empty() {
+                m.indirect_probe = None;
+            }
+            return out;
+        }
+        m.indirect_probe = None;
+        if gone(m.record.status) || m.connected {
+            return out;
+        }
+        // Alive, and reachable by others: only the path from here is broken.
+        let first = m.reached_indirectly_ms.is_none();
+        m.reached_indirectly_ms = Some(now.mono_ms);
+        m.last_heard_ms = Some(now.mono_ms);
+        m.unreachable_since_ms = None;
+        if first {
+            out.push(Effect::ReachedIndirectly {
+                id: subject.to_string(),
+                via: from.to_string(),
+            });
+        }
+        if m.record.status == MemberStatus::Suspect {
+            self.set_status(now, subject, MemberStatus::Alive, &mut out);
+        }
+        out
+    }
+
+    /// A request to `peer` failed: it will not answer the indirect probes it
+    /// was asked for.
+    pub fn on_request_failed(&mut self, now: Now, peer: &str) -> Vec<Effect> {
+        let subjects: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| {
+                m.indirect_probe
+                    .as_ref()
+                    .is_some_and(|p| p.waiting.contains(peer))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        subjects
+            .iter()
+            .flat_map(|s| self.on_indirect_answer(now, s, peer, false))
+            .collect()
     }
 
     /// Suspicion is this node's own opinion and is not gossiped: others judge by
@@ -789,9 +937,21 @@ impl Membership {
                 .last_heard_ms
                 .map(|h| now.mono_ms.saturating_sub(h))
                 .unwrap_or(u64::MAX);
+            let probe_expired = m.indirect_probe.as_ref().is_some_and(|p| {
+                now.mono_ms.saturating_sub(p.started_ms) >= INDIRECT_PROBE_TIMEOUT_MS
+            });
+            if probe_expired {
+                if let Some(m) = self.members.get_mut(&id) {
+                    m.indirect_probe = None;
+                }
+            }
+            let Some(m) = self.members.get(&id) else {
+                continue;
+            };
             if !gone(status) {
                 let dead = silence >= self.cfg.dead_timeout_ms
                     || (!m.connected
+                        && m.indirect_probe.is_none()
                         && m.unreachable_since_ms.is_some_and(|t| {
                             now.mono_ms.saturating_sub(t) >= self.cfg.unreachable_confirm_ms
                         }));
@@ -819,7 +979,9 @@ impl Membership {
             };
             let status = m.record.status;
             if !m.connected && status != MemberStatus::Left {
-                let every = if status == MemberStatus::Dead {
+                // A member others reach for us is tried seldom: each failed
+                // try costs an indirect probe.
+                let every = if status == MemberStatus::Dead || m.reached_indirectly_ms.is_some() {
                     self.cfg.dead_redial_interval_ms
                 } else {
                     self.cfg.redial_interval_ms

@@ -225,6 +225,108 @@ fn crashed_member_is_dead_once_unreachable_is_confirmed() {
     assert_eq!(status(&a, "b"), MemberStatus::Dead);
 }
 
+/// `a` connected to `b` and `c`, then loses `b` and fails to redial it at 210 ms.
+fn a_loses_b_while_c_is_connected() -> (Membership, Vec<Effect>) {
+    let mut a = node("a");
+    for id in ["b", "c"] {
+        a.on_announce(at(0), rec(id, 1, MemberStatus::Alive), 1);
+        a.on_connected(at(0), id);
+    }
+    a.on_disconnected(at(200), "b");
+    let fx = a.on_dial_failed(at(210), "b");
+    (a, fx)
+}
+
+#[test]
+fn a_member_only_this_node_cannot_reach_is_vouched_for_and_kept_alive() {
+    let cfg = MembershipConfig::default();
+    let (mut a, fx) = a_loses_b_while_c_is_connected();
+    assert!(
+        fx.contains(&Effect::ProbeIndirectly {
+            subject: "b".into(),
+            via: vec!["c".into()],
+        }),
+        "{fx:?}"
+    );
+    // The fast path waits for c's answer.
+    a.tick(at(210 + cfg.unreachable_confirm_ms));
+    assert_eq!(status(&a, "b"), MemberStatus::Suspect);
+    let fx = a.on_indirect_answer(at(800), "b", "c", true);
+    assert!(fx.contains(&Effect::ReachedIndirectly {
+        id: "b".into(),
+        via: "c".into()
+    }));
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+    // From now on: redialled seldom, each failure asks again, never dead while c
+    // vouches (b's announcements reach a through c, as gossip does).
+    let mut t = 900;
+    let mut dial_times = Vec::new();
+    while t < 60_000 {
+        if t % 3000 == 0 {
+            a.on_announce(at(t), rec("b", 1, MemberStatus::Alive), t / 3000 + 1);
+        }
+        a.on_probe_ok(at(t), "c");
+        let fx = a.tick(at(t));
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::DeclaredDead { .. })),
+            "at {t}: {fx:?}"
+        );
+        if dials(&fx, "b") {
+            dial_times.push(t);
+            for e in a.on_dial_failed(at(t + 5), "b") {
+                if let Effect::ProbeIndirectly { subject, via } = e {
+                    for v in via {
+                        a.on_indirect_answer(at(t + 20), &subject, &v, true);
+                    }
+                }
+            }
+        }
+        t += 100;
+    }
+    assert_eq!(status(&a, "b"), MemberStatus::Alive);
+    assert!(
+        dial_times
+            .windows(2)
+            .all(|w| w[1] - w[0] >= cfg.dead_redial_interval_ms),
+        "redialled too often: {dial_times:?}"
+    );
+    // A direct connection again ends the vouching.
+    a.on_connected(at(60_000), "b");
+    assert!(a.member("b").is_some_and(|m| m.connected));
+}
+
+#[test]
+fn a_crashed_member_nobody_reaches_is_dead_once_the_answers_are_in() {
+    let cfg = MembershipConfig::default();
+    let (mut a, _) = a_loses_b_while_c_is_connected();
+    a.tick(at(210 + cfg.unreachable_confirm_ms));
+    assert_eq!(status(&a, "b"), MemberStatus::Suspect, "waits for c");
+    assert!(a.on_indirect_answer(at(750), "b", "c", false).is_empty());
+    let fx = a.tick(at(800));
+    assert_eq!(status(&a, "b"), MemberStatus::Dead);
+    assert!(fx.contains(&Effect::DeclaredDead { id: "b".into() }));
+}
+
+#[test]
+fn a_helper_that_fails_or_stays_silent_counts_as_not_reaching() {
+    let cfg = MembershipConfig::default();
+    // Its request failed.
+    let (mut a, _) = a_loses_b_while_c_is_connected();
+    a.on_request_failed(at(300), "c");
+    a.tick(at(210 + cfg.unreachable_confirm_ms));
+    assert_eq!(status(&a, "b"), MemberStatus::Dead);
+    // No answer at all: the wait ends after the timeout.
+    let (mut a, _) = a_loses_b_while_c_is_connected();
+    a.tick(at(210 + INDIRECT_PROBE_TIMEOUT_MS - 100));
+    assert_eq!(status(&a, "b"), MemberStatus::Suspect);
+    a.tick(at(210 + INDIRECT_PROBE_TIMEOUT_MS));
+    assert_eq!(status(&a, "b"), MemberStatus::Dead);
+    // An answer from a member that was not asked changes nothing.
+    let (mut a, _) = a_loses_b_while_c_is_connected();
+    assert!(a.on_indirect_answer(at(300), "b", "d", true).is_empty());
+    assert_eq!(status(&a, "b"), MemberStatus::Suspect);
+}
+
 #[test]
 fn a_successful_redial_cancels_the_fast_path() {
     let cfg = MembershipConfig::default();
