@@ -2,6 +2,7 @@
 //! request-response) and its wire format. It knows nothing of stripes or elections.
 
 pub mod addr;
+pub mod backoff;
 pub mod codec;
 pub mod offences;
 mod pipe;

@@ -28,6 +28,7 @@ use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backoff::DialBackoff;
 use crate::codec::{Inbound, KilnCodec, PROTOCOL};
 use crate::offences::{Offences, Verdict};
 use crate::pipe::{self, InboundRoutes, PipeOffence, PipeReply, Pipes, PIPE_PROTOCOL};
@@ -492,6 +493,7 @@ pub fn spawn(
         probes_ok: HashSet::new(),
         probes_failed: HashMap::new(),
         handshake_warned: None,
+        dial_backoff: DialBackoff::default(),
         pipes: pipes.clone(),
     };
     for addr in config.advertise {
@@ -533,6 +535,8 @@ struct SwarmTask {
     probes_failed: HashMap<libp2p::swarm::ConnectionId, u32>,
     /// When a failed handshake was last reported at warn level.
     handshake_warned: Option<std::time::Instant>,
+    /// Peers whose last dial failed: a request does not dial them again at once.
+    dial_backoff: DialBackoff<PeerId>,
     pipes: Arc<Pipes>,
 }
 
@@ -585,6 +589,8 @@ impl SwarmTask {
                         tracing::info!(%peer, "ban over; peer may connect again");
                         self.swarm.behaviour_mut().blocked.unblock_peer(peer);
                     }
+                    let now = self.now_ms();
+                    self.dial_backoff.prune(now);
                 }
             }
         }
@@ -677,6 +683,14 @@ impl SwarmTask {
                 if self.swarm.is_connected(&peer) {
                     // Connected without a pipe: the pipe broke, or is opening.
                     self.pipes.open(peer);
+                } else if let Some(ago) = self.dial_backoff.holding(&peer, self.now_ms()) {
+                    let _ = reply.send(Err(CallError::Failed {
+                        peer,
+                        reason: format!(
+                            "peer unreachable: a dial failed {ago} ms ago (retried after a pause)"
+                        ),
+                    }));
+                    return;
                 } else {
                     for addr in addrs {
                         self.swarm.add_peer_address(peer, addr);
@@ -749,6 +763,7 @@ impl SwarmTask {
                 ..
             } if num_established.get() == 1 => {
                 tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), "connected");
+                self.dial_backoff.connected(&peer_id);
                 self.pipes.open(peer_id);
                 self.emit(NetEvent::ConnectionUp { peer: peer_id });
             }
@@ -763,6 +778,10 @@ impl SwarmTask {
                 self.emit(NetEvent::ConnectionDown { peer: peer_id });
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let Some(p) = peer_id {
+                    let now = self.now_ms();
+                    self.dial_backoff.failed(&p, now);
+                }
                 let error = error.to_string();
                 self.handshake_failed(&error, true);
                 self.emit(NetEvent::DialFailed {

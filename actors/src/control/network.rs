@@ -18,6 +18,9 @@ use openraft::raft::{
 use super::types::{ControlNode, ControlTypes, NodeId};
 use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTROL_BODY};
 
+/// The longest pause between the leader's tries of an unreachable node.
+const CONTROL_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
 /// Latest known addresses per peer (from membership), fresher than what the
 /// control plane's membership config recorded when a node was added.
 pub type AddressBook = Arc<RwLock<HashMap<PeerId, Vec<Multiaddr>>>>;
@@ -171,8 +174,13 @@ impl RaftNetwork<ControlTypes> for ControlPeer {
     }
 
     fn backoff(&self) -> Backoff {
-        // An unreachable node is retried soon: on a LAN it is usually back (or
-        // replaced) quickly, and a retry costs one small request.
-        Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+        // An unreachable node is retried soon (on a LAN it is usually back, or
+        // replaced, quickly), then less often: every retry is a failed request
+        // and an error line in the log. The cap bounds how long a node that
+        // came back waits for the leader.
+        Backoff::new(std::iter::successors(
+            Some(Duration::from_millis(200)),
+            |d| Some((*d * 2).min(CONTROL_BACKOFF_MAX)),
+        ))
     }
 }
