@@ -278,3 +278,64 @@ fn nodes_that_all_have_seeds_still_agree_on_one_cluster_id() {
         },
     );
 }
+
+/// A line in `/etc/hosts` for the length of a test.
+struct HostsEntry {
+    line: String,
+}
+
+impl HostsEntry {
+    fn add(name: &str, ip: std::net::Ipv4Addr) -> HostsEntry {
+        use std::io::Write;
+        let line = format!("{ip} {name}");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open("/etc/hosts")
+            .expect("/etc/hosts is writable (the tests run as root)");
+        writeln!(f, "{line}").unwrap();
+        HostsEntry { line }
+    }
+}
+
+impl Drop for HostsEntry {
+    fn drop(&mut self) {
+        // Rewritten in place, not renamed over: /etc/hosts may be a bind mount.
+        if let Ok(text) = std::fs::read_to_string("/etc/hosts") {
+            let kept: String = text
+                .lines()
+                .filter(|l| *l != self.line)
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let _ = std::fs::write("/etc/hosts", kept);
+        }
+    }
+}
+
+#[test]
+fn a_seed_name_that_resolves_only_later_is_joined_once_it_does() {
+    let _serial = serial();
+    let name = format!("kiln-seed-test-{}", std::process::id());
+    // Started before its seed's name exists (containers starting together).
+    let joiner = Node::start(
+        "dnsjoin",
+        NodeOpts {
+            seeds: vec![format!("{name}:{PEER_PORT}")],
+            ..opts()
+        },
+    );
+    wait_until(
+        "the joiner says the seed name does not resolve",
+        Duration::from_secs(30),
+        || joiner.log().contains("cannot resolve the seed host name"),
+    );
+    let seed = Node::start("dnsseed", opts());
+    seed.id();
+    let _entry = HostsEntry::add(&name, seed.ip);
+    let nodes = [seed, joiner];
+    wait_converged(&nodes, Duration::from_secs(60));
+    assert_eq!(
+        nodes[0].get("/v1/node").unwrap()["cluster"],
+        nodes[1].get("/v1/node").unwrap()["cluster"],
+        "the joiner adopted the seed's cluster"
+    );
+}

@@ -1,5 +1,9 @@
 //! Parsing of the addresses an operator writes: `host:port` or a libp2p TCP multiaddr,
-//! optionally ending in `/p2p/<peer id>` (for seeds).
+//! optionally ending in `/p2p/<peer id>` (for seeds). Listen and advertised
+//! addresses are resolved once, at start; a seed's host name is kept (as a
+//! `/dns` multiaddr) and resolved each time the seed is dialled, so a seed whose
+//! name does not resolve yet (a container starting at the same moment), or
+//! whose address changed, is reached once it does.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
@@ -23,6 +27,30 @@ pub struct PeerAddr {
 /// (with or without `/p2p/<id>`). QUIC and other transports are refused: the cluster
 /// secret (pnet) protects TCP only.
 pub fn parse_peer_addr(input: &str) -> Result<PeerAddr, AddrError> {
+    parse(input, false)
+}
+
+/// Like [`parse_peer_addr`], but a host name is kept as `/dns/<host>/tcp/<port>`
+/// (and `/dns` multiaddrs are taken): see [`seed_host`].
+pub fn parse_seed_addr(input: &str) -> Result<PeerAddr, AddrError> {
+    parse(input, true)
+}
+
+/// The host name and port of a `/dns`, `/dns4` or `/dns6` TCP multiaddr, to
+/// resolve before dialling; `None` for an IP address.
+pub fn seed_host(addr: &Multiaddr) -> Option<(String, u16)> {
+    let mut parts = addr.iter();
+    let host = match parts.next()? {
+        Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h) => h.to_string(),
+        _ => return None,
+    };
+    match parts.next()? {
+        Protocol::Tcp(port) => Some((host, port)),
+        _ => None,
+    }
+}
+
+fn parse(input: &str, keep_host: bool) -> Result<PeerAddr, AddrError> {
     let bad = |why: &str| AddrError::Invalid(input.to_string(), why.to_string());
     let s = input.trim();
     if s.starts_with('/') {
@@ -46,12 +74,14 @@ pub fn parse_peer_addr(input: &str) -> Result<PeerAddr, AddrError> {
             (Some(Protocol::Tcp(_)), None) => {}
             _ => return Err(bad("only TCP multiaddrs (/ip4/A/tcp/P) are supported; the cluster secret protects TCP only")),
         }
-        if matches!(
-            addr.iter().next(),
-            Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_))
-        ) {
+        if !keep_host
+            && matches!(
+                addr.iter().next(),
+                Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_))
+            )
+        {
             return Err(bad(
-                "use an IP address or host:port; /dns multiaddrs are not resolved",
+                "use an IP address or host:port here; /dns multiaddrs are taken for seeds only",
             ));
         }
         return Ok(PeerAddr { addr, peer });
@@ -65,6 +95,15 @@ pub fn parse_peer_addr(input: &str) -> Result<PeerAddr, AddrError> {
             let port: u16 = port
                 .parse()
                 .map_err(|_| bad("port is not a number 0-65535"))?;
+            if host.is_empty() {
+                return Err(bad("expected host:port or a multiaddr"));
+            }
+            if keep_host {
+                let mut addr = Multiaddr::empty();
+                addr.push(Protocol::Dns(host.to_string().into()));
+                addr.push(Protocol::Tcp(port));
+                return Ok(PeerAddr { addr, peer: None });
+            }
             (host, port)
                 .to_socket_addrs()
                 .map_err(|e| bad(&format!("cannot resolve host {host:?}: {e}")))?
@@ -112,6 +151,26 @@ mod tests {
         let d = parse_peer_addr(&format!("/ip4/10.1.2.3/tcp/7700/p2p/{id}")).unwrap();
         assert_eq!(d.addr.to_string(), "/ip4/10.1.2.3/tcp/7700");
         assert_eq!(d.peer, Some(id));
+    }
+
+    #[test]
+    fn a_seed_keeps_its_host_name_for_each_dial() {
+        let a = parse_seed_addr("kiln-0.kiln.svc:7700").unwrap();
+        assert_eq!(a.addr.to_string(), "/dns/kiln-0.kiln.svc/tcp/7700");
+        assert_eq!(seed_host(&a.addr), Some(("kiln-0.kiln.svc".into(), 7700)));
+        let b = parse_seed_addr("10.0.0.1:7700").unwrap();
+        assert_eq!(b.addr.to_string(), "/ip4/10.0.0.1/tcp/7700");
+        assert_eq!(seed_host(&b.addr), None);
+        let c = parse_seed_addr("/dns4/seed.example/tcp/7700").unwrap();
+        assert_eq!(seed_host(&c.addr), Some(("seed.example".into(), 7700)));
+        // A name that does not resolve is no error for a seed, but is for a
+        // listen or advertised address.
+        assert!(parse_seed_addr("no-such-host.invalid:7700").is_ok());
+        assert!(parse_peer_addr("no-such-host.invalid:7700").is_err());
+        assert!(parse_peer_addr("/dns4/seed.example/tcp/7700").is_err());
+        for bad in [":7700", "host:", "host:99999", "/dns/h/udp/1"] {
+            assert!(parse_seed_addr(bad).is_err(), "{bad} should fail");
+        }
     }
 
     #[test]

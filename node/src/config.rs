@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use kiln_actors::control::{state::MAX_STRIPES, ControlPlaneConfig};
 use kiln_actors::membership::MembershipConfig;
-use kiln_net::addr::{parse_peer_addr, PeerAddr};
+use kiln_net::addr::{parse_peer_addr, parse_seed_addr, PeerAddr};
 use kiln_net::Multiaddr;
 use serde::Deserialize;
 
@@ -275,7 +275,12 @@ impl Settings {
             |key: &'static str, raw: Vec<String>| -> Result<Vec<PeerAddr>, ConfigError> {
                 raw.iter()
                     .map(|s| {
-                        parse_peer_addr(s).map_err(|e| ConfigError::Invalid {
+                        let parsed = if key == "seed" {
+                            parse_seed_addr(s)
+                        } else {
+                            parse_peer_addr(s)
+                        };
+                        parsed.map_err(|e| ConfigError::Invalid {
                             key,
                             error: e.to_string(),
                         })

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use kiln_net::addr::PeerAddr;
+use kiln_net::addr::{seed_host, socket_multiaddr, PeerAddr};
 use kiln_net::wire::{MemberRecord, MemberStatus, MembershipGossip, Request, Response};
 use kiln_net::{Multiaddr, NetCommand, NetEvent, NetHandle, PeerId, Reply};
 use kiln_persistence::{MemberState, NodeStore, StoredMember};
@@ -257,6 +257,10 @@ pub struct MembershipActor {
     /// Indirect probes peers asked of this node, by subject: answered once the
     /// subject answers this node (or fails to).
     forwarded_probes: std::collections::HashMap<PeerId, Vec<(Reply, Instant)>>,
+    /// Seed host names being looked up, and where a finished lookup says so.
+    seeds_resolving: std::collections::HashSet<String>,
+    seeds_resolving_done: mpsc::UnboundedSender<String>,
+    seeds_resolved: mpsc::UnboundedReceiver<String>,
 }
 
 impl MembershipActor {
@@ -272,6 +276,7 @@ impl MembershipActor {
         metrics: MembershipMetrics,
     ) -> Result<Self, kiln_persistence::StoreError> {
         let known = store.load_members()?.into_iter().map(from_stored).collect();
+        let (seeds_resolving_done, seeds_resolved) = mpsc::unbounded_channel();
         let forgotten = store.load_forgotten()?;
         Ok(MembershipActor {
             state: Membership::new(me, known, forgotten, cfg),
@@ -290,6 +295,9 @@ impl MembershipActor {
             writer: StoreWriter::start(store.clone()),
             met_peer_without_cluster: false,
             forwarded_probes: Default::default(),
+            seeds_resolving: Default::default(),
+            seeds_resolving_done,
+            seeds_resolved,
             founder: store.is_cluster_founder()?,
         })
     }
@@ -302,14 +310,48 @@ impl MembershipActor {
     }
 
     fn dial_seeds(&mut self) {
+        while let Ok(host) = self.seeds_resolved.try_recv() {
+            self.seeds_resolving.remove(&host);
+        }
         if self.last_seed_dial.is_some() {
             self.seed_redial = (self.seed_redial * 2).min(SEED_REDIAL_MAX);
         }
         self.last_seed_dial = Some(Instant::now());
         for s in &self.seeds {
-            self.net.send(NetCommand::Dial {
-                peer: s.peer,
-                addrs: vec![s.addr.clone()],
+            let Some((host, port)) = seed_host(&s.addr) else {
+                self.net.send(NetCommand::Dial {
+                    peer: s.peer,
+                    addrs: vec![s.addr.clone()],
+                });
+                continue;
+            };
+            // Resolved now, not at start: the name may not exist yet, or point
+            // elsewhere since. Every address it has is dialled (a name can
+            // stand for several nodes). One lookup per seed at a time.
+            if !self.seeds_resolving.insert(host.clone()) {
+                continue;
+            }
+            let (net, peer, resolving) =
+                (self.net.clone(), s.peer, self.seeds_resolving_done.clone());
+            tokio::spawn(async move {
+                match tokio::net::lookup_host((host.as_str(), port)).await {
+                    Ok(found) => {
+                        let mut n = 0;
+                        for a in found {
+                            n += 1;
+                            net.send(NetCommand::Dial {
+                                peer,
+                                addrs: vec![socket_multiaddr(a.ip(), a.port())],
+                            });
+                        }
+                        if n == 0 {
+                            tracing::warn!(seed = %host, "seed host name has no address; retrying");
+                        }
+                    }
+                    Err(e) => tracing::warn!(seed = %host, error = %e,
+                        "cannot resolve the seed host name; retrying (check the name and DNS)"),
+                }
+                let _ = resolving.send(host);
             });
         }
     }
