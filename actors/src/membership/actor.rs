@@ -125,6 +125,26 @@ fn to_stored(r: &MemberRecord, since: u64) -> StoredMember {
     }
 }
 
+/// The listen addresses worth announcing: loopback ones only when there is
+/// nothing else. A node listening on 0.0.0.0 hears of every interface, 127.0.0.1
+/// included, and a peer on another machine that dials that reaches itself.
+fn announceable(addrs: Vec<String>) -> Vec<String> {
+    let loopback = |a: &String| {
+        a.parse::<Multiaddr>().is_ok_and(|m| {
+            m.iter().next().is_some_and(|p| match p {
+                kiln_net::addr::Protocol::Ip4(ip) => ip.is_loopback(),
+                kiln_net::addr::Protocol::Ip6(ip) => ip.is_loopback(),
+                _ => false,
+            })
+        })
+    };
+    if addrs.iter().all(loopback) {
+        addrs
+    } else {
+        addrs.into_iter().filter(|a| !loopback(a)).collect()
+    }
+}
+
 /// A persisted member, as the state machine knows it.
 pub fn from_stored(m: StoredMember) -> (MemberRecord, u64) {
     (
@@ -664,7 +684,7 @@ impl MembershipActor {
                 if !addrs.contains(&a) {
                     addrs.push(a);
                 }
-                self.state.set_addrs(now, addrs)
+                self.state.set_addrs(now, announceable(addrs))
             }
             NetEvent::ConnectionUp { peer, .. } => {
                 self.connected += 1;
@@ -922,5 +942,21 @@ impl Handler<Leave> for MembershipActor {
         self.leaving = true;
         self.flush();
         Box::pin(actix::clock::sleep(Duration::from_millis(300)).into_actor(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_addresses_are_announced_only_when_there_is_nothing_else() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            super::announceable(v(&["/ip4/127.0.0.1/tcp/7700", "/ip4/10.0.0.5/tcp/7700"])),
+            v(&["/ip4/10.0.0.5/tcp/7700"])
+        );
+        assert_eq!(
+            super::announceable(v(&["/ip4/127.0.0.2/tcp/7700", "/ip6/::1/tcp/7700"])),
+            v(&["/ip4/127.0.0.2/tcp/7700", "/ip6/::1/tcp/7700"])
+        );
     }
 }
