@@ -470,6 +470,66 @@ fn a_graceful_stop_or_a_handover_of_the_active_fails_no_request() {
     );
 }
 
+/// With a log shorter than what is written during a snapshot transfer, the
+/// newcomer catches up from its snapshot's end: the active keeps those entries
+/// for it. Before, the first compaction after the transfer dropped them and
+/// the newcomer was sent a new snapshot, and another, for as long as the
+/// writes went on.
+#[test]
+fn a_standby_joining_under_writes_longer_than_the_log_takes_one_snapshot() {
+    let _serial = serial();
+    let short_log = NodeOpts {
+        extra: vec!["--log-retain-entries".into(), "20".into()],
+        ..opts()
+    };
+    let nodes = start_cluster("short", 2, short_log.clone());
+    wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_in_sync(&all, 1);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (stop, http) = (stop.clone(), nodes[w % 2].http());
+            std::thread::spawn(move || {
+                let agent = agent();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = agent
+                        .put(&format!("http://{http}/v1/kv/test/s{w}-{i}"))
+                        .send_string(&"v".repeat(2000));
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let third = Node::start(
+        "short3",
+        NodeOpts {
+            seeds: vec![nodes[0].seed()],
+            ..short_log
+        },
+    );
+    let third_id = third.id();
+    wait_standby(&nodes[0], &third_id);
+    // Writes go on a while after it caught up.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(written > 100, "the writers made progress: {written}");
+    let installed: f64 = third
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("kiln_stripe_snapshots_installed"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        (1.0..=2.0).contains(&installed),
+        "the newcomer installed {installed} snapshots ({written} writes)"
+    );
+}
+
 #[test]
 fn a_standby_joining_under_write_load_reaches_standby() {
     let _serial = serial();

@@ -255,7 +255,15 @@ struct Progress {
     refused_in_flight: bool,
     /// When a snapshot transfer to this member started, until it is reported.
     snapshot_since_ms: Option<u64>,
+    /// The member took a snapshot and is catching up from its end: the entries
+    /// after it stay (within `retain_bytes`) until it is within
+    /// `retain_entries` of the commit index.
+    catching_up: bool,
 }
+
+/// How long a member catching up from a snapshot may stay silent before the
+/// entries it needs are no longer kept for it.
+const CATCH_UP_SILENCE_MS: u64 = 30_000;
 
 /// Epoch of the entry at `index` of a log that follows `base`.
 fn epoch_in(log: &VecDeque<Entry>, base: LogPos, index: u64) -> Option<u64> {
@@ -549,6 +557,7 @@ impl Replica {
                     in_flight: VecDeque::new(),
                     refused_in_flight: false,
                     snapshot_since_ms: None,
+                    catching_up: false,
                 });
             }
             self.advance_commit(&mut fx);
@@ -989,6 +998,14 @@ impl Replica {
             return;
         }
         let keep_from = self.commit.saturating_sub(self.cfg.retain_entries);
+        let now = self.now_ms;
+        for p in self.progress.values_mut() {
+            // Caught up, or silent: a member that stopped answering does not
+            // hold the log (up to `retain_bytes` in memory) for good.
+            if p.matched >= keep_from || now.saturating_sub(p.last_ack_ms) >= CATCH_UP_SILENCE_MS {
+                p.catching_up = false;
+            }
+        }
         let upto = if matches!(self.role, Role::Active { .. }) {
             let held_by_all = self
                 .progress
@@ -997,7 +1014,18 @@ impl Replica {
                 .min()
                 .unwrap_or(self.commit)
                 .min(self.commit);
-            held_by_all.max(keep_from).min(self.commit)
+            // A laggard beyond `retain_entries` is let go (a snapshot will
+            // serve it), but not one catching up from a snapshot just taken:
+            // under steady writes each compaction would otherwise send it a new
+            // snapshot, for as long as the writes go on.
+            let catching_up = self
+                .progress
+                .values()
+                .filter(|p| p.catching_up)
+                .map(|p| p.matched)
+                .min()
+                .unwrap_or(u64::MAX);
+            held_by_all.max(keep_from.min(catching_up)).min(self.commit)
         } else {
             keep_from
         };
@@ -1298,6 +1326,7 @@ impl Replica {
                 p.matched = p.matched.max(at.index);
                 p.next = at.index + 1;
                 p.last_ack_ms = self.now_ms;
+                p.catching_up = true;
             }
         }
         self.replicate(&mut fx, false);
@@ -1684,6 +1713,95 @@ mod tests {
         assert_eq!(appends_to(&fx, 2), vec![(3, 4)]);
         assert!(appends_to(&ack(&mut r, true, 4), 2).is_empty());
         assert_eq!(r.commit_index(), 4);
+    }
+
+    fn snapshot_offers_to(fx: &[Effect], to: NodeId) -> usize {
+        fx.iter()
+            .filter(|e| matches!(e, Effect::SendSnapshot { to: t } if *t == to))
+            .count()
+    }
+
+    #[test]
+    fn a_member_catching_up_from_a_snapshot_is_not_sent_another_while_writes_go_on() {
+        let cfg = ReplicaConfig {
+            retain_entries: 5,
+            ..ReplicaConfig::default()
+        };
+        let mut r = Replica::new(
+            1,
+            cfg,
+            Recovered {
+                promised: 0,
+                base: LogPos { epoch: 0, index: 0 },
+                entries: Vec::new(),
+                applied: 0,
+            },
+        );
+        r.tick(1_000);
+        let view = StripeView {
+            version: 1,
+            epoch: 1,
+            active: Some(1),
+            members: [1].into(),
+            in_sync: BTreeSet::new(),
+            in_sync_removals: 0,
+        };
+        r.on_view(view.clone());
+        let view = StripeView {
+            version: 2,
+            members: [1, 2].into(),
+            in_sync: [2].into(),
+            ..view
+        };
+        r.on_view(view.clone());
+        r.on_persisted(1);
+        r.on_confirmed(1, true);
+        ack(&mut r, true, 1);
+        // Writes the in-sync standby holds; compaction runs on the ticks.
+        let mut written = 1;
+        let mut write = |r: &mut Replica, n: u64| {
+            for _ in 0..n {
+                r.propose(vec![vec![0]]).unwrap();
+                written += 1;
+                r.on_persisted(written);
+                ack(r, true, written);
+                r.tick(1_000);
+            }
+            written
+        };
+        write(&mut r, 20);
+        // A new member joins: the log no longer reaches back to its start.
+        assert!(r.base.index > 1, "compacted before the member joined");
+        let mut fx = r.on_view(StripeView {
+            version: 3,
+            members: [1, 2, 3].into(),
+            ..view
+        });
+        fx.extend(r.tick(1_000));
+        // It holds nothing: the log no longer reaches back that far.
+        let answer = |matched, ok| Message::AppendAck {
+            epoch: 1,
+            ok,
+            matched,
+            round: 0,
+            stale: None,
+        };
+        fx.extend(r.on_message(3, answer(0, false)));
+        fx.extend(r.tick(1_000));
+        assert_eq!(snapshot_offers_to(&fx, 3), 1);
+        let at = r.base;
+        // Writes go on during the transfer, far past `retain_entries`.
+        write(&mut r, 30);
+        r.on_snapshot_sent(3, at, true);
+        // And after it: the member catches up from the snapshot's end.
+        let now = write(&mut r, 10);
+        let fx = r.tick(1_001);
+        assert_eq!(snapshot_offers_to(&fx, 3), 0, "a second snapshot");
+        assert_eq!(r.base, at, "compacted past what the member needs next");
+        // Once it is close to the commit index, compaction goes on as usual.
+        r.on_message(3, answer(now, true));
+        write(&mut r, 10);
+        assert!(r.base.index > at.index, "the log was never compacted again");
     }
 
     #[test]
