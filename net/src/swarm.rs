@@ -160,6 +160,8 @@ pub enum NetEvent {
     Identified {
         peer: PeerId,
         listen_addrs: Vec<Multiaddr>,
+        /// The peer answers indirect membership probes (identify `/kiln/2` on).
+        probes: bool,
     },
     /// A peer was banned for repeated bad frames.
     Banned {
@@ -410,7 +412,7 @@ pub fn spawn(
     let behaviour = KilnBehaviour {
         blocked: Default::default(),
         identify: identify::Behaviour::new(
-            identify::Config::new("/kiln/1".into(), config.keypair.public())
+            identify::Config::new(IDENTIFY_VERSION.into(), config.keypair.public())
                 .with_agent_version(format!("kiln/{}", env!("CARGO_PKG_VERSION"))),
         ),
         ping: ping::Behaviour::new(
@@ -539,6 +541,11 @@ struct SwarmTask {
     dial_backoff: DialBackoff<PeerId>,
     pipes: Arc<Pipes>,
 }
+
+/// What identify tells peers this node speaks. `/kiln/2` added indirect
+/// membership probes: a `/kiln/1` node takes one for a bad frame (and bans a
+/// sender of three), so it is never sent one.
+const IDENTIFY_VERSION: &str = "/kiln/2";
 
 /// Reported ping failures in a row after which a connection is closed:
 /// libp2p's ping no longer closes one, and a connection whose packets vanish
@@ -905,6 +912,11 @@ impl SwarmTask {
                     self.emit(NetEvent::Identified {
                         peer: peer_id,
                         listen_addrs,
+                        probes: info
+                            .protocol_version
+                            .strip_prefix("/kiln/")
+                            .and_then(|v| v.parse::<u32>().ok())
+                            .is_some_and(|v| v >= 2),
                     });
                 }
             }

@@ -26,6 +26,8 @@ const SEED_REDIAL_MAX: Duration = Duration::from_secs(5);
 /// How long a node started with seeds waits for a cluster id from its peers
 /// before the smallest member creates one.
 const CLUSTER_ID_GRACE: Duration = Duration::from_secs(5);
+/// How long a seed host name lookup may take before it counts as failed.
+const SEED_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a peer's indirect probe waits for the subject's answer before it is
 /// told "not reached" (within the asker's own wait, `INDIRECT_PROBE_TIMEOUT_MS`).
 const FORWARDED_PROBE_TIMEOUT: Duration = Duration::from_millis(1_500);
@@ -277,6 +279,8 @@ pub struct MembershipActor {
     /// Indirect probes peers asked of this node, by subject: answered once the
     /// subject answers this node (or fails to).
     forwarded_probes: std::collections::HashMap<PeerId, Vec<(Reply, Instant)>>,
+    /// Peers that said (through identify) they answer indirect probes.
+    probe_capable: std::collections::HashSet<PeerId>,
     /// Seed host names being looked up, and where a finished lookup says so.
     seeds_resolving: std::collections::HashSet<String>,
     seeds_resolving_done: mpsc::UnboundedSender<String>,
@@ -316,6 +320,7 @@ impl MembershipActor {
             met_peer_without_cluster: false,
             forwarded_probes: Default::default(),
             seeds_resolving: Default::default(),
+            probe_capable: Default::default(),
             seeds_resolving_done,
             seeds_resolved,
             founder: store.is_cluster_founder()?,
@@ -354,22 +359,32 @@ impl MembershipActor {
             let (net, peer, resolving) =
                 (self.net.clone(), s.peer, self.seeds_resolving_done.clone());
             tokio::spawn(async move {
-                match tokio::net::lookup_host((host.as_str(), port)).await {
-                    Ok(found) => {
-                        let mut n = 0;
-                        for a in found {
-                            n += 1;
-                            net.send(NetCommand::Dial {
-                                peer,
-                                addrs: vec![socket_multiaddr(a.ip(), a.port())],
-                            });
-                        }
-                        if n == 0 {
+                let lookup = tokio::net::lookup_host((host.as_str(), port));
+                match tokio::time::timeout(SEED_LOOKUP_TIMEOUT, lookup).await {
+                    Ok(Ok(found)) => {
+                        let addrs: Vec<Multiaddr> =
+                            found.map(|a| socket_multiaddr(a.ip(), a.port())).collect();
+                        if addrs.is_empty() {
                             tracing::warn!(seed = %host, "seed host name has no address; retrying");
+                        } else if peer.is_some() {
+                            // One node: one dial trying each address.
+                            net.send(NetCommand::Dial { peer, addrs });
+                        } else {
+                            // Perhaps several nodes: each address dialled.
+                            for a in addrs {
+                                net.send(NetCommand::Dial {
+                                    peer,
+                                    addrs: vec![a],
+                                });
+                            }
                         }
                     }
-                    Err(e) => tracing::warn!(seed = %host, error = %e,
+                    Ok(Err(e)) => tracing::warn!(seed = %host, error = %e,
                         "cannot resolve the seed host name; retrying (check the name and DNS)"),
+                    Err(_) => {
+                        tracing::warn!(seed = %host, timeout_s = SEED_LOOKUP_TIMEOUT.as_secs(),
+                        "cannot resolve the seed host name: no answer; retrying (check DNS)")
+                    }
                 }
                 let _ = resolving.send(host);
             });
@@ -377,6 +392,8 @@ impl MembershipActor {
     }
 
     fn run(&mut self, effects: Vec<Effect>) {
+        // Effects of inputs made while running these (answers given at once).
+        let mut pending = Vec::new();
         for e in effects {
             match e {
                 Effect::Publish(mut g) => {
@@ -419,15 +436,23 @@ impl MembershipActor {
                     self.metrics.indirect_probes.inc();
                     tracing::debug!(peer = %subject, via = ?via, "member unreachable from here: asking others to reach it");
                     for v in via {
-                        let Ok(peer) = v.parse::<PeerId>() else {
-                            continue;
-                        };
-                        self.net.send(NetCommand::Request {
-                            peer,
-                            request: Request::MembershipProbe {
-                                subject: subject.clone(),
-                            },
-                        });
+                        match v.parse::<PeerId>() {
+                            Ok(peer) if self.probe_capable.contains(&peer) => {
+                                self.net.send(NetCommand::Request {
+                                    peer,
+                                    request: Request::MembershipProbe {
+                                        subject: subject.clone(),
+                                    },
+                                });
+                            }
+                            // An older node (or one not identified yet) cannot
+                            // be asked: it counts as "not reached".
+                            _ => {
+                                let now = self.now();
+                                let fx = self.state.on_indirect_answer(now, &subject, &v, false);
+                                pending.extend(fx);
+                            }
+                        }
                     }
                 }
                 Effect::ReachedIndirectly { id, via } => {
@@ -476,6 +501,9 @@ impl MembershipActor {
                 }
             }
         }
+        if !pending.is_empty() {
+            self.run(pending);
+        }
     }
 
     /// A peer asks whether this node reaches `subject`: yes at once if this node
@@ -509,16 +537,26 @@ impl MembershipActor {
         };
         let waiting = self.forwarded_probes.entry(target).or_default();
         if waiting.is_empty() {
+            // Any answer from the subject will do; an older node is asked for
+            // a push-pull, which it understands.
+            let request = if self.probe_capable.contains(&target) {
+                Request::MembershipProbe { subject }
+            } else {
+                Request::MembershipSync {
+                    cluster: self.cluster.clone(),
+                    members: self.state.table(),
+                }
+            };
             self.net.send(NetCommand::Request {
                 peer: target,
-                request: Request::MembershipProbe { subject },
+                request,
             });
         }
         waiting.push((reply, Instant::now()));
     }
 
-    /// `subject` answered (or failed to answer) this node: tells every peer that
-    /// asked this node to reach it.
+    /// `subject` answered this node (any answer: it is alive) or a request to it
+    /// failed: tells every peer that asked this node to reach it.
     fn answer_forwarded_probes(&mut self, subject: &PeerId, reachable: bool) {
         let Some(waiting) = self.forwarded_probes.remove(subject) else {
             return;
@@ -779,6 +817,7 @@ impl MembershipActor {
                 peer,
                 response: Response::MembershipSync { cluster, members },
             } => {
+                self.answer_forwarded_probes(&peer, true);
                 if !self.accept_cluster(&peer, &cluster) {
                     return;
                 }
@@ -797,7 +836,7 @@ impl MembershipActor {
                 peer,
                 response: Response::MembershipProbe { subject, reachable },
             } => {
-                self.answer_forwarded_probes(&peer, reachable);
+                self.answer_forwarded_probes(&peer, true);
                 self.state
                     .on_indirect_answer(now, &subject, &peer.to_string(), reachable)
             }
@@ -806,7 +845,8 @@ impl MembershipActor {
                 response: Response::Refused { reason },
             } => {
                 tracing::warn!(%peer, %reason, "peer refused a membership request");
-                self.answer_forwarded_probes(&peer, false);
+                // It answered, so it is alive; but it will not answer a probe.
+                self.answer_forwarded_probes(&peer, true);
                 self.state.on_request_failed(now, &peer.to_string())
             }
             // Service requests and call responses never reach this stream; the
@@ -834,10 +874,21 @@ impl MembershipActor {
                 tracing::debug!(%peer, %error, "ping failed");
                 vec![]
             }
-            NetEvent::Identified { peer, listen_addrs } => self.state.on_identified(
-                &peer.to_string(),
-                listen_addrs.iter().map(|a| a.to_string()).collect(),
-            ),
+            NetEvent::Identified {
+                peer,
+                listen_addrs,
+                probes,
+            } => {
+                if probes {
+                    self.probe_capable.insert(peer);
+                } else {
+                    self.probe_capable.remove(&peer);
+                }
+                self.state.on_identified(
+                    &peer.to_string(),
+                    listen_addrs.iter().map(|a| a.to_string()).collect(),
+                )
+            }
             NetEvent::Banned { peer } => {
                 tracing::warn!(%peer, "peer banned for bad frames");
                 vec![]

@@ -132,6 +132,8 @@ pub struct Member {
     /// Since when another member reaches it for us while we cannot (monotonic
     /// ms); cleared by a direct connection.
     reached_indirectly_ms: Option<u64>,
+    /// When others were last asked to reach it (monotonic ms).
+    last_indirect_probe_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -260,6 +262,7 @@ impl Membership {
                     first_dial_tried: false,
                     indirect_probe: None,
                     reached_indirectly_ms: None,
+                    last_indirect_probe_ms: None,
                 },
             );
         }
@@ -500,6 +503,7 @@ impl Membership {
                     first_dial_tried: false,
                     indirect_probe: None,
                     reached_indirectly_ms: None,
+                    last_indirect_probe_ms: None,
                 },
             );
             self.forgotten.remove(&id);
@@ -764,12 +768,16 @@ impl Membership {
         if m.connected || gone(m.record.status) {
             return out;
         }
-        m.unreachable_since_ms.get_or_insert(now.mono_ms);
-        // Reached through others a moment ago: this failure says nothing new
-        // about the member, only about the path from here.
+        // Reached through others: this failure says nothing new about the
+        // member, only about the path from here. The vouching stands until a
+        // round of asking finds nobody who reaches it.
         let vouched = m.reached_indirectly_ms.is_some();
+        if vouched {
+            return out;
+        }
+        m.unreachable_since_ms.get_or_insert(now.mono_ms);
         let probing = m.indirect_probe.is_some();
-        if m.record.status == MemberStatus::Alive && !vouched {
+        if m.record.status == MemberStatus::Alive {
             self.suspect(now, id, &mut out);
         }
         if !probing {
@@ -801,6 +809,7 @@ impl Membership {
             .cloned()
             .collect();
         let m = self.members.get_mut(subject)?;
+        m.last_indirect_probe_ms = Some(now.mono_ms);
         m.indirect_probe = Some(IndirectProbe {
             started_ms: now.mono_ms,
             waiting: via.iter().cloned().collect(),
@@ -832,6 +841,10 @@ impl Membership {
         if !reachable {
             if probe.waiting.is_empty() {
                 m.indirect_probe = None;
+                if m.reached_indirectly_ms.take().is_some() && !m.connected {
+                    // Vouched for until now; nobody reaches it any more.
+                    m.unreachable_since_ms.get_or_insert(now.mono_ms);
+                }
             }
             return out;
         }
@@ -943,7 +956,27 @@ impl Membership {
             if probe_expired {
                 if let Some(m) = self.members.get_mut(&id) {
                     m.indirect_probe = None;
+                    if m.reached_indirectly_ms.take().is_some() && !m.connected {
+                        m.unreachable_since_ms.get_or_insert(now.mono_ms);
+                    }
                 }
+            }
+            // A member reached only through others is asked after often
+            // enough that its silence never reaches `suspect_timeout_ms`:
+            // announcements alone (one every `announce_interval_ms`, relayed)
+            // would leave it suspect between two, and dead after one lost.
+            let Some(m) = self.members.get(&id) else {
+                continue;
+            };
+            let reprobe_due = m.reached_indirectly_ms.is_some()
+                && !m.connected
+                && !gone(status)
+                && m.indirect_probe.is_none()
+                && m.last_indirect_probe_ms.is_none_or(|t| {
+                    now.mono_ms.saturating_sub(t) >= self.cfg.suspect_timeout_ms / 2
+                });
+            if reprobe_due {
+                out.extend(self.probe_indirectly(now, &id));
             }
             let Some(m) = self.members.get(&id) else {
                 continue;
