@@ -482,7 +482,8 @@ fn replica_config(election_timeout_ms: u64, retain_entries: u64) -> ReplicaConfi
         max_batch: 512,
         max_appends_in_flight: ReplicaConfig::default().max_appends_in_flight,
         max_batch_bytes: 2 * 1024 * 1024,
-        // Beyond this, a member that falls behind gets a snapshot instead.
+        // Beyond this, a member that falls behind gets a snapshot instead (one
+        // catching up from a snapshot is waited for, within 64 MiB of log).
         retain_entries,
         retain_bytes: 256 * 1024 * 1024,
         // A transfer reports failure itself (every part has a request timeout);

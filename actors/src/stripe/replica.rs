@@ -208,7 +208,9 @@ pub struct ReplicaConfig {
     /// an `Append` must fit one request frame.
     pub max_batch_bytes: usize,
     /// Entries kept in the log beyond what every member holds, for followers that
-    /// fall a little behind; further behind, they get a snapshot.
+    /// fall a little behind; further behind, they get a snapshot (except one
+    /// catching up from a snapshot just taken, within a quarter of
+    /// `retain_bytes`: see `Progress::catching_up`).
     pub retain_entries: u64,
     /// Bytes of entry data the log keeps at most in memory (older committed
     /// entries go, whatever `retain_entries` says): large values must not make
@@ -256,8 +258,8 @@ struct Progress {
     /// When a snapshot transfer to this member started, until it is reported.
     snapshot_since_ms: Option<u64>,
     /// The member took a snapshot and is catching up from its end: the entries
-    /// after it stay (within `retain_bytes`) until it is within
-    /// `retain_entries` of the commit index.
+    /// after it stay until it is within `retain_entries` of the commit index
+    /// (unless it goes silent, or they outgrow a quarter of `retain_bytes`).
     catching_up: bool,
 }
 
@@ -983,9 +985,10 @@ impl Replica {
     }
 
     /// Drops committed entries from the log: on the active, those every member
-    /// holds (but always keeping at most `retain_entries` for laggards); on a
-    /// standby, all but the last `retain_entries` committed ones (kept for the
-    /// members it may serve as a future active).
+    /// holds (but keeping at most `retain_entries` for laggards, more for one
+    /// catching up from a snapshot); on a standby, all but the last
+    /// `retain_entries` committed ones (kept for the members it may serve as a
+    /// future active).
     fn compact(&mut self, fx: &mut Vec<Effect>) {
         // While a snapshot is on its way to a member, the entries after it must
         // stay: compacting past the snapshot's point would send the member a new
@@ -999,10 +1002,17 @@ impl Replica {
         }
         let keep_from = self.commit.saturating_sub(self.cfg.retain_entries);
         let now = self.now_ms;
+        // The log held for it is in memory: bounded, below the byte bound that
+        // applies to every entry, since a member slower than the writes would
+        // otherwise keep it there for as long as they go on.
+        let held_too_much = self.log_bytes > self.cfg.retain_bytes / 4;
         for p in self.progress.values_mut() {
             // Caught up, or silent: a member that stopped answering does not
-            // hold the log (up to `retain_bytes` in memory) for good.
-            if p.matched >= keep_from || now.saturating_sub(p.last_ack_ms) >= CATCH_UP_SILENCE_MS {
+            // hold the log for good.
+            if p.matched >= keep_from
+                || now.saturating_sub(p.last_ack_ms) >= CATCH_UP_SILENCE_MS
+                || held_too_much
+            {
                 p.catching_up = false;
             }
         }
@@ -1721,10 +1731,36 @@ mod tests {
             .count()
     }
 
+    /// One-entry writes the in-sync standby (node 2) acknowledges at once, with
+    /// a tick after each (compaction runs on ticks); every effect they made.
+    fn write(r: &mut Replica, written: &mut u64, n: u64, now_ms: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        for _ in 0..n {
+            fx.extend(r.propose(vec![vec![0]]).unwrap().1);
+            *written += 1;
+            fx.extend(r.on_persisted(*written));
+            fx.extend(ack(r, true, *written));
+            fx.extend(r.tick(now_ms));
+        }
+        fx
+    }
+
+    fn answer(matched: u64, ok: bool) -> Message {
+        Message::AppendAck {
+            epoch: 1,
+            ok,
+            matched,
+            round: 0,
+            stale: None,
+        }
+    }
+
     #[test]
     fn a_member_catching_up_from_a_snapshot_is_not_sent_another_while_writes_go_on() {
+        // Small appends, so that catching up takes many round trips.
         let cfg = ReplicaConfig {
             retain_entries: 5,
+            max_batch: 4,
             ..ReplicaConfig::default()
         };
         let mut r = Replica::new(
@@ -1757,19 +1793,8 @@ mod tests {
         r.on_persisted(1);
         r.on_confirmed(1, true);
         ack(&mut r, true, 1);
-        // Writes the in-sync standby holds; compaction runs on the ticks.
         let mut written = 1;
-        let mut write = |r: &mut Replica, n: u64| {
-            for _ in 0..n {
-                r.propose(vec![vec![0]]).unwrap();
-                written += 1;
-                r.on_persisted(written);
-                ack(r, true, written);
-                r.tick(1_000);
-            }
-            written
-        };
-        write(&mut r, 20);
+        write(&mut r, &mut written, 20, 1_000);
         // A new member joins: the log no longer reaches back to its start.
         assert!(r.base.index > 1, "compacted before the member joined");
         let mut fx = r.on_view(StripeView {
@@ -1778,30 +1803,85 @@ mod tests {
             ..view
         });
         fx.extend(r.tick(1_000));
-        // It holds nothing: the log no longer reaches back that far.
-        let answer = |matched, ok| Message::AppendAck {
-            epoch: 1,
-            ok,
-            matched,
-            round: 0,
-            stale: None,
-        };
         fx.extend(r.on_message(3, answer(0, false)));
         fx.extend(r.tick(1_000));
         assert_eq!(snapshot_offers_to(&fx, 3), 1);
         let at = r.base;
         // Writes go on during the transfer, far past `retain_entries`.
-        write(&mut r, 30);
-        r.on_snapshot_sent(3, at, true);
-        // And after it: the member catches up from the snapshot's end.
-        let now = write(&mut r, 10);
-        let fx = r.tick(1_001);
-        assert_eq!(snapshot_offers_to(&fx, 3), 0, "a second snapshot");
-        assert_eq!(r.base, at, "compacted past what the member needs next");
-        // Once it is close to the commit index, compaction goes on as usual.
-        r.on_message(3, answer(now, true));
-        write(&mut r, 10);
+        write(&mut r, &mut written, 30, 1_000);
+        let mut fx = r.on_snapshot_sent(3, at, true);
+        // And after it, while the member catches up from the snapshot's end,
+        // answering each append as it arrives.
+        let mut offers = 0;
+        let mut held = at.index;
+        for _ in 0..40 {
+            fx.extend(write(&mut r, &mut written, 1, 1_000));
+            offers += snapshot_offers_to(&fx, 3);
+            let sent = appends_to(&fx, 3);
+            fx.clear();
+            for (from, to) in sent {
+                if from == held + 1 {
+                    held = to;
+                    fx.extend(r.on_message(3, answer(held, true)));
+                }
+            }
+        }
+        assert_eq!(offers, 0, "the member was sent another snapshot");
+        assert!(held + 5 >= written, "it caught up: {held} of {written}");
+        // Caught up: compaction goes on as usual.
         assert!(r.base.index > at.index, "the log was never compacted again");
+    }
+
+    #[test]
+    fn a_member_catching_up_that_falls_silent_does_not_hold_the_log() {
+        let cfg = ReplicaConfig {
+            retain_entries: 5,
+            ..ReplicaConfig::default()
+        };
+        let mut r = Replica::new(
+            1,
+            cfg,
+            Recovered {
+                promised: 0,
+                base: LogPos { epoch: 0, index: 0 },
+                entries: Vec::new(),
+                applied: 0,
+            },
+        );
+        r.tick(1_000);
+        let view = StripeView {
+            version: 1,
+            epoch: 1,
+            active: Some(1),
+            members: [1].into(),
+            in_sync: BTreeSet::new(),
+            in_sync_removals: 0,
+        };
+        r.on_view(view.clone());
+        let view = StripeView {
+            version: 2,
+            members: [1, 2, 3].into(),
+            in_sync: [2].into(),
+            ..view
+        };
+        r.on_view(view);
+        r.on_persisted(1);
+        r.on_confirmed(1, true);
+        ack(&mut r, true, 1);
+        let mut written = 1;
+        write(&mut r, &mut written, 20, 1_000);
+        r.on_message(3, answer(0, false));
+        r.tick(1_000);
+        let at = r.base;
+        r.on_snapshot_sent(3, at, true);
+        write(&mut r, &mut written, 20, 1_000);
+        assert_eq!(r.base, at, "held for the member catching up");
+        // It never answers again.
+        write(&mut r, &mut written, 20, 1_000 + CATCH_UP_SILENCE_MS);
+        assert!(
+            r.base.index > at.index,
+            "a silent member still holds the log"
+        );
     }
 
     #[test]
