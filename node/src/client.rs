@@ -904,4 +904,29 @@ mod tests {
             assert!(name_segment("key", bad).is_err());
         }
     }
+
+    #[test]
+    fn a_live_member_without_a_direct_link_is_marked() {
+        let members = serde_json::json!({
+            "self": "a",
+            "members": [
+                {"id": "a", "name": "n1", "addrs": [], "state": "alive", "incarnation": 1, "connected": true},
+                {"id": "b", "name": "n2", "addrs": [], "state": "alive", "incarnation": 1, "connected": false},
+                {"id": "c", "name": "n3", "addrs": [], "state": "dead", "incarnation": 1, "connected": false},
+                {"id": "d", "name": "n4", "addrs": [], "state": "alive", "incarnation": 1},
+            ]
+        });
+        let table = format_members(&members, 0);
+        let row = |id: &str| {
+            table
+                .lines()
+                .find(|l| l.trim_start_matches(['*', ' ']).starts_with(id))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(row("b").contains("alive (no direct link)"), "{table}");
+        assert!(!row("a").contains("no direct link"), "{table}");
+        assert!(!row("c").contains("no direct link"), "a dead member is just dead");
+        assert!(!row("d").contains("no direct link"), "an older node says nothing");
+    }
 }
