@@ -1,8 +1,9 @@
 //! Backoff of the dials a request makes on its own: a peer whose last dial
 //! failed is not dialled again for every request sent its way (a leader's
-//! heartbeats, a stripe's replication), only after a growing pause. Dials the
-//! membership protocol asks for are not held back (it paces them itself), but
-//! their failures count here too. Time is passed in: no clock inside.
+//! heartbeats, a stripe's replication), only after a growing pause; the
+//! requests wait for its end (or a connection). Dials the membership protocol
+//! asks for are not held back (it paces them itself), but their failures count
+//! here too. Time is passed in: no clock inside.
 
 use std::collections::HashMap;
 use std::hash::Hash;
