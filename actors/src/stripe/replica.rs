@@ -257,11 +257,17 @@ struct Progress {
     refused_in_flight: bool,
     /// When a snapshot transfer to this member started, until it is reported.
     snapshot_since_ms: Option<u64>,
+    /// When the last transfer to it failed: the next waits a moment (a member
+    /// that cannot be reached fails each at once).
+    snapshot_failed_ms: Option<u64>,
     /// The member took a snapshot and is catching up from its end: the entries
     /// after it stay until it is within `retain_entries` of the commit index
     /// (unless it goes silent, or they outgrow a quarter of `retain_bytes`).
     catching_up: bool,
 }
+
+/// The pause before a snapshot is offered again after a failed transfer.
+const SNAPSHOT_FAILED_PAUSE_MS: u64 = 1_000;
 
 /// How long a member catching up from a snapshot may stay silent before the
 /// entries it needs are no longer kept for it.
@@ -559,6 +565,7 @@ impl Replica {
                     in_flight: VecDeque::new(),
                     refused_in_flight: false,
                     snapshot_since_ms: None,
+                    snapshot_failed_ms: None,
                     catching_up: false,
                 });
             }
@@ -877,6 +884,11 @@ impl Replica {
                 continue;
             }
             if p.next <= self.base.index {
+                if p.snapshot_failed_ms
+                    .is_some_and(|t| now.saturating_sub(t) < SNAPSHOT_FAILED_PAUSE_MS)
+                {
+                    continue;
+                }
                 p.snapshot_since_ms = Some(now);
                 fx.push(Effect::Send {
                     to: n,
@@ -991,15 +1003,13 @@ impl Replica {
     /// future active).
     fn compact(&mut self, fx: &mut Vec<Effect>) {
         // While a snapshot is on its way to a member, the entries after it must
-        // stay: compacting past the snapshot's point would send the member a new
-        // snapshot at its end, and another, for as long as writes go on.
-        if self
+        // stay (only the byte bound applies): compacting past the snapshot's
+        // point would send the member a new snapshot at its end, and another,
+        // for as long as writes go on.
+        let transferring = self
             .progress
             .values()
-            .any(|p| p.snapshot_since_ms.is_some())
-        {
-            return;
-        }
+            .any(|p| p.snapshot_since_ms.is_some());
         let keep_from = self.commit.saturating_sub(self.cfg.retain_entries);
         let now = self.now_ms;
         // The log held for it is in memory: bounded, below the byte bound that
@@ -1039,6 +1049,7 @@ impl Replica {
         } else {
             keep_from
         };
+        let upto = if transferring { self.base.index } else { upto };
         // The byte bound: keep at most `retain_bytes` of committed entries.
         let mut over_bytes = self.base.index;
         if self.log_bytes > self.cfg.retain_bytes {
@@ -1337,6 +1348,9 @@ impl Replica {
                 p.next = at.index + 1;
                 p.last_ack_ms = self.now_ms;
                 p.catching_up = true;
+                p.snapshot_failed_ms = None;
+            } else {
+                p.snapshot_failed_ms = Some(self.now_ms);
             }
         }
         self.replicate(&mut fx, false);
@@ -1882,6 +1896,56 @@ mod tests {
             r.base.index > at.index,
             "a silent member still holds the log"
         );
+    }
+
+    #[test]
+    fn a_failed_snapshot_transfer_is_offered_again_after_a_pause() {
+        let cfg = ReplicaConfig {
+            retain_entries: 5,
+            ..ReplicaConfig::default()
+        };
+        let mut r = Replica::new(
+            1,
+            cfg,
+            Recovered {
+                promised: 0,
+                base: LogPos { epoch: 0, index: 0 },
+                entries: Vec::new(),
+                applied: 0,
+            },
+        );
+        r.tick(1_000);
+        let view = StripeView {
+            version: 1,
+            epoch: 1,
+            active: Some(1),
+            members: [1].into(),
+            in_sync: BTreeSet::new(),
+            in_sync_removals: 0,
+        };
+        r.on_view(view.clone());
+        r.on_view(StripeView {
+            version: 2,
+            members: [1, 2, 3].into(),
+            in_sync: [2].into(),
+            ..view
+        });
+        r.on_persisted(1);
+        r.on_confirmed(1, true);
+        ack(&mut r, true, 1);
+        let mut written = 1;
+        let mut fx = write(&mut r, &mut written, 20, 1_000);
+        fx.extend(r.on_message(3, answer(0, false)));
+        fx.extend(r.tick(1_000));
+        assert_eq!(snapshot_offers_to(&fx, 3), 1);
+        // The member cannot be reached: the transfer fails at once.
+        let at = r.base;
+        let mut fx = r.on_snapshot_sent(3, at, false);
+        fx.extend(r.tick(1_000 + SNAPSHOT_FAILED_PAUSE_MS - 1));
+        assert_eq!(snapshot_offers_to(&fx, 3), 0, "offered again at once");
+        // On the next heartbeat after the pause.
+        let fx = r.tick(1_000 + SNAPSHOT_FAILED_PAUSE_MS + 100);
+        assert_eq!(snapshot_offers_to(&fx, 3), 1, "never offered again");
     }
 
     #[test]
