@@ -95,8 +95,11 @@ fn parse(input: &str, keep_host: bool) -> Result<PeerAddr, AddrError> {
             let port: u16 = port
                 .parse()
                 .map_err(|_| bad("port is not a number 0-65535"))?;
-            if host.is_empty() {
-                return Err(bad("expected host:port or a multiaddr"));
+            let host_name = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+            if host.is_empty() || !host.chars().all(host_name) {
+                return Err(bad(
+                    "expected host:port (a host name, IPv4 or [IPv6] address) or a multiaddr",
+                ));
             }
             if keep_host {
                 let mut addr = Multiaddr::empty();
@@ -168,7 +171,14 @@ mod tests {
         assert!(parse_seed_addr("no-such-host.invalid:7700").is_ok());
         assert!(parse_peer_addr("no-such-host.invalid:7700").is_err());
         assert!(parse_peer_addr("/dns4/seed.example/tcp/7700").is_err());
-        for bad in [":7700", "host:", "host:99999", "/dns/h/udp/1"] {
+        for bad in [
+            ":7700",
+            "host:",
+            "host:99999",
+            "/dns/h/udp/1",
+            "http://x:7700",
+            "a b:1",
+        ] {
             assert!(parse_seed_addr(bad).is_err(), "{bad} should fail");
         }
     }

@@ -281,7 +281,8 @@ pub struct MembershipActor {
     forwarded_probes: std::collections::HashMap<PeerId, Vec<(Reply, Instant)>>,
     /// Peers that said (through identify) they answer indirect probes.
     probe_capable: std::collections::HashSet<PeerId>,
-    /// Seed host names being looked up, and where a finished lookup says so.
+    /// Seeds (by address) whose host name is being looked up, and where a
+    /// finished lookup says so.
     seeds_resolving: std::collections::HashSet<String>,
     seeds_resolving_done: mpsc::UnboundedSender<String>,
     seeds_resolved: mpsc::UnboundedReceiver<String>,
@@ -335,8 +336,8 @@ impl MembershipActor {
     }
 
     fn dial_seeds(&mut self) {
-        while let Ok(host) = self.seeds_resolved.try_recv() {
-            self.seeds_resolving.remove(&host);
+        while let Ok(seed) = self.seeds_resolved.try_recv() {
+            self.seeds_resolving.remove(&seed);
         }
         if self.last_seed_dial.is_some() {
             self.seed_redial = (self.seed_redial * 2).min(SEED_REDIAL_MAX);
@@ -353,7 +354,8 @@ impl MembershipActor {
             // Resolved now, not at start: the name may not exist yet, or point
             // elsewhere since. Every address it has is dialled (a name can
             // stand for several nodes). One lookup per seed at a time.
-            if !self.seeds_resolving.insert(host.clone()) {
+            let seed = s.addr.to_string();
+            if !self.seeds_resolving.insert(seed.clone()) {
                 continue;
             }
             let (net, peer, resolving) =
@@ -386,7 +388,7 @@ impl MembershipActor {
                         "cannot resolve the seed host name: no answer; retrying (check DNS)")
                     }
                 }
-                let _ = resolving.send(host);
+                let _ = resolving.send(seed);
             });
         }
     }
