@@ -926,7 +926,13 @@ mod tests {
         };
         assert!(row("b").contains("alive (no direct link)"), "{table}");
         assert!(!row("a").contains("no direct link"), "{table}");
-        assert!(!row("c").contains("no direct link"), "a dead member is just dead");
-        assert!(!row("d").contains("no direct link"), "an older node says nothing");
+        assert!(
+            !row("c").contains("no direct link"),
+            "a dead member is just dead"
+        );
+        assert!(
+            !row("d").contains("no direct link"),
+            "an older node says nothing"
+        );
     }
 }

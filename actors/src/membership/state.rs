@@ -1012,8 +1012,8 @@ impl Membership {
             };
             let status = m.record.status;
             if !m.connected && status != MemberStatus::Left {
-                // A member others reach for us is tried seldom: each failed
-                // try costs an indirect probe.
+                // A member others reach for us is tried seldom: the path from
+                // here is what is broken, and that rarely mends in a second.
                 let every = if status == MemberStatus::Dead || m.reached_indirectly_ms.is_some() {
                     self.cfg.dead_redial_interval_ms
                 } else {
