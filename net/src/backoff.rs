@@ -1,7 +1,7 @@
 //! Backoff of the dials a request makes on its own: a peer whose last dial
 //! failed is not dialled again for every request sent its way (a leader's
-//! heartbeats, a stripe's replication), only after a growing pause; the
-//! requests wait for its end (or a connection). Dials the membership protocol
+//! heartbeats, a stripe's replication), only after a growing pause; meanwhile
+//! they fail at once (their callers retry). Dials the membership protocol
 //! asks for are not held back (it paces them itself), but their failures count
 //! here too. Time is passed in: no clock inside.
 

@@ -496,7 +496,6 @@ pub fn spawn(
         probes_failed: HashMap::new(),
         handshake_warned: None,
         dial_backoff: DialBackoff::default(),
-        held_calls: HashMap::new(),
         pipes: pipes.clone(),
     };
     for addr in config.advertise {
@@ -540,17 +539,7 @@ struct SwarmTask {
     handshake_warned: Option<std::time::Instant>,
     /// Peers whose last dial failed: a request does not dial them again at once.
     dial_backoff: DialBackoff<PeerId>,
-    /// Calls waiting for the dial pause of their peer to end.
-    held_calls: HashMap<PeerId, Vec<HeldCall>>,
     pipes: Arc<Pipes>,
-}
-
-/// A call not sent yet.
-struct HeldCall {
-    peer: PeerId,
-    addrs: Vec<Multiaddr>,
-    request: Request,
-    reply: oneshot::Sender<Result<Response, CallError>>,
 }
 
 /// What identify tells peers this node speaks. `/kiln/2` added indirect
@@ -586,7 +575,6 @@ impl SwarmTask {
                         let peers = self.probes_ok.drain().collect();
                         self.emit(NetEvent::ProbesOk { peers });
                     }
-                    self.release_calls_due();
                 }
                 cmd = commands.recv() => match cmd {
                     Some(NetCommand::Shutdown(done)) => {
@@ -691,12 +679,7 @@ impl SwarmTask {
                 addrs,
                 request,
                 reply,
-            } => self.start_call(HeldCall {
-                peer,
-                addrs,
-                request,
-                reply,
-            }),
+            } => self.start_call(peer, addrs, request, reply),
             NetCommand::Respond { reply, response } => match reply.0 {
                 ReplyTo::Substream(channel) => {
                     let _ = self
@@ -715,18 +698,17 @@ impl SwarmTask {
     }
 
     /// Sends a call's request, dialling the peer if it is not connected, unless
-    /// a dial to it failed a moment ago: the call then waits (bounded by the
-    /// caller's own timeout) until a connection comes up or the pause ends.
-    fn start_call(&mut self, call: HeldCall) {
-        let HeldCall {
-            peer,
-            addrs,
-            request,
-            reply,
-        } = call;
-        if reply.is_closed() {
-            return;
-        }
+    /// a dial to it failed a moment ago: the call then fails at once. (Holding
+    /// it until the pause ends was tried: a request forwarded to an active
+    /// that had just died then waited out the pause instead of being retried
+    /// at the new active, and failover took twice as long.)
+    fn start_call(
+        &mut self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, CallError>>,
+    ) {
         if self.offences.is_banned(&peer) {
             let _ = reply.send(Err(CallError::Failed {
                 peer,
@@ -737,13 +719,13 @@ impl SwarmTask {
         if self.swarm.is_connected(&peer) {
             // Connected without a pipe: the pipe broke, or is opening.
             self.pipes.open(peer);
-        } else if self.dial_backoff.holding(&peer, self.now_ms()).is_some() {
-            self.held_calls.entry(peer).or_default().push(HeldCall {
+        } else if let Some(ago) = self.dial_backoff.holding(&peer, self.now_ms()) {
+            let _ = reply.send(Err(CallError::Failed {
                 peer,
-                addrs,
-                request,
-                reply,
-            });
+                reason: format!(
+                    "peer unreachable: a dial failed {ago} ms ago (retried after a pause)"
+                ),
+            }));
             return;
         } else {
             for addr in addrs {
@@ -756,32 +738,6 @@ impl SwarmTask {
             .rr
             .send_request(&peer, Inbound::Valid(request));
         self.calls.insert(id, reply);
-    }
-
-    /// Calls held for `peer` go now (connected, or its dial pause is over);
-    /// those whose caller gave up are dropped.
-    fn release_calls(&mut self, peer: &PeerId) {
-        for call in self.held_calls.remove(peer).unwrap_or_default() {
-            self.start_call(call);
-        }
-    }
-
-    fn release_calls_due(&mut self) {
-        let now = self.now_ms();
-        let due: Vec<PeerId> = self
-            .held_calls
-            .keys()
-            .filter(|p| self.dial_backoff.holding(p, now).is_none())
-            .copied()
-            .collect();
-        for p in due {
-            self.release_calls(&p);
-        }
-        // Callers that gave up while their call was held.
-        self.held_calls.retain(|_, calls| {
-            calls.retain(|c| !c.reply.is_closed());
-            !calls.is_empty()
-        });
     }
 
     /// A bad frame from `peer`: count it, log it, and ban a repeat offender.
@@ -828,7 +784,6 @@ impl SwarmTask {
             } if num_established.get() == 1 => {
                 tracing::debug!(peer = %peer_id, remote = %endpoint.get_remote_address(), "connected");
                 self.dial_backoff.connected(&peer_id);
-                self.release_calls(&peer_id);
                 self.pipes.open(peer_id);
                 self.emit(NetEvent::ConnectionUp { peer: peer_id });
             }
