@@ -96,9 +96,9 @@ pub fn format_members(members: &Value, now_ms: u64) -> String {
                 {
                     let state = m["state"].as_str().unwrap_or("?");
                     // Alive without a connection from here: reached through
-                    // others (or still being connected to).
-                    let unlinked = m["connected"] == Value::Bool(false)
-                        && matches!(state, "alive" | "suspect");
+                    // others (or still being connected to). A suspect one is
+                    // just being lost.
+                    let unlinked = m["connected"] == Value::Bool(false) && state == "alive";
                     if unlinked {
                         format!("{state} (no direct link)")
                     } else {

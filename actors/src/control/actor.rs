@@ -37,6 +37,10 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
 const ELECTION_PROBE: Duration = Duration::from_millis(250);
 /// Pause between two join attempts of a node that is not placed yet.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between joins once the control plane has answered that
+/// this node is placed but the decision has not reached it (its leader cannot
+/// reach this node): each join would be one more entry in the log.
+const JOIN_RETRY_PLACED_MAX: Duration = Duration::from_secs(30);
 
 /// What the control plane of this node is asked to do at start.
 #[derive(Debug, Clone)]
@@ -181,6 +185,8 @@ pub struct ControlPlane {
     initializing: bool,
     last_join: Option<Instant>,
     joining: bool,
+    /// Joins answered "placed" whose decision this node has not applied yet.
+    placed_answers: u32,
     /// A membership change of the Raft group is running (one at a time).
     changing: bool,
     /// When each voter or learner was first seen dead, left or unknown.
@@ -221,6 +227,7 @@ impl ControlPlane {
             initializing: false,
             last_join: None,
             joining: false,
+            placed_answers: 0,
             changing: false,
             gone_since: HashMap::new(),
             warned_no_failover: false,
@@ -312,6 +319,8 @@ impl ControlPlane {
         }
         if !state.nodes.contains_key(&self.me) {
             self.join(ctx, &state);
+        } else {
+            self.placed_answers = 0;
         }
         if metrics.state == ServerState::Leader && !self.changing {
             let joint = membership.get_joint_config();
@@ -399,7 +408,10 @@ impl ControlPlane {
     /// Asks the control plane for this node's place (the founder first sets the
     /// stripe count).
     fn join(&mut self, ctx: &mut Context<Self>, state: &ControlState) {
-        if self.joining || self.last_join.is_some_and(|t| t.elapsed() < JOIN_RETRY) {
+        let retry = JOIN_RETRY
+            .saturating_mul(1 << self.placed_answers.min(5))
+            .min(JOIN_RETRY_PLACED_MAX);
+        if self.joining || self.last_join.is_some_and(|t| t.elapsed() < retry) {
             return;
         }
         let proposer = self.proposer();
@@ -438,6 +450,7 @@ impl ControlPlane {
                 act.joining = false;
                 match res {
                     Ok(ControlOutcome::Placed { placement }) => {
+                        act.placed_answers += 1;
                         tracing::info!(?placement, "placed by the control plane")
                     }
                     Ok(ControlOutcome::Unconfigured) => {
