@@ -1653,6 +1653,12 @@ mod tests {
             max_appends_in_flight: 3,
             ..ReplicaConfig::default()
         };
+        active_of(cfg, &[1, 2]).0
+    }
+
+    /// Node 1 made the active of epoch 1 at 1 000 ms, of `members` (node 2
+    /// among them, in sync and holding the take-over no-op), and the view.
+    fn active_of(cfg: ReplicaConfig, members: &[NodeId]) -> (Replica, StripeView) {
         let mut r = Replica::new(
             1,
             cfg,
@@ -1675,17 +1681,17 @@ mod tests {
             in_sync_removals: 0,
         };
         r.on_view(view.clone());
-        r.on_view(StripeView {
+        let view = StripeView {
             version: 2,
-            members: [1, 2].into(),
+            members: members.iter().copied().collect(),
             in_sync: [2].into(),
             ..view
-        });
+        };
+        r.on_view(view.clone());
         r.on_persisted(1);
         r.on_confirmed(1, true);
-        // The standby holds the take-over no-op.
         ack(&mut r, true, 1);
-        r
+        (r, view)
     }
 
     fn ack(r: &mut Replica, ok: bool, matched: u64) -> Vec<Effect> {
@@ -1777,36 +1783,7 @@ mod tests {
             max_batch: 4,
             ..ReplicaConfig::default()
         };
-        let mut r = Replica::new(
-            1,
-            cfg,
-            Recovered {
-                promised: 0,
-                base: LogPos { epoch: 0, index: 0 },
-                entries: Vec::new(),
-                applied: 0,
-            },
-        );
-        r.tick(1_000);
-        let view = StripeView {
-            version: 1,
-            epoch: 1,
-            active: Some(1),
-            members: [1].into(),
-            in_sync: BTreeSet::new(),
-            in_sync_removals: 0,
-        };
-        r.on_view(view.clone());
-        let view = StripeView {
-            version: 2,
-            members: [1, 2].into(),
-            in_sync: [2].into(),
-            ..view
-        };
-        r.on_view(view.clone());
-        r.on_persisted(1);
-        r.on_confirmed(1, true);
-        ack(&mut r, true, 1);
+        let (mut r, view) = active_of(cfg, &[1, 2]);
         let mut written = 1;
         write(&mut r, &mut written, 20, 1_000);
         // A new member joins: the log no longer reaches back to its start.
@@ -1852,36 +1829,7 @@ mod tests {
             retain_entries: 5,
             ..ReplicaConfig::default()
         };
-        let mut r = Replica::new(
-            1,
-            cfg,
-            Recovered {
-                promised: 0,
-                base: LogPos { epoch: 0, index: 0 },
-                entries: Vec::new(),
-                applied: 0,
-            },
-        );
-        r.tick(1_000);
-        let view = StripeView {
-            version: 1,
-            epoch: 1,
-            active: Some(1),
-            members: [1].into(),
-            in_sync: BTreeSet::new(),
-            in_sync_removals: 0,
-        };
-        r.on_view(view.clone());
-        let view = StripeView {
-            version: 2,
-            members: [1, 2, 3].into(),
-            in_sync: [2].into(),
-            ..view
-        };
-        r.on_view(view);
-        r.on_persisted(1);
-        r.on_confirmed(1, true);
-        ack(&mut r, true, 1);
+        let (mut r, _) = active_of(cfg, &[1, 2, 3]);
         let mut written = 1;
         write(&mut r, &mut written, 20, 1_000);
         r.on_message(3, answer(0, false));
@@ -1904,35 +1852,7 @@ mod tests {
             retain_entries: 5,
             ..ReplicaConfig::default()
         };
-        let mut r = Replica::new(
-            1,
-            cfg,
-            Recovered {
-                promised: 0,
-                base: LogPos { epoch: 0, index: 0 },
-                entries: Vec::new(),
-                applied: 0,
-            },
-        );
-        r.tick(1_000);
-        let view = StripeView {
-            version: 1,
-            epoch: 1,
-            active: Some(1),
-            members: [1].into(),
-            in_sync: BTreeSet::new(),
-            in_sync_removals: 0,
-        };
-        r.on_view(view.clone());
-        r.on_view(StripeView {
-            version: 2,
-            members: [1, 2, 3].into(),
-            in_sync: [2].into(),
-            ..view
-        });
-        r.on_persisted(1);
-        r.on_confirmed(1, true);
-        ack(&mut r, true, 1);
+        let (mut r, _) = active_of(cfg, &[1, 2, 3]);
         let mut written = 1;
         let mut fx = write(&mut r, &mut written, 20, 1_000);
         fx.extend(r.on_message(3, answer(0, false)));
