@@ -142,6 +142,18 @@ struct IndirectProbe {
     waiting: BTreeSet<String>,
 }
 
+impl Member {
+    /// A round of indirect probes ended without anyone reaching it. If others
+    /// vouched for it until now, it is unreachable from this moment: the fast
+    /// path to `dead` applies again.
+    fn nobody_reached(&mut self, now: Now) {
+        self.indirect_probe = None;
+        if self.reached_indirectly_ms.take().is_some() && !self.connected {
+            self.unreachable_since_ms.get_or_insert(now.mono_ms);
+        }
+    }
+}
+
 /// A row of the member table as shown to operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberView {
@@ -840,11 +852,7 @@ impl Membership {
         }
         if !reachable {
             if probe.waiting.is_empty() {
-                m.indirect_probe = None;
-                if m.reached_indirectly_ms.take().is_some() && !m.connected {
-                    // Vouched for until now; nobody reaches it any more.
-                    m.unreachable_since_ms.get_or_insert(now.mono_ms);
-                }
+                m.nobody_reached(now);
             }
             return out;
         }
@@ -955,10 +963,7 @@ impl Membership {
             });
             if probe_expired {
                 if let Some(m) = self.members.get_mut(&id) {
-                    m.indirect_probe = None;
-                    if m.reached_indirectly_ms.take().is_some() && !m.connected {
-                        m.unreachable_since_ms.get_or_insert(now.mono_ms);
-                    }
+                    m.nobody_reached(now);
                 }
             }
             // A member reached only through others is asked after often
