@@ -36,16 +36,44 @@ pub fn parse_seed_addr(input: &str) -> Result<PeerAddr, AddrError> {
     parse(input, true)
 }
 
-/// The host name and port of a `/dns`, `/dns4` or `/dns6` TCP multiaddr, to
-/// resolve before dialling; `None` for an IP address.
-pub fn seed_host(addr: &Multiaddr) -> Option<(String, u16)> {
+/// A seed's host name to resolve before dialling it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedHost {
+    pub host: String,
+    pub port: u16,
+    /// `/dns4` wants IPv4 addresses only, `/dns6` IPv6 only.
+    pub family: Option<IpFamily>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl SeedHost {
+    /// Whether a resolved address is one this seed asked for.
+    pub fn wants(&self, ip: &IpAddr) -> bool {
+        match self.family {
+            None => true,
+            Some(IpFamily::V4) => ip.is_ipv4(),
+            Some(IpFamily::V6) => ip.is_ipv6(),
+        }
+    }
+}
+
+/// The host name of a `/dns`, `/dns4` or `/dns6` TCP multiaddr; `None` for an
+/// IP address.
+pub fn seed_host(addr: &Multiaddr) -> Option<SeedHost> {
     let mut parts = addr.iter();
-    let host = match parts.next()? {
-        Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h) => h.to_string(),
+    let (host, family) = match parts.next()? {
+        Protocol::Dns(h) => (h.to_string(), None),
+        Protocol::Dns4(h) => (h.to_string(), Some(IpFamily::V4)),
+        Protocol::Dns6(h) => (h.to_string(), Some(IpFamily::V6)),
         _ => return None,
     };
     match parts.next()? {
-        Protocol::Tcp(port) => Some((host, port)),
+        Protocol::Tcp(port) => Some(SeedHost { host, port, family }),
         _ => None,
     }
 }
@@ -160,12 +188,18 @@ mod tests {
     fn a_seed_keeps_its_host_name_for_each_dial() {
         let a = parse_seed_addr("kiln-0.kiln.svc:7700").unwrap();
         assert_eq!(a.addr.to_string(), "/dns/kiln-0.kiln.svc/tcp/7700");
-        assert_eq!(seed_host(&a.addr), Some(("kiln-0.kiln.svc".into(), 7700)));
+        let h = seed_host(&a.addr).unwrap();
+        assert_eq!(
+            (h.host.as_str(), h.port, h.family),
+            ("kiln-0.kiln.svc", 7700, None)
+        );
         let b = parse_seed_addr("10.0.0.1:7700").unwrap();
         assert_eq!(b.addr.to_string(), "/ip4/10.0.0.1/tcp/7700");
         assert_eq!(seed_host(&b.addr), None);
         let c = parse_seed_addr("/dns4/seed.example/tcp/7700").unwrap();
-        assert_eq!(seed_host(&c.addr), Some(("seed.example".into(), 7700)));
+        let h = seed_host(&c.addr).unwrap();
+        assert_eq!((h.host.as_str(), h.port), ("seed.example", 7700));
+        assert!(h.wants(&"10.0.0.1".parse().unwrap()) && !h.wants(&"::1".parse().unwrap()));
         // A name that does not resolve is no error for a seed, but is for a
         // listen or advertised address.
         assert!(parse_seed_addr("no-such-host.invalid:7700").is_ok());

@@ -344,7 +344,7 @@ impl MembershipActor {
         }
         self.last_seed_dial = Some(Instant::now());
         for s in &self.seeds {
-            let Some((host, port)) = seed_host(&s.addr) else {
+            let Some(seed_host) = seed_host(&s.addr) else {
                 self.net.send(NetCommand::Dial {
                     peer: s.peer,
                     addrs: vec![s.addr.clone()],
@@ -360,14 +360,27 @@ impl MembershipActor {
             }
             let (net, peer, resolving) =
                 (self.net.clone(), s.peer, self.seeds_resolving_done.clone());
+            // A name standing for every node (a headless service) includes
+            // this one: not dialled.
+            let own: Vec<String> = self.state.me().addrs.clone();
             tokio::spawn(async move {
-                let lookup = tokio::net::lookup_host((host.as_str(), port));
+                let host = seed_host.host.clone();
+                let lookup = tokio::net::lookup_host((host.as_str(), seed_host.port));
                 match tokio::time::timeout(SEED_LOOKUP_TIMEOUT, lookup).await {
                     Ok(Ok(found)) => {
-                        let addrs: Vec<Multiaddr> =
-                            found.map(|a| socket_multiaddr(a.ip(), a.port())).collect();
-                        if addrs.is_empty() {
+                        let resolved: Vec<Multiaddr> = found
+                            .filter(|a| seed_host.wants(&a.ip()))
+                            .map(|a| socket_multiaddr(a.ip(), a.port()))
+                            .collect();
+                        let addrs: Vec<Multiaddr> = resolved
+                            .iter()
+                            .filter(|a| !own.contains(&a.to_string()))
+                            .cloned()
+                            .collect();
+                        if resolved.is_empty() {
                             tracing::warn!(seed = %host, "seed host name has no address; retrying");
+                        } else if addrs.is_empty() {
+                            tracing::debug!(seed = %host, "seed host name stands for this node only");
                         } else if peer.is_some() {
                             // One node: one dial trying each address.
                             net.send(NetCommand::Dial { peer, addrs });
