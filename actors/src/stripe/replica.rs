@@ -260,9 +260,11 @@ struct Progress {
     /// When the last transfer to it failed: the next waits a moment (a member
     /// that cannot be reached fails each at once).
     snapshot_failed_ms: Option<u64>,
+    /// The first heartbeat round of messages sent after its last snapshot.
+    snapshot_round: u64,
     /// The member took a snapshot and is catching up from its end: the entries
-    /// after it stay until it is within `retain_entries` of the commit index
-    /// (unless it goes silent, or they outgrow a quarter of `retain_bytes`).
+    /// after it stay until it is in sync (unless it goes silent, or they
+    /// outgrow a quarter of `retain_bytes`).
     catching_up: bool,
 }
 
@@ -566,6 +568,7 @@ impl Replica {
                     refused_in_flight: false,
                     snapshot_since_ms: None,
                     snapshot_failed_ms: None,
+                    snapshot_round: 0,
                     catching_up: false,
                 });
             }
@@ -1016,10 +1019,13 @@ impl Replica {
         // applies to every entry, since a member slower than the writes would
         // otherwise keep it there for as long as they go on.
         let held_too_much = self.log_bytes > self.cfg.retain_bytes / 4;
-        for p in self.progress.values_mut() {
-            // Caught up, or silent: a member that stopped answering does not
-            // hold the log for good.
-            if p.matched >= keep_from
+        for (node, p) in self.progress.iter_mut() {
+            // Caught up (in sync: from then on it bounds compaction as every
+            // in-sync member does), or silent: a member that stopped answering
+            // does not hold the log for good. (Being within `retain_entries`
+            // of the commit index for a moment is not enough: one catching up
+            // slower than the writes falls out of that window again.)
+            if self.view.in_sync.contains(node)
                 || now.saturating_sub(p.last_ack_ms) >= CATCH_UP_SILENCE_MS
                 || held_too_much
             {
@@ -1307,6 +1313,12 @@ impl Replica {
         };
         p.last_ack_ms = self.now_ms;
         p.round = p.round.max(round);
+        if !ok && round < p.snapshot_round {
+            // Answers a message sent before the member took its snapshot: its
+            // hint is about the log it had then (sending from there would
+            // need a new snapshot).
+            return;
+        }
         if ok {
             p.matched = p.matched.max(matched.min(last));
             let before = p.in_flight.len();
@@ -1341,9 +1353,17 @@ impl Replica {
     /// The snapshot offered to `to` arrived there, covering entries up to `at`.
     pub fn on_snapshot_sent(&mut self, to: NodeId, at: LogPos, ok: bool) -> Vec<Effect> {
         let mut fx = Vec::new();
+        // Messages sent from here on carry a round of their own: an answer to
+        // one sent before (a refusal from before the member held the
+        // snapshot) is told apart and not taken for its state now.
+        if ok {
+            self.round += 1;
+        }
+        let round = self.round;
         if let Some(p) = self.progress.get_mut(&to) {
             p.snapshot_since_ms = None;
             if ok {
+                p.snapshot_round = round;
                 p.matched = p.matched.max(at.index);
                 p.next = at.index + 1;
                 p.last_ack_ms = self.now_ms;
@@ -1866,6 +1886,39 @@ mod tests {
         // On the next heartbeat after the pause.
         let fx = r.tick(1_000 + SNAPSHOT_FAILED_PAUSE_MS + 100);
         assert_eq!(snapshot_offers_to(&fx, 3), 1, "never offered again");
+    }
+
+    #[test]
+    fn a_refusal_sent_before_a_snapshot_arrived_does_not_ask_for_another() {
+        let cfg = ReplicaConfig {
+            retain_entries: 5,
+            ..ReplicaConfig::default()
+        };
+        let (mut r, _) = active_of(cfg, &[1, 2, 3]);
+        let mut written = 1;
+        let mut fx = write(&mut r, &mut written, 20, 1_000);
+        fx.extend(r.on_message(3, answer(0, false)));
+        fx.extend(r.tick(1_000));
+        assert_eq!(snapshot_offers_to(&fx, 3), 1);
+        let at = r.base;
+        // During the transfer a heartbeat goes out; the member, holding
+        // nothing yet, refuses it, and the refusal arrives after the snapshot.
+        let before = r.round;
+        r.tick(1_100);
+        let mut fx = r.on_snapshot_sent(3, at, true);
+        let late = Message::AppendAck {
+            epoch: 1,
+            ok: false,
+            matched: 0,
+            round: before + 1,
+            stale: None,
+        };
+        fx.extend(r.on_message(3, late));
+        fx.extend(r.tick(1_200));
+        fx.extend(write(&mut r, &mut written, 3, 1_200));
+        assert_eq!(snapshot_offers_to(&fx, 3), 0, "a second snapshot");
+        let sent = appends_to(&fx, 3);
+        assert_eq!(sent.first().map(|a| a.0), Some(at.index + 1), "{sent:?}");
     }
 
     #[test]
