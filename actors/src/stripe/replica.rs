@@ -1343,7 +1343,17 @@ impl Replica {
             let refused_from = p.in_flight.front().map_or(p.next, |f| f.from);
             p.in_flight.clear();
             p.refused_in_flight = false;
-            p.next = (matched + 1).min(refused_from.saturating_sub(1)).max(1);
+            let resume = (matched + 1).min(refused_from.saturating_sub(1)).max(1);
+            // A member that still holds all it was known to match resumes after
+            // that: stepping back further would ask for entries compaction may
+            // have dropped (behind a member catching up, it stops exactly
+            // there), and so for a needless snapshot. One that lost entries
+            // (an emptied restart) is taken at its word.
+            p.next = if matched >= p.matched {
+                resume.max(p.matched + 1)
+            } else {
+                resume
+            };
         }
         self.replicate(fx, false);
         self.advance_commit(fx);
@@ -1919,6 +1929,20 @@ mod tests {
         assert_eq!(snapshot_offers_to(&fx, 3), 0, "a second snapshot");
         let sent = appends_to(&fx, 3);
         assert_eq!(sent.first().map(|a| a.0), Some(at.index + 1), "{sent:?}");
+    }
+
+    #[test]
+    fn a_refusal_from_a_member_holding_what_it_matched_resumes_after_that() {
+        let mut r = active();
+        propose_each(&mut r, 3);
+        r.on_persisted(4);
+        ack(&mut r, true, 2);
+        // Appends to 3 and 4 are in flight; the member refuses one, saying it
+        // holds up to 3 (it took them in another order): resume after 2, the
+        // last index known to match, never before it.
+        let fx = ack(&mut r, false, 3);
+        let sent = appends_to(&fx, 2);
+        assert!(sent.iter().all(|a| a.0 >= 3), "{sent:?}");
     }
 
     #[test]
