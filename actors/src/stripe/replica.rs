@@ -1853,17 +1853,26 @@ mod tests {
         assert!(r.base.index > at.index, "the log was never compacted again");
     }
 
-    #[test]
-    fn a_member_catching_up_that_falls_silent_does_not_hold_the_log() {
+    /// An active with a short log (`retain_entries` 5), node 2 in sync, and
+    /// node 3 holding nothing, offered a snapshot of the compacted log; the
+    /// index written up to.
+    fn member_3_offered_a_snapshot() -> (Replica, u64) {
         let cfg = ReplicaConfig {
             retain_entries: 5,
             ..ReplicaConfig::default()
         };
         let (mut r, _) = active_of(cfg, &[1, 2, 3]);
         let mut written = 1;
-        write(&mut r, &mut written, 20, 1_000);
-        r.on_message(3, answer(0, false));
-        r.tick(1_000);
+        let mut fx = write(&mut r, &mut written, 20, 1_000);
+        fx.extend(r.on_message(3, answer(0, false)));
+        fx.extend(r.tick(1_000));
+        assert_eq!(snapshot_offers_to(&fx, 3), 1);
+        (r, written)
+    }
+
+    #[test]
+    fn a_member_catching_up_that_falls_silent_does_not_hold_the_log() {
+        let (mut r, mut written) = member_3_offered_a_snapshot();
         let at = r.base;
         r.on_snapshot_sent(3, at, true);
         write(&mut r, &mut written, 20, 1_000);
@@ -1878,16 +1887,7 @@ mod tests {
 
     #[test]
     fn a_failed_snapshot_transfer_is_offered_again_after_a_pause() {
-        let cfg = ReplicaConfig {
-            retain_entries: 5,
-            ..ReplicaConfig::default()
-        };
-        let (mut r, _) = active_of(cfg, &[1, 2, 3]);
-        let mut written = 1;
-        let mut fx = write(&mut r, &mut written, 20, 1_000);
-        fx.extend(r.on_message(3, answer(0, false)));
-        fx.extend(r.tick(1_000));
-        assert_eq!(snapshot_offers_to(&fx, 3), 1);
+        let (mut r, _) = member_3_offered_a_snapshot();
         // The member cannot be reached: the transfer fails at once.
         let at = r.base;
         let mut fx = r.on_snapshot_sent(3, at, false);
@@ -1900,16 +1900,7 @@ mod tests {
 
     #[test]
     fn a_refusal_sent_before_a_snapshot_arrived_does_not_ask_for_another() {
-        let cfg = ReplicaConfig {
-            retain_entries: 5,
-            ..ReplicaConfig::default()
-        };
-        let (mut r, _) = active_of(cfg, &[1, 2, 3]);
-        let mut written = 1;
-        let mut fx = write(&mut r, &mut written, 20, 1_000);
-        fx.extend(r.on_message(3, answer(0, false)));
-        fx.extend(r.tick(1_000));
-        assert_eq!(snapshot_offers_to(&fx, 3), 1);
+        let (mut r, mut written) = member_3_offered_a_snapshot();
         let at = r.base;
         // During the transfer a heartbeat goes out; the member, holding
         // nothing yet, refuses it, and the refusal arrives after the snapshot.
