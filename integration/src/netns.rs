@@ -39,7 +39,16 @@ impl Lab {
     pub fn new(n: usize) -> Result<Lab, String> {
         let id = std::process::id() % 1000;
         let k = NEXT_LAB.fetch_add(1, Ordering::SeqCst);
-        let subnet = (77 + k % 100) as u8;
+        // A subnet no bridge holds yet (another run's, or one a killed run left).
+        let taken = Command::new("ip")
+            .args(["-o", "-4", "addr", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let subnet = (0..100)
+            .map(|i| (77 + (k + i) % 100) as u8)
+            .find(|s| !taken.contains(&format!(" 10.{s}.0.1/")))
+            .ok_or("no free 10.x.0.0/24 subnet for the test bridge")?;
         let bridge = format!("kb{id}x{k}");
         run(&["ip", "link", "add", &bridge, "type", "bridge"])?;
         let mut lab = Lab {
