@@ -270,6 +270,10 @@ struct Progress {
 
 /// The pause before a snapshot is offered again after a failed transfer.
 const SNAPSHOT_FAILED_PAUSE_MS: u64 = 1_000;
+/// After a proposal to the control plane failed (no leader reachable, say),
+/// the active's confirmation and in-sync changes wait this long before they
+/// are proposed again, instead of once per tick.
+pub const PROPOSAL_RETRY_MS: u64 = 200;
 
 /// How long a member catching up from a snapshot may stay silent before the
 /// entries it needs are no longer kept for it.
@@ -367,6 +371,9 @@ pub struct Replica {
     /// When a `Renew` was last asked (it is asked again after an election
     /// timeout: the request or its answer may be lost).
     renew_asked_ms: Option<u64>,
+    /// No confirmation or in-sync change is proposed before this (see
+    /// [`PROPOSAL_RETRY_MS`]).
+    proposals_paused_until_ms: u64,
     /// Standbys proposed for the in-sync set: already waited for, until the
     /// view shows them in the set, or shows that their addition can no longer
     /// be applied (a removal moved `in_sync_removals` past the figure it
@@ -417,6 +424,7 @@ impl Replica {
             handover_since_ms: 0,
             handover_asked: false,
             renew_asked_ms: None,
+            proposals_paused_until_ms: 0,
             adding: BTreeMap::new(),
             removing: BTreeSet::new(),
             round: 0,
@@ -729,7 +737,8 @@ impl Replica {
                         self.handover_asked = false;
                     }
                 }
-                if !self.confirmed && !self.confirm_asked {
+                let may_propose = now_ms >= self.proposals_paused_until_ms;
+                if !self.confirmed && !self.confirm_asked && may_propose {
                     self.confirm_asked = true;
                     fx.push(Effect::Propose(Proposal::ConfirmActive { epoch }));
                 }
@@ -748,6 +757,7 @@ impl Replica {
                         now_ms.saturating_sub(p.last_ack_ms) >= self.cfg.in_sync_timeout_ms;
                     if holding_up
                         && silent
+                        && may_propose
                         && (self.view.in_sync.contains(&n) || self.adding.contains_key(&n))
                         && self.removing.insert(n)
                     {
@@ -784,7 +794,11 @@ impl Replica {
                     );
                 }
                 // New additions, and those whose proposal seemed to fail.
-                for (n, a) in self.adding.iter_mut().filter(|(_, a)| !a.asked) {
+                for (n, a) in self
+                    .adding
+                    .iter_mut()
+                    .filter(|(_, a)| !a.asked && may_propose)
+                {
                     a.asked = true;
                     fx.push(Effect::Propose(Proposal::InSync {
                         epoch,
@@ -1391,6 +1405,12 @@ impl Replica {
     /// No answer came to a proposal this replica made (it may still be applied):
     /// the next tick proposes it again. An addition stays waited for meanwhile.
     pub fn on_proposal_failed(&mut self, proposal: &Proposal) {
+        if matches!(
+            proposal,
+            Proposal::InSync { .. } | Proposal::ConfirmActive { .. }
+        ) {
+            self.proposals_paused_until_ms = self.now_ms + PROPOSAL_RETRY_MS;
+        }
         match proposal {
             Proposal::InSync {
                 epoch,
@@ -1896,6 +1916,47 @@ mod tests {
         // On the next heartbeat after the pause.
         let fx = r.tick(1_000 + SNAPSHOT_FAILED_PAUSE_MS + 100);
         assert_eq!(snapshot_offers_to(&fx, 3), 1, "never offered again");
+    }
+
+    /// The in-sync removals of node 2 proposed in `fx`.
+    fn removals_of_2(fx: &[Effect]) -> usize {
+        fx.iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::Propose(Proposal::InSync {
+                        node: 2,
+                        in_sync: false,
+                        ..
+                    })
+                )
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_removal_the_control_plane_could_not_take_is_proposed_again_after_a_pause() {
+        let mut r = active();
+        r.propose(vec![vec![1]]).unwrap();
+        let silent_at = 1_000 + r.cfg.in_sync_timeout_ms;
+        let fx = r.tick(silent_at);
+        assert_eq!(removals_of_2(&fx), 1, "a silent standby holding up a write");
+        // No control-plane leader answers: the proposal fails at once.
+        let removal = fx
+            .iter()
+            .find_map(|e| match e {
+                Effect::Propose(p @ Proposal::InSync { .. }) => Some(p.clone()),
+                _ => None,
+            })
+            .unwrap();
+        r.on_proposal_failed(&removal);
+        let mut again = 0;
+        for t in (silent_at + 20..silent_at + PROPOSAL_RETRY_MS).step_by(20) {
+            again += removals_of_2(&r.tick(t));
+        }
+        assert_eq!(again, 0, "proposed again on every tick");
+        let fx = r.tick(silent_at + PROPOSAL_RETRY_MS);
+        assert_eq!(removals_of_2(&fx), 1, "never proposed again");
     }
 
     #[test]
