@@ -7,7 +7,8 @@
 //!   spread over all nodes, which forward to the active / leader).
 //! - Failover: kill -9 of the active (etcd: the leader) under 16 clients → time from
 //!   the kill to the first acknowledgement of a put sent after the kill; median and
-//!   max of N runs.
+//!   max of N runs. `KILN_BENCH_FAILOVER=pause` SIGSTOPs the active (leader)
+//!   for 8 s instead: the time from the pause to the first acknowledgement.
 //!
 //! It prints numbers and ratios; it asserts nothing. Run it with
 //! `apt-get install -y etcd-server && cargo build --release --workspace --bins &&
@@ -41,6 +42,8 @@ trait KvSystem {
     /// Index of the node that orders writes now.
     fn leader(&self) -> Option<usize>;
     fn kill9(&mut self, i: usize);
+    /// SIGSTOP (`true`) or SIGCONT (`false`) member `i`.
+    fn pause(&mut self, i: usize, stop: bool);
     fn restart(&mut self, i: usize);
     /// Waits until the cluster is whole again (all members replicating).
     fn wait_whole(&self);
@@ -102,6 +105,9 @@ impl KvSystem for Kiln {
     }
     fn kill9(&mut self, i: usize) {
         self.nodes[i].kill9();
+    }
+    fn pause(&mut self, i: usize, stop: bool) {
+        self.nodes[i].signal(if stop { libc::SIGSTOP } else { libc::SIGCONT });
     }
     fn pids(&self) -> Vec<i32> {
         self.nodes.iter().map(|n| n.pid()).collect()
@@ -266,6 +272,15 @@ impl KvSystem for Etcd {
         self.kill9(i);
         self.spawn(i);
     }
+    fn pause(&mut self, i: usize, stop: bool) {
+        if let Some(c) = &self.children[i] {
+            let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: a signal to a child process this benchmark started.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
     fn wait_whole(&self) {
         wait_until(
             "etcd: 3 members with a leader",
@@ -395,10 +410,18 @@ fn failover(sys: &mut dyn KvSystem, run: usize) -> Option<f64> {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(2));
+    let pause = failover_by_pause();
     let kill_at = Instant::now();
-    sys.kill9(victim);
+    if pause {
+        sys.pause(victim, true);
+    } else {
+        sys.kill9(victim);
+    }
     std::thread::sleep(Duration::from_secs(8));
     stop.store(true, Ordering::SeqCst);
+    if pause {
+        sys.pause(victim, false);
+    }
     for c in clients {
         let _ = c.join();
     }
@@ -409,9 +432,18 @@ fn failover(sys: &mut dyn KvSystem, run: usize) -> Option<f64> {
         .filter(|(sent, _)| *sent > kill_at)
         .map(|(_, acked)| *acked)
         .min();
-    sys.restart(victim);
+    if !pause {
+        sys.restart(victim);
+    }
     sys.wait_whole();
     first.map(|f| (f - kill_at).as_secs_f64())
+}
+
+/// `KILN_BENCH_FAILOVER=pause`: the failover runs SIGSTOP the active (leader)
+/// for 8 s instead of killing it; a paused process holds its connections open,
+/// so requests to it hang instead of failing.
+fn failover_by_pause() -> bool {
+    std::env::var("KILN_BENCH_FAILOVER").is_ok_and(|v| v == "pause")
 }
 
 fn main() {
@@ -483,7 +515,12 @@ fn main() {
             }
         }
     }
-    println!();
+    let how = if failover_by_pause() {
+        "SIGSTOP"
+    } else {
+        "kill -9"
+    };
+    println!("\nfailover by {how} of the active (leader):\n");
     println!("| system | failover runs | median s | max s |");
     println!("|---|---|---|---|");
     for sys in systems.iter_mut() {
