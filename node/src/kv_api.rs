@@ -33,6 +33,9 @@ pub const MAX_KEY_BYTES: usize = 1024;
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// One attempt at the active.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an attempt still unanswered checks whether the stripe's active
+/// changed meanwhile.
+const ACTIVE_RECHECK: Duration = Duration::from_millis(100);
 /// A planned handover waits for the standby to catch up.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -176,6 +179,32 @@ impl KvRouter {
         }
     }
 
+    /// [`Self::ask`] of the stripe's `active`, given up as soon as the control
+    /// plane names another: an active that is paused or cut off from this node
+    /// does not answer, and its successor (elected within the election
+    /// timeout) should not wait for this attempt's timeout.
+    async fn ask_active(
+        &self,
+        stripe: u32,
+        active: u64,
+        request: StripeRequest,
+        timeout: Duration,
+    ) -> Result<StripeResponse, String> {
+        let attempt = self.ask(active, request, timeout);
+        tokio::pin!(attempt);
+        loop {
+            if let Ok(answer) = tokio::time::timeout(ACTIVE_RECHECK, &mut attempt).await {
+                return answer;
+            }
+            let now = stripe_view(&self.applied, stripe).and_then(|v| v.active);
+            if now != Some(active) {
+                return Err(format!(
+                    "the stripe's active changed while node {active} was asked"
+                ));
+            }
+        }
+    }
+
     /// Sends `request` to the stripe's current active until `answer` takes its
     /// reply or the request timeout passes; a retry is the same request (the
     /// same request id), so it is applied once.
@@ -214,7 +243,8 @@ impl KvRouter {
                     // No attempt outlives the request's deadline.
                     let left = deadline.saturating_duration_since(Instant::now());
                     match self
-                        .ask(
+                        .ask_active(
+                            stripe,
                             a,
                             request.clone(),
                             ATTEMPT_TIMEOUT.min(left.max(RETRY_PAUSE)),
