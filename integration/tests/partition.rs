@@ -303,3 +303,116 @@ fn a_pair_that_cannot_reach_each_other_is_not_declared_dead() {
         || nodes.iter().all(|n| n.alive().len() == 3),
     );
 }
+
+/// A node whose link to its stripe's active is down while both reach the
+/// third node still serves client writes and linearizable reads: the requests
+/// go through the third node, which passes them on. Before, every request
+/// through that node waited out the request timeout and failed with 503 for as
+/// long as the cut lasted.
+#[test]
+fn a_node_cut_off_from_the_active_only_relays_client_requests_through_another_member() {
+    let _serial = serial();
+    let lab = Lab::new(3).unwrap_or_else(|e| panic!("cannot build the network namespaces: {e}"));
+    let opts = |i: usize, seeds: Vec<String>| NodeOpts {
+        netns: Some(lab.namespace(i)),
+        secret: Some("relay-test".into()),
+        seeds,
+        ..Default::default()
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = Node::start_in("relay1", dirs[0].path(), lab.ip(0), opts(0, vec![]));
+    let seed = first.seed();
+    let mut nodes = vec![first];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        nodes.push(Node::start_in(
+            &format!("relay{}", i + 1),
+            dir.path(),
+            lab.ip(i),
+            opts(i, vec![seed.clone()]),
+        ));
+    }
+    let ids = wait_converged(&nodes, LONG);
+    let index_of = |id: &str| ids.iter().position(|i| i == id);
+    // The active, and the control-plane leader, once the stripe is in sync.
+    let mut roles = (0, 0);
+    wait_until(
+        "an active with 2 in-sync standbys and a leader",
+        LONG,
+        || {
+            let Some(v) = nodes[0].get("/v1/cluster/stripes") else {
+                return false;
+            };
+            let s = &v["stripes"][0];
+            let standbys = s["members"]
+                .as_array()
+                .map(|m| m.iter().filter(|m| m["role"] == "standby").count())
+                .unwrap_or(0);
+            match (
+                s["active"].as_str().and_then(index_of),
+                v["leader"].as_str().and_then(index_of),
+            ) {
+                (Some(a), Some(l)) if standbys == 2 => {
+                    roles = (a, l);
+                    true
+                }
+                _ => false,
+            }
+        },
+    );
+    let (active, leader) = roles;
+    // Cut off from the active a standby that does not lead the control plane
+    // (a leader cut from the active would have it replaced instead).
+    let cut = (0..3)
+        .find(|i| *i != active && *i != leader)
+        .unwrap_or_else(|| {
+            (0..3)
+                .find(|i| *i != active)
+                .expect("three nodes, one active")
+        });
+    lab.cut_between(active, cut).unwrap();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
+    let through = nodes[cut].http();
+    for k in 0..20 {
+        let put = agent
+            .put(&format!("http://{through}/v1/kv/relay/k{k}"))
+            .send_string(&format!("v{k}"));
+        let status = match put {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, r)) => {
+                panic!(
+                    "write {k} through the cut-off node: {s} {}",
+                    r.into_string().unwrap_or_default()
+                )
+            }
+            Err(e) => panic!("write {k} through the cut-off node: {e}"),
+        };
+        assert_eq!(status, 200);
+        let read = agent
+            .get(&format!("http://{through}/v1/kv/relay/k{k}"))
+            .call()
+            .unwrap_or_else(|e| panic!("read {k} through the cut-off node: {e}"));
+        assert_eq!(read.into_string().unwrap_or_default(), format!("v{k}"));
+    }
+    let relayed: f64 = nodes[cut]
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("kiln_kv_request") && l.contains("route=\"relayed\""))
+        .filter(|l| l.contains("_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        relayed >= 20.0,
+        "only {relayed} requests went through the relay"
+    );
+    // Every write is the active's, too.
+    for k in 0..20 {
+        let read = agent
+            .get(&format!("http://{}/v1/kv/relay/k{k}", nodes[active].http()))
+            .call()
+            .unwrap_or_else(|e| panic!("read {k} from the active: {e}"));
+        assert_eq!(read.into_string().unwrap_or_default(), format!("v{k}"));
+    }
+    lab.heal_between(active, cut).unwrap();
+}

@@ -179,18 +179,20 @@ impl KvRouter {
         }
     }
 
-    /// [`Self::ask`] of the stripe's `active`, given up as soon as the control
-    /// plane names another: an active that is paused or cut off from this node
-    /// does not answer, and its successor (elected within the election
+    /// [`Self::ask`] of `node` on behalf of the stripe's `active` (the active
+    /// itself, or a node relaying to it), given up as soon as the control
+    /// plane names another active: one that is paused or cut off from this
+    /// node does not answer, and its successor (elected within the election
     /// timeout) should not wait for this attempt's timeout.
-    async fn ask_active(
+    async fn ask_for_active(
         &self,
         stripe: u32,
         active: u64,
+        node: u64,
         request: StripeRequest,
         timeout: Duration,
     ) -> Result<StripeResponse, String> {
-        let attempt = self.ask(active, request, timeout);
+        let attempt = self.ask(node, request, timeout);
         tokio::pin!(attempt);
         loop {
             if let Ok(answer) = tokio::time::timeout(ACTIVE_RECHECK, &mut attempt).await {
@@ -203,6 +205,45 @@ impl KvRouter {
                 ));
             }
         }
+    }
+
+    /// Serves a peer's [`StripeRequest::Relay`]: one attempt at the active
+    /// this node knows, never relayed further.
+    pub async fn relay(
+        &self,
+        stripe: u32,
+        request: StripeRequest,
+    ) -> Result<StripeResponse, String> {
+        let inner = match &request {
+            StripeRequest::Write { stripe, .. }
+            | StripeRequest::Read { stripe, .. }
+            | StripeRequest::Keys { stripe, .. } => *stripe,
+            _ => return Err("only client requests are relayed".into()),
+        };
+        if inner != stripe {
+            return Err(format!(
+                "a relay for stripe {stripe} carried a request for stripe {inner}"
+            ));
+        }
+        let active = stripe_view(&self.applied, stripe)
+            .and_then(|v| v.active)
+            .ok_or_else(|| format!("stripe {stripe} has no active"))?;
+        self.ask_for_active(stripe, active, active, request, ATTEMPT_TIMEOUT)
+            .await
+    }
+
+    /// A member of `stripe` other than this node and its `active` to relay a
+    /// request through when the active does not answer this node: an in-sync
+    /// standby first (the active replicates to it, so it reaches the active),
+    /// taken in turn by `turn`.
+    fn relay_through(&self, stripe: u32, active: u64, turn: usize) -> Option<u64> {
+        let v = stripe_view(&self.applied, stripe)?;
+        let usable = |n: &&u64| **n != self.me && **n != active;
+        let mut helpers: Vec<u64> = v.in_sync.iter().filter(usable).copied().collect();
+        if helpers.is_empty() {
+            helpers = v.members.iter().filter(usable).copied().collect();
+        }
+        (!helpers.is_empty()).then(|| helpers[turn % helpers.len()])
     }
 
     /// Sends `request` to the stripe's current active until `answer` takes its
@@ -235,6 +276,11 @@ impl KvRouter {
         // storage failed, stepped down from, or unanswered): no later attempt
         // (applied at most once, same request id) may say "not persisted".
         let mut unsettled = false;
+        // After an attempt at the active failed while it stayed the active,
+        // the next goes through another member (the link from this node to the
+        // active may be down while theirs is up), then directly again.
+        let mut relay_next = false;
+        let mut relays = 0;
         loop {
             let active = stripe_view(&self.applied, stripe).and_then(|v| v.active);
             let why = match active {
@@ -242,15 +288,30 @@ impl KvRouter {
                 Some(a) => {
                     // No attempt outlives the request's deadline.
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match self
-                        .ask_active(
-                            stripe,
-                            a,
-                            request.clone(),
-                            ATTEMPT_TIMEOUT.min(left.max(RETRY_PAUSE)),
-                        )
-                        .await
-                    {
+                    let timeout = ATTEMPT_TIMEOUT.min(left.max(RETRY_PAUSE));
+                    let helper = match relay_next {
+                        true => self.relay_through(stripe, a, relays),
+                        false => None,
+                    };
+                    let attempt = match helper {
+                        Some(h) => {
+                            relays += 1;
+                            let relay = StripeRequest::Relay {
+                                stripe,
+                                request: Box::new(request.clone()),
+                            };
+                            self.ask_for_active(stripe, a, h, relay, timeout).await
+                        }
+                        None => {
+                            self.ask_for_active(stripe, a, a, request.clone(), timeout)
+                                .await
+                        }
+                    };
+                    let still_active =
+                        stripe_view(&self.applied, stripe).and_then(|v| v.active) == Some(a);
+                    relay_next =
+                        attempt.is_err() && helper.is_none() && still_active && a != self.me;
+                    match attempt {
                         Err(e) => {
                             // The attempt may have reached the log (a timeout).
                             unsettled = true;
@@ -259,7 +320,11 @@ impl KvRouter {
                         Ok(resp) => match answer(resp) {
                             None => "unexpected answer".to_string(),
                             Some(Ok(t)) => {
-                                let route = if a == self.me { "local" } else { "forwarded" };
+                                let route = match (helper, a == self.me) {
+                                    (Some(_), _) => "relayed",
+                                    (None, true) => "local",
+                                    (None, false) => "forwarded",
+                                };
                                 self.metrics
                                     .requests
                                     .get_or_create(&RequestLabel { op, route })

@@ -21,7 +21,7 @@ use kiln_actors::membership::{Leave, MembershipActor, MembershipMetrics};
 use kiln_actors::stripe::replica::ReplicaConfig;
 use kiln_actors::stripe::wire::StripeRequest;
 use kiln_actors::stripe::{
-    HandOver, KnownChangeSeq, Responder, ServeStripe, StripeActor, StripeMetrics,
+    respond_with, HandOver, KnownChangeSeq, Responder, ServeStripe, StripeActor, StripeMetrics,
 };
 use kiln_net::wire::{MemberRecord, MemberStatus, Request, Response};
 use kiln_net::{Keypair, NetCommand, NetConfig, NetHandle, ServiceRequest};
@@ -245,6 +245,17 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             artifact_store.announced()?,
         )
         .start();
+        let kv = Arc::new(KvRouter {
+            me,
+            applied: applied.clone(),
+            stripe: stripe.clone(),
+            net: net.clone(),
+            book: book.clone(),
+            request_timeout: Duration::from_millis(settings.request_timeout_ms),
+            max_value_bytes: settings.max_value_bytes,
+            reconnect_window: Duration::from_secs(settings.reconnect_window_s),
+            metrics: kv_metrics,
+        });
         // Peers' requests go to the actor that serves them.
         {
             let services_of = Services {
@@ -252,6 +263,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 stripe: stripe.clone(),
                 broadcast: broadcast.clone(),
                 artifacts: artifacts.clone(),
+                kv: kv.clone(),
             };
             let net = net.clone();
             let mut services = channels.services;
@@ -272,17 +284,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 }
             });
         }
-        let kv = Arc::new(KvRouter {
-            me,
-            applied: applied.clone(),
-            stripe: stripe.clone(),
-            net: net.clone(),
-            book,
-            request_timeout: Duration::from_millis(settings.request_timeout_ms),
-            max_value_bytes: settings.max_value_bytes,
-            reconnect_window: Duration::from_secs(settings.reconnect_window_s),
-            metrics: kv_metrics,
-        });
         let state = web::Data::new(ApiState {
             membership: membership.clone(),
             control: control.clone(),
@@ -498,6 +499,8 @@ struct Services {
     stripe: Option<actix::Addr<StripeActor>>,
     broadcast: actix::Addr<BroadcastActor>,
     artifacts: actix::Addr<ArtifactActor>,
+    /// Passes relayed client requests on to the stripe's active.
+    kv: Arc<KvRouter>,
 }
 
 /// Hands a peer's request to the actor that serves it.
@@ -507,6 +510,7 @@ fn route_service(req: ServiceRequest, services: &Services, net: &NetHandle) {
         stripe,
         broadcast,
         artifacts,
+        kv,
     } = services;
     let refuse = |reply, reason: String| {
         net.send(NetCommand::Respond {
@@ -524,6 +528,18 @@ fn route_service(req: ServiceRequest, services: &Services, net: &NetHandle) {
                 );
             };
             match from_cbor::<StripeRequest>(body, MAX_CONTROL_BODY) {
+                Ok(StripeRequest::Relay { stripe, request }) => {
+                    let (kv, net, reply) = (kv.clone(), net.clone(), req.reply);
+                    actix_rt::spawn(async move {
+                        match kv.relay(stripe, *request).await {
+                            Ok(answer) => respond_with(&net, Responder::Peer(reply), &answer),
+                            Err(reason) => net.send(NetCommand::Respond {
+                                reply,
+                                response: Response::Refused { reason },
+                            }),
+                        }
+                    });
+                }
                 Ok(request) => stripe.do_send(ServeStripe {
                     peer: req.peer,
                     request,

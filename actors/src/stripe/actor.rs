@@ -2023,7 +2023,8 @@ impl StripeActor {
                     | StripeRequest::HandOver { stripe, .. }
                     | StripeRequest::SnapshotChunk { stripe, .. }
                     | StripeRequest::Keys { stripe, .. }
-                    | StripeRequest::Lags { stripe } => stripe,
+                    | StripeRequest::Lags { stripe }
+                    | StripeRequest::Relay { stripe, .. } => stripe,
                 };
                 let err = ServeError::NotMember(stripe);
                 let resp = match other {
@@ -2167,7 +2168,8 @@ fn stream_snapshot(
     Ok((at, keys, bytes))
 }
 
-fn respond_with(net: &NetHandle, reply: Responder, resp: &StripeResponse) {
+/// Sends a stripe answer to the peer (or local caller) that asked.
+pub fn respond_with(net: &NetHandle, reply: Responder, resp: &StripeResponse) {
     match reply {
         Responder::Peer(reply) => net.send(NetCommand::Respond {
             reply,

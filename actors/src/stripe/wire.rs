@@ -54,6 +54,16 @@ pub enum StripeRequest {
     },
     /// How far behind the active each other member is (asked of the active).
     Lags { stripe: u32 },
+    /// A client request (`Write`, `Read`, `Keys`) for the stripe's active, sent
+    /// to another node that passes it on: the way around a link between this
+    /// node and the active that is down while both still reach others. The
+    /// node asks the active it knows, once; it never relays further. (A node
+    /// older than this variant refuses it as malformed, and the sender goes
+    /// on asking the active directly.)
+    Relay {
+        stripe: u32,
+        request: Box<StripeRequest>,
+    },
 }
 
 /// Why a node could not serve a stripe request.
