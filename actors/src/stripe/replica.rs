@@ -371,9 +371,10 @@ pub struct Replica {
     /// When a `Renew` was last asked (it is asked again after an election
     /// timeout: the request or its answer may be lost).
     renew_asked_ms: Option<u64>,
-    /// No confirmation or in-sync change is proposed before this (see
-    /// [`PROPOSAL_RETRY_MS`]).
-    proposals_paused_until_ms: u64,
+    /// No confirmation is proposed again before this, nor an in-sync change
+    /// (see [`PROPOSAL_RETRY_MS`]); each kind waits only for its own failure.
+    confirm_retry_ms: u64,
+    in_sync_retry_ms: u64,
     /// Standbys proposed for the in-sync set: already waited for, until the
     /// view shows them in the set, or shows that their addition can no longer
     /// be applied (a removal moved `in_sync_removals` past the figure it
@@ -424,7 +425,8 @@ impl Replica {
             handover_since_ms: 0,
             handover_asked: false,
             renew_asked_ms: None,
-            proposals_paused_until_ms: 0,
+            confirm_retry_ms: 0,
+            in_sync_retry_ms: 0,
             adding: BTreeMap::new(),
             removing: BTreeSet::new(),
             round: 0,
@@ -631,6 +633,8 @@ impl Replica {
         });
         self.role = Role::Active { epoch };
         self.start_index = index;
+        self.confirm_retry_ms = 0;
+        self.in_sync_retry_ms = 0;
         // The no-op's `Persist` precedes every later effect: durable by then.
         self.durable = index;
         self.confirmed = false;
@@ -737,8 +741,7 @@ impl Replica {
                         self.handover_asked = false;
                     }
                 }
-                let may_propose = now_ms >= self.proposals_paused_until_ms;
-                if !self.confirmed && !self.confirm_asked && may_propose {
+                if !self.confirmed && !self.confirm_asked && now_ms >= self.confirm_retry_ms {
                     self.confirm_asked = true;
                     fx.push(Effect::Propose(Proposal::ConfirmActive { epoch }));
                 }
@@ -747,6 +750,7 @@ impl Replica {
                     self.replicate(&mut fx, true);
                 }
                 let last = self.last().index;
+                let may_propose = now_ms >= self.in_sync_retry_ms;
                 for n in self.required() {
                     let Some(p) = self.progress.get(&n) else {
                         continue;
@@ -1403,13 +1407,16 @@ impl Replica {
     }
 
     /// No answer came to a proposal this replica made (it may still be applied):
-    /// the next tick proposes it again. An addition stays waited for meanwhile.
+    /// it is proposed again, a confirmation or in-sync change after
+    /// [`PROPOSAL_RETRY_MS`], the others on the next tick. An addition stays
+    /// waited for meanwhile.
     pub fn on_proposal_failed(&mut self, proposal: &Proposal) {
-        if matches!(
-            proposal,
-            Proposal::InSync { .. } | Proposal::ConfirmActive { .. }
-        ) {
-            self.proposals_paused_until_ms = self.now_ms + PROPOSAL_RETRY_MS;
+        match proposal {
+            Proposal::InSync { .. } => self.in_sync_retry_ms = self.now_ms + PROPOSAL_RETRY_MS,
+            Proposal::ConfirmActive { .. } => {
+                self.confirm_retry_ms = self.now_ms + PROPOSAL_RETRY_MS
+            }
+            _ => {}
         }
         match proposal {
             Proposal::InSync {
