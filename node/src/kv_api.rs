@@ -3,6 +3,7 @@
 //! request-response). During a failover a request waits and retries, with the
 //! same request id (so it is applied once), for up to `request_timeout_ms`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,9 @@ pub const MAX_KEY_BYTES: usize = 1024;
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// One attempt at the active.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long requests to a stripe's active keep going through another member
+/// after one was answered that way; then one tries the active directly again.
+const RELAY_PREFERRED: Duration = Duration::from_secs(5);
 /// How often an attempt still unanswered checks whether the stripe's active
 /// changed meanwhile.
 const ACTIVE_RECHECK: Duration = Duration::from_millis(100);
@@ -43,7 +47,8 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 struct RequestLabel {
     /// `write` (put or delete), `read`, `list`.
     op: &'static str,
-    /// `local`: this node is the active; `forwarded`: the active is another node.
+    /// `local`: this node is the active; `forwarded`: the active is another
+    /// node; `relayed`: through another member, the active not answering this one.
     route: &'static str,
 }
 
@@ -68,7 +73,8 @@ impl KvMetrics {
             "request_seconds",
             "Time from a key/value request's arrival at this node to the active's answer, \
              retries included (op: write, read, list; route: local = this node is the \
-             active, forwarded = the active is another node); answered requests only",
+             active, forwarded = the active is another node, relayed = through another \
+             member, the active not answering this node); answered requests only",
             m.requests.clone(),
         );
         m
@@ -87,6 +93,11 @@ pub struct KvRouter {
     /// How long a request's result is remembered for retries (`reconnect_window_s`).
     pub reconnect_window: Duration,
     pub metrics: KvMetrics,
+    /// Stripe → (its active, until when): requests to that active go through
+    /// another member first, since the last one that did was answered that
+    /// way (a direct attempt over a link that drops everything would cost each
+    /// request the attempt timeout first).
+    pub relay_preferred: std::sync::Mutex<HashMap<u32, (u64, Instant)>>,
 }
 
 impl KvRouter {
@@ -232,6 +243,29 @@ impl KvRouter {
             .await
     }
 
+    /// Whether requests to `active` of `stripe` go through another member first
+    /// (see [`Self::relay_preferred`]).
+    fn prefers_relay(&self, stripe: u32, active: u64) -> bool {
+        self.relay_preferred
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&stripe).copied())
+            .is_some_and(|(a, until)| a == active && Instant::now() < until)
+    }
+
+    /// Remembers how the active of `stripe` last answered: through another
+    /// member (preferred for [`RELAY_PREFERRED`]) or directly (not any more).
+    fn note_route(&self, stripe: u32, active: u64, relayed: bool) {
+        let Ok(mut p) = self.relay_preferred.lock() else {
+            return;
+        };
+        if relayed {
+            p.insert(stripe, (active, Instant::now() + RELAY_PREFERRED));
+        } else {
+            p.remove(&stripe);
+        }
+    }
+
     /// A member of `stripe` other than this node and its `active` to relay a
     /// request through when the active does not answer this node: an in-sync
     /// standby first (the active replicates to it, so it reaches the active),
@@ -278,8 +312,9 @@ impl KvRouter {
         let mut unsettled = false;
         // After an attempt at the active failed while it stayed the active,
         // the next goes through another member (the link from this node to the
-        // active may be down while theirs is up), then directly again.
-        let mut relay_next = false;
+        // active may be down while theirs is up), then directly again:
+        // `Some(true)` when the last failed attempt was relayed.
+        let mut last_failed: Option<bool> = None;
         let mut relays = 0;
         loop {
             let active = stripe_view(&self.applied, stripe).and_then(|v| v.active);
@@ -289,7 +324,11 @@ impl KvRouter {
                     // No attempt outlives the request's deadline.
                     let left = deadline.saturating_duration_since(Instant::now());
                     let timeout = ATTEMPT_TIMEOUT.min(left.max(RETRY_PAUSE));
-                    let helper = match relay_next {
+                    let relay = match last_failed {
+                        Some(relayed) => !relayed,
+                        None => self.prefers_relay(stripe, a),
+                    };
+                    let helper = match relay && a != self.me {
                         true => self.relay_through(stripe, a, relays),
                         false => None,
                     };
@@ -309,8 +348,7 @@ impl KvRouter {
                     };
                     let still_active =
                         stripe_view(&self.applied, stripe).and_then(|v| v.active) == Some(a);
-                    relay_next =
-                        attempt.is_err() && helper.is_none() && still_active && a != self.me;
+                    last_failed = (attempt.is_err() && still_active).then_some(helper.is_some());
                     match attempt {
                         Err(e) => {
                             // The attempt may have reached the log (a timeout).
@@ -320,6 +358,7 @@ impl KvRouter {
                         Ok(resp) => match answer(resp) {
                             None => "unexpected answer".to_string(),
                             Some(Ok(t)) => {
+                                self.note_route(stripe, a, helper.is_some());
                                 let route = match (helper, a == self.me) {
                                     (Some(_), _) => "relayed",
                                     (None, true) => "local",

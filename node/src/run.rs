@@ -255,6 +255,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             max_value_bytes: settings.max_value_bytes,
             reconnect_window: Duration::from_secs(settings.reconnect_window_s),
             metrics: kv_metrics,
+            relay_preferred: Default::default(),
         });
         // Peers' requests go to the actor that serves them.
         {
@@ -264,6 +265,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 broadcast: broadcast.clone(),
                 artifacts: artifacts.clone(),
                 kv: kv.clone(),
+                main: actix_rt::Arbiter::current(),
             };
             let net = net.clone();
             let mut services = channels.services;
@@ -499,8 +501,11 @@ struct Services {
     stripe: Option<actix::Addr<StripeActor>>,
     broadcast: actix::Addr<BroadcastActor>,
     artifacts: actix::Addr<ArtifactActor>,
-    /// Passes relayed client requests on to the stripe's active.
+    /// Passes relayed client requests on to the stripe's active, on `main`
+    /// (not the consensus thread that routes peers' requests: Raft's must not
+    /// wait behind them).
     kv: Arc<KvRouter>,
+    main: actix_rt::ArbiterHandle,
 }
 
 /// Hands a peer's request to the actor that serves it.
@@ -511,6 +516,7 @@ fn route_service(req: ServiceRequest, services: &Services, net: &NetHandle) {
         broadcast,
         artifacts,
         kv,
+        main,
     } = services;
     let refuse = |reply, reason: String| {
         net.send(NetCommand::Respond {
@@ -530,7 +536,7 @@ fn route_service(req: ServiceRequest, services: &Services, net: &NetHandle) {
             match from_cbor::<StripeRequest>(body, MAX_CONTROL_BODY) {
                 Ok(StripeRequest::Relay { stripe, request }) => {
                     let (kv, net, reply) = (kv.clone(), net.clone(), req.reply);
-                    actix_rt::spawn(async move {
+                    main.spawn(async move {
                         match kv.relay(stripe, *request).await {
                             Ok(answer) => respond_with(&net, Responder::Peer(reply), &answer),
                             Err(reason) => net.send(NetCommand::Respond {

@@ -58,8 +58,9 @@ pub enum StripeRequest {
     /// to another node that passes it on: the way around a link between this
     /// node and the active that is down while both still reach others. The
     /// node asks the active it knows, once; it never relays further. (A node
-    /// older than this variant refuses it as malformed, and the sender goes
-    /// on asking the active directly.)
+    /// older than this variant refuses it as malformed, logging a warning; the
+    /// sender's next attempt goes to the active directly, the one after
+    /// through a member again.)
     Relay {
         stripe: u32,
         request: Box<StripeRequest>,
