@@ -984,7 +984,13 @@ impl Proposer {
             node,
         }));
         let call = self.net.call(leader, addrs, Request::ControlPlane { body });
-        match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(PROPOSE_TIMEOUT, call) => answer,
+            () = self.leader_moved_from(leader) => {
+                return Err(format!("the control-plane leader changed while {leader} was asked"));
+            }
+        };
+        match answer {
             Ok(Ok(Response::ControlPlane { body })) => {
                 match from_cbor::<ControlResponse>(&body, MAX_CONTROL_BODY) {
                     Ok(ControlResponse::Confirmed(r)) => r,
@@ -997,6 +1003,34 @@ impl Proposer {
         }
     }
 
+    /// Resolves once this node follows a control-plane leader other than
+    /// `peer`: a proposal or confirmation sent to a leader that is paused or cut
+    /// off is then given up for the new leader, instead of waiting out
+    /// `PROPOSE_TIMEOUT` (a stripe whose in-sync standby stopped with the
+    /// leader waited that long for its removal, writes stalled meanwhile).
+    async fn leader_moved_from(&self, peer: PeerId) {
+        let mut metrics = self.raft.metrics();
+        let peer = peer.to_string();
+        loop {
+            let moved = {
+                let m = metrics.borrow_and_update();
+                m.current_leader.is_some_and(|l| {
+                    m.membership_config
+                        .membership()
+                        .get_node(&l)
+                        .is_some_and(|n| n.peer != peer)
+                })
+            };
+            if moved {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                // Raft stopped: the call's own timeout ends the wait.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     async fn forward(
         &self,
         peer: PeerId,
@@ -1006,7 +1040,15 @@ impl Proposer {
         let addrs = addresses(&self.book, &peer);
         let body = ByteBuf::from(to_cbor(&ControlRequest::Propose { command, forwarded }));
         let call = self.net.call(peer, addrs, Request::ControlPlane { body });
-        match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(PROPOSE_TIMEOUT, call) => answer,
+            // Only a proposal sent to the leader: one relayed by a member
+            // (which may be asked while a leader is known) waits for it.
+            () = self.leader_moved_from(peer), if forwarded => {
+                return Err(format!("the control-plane leader changed while {peer} was asked"));
+            }
+        };
+        match answer {
             Err(_) => Err(format!("{peer} did not answer the proposal in time")),
             Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(Response::ControlPlane { body })) => {
