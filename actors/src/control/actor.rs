@@ -916,33 +916,52 @@ enum Hop {
 }
 
 impl Proposer {
+    /// Commits `cmd` within `PROPOSE_TIMEOUT`: here if this node leads, else
+    /// at the leader (again at the next one if the leader changes meanwhile).
     async fn propose(&self, cmd: ControlCommand, hop: Hop) -> Result<ControlOutcome, String> {
-        let local =
-            tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd.clone())).await;
-        let leader = match local {
-            Err(_) => return Err("the control plane did not commit in time".into()),
-            Ok(Ok(resp)) => return Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                f.leader_node.and_then(|n| n.peer.parse::<PeerId>().ok())
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let local = tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await;
+            let leader = match local {
+                Err(_) => return Err("the control plane did not commit in time".into()),
+                Ok(Ok(resp)) => return Ok(resp.data),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    f.leader_node.and_then(|n| n.peer.parse::<PeerId>().ok())
+                }
+                Ok(Err(e)) => return Err(e.to_string()),
+            };
+            let targets: Vec<(PeerId, bool)> = match (hop, leader) {
+                (Hop::Final, _) => return Err("this node is not the control-plane leader".into()),
+                (_, Some(l)) => vec![(l, true)],
+                (Hop::Relay, None) => return Err("this node knows no control-plane leader".into()),
+                // A node that does not follow the log yet asks live members, which
+                // relay it once to the leader they know.
+                (Hop::Local, None) => self.fallback.iter().take(3).map(|p| (*p, false)).collect(),
+            };
+            let mut last =
+                Err("no control-plane leader known and no live member to ask".to_string());
+            let mut moved = false;
+            for (peer, to_leader) in targets {
+                last = match self.forward(peer, cmd.clone(), to_leader, deadline).await {
+                    Ok(answer) => answer,
+                    Err(LeaderMoved) => {
+                        moved = true;
+                        Err(format!(
+                            "the control-plane leader changed while {peer} was asked"
+                        ))
+                    }
+                };
+                if last.is_ok() {
+                    break;
+                }
             }
-            Ok(Err(e)) => return Err(e.to_string()),
-        };
-        let targets: Vec<(PeerId, bool)> = match (hop, leader) {
-            (Hop::Final, _) => return Err("this node is not the control-plane leader".into()),
-            (_, Some(l)) => vec![(l, true)],
-            (Hop::Relay, None) => return Err("this node knows no control-plane leader".into()),
-            // A node that does not follow the log yet asks live members, which
-            // relay it once to the leader they know.
-            (Hop::Local, None) => self.fallback.iter().take(3).map(|p| (*p, false)).collect(),
-        };
-        let mut last = Err("no control-plane leader known and no live member to ask".to_string());
-        for (peer, to_leader) in targets {
-            last = self.forward(peer, cmd.clone(), to_leader).await;
-            if last.is_ok() {
-                break;
+            // The same command once more, at the new leader: one the old leader
+            // committed after all is refused or a no-op there, as after a timeout.
+            if !moved || Instant::now() >= deadline {
+                return last;
             }
         }
-        last
     }
 
     /// Whether `node` is the active of `stripe` in `epoch`, read linearizably on
@@ -1008,18 +1027,23 @@ impl Proposer {
     /// off is then given up for the new leader, instead of waiting out
     /// `PROPOSE_TIMEOUT` (a stripe whose in-sync standby stopped with the
     /// leader waited that long for its removal, writes stalled meanwhile).
+    /// Only a later term counts: openraft publishes its metrics after the
+    /// core has moved on, so the leader they name may still be the one before
+    /// `peer`.
     async fn leader_moved_from(&self, peer: PeerId) {
         let mut metrics = self.raft.metrics();
         let peer = peer.to_string();
+        let asked_in = metrics.borrow().current_term;
         loop {
             let moved = {
                 let m = metrics.borrow_and_update();
-                m.current_leader.is_some_and(|l| {
-                    m.membership_config
-                        .membership()
-                        .get_node(&l)
-                        .is_some_and(|n| n.peer != peer)
-                })
+                m.current_term > asked_in
+                    && m.current_leader.is_some_and(|l| {
+                        m.membership_config
+                            .membership()
+                            .get_node(&l)
+                            .is_some_and(|n| n.peer != peer)
+                    })
             };
             if moved {
                 return;
@@ -1031,24 +1055,26 @@ impl Proposer {
         }
     }
 
+    /// Sends `command` to `peer` (the leader, if `forwarded`) and waits for
+    /// its answer until `deadline`, or until this node follows another leader.
     async fn forward(
         &self,
         peer: PeerId,
         command: ControlCommand,
         forwarded: bool,
-    ) -> Result<ControlOutcome, String> {
+        deadline: Instant,
+    ) -> Result<Result<ControlOutcome, String>, LeaderMoved> {
         let addrs = addresses(&self.book, &peer);
         let body = ByteBuf::from(to_cbor(&ControlRequest::Propose { command, forwarded }));
         let call = self.net.call(peer, addrs, Request::ControlPlane { body });
+        let left = deadline.saturating_duration_since(Instant::now());
         let answer = tokio::select! {
-            answer = tokio::time::timeout(PROPOSE_TIMEOUT, call) => answer,
+            answer = tokio::time::timeout(left, call) => answer,
             // Only a proposal sent to the leader: one relayed by a member
             // (which may be asked while a leader is known) waits for it.
-            () = self.leader_moved_from(peer), if forwarded => {
-                return Err(format!("the control-plane leader changed while {peer} was asked"));
-            }
+            () = self.leader_moved_from(peer), if forwarded => return Err(LeaderMoved),
         };
-        match answer {
+        Ok(match answer {
             Err(_) => Err(format!("{peer} did not answer the proposal in time")),
             Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(Response::ControlPlane { body })) => {
@@ -1059,9 +1085,12 @@ impl Proposer {
                 }
             }
             Ok(Ok(other)) => Err(format!("{peer} answered a proposal with {other:?}")),
-        }
+        })
     }
 }
+
+/// A forwarded proposal was given up: this node follows a new leader.
+struct LeaderMoved;
 
 impl Actor for ControlPlane {
     type Context = Context<Self>;
