@@ -254,15 +254,23 @@ impl KvRouter {
     }
 
     /// Remembers how the active of `stripe` last answered: through another
-    /// member (preferred for [`RELAY_PREFERRED`]) or directly (not any more).
+    /// member (preferred for [`RELAY_PREFERRED`] from then, not extended by
+    /// later relayed answers, so that the active is tried directly again) or
+    /// directly (not any more).
     fn note_route(&self, stripe: u32, active: u64, relayed: bool) {
         let Ok(mut p) = self.relay_preferred.lock() else {
             return;
         };
-        if relayed {
-            p.insert(stripe, (active, Instant::now() + RELAY_PREFERRED));
-        } else {
+        if !relayed {
             p.remove(&stripe);
+            return;
+        }
+        let now = Instant::now();
+        let current = p
+            .get(&stripe)
+            .is_some_and(|(a, until)| *a == active && now < *until);
+        if !current {
+            p.insert(stripe, (active, now + RELAY_PREFERRED));
         }
     }
 

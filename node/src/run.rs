@@ -536,7 +536,7 @@ fn route_service(req: ServiceRequest, services: &Services, net: &NetHandle) {
             match from_cbor::<StripeRequest>(body, MAX_CONTROL_BODY) {
                 Ok(StripeRequest::Relay { stripe, request }) => {
                     let (kv, net, reply) = (kv.clone(), net.clone(), req.reply);
-                    main.spawn(async move {
+                    let relayed = main.spawn(async move {
                         match kv.relay(stripe, *request).await {
                             Ok(answer) => respond_with(&net, Responder::Peer(reply), &answer),
                             Err(reason) => net.send(NetCommand::Respond {
@@ -545,6 +545,9 @@ fn route_service(req: ServiceRequest, services: &Services, net: &NetHandle) {
                             }),
                         }
                     });
+                    if !relayed {
+                        tracing::debug!(peer = %req.peer, stripe, "a relayed request was dropped: the node is stopping");
+                    }
                 }
                 Ok(request) => stripe.do_send(ServeStripe {
                     peer: req.peer,

@@ -1411,7 +1411,15 @@ impl Replica {
     /// [`PROPOSAL_RETRY_MS`], the others on the next tick. An addition stays
     /// waited for meanwhile.
     pub fn on_proposal_failed(&mut self, proposal: &Proposal) {
+        // A failure from an earlier term as active says nothing of this one's
+        // confirmation and in-sync changes.
+        let current = |epoch: &u64| self.role == Role::Active { epoch: *epoch };
         match proposal {
+            Proposal::InSync { epoch, .. } | Proposal::ConfirmActive { epoch }
+                if !current(epoch) =>
+            {
+                return
+            }
             Proposal::InSync { .. } => self.in_sync_retry_ms = self.now_ms + PROPOSAL_RETRY_MS,
             Proposal::ConfirmActive { .. } => {
                 self.confirm_retry_ms = self.now_ms + PROPOSAL_RETRY_MS
