@@ -495,6 +495,7 @@ pub fn spawn(
         probes_ok: HashSet::new(),
         probes_failed: HashMap::new(),
         handshake_warned: None,
+        handshake_failures: HashMap::new(),
         dial_backoff: DialBackoff::default(),
         pipes: pipes.clone(),
     };
@@ -537,6 +538,10 @@ struct SwarmTask {
     probes_failed: HashMap<libp2p::swarm::ConnectionId, u32>,
     /// When a failed handshake was last reported at warn level.
     handshake_warned: Option<std::time::Instant>,
+    /// Failed handshakes per remote (peer for a dial, IP for an incoming
+    /// connection) since the first of them: another secret fails every
+    /// attempt, a connection cut off mid-handshake fails once.
+    handshake_failures: HashMap<String, (u32, Instant)>,
     /// Peers whose last dial failed: a request does not dial them again at once.
     dial_backoff: DialBackoff<PeerId>,
     pipes: Arc<Pipes>,
@@ -805,7 +810,8 @@ impl SwarmTask {
                     self.dial_backoff.failed(&p, now);
                 }
                 let error = error.to_string();
-                self.handshake_failed(&error, true);
+                let remote = peer_id.map_or_else(|| "an unknown peer".into(), |p| p.to_string());
+                self.handshake_failed(&error, true, remote);
                 self.emit(NetEvent::DialFailed {
                     peer: peer_id,
                     error,
@@ -818,7 +824,15 @@ impl SwarmTask {
             } => {
                 let error = error.to_string();
                 tracing::debug!(from = %send_back_addr, %error, "incoming connection failed");
-                self.handshake_failed(&error, false);
+                let remote = send_back_addr
+                    .iter()
+                    .find_map(|p| match p {
+                        Protocol::Ip4(ip) => Some(ip.to_string()),
+                        Protocol::Ip6(ip) => Some(ip.to_string()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| send_back_addr.to_string());
+                self.handshake_failed(&error, false, remote);
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
             _ => {}
@@ -826,9 +840,11 @@ impl SwarmTask {
     }
 
     /// A connection failed in its handshake: with pnet in front of noise, that
-    /// is what a peer started with another cluster secret looks like. Said at
+    /// is what a peer started with another cluster secret looks like, when it
+    /// happens again with the same remote within a minute (once is also what a
+    /// connection cut off by the network mid-handshake looks like). Said at
     /// warn level (at most every 30 s), since nothing else would tell.
-    fn handshake_failed(&mut self, error: &str, outgoing: bool) {
+    fn handshake_failed(&mut self, error: &str, outgoing: bool, remote: String) {
         let e = error.to_ascii_lowercase();
         // Outgoing: "... Handshake failed ..." (every failed dial, a refused one
         // too, says "Failed to negotiate transport protocol(s)" around its
@@ -840,6 +856,22 @@ impl SwarmTask {
         if !handshake {
             return;
         }
+        if self.handshake_failures.len() > 1024 {
+            self.handshake_failures.clear();
+        }
+        let now = Instant::now();
+        let (count, since) = self
+            .handshake_failures
+            .entry(remote.clone())
+            .or_insert((0, now));
+        if now.duration_since(*since) > Duration::from_secs(60) {
+            (*count, *since) = (0, now);
+        }
+        *count += 1;
+        if *count < 2 {
+            tracing::debug!(%remote, %error, "a connection failed in its handshake");
+            return;
+        }
         if self
             .handshake_warned
             .is_some_and(|at| at.elapsed() < Duration::from_secs(30))
@@ -847,8 +879,8 @@ impl SwarmTask {
             return;
         }
         self.handshake_warned = Some(std::time::Instant::now());
-        tracing::warn!(%error,
-            "a connection failed in its handshake: check that every node has the same --cluster-secret");
+        tracing::warn!(%remote, %error,
+            "connections failed in their handshake: check that every node has the same --cluster-secret");
     }
 
     fn on_behaviour_event(&mut self, ev: KilnBehaviourEvent) {
