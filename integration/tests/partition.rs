@@ -13,28 +13,41 @@ use kiln_integration::*;
 
 const LONG: Duration = Duration::from_secs(90);
 
-#[test]
-fn a_cut_off_active_acknowledges_nothing_after_the_election_and_converges_after_healing() {
-    let _serial = serial();
+/// Three nodes, each in a namespace of a new lab, the first seeding the
+/// others (`prefix1`..`prefix3`). Bound in this order, the nodes are dropped
+/// before their directories and the lab.
+fn lab_cluster(prefix: &str, secret: &str) -> (Lab, Vec<tempfile::TempDir>, Vec<Node>) {
     let lab = Lab::new(3).unwrap_or_else(|e| panic!("cannot build the network namespaces: {e}"));
     let opts = |i: usize, seeds: Vec<String>| NodeOpts {
         netns: Some(lab.namespace(i)),
-        secret: Some("partition-test".into()),
+        secret: Some(secret.into()),
         seeds,
         ..Default::default()
     };
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let first = Node::start_in("part1", dirs[0].path(), lab.ip(0), opts(0, vec![]));
+    let first = Node::start_in(
+        &format!("{prefix}1"),
+        dirs[0].path(),
+        lab.ip(0),
+        opts(0, vec![]),
+    );
     let seed = first.seed();
     let mut nodes = vec![first];
     for (i, dir) in dirs.iter().enumerate().skip(1) {
         nodes.push(Node::start_in(
-            &format!("part{}", i + 1),
+            &format!("{prefix}{}", i + 1),
             dir.path(),
             lab.ip(i),
             opts(i, vec![seed.clone()]),
         ));
     }
+    (lab, dirs, nodes)
+}
+
+#[test]
+fn a_cut_off_active_acknowledges_nothing_after_the_election_and_converges_after_healing() {
+    let _serial = serial();
+    let (lab, _dirs, nodes) = lab_cluster("part", "partition-test");
     let ids = wait_converged(&nodes, LONG);
     let mut active = String::new();
     let mut epoch = 0;
@@ -189,25 +202,7 @@ fn a_cut_off_active_acknowledges_nothing_after_the_election_and_converges_after_
 #[test]
 fn a_pair_that_cannot_reach_each_other_is_not_declared_dead() {
     let _serial = serial();
-    let lab = Lab::new(3).unwrap_or_else(|e| panic!("cannot build the network namespaces: {e}"));
-    let opts = |i: usize, seeds: Vec<String>| NodeOpts {
-        netns: Some(lab.namespace(i)),
-        secret: Some("pair-cut-test".into()),
-        seeds,
-        ..Default::default()
-    };
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let first = Node::start_in("pair1", dirs[0].path(), lab.ip(0), opts(0, vec![]));
-    let seed = first.seed();
-    let mut nodes = vec![first];
-    for (i, dir) in dirs.iter().enumerate().skip(1) {
-        nodes.push(Node::start_in(
-            &format!("pair{}", i + 1),
-            dir.path(),
-            lab.ip(i),
-            opts(i, vec![seed.clone()]),
-        ));
-    }
+    let (lab, _dirs, nodes) = lab_cluster("pair", "pair-cut-test");
     let ids = wait_converged(&nodes, LONG);
     let incarnations = |node: &Node| -> BTreeMap<String, u64> {
         node.get("/v1/cluster/members")
@@ -312,25 +307,7 @@ fn a_pair_that_cannot_reach_each_other_is_not_declared_dead() {
 #[test]
 fn a_node_cut_off_from_the_active_only_relays_client_requests_through_another_member() {
     let _serial = serial();
-    let lab = Lab::new(3).unwrap_or_else(|e| panic!("cannot build the network namespaces: {e}"));
-    let opts = |i: usize, seeds: Vec<String>| NodeOpts {
-        netns: Some(lab.namespace(i)),
-        secret: Some("relay-test".into()),
-        seeds,
-        ..Default::default()
-    };
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let first = Node::start_in("relay1", dirs[0].path(), lab.ip(0), opts(0, vec![]));
-    let seed = first.seed();
-    let mut nodes = vec![first];
-    for (i, dir) in dirs.iter().enumerate().skip(1) {
-        nodes.push(Node::start_in(
-            &format!("relay{}", i + 1),
-            dir.path(),
-            lab.ip(i),
-            opts(i, vec![seed.clone()]),
-        ));
-    }
+    let (lab, _dirs, nodes) = lab_cluster("relay", "relay-test");
     let ids = wait_converged(&nodes, LONG);
     let index_of = |id: &str| ids.iter().position(|i| i == id);
     // The active, and the control-plane leader, once the stripe is in sync.

@@ -206,6 +206,29 @@ struct Writer {
 }
 
 impl Writer {
+    /// Writer `id` of `keys`, sending anywhere (not steady).
+    fn new(
+        id: usize,
+        https: &[String],
+        findings: &Arc<Findings>,
+        started: Instant,
+        stop: &Arc<AtomicBool>,
+        keys: Vec<KeyModel>,
+    ) -> Writer {
+        Writer {
+            id,
+            https: https.to_vec(),
+            findings: findings.clone(),
+            started,
+            stop: stop.clone(),
+            agent: ureq::AgentBuilder::new().timeout(CLIENT_TIMEOUT).build(),
+            rng: Rng((id as u64 * 7919) | 1),
+            keys,
+            writes: 0,
+            steady: false,
+        }
+    }
+
     fn key_path(&self, key: usize) -> String {
         format!("/v1/kv/soak/w{}-{key}", self.id)
     }
@@ -879,18 +902,10 @@ fn main() {
         .collect();
     let writer_threads: Vec<_> = (0..WRITERS)
         .map(|id| {
-            let w = Writer {
-                id,
-                https: https.clone(),
-                findings: findings.clone(),
-                started,
-                stop: stop.clone(),
-                agent: ureq::AgentBuilder::new().timeout(CLIENT_TIMEOUT).build(),
-                rng: Rng(seed.wrapping_add(id as u64 * 7919) | 1),
-                keys: (0..KEYS_PER_WRITER).map(|_| KeyModel::default()).collect(),
-                writes: 0,
-                steady: id < STEADY_WRITERS,
-            };
+            let keys = (0..KEYS_PER_WRITER).map(|_| KeyModel::default()).collect();
+            let mut w = Writer::new(id, &https, &findings, started, &stop, keys);
+            w.rng = Rng(seed.wrapping_add(id as u64 * 7919) | 1);
+            w.steady = id < STEADY_WRITERS;
             std::thread::spawn(move || w.run())
         })
         .collect();
@@ -970,18 +985,8 @@ fn main() {
     let mut settled_models: Vec<Vec<KeyModel>> = Vec::new();
     for (id, keys) in models.into_iter().enumerate() {
         unsettled_keys += keys.iter().filter(|k| !k.unsettled.is_empty()).count();
-        let mut w = Writer {
-            id,
-            https: https.clone(),
-            findings: findings.clone(),
-            started,
-            stop: stop.clone(),
-            agent: ureq::AgentBuilder::new().timeout(CLIENT_TIMEOUT).build(),
-            rng: Rng(seed ^ id as u64 | 1),
-            keys,
-            writes: 1 << 40,
-            steady: false,
-        };
+        let mut w = Writer::new(id, &https, &findings, started, &stop, keys);
+        w.rng = Rng(seed ^ id as u64 | 1);
         for k in 0..KEYS_PER_WRITER {
             w.read(k);
         }
