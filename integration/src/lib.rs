@@ -229,6 +229,15 @@ impl Node {
             .any(|l| l.starts_with(name) && !l.ends_with(" 0"))
     }
 
+    /// The value of an unlabelled counter or gauge (`None` if the node does not
+    /// answer or has no such metric).
+    pub fn metric_value(&self, name: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| {
+            let value = l.strip_prefix(name)?.strip_prefix(' ')?;
+            value.trim().parse().ok()
+        })
+    }
+
     /// GET a JSON document from the node's API; `None` if it does not answer.
     pub fn get(&self, path: &str) -> Option<Value> {
         self.agent

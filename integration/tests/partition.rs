@@ -393,3 +393,64 @@ fn a_node_cut_off_from_the_active_only_relays_client_requests_through_another_me
     }
     lab.heal_between(active, cut).unwrap();
 }
+
+/// A voter cut off from the others starts no control-plane election it
+/// cannot win (pre-vote), so when it is back it follows the leader at once
+/// and deposes nobody. Before, it raised its term about three times a second;
+/// back on the network it refused the leader's appends, kept a stale view of
+/// the stripes, and finally forced an election.
+#[test]
+fn a_voter_cut_off_from_the_others_raises_no_term_and_deposes_no_leader() {
+    let _serial = serial();
+    let (lab, _dirs, nodes) = lab_cluster("prevote", "pre-vote-test");
+    let ids = wait_converged(&nodes, LONG);
+    let term_of = |i: usize| nodes[i].metric_value("kiln_control_term");
+    let leader_seen_by = |i: usize| {
+        nodes[i]
+            .get("/v1/cluster/stripes")
+            .and_then(|v| v["leader"].as_str().map(String::from))
+    };
+    // Three voters that agree on the leader and the term.
+    let mut before = (String::new(), 0.0);
+    wait_until("three voters agreeing on leader and term", LONG, || {
+        let voters = nodes[0]
+            .get("/v1/cluster/stripes")
+            .and_then(|v| v["voters"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        let leaders: Vec<Option<String>> = (0..3).map(leader_seen_by).collect();
+        let terms: Vec<Option<f64>> = (0..3).map(term_of).collect();
+        match (&leaders[0], terms[0]) {
+            (Some(l), Some(t))
+                if voters == 3
+                    && leaders.iter().all(|x| x.as_ref() == Some(l))
+                    && terms.iter().all(|x| *x == Some(t)) =>
+            {
+                before = (l.clone(), t);
+                true
+            }
+            _ => false,
+        }
+    });
+    let (leader, term) = before;
+    let follower = (0..3)
+        .find(|i| ids[*i] != leader)
+        .expect("three voters, one leader");
+
+    // Several election timeouts (700–800 ms, then 300–400 ms) without a leader.
+    lab.cut(follower).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    lab.heal(follower).unwrap();
+
+    wait_until("the cut-off voter follows the leader again", LONG, || {
+        leader_seen_by(follower).is_some_and(|l| l == leader) && term_of(follower).is_some()
+    });
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(
+            term_of(i),
+            Some(term),
+            "{}: the control-plane term moved (it was {term}, leader {leader})",
+            node.name
+        );
+        assert_eq!(leader_seen_by(i), Some(leader.clone()), "{}", node.name);
+    }
+}

@@ -13,6 +13,7 @@ use kiln_net::wire::{MemberStatus, Request, Response};
 use kiln_net::{Multiaddr, NetCommand, NetHandle, PeerId, ServiceRequest};
 use kiln_persistence::NodeStore;
 use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::storage::RaftLogStorage;
 use openraft::{ChangeMembers, Raft, ServerState};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -20,8 +21,9 @@ use rand::seq::SliceRandom;
 use serde_bytes::ByteBuf;
 
 use super::network::{addresses, AddressBook};
+use super::pre_vote::{Observed, Tally};
 use super::state::{plan_voters, ControlCommand, ControlOutcome, ControlState, Placement};
-use super::storage::{SharedApplied, MAX_SNAPSHOT_BYTES};
+use super::storage::{LogStore, SharedApplied, MAX_SNAPSHOT_BYTES};
 use super::types::{node_id_of, ControlNode, ControlTypes, NodeId};
 use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTROL_BODY};
 use crate::membership::{GetNodeInfo, ListMembers, MemberView, MembershipActor};
@@ -35,6 +37,15 @@ const TICK: Duration = Duration::from_millis(300);
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an election waits for the active's or a standby's answer.
 const ELECTION_PROBE: Duration = Duration::from_millis(250);
+/// How often a voter that hears no control-plane leader asks the others
+/// whether they would elect it (see `pre_vote`); also the pause after a round
+/// it lost. Several rounds fit between the end of the leader lease (400 ms)
+/// and openraft's election (700–800 ms), for voters whose leases end later.
+const PRE_VOTE_TICK: Duration = Duration::from_millis(50);
+/// How long a pre-vote round waits for the voters' answers.
+const PRE_VOTE_TIMEOUT: Duration = Duration::from_millis(150);
+/// openraft's `election_timeout_max`, which it also uses as the leader lease.
+const RAFT_ELECTION_TIMEOUT_MAX_MS: u64 = 400;
 /// Pause between two join attempts of a node that is not placed yet.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
 /// The longest wait between joins once the control plane has answered that
@@ -66,7 +77,7 @@ pub fn raft_config() -> Result<openraft::Config, openraft::ConfigError> {
         cluster_name: "kiln".into(),
         heartbeat_interval: 100,
         election_timeout_min: 300,
-        election_timeout_max: 400,
+        election_timeout_max: RAFT_ELECTION_TIMEOUT_MAX_MS,
         install_snapshot_timeout: 2_000,
         max_payload_entries: 256,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1_000),
@@ -193,6 +204,12 @@ pub struct ControlPlane {
     gone_since: HashMap<NodeId, Instant>,
     warned_no_failover: bool,
     last_leader: Option<NodeId>,
+    /// The Raft log, read for pre-votes.
+    log: LogStore,
+    /// A pre-vote round is under way.
+    pre_voting: bool,
+    /// openraft's elections are switched on: the last pre-vote round was won.
+    elections_allowed: bool,
 }
 
 impl ControlPlane {
@@ -207,7 +224,11 @@ impl ControlPlane {
         store: Arc<NodeStore>,
         cfg: ControlPlaneConfig,
         metrics: ControlMetrics,
+        log: LogStore,
     ) -> Self {
+        // Elections wait for a won pre-vote round; run.rs switches them off as
+        // soon as openraft starts, this keeps it so.
+        raft.runtime_config().elect(false);
         ControlPlane {
             me: node_id_of(&me_peer.to_string()),
             me_peer,
@@ -232,6 +253,69 @@ impl ControlPlane {
             gone_since: HashMap::new(),
             warned_no_failover: false,
             last_leader: None,
+            log,
+            pre_voting: false,
+            elections_allowed: false,
+        }
+    }
+
+    /// Runs a pre-vote round when this voter hears no leader, and allows
+    /// openraft's elections only while the last round was won.
+    fn pre_vote_tick(&mut self, ctx: &mut Context<Self>) {
+        if self.pre_voting {
+            return;
+        }
+        self.pre_voting = true;
+        let (raft, mut log, net, book, me) = (
+            self.raft.clone(),
+            self.log.clone(),
+            self.net.clone(),
+            self.book.clone(),
+            self.me,
+        );
+        let round = async move {
+            let (seen, voters) = observe(&raft, &mut log).await?;
+            if !seen.hears_no_leader() {
+                return Some(false);
+            }
+            let mut tally = Tally::new(me, voters.configs);
+            let body = ByteBuf::from(to_cbor(&ControlRequest::PreVote {
+                last_log: seen.last_log,
+            }));
+            let asks = tally.others().into_iter().filter_map(|id| {
+                let node = voters.nodes.get(&id)?;
+                let peer: PeerId = node.peer.parse().ok()?;
+                let mut addrs: Vec<Multiaddr> =
+                    node.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                addrs.extend(addresses(&book, &peer));
+                let (net, body) = (net.clone(), body.clone());
+                Some(async move { (id, ask_pre_vote(net, peer, addrs, body).await) })
+            });
+            for (id, granted) in futures::future::join_all(asks).await {
+                if granted {
+                    tally.grant(id);
+                }
+            }
+            Some(tally.won())
+        };
+        ctx.spawn(round.into_actor(self).map(|allowed, act, _| {
+            act.pre_voting = false;
+            if let Some(allowed) = allowed {
+                act.allow_elections(allowed);
+            }
+        }));
+    }
+
+    fn allow_elections(&mut self, allowed: bool) {
+        if allowed == self.elections_allowed {
+            return;
+        }
+        self.elections_allowed = allowed;
+        self.raft.runtime_config().elect(allowed);
+        if allowed {
+            tracing::info!("no control-plane leader heard, and a majority of voters would elect this node: elections allowed");
+        } else {
+            tracing::debug!("control-plane elections held back");
         }
     }
 
@@ -660,6 +744,21 @@ impl ControlPlane {
                 return;
             }
         }
+        if let ControlRequest::PreVote { last_log } = request {
+            let (raft, mut log, net) = (self.raft.clone(), self.log.clone(), self.net.clone());
+            actix_rt::spawn(async move {
+                let granted = observe(&raft, &mut log)
+                    .await
+                    .is_some_and(|(seen, _)| seen.would_vote_for(last_log.as_ref()));
+                net.send(NetCommand::Respond {
+                    reply,
+                    response: Response::ControlPlane {
+                        body: ByteBuf::from(to_cbor(&ControlResponse::PreVote { granted })),
+                    },
+                });
+            });
+            return;
+        }
         if let ControlRequest::Elect { stripe, epoch } = request {
             if self.raft.metrics().borrow().current_leader == Some(self.me) {
                 self.coordinate(stripe, epoch, ctx);
@@ -689,6 +788,7 @@ impl ControlPlane {
                     ControlResponse::Propose(proposer.propose(command, hop).await)
                 }
                 ControlRequest::Elect { .. } => ControlResponse::Elect,
+                ControlRequest::PreVote { .. } => ControlResponse::PreVote { granted: false },
                 ControlRequest::ConfirmActive {
                     stripe,
                     epoch,
@@ -1092,12 +1192,67 @@ impl Proposer {
 /// A forwarded proposal was given up: this node follows a new leader.
 struct LeaderMoved;
 
+/// The voter sets of the control plane (two during a joint change) and how
+/// to reach their members.
+struct Voters {
+    configs: Vec<BTreeSet<NodeId>>,
+    nodes: BTreeMap<NodeId, ControlNode>,
+}
+
+/// What decides a pre-vote, from openraft's state and this node's log; `None`
+/// once Raft or the log cannot be read (the node is stopping).
+async fn observe(raft: &Raft<ControlTypes>, log: &mut LogStore) -> Option<(Observed, Voters)> {
+    let lease = Duration::from_millis(RAFT_ELECTION_TIMEOUT_MAX_MS);
+    let (leading, lease_held, voters) = raft
+        .with_raft_state(move |st| {
+            let now = tokio::time::Instant::now();
+            // openraft's own test before it grants a vote.
+            let lease_held = st.vote_ref().is_committed()
+                && st.vote_last_modified().is_some_and(|t| now <= t + lease);
+            let membership = st.membership_state.effective();
+            let configs = membership.membership().get_joint_config().clone();
+            let nodes = configs
+                .iter()
+                .flatten()
+                .filter_map(|id| membership.get_node(id).map(|n| (*id, n.clone())))
+                .collect();
+            let voters = Voters { configs, nodes };
+            (st.server_state == ServerState::Leader, lease_held, voters)
+        })
+        .await
+        .ok()?;
+    let last_log = log.get_log_state().await.ok()?.last_log_id;
+    let seen = Observed {
+        leading,
+        lease_held,
+        last_log,
+    };
+    Some((seen, voters))
+}
+
+/// Asks one voter for its pre-vote. A node older than pre-votes refuses the
+/// request as malformed: it counts as granted, its real vote still judges.
+async fn ask_pre_vote(net: NetHandle, peer: PeerId, addrs: Vec<Multiaddr>, body: ByteBuf) -> bool {
+    let call = net.call(peer, addrs, Request::ControlPlane { body });
+    match tokio::time::timeout(PRE_VOTE_TIMEOUT, call).await {
+        Ok(Ok(Response::ControlPlane { body })) => matches!(
+            from_cbor::<ControlResponse>(&body, MAX_CONTROL_BODY),
+            Ok(ControlResponse::PreVote { granted: true })
+        ),
+        Ok(Ok(Response::Refused { reason })) => {
+            reason.starts_with("malformed control-plane request")
+        }
+        _ => false,
+    }
+}
+
 impl Actor for ControlPlane {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.founder = self.store.is_cluster_founder().unwrap_or(false);
         ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+        ctx.run_interval(PRE_VOTE_TICK, |act, ctx| act.pre_vote_tick(ctx));
         self.tick(ctx);
     }
 }

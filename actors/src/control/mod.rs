@@ -4,6 +4,7 @@
 
 mod actor;
 mod network;
+mod pre_vote;
 pub mod state;
 mod storage;
 pub mod types;

@@ -8,6 +8,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::LogId;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::state::{ControlCommand, ControlOutcome};
@@ -40,6 +41,12 @@ pub enum ControlRequest {
         epoch: u64,
         node: NodeId,
     },
+    /// Would the receiver vote for the sender, whose log ends at `last_log`,
+    /// if it started an election now? Changes nothing on the receiver (see
+    /// `pre_vote`).
+    PreVote {
+        last_log: Option<LogId<NodeId>>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +61,9 @@ pub enum ControlResponse {
     Propose(Result<ControlOutcome, String>),
     Elect,
     Confirmed(Result<bool, String>),
+    PreVote {
+        granted: bool,
+    },
 }
 
 /// Encodes a control-plane body (CBOR).
@@ -76,7 +86,7 @@ pub fn from_cbor<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, Vote};
     use proptest::prelude::*;
 
     #[test]
