@@ -504,8 +504,17 @@ impl MembershipActor {
                 Effect::Suspected { .. } => {
                     self.metrics.suspicions.inc();
                 }
-                Effect::DeclaredDead { .. } => {
+                Effect::DeclaredDead { id } => {
                     self.metrics.deaths_declared.inc();
+                    // This node found it silent itself: a connection to it is
+                    // dropped, not kept. After a partition TCP resends what it
+                    // holds only when its backed-off timer fires (up to ~6 s
+                    // after the heal for a 7 s cut), and a connection that
+                    // looks up is never redialled; a fresh one connects at the
+                    // first dial after the heal.
+                    if let Ok(peer) = id.parse::<PeerId>() {
+                        self.net.send(NetCommand::Disconnect(peer));
+                    }
                 }
                 Effect::Refuted { .. } => {
                     self.metrics.refutations.inc();
