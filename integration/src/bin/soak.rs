@@ -615,6 +615,22 @@ fn not_recovered(nodes: &[Node], ids: &[String]) -> Option<String> {
     None
 }
 
+/// The time of day in UTC, `HH:MM:SS.mmm`, to find a fault in the nodes' logs.
+fn utc_now() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let s = (ms / 1000) % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
 fn node_name(nodes: &[Node], ids: &[String], id: &str) -> String {
     match ids.iter().position(|i| i == id) {
         Some(i) => nodes[i].name.clone(),
@@ -929,6 +945,7 @@ fn main() {
         findings.fault_ack_gap_ms.store(0, Ordering::SeqCst);
         let what = fault(&lab, &mut nodes, &ids, &mut rng, &findings);
         faults += 1;
+        let healed_at = utc_now();
         let recovered = wait_recovered(&nodes, &ids, RECOVERY_LIMIT);
         findings.set_faulted(&[]);
         match recovered {
@@ -943,7 +960,7 @@ fn main() {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 println!(
-                    "[{:>6.1}s] fault {faults}: {what}; recovered {:.1} s after; longest without a steady write acknowledged {:.1} s; writes acknowledged {} (+{}), unsettled {}, violations {}",
+                    "[{:>6.1}s] fault {faults}: {what}; over at {healed_at} UTC, recovered {:.1} s after; longest without a steady write acknowledged {:.1} s; writes acknowledged {} (+{}), unsettled {}, violations {}",
                     started.elapsed().as_secs_f64(),
                     took.as_secs_f64(),
                     findings.fault_ack_gap_ms.load(Ordering::SeqCst) as f64 / 1000.0,
