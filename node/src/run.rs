@@ -154,7 +154,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             MembershipActor::start_in_arbiter(&membership_thread.handle(), move |_| membership);
         let book = AddressBook::default();
         let consensus_thread = Arbiter::new();
-        let raft_log = LogStore::new(control_store, &state_machine);
         let raft = {
             let network = ControlNetwork {
                 net: net.clone(),
@@ -162,14 +161,15 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             let me = node_id_of(&id);
-            let log = raft_log.clone();
             consensus_thread.spawn(async move {
-                let raft = Raft::new(me, raft_config, network, log, state_machine).await;
-                // No election before a pre-vote round is won (the control-plane
-                // actor decides; see `pre_vote`).
-                if let Ok(raft) = &raft {
-                    raft.runtime_config().elect(false);
-                }
+                let raft = Raft::new(
+                    me,
+                    raft_config,
+                    network,
+                    LogStore::new(control_store, &state_machine),
+                    state_machine,
+                )
+                .await;
                 let _ = tx.send(raft);
             });
             rx.await
@@ -189,7 +189,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             store.clone(),
             settings.control.clone(),
             control_metrics,
-            raft_log,
         );
         let control =
             ControlPlane::start_in_arbiter(&consensus_thread.handle(), move |_| control_plane);

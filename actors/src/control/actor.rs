@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use futures::stream::{FuturesUnordered, StreamExt};
 use kiln_net::wire::{MemberStatus, Request, Response};
 use kiln_net::{Multiaddr, NetCommand, NetHandle, PeerId, ServiceRequest};
 use kiln_persistence::NodeStore;
 use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
-use openraft::storage::RaftLogStorage;
 use openraft::{ChangeMembers, Raft, ServerState};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -21,9 +21,9 @@ use rand::seq::SliceRandom;
 use serde_bytes::ByteBuf;
 
 use super::network::{addresses, AddressBook};
-use super::pre_vote::{Observed, Tally};
+use super::pre_vote::{Backoff, Observed, Tally};
 use super::state::{plan_voters, ControlCommand, ControlOutcome, ControlState, Placement};
-use super::storage::{LogStore, SharedApplied, MAX_SNAPSHOT_BYTES};
+use super::storage::{SharedApplied, MAX_SNAPSHOT_BYTES};
 use super::types::{node_id_of, ControlNode, ControlTypes, NodeId};
 use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTROL_BODY};
 use crate::membership::{GetNodeInfo, ListMembers, MemberView, MembershipActor};
@@ -37,15 +37,25 @@ const TICK: Duration = Duration::from_millis(300);
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an election waits for the active's or a standby's answer.
 const ELECTION_PROBE: Duration = Duration::from_millis(250);
-/// How often a voter that hears no control-plane leader asks the others
-/// whether they would elect it (see `pre_vote`); also the pause after a round
-/// it lost. Several rounds fit between the end of the leader lease (400 ms)
-/// and openraft's election (700–800 ms), for voters whose leases end later.
+/// How often a voter looks whether it hears a control-plane leader, and asks
+/// the others whether they would elect it when it does not (see `pre_vote`).
+/// A round ends as soon as a majority granted, so with one voter silent (the
+/// leader, usually) a round takes a round trip, and voters whose leases end
+/// a little later are asked again well before openraft's election (lease +
+/// 300–400 ms).
 const PRE_VOTE_TICK: Duration = Duration::from_millis(50);
-/// How long a pre-vote round waits for the voters' answers.
-const PRE_VOTE_TIMEOUT: Duration = Duration::from_millis(150);
-/// openraft's `election_timeout_max`, which it also uses as the leader lease.
+/// How long a pre-vote round waits for answers: as long as openraft waits
+/// for a vote (`election_timeout_min`), so a loaded node that would win the
+/// real vote wins the round too.
+const PRE_VOTE_TIMEOUT: Duration = Duration::from_millis(RAFT_ELECTION_TIMEOUT_MIN_MS);
+/// openraft's election timeouts; the maximum is also its leader lease.
+const RAFT_ELECTION_TIMEOUT_MIN_MS: u64 = 300;
 const RAFT_ELECTION_TIMEOUT_MAX_MS: u64 = 400;
+/// The longest pause between lost pre-vote rounds.
+const PRE_VOTE_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How a node refuses a control-plane request it cannot decode; a node older
+/// than pre-votes refuses one so (see `ask_pre_vote`).
+const MALFORMED_REQUEST: &str = "malformed control-plane request";
 /// Pause between two join attempts of a node that is not placed yet.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
 /// The longest wait between joins once the control plane has answered that
@@ -76,8 +86,10 @@ pub fn raft_config() -> Result<openraft::Config, openraft::ConfigError> {
     openraft::Config {
         cluster_name: "kiln".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 300,
+        election_timeout_min: RAFT_ELECTION_TIMEOUT_MIN_MS,
         election_timeout_max: RAFT_ELECTION_TIMEOUT_MAX_MS,
+        // Switched on by the control-plane actor while a pre-vote round is won.
+        enable_elect: false,
         install_snapshot_timeout: 2_000,
         max_payload_entries: 256,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1_000),
@@ -204,12 +216,14 @@ pub struct ControlPlane {
     gone_since: HashMap<NodeId, Instant>,
     warned_no_failover: bool,
     last_leader: Option<NodeId>,
-    /// The Raft log, read for pre-votes.
-    log: LogStore,
     /// A pre-vote round is under way.
     pre_voting: bool,
+    /// When the next pre-vote round may start, after lost ones.
+    pre_vote_backoff: Backoff,
     /// openraft's elections are switched on: the last pre-vote round was won.
     elections_allowed: bool,
+    /// Elections were allowed since a leader was last heard (logged once).
+    leaderless_logged: bool,
 }
 
 impl ControlPlane {
@@ -224,11 +238,7 @@ impl ControlPlane {
         store: Arc<NodeStore>,
         cfg: ControlPlaneConfig,
         metrics: ControlMetrics,
-        log: LogStore,
     ) -> Self {
-        // Elections wait for a won pre-vote round; run.rs switches them off as
-        // soon as openraft starts, this keeps it so.
-        raft.runtime_config().elect(false);
         ControlPlane {
             me: node_id_of(&me_peer.to_string()),
             me_peer,
@@ -253,69 +263,103 @@ impl ControlPlane {
             gone_since: HashMap::new(),
             warned_no_failover: false,
             last_leader: None,
-            log,
             pre_voting: false,
+            pre_vote_backoff: Backoff::new(PRE_VOTE_TICK, PRE_VOTE_BACKOFF_MAX),
             elections_allowed: false,
+            leaderless_logged: false,
         }
     }
 
     /// Runs a pre-vote round when this voter hears no leader, and allows
     /// openraft's elections only while the last round was won.
     fn pre_vote_tick(&mut self, ctx: &mut Context<Self>) {
-        if self.pre_voting {
+        if self.pre_voting || !self.pre_vote_backoff.due(Instant::now()) {
             return;
         }
         self.pre_voting = true;
-        let (raft, mut log, net, book, me) = (
+        let (raft, net, book, me) = (
             self.raft.clone(),
-            self.log.clone(),
             self.net.clone(),
             self.book.clone(),
             self.me,
         );
         let round = async move {
-            let (seen, voters) = observe(&raft, &mut log).await?;
+            let Some((seen, voters)) = observe(&raft).await else {
+                return Round::Stopped;
+            };
             if !seen.hears_no_leader() {
-                return Some(false);
+                return Round::LeaderHeard;
+            }
+            if !voters.configs.iter().any(|c| c.contains(&me)) {
+                return Round::NotVoter;
             }
             let mut tally = Tally::new(me, voters.configs);
             let body = ByteBuf::from(to_cbor(&ControlRequest::PreVote {
                 last_log: seen.last_log,
             }));
-            let asks = tally.others().into_iter().filter_map(|id| {
-                let node = voters.nodes.get(&id)?;
-                let peer: PeerId = node.peer.parse().ok()?;
-                let mut addrs: Vec<Multiaddr> =
-                    node.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                addrs.extend(addresses(&book, &peer));
-                let (net, body) = (net.clone(), body.clone());
-                Some(async move { (id, ask_pre_vote(net, peer, addrs, body).await) })
-            });
-            for (id, granted) in futures::future::join_all(asks).await {
-                if granted {
-                    tally.grant(id);
+            let mut asks: FuturesUnordered<_> = tally
+                .others()
+                .into_iter()
+                .filter_map(|id| {
+                    let node = voters.nodes.get(&id)?;
+                    let peer: PeerId = node.peer.parse().ok()?;
+                    let mut addrs: Vec<Multiaddr> =
+                        node.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    addrs.extend(addresses(&book, &peer));
+                    let (net, body) = (net.clone(), body.clone());
+                    Some(async move { (id, ask_pre_vote(net, peer, addrs, body).await) })
+                })
+                .collect();
+            // Done as soon as a majority granted: a silent voter (the leader
+            // that is gone, usually) does not hold the round up.
+            while !tally.won() {
+                match asks.next().await {
+                    Some((id, true)) => tally.grant(id),
+                    Some((_, false)) => {}
+                    None => break,
                 }
             }
-            Some(tally.won())
-        };
-        ctx.spawn(round.into_actor(self).map(|allowed, act, _| {
-            act.pre_voting = false;
-            if let Some(allowed) = allowed {
-                act.allow_elections(allowed);
+            if tally.won() {
+                Round::Won
+            } else {
+                Round::Lost
             }
+        };
+        ctx.spawn(round.into_actor(self).map(|round, act, _| {
+            act.pre_voting = false;
+            act.after_pre_vote(round);
         }));
     }
 
-    fn allow_elections(&mut self, allowed: bool) {
+    fn after_pre_vote(&mut self, round: Round) {
+        let now = Instant::now();
+        let allowed = match round {
+            Round::Stopped => return,
+            Round::LeaderHeard | Round::NotVoter => {
+                self.pre_vote_backoff.reset();
+                self.leaderless_logged = false;
+                false
+            }
+            Round::Won => {
+                self.pre_vote_backoff.reset();
+                true
+            }
+            Round::Lost => {
+                // A voter cut off from the others asks ever less often.
+                self.pre_vote_backoff.lost(now);
+                false
+            }
+        };
         if allowed == self.elections_allowed {
             return;
         }
         self.elections_allowed = allowed;
         self.raft.runtime_config().elect(allowed);
-        if allowed {
+        if allowed && !self.leaderless_logged {
+            self.leaderless_logged = true;
             tracing::info!("no control-plane leader heard, and a majority of voters would elect this node: elections allowed");
         } else {
-            tracing::debug!("control-plane elections held back");
+            tracing::debug!(allowed, "control-plane elections switched");
         }
     }
 
@@ -721,7 +765,7 @@ impl ControlPlane {
                 self.net.send(NetCommand::Respond {
                     reply,
                     response: Response::Refused {
-                        reason: format!("malformed control-plane request: {e}"),
+                        reason: format!("{MALFORMED_REQUEST}: {e}"),
                     },
                 });
                 return;
@@ -745,9 +789,9 @@ impl ControlPlane {
             }
         }
         if let ControlRequest::PreVote { last_log } = request {
-            let (raft, mut log, net) = (self.raft.clone(), self.log.clone(), self.net.clone());
+            let (raft, net) = (self.raft.clone(), self.net.clone());
             actix_rt::spawn(async move {
-                let granted = observe(&raft, &mut log)
+                let granted = observe(&raft)
                     .await
                     .is_some_and(|(seen, _)| seen.would_vote_for(last_log.as_ref()));
                 net.send(NetCommand::Respond {
@@ -1192,16 +1236,27 @@ impl Proposer {
 /// A forwarded proposal was given up: this node follows a new leader.
 struct LeaderMoved;
 
+/// How a pre-vote round ended.
+enum Round {
+    /// Raft stopped (the node is stopping).
+    Stopped,
+    LeaderHeard,
+    /// This node holds no vote (a learner, or removed).
+    NotVoter,
+    Won,
+    Lost,
+}
+
 /// The voter sets of the control plane (two during a joint change) and how
 /// to reach their members.
+#[derive(Default)]
 struct Voters {
     configs: Vec<BTreeSet<NodeId>>,
     nodes: BTreeMap<NodeId, ControlNode>,
 }
 
-/// What decides a pre-vote, from openraft's state and this node's log; `None`
-/// once Raft or the log cannot be read (the node is stopping).
-async fn observe(raft: &Raft<ControlTypes>, log: &mut LogStore) -> Option<(Observed, Voters)> {
+/// What decides a pre-vote, from openraft's state; `None` once Raft stopped.
+async fn observe(raft: &Raft<ControlTypes>) -> Option<(Observed, Voters)> {
     let lease = Duration::from_millis(RAFT_ELECTION_TIMEOUT_MAX_MS);
     let (leading, lease_held, voters) = raft
         .with_raft_state(move |st| {
@@ -1209,19 +1264,26 @@ async fn observe(raft: &Raft<ControlTypes>, log: &mut LogStore) -> Option<(Obser
             // openraft's own test before it grants a vote.
             let lease_held = st.vote_ref().is_committed()
                 && st.vote_last_modified().is_some_and(|t| now <= t + lease);
-            let membership = st.membership_state.effective();
-            let configs = membership.membership().get_joint_config().clone();
-            let nodes = configs
-                .iter()
-                .flatten()
-                .filter_map(|id| membership.get_node(id).map(|n| (*id, n.clone())))
-                .collect();
-            let voters = Voters { configs, nodes };
-            (st.server_state == ServerState::Leader, lease_held, voters)
+            let leading = st.server_state == ServerState::Leader;
+            let voters = if leading || lease_held {
+                // Neither asks nor grants: nothing more to read.
+                Voters::default()
+            } else {
+                let membership = st.membership_state.effective();
+                let configs = membership.membership().get_joint_config().clone();
+                let nodes = configs
+                    .iter()
+                    .flatten()
+                    .filter_map(|id| membership.get_node(id).map(|n| (*id, n.clone())))
+                    .collect();
+                Voters { configs, nodes }
+            };
+            (leading, lease_held, voters)
         })
         .await
         .ok()?;
-    let last_log = log.get_log_state().await.ok()?.last_log_id;
+    // The log id openraft itself compares a vote request with (in memory).
+    let last_log = raft.data_metrics().borrow().last_log;
     let seen = Observed {
         leading,
         lease_held,
@@ -1239,9 +1301,7 @@ async fn ask_pre_vote(net: NetHandle, peer: PeerId, addrs: Vec<Multiaddr>, body:
             from_cbor::<ControlResponse>(&body, MAX_CONTROL_BODY),
             Ok(ControlResponse::PreVote { granted: true })
         ),
-        Ok(Ok(Response::Refused { reason })) => {
-            reason.starts_with("malformed control-plane request")
-        }
+        Ok(Ok(Response::Refused { reason })) => reason.starts_with(MALFORMED_REQUEST),
         _ => false,
     }
 }

@@ -11,6 +11,7 @@
 //! leader within the lease and their log is no longer than this node's.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use openraft::LogId;
 
@@ -22,6 +23,8 @@ pub struct Observed {
     pub leading: bool,
     /// A leader was heard (or this node's vote changed) within the leader lease.
     pub lease_held: bool,
+    /// The last entry of this node's Raft log (not read, and `None`, while it
+    /// leads or hears a leader: it then neither asks nor grants).
     pub last_log: Option<LogId<NodeId>>,
 }
 
@@ -77,6 +80,42 @@ impl Tally {
                 let granted = c.iter().filter(|v| self.granted.contains(v)).count();
                 granted * 2 > c.len()
             })
+    }
+}
+
+/// When the next round may start: at once after a won round or a leader
+/// heard, after a pause that doubles with every lost round (up to `max`), so a
+/// voter cut off from the others does not ask them 20 times a second.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    pause: Duration,
+    next: Option<Instant>,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Backoff {
+            first,
+            max,
+            pause: first,
+            next: None,
+        }
+    }
+
+    pub fn due(&self, now: Instant) -> bool {
+        self.next.is_none_or(|t| now >= t)
+    }
+
+    pub fn lost(&mut self, now: Instant) {
+        self.next = Some(now + self.pause);
+        self.pause = (self.pause * 2).min(self.max);
+    }
+
+    pub fn reset(&mut self) {
+        self.pause = self.first;
+        self.next = None;
     }
 }
 
@@ -147,6 +186,30 @@ mod tests {
         assert!(!t.won(), "one of three in the new set");
         t.grant(5);
         assert!(t.won());
+    }
+
+    #[test]
+    fn lost_rounds_space_the_next_ones_out_until_a_leader_is_heard() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut b = Backoff::new(ms(50), ms(1000));
+        assert!(b.due(t0));
+        let mut waits = Vec::new();
+        let mut now = t0;
+        for _ in 0..6 {
+            b.lost(now);
+            let mut wait = ms(0);
+            while !b.due(now + wait) {
+                wait += ms(10);
+            }
+            waits.push(wait.as_millis());
+            now += wait;
+        }
+        assert_eq!(waits, vec![50, 100, 200, 400, 800, 1000]);
+        b.reset();
+        assert!(b.due(now));
+        b.lost(now);
+        assert!(!b.due(now + ms(40)) && b.due(now + ms(50)));
     }
 
     #[test]

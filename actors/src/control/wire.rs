@@ -118,6 +118,38 @@ mod tests {
         assert_eq!(format!("{back:?}"), format!("{prop:?}"));
     }
 
+    /// A node older than pre-votes must refuse one as undecodable (the asker
+    /// counts that as a yes), not read it as some other request.
+    #[test]
+    fn a_pre_vote_is_undecodable_for_a_node_that_predates_it() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        enum BeforePreVote {
+            AppendEntries(AppendEntriesRequest<ControlTypes>),
+            Vote(VoteRequest<NodeId>),
+            InstallSnapshot(InstallSnapshotRequest<ControlTypes>),
+            Propose {
+                command: ControlCommand,
+                forwarded: bool,
+            },
+            Elect {
+                stripe: u32,
+                epoch: u64,
+            },
+            ConfirmActive {
+                stripe: u32,
+                epoch: u64,
+                node: NodeId,
+            },
+        }
+        let pre_vote = to_cbor(&ControlRequest::PreVote {
+            last_log: Some(LogId::new(CommittedLeaderId::new(3, 7), 12)),
+        });
+        assert!(from_cbor::<BeforePreVote>(&pre_vote, MAX_CONTROL_BODY).is_err());
+        let back: ControlRequest = from_cbor(&pre_vote, MAX_CONTROL_BODY).unwrap();
+        assert!(matches!(back, ControlRequest::PreVote { last_log: Some(l) } if l.index == 12));
+    }
+
     #[test]
     fn oversized_bodies_are_refused() {
         assert!(from_cbor::<ControlRequest>(&[0u8; 64], 10).is_err());
