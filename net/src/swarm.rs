@@ -358,6 +358,9 @@ pub fn transport(
 /// backed-off timer fired, up to the cut's length later: the active's appends
 /// to a standby cut off for 4 s arrived ~3 s after the heal, the node cut off
 /// for 7 s stayed `dead` ~5 s. A closed connection is redialled at once.
+/// (It also closes a connection whose peer advertises a full receive window for
+/// that long: a paused process that stopped reading, which answers nothing
+/// anyway; a healthy transfer keeps getting acknowledgements.)
 const UNACKNOWLEDGED_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn bound_unacknowledged_time(socket: &tokio::net::TcpStream) {

@@ -273,6 +273,11 @@ pub struct MembershipActor {
     metrics: MembershipMetrics,
     pending_forgotten: Vec<(String, u64)>,
     leaving: bool,
+    /// When the last tick ran, and whether it came on time: a tick long
+    /// overdue means this node was itself paused or starved, and the deaths
+    /// it declares then say more about it than about its peers.
+    last_tick: Option<Instant>,
+    tick_on_time: bool,
     writer: StoreWriter,
     /// A push-pull showed a peer without a cluster id either: nobody founded one.
     met_peer_without_cluster: bool,
@@ -317,6 +322,8 @@ impl MembershipActor {
             metrics,
             pending_forgotten: Vec::new(),
             leaving: false,
+            last_tick: None,
+            tick_on_time: true,
             writer: StoreWriter::start(store.clone()),
             met_peer_without_cluster: false,
             forwarded_probes: Default::default(),
@@ -507,13 +514,17 @@ impl MembershipActor {
                 Effect::DeclaredDead { id } => {
                     self.metrics.deaths_declared.inc();
                     // This node found it silent itself: a connection to it is
-                    // dropped, not kept. After a partition TCP resends what it
-                    // holds only when its backed-off timer fires (up to ~6 s
-                    // after the heal for a 7 s cut), and a connection that
-                    // looks up is never redialled; a fresh one connects at the
-                    // first dial after the heal.
-                    if let Ok(peer) = id.parse::<PeerId>() {
-                        self.net.send(NetCommand::Disconnect(peer));
+                    // dropped, not kept (a connection that looks up is never
+                    // redialled). On Linux the swarm's `TCP_USER_TIMEOUT` has
+                    // usually closed it already; this covers a peer whose TCP
+                    // still answers while the process does not (hung), and
+                    // other systems. Not when this node's own tick came long
+                    // overdue (it was paused): its peers are likely fine, and
+                    // the evidence of it is still queued.
+                    if self.tick_on_time {
+                        if let Ok(peer) = id.parse::<PeerId>() {
+                            self.net.send(NetCommand::Disconnect(peer));
+                        }
                     }
                 }
                 Effect::Refuted { .. } => {
@@ -942,8 +953,12 @@ impl Actor for MembershipActor {
             if act.leaving {
                 return;
             }
+            let late = act.last_tick.is_some_and(|t| t.elapsed() > TICK * 10);
+            act.tick_on_time = !late;
+            act.last_tick = Some(Instant::now());
             let fx = act.state.tick(act.now());
             act.run(fx);
+            act.tick_on_time = true;
             if act.connected == 0
                 && !act.seeds.is_empty()
                 && act

@@ -9,8 +9,9 @@
 //!   process), or once the member has stayed unreachable for
 //!   `unreachable_confirm_ms`: its connection closed and redials keep failing (a
 //!   crashed process: the kernel closed its sockets and refuses connections). A
-//!   paused process keeps its connections and still accepts TCP, so a pause never
-//!   takes that fast path. Nor does a member that only this node cannot reach:
+//!   paused process still accepts TCP, so a pause never takes that fast path
+//!   (its connections close after 3 s only if its receive buffers fill: the
+//!   swarm's `TCP_USER_TIMEOUT`, and redials wait out the handshake). Nor does a member that only this node cannot reach:
 //!   before taking it, up to `INDIRECT_PROBE_FANOUT` connected members are asked
 //!   to reach it (SWIM's indirect probe), and one that does vouches for it;
 //! - suspicion stays this node's own opinion; death is gossiped as a claim that
@@ -45,9 +46,10 @@ impl Default for MembershipConfig {
             dead_timeout_ms: 6000,
             redial_interval_ms: 500,
             unreachable_confirm_ms: 500,
-            // Was 10 s. A dial every 3 s costs nothing; it is not, though,
-            // what bounds a node cut off past `dead_timeout_ms` coming back
-            // (the soak still saw it `dead` 2–6 s after the heal).
+            // Was 10 s. A dial every 3 s costs nothing. (What held a node cut
+            // off past `dead_timeout_ms` `dead` 2–6 s after the heal was its
+            // stalled connection, not this: see the swarm's
+            // `UNACKNOWLEDGED_TIMEOUT`.)
             dead_redial_interval_ms: 3_000,
             dead_member_ttl_ms: 86_400_000,
         }
