@@ -384,6 +384,10 @@ pub struct StripeActor {
     health: StorageHealth,
     /// The last error opening the stripe's data at start (logged once).
     open_error: Option<String>,
+    /// The last election asked for and in-sync change proposed, logged at
+    /// info once each: they are asked again every 100–200 ms until decided
+    /// (for as long as a partition lasts), the repeats at debug.
+    last_proposal_logged: Option<Proposal>,
     /// Writes and restarts that failed since both files last took a write.
     storage_failures: u32,
     /// Since the last failed write: a log append, and a flush of applied
@@ -472,6 +476,7 @@ impl StripeActor {
             known_change_seq,
             health,
             open_error: None,
+            last_proposal_logged: None,
             me,
             stripe: None,
             replica: None,
@@ -1599,6 +1604,16 @@ impl StripeActor {
         );
     }
 
+    /// Whether `p` differs from the last election or in-sync change logged
+    /// (and remembers it).
+    fn first_time_logged(&mut self, p: &Proposal) -> bool {
+        if self.last_proposal_logged.as_ref() == Some(p) {
+            return false;
+        }
+        self.last_proposal_logged = Some(p.clone());
+        true
+    }
+
     fn propose(&mut self, p: Proposal, ctx: &mut Context<Self>) {
         let Some(stripe) = self.stripe else { return };
         match p.clone() {
@@ -1670,11 +1685,15 @@ impl StripeActor {
                 );
             }
             Proposal::Election { epoch } => {
-                tracing::info!(
-                    stripe,
-                    epoch,
-                    "the active is silent; asking for an election"
-                );
+                if self.first_time_logged(&p) {
+                    tracing::info!(
+                        stripe,
+                        epoch,
+                        "the active is silent; asking for an election"
+                    );
+                } else {
+                    tracing::debug!(stripe, epoch, "asking for an election again");
+                }
                 self.control.do_send(RequestElection { stripe, epoch });
             }
             Proposal::InSync {
@@ -1691,7 +1710,17 @@ impl StripeActor {
                     in_sync,
                     removals: Some(removals),
                 };
-                tracing::info!(stripe, epoch, node, in_sync, "proposing an in-sync change");
+                if self.first_time_logged(&p) {
+                    tracing::info!(stripe, epoch, node, in_sync, "proposing an in-sync change");
+                } else {
+                    tracing::debug!(
+                        stripe,
+                        epoch,
+                        node,
+                        in_sync,
+                        "proposing an in-sync change again"
+                    );
+                }
                 ctx.spawn(self.control.send(Propose(cmd)).into_actor(self).map(
                     move |res, act, _| {
                         let Some(r) = act.replica.as_mut() else { return };
