@@ -183,8 +183,11 @@ impl Node {
         cmd.args(&self.args)
             .env(
                 "RUST_LOG",
-                std::env::var("KILN_NODE_LOG")
-                    .unwrap_or_else(|_| "info,libp2p_gossipsub=warn".into()),
+                std::env::var("KILN_NODE_LOG").unwrap_or_else(|_| {
+                    "info,libp2p_gossipsub=warn,openraft::replication=error,\
+                         openraft::engine::handler::replication_handler=error"
+                        .into()
+                }),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))

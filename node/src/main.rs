@@ -85,9 +85,15 @@ enum MembersCommand {
     List(client::ApiArgs),
 }
 
+/// The log filter without `RUST_LOG`. openraft writes five warnings and errors
+/// for every failed request to an unreachable follower (retried every 500 ms
+/// until the follower is back or replaced); one error line is kept.
+const DEFAULT_LOG_FILTER: &str = "info,libp2p_gossipsub=warn,openraft::replication=error,\
+    openraft::engine::handler::replication_handler=error";
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -18,8 +18,11 @@ use openraft::raft::{
 use super::types::{ControlNode, ControlTypes, NodeId};
 use super::wire::{from_cbor, to_cbor, ControlRequest, ControlResponse, MAX_CONTROL_BODY};
 
-/// The longest pause between the leader's tries of an unreachable node.
-const CONTROL_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// The longest pause between the leader's tries of an unreachable node. It is
+/// also how long a restarted node may go on with the control-plane state it
+/// stored (naming itself active of a stripe that failed over meanwhile,
+/// say): with 2 s, requests through a node just restarted waited 1–1.5 s.
+const CONTROL_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// Latest known addresses per peer (from membership), fresher than what the
 /// control plane's membership config recorded when a node was added.
@@ -176,7 +179,7 @@ impl RaftNetwork<ControlTypes> for ControlPeer {
     fn backoff(&self) -> Backoff {
         // An unreachable node is retried soon (on a LAN it is usually back, or
         // replaced, quickly), then less often: every retry is a failed request
-        // and an error line in the log. The cap bounds how long a node that
+        // (and an error line from openraft). The cap bounds how long a node that
         // came back waits for the leader.
         Backoff::new(std::iter::successors(
             Some(Duration::from_millis(200)),
