@@ -567,9 +567,10 @@ fn epoch_watch(
 }
 
 /// Why the cluster is not (yet) recovered, or `None` when it is: every node
-/// answers, sees every node alive, and sees every stripe with an active and
-/// every member in sync.
+/// answers, sees every node alive, sees every stripe with an active and every
+/// member in sync, and all agree on each stripe's active and epoch.
 fn not_recovered(nodes: &[Node], ids: &[String]) -> Option<String> {
+    let mut first_view: Option<(String, Vec<(Value, Value)>)> = None;
     for n in nodes {
         let Some(members) = n.get("/v1/cluster/members") else {
             return Some(format!("{} does not answer", n.name));
@@ -610,6 +611,24 @@ fn not_recovered(nodes: &[Node], ids: &[String]) -> Option<String> {
         }
         if placed != nodes.len() {
             return Some(format!("{} sees {placed} stripe members", n.name));
+        }
+        // Every node's control-plane view current: a restarted node starts from
+        // the state it stored, which may name an active that failed over.
+        let view: Vec<(Value, Value)> = stripes["stripes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| (s["active"].clone(), s["epoch"].clone()))
+            .collect();
+        match &first_view {
+            None => first_view = Some((n.name.clone(), view)),
+            Some((name, first)) if *first != view => {
+                return Some(format!(
+                    "{} and {name} disagree on the stripes' actives and epochs",
+                    n.name
+                ));
+            }
+            Some(_) => {}
         }
     }
     None
