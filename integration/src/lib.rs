@@ -179,16 +179,13 @@ impl Node {
             }
             None => Command::new(kiln_bin()),
         };
-        // `KILN_NODE_LOG` sets the nodes' log filter (to debug a test or benchmark).
+        // `KILN_NODE_LOG` sets the nodes' log filter (to debug a test or
+        // benchmark); without it they use kiln's default.
+        match std::env::var("KILN_NODE_LOG") {
+            Ok(filter) => cmd.env("RUST_LOG", filter),
+            Err(_) => cmd.env_remove("RUST_LOG"),
+        };
         cmd.args(&self.args)
-            .env(
-                "RUST_LOG",
-                std::env::var("KILN_NODE_LOG").unwrap_or_else(|_| {
-                    "info,libp2p_gossipsub=warn,openraft::replication=error,\
-                         openraft::engine::handler::replication_handler=error"
-                        .into()
-                }),
-            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);

@@ -374,7 +374,8 @@ fn bound_unacknowledged_time(socket: &tokio::net::TcpStream) {
     let _ = socket;
 }
 
-/// How long a dial (TCP connect, pnet, noise, yamux) may take.
+/// How long setting a connection up (TCP connect, pnet, noise, yamux) may
+/// take, dialled or accepted.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Message ids one IHAVE lists (an id is 20 bytes, ~23 on the wire).

@@ -37,6 +37,9 @@ const TICK: Duration = Duration::from_millis(300);
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an election waits for the active's or a standby's answer.
 const ELECTION_PROBE: Duration = Duration::from_millis(250);
+/// openraft's election timeouts; the maximum is also its leader lease.
+const RAFT_ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+const RAFT_ELECTION_TIMEOUT_MAX_MS: u64 = 400;
 /// How often a voter looks whether it hears a control-plane leader, and asks
 /// the others whether they would elect it when it does not (see `pre_vote`).
 /// A round ends as soon as a majority granted, so with one voter silent (the
@@ -48,9 +51,6 @@ const PRE_VOTE_TICK: Duration = Duration::from_millis(50);
 /// for a vote (`election_timeout_min`), so a loaded node that would win the
 /// real vote wins the round too.
 const PRE_VOTE_TIMEOUT: Duration = Duration::from_millis(RAFT_ELECTION_TIMEOUT_MIN_MS);
-/// openraft's election timeouts; the maximum is also its leader lease.
-const RAFT_ELECTION_TIMEOUT_MIN_MS: u64 = 300;
-const RAFT_ELECTION_TIMEOUT_MAX_MS: u64 = 400;
 /// The longest pause between lost pre-vote rounds.
 const PRE_VOTE_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How a node refuses a control-plane request it cannot decode; a node older
@@ -284,7 +284,7 @@ impl ControlPlane {
             self.me,
         );
         let round = async move {
-            let Some((seen, voters)) = observe(&raft).await else {
+            let Some((seen, voters)) = observe(&raft, true).await else {
                 return Round::Stopped;
             };
             if !seen.hears_no_leader() {
@@ -788,21 +788,6 @@ impl ControlPlane {
                 return;
             }
         }
-        if let ControlRequest::PreVote { last_log } = request {
-            let (raft, net) = (self.raft.clone(), self.net.clone());
-            actix_rt::spawn(async move {
-                let granted = observe(&raft)
-                    .await
-                    .is_some_and(|(seen, _)| seen.would_vote_for(last_log.as_ref()));
-                net.send(NetCommand::Respond {
-                    reply,
-                    response: Response::ControlPlane {
-                        body: ByteBuf::from(to_cbor(&ControlResponse::PreVote { granted })),
-                    },
-                });
-            });
-            return;
-        }
         if let ControlRequest::Elect { stripe, epoch } = request {
             if self.raft.metrics().borrow().current_leader == Some(self.me) {
                 self.coordinate(stripe, epoch, ctx);
@@ -832,7 +817,11 @@ impl ControlPlane {
                     ControlResponse::Propose(proposer.propose(command, hop).await)
                 }
                 ControlRequest::Elect { .. } => ControlResponse::Elect,
-                ControlRequest::PreVote { .. } => ControlResponse::PreVote { granted: false },
+                ControlRequest::PreVote { last_log } => ControlResponse::PreVote {
+                    granted: observe(&raft, false)
+                        .await
+                        .is_some_and(|(seen, _)| seen.would_vote_for(last_log.as_ref())),
+                },
                 ControlRequest::ConfirmActive {
                     stripe,
                     epoch,
@@ -1255,8 +1244,9 @@ struct Voters {
     nodes: BTreeMap<NodeId, ControlNode>,
 }
 
-/// What decides a pre-vote, from openraft's state; `None` once Raft stopped.
-async fn observe(raft: &Raft<ControlTypes>) -> Option<(Observed, Voters)> {
+/// What decides a pre-vote, from openraft's state, with the voter sets if
+/// `with_voters` (to ask them); `None` once Raft stopped.
+async fn observe(raft: &Raft<ControlTypes>, with_voters: bool) -> Option<(Observed, Voters)> {
     let lease = Duration::from_millis(RAFT_ELECTION_TIMEOUT_MAX_MS);
     let (leading, lease_held, voters) = raft
         .with_raft_state(move |st| {
@@ -1265,8 +1255,8 @@ async fn observe(raft: &Raft<ControlTypes>) -> Option<(Observed, Voters)> {
             let lease_held = st.vote_ref().is_committed()
                 && st.vote_last_modified().is_some_and(|t| now <= t + lease);
             let leading = st.server_state == ServerState::Leader;
-            let voters = if leading || lease_held {
-                // Neither asks nor grants: nothing more to read.
+            let voters = if leading || lease_held || !with_voters {
+                // Neither asks nor grants, or only answers: nothing more to read.
                 Voters::default()
             } else {
                 let membership = st.membership_state.effective();
@@ -1282,8 +1272,14 @@ async fn observe(raft: &Raft<ControlTypes>) -> Option<(Observed, Voters)> {
         })
         .await
         .ok()?;
-    // The log id openraft itself compares a vote request with (in memory).
-    let last_log = raft.data_metrics().borrow().last_log;
+    // The last log id as openraft published it after its latest loop (a step
+    // behind its core at most, which only makes this node more cautious);
+    // not needed by a node that neither asks nor grants.
+    let last_log = if leading || lease_held {
+        None
+    } else {
+        raft.data_metrics().borrow().last_log
+    };
     let seen = Observed {
         leading,
         lease_held,

@@ -273,11 +273,8 @@ pub struct MembershipActor {
     metrics: MembershipMetrics,
     pending_forgotten: Vec<(String, u64)>,
     leaving: bool,
-    /// When the last tick ran, and whether it came on time: a tick long
-    /// overdue means this node was itself paused or starved, and the deaths
-    /// it declares then say more about it than about its peers.
+    /// When the last tick ran (see `disconnect_the_dead`).
     last_tick: Option<Instant>,
-    tick_on_time: bool,
     writer: StoreWriter,
     /// A push-pull showed a peer without a cluster id either: nobody founded one.
     met_peer_without_cluster: bool,
@@ -323,7 +320,6 @@ impl MembershipActor {
             pending_forgotten: Vec::new(),
             leaving: false,
             last_tick: None,
-            tick_on_time: true,
             writer: StoreWriter::start(store.clone()),
             met_peer_without_cluster: false,
             forwarded_probes: Default::default(),
@@ -410,6 +406,24 @@ impl MembershipActor {
                 }
                 let _ = resolving.send(seed);
             });
+        }
+    }
+
+    /// Members this node declared dead itself (`fx` of a tick) lose their
+    /// connection: one that looks up is never redialled. On Linux the swarm's
+    /// `TCP_USER_TIMEOUT` has usually closed it already; this covers a peer
+    /// whose TCP still answers while the process does not (hung), and other
+    /// systems. Not after a tick that came long overdue: this node was paused
+    /// itself, its peers are likely fine and the evidence of it is still
+    /// queued (actix then runs the missed ticks back to back; deaths all come
+    /// from the first, the late one).
+    fn disconnect_the_dead(&self, fx: &[Effect]) {
+        for e in fx {
+            if let Effect::DeclaredDead { id } = e {
+                if let Ok(peer) = id.parse::<PeerId>() {
+                    self.net.send(NetCommand::Disconnect(peer));
+                }
+            }
         }
     }
 
@@ -511,21 +525,8 @@ impl MembershipActor {
                 Effect::Suspected { .. } => {
                     self.metrics.suspicions.inc();
                 }
-                Effect::DeclaredDead { id } => {
+                Effect::DeclaredDead { .. } => {
                     self.metrics.deaths_declared.inc();
-                    // This node found it silent itself: a connection to it is
-                    // dropped, not kept (a connection that looks up is never
-                    // redialled). On Linux the swarm's `TCP_USER_TIMEOUT` has
-                    // usually closed it already; this covers a peer whose TCP
-                    // still answers while the process does not (hung), and
-                    // other systems. Not when this node's own tick came long
-                    // overdue (it was paused): its peers are likely fine, and
-                    // the evidence of it is still queued.
-                    if self.tick_on_time {
-                        if let Ok(peer) = id.parse::<PeerId>() {
-                            self.net.send(NetCommand::Disconnect(peer));
-                        }
-                    }
                 }
                 Effect::Refuted { .. } => {
                     self.metrics.refutations.inc();
@@ -954,11 +955,12 @@ impl Actor for MembershipActor {
                 return;
             }
             let late = act.last_tick.is_some_and(|t| t.elapsed() > TICK * 10);
-            act.tick_on_time = !late;
             act.last_tick = Some(Instant::now());
             let fx = act.state.tick(act.now());
+            if !late {
+                act.disconnect_the_dead(&fx);
+            }
             act.run(fx);
-            act.tick_on_time = true;
             if act.connected == 0
                 && !act.seeds.is_empty()
                 && act

@@ -11,7 +11,7 @@
 //!   crashed process: the kernel closed its sockets and refuses connections). A
 //!   paused process still accepts TCP, so a pause never takes that fast path
 //!   (its connections close after 3 s only if its receive buffers fill: the
-//!   swarm's `TCP_USER_TIMEOUT`, and redials wait out the handshake). Nor does a member that only this node cannot reach:
+//!   swarm's `TCP_USER_TIMEOUT`; redials then wait out the handshake). Nor does a member that only this node cannot reach:
 //!   before taking it, up to `INDIRECT_PROBE_FANOUT` connected members are asked
 //!   to reach it (SWIM's indirect probe), and one that does vouches for it;
 //! - suspicion stays this node's own opinion; death is gossiped as a claim that

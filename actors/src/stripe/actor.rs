@@ -384,10 +384,11 @@ pub struct StripeActor {
     health: StorageHealth,
     /// The last error opening the stripe's data at start (logged once).
     open_error: Option<String>,
-    /// The last election asked for and in-sync change proposed, logged at
-    /// info once each: they are asked again every 100–200 ms until decided
-    /// (for as long as a partition lasts), the repeats at debug.
-    last_proposal_logged: Option<Proposal>,
+    /// Elections asked for and in-sync changes proposed in the current epoch,
+    /// logged at info once each: they are asked again every 100–200 ms until
+    /// decided (for as long as a partition lasts; an active cut off proposes
+    /// one removal per standby), the repeats at debug.
+    proposals_logged: HashSet<Proposal>,
     /// Writes and restarts that failed since both files last took a write.
     storage_failures: u32,
     /// Since the last failed write: a log append, and a flush of applied
@@ -476,7 +477,7 @@ impl StripeActor {
             known_change_seq,
             health,
             open_error: None,
-            last_proposal_logged: None,
+            proposals_logged: HashSet::new(),
             me,
             stripe: None,
             replica: None,
@@ -1604,14 +1605,12 @@ impl StripeActor {
         );
     }
 
-    /// Whether `p` differs from the last election or in-sync change logged
-    /// (and remembers it).
+    /// Whether `p` was not logged yet in its epoch (and remembers it).
     fn first_time_logged(&mut self, p: &Proposal) -> bool {
-        if self.last_proposal_logged.as_ref() == Some(p) {
-            return false;
+        if self.proposals_logged.iter().any(|q| q.epoch() != p.epoch()) {
+            self.proposals_logged.clear();
         }
-        self.last_proposal_logged = Some(p.clone());
-        true
+        self.proposals_logged.insert(p.clone())
     }
 
     fn propose(&mut self, p: Proposal, ctx: &mut Context<Self>) {

@@ -94,7 +94,7 @@ pub enum Message {
 }
 
 /// A request to the control plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Proposal {
     /// This in-sync standby has not heard its active of `epoch` for the election
     /// timeout: elect a new one.
@@ -120,6 +120,19 @@ pub enum Proposal {
     /// Planned handover: make `to`, which holds every entry of this active of
     /// `epoch`, the next active (no election: this active stopped writing).
     HandOver { epoch: u64, to: NodeId },
+}
+
+impl Proposal {
+    /// The epoch of the active it was made in (or about).
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Proposal::Election { epoch }
+            | Proposal::InSync { epoch, .. }
+            | Proposal::ConfirmActive { epoch }
+            | Proposal::Renew { epoch }
+            | Proposal::HandOver { epoch, .. } => *epoch,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -996,7 +996,7 @@ fn main() {
                 findings.violation(
                     started,
                     format!(
-                        "not recovered {RECOVERY_LIMIT:?} after fault {faults} ({what}): {why}"
+                        "not recovered {RECOVERY_LIMIT:?} after fault {faults} ({what}, over at {healed_at} UTC): {why}"
                     ),
                 );
             }
