@@ -16,7 +16,8 @@ use kiln_actors::control::{addresses, AddressBook, SharedApplied};
 use kiln_actors::stripe::kv::{idempotency_home, slot_of, Condition, KvCommand, KvOp, KvOutcome};
 use kiln_actors::stripe::wire::{ServeError, StripeRequest, StripeResponse};
 use kiln_actors::stripe::{
-    stripe_request, stripe_response, stripe_view, Responder, ServeStripe, StripeActor,
+    stripe_active, stripe_request, stripe_response, stripe_view, Responder, ServeStripe,
+    StripeActor,
 };
 use kiln_net::{NetHandle, PeerId};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -108,7 +109,7 @@ impl KvRouter {
         stripe: u32,
         timeout: Duration,
     ) -> Option<std::collections::BTreeMap<String, u64>> {
-        let active = stripe_view(&self.applied, stripe)?.active?;
+        let active = stripe_active(&self.applied, stripe)?;
         match self
             .ask(active, StripeRequest::Lags { stripe }, timeout)
             .await
@@ -209,7 +210,7 @@ impl KvRouter {
             if let Ok(answer) = tokio::time::timeout(ACTIVE_RECHECK, &mut attempt).await {
                 return answer;
             }
-            let now = stripe_view(&self.applied, stripe).and_then(|v| v.active);
+            let now = stripe_active(&self.applied, stripe);
             if now != Some(active) {
                 return Err(format!(
                     "the stripe's active changed while node {active} was asked"
@@ -236,8 +237,7 @@ impl KvRouter {
                 "a relay for stripe {stripe} carried a request for stripe {inner}"
             ));
         }
-        let active = stripe_view(&self.applied, stripe)
-            .and_then(|v| v.active)
+        let active = stripe_active(&self.applied, stripe)
             .ok_or_else(|| format!("stripe {stripe} has no active"))?;
         self.ask_for_active(stripe, active, active, request, ATTEMPT_TIMEOUT)
             .await
@@ -325,7 +325,7 @@ impl KvRouter {
         let mut last_failed: Option<bool> = None;
         let mut relays = 0;
         loop {
-            let active = stripe_view(&self.applied, stripe).and_then(|v| v.active);
+            let active = stripe_active(&self.applied, stripe);
             let why = match active {
                 None => "no active".to_string(),
                 Some(a) => {
@@ -354,9 +354,9 @@ impl KvRouter {
                                 .await
                         }
                     };
-                    let still_active =
-                        stripe_view(&self.applied, stripe).and_then(|v| v.active) == Some(a);
-                    last_failed = (attempt.is_err() && still_active).then_some(helper.is_some());
+                    last_failed = (attempt.is_err()
+                        && stripe_active(&self.applied, stripe) == Some(a))
+                    .then_some(helper.is_some());
                     match attempt {
                         Err(e) => {
                             // The attempt may have reached the log (a timeout).

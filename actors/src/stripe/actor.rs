@@ -105,6 +105,13 @@ pub fn stripe_view(applied: &SharedApplied, stripe: u32) -> Option<StripeView> {
     })
 }
 
+/// The active of `stripe` in the control plane's applied state (without
+/// copying the stripe's member sets, as [`stripe_view`] does: routing asks
+/// this on every request).
+pub fn stripe_active(applied: &SharedApplied, stripe: u32) -> Option<u64> {
+    applied.read().ok()?.state.stripes.get(&stripe)?.active
+}
+
 /// Where the answer to a stripe request goes: a peer, or this node's own
 /// control plane (an election coordinated here asks this node too).
 pub enum Responder {
