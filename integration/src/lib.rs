@@ -238,6 +238,16 @@ impl Node {
         })
     }
 
+    /// The sum of the samples whose line starts with `prefix` and contains
+    /// `containing` (a label, say; `""` for all): a labelled family's total.
+    pub fn metric_sum(&self, prefix: &str, containing: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(containing))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// GET a JSON document from the node's API; `None` if it does not answer.
     pub fn get(&self, path: &str) -> Option<Value> {
         self.agent

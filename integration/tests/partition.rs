@@ -230,13 +230,8 @@ fn a_pair_that_cannot_reach_each_other_is_not_declared_dead() {
         (0..3).all(|a| (0..3).all(|b| a == b || connected(&nodes[a], &ids[b]) == Some(true)))
     });
     let before = incarnations(&nodes[2]);
-    let dial_errors = |node: &Node| -> f64 {
-        node.metrics()
-            .lines()
-            .filter(|l| l.starts_with("libp2p_swarm_outgoing_connection_error_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let dial_errors =
+        |node: &Node| node.metric_sum("libp2p_swarm_outgoing_connection_error_total", "");
     let dial_errors_before = dial_errors(&nodes[0]) + dial_errors(&nodes[1]);
 
     lab.cut_between(0, 1).unwrap();
@@ -372,13 +367,7 @@ fn a_node_cut_off_from_the_active_only_relays_client_requests_through_another_me
             .unwrap_or_else(|e| panic!("read {k} through the cut-off node: {e}"));
         assert_eq!(read.into_string().unwrap_or_default(), format!("v{k}"));
     }
-    let relayed: f64 = nodes[cut]
-        .metrics()
-        .lines()
-        .filter(|l| l.starts_with("kiln_kv_request") && l.contains("route=\"relayed\""))
-        .filter(|l| l.contains("_count"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let relayed = nodes[cut].metric_sum("kiln_kv_request_seconds_count", "route=\"relayed\"");
     assert!(
         relayed >= 20.0,
         "only {relayed} requests went through the relay"

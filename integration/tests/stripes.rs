@@ -522,12 +522,7 @@ fn a_standby_joining_under_writes_longer_than_the_log_catches_up() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let written: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
     assert!(written > 100, "the writers made progress: {written}");
-    let installed: f64 = third
-        .metrics()
-        .lines()
-        .filter(|l| l.starts_with("kiln_stripe_snapshots_installed"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let installed = third.metric_sum("kiln_stripe_snapshots_installed", "");
     let snapshot_lines = |n: &Node| -> String {
         n.log()
             .lines()
