@@ -270,6 +270,10 @@ fn a_retry_with_the_same_idempotency_key_is_applied_once() {
     }
     let r = agent.put(&url("/v1/kv/test")).send_string("x");
     assert!(matches!(r, Err(ureq::Error::Status(405, _))), "{r:?}");
+    let r = agent.get(&url("/v1/kv/test/counter?stale=maybe")).call();
+    assert!(matches!(r, Err(ureq::Error::Status(400, _))), "{r:?}");
+    let r = agent.get(&url("/v1/kv")).call();
+    assert!(matches!(r, Err(ureq::Error::Status(404, _))), "{r:?}");
     // '.' and '..' cannot travel in a URL: the CLI refuses them.
     let out = kiln_cli(&["kv", "get", ".", "k", "--http", &nodes[0].http()]);
     assert!(!out.status.success());

@@ -233,6 +233,7 @@ struct EnvelopeVersion {
 
 #[derive(Deserialize)]
 struct EnvelopeIn<T> {
+    v: u16,
     m: T,
 }
 
@@ -260,14 +261,16 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, WireEr
             max,
         });
     }
-    let version: EnvelopeVersion =
-        ciborium::from_reader(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if version.v != WIRE_VERSION {
-        return Err(WireError::UnknownVersion(version.v));
+    // One pass in the common case (each pass walks the whole message); the
+    // version alone is read only to explain a message that did not decode.
+    match ciborium::from_reader::<EnvelopeIn<T>, _>(bytes) {
+        Ok(env) if env.v == WIRE_VERSION => Ok(env.m),
+        Ok(env) => Err(WireError::UnknownVersion(env.v)),
+        Err(e) => match ciborium::from_reader::<EnvelopeVersion, _>(bytes) {
+            Ok(version) if version.v != WIRE_VERSION => Err(WireError::UnknownVersion(version.v)),
+            _ => Err(WireError::Malformed(e.to_string())),
+        },
     }
-    let env: EnvelopeIn<T> =
-        ciborium::from_reader(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
-    Ok(env.m)
 }
 
 #[cfg(test)]

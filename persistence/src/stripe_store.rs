@@ -187,7 +187,8 @@ fn base_bytes(base: (u64, u64)) -> [u8; 16] {
 
 /// The key/value state as one batch of committed entries sees it.
 pub trait KvTxn {
-    fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// The key's current version, if it exists (its value is not read).
+    fn version(&self, map: &str, key: &str) -> Result<Option<u64>, StoreError>;
     fn put(&mut self, map: &str, key: &str, version: u64, value: &[u8]) -> Result<(), StoreError>;
     fn delete(&mut self, map: &str, key: &str) -> Result<(), StoreError>;
     fn request(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;

@@ -78,6 +78,14 @@ impl Unflushed {
         self.layers().rev().find_map(|l| l.kv.get(&k)).cloned()
     }
 
+    /// As [`kv`](Self::kv), the version alone (`Some(None)`: deleted).
+    pub fn version(&self, k: &(String, String)) -> Option<Option<u64>> {
+        self.layers()
+            .rev()
+            .find_map(|l| l.kv.get(k))
+            .map(|v| v.as_ref().map(|(version, _)| *version))
+    }
+
     pub fn request(&self, id: &str) -> Option<Option<Vec<u8>>> {
         self.layers()
             .rev()
@@ -168,18 +176,19 @@ impl OverlayKv<'_> {
 }
 
 impl KvTxn for OverlayKv<'_> {
-    fn get(&self, map: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    fn version(&self, map: &str, key: &str) -> Result<Option<u64>, StoreError> {
         let k = (map.to_string(), key.to_string());
         if let Some(v) = self.batch.kv.get(&k) {
-            return Ok(v.clone());
+            return Ok(v.as_ref().map(|(version, _)| *version));
         }
-        if let Some(v) = self.unflushed.kv(map, key) {
+        if let Some(v) = self.unflushed.version(&k) {
             return Ok(v);
         }
-        Ok(self.kv.get((map, key)).map_err(self.err())?.map(|v| {
-            let (version, value) = v.value();
-            (version, value.to_vec())
-        }))
+        Ok(self
+            .kv
+            .get((map, key))
+            .map_err(self.err())?
+            .map(|v| v.value().0))
     }
 
     fn put(&mut self, map: &str, key: &str, version: u64, value: &[u8]) -> Result<(), StoreError> {

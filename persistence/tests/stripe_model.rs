@@ -118,7 +118,11 @@ impl Model {
                     let k = (MAPS[*map].to_string(), KEYS[*key].to_string());
                     let value = value_of(index, *len);
                     if let Some(tx) = tx.as_deref_mut() {
-                        assert_eq!(tx.get(&k.0, &k.1)?, self.kv.get(&k).cloned(), "{k:?}");
+                        assert_eq!(
+                            tx.version(&k.0, &k.1)?,
+                            self.kv.get(&k).map(|(v, _)| *v),
+                            "{k:?}"
+                        );
                         tx.put(&k.0, &k.1, index, &value)?;
                     }
                     self.kv.insert(k, (index, value));
@@ -126,7 +130,11 @@ impl Model {
                 Op::Delete { map, key } => {
                     let k = (MAPS[*map].to_string(), KEYS[*key].to_string());
                     if let Some(tx) = tx.as_deref_mut() {
-                        assert_eq!(tx.get(&k.0, &k.1)?, self.kv.get(&k).cloned(), "{k:?}");
+                        assert_eq!(
+                            tx.version(&k.0, &k.1)?,
+                            self.kv.get(&k).map(|(v, _)| *v),
+                            "{k:?}"
+                        );
                         tx.delete(&k.0, &k.1)?;
                     }
                     self.kv.remove(&k);

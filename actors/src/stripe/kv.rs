@@ -236,7 +236,7 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
         record(tx, &cmd, fingerprint, &outcome, replaces)?;
         return Ok(outcome);
     };
-    let current = tx.get(map, key)?.map(|(v, _)| v);
+    let current = tx.version(map, key)?;
     let holds = match &cmd.op {
         KvOp::Put { cond, .. } | KvOp::Delete { cond, .. } => cond.holds(current),
         KvOp::Reserve { .. } => true,
@@ -331,8 +331,8 @@ mod tests {
     }
 
     impl KvTxn for Mem {
-        fn get(&self, m: &str, k: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-            Ok(self.kv.get(&(m.into(), k.into())).cloned())
+        fn version(&self, m: &str, k: &str) -> Result<Option<u64>, StoreError> {
+            Ok(self.kv.get(&(m.into(), k.into())).map(|(v, _)| *v))
         }
         fn put(&mut self, m: &str, k: &str, v: u64, val: &[u8]) -> Result<(), StoreError> {
             self.kv.insert((m.into(), k.into()), (v, val.to_vec()));
