@@ -971,10 +971,21 @@ impl StripeActor {
         }
     }
 
-    /// Group commit: a new batch starts once the previous local append is
-    /// durable, so writes arriving meanwhile share the next fsync.
+    /// Group commit: a new batch starts once the previous one is committed
+    /// (durable here and on every in-sync standby), so writes arriving
+    /// meanwhile share the next fsync on every member. Starting it once the
+    /// local append alone was durable kept more batches in flight, each smaller:
+    /// ~10 % more CPU per write at 64 clients and ~25 % more at 16, for no more
+    /// writes per second on a machine whose CPU is the limit.
     fn ready_for_batch(&self) -> bool {
-        !self.busy && self.queue.is_empty() && !self.local_busy && self.local_queue.is_empty()
+        !self.busy
+            && self.queue.is_empty()
+            && !self.local_busy
+            && self.local_queue.is_empty()
+            && self
+                .replica
+                .as_ref()
+                .is_none_or(|r| !r.own_entries_uncommitted())
     }
 
     fn run(&mut self, e: Effect, ctx: &mut Context<Self>) {

@@ -480,6 +480,19 @@ impl Replica {
         self.commit
     }
 
+    /// This active appended entries in its epoch that are not committed yet
+    /// (entries of earlier epochs do not count: committing them takes an entry
+    /// of this one).
+    pub fn own_entries_uncommitted(&self) -> bool {
+        match self.role {
+            Role::Active { epoch } => {
+                let last = self.last();
+                last.epoch == epoch && last.index > self.commit
+            }
+            Role::Follower => false,
+        }
+    }
+
     pub fn promised(&self) -> u64 {
         self.promised
     }
@@ -1793,6 +1806,32 @@ mod tests {
             sent.extend(appends_to(&fx, 2));
         }
         sent
+    }
+
+    #[test]
+    fn own_entries_are_uncommitted_until_the_in_sync_standby_holds_them() {
+        let mut r = active();
+        assert!(!r.own_entries_uncommitted(), "the take-over is committed");
+        propose_each(&mut r, 2);
+        assert!(r.own_entries_uncommitted());
+        r.on_persisted(3);
+        assert!(r.own_entries_uncommitted(), "durable here only");
+        ack(&mut r, true, 2);
+        assert!(r.own_entries_uncommitted(), "one of two held");
+        ack(&mut r, true, 3);
+        assert!(!r.own_entries_uncommitted());
+        // A member that follows has none of its own.
+        let mut f = active();
+        f.propose(vec![vec![9]]).unwrap();
+        f.on_view(StripeView {
+            version: 3,
+            epoch: 2,
+            active: Some(2),
+            members: [1, 2].into(),
+            in_sync: [1].into(),
+            in_sync_removals: 0,
+        });
+        assert!(!f.own_entries_uncommitted());
     }
 
     #[test]
