@@ -25,7 +25,7 @@ use super::replica::{
     Effect, Entry, LogPos, Message, Proposal, Recovered, Replica, ReplicaConfig, Role, StripeView,
 };
 use super::wire::{ServeError, StripeRequest, StripeResponse};
-use crate::blocking::blocking;
+use crate::blocking::{background, blocking};
 use crate::control::state::{ControlCommand, ControlOutcome, Placement};
 use crate::control::wire::{from_cbor, to_cbor, MAX_CONTROL_BODY};
 use crate::control::{
@@ -408,6 +408,8 @@ pub struct StripeActor {
     apply_pending: Option<(u64, Instant)>,
     /// A flush of applied state to the file is under way.
     flushing: bool,
+    /// A compaction that came while a flush ran (see `Effect::Compact`).
+    compact_after_flush: Option<u64>,
     /// `StripeStore::flushes` at the last tick.
     flushes_seen: u64,
     ticks_without_flush: u32,
@@ -516,6 +518,7 @@ impl StripeActor {
             last_storage_failure: None,
             apply_pending: None,
             flushing: false,
+            compact_after_flush: None,
             flushes_seen: 0,
             ticks_without_flush: 0,
             receiving: None,
@@ -914,10 +917,14 @@ impl StripeActor {
         let generation = self.replica_generation;
         let store = self.store.clone();
         ctx.spawn(
-            blocking(self.metrics.timed("flush", move || store.flush()))
+            background(self.metrics.timed("flush", move || store.flush()))
                 .into_actor(self)
-                .map(move |res, act, _ctx| {
+                .map(move |res, act, ctx| {
                     act.flushing = false;
+                    if let Some(upto) = act.compact_after_flush.take() {
+                        act.queue.push_back(Step::Fx(Effect::Compact { upto }));
+                        act.pump(ctx);
+                    }
                     match res {
                         Ok(n) if n > 0 && act.replica_generation == generation => {
                             act.storage_ok(false)
@@ -1062,6 +1069,12 @@ impl StripeActor {
                 // The store keeps every entry not yet applied here.
                 let upto = upto.min(self.applied_index);
                 if upto == 0 {
+                    return;
+                }
+                if self.flushing {
+                    // Compaction flushes too, and would wait for this flush (at
+                    // a lower priority) with the log held up behind it.
+                    self.compact_after_flush = self.compact_after_flush.max(Some(upto));
                     return;
                 }
                 self.busy = true;
