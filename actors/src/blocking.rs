@@ -49,6 +49,7 @@ pub(crate) async fn background<T: Send + 'static>(
 type BackgroundJob = Box<dyn FnOnce() + Send>;
 
 /// How much lower the background thread's priority is (a nice value).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const BACKGROUND_NICE: i32 = 10;
 
 fn background_gone() -> StoreError {
@@ -87,7 +88,12 @@ fn background_queue() -> Option<&'static Mutex<mpsc::Sender<BackgroundJob>>> {
 }
 
 /// Raises the calling thread's nice value by [`BACKGROUND_NICE`] (for good:
-/// only a privileged process may lower it again).
+/// only a privileged process may lower it again). Linux sets a nice value per
+/// thread; elsewhere the thread keeps its priority.
+#[cfg(not(target_os = "linux"))]
+fn lower_own_priority() {}
+
+#[cfg(target_os = "linux")]
 fn lower_own_priority() {
     // SAFETY: gettid, getpriority and setpriority take no pointers.
     let failed = unsafe {
@@ -113,6 +119,7 @@ mod tests {
         assert_eq!(background(|| Ok("again")).await.ok(), Some("again"));
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn the_background_thread_runs_at_a_lower_priority() {
         let nice = std::thread::spawn(|| {

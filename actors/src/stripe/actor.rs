@@ -54,6 +54,9 @@ const APPLY_DEFER: Duration = Duration::from_millis(20);
 /// once `FLUSH_ENTRIES` have gathered (see `kiln_persistence::StripeStore`).
 const FLUSH_AFTER_TICKS: u32 = 2;
 const FLUSH_ENTRIES: u64 = 1024;
+/// Past this many unflushed entries a flush runs at normal priority (see
+/// `flush_applied`).
+const FLUSH_BEHIND: u64 = 8 * FLUSH_ENTRIES;
 /// A long catch-up applies this many entries at a time: an apply holds the
 /// state's lock, and reads on this actor's thread wait for it.
 const APPLY_PART: u64 = 1024;
@@ -910,33 +913,46 @@ impl StripeActor {
         let waiting = self.store.unflushed_entries();
         // Not while the stripe restarts from its file (which drops the state).
         let restarting = self.replica.is_none() || self.storage_down.is_some();
-        if self.flushing || restarting || waiting == 0 || waiting < at_least {
+        // A compaction waiting for its turn flushes the state itself; another
+        // flush first would only put it off again.
+        let compaction_waits = self
+            .queue
+            .iter()
+            .any(|s| matches!(s, Step::Fx(Effect::Compact { .. })));
+        if self.flushing || restarting || compaction_waits || waiting == 0 || waiting < at_least {
             return;
         }
         self.flushing = true;
         let generation = self.replica_generation;
         let store = self.store.clone();
-        ctx.spawn(
-            background(self.metrics.timed("flush", move || store.flush()))
-                .into_actor(self)
-                .map(move |res, act, ctx| {
-                    act.flushing = false;
-                    if let Some(upto) = act.compact_after_flush.take() {
+        let job = self.metrics.timed("flush", move || store.flush());
+        // Nothing waits for a flush, but memory does: once flushes fall far
+        // behind (a saturated CPU starves the background thread), at normal
+        // priority.
+        let flushed = match waiting > FLUSH_BEHIND {
+            true => futures::FutureExt::boxed_local(blocking(job)),
+            false => futures::FutureExt::boxed_local(background(job)),
+        };
+        ctx.spawn(flushed.into_actor(self).map(move |res, act, ctx| {
+            act.flushing = false;
+            let stashed = act.compact_after_flush.take();
+            match res {
+                Ok(n) if act.replica_generation == generation => {
+                    if n > 0 {
+                        act.storage_ok(false);
+                    }
+                    if let Some(upto) = stashed {
                         act.queue.push_back(Step::Fx(Effect::Compact { upto }));
                         act.pump(ctx);
                     }
-                    match res {
-                        Ok(n) if n > 0 && act.replica_generation == generation => {
-                            act.storage_ok(false)
-                        }
-                        Ok(_) => {}
-                        // Earlier flushes may be undone with the file (see
-                        // `StripeStore::flush`).
-                        Err(e) if act.replica_generation == generation => act.log_write_failed(&e),
-                        Err(_) => {}
-                    }
-                }),
-        );
+                }
+                Ok(_) => {}
+                // Earlier flushes may be undone with the file (see
+                // `StripeStore::flush`).
+                Err(e) if act.replica_generation == generation => act.log_write_failed(&e),
+                Err(_) => {}
+            }
+        }));
     }
 
     /// How far to apply now, given entries committed up to `upto`: everything
@@ -1479,6 +1495,7 @@ impl StripeActor {
     /// promise that is not durable could lose an acknowledged write). The replica
     /// starts again from what the disk holds; the active sends the rest again.
     fn log_write_failed(&mut self, e: &StoreError) {
+        self.compact_after_flush = None;
         // Appended writes may still be committed: not "not persisted".
         for (_, reply) in std::mem::take(&mut self.waiting) {
             let _ = reply.send(Err(ServeError::Unsettled(e.to_string())));
@@ -1608,6 +1625,10 @@ impl StripeActor {
             return;
         };
         let addrs = addresses(&self.book, &peer);
+        let appended_from = match &msg {
+            Message::Append { prev, entries, .. } if !entries.is_empty() => Some(prev.index + 1),
+            _ => None,
+        };
         let call = self.net.call(
             peer,
             addrs,
@@ -1627,6 +1648,14 @@ impl StripeActor {
                             if let Some(r) = act.replica.as_mut() {
                                 let fx = r.on_message(to, m);
                                 act.push(fx, ctx);
+                            }
+                        }
+                        Ok(_) | Err(_) if appended_from.is_some() => {
+                            if let Err(e) = &reply {
+                                tracing::trace!(%peer, error = %e, "replication request failed");
+                            }
+                            if let (Some(r), Some(from)) = (act.replica.as_mut(), appended_from) {
+                                r.on_append_lost(to, from);
                             }
                         }
                         Ok(_) => {}

@@ -480,6 +480,22 @@ impl Replica {
         self.commit
     }
 
+    /// An append to `to` carrying entries from `from` got no answer (the
+    /// request failed, or the member could not write it): what is in flight
+    /// to `to` goes again at the next replication (a heartbeat at the latest)
+    /// rather than after the in-flight timeout. A new batch of writes waits
+    /// for the previous one's commit, so nothing else would send it sooner.
+    pub fn on_append_lost(&mut self, to: NodeId, from: u64) {
+        let Some(p) = self.progress.get_mut(&to) else {
+            return;
+        };
+        if p.in_flight.iter().any(|f| f.from == from) {
+            p.next = p.in_flight[0].from;
+            p.in_flight.clear();
+            p.refused_in_flight = false;
+        }
+    }
+
     /// This active appended entries in its epoch that are not committed yet
     /// (entries of earlier epochs do not count: committing them takes an entry
     /// of this one).
@@ -1832,6 +1848,20 @@ mod tests {
             in_sync_removals: 0,
         });
         assert!(!f.own_entries_uncommitted());
+    }
+
+    #[test]
+    fn a_lost_append_goes_again_at_the_next_heartbeat() {
+        let mut r = active();
+        assert_eq!(propose_each(&mut r, 1), vec![(2, 2)]);
+        r.on_persisted(2);
+        // Another append's loss changes nothing.
+        r.on_append_lost(2, 7);
+        assert!(appends_to(&r.tick(1_100), 2).is_empty());
+        r.on_append_lost(2, 2);
+        assert_eq!(appends_to(&r.tick(1_200), 2), vec![(2, 2)]);
+        ack(&mut r, true, 2);
+        assert!(!r.own_entries_uncommitted());
     }
 
     #[test]
