@@ -1528,8 +1528,11 @@ impl StripeActor {
         // Still behind if the one before was; in temporary mode also when it
         // was not: a reopen takes the log back to its last fsynced commit (a
         // promise), so entries it acknowledged may be gone.
-        self.restart_behind =
-            self.replica.as_ref().is_some_and(Replica::started_empty) || !self.store.durable();
+        // (A second failure before the restart keeps what the first found.)
+        self.restart_behind = match self.replica.as_ref() {
+            Some(r) => r.started_empty() || !self.store.durable(),
+            None => self.restart_behind || !self.store.durable(),
+        };
         self.replica = None;
         self.replica_generation += 1;
         self.local_queue.clear();
