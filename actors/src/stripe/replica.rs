@@ -268,6 +268,8 @@ struct Progress {
     in_flight: VecDeque<InFlight>,
     /// The member refused an append that overtook the oldest one in flight.
     refused_in_flight: bool,
+    /// An append in flight got no answer (see `Replica::on_append_lost`).
+    lost_in_flight: bool,
     /// When a snapshot transfer to this member started, until it is reported.
     snapshot_since_ms: Option<u64>,
     /// When the last transfer to it failed: the next waits a moment (a member
@@ -482,17 +484,15 @@ impl Replica {
 
     /// An append to `to` carrying entries from `from` got no answer (the
     /// request failed, or the member could not write it): what is in flight
-    /// to `to` goes again at the next replication (a heartbeat at the latest)
-    /// rather than after the in-flight timeout. A new batch of writes waits
-    /// for the previous one's commit, so nothing else would send it sooner.
+    /// to `to` goes again once it has been on its way a heartbeat interval
+    /// (at most that often, however fast a member fails), rather than after
+    /// the in-flight timeout. A new batch of writes waits for the previous
+    /// one's commit, so nothing else would send it sooner.
     pub fn on_append_lost(&mut self, to: NodeId, from: u64) {
-        let Some(p) = self.progress.get_mut(&to) else {
-            return;
-        };
-        if p.in_flight.iter().any(|f| f.from == from) {
-            p.next = p.in_flight[0].from;
-            p.in_flight.clear();
-            p.refused_in_flight = false;
+        if let Some(p) = self.progress.get_mut(&to) {
+            if p.in_flight.iter().any(|f| f.from == from) {
+                p.lost_in_flight = true;
+            }
         }
     }
 
@@ -618,6 +618,7 @@ impl Replica {
                     last_ack_ms: self.now_ms,
                     in_flight: VecDeque::new(),
                     refused_in_flight: false,
+                    lost_in_flight: false,
                     snapshot_since_ms: None,
                     snapshot_failed_ms: None,
                     snapshot_round: 0,
@@ -932,14 +933,18 @@ impl Replica {
             let Some(p) = self.progress.get_mut(&n) else {
                 continue;
             };
-            if p.in_flight
-                .front()
-                .is_some_and(|f| now.saturating_sub(f.since_ms) >= timeout)
-            {
-                // Lost: send again from the first unanswered entry.
-                p.next = p.in_flight[0].from;
+            let waited = p.in_flight.front().map(|f| now.saturating_sub(f.since_ms));
+            let lost = match waited {
+                Some(w) => w >= timeout || (p.lost_in_flight && w >= self.cfg.heartbeat_ms),
+                None => false,
+            };
+            if lost {
+                // Send again from the first unanswered entry (not below what
+                // the member is known to hold: that could call for a snapshot).
+                p.next = p.in_flight[0].from.max(p.matched + 1);
                 p.in_flight.clear();
                 p.refused_in_flight = false;
+                p.lost_in_flight = false;
             }
             if p.snapshot_since_ms
                 .is_some_and(|t| now.saturating_sub(t) < self.cfg.snapshot_retry_ms)
@@ -1853,13 +1858,30 @@ mod tests {
     #[test]
     fn a_lost_append_goes_again_at_the_next_heartbeat() {
         let mut r = active();
+        r.tick(1_100);
         assert_eq!(propose_each(&mut r, 1), vec![(2, 2)]);
         r.on_persisted(2);
         // Another append's loss changes nothing.
         r.on_append_lost(2, 7);
-        assert!(appends_to(&r.tick(1_100), 2).is_empty());
+        assert!(appends_to(&r.tick(1_150), 2).is_empty());
+        // Sent at 1 100 and lost: it goes again a heartbeat interval after it
+        // was sent, not at once on whatever replicates next.
         r.on_append_lost(2, 2);
-        assert_eq!(appends_to(&r.tick(1_200), 2), vec![(2, 2)]);
+        assert!(
+            appends_to(&r.read(1).unwrap(), 2).is_empty(),
+            "not before its time"
+        );
+        let resent_by = |r: &mut Replica, from: u64, to: u64| -> Vec<(u64, (u64, u64))> {
+            (from..=to)
+                .step_by(10)
+                .flat_map(|t| appends_to(&r.tick(t), 2).into_iter().map(move |a| (t, a)))
+                .collect()
+        };
+        // The read was a heartbeat at 1 150: the next is due at 1 250.
+        assert_eq!(resent_by(&mut r, 1_160, 1_300), vec![(1_250, (2, 2))]);
+        // Lost again at once: sent again a heartbeat interval later, once.
+        r.on_append_lost(2, 2);
+        assert_eq!(resent_by(&mut r, 1_310, 1_400), vec![(1_350, (2, 2))]);
         ack(&mut r, true, 2);
         assert!(!r.own_entries_uncommitted());
     }
