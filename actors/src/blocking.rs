@@ -1,6 +1,6 @@
 //! Storage work off the actors' thread.
 
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::{mpsc, OnceLock};
 
 use kiln_persistence::StoreError;
 use tokio::sync::oneshot;
@@ -22,9 +22,8 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 /// [`blocking`] for work nothing waits for (flushes of applied state), on a
 /// thread of its own at a lower CPU priority: on a busy machine the log
-/// appends and replication that writes wait for go first. Measured at 16
-/// clients: p99 of a write 8.0–9.4 ms against 10.4–11.4 with flushes at the
-/// same priority.
+/// appends and replication that writes wait for go first (the 16-client p99
+/// of a write: integration/BENCHMARKS.md, fourteenth session).
 pub(crate) async fn background<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
@@ -33,10 +32,7 @@ pub(crate) async fn background<T: Send + 'static>(
         let _ = tx.send(f());
     });
     let refused = match background_queue() {
-        Some(queue) => match queue.lock() {
-            Ok(q) => q.send(job).err().map(|e| e.0),
-            Err(_) => Some(job),
-        },
+        Some(queue) => queue.send(job).err().map(|e| e.0),
         None => Some(job),
     };
     if let Some(job) = refused {
@@ -62,8 +58,8 @@ fn background_gone() -> StoreError {
 
 /// The background thread's queue, started on first use (`None` if no thread
 /// could be started).
-fn background_queue() -> Option<&'static Mutex<mpsc::Sender<BackgroundJob>>> {
-    static QUEUE: OnceLock<Option<Mutex<mpsc::Sender<BackgroundJob>>>> = OnceLock::new();
+fn background_queue() -> Option<&'static mpsc::Sender<BackgroundJob>> {
+    static QUEUE: OnceLock<Option<mpsc::Sender<BackgroundJob>>> = OnceLock::new();
     QUEUE
         .get_or_init(|| {
             let (tx, rx) = mpsc::channel::<BackgroundJob>();
@@ -77,7 +73,7 @@ fn background_queue() -> Option<&'static Mutex<mpsc::Sender<BackgroundJob>>> {
                     }
                 });
             match started {
-                Ok(_) => Some(Mutex::new(tx)),
+                Ok(_) => Some(tx),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start the background storage thread; flushes run at normal priority");
                     None
@@ -120,24 +116,13 @@ mod tests {
     }
 
     #[cfg(target_os = "linux")]
-    #[test]
-    fn the_background_thread_runs_at_a_lower_priority() {
-        let nice = std::thread::spawn(|| {
-            let (tx, rx) = mpsc::channel();
-            let queue = background_queue().expect("a background thread");
-            let job: BackgroundJob = Box::new(move || {
-                // SAFETY: as in `lower_own_priority`.
-                let nice =
-                    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
-                let _ = tx.send(nice);
-            });
-            queue.lock().unwrap().send(job).unwrap();
-            rx.recv().unwrap()
-        })
-        .join()
-        .unwrap();
-        // SAFETY: as above.
-        let here = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
-        assert_eq!(nice, (here + BACKGROUND_NICE).min(19));
+    #[tokio::test]
+    async fn the_background_thread_runs_at_a_lower_priority() {
+        fn own_nice() -> i32 {
+            // SAFETY: as in `lower_own_priority`.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+        }
+        let there = background(|| Ok(own_nice())).await.ok();
+        assert_eq!(there, Some((own_nice() + BACKGROUND_NICE).min(19)));
     }
 }

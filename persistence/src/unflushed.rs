@@ -74,16 +74,17 @@ pub(crate) struct Unflushed {
 
 impl Unflushed {
     pub fn kv(&self, map: &str, key: &str) -> Option<KvChange> {
-        let k = (map.to_string(), key.to_string());
-        self.layers().rev().find_map(|l| l.kv.get(&k)).cloned()
+        self.newest_kv(&(map.to_string(), key.to_string())).cloned()
     }
 
     /// As [`kv`](Self::kv), the version alone (`Some(None)`: deleted).
     pub fn version(&self, k: &(String, String)) -> Option<Option<u64>> {
-        self.layers()
-            .rev()
-            .find_map(|l| l.kv.get(k))
+        self.newest_kv(k)
             .map(|v| v.as_ref().map(|(version, _)| *version))
+    }
+
+    fn newest_kv(&self, k: &(String, String)) -> Option<&KvChange> {
+        self.layers().rev().find_map(|l| l.kv.get(k))
     }
 
     pub fn request(&self, id: &str) -> Option<Option<Vec<u8>>> {

@@ -1653,16 +1653,14 @@ impl StripeActor {
                                 act.push(fx, ctx);
                             }
                         }
-                        Ok(_) | Err(_) if appended_from.is_some() => {
-                            if let Err(e) = &reply {
+                        other => {
+                            if let Err(e) = other {
                                 tracing::trace!(%peer, error = %e, "replication request failed");
                             }
                             if let (Some(r), Some(from)) = (act.replica.as_mut(), appended_from) {
                                 r.on_append_lost(to, from);
                             }
                         }
-                        Ok(_) => {}
-                        Err(e) => tracing::trace!(%peer, error = %e, "replication request failed"),
                     }
                 }),
         );
