@@ -476,6 +476,17 @@ impl StripeStore {
         f: impl FnMut(&mut dyn KvTxn, u64, &[u8]) -> Result<R, StoreError>,
     ) -> Result<Vec<(u64, R)>, StoreError> {
         self.persist(truncate_from, entries, promised)?;
+        self.apply_logged((from, upto), data_of, f)
+    }
+
+    /// [`apply`](Self::apply) of the log entries `from..=upto`, read back from
+    /// the log (`data_of` turns a log entry into what `f` applies).
+    pub fn apply_logged<R>(
+        &self,
+        (from, upto): (u64, u64),
+        data_of: impl Fn(&[u8]) -> Vec<u8>,
+        f: impl FnMut(&mut dyn KvTxn, u64, &[u8]) -> Result<R, StoreError>,
+    ) -> Result<Vec<(u64, R)>, StoreError> {
         if from > upto {
             return Ok(Vec::new());
         }

@@ -21,6 +21,7 @@ use serde_bytes::ByteBuf;
 use tokio::sync::oneshot;
 
 use super::kv::{self, KvCommand, KvOutcome};
+use super::linger::Linger;
 use super::replica::{
     Effect, Entry, LogPos, Message, Proposal, Recovered, Replica, ReplicaConfig, Role, StripeView,
 };
@@ -218,6 +219,16 @@ impl Default for StorageTimes {
     }
 }
 
+/// On the active: a batch's time from proposal to commit.
+#[derive(Clone)]
+struct CommitTimes(Histogram);
+
+impl Default for CommitTimes {
+    fn default() -> Self {
+        CommitTimes(storage_histogram())
+    }
+}
+
 /// Stripe metrics, `kiln_stripe_*`.
 #[derive(Clone, Default)]
 pub struct StripeMetrics {
@@ -237,6 +248,7 @@ pub struct StripeMetrics {
     snapshot_keys_total: Gauge,
     snapshot_keys_done: Gauge,
     storage_seconds: StorageTimes,
+    commit_seconds: CommitTimes,
 }
 
 impl StripeMetrics {
@@ -320,6 +332,12 @@ impl StripeMetrics {
              compact, stage = a received snapshot part, install)",
             m.storage_seconds.0.clone(),
         );
+        r.register(
+            "commit_seconds",
+            "On the active: time from a batch of client writes being proposed to its \
+             commit (durable here and on every in-sync member)",
+            m.commit_seconds.0.clone(),
+        );
         m
     }
 
@@ -368,11 +386,18 @@ pub struct StripeActor {
     started: Instant,
     queue: VecDeque<Step>,
     busy: bool,
+    /// When the next batch goes (see `super::linger`).
+    linger: Linger,
+    /// A timer will look at the batch again.
+    linger_timer: bool,
     applied_index: u64,
     /// Client writes waiting for the next log append (group commit).
     batch: Vec<(Vec<u8>, WriteReply)>,
     /// Appended client writes waiting for their commit, by log index.
     waiting: BTreeMap<u64, WriteReply>,
+    /// Batches proposed as active and not yet committed: last index, and when
+    /// (for `kiln_stripe_commit_seconds`).
+    proposed: VecDeque<(u64, Instant)>,
     reads: HashMap<u64, PendingRead>,
     next_read: u64,
     view_version: u64,
@@ -502,9 +527,12 @@ impl StripeActor {
             started: Instant::now(),
             queue: VecDeque::new(),
             busy: false,
+            linger: Linger::default(),
+            linger_timer: false,
             applied_index: 0,
             batch: Vec::new(),
             waiting: BTreeMap::new(),
+            proposed: VecDeque::new(),
             reads: HashMap::new(),
             next_read: 1,
             view_version: 0,
@@ -719,8 +747,31 @@ impl StripeActor {
     }
 
     fn push(&mut self, fx: Vec<Effect>, ctx: &mut Context<Self>) {
+        self.observe_commits(&fx);
         self.queue.extend(fx.into_iter().map(Step::Fx));
         self.pump(ctx);
+    }
+
+    /// Times the batches that `fx` commits (see `proposed`).
+    fn observe_commits(&mut self, fx: &[Effect]) {
+        if self.proposed.is_empty() {
+            return;
+        }
+        if !self.is_active() {
+            self.proposed.clear();
+            return;
+        }
+        for e in fx {
+            if let Effect::Commit { upto } = e {
+                while let Some((_, at)) = self.proposed.front().filter(|(i, _)| i <= upto) {
+                    self.metrics
+                        .commit_seconds
+                        .0
+                        .observe(at.elapsed().as_secs_f64());
+                    self.proposed.pop_front();
+                }
+            }
+        }
     }
 
     /// Executes queued steps in order; a storage job pauses the queue until done.
@@ -798,9 +849,14 @@ impl StripeActor {
         }
     }
 
-    /// Persists log changes, then applies committed entries up to `upto` (in
-    /// memory, see `StripeStore::apply`); then sends `answers` (they wait for
-    /// the log changes to be durable).
+    /// Persists log changes, then sends `answers` (they wait for the log
+    /// changes to be durable), then applies committed entries up to `upto` (in
+    /// memory, see `StripeStore::apply`).
+    ///
+    /// The answers go from the storage thread as soon as the log write is
+    /// durable: through this actor's thread they waited for the apply (every
+    /// second batch at 64 clients) and for one more thread hop, on the path of
+    /// every commit.
     fn persist_and_apply(
         &mut self,
         truncate_from: Option<u64>,
@@ -812,20 +868,31 @@ impl StripeActor {
     ) {
         self.busy = true;
         let store = self.store.clone();
+        let net = self.net.clone();
         let rows: Vec<(u64, Vec<u8>)> = entries.iter().map(|(i, e)| (*i, to_cbor(e))).collect();
         let has_entries = !rows.is_empty();
         let from = self.applied_index + 1;
         let generation = self.replica_generation;
+        let answers: Vec<(Responder, StripeResponse)> = answers
+            .into_iter()
+            .filter_map(|step| match step {
+                Step::Reply(reply, resp) => Some((reply, resp)),
+                Step::Fx(_) => None,
+            })
+            .collect();
         ctx.spawn(
             blocking(self.metrics.timed("persist", move || {
-                store.persist_and_apply(
-                    truncate_from,
-                    &rows,
-                    promised,
-                    (from, upto),
-                    entry_data,
-                    kv::apply,
-                )
+                if let Err(e) = store.persist(truncate_from, &rows, promised) {
+                    // Nothing the write covered may be acknowledged.
+                    for (reply, resp) in answers {
+                        respond_with(&net, reply, &refused(resp, &e));
+                    }
+                    return Err(e);
+                }
+                for (reply, resp) in answers {
+                    respond_with(&net, reply, &resp);
+                }
+                store.apply_logged((from, upto), entry_data, kv::apply)
             }))
             .into_actor(self)
             .map(move |res, act, ctx| {
@@ -837,19 +904,8 @@ impl StripeActor {
                         }
                         act.applied(upto, Ok(done));
                         act.flush_applied(ctx, FLUSH_ENTRIES);
-                        for step in answers {
-                            if let Step::Reply(reply, resp) = step {
-                                act.respond(reply, &resp);
-                            }
-                        }
                     }
-                    Err(e) => {
-                        // The answers are withheld along with what queued behind.
-                        for step in answers.into_iter().rev() {
-                            act.queue.push_front(step);
-                        }
-                        act.log_write_failed(&e);
-                    }
+                    Err(e) => act.log_write_failed(&e),
                 }
                 act.pump(ctx);
             }),
@@ -871,20 +927,7 @@ impl StripeActor {
         let store = self.store.clone();
         ctx.spawn(
             blocking(self.metrics.timed("apply", move || {
-                let entries = store.entries(from, upto)?;
-                if entries.len() as u64 != upto + 1 - from {
-                    // Never skip an entry: the state would silently miss it.
-                    return Err(StoreError::Corrupt {
-                        path: store.path().to_path_buf(),
-                        what: format!("log entries {from}..={upto}"),
-                        detail: format!("only {} of them are in the log", entries.len()),
-                    });
-                }
-                let rows: Vec<(u64, Vec<u8>)> = entries
-                    .into_iter()
-                    .map(|(i, b)| (i, entry_data(&b)))
-                    .collect();
-                store.apply(&rows, kv::apply)
+                store.apply_logged((from, upto), entry_data, kv::apply)
             }))
             .into_actor(self)
             .map(move |res, act, ctx| {
@@ -984,11 +1027,14 @@ impl StripeActor {
         match res {
             Ok(done) => {
                 self.applied_index = self.applied_index.max(upto);
+                let mut answered = 0;
                 for (index, outcome) in done {
                     if let Some(reply) = self.waiting.remove(&index) {
                         let _ = reply.send(Ok(outcome));
+                        answered += 1;
                     }
                 }
+                self.linger.answered(answered, Instant::now());
             }
             Err(e) => self.storage_failed(&e),
         }
@@ -1453,6 +1499,7 @@ impl StripeActor {
                         act.storage_ok(true);
                         if let Some(r) = act.replica.as_mut() {
                             let fx = r.on_persisted(last);
+                            act.observe_commits(&fx);
                             act.queue.extend(fx.into_iter().map(Step::Fx));
                         }
                     }
@@ -1504,14 +1551,7 @@ impl StripeActor {
             let Step::Reply(reply, resp) = step else {
                 continue;
             };
-            let resp = match resp {
-                StripeResponse::Replicated(_) => StripeResponse::Replicated(None),
-                StripeResponse::Prepared(_) => {
-                    StripeResponse::Prepared(Err(ServeError::Storage(e.to_string())))
-                }
-                other => other,
-            };
-            self.respond(reply, &resp);
+            self.respond(reply, &refused(resp, e));
         }
         for (_, reply) in std::mem::take(&mut self.batch) {
             let _ = reply.send(Err(ServeError::Storage(e.to_string())));
@@ -1800,9 +1840,10 @@ impl StripeActor {
 
     /// Appends the waiting client writes as one batch (one log append, one fsync).
     fn flush_batch(&mut self, ctx: &mut Context<Self>) {
-        if self.batch.is_empty() {
+        if self.batch.is_empty() || !self.batch_due(ctx) {
             return;
         }
+        self.linger.started();
         let batch = std::mem::take(&mut self.batch);
         let Some(r) = self.replica.as_mut() else {
             for (_, reply) in batch {
@@ -1816,6 +1857,9 @@ impl StripeActor {
             Ok((indexes, fx)) => {
                 self.metrics.writes.inc_by(n);
                 self.metrics.write_batches.inc();
+                if let Some(last) = indexes.last() {
+                    self.proposed.push_back((*last, Instant::now()));
+                }
                 for (i, reply) in indexes.into_iter().zip(replies) {
                     self.waiting.insert(i, reply);
                 }
@@ -1830,6 +1874,22 @@ impl StripeActor {
                 }
             }
         }
+    }
+
+    /// Whether the writes gathered so far go now (see `super::linger`);
+    /// otherwise a timer looks again when the wait is over.
+    fn batch_due(&mut self, ctx: &mut Context<Self>) -> bool {
+        let Some(wait) = self.linger.wait(Instant::now()) else {
+            return true;
+        };
+        if !self.linger_timer {
+            self.linger_timer = true;
+            ctx.run_later(wait, |act, ctx| {
+                act.linger_timer = false;
+                act.pump(ctx);
+            });
+        }
+        false
     }
 
     fn not_active(&self) -> ServeError {
@@ -1869,6 +1929,7 @@ impl StripeActor {
         }
         let cmd = cmd.stamped_at(crate::membership::unix_ms());
         self.batch.push((kv::encode(&cmd), reply));
+        self.linger.arrived();
         if self.ready_for_batch() {
             self.flush_batch(ctx);
         }
@@ -2255,6 +2316,18 @@ fn stream_snapshot(
         answer(futures::executor::block_on(call))?;
     }
     Ok((at, keys, bytes))
+}
+
+/// What a member answers in place of `resp` when the log write it waited for
+/// failed: nothing it covered counts as durable.
+fn refused(resp: StripeResponse, e: &StoreError) -> StripeResponse {
+    match resp {
+        StripeResponse::Replicated(_) => StripeResponse::Replicated(None),
+        StripeResponse::Prepared(_) => {
+            StripeResponse::Prepared(Err(ServeError::Storage(e.to_string())))
+        }
+        other => other,
+    }
 }
 
 /// Sends a stripe answer to the peer (or local caller) that asked.

@@ -3,6 +3,7 @@
 
 mod actor;
 pub mod kv;
+mod linger;
 pub mod replica;
 pub mod wire;
 pub use actor::*;
