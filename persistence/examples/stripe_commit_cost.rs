@@ -1,4 +1,4 @@
-//! What one stripe transaction costs on this disk: `persist_and_apply` of batches
+//! What one stripe transaction costs on this disk: `persist` and `apply_logged` of batches
 //! of 1 KiB writes (a standby's job), time per transaction and bytes the process
 //! wrote per transaction (`/proc/self/io`, so: write amplification). It prints
 //! numbers and asserts nothing.
@@ -47,7 +47,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 Ok(())
             };
-            store.persist_and_apply(None, &rows, None, (from, upto), |b| b.to_vec(), put)?;
+            store.persist(None, &rows, None)?;
+            store.apply_logged((from, upto), |b| b.to_vec(), put)?;
             last = upto;
         }
         let secs = started.elapsed().as_secs_f64();

@@ -461,24 +461,6 @@ impl StripeStore {
         txn.commit().map_err(self.log.storage())
     }
 
-    /// [`persist`](Self::persist), then the apply of the log entries
-    /// `from..=upto` (read back from the log, so they may be among `entries`;
-    /// `data_of` turns a log entry into what `f` applies). A standby gets new
-    /// entries and the commit of earlier ones in one message.
-    #[allow(clippy::too_many_arguments)]
-    pub fn persist_and_apply<R>(
-        &self,
-        truncate_from: Option<u64>,
-        entries: &[(u64, Vec<u8>)],
-        promised: Option<u64>,
-        (from, upto): (u64, u64),
-        data_of: impl Fn(&[u8]) -> Vec<u8>,
-        f: impl FnMut(&mut dyn KvTxn, u64, &[u8]) -> Result<R, StoreError>,
-    ) -> Result<Vec<(u64, R)>, StoreError> {
-        self.persist(truncate_from, entries, promised)?;
-        self.apply_logged((from, upto), data_of, f)
-    }
-
     /// [`apply`](Self::apply) of the log entries `from..=upto`, read back from
     /// the log (`data_of` turns a log entry into what `f` applies).
     pub fn apply_logged<R>(
@@ -1313,7 +1295,7 @@ mod tests {
     }
 
     #[test]
-    fn persist_and_apply_appends_then_applies_what_the_log_holds() {
+    fn apply_logged_applies_what_the_log_holds() {
         let dir = tempfile::tempdir().unwrap();
         let put = |tx: &mut dyn KvTxn, i: u64, bytes: &[u8]| {
             let key = String::from_utf8_lossy(bytes).to_string();
@@ -1325,14 +1307,12 @@ mod tests {
             let s = StripeStore::open(dir.path(), true).unwrap();
             s.persist(None, &[(1, b"a".to_vec())], None).unwrap();
             // Entry 1 was persisted earlier, entry 2 comes with this call.
-            let done = s
-                .persist_and_apply(None, &[(2, b"b".to_vec())], None, (1, 2), upper, put)
-                .unwrap();
+            s.persist(None, &[(2, b"b".to_vec())], None).unwrap();
+            let done = s.apply_logged((1, 2), upper, put).unwrap();
             assert_eq!(done, vec![(1, 1), (2, 2)]);
             // An entry that is not in the log is never skipped.
-            let err = s
-                .persist_and_apply(None, &[(4, b"d".to_vec())], None, (3, 4), upper, put)
-                .unwrap_err();
+            s.persist(None, &[(4, b"d".to_vec())], None).unwrap();
+            let err = s.apply_logged((3, 4), upper, put).unwrap_err();
             assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
             s.flush().unwrap();
         }

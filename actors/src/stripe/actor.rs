@@ -752,7 +752,8 @@ impl StripeActor {
         self.pump(ctx);
     }
 
-    /// Times the batches that `fx` commits (see `proposed`).
+    /// Times the batches that `fx` commits (see `proposed`); forgets them
+    /// once this node is no longer active.
     fn observe_commits(&mut self, fx: &[Effect]) {
         if self.proposed.is_empty() {
             return;
@@ -796,7 +797,8 @@ impl StripeActor {
             };
             // A standby's `Persist` of new entries is followed by the `Commit` of
             // earlier ones and its answer, and often by the next appends (they
-            // are pipelined): one transaction for the run of them, answers after.
+            // are pipelined): one transaction for the run of them, the answers
+            // once it is durable, then the apply.
             if let Step::Fx(Effect::Persist {
                 truncate_from,
                 mut entries,
@@ -824,7 +826,7 @@ impl StripeActor {
                             entries.extend(more);
                             promised = promised.max(p);
                         }
-                        Some(reply @ Step::Reply(..)) => answers.push(reply),
+                        Some(Step::Reply(reply, resp)) => answers.push((reply, resp)),
                         _ => {}
                     }
                 }
@@ -856,14 +858,15 @@ impl StripeActor {
     /// The answers go from the storage thread as soon as the log write is
     /// durable: through this actor's thread they waited for the apply (every
     /// second batch at 64 clients) and for one more thread hop, on the path of
-    /// every commit.
+    /// every commit. An apply that fails after them does not take them back:
+    /// what they said is durable is (the replica starts again from the disk).
     fn persist_and_apply(
         &mut self,
         truncate_from: Option<u64>,
         entries: Vec<(u64, Entry)>,
         promised: Option<u64>,
         upto: u64,
-        answers: Vec<Step>,
+        answers: Vec<(Responder, StripeResponse)>,
         ctx: &mut Context<Self>,
     ) {
         self.busy = true;
@@ -873,13 +876,6 @@ impl StripeActor {
         let has_entries = !rows.is_empty();
         let from = self.applied_index + 1;
         let generation = self.replica_generation;
-        let answers: Vec<(Responder, StripeResponse)> = answers
-            .into_iter()
-            .filter_map(|step| match step {
-                Step::Reply(reply, resp) => Some((reply, resp)),
-                Step::Fx(_) => None,
-            })
-            .collect();
         ctx.spawn(
             blocking(self.metrics.timed("persist", move || {
                 if let Err(e) = store.persist(truncate_from, &rows, promised) {
@@ -1929,7 +1925,7 @@ impl StripeActor {
         }
         let cmd = cmd.stamped_at(crate::membership::unix_ms());
         self.batch.push((kv::encode(&cmd), reply));
-        self.linger.arrived();
+        self.linger.arrived(Instant::now());
         if self.ready_for_batch() {
             self.flush_batch(ctx);
         }
@@ -2323,9 +2319,13 @@ fn stream_snapshot(
 fn refused(resp: StripeResponse, e: &StoreError) -> StripeResponse {
     match resp {
         StripeResponse::Replicated(_) => StripeResponse::Replicated(None),
-        StripeResponse::Prepared(_) => {
+        // A promise that was not stored is none.
+        StripeResponse::Prepared(_) | StripeResponse::PreparedBehind(_) => {
             StripeResponse::Prepared(Err(ServeError::Storage(e.to_string())))
         }
+        StripeResponse::SnapshotStored(_) => StripeResponse::SnapshotStored(Err(format!(
+            "the log write this answer waited for failed: {e}"
+        ))),
         other => other,
     }
 }
