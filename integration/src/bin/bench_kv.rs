@@ -14,6 +14,10 @@
 //! `apt-get install -y etcd-server && cargo build --release --workspace --bins &&
 //! target/release/bench-kv [seconds-per-point] [failover-runs]`.
 //!
+//! Each client count is measured `KILN_BENCH_ROUNDS` times (default 3), kiln and
+//! etcd one right after the other; the ratios printed are the medians of the
+//! rounds' ratios.
+//!
 //! For profiling: `KILN_BENCH_SYSTEMS=kiln` measures kiln alone and
 //! `KILN_BENCH_CLIENTS=64,64` only at those client counts;
 //! `KILN_BENCH_ENDPOINTS=leader` sends every put to the active / leader.
@@ -290,6 +294,14 @@ impl KvSystem for Etcd {
     }
 }
 
+/// One load run: which system, at how many clients, in which round.
+struct Measured {
+    system: &'static str,
+    clients: usize,
+    round: usize,
+    result: LoadResult,
+}
+
 struct LoadResult {
     puts_per_s: f64,
     p50_ms: f64,
@@ -455,6 +467,11 @@ fn main() {
         .nth(2)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
+    let rounds: usize = std::env::var("KILN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(3);
     let kiln_only = std::env::var("KILN_BENCH_SYSTEMS").is_ok_and(|s| s == "kiln");
     let client_counts: Vec<usize> = std::env::var("KILN_BENCH_CLIENTS")
         .ok()
@@ -472,47 +489,70 @@ fn main() {
         "| system | clients | puts/s | p50 ms | p99 ms | errors | server CPU (cores) | µs CPU per put | load CPU (cores) | machine CPU (cores) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let mut table: Vec<(String, usize, f64, f64, f64)> = Vec::new();
-    for sys in &systems {
-        for &clients in &client_counts {
-            let r = load(
-                sys.as_ref(),
-                clients,
-                secs,
-                &format!("{}{clients}", sys.name()),
-            );
-            println!(
-                "| {} | {clients} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
-                sys.name(),
-                r.puts_per_s,
-                r.p50_ms,
-                r.p99_ms,
-                r.errors,
-                r.server_cores,
-                r.cpu_us_per_put,
-                r.load_cores,
-                r.machine_cores
-            );
-            table.push((
-                sys.name().to_string(),
-                clients,
-                r.puts_per_s,
-                r.p99_ms,
-                r.cpu_us_per_put,
-            ));
+    // Each round measures every system once at each client count, one right
+    // after the other: a ratio is taken between neighbours, so the machine's
+    // drift (etcd's own figure moved by 28 % between runs minutes apart) does
+    // not fall between the two systems.
+    let mut table: Vec<Measured> = Vec::new();
+    for &clients in &client_counts {
+        for round in 0..rounds {
+            for sys in &systems {
+                let r = load(
+                    sys.as_ref(),
+                    clients,
+                    secs,
+                    &format!("{}{clients}r{round}", sys.name()),
+                );
+                println!(
+                    "| {} | {clients} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
+                    sys.name(),
+                    r.puts_per_s,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.errors,
+                    r.server_cores,
+                    r.cpu_us_per_put,
+                    r.load_cores,
+                    r.machine_cores
+                );
+                table.push(Measured {
+                    system: sys.name(),
+                    clients,
+                    round,
+                    result: r,
+                });
+            }
         }
     }
     if etcd_available {
+        println!();
         for &clients in &client_counts {
-            let get = |name: &str| table.iter().find(|r| r.0 == name && r.1 == clients);
-            if let (Some(k), Some(e)) = (get("kiln"), get("etcd")) {
-                println!(
-                    "ratio kiln/etcd at {clients} clients: throughput {:.2}, p99 {:.2}, CPU per put {:.2}",
-                    k.2 / e.2,
-                    k.3 / e.3,
-                    k.4 / e.4
-                );
-            }
+            let of = |name: &str, round: usize| {
+                table
+                    .iter()
+                    .find(|m| m.system == name && m.clients == clients && m.round == round)
+                    .map(|m| &m.result)
+            };
+            let pairs: Vec<(&LoadResult, &LoadResult)> = (0..rounds)
+                .filter_map(|round| Some((of("kiln", round)?, of("etcd", round)?)))
+                .collect();
+            let ratios = |f: fn(&LoadResult) -> f64| -> (f64, String) {
+                let mut each: Vec<f64> = pairs.iter().map(|(k, e)| f(k) / f(e)).collect();
+                let listed = each
+                    .iter()
+                    .map(|r| format!("{r:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                each.sort_by(|a, b| a.total_cmp(b));
+                (percentile(&each, 0.5), listed)
+            };
+            let (throughput, each) = ratios(|r| r.puts_per_s);
+            let (p99, _) = ratios(|r| r.p99_ms);
+            let (cpu, _) = ratios(|r| r.cpu_us_per_put);
+            println!(
+                "ratio kiln/etcd at {clients} clients (median of {} rounds): throughput {throughput:.2} ({each}), p99 {p99:.2}, CPU per put {cpu:.2}",
+                pairs.len()
+            );
         }
     }
     let how = if failover_by_pause() {
