@@ -62,6 +62,9 @@ pub struct StripeStore {
     changes_pruned: AtomicU64,
     /// When the state file was last fsynced.
     state_fsynced: Mutex<Instant>,
+    /// The applied index the state file held at its last fsync since open
+    /// or reopen (0: none yet): log entries up to it may go.
+    state_durable: AtomicU64,
 }
 
 /// What the stripe database held at open.
@@ -253,6 +256,7 @@ impl StripeStore {
             reopened: Mutex::new(None),
             changes_pruned: AtomicU64::new(0),
             state_fsynced: Mutex::new(Instant::now()),
+            state_durable: AtomicU64::new(0),
         })
     }
 
@@ -271,6 +275,7 @@ impl StripeStore {
         }
         *lock(&self.reopened) = Some(file.path.clone());
         self.state_lost.store(true, Ordering::Release);
+        self.state_durable.store(0, Ordering::Release);
         Ok(())
     }
 
@@ -597,6 +602,18 @@ impl StripeStore {
         self.flush_state(false).map(|(entries, _)| entries)
     }
 
+    /// [`flush`](Self::flush), fsynced even with nothing pending, so that
+    /// [`compact_log`](Self::compact_log) may drop what it covers.
+    pub fn flush_durable(&self) -> Result<u64, StoreError> {
+        self.flush_state(true).map(|(entries, _)| entries)
+    }
+
+    /// The applied index the state file held at its last fsync (see
+    /// [`flush_durable`](Self::flush_durable)).
+    pub fn state_durable(&self) -> u64 {
+        self.state_durable.load(Ordering::Acquire)
+    }
+
     /// A file was opened again after an I/O error since the last
     /// [`recover`](Self::recover): the stripe must start again from the files.
     pub fn state_lost(&self) -> bool {
@@ -665,6 +682,7 @@ impl StripeStore {
         txn.commit().map_err(self.state.storage())?;
         if fsync {
             *lock(&self.state_fsynced) = started;
+            self.state_durable.fetch_max(applied, Ordering::AcqRel);
         }
         let mut u = self.lock_unflushed();
         u.flushing = None;
@@ -893,12 +911,20 @@ impl StripeStore {
     /// log starts after. The state file is flushed and fsynced first: it must
     /// cover every entry the log no longer holds.
     pub fn compact(&self, base: (u64, u64)) -> Result<(), StoreError> {
-        let (_, filed) = self.flush_state(true)?;
+        self.flush_state(true)?;
+        self.compact_log(base)
+    }
+
+    /// [`compact`](Self::compact) once the state file covers `base`, fsynced
+    /// (see [`flush_durable`](Self::flush_durable)): the log part alone.
+    pub fn compact_log(&self, base: (u64, u64)) -> Result<(), StoreError> {
+        self.check_state_kept()?;
+        let filed = self.state_durable();
         if filed < base.1 {
             return Err(StoreError::Corrupt {
                 path: self.state.path.clone(),
                 what: format!("log compaction up to entry {}", base.1),
-                detail: format!("the file's state covers entries up to {filed} only"),
+                detail: format!("the file's fsynced state covers entries up to {filed} only"),
             });
         }
         let txn = self.write_txn(&self.log, false)?;
@@ -1734,5 +1760,27 @@ mod tests {
         let r = s.recover().unwrap();
         assert_eq!((r.base, r.applied, r.entries.len()), ((1, 2), 2, 1));
         assert!(!s.state_lost());
+    }
+
+    #[test]
+    fn the_log_alone_is_compacted_only_up_to_the_fsynced_state() {
+        let (_dir, s) = store_with_empty_entries(3);
+        put_one(&s, 1, "a", Some(b"1"));
+        put_one(&s, 2, "b", Some(b"2"));
+        // Flushed, but not fsynced: the log keeps what a crash could undo.
+        s.flush().unwrap();
+        assert_eq!(s.state_durable(), 0);
+        let err = s.compact_log((1, 2)).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        s.flush_durable().unwrap();
+        assert_eq!(s.state_durable(), 2);
+        s.compact_log((1, 2)).unwrap();
+        put_one(&s, 3, "c", Some(b"3"));
+        s.flush_durable().unwrap();
+        assert_eq!(s.state_durable(), 3);
+        // After a reopen, not at all until the stripe starts again.
+        s.state_lost.store(true, Ordering::Release);
+        let err = s.compact_log((1, 3)).unwrap_err();
+        assert!(matches!(err, StoreError::StateReopened { .. }), "{err}");
     }
 }
