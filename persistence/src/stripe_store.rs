@@ -849,6 +849,7 @@ impl StripeStore {
         }
         txn.commit().map_err(self.state.storage())?;
         *lock(&self.state_fsynced) = Instant::now();
+        self.state_durable.store(at.1, Ordering::Release);
         self.finish_install()?;
         // The files' state is all new, and fsynced: it no longer depends on
         // commits a reopen undid.
@@ -1406,6 +1407,8 @@ mod tests {
         standby
             .install_snapshot((1, 3), false, source.changes, &expiry_of)
             .unwrap();
+        // The installed state is fsynced: the log may go up to it.
+        assert_eq!(standby.state_durable(), 3);
         let r = standby.recover().unwrap();
         assert_eq!((r.base, r.applied), ((1, 3), 3));
         assert!(r.entries.is_empty());

@@ -953,8 +953,8 @@ impl StripeActor {
         let waiting = self.store.unflushed_entries();
         // Not while the stripe restarts from its file (which drops the state).
         let restarting = self.replica.is_none() || self.storage_down.is_some();
-        // A compaction waiting for its turn flushes the state itself; another
-        // flush first would only put it off again.
+        // A compaction waiting for its turn starts a durable flush itself if
+        // it needs one; a plain flush first would only put it off.
         let compaction_waits = self
             .queue
             .iter()
@@ -985,22 +985,27 @@ impl StripeActor {
         };
         ctx.spawn(flushed.into_actor(self).map(move |res, act, ctx| {
             act.flushing = false;
-            let stashed = act.compact_after_flush.take();
             match res {
                 Ok(n) if act.replica_generation == generation => {
                     if n > 0 {
                         act.storage_ok(false);
                     }
-                    if let Some(upto) = stashed {
+                    if let Some(upto) = act.compact_after_flush.take() {
                         act.queue.push_back(Step::Fx(Effect::Compact { upto }));
                         act.pump(ctx);
                     }
                 }
-                Ok(_) => {}
                 // Earlier flushes may be undone with the file (see
                 // `StripeStore::flush`).
                 Err(e) if act.replica_generation == generation => act.log_write_failed(&e),
-                Err(_) => {}
+                // A flush of an earlier replica: a compaction stashed since
+                // (by the new one) goes through the queue again.
+                _ => {
+                    if let Some(upto) = act.compact_after_flush.take() {
+                        act.queue.push_back(Step::Fx(Effect::Compact { upto }));
+                        act.pump(ctx);
+                    }
+                }
             }
         }));
     }
