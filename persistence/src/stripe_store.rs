@@ -909,15 +909,9 @@ impl StripeStore {
 
     /// Drops log entries up to `base.1` (applied, and held by every member or
     /// covered by snapshots) and records `base` (epoch, index) as the point the
-    /// log starts after. The state file is flushed and fsynced first: it must
-    /// cover every entry the log no longer holds.
-    pub fn compact(&self, base: (u64, u64)) -> Result<(), StoreError> {
-        self.flush_state(true)?;
-        self.compact_log(base)
-    }
-
-    /// [`compact`](Self::compact) once the state file covers `base`, fsynced
-    /// (see [`flush_durable`](Self::flush_durable)): the log part alone.
+    /// log starts after. Refused unless the state file covers every entry the
+    /// log would no longer hold, fsynced ([`flush_durable`](Self::flush_durable)
+    /// first, or a periodic fsync).
     pub fn compact_log(&self, base: (u64, u64)) -> Result<(), StoreError> {
         self.check_state_kept()?;
         let filed = self.state_durable();
@@ -1428,7 +1422,8 @@ mod tests {
             vec![(4, (2, None, Some(3000u64.to_le_bytes().to_vec())))]
         );
 
-        active.compact((1, 2)).unwrap();
+        active.flush_durable().unwrap();
+        active.compact_log((1, 2)).unwrap();
         let r = active.recover().unwrap();
         assert_eq!(r.base, (1, 2));
         assert_eq!(
@@ -1750,15 +1745,16 @@ mod tests {
     #[test]
     fn compaction_never_drops_entries_the_file_state_does_not_cover() {
         let (_dir, s) = store_with_empty_entries(3);
-        let err = s.compact((1, 2)).unwrap_err();
+        let compact = |s: &StripeStore| s.flush_durable().and_then(|_| s.compact_log((1, 2)));
+        let err = compact(&s).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
-        // Applied in memory only: the compaction flushes it first.
+        // Applied in memory only: the durable flush writes it first.
         put_one(&s, 1, "a", Some(b"1"));
         put_one(&s, 2, "b", Some(b"2"));
-        s.compact((1, 2)).unwrap();
+        compact(&s).unwrap();
         // After a reopen, not at all until the stripe starts again.
         s.state_lost.store(true, Ordering::Release);
-        let err = s.compact((1, 2)).unwrap_err();
+        let err = compact(&s).unwrap_err();
         assert!(matches!(err, StoreError::StateReopened { .. }), "{err}");
         let r = s.recover().unwrap();
         assert_eq!((r.base, r.applied, r.entries.len()), ((1, 2), 2, 1));

@@ -504,7 +504,8 @@ fn run(seed: u64, steps: usize, concurrent_flush: bool) {
                     &mut follower
                 };
                 let base = rng.gen_range(who.base..=who.model.applied);
-                who.store().compact((1, base)).unwrap();
+                who.store().flush_durable().unwrap();
+                who.store().compact_log((1, base)).unwrap();
                 who.base = base;
             }
             59..=63 => {
