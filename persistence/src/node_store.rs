@@ -63,9 +63,9 @@ impl NodeStore {
         let existed = path.exists();
         let map_open = |e: redb::DatabaseError| map_open_error(e, &path);
         let db = if existed {
-            Database::open(&path).map_err(map_open)?
+            db_builder().open(&path).map_err(map_open)?
         } else {
-            Database::create(&path).map_err(map_open)?
+            db_builder().create(&path).map_err(map_open)?
         };
         let store = NodeStore {
             db,
@@ -357,6 +357,23 @@ pub fn verify_untouched(dir: &Path, secret: Option<&[u8]>) -> Result<(), StoreEr
     Ok(())
 }
 
+/// Memory each kiln database may use for redb's page cache, written pages
+/// included. redb's default is 1 GiB per file, and a transaction committed
+/// without fsync keeps its pages in that cache, not in the file: the stripe
+/// state's flushes (fsynced every 10 s) gathered hundreds of megabytes there,
+/// which its next fsync then wrote at once (136–432 ms, while every write of
+/// the stripe waited behind it; integration/BENCHMARKS.md). With a bounded
+/// cache redb hands older pages to the OS as it goes, and
+/// `StripeStore::flush` has the OS write them out in steps.
+pub(crate) const DB_CACHE_BYTES: usize = 64 << 20;
+
+/// How kiln opens its redb databases.
+pub(crate) fn db_builder() -> redb::Builder {
+    let mut b = redb::Builder::new();
+    b.set_cache_size(DB_CACHE_BYTES);
+    b
+}
+
 /// Opens the kiln database at `path`, or creates it. A new file gets the format
 /// version in `meta` and the tables `create` opens, in one fsynced transaction;
 /// an existing one must carry a format this binary knows.
@@ -370,13 +387,17 @@ pub(crate) fn open_or_create(
         source: e,
     };
     if path.exists() {
-        let db = Database::open(path).map_err(|e| map_open_error(e, path))?;
+        let db = db_builder()
+            .open(path)
+            .map_err(|e| map_open_error(e, path))?;
         let txn = db.begin_read().map_err(|e| storage(e.into()))?;
         check_format_in(&txn, meta, path)?;
         drop(txn);
         return Ok(db);
     }
-    let db = Database::create(path).map_err(|e| map_open_error(e, path))?;
+    let db = db_builder()
+        .create(path)
+        .map_err(|e| map_open_error(e, path))?;
     let mut txn = db.begin_write().map_err(|e| storage(e.into()))?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| storage(e.into()))?;

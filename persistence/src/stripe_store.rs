@@ -28,10 +28,17 @@ use crate::StoreError;
 /// A flush is fsynced once this long after the last fsynced one (the others
 /// are not: the log holds what they cover), and before compaction. Bounds what
 /// a crash makes the node apply again, and lets redb reuse the pages flushes
-/// freed. Each such fsync writes back seconds of state pages and holds up the
-/// log's fsyncs meanwhile: every second, p99 at 16 clients was 10.9–11.1 ms;
-/// every 10 s, 9.6–9.7 (integration/BENCHMARKS.md).
+/// freed. Such an fsync holds up the log's fsyncs while it writes: every
+/// second, p99 at 16 clients was 10.9–11.1 ms; every 10 s, 9.6–9.7; every
+/// flush (~200 ms), ~11 ms and 10 % fewer writes a second
+/// (integration/BENCHMARKS.md). What it has left to write is kept small
+/// instead: see [`write_back_in_steps`].
 const STATE_FSYNC_EVERY: Duration = Duration::from_secs(10);
+
+/// [`write_back_in_steps`] covers the file in at most this many ranges.
+const WRITE_BACK_STEPS: u64 = 64;
+/// … each at least this long.
+const WRITE_BACK_MIN_RANGE: u64 = 2 << 20;
 
 /// Rows copied between reports while a data directory from before the state
 /// file moves its state there.
@@ -683,6 +690,8 @@ impl StripeStore {
         if fsync {
             *lock(&self.state_fsynced) = started;
             self.state_durable.fetch_max(applied, Ordering::AcqRel);
+        } else if !batch.is_empty() {
+            write_back_in_steps(&self.state.path);
         }
         let mut u = self.lock_unflushed();
         u.flushing = None;
@@ -1238,6 +1247,45 @@ fn installing_of(b: &[u8]) -> Option<((u64, u64), bool)> {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Has the OS write the file's dirty pages to the disk one range at a time,
+/// waiting for each (Linux `sync_file_range`; RocksDB's `bytes_per_sync` does
+/// the same), after a flush that was not fsynced. The disk then never holds a
+/// long queue of state pages that a log fsync must wait behind, and the
+/// state's next fsync finds little left to write. The longest write stalls of
+/// a run went from 120–200 ms to 45–90 ms (integration/BENCHMARKS.md). Best
+/// effort: durability never relies on it, so a failure is not reported.
+#[cfg(target_os = "linux")]
+fn write_back_in_steps(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else {
+        return;
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let range = (len / WRITE_BACK_STEPS).max(WRITE_BACK_MIN_RANGE);
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    let mut offset = 0;
+    while offset < len {
+        // SAFETY: `file` stays open for the call, which takes no pointers.
+        let done = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                range as libc::off64_t,
+                flags,
+            )
+        };
+        if done != 0 {
+            return;
+        }
+        offset += range;
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn write_back_in_steps(_path: &Path) {}
 
 #[cfg(test)]
 mod tests {
