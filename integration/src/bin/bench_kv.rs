@@ -306,6 +306,10 @@ struct LoadResult {
     puts_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The tail: stalls of the whole system (an fsync every member's writes
+    /// wait behind) show here first.
+    p999_ms: f64,
+    max_ms: f64,
     errors: usize,
     /// Cores the system's processes used, all of them together.
     server_cores: f64,
@@ -373,6 +377,8 @@ fn load(sys: &dyn KvSystem, clients: usize, secs: f64, tag: &str) -> LoadResult 
         puts_per_s: lat.len() as f64 / elapsed,
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
+        p999_ms: percentile(&lat, 0.999),
+        max_ms: lat.last().copied().unwrap_or(f64::NAN),
         errors: errors.into_inner().unwrap(),
         server_cores: server_s / elapsed,
         cpu_us_per_put: if lat.is_empty() {
@@ -486,9 +492,9 @@ fn main() {
         systems.push(Box::new(Etcd::start()));
     }
     println!(
-        "| system | clients | puts/s | p50 ms | p99 ms | errors | server CPU (cores) | µs CPU per put | load CPU (cores) | machine CPU (cores) |"
+        "| system | clients | puts/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | server CPU (cores) | µs CPU per put | load CPU (cores) | machine CPU (cores) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     // Each round measures every system once at each client count, one right
     // after the other: a ratio is taken between neighbours, so the machine's
     // drift (etcd's own figure moved by 28 % between runs minutes apart) does
@@ -504,11 +510,13 @@ fn main() {
                     &format!("{}{clients}r{round}", sys.name()),
                 );
                 println!(
-                    "| {} | {clients} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
+                    "| {} | {clients} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
                     sys.name(),
                     r.puts_per_s,
                     r.p50_ms,
                     r.p99_ms,
+                    r.p999_ms,
+                    r.max_ms,
                     r.errors,
                     r.server_cores,
                     r.cpu_us_per_put,
