@@ -363,8 +363,10 @@ pub fn verify_untouched(dir: &Path, secret: Option<&[u8]>) -> Result<(), StoreEr
 /// state's flushes (fsynced every 10 s) gathered hundreds of megabytes there,
 /// which its next fsync then wrote at once (136–432 ms, while every write of
 /// the stripe waited behind it; integration/BENCHMARKS.md). With a bounded
-/// cache redb hands older pages to the OS as it goes, and
-/// `StripeStore::flush` has the OS write them out in steps.
+/// cache redb hands older pages to the OS as it goes, and a state flush has
+/// the OS write them out in steps (`write_back_in_steps` in stripe_store.rs).
+/// The read cache is bounded too: pages beyond it are read from the OS's
+/// page cache.
 pub(crate) const DB_CACHE_BYTES: usize = 64 << 20;
 
 /// How kiln opens its redb databases.

@@ -29,16 +29,11 @@ use crate::StoreError;
 /// are not: the log holds what they cover), and before compaction. Bounds what
 /// a crash makes the node apply again, and lets redb reuse the pages flushes
 /// freed. Such an fsync holds up the log's fsyncs while it writes: every
-/// second, p99 at 16 clients was 10.9–11.1 ms; every 10 s, 9.6–9.7; every
-/// flush (~200 ms), ~11 ms and 10 % fewer writes a second
+/// second, p99 at 16 clients was 10.9–11.1 ms; every 10 s, 9.6–9.7; at every
+/// flush (tens a second under load), ~11 ms and 11 % fewer writes a second
 /// (integration/BENCHMARKS.md). What it has left to write is kept small
 /// instead: see [`write_back_in_steps`].
 const STATE_FSYNC_EVERY: Duration = Duration::from_secs(10);
-
-/// [`write_back_in_steps`] covers the file in at most this many ranges.
-const WRITE_BACK_STEPS: u64 = 64;
-/// … each at least this long.
-const WRITE_BACK_MIN_RANGE: u64 = 2 << 20;
 
 /// Rows copied between reports while a data directory from before the state
 /// file moves its state there.
@@ -690,14 +685,20 @@ impl StripeStore {
         if fsync {
             *lock(&self.state_fsynced) = started;
             self.state_durable.fetch_max(applied, Ordering::AcqRel);
-        } else if !batch.is_empty() {
-            write_back_in_steps(&self.state.path);
         }
-        let mut u = self.lock_unflushed();
-        u.flushing = None;
-        self.unflushed_entries.store(u.entries(), Ordering::Release);
+        {
+            let mut u = self.lock_unflushed();
+            u.flushing = None;
+            self.unflushed_entries.store(u.entries(), Ordering::Release);
+        }
         if !batch.is_empty() {
             self.flushes.fetch_add(1, Ordering::AcqRel);
+        }
+        // Outside the flush lock: snapshots and recovery need not wait for
+        // the disk. (The flush job, and so the next flush, still does.)
+        drop(_flush);
+        if !fsync && !batch.is_empty() {
+            write_back_in_steps(&self.state.path);
         }
         Ok((batch.entries, applied))
     }
@@ -1250,19 +1251,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Has the OS write the file's dirty pages to the disk one range at a time,
 /// waiting for each (Linux `sync_file_range`; RocksDB's `bytes_per_sync` does
-/// the same), after a flush that was not fsynced. The disk then never holds a
-/// long queue of state pages that a log fsync must wait behind, and the
-/// state's next fsync finds little left to write. The longest write stalls of
-/// a run went from 120–200 ms to 45–90 ms (integration/BENCHMARKS.md). Best
-/// effort: durability never relies on it, so a failure is not reported.
+/// the same), after a flush that was not fsynced. The disk then holds a short
+/// queue of state pages at most for a log fsync to wait behind, and the
+/// state's next fsync finds less left to write (no more than redb still holds
+/// in its cache, see `DB_CACHE_BYTES`). With the bounded cache, the slowest put
+/// of a 12 s run at 64 clients went from 120–210 ms to 45–90 ms
+/// (integration/BENCHMARKS.md). In both persistence modes: the fsync before a
+/// log compaction is made in both. Best effort: durability never relies on it,
+/// so a failure is not reported.
 #[cfg(target_os = "linux")]
 fn write_back_in_steps(path: &Path) {
     use std::os::fd::AsRawFd;
+    // At most this many ranges, each at least 2 MiB.
+    const STEPS: u64 = 64;
+    const MIN_RANGE: u64 = 2 << 20;
     let Ok(file) = std::fs::File::open(path) else {
         return;
     };
     let len = file.metadata().map_or(0, |m| m.len());
-    let range = (len / WRITE_BACK_STEPS).max(WRITE_BACK_MIN_RANGE);
+    let range = (len / STEPS).max(MIN_RANGE);
     let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
         | libc::SYNC_FILE_RANGE_WRITE
         | libc::SYNC_FILE_RANGE_WAIT_AFTER;

@@ -2,7 +2,7 @@
 //! 3-member etcd cluster (Debian `etcd-server`, JSON gateway `/v3/kv/put`), same
 //! machine, same run, same closed-loop load generator.
 //!
-//! - Throughput and p50/p99 latency of 1 KiB puts at 1, 16 and 64 clients (each
+//! - Throughput and p50/p99/p99.9/max latency of 1 KiB puts at 1, 16 and 64 clients (each
 //!   client sends its next put when the previous one is answered; clients are
 //!   spread over all nodes, which forward to the active / leader).
 //! - Failover: kill -9 of the active (etcd: the leader) under 16 clients → time from
