@@ -985,27 +985,19 @@ impl StripeActor {
         };
         ctx.spawn(flushed.into_actor(self).map(move |res, act, ctx| {
             act.flushing = false;
+            let current = act.replica_generation == generation;
             match res {
-                Ok(n) if act.replica_generation == generation => {
-                    if n > 0 {
-                        act.storage_ok(false);
-                    }
-                    if let Some(upto) = act.compact_after_flush.take() {
-                        act.queue.push_back(Step::Fx(Effect::Compact { upto }));
-                        act.pump(ctx);
-                    }
-                }
+                Ok(n) if current && n > 0 => act.storage_ok(false),
                 // Earlier flushes may be undone with the file (see
-                // `StripeStore::flush`).
-                Err(e) if act.replica_generation == generation => act.log_write_failed(&e),
-                // A flush of an earlier replica: a compaction stashed since
-                // (by the new one) goes through the queue again.
-                _ => {
-                    if let Some(upto) = act.compact_after_flush.take() {
-                        act.queue.push_back(Step::Fx(Effect::Compact { upto }));
-                        act.pump(ctx);
-                    }
-                }
+                // `StripeStore::flush`); the failure drops a stashed compaction.
+                Err(e) if current => act.log_write_failed(&e),
+                _ => {}
+            }
+            // Also after a flush of an earlier replica: a compaction stashed
+            // since (by the new one) goes through the queue again.
+            if let Some(upto) = act.compact_after_flush.take() {
+                act.queue.push_back(Step::Fx(Effect::Compact { upto }));
+                act.pump(ctx);
             }
         }));
     }
