@@ -336,7 +336,7 @@ pub fn verify_untouched(dir: &Path, secret: Option<&[u8]>) -> Result<(), StoreEr
     if !path.exists() {
         return Ok(());
     }
-    let db = match redb::Builder::new().open_read_only(&path) {
+    let db = match db_builder().open_read_only(&path) {
         Ok(db) => db,
         Err(redb::DatabaseError::RepairAborted) => return Ok(()),
         Err(e) => return Err(map_open_error(e, &path)),

@@ -30,7 +30,7 @@ use crate::StoreError;
 /// a crash makes the node apply again, and lets redb reuse the pages flushes
 /// freed. Such an fsync holds up the log's fsyncs while it writes: every
 /// second, p99 at 16 clients was 10.9–11.1 ms; every 10 s, 9.6–9.7; at every
-/// flush (tens a second under load), ~11 ms and 11 % fewer writes a second
+/// flush (15–20 a second per node under load), ~11 ms and 11 % fewer writes a second
 /// (integration/BENCHMARKS.md). What it has left to write is kept small
 /// instead: see [`write_back_in_steps`].
 const STATE_FSYNC_EVERY: Duration = Duration::from_secs(10);
@@ -632,7 +632,7 @@ impl StripeStore {
     /// earlier flush is durable too. Returns the entries it covered and the
     /// state file's applied index.
     fn flush_state(&self, fsync: bool) -> Result<(u64, u64), StoreError> {
-        let _flush = lock(&self.flush_lock);
+        let flush_guard = lock(&self.flush_lock);
         let batch = {
             let mut u = self.lock_unflushed();
             let newest = std::mem::take(&mut u.newest);
@@ -696,7 +696,7 @@ impl StripeStore {
         }
         // Outside the flush lock: snapshots and recovery need not wait for
         // the disk. (The flush job, and so the next flush, still does.)
-        drop(_flush);
+        drop(flush_guard);
         if !fsync && !batch.is_empty() {
             write_back_in_steps(&self.state.path);
         }
@@ -1251,10 +1251,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Has the OS write the file's dirty pages to the disk one range at a time,
 /// waiting for each (Linux `sync_file_range`; RocksDB's `bytes_per_sync` does
-/// the same), after a flush that was not fsynced. The disk then holds a short
-/// queue of state pages at most for a log fsync to wait behind, and the
-/// state's next fsync finds less left to write (no more than redb still holds
-/// in its cache, see `DB_CACHE_BYTES`). With the bounded cache, the slowest put
+/// the same), after a flush that was not fsynced. A range holds no more dirty
+/// pages than flushes made since the last write-back (a few MB under load;
+/// ranges without any cost a syscall each), so the disk holds a short queue of
+/// state pages at most for a log fsync to wait behind, and the state's next
+/// fsync finds less left to write (no more than redb still holds in its cache,
+/// see `DB_CACHE_BYTES`). The flush job includes it (its time in
+/// `kiln_stripe_storage_seconds{job="flush"}`), so the next flush waits for it. With the bounded cache, the slowest put
 /// of a 12 s run at 64 clients went from 120–210 ms to 45–90 ms
 /// (integration/BENCHMARKS.md). In both persistence modes: the fsync before a
 /// log compaction is made in both. Best effort: durability never relies on it,
@@ -1285,6 +1288,8 @@ fn write_back_in_steps(path: &Path) {
             )
         };
         if done != 0 {
+            tracing::debug!(path = %path.display(), error = %std::io::Error::last_os_error(),
+                "write-back of the state file failed (best effort; its next fsync writes it)");
             return;
         }
         offset += range;
