@@ -30,9 +30,9 @@ use crate::StoreError;
 /// a crash makes the node apply again, and lets redb reuse the pages flushes
 /// freed. Such an fsync holds up the log's fsyncs while it writes: every
 /// second, p99 at 16 clients was 10.9–11.1 ms; every 10 s, 9.6–9.7; at every
-/// flush (15–20 a second per node under load), ~11 ms and 11 % fewer writes a second
-/// (integration/BENCHMARKS.md). What it has left to write is kept small
-/// instead: see [`write_back_in_steps`].
+/// flush (15–20 a second per node under load), ~11 ms and 11 % fewer writes a
+/// second (integration/BENCHMARKS.md). What it has left to write is kept
+/// small instead: see [`write_back_in_steps`].
 const STATE_FSYNC_EVERY: Duration = Duration::from_secs(10);
 
 /// Rows copied between reports while a data directory from before the state
@@ -1256,12 +1256,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// ranges without any cost a syscall each), so the disk holds a short queue of
 /// state pages at most for a log fsync to wait behind, and the state's next
 /// fsync finds less left to write (no more than redb still holds in its cache,
-/// see `DB_CACHE_BYTES`). The flush job includes it (its time in
-/// `kiln_stripe_storage_seconds{job="flush"}`), so the next flush waits for it. With the bounded cache, the slowest put
-/// of a 12 s run at 64 clients went from 120–210 ms to 45–90 ms
-/// (integration/BENCHMARKS.md). In both persistence modes: the fsync before a
-/// log compaction is made in both. Best effort: durability never relies on it,
-/// so a failure is not reported.
+/// see `DB_CACHE_BYTES`). The flush job includes it (its time is in
+/// `kiln_stripe_storage_seconds{job="flush"}`), so the next flush waits for
+/// it. With the bounded cache, the slowest put of a 12 s run at 64 clients
+/// went from 120–210 ms to 45–90 ms (integration/BENCHMARKS.md). In both
+/// persistence modes: the fsync before a log compaction is made in both. Best
+/// effort: durability never relies on it, so a failure is only logged (debug).
 #[cfg(target_os = "linux")]
 fn write_back_in_steps(path: &Path) {
     use std::os::fd::AsRawFd;

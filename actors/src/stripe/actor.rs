@@ -331,8 +331,9 @@ impl StripeMetrics {
             "storage_seconds",
             "Time stripe storage jobs took (job: append = the active's own log write, \
              persist = a member's log write with the apply of what it covers, apply, \
-             flush = applied state to its file and its pages' write-back, flush_durable = the same fsynced for a \
-             compaction, compact = the log part of one, stage = a received snapshot part, install)",
+             flush = applied state to its file and its pages' write-back, \
+             flush_durable = the same fsynced for a compaction, compact = the log part of one, \
+             stage = a received snapshot part, install)",
             m.storage_seconds.0.clone(),
         );
         r.register(
