@@ -23,8 +23,8 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// [`blocking`] for work nothing waits for (flushes of applied state), on a
 /// thread of its own that runs only on CPU nothing else wants (Linux's
 /// `SCHED_IDLE`): the log appends and replication that writes wait for go
-/// first, and are never held up by a flush that took a core just before
-/// (integration/BENCHMARKS.md, fourteenth and eighteenth sessions).
+/// first, and do not wait for a core behind a flush (integration/BENCHMARKS.md,
+/// fourteenth and eighteenth sessions).
 pub(crate) async fn background<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
@@ -83,10 +83,12 @@ fn background_queue() -> Option<&'static mpsc::Sender<BackgroundJob>> {
 /// Puts the calling thread in the `SCHED_IDLE` class: it runs only on CPU no
 /// other thread wants, and a woken thread takes its core at once. At a nice
 /// value (10, or 19) whole batches of writes still stalled 10-25 ms a few times
-/// a second at 16 clients, always while members' flushes ran. A flush that
-/// never gets a core is left to the blocking pool once the entries waiting for
-/// it pass `FLUSH_BEHIND` (stripe actor). Elsewhere the thread keeps its
-/// priority.
+/// a second at 16 clients, in every stall traced while members' flushes ran.
+/// The price: a flush preempted while it holds a lock a write needs (the
+/// pending state's mutex, redb's page cache) holds that write until it gets a
+/// core again, and the next flush goes to the blocking pool only once the
+/// entries waiting pass `FLUSH_BEHIND` (stripe actor). Elsewhere the thread
+/// keeps its priority.
 #[cfg(not(target_os = "linux"))]
 fn lower_own_priority() {}
 
