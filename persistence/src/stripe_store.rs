@@ -944,6 +944,14 @@ impl StripeStore {
         txn.commit().map_err(self.log.storage())
     }
 
+    /// Index of the first entry the log holds (`None` if it holds none).
+    pub fn log_first(&self) -> Result<Option<u64>, StoreError> {
+        let txn = self.begin_read(&self.log)?;
+        let table = txn.open_table(STRIPE_LOG).map_err(self.log.storage())?;
+        let first = table.first().map_err(self.log.storage())?;
+        Ok(first.map(|(k, _)| k.value()))
+    }
+
     /// The last change seq produced by applied writes.
     pub fn changes_head(&self) -> u64 {
         self.changes_head.load(Ordering::Acquire)
@@ -1483,7 +1491,9 @@ mod tests {
         );
 
         active.flush_durable().unwrap();
+        assert_eq!(active.log_first().unwrap(), Some(1));
         active.compact_log((1, 2)).unwrap();
+        assert_eq!(active.log_first().unwrap(), Some(3));
         let r = active.recover().unwrap();
         assert_eq!(r.base, (1, 2));
         assert_eq!(

@@ -61,6 +61,10 @@ const FLUSH_BEHIND: u64 = 8 * FLUSH_ENTRIES;
 /// A long catch-up applies this many entries at a time: an apply holds the
 /// state's lock, and reads on this actor's thread wait for it.
 const APPLY_PART: u64 = 1024;
+/// A log compaction drops at most this many entries per transaction, one step
+/// a tick: the stripe's queue (and the log's writer) waits for each step, and
+/// dropping 10 000 entries at once held every write of the stripe 5-10 ms.
+const COMPACT_STEP: u64 = 1024;
 /// After a failed log write the stripe starts again from its disk this much
 /// later, and again, twice as late each time (up to `STORAGE_RETRY_MAX`), until
 /// a log write succeeds: an active whose disk stays full would otherwise take
@@ -442,6 +446,9 @@ pub struct StripeActor {
     flushing: bool,
     /// A compaction that came while a flush ran (see `Effect::Compact`).
     compact_after_flush: Option<u64>,
+    /// Where the compaction under way ends: its next step goes at the next
+    /// tick (see `COMPACT_STEP`).
+    compact_rest: Option<u64>,
     /// `StripeStore::flushes` at the last tick.
     flushes_seen: u64,
     ticks_without_flush: u32,
@@ -554,6 +561,7 @@ impl StripeActor {
             apply_pending: None,
             flushing: false,
             compact_after_flush: None,
+            compact_rest: None,
             flushes_seen: 0,
             ticks_without_flush: 0,
             receiving: None,
@@ -658,6 +666,12 @@ impl StripeActor {
             // Reads fail until the stripe starts again from the reopened file.
             if let Err(e) = self.store.check_state_kept() {
                 self.log_write_failed(&e);
+            }
+        }
+        if !self.busy && self.queue.is_empty() {
+            if let Some(upto) = self.compact_rest.take() {
+                self.queue.push_back(Step::Fx(Effect::Compact { upto }));
+                self.pump(ctx);
             }
         }
         // Also counts the flushes others made (compaction, snapshots).
@@ -1156,22 +1170,29 @@ impl StripeActor {
                 let store = self.store.clone();
                 ctx.spawn(
                     blocking(self.metrics.timed("compact", move || {
+                        let Some(first) = store.log_first()? else {
+                            return Ok(upto);
+                        };
+                        let step = upto.min(first.saturating_add(COMPACT_STEP - 1));
                         let epoch = store
-                            .entries(upto, upto)?
+                            .entries(step, step)?
                             .first()
                             .and_then(|(_, b)| from_cbor::<Entry>(b, usize::MAX).ok())
                             .map(|e| e.epoch);
                         match epoch {
-                            Some(epoch) => store.compact_log((epoch, upto)),
+                            Some(epoch) => store.compact_log((epoch, step)).map(|()| step),
                             // Already compacted (or covered by a snapshot).
-                            None => Ok(()),
+                            None => Ok(upto),
                         }
                     }))
                     .into_actor(self)
-                    .map(|res, act, ctx| {
+                    .map(move |res, act, ctx| {
                         act.busy = false;
                         match res {
-                            Ok(()) => {}
+                            Ok(done) if done < upto => {
+                                act.compact_rest = act.compact_rest.max(Some(upto));
+                            }
+                            Ok(_) => {}
                             // The file lost commits its state had (see
                             // `StripeStore::flush`): start again from it.
                             Err(e @ (StoreError::StateReopened { .. } | StoreError::Corrupt { .. })) => {
@@ -1556,6 +1577,7 @@ impl StripeActor {
     /// starts again from what the disk holds; the active sends the rest again.
     fn log_write_failed(&mut self, e: &StoreError) {
         self.compact_after_flush = None;
+        self.compact_rest = None;
         // Appended writes may still be committed: not "not persisted".
         for (_, reply) in std::mem::take(&mut self.waiting) {
             let _ = reply.send(Err(ServeError::Unsettled(e.to_string())));
