@@ -26,7 +26,7 @@ use super::replica::{
     Effect, Entry, LogPos, Message, Proposal, Recovered, Replica, ReplicaConfig, Role, StripeView,
 };
 use super::wire::{ServeError, StripeRequest, StripeResponse};
-use crate::blocking::{background, blocking};
+use crate::blocking::{background, blocking, Background};
 use crate::control::state::{ControlCommand, ControlOutcome, Placement};
 use crate::control::wire::{from_cbor, to_cbor, MAX_CONTROL_BODY};
 use crate::control::{
@@ -58,6 +58,11 @@ const FLUSH_ENTRIES: u64 = 1024;
 /// Past this many unflushed entries a flush runs at normal priority (see
 /// `flush_applied`).
 const FLUSH_BEHIND: u64 = 8 * FLUSH_ENTRIES;
+/// An idle-class flush still running after this long counts as starved of CPU:
+/// the flushes after it run at nice + 10 (`Background::Low`) for
+/// `STARVED_FOR`, then in the idle class again.
+const FLUSH_STARVED: Duration = Duration::from_secs(1);
+const STARVED_FOR: Duration = Duration::from_secs(600);
 /// A long catch-up applies this many entries at a time: an apply holds the
 /// state's lock, and reads on this actor's thread wait for it.
 const APPLY_PART: u64 = 1024;
@@ -444,6 +449,10 @@ pub struct StripeActor {
     apply_pending: Option<(u64, Instant)>,
     /// A flush of applied state to the file is under way.
     flushing: bool,
+    /// When the flush under way started, if on an idle-class thread.
+    idle_flush_started: Option<Instant>,
+    /// Since when flushes avoid the idle class (see `FLUSH_STARVED`).
+    flushes_starved: Option<Instant>,
     /// A compaction that came while a flush ran (see `Effect::Compact`).
     compact_after_flush: Option<u64>,
     /// Where the compaction under way ends: its next step goes at the next
@@ -560,6 +569,8 @@ impl StripeActor {
             last_storage_failure: None,
             apply_pending: None,
             flushing: false,
+            idle_flush_started: None,
+            flushes_starved: None,
             compact_after_flush: None,
             compact_rest: None,
             flushes_seen: 0,
@@ -668,10 +679,30 @@ impl StripeActor {
                 self.log_write_failed(&e);
             }
         }
-        if !self.busy && self.queue.is_empty() {
-            if let Some(upto) = self.compact_rest.take() {
-                self.queue.push_back(Step::Fx(Effect::Compact { upto }));
-                self.pump(ctx);
+        if self.replica.is_some() && self.storage_down.is_none() {
+            // Behind whatever is queued: a step a tick however busy the stripe.
+            let queued = self
+                .queue
+                .iter()
+                .any(|s| matches!(s, Step::Fx(Effect::Compact { .. })));
+            if !queued {
+                if let Some(upto) = self.compact_rest.take() {
+                    self.queue.push_back(Step::Fx(Effect::Compact { upto }));
+                    self.pump(ctx);
+                }
+            }
+        }
+        if let Some(started) = self.idle_flush_started {
+            if started.elapsed() >= FLUSH_STARVED && self.flushes_starved.is_none() {
+                tracing::warn!(
+                    stripe,
+                    waiting = self.store.unflushed_entries(),
+                    secs = started.elapsed().as_secs_f64(),
+                    "a flush of applied state in the idle scheduling class has run for over a \
+                     second (other work keeps every core busy, or the disk is slow); flushes \
+                     run at nice + 10 for the next 10 minutes"
+                );
+                self.flushes_starved = Some(Instant::now());
             }
         }
         // Also counts the flushes others made (compaction, snapshots).
@@ -996,12 +1027,21 @@ impl StripeActor {
         // Nothing waits for a flush, but memory does: once flushes fall far
         // behind (a saturated CPU starves the background thread), at normal
         // priority; and the log, for one a compaction waits for.
-        let flushed = match durable || waiting > FLUSH_BEHIND {
-            true => futures::FutureExt::boxed_local(blocking(job)),
-            false => futures::FutureExt::boxed_local(background(job)),
+        let flushed = if durable || waiting > FLUSH_BEHIND {
+            futures::FutureExt::boxed_local(blocking(job))
+        } else if self
+            .flushes_starved
+            .is_some_and(|since| since.elapsed() < STARVED_FOR)
+        {
+            futures::FutureExt::boxed_local(background(Background::Low, job))
+        } else {
+            self.flushes_starved = None;
+            self.idle_flush_started = Some(Instant::now());
+            futures::FutureExt::boxed_local(background(Background::Idle, job))
         };
         ctx.spawn(flushed.into_actor(self).map(move |res, act, ctx| {
             act.flushing = false;
+            act.idle_flush_started = None;
             let current = act.replica_generation == generation;
             match res {
                 Ok(n) if current && n > 0 => act.storage_ok(false),
@@ -1167,6 +1207,7 @@ impl StripeActor {
                     return;
                 }
                 self.busy = true;
+                let generation = self.replica_generation;
                 let store = self.store.clone();
                 ctx.spawn(
                     blocking(self.metrics.timed("compact", move || {
@@ -1189,7 +1230,8 @@ impl StripeActor {
                     .map(move |res, act, ctx| {
                         act.busy = false;
                         match res {
-                            Ok(done) if done < upto => {
+                            // Not for a replica that started again since.
+                            Ok(done) if done < upto && act.replica_generation == generation => {
                                 act.compact_rest = act.compact_rest.max(Some(upto));
                             }
                             Ok(_) => {}
