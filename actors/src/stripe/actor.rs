@@ -1211,7 +1211,9 @@ impl StripeActor {
                 let store = self.store.clone();
                 ctx.spawn(
                     blocking(self.metrics.timed("compact", move || {
-                        let Some(first) = store.log_first()? else {
+                        // Nothing left up to `upto` (compacted, or covered by a
+                        // snapshot): done.
+                        let Some(first) = store.log_first()?.filter(|&f| f <= upto) else {
                             return Ok(upto);
                         };
                         let step = upto.min(first.saturating_add(COMPACT_STEP - 1));
