@@ -53,8 +53,11 @@ const APPLY_DEFER: Duration = Duration::from_millis(20);
 /// Applied state waits in memory (readers read through it) and is flushed to
 /// its own file in the background after this many ticks without a flush, or
 /// once `FLUSH_ENTRIES` have gathered (see `kiln_persistence::StripeStore`).
-const FLUSH_AFTER_TICKS: u32 = 2;
-const FLUSH_ENTRIES: u64 = 1024;
+/// Each flush costs a redb commit and rewrites the B-tree pages above what it
+/// changed: flushing every 200 ms rather than every 40 ms took ~6 % off the
+/// CPU per write at 64 clients (BENCHMARKS, nineteenth session).
+const FLUSH_AFTER_TICKS: u32 = 10;
+const FLUSH_ENTRIES: u64 = 4096;
 /// Past this many unflushed entries a flush runs at normal priority (see
 /// `flush_applied`).
 const FLUSH_BEHIND: u64 = 8 * FLUSH_ENTRIES;
