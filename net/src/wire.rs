@@ -11,7 +11,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// Version of the message schema in this module. A peer sending another version is
 /// refused message by message (and counted as an offence), so a mixed-version
 /// cluster fails loudly instead of misreading.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 /// Largest gossip message accepted (gossipsub's `max_transmit_size` is set to this).
 pub const MAX_GOSSIP_BYTES: usize = 256 * 1024;

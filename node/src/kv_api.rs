@@ -3,7 +3,7 @@
 //! request-response). During a failover a request waits and retries, with the
 //! same request id (so it is applied once), for up to `request_timeout_ms`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures::StreamExt;
 use kiln_actors::control::state::SLOT_COUNT;
 use kiln_actors::control::{addresses, AddressBook, SharedApplied};
-use kiln_actors::stripe::kv::{idempotency_home, slot_of, Condition, KvCommand, KvOp, KvOutcome};
+use kiln_actors::stripe::kv::{
+    idempotency_home, slot_of, Condition, KvCommand, KvOp, KvOutcome, SessionTag,
+};
 use kiln_actors::stripe::wire::{ServeError, StripeRequest, StripeResponse};
 use kiln_actors::stripe::{
     stripe_active, stripe_request, stripe_response, stripe_view, Responder, ServeStripe,
@@ -99,6 +101,58 @@ pub struct KvRouter {
     /// way (a direct attempt over a link that drops everything would cost each
     /// request the attempt timeout first).
     pub relay_preferred: std::sync::Mutex<HashMap<u32, (u64, Instant)>>,
+    /// Numbers the writes this node takes without an `Idempotency-Key`.
+    pub session: Arc<RetrySession>,
+}
+
+/// This node's retry session (see [`SessionTag`]): one per process start.
+pub struct RetrySession {
+    id: String,
+    /// The last number given out, and the writes still waited for.
+    state: std::sync::Mutex<(u64, BTreeSet<u64>)>,
+}
+
+impl Default for RetrySession {
+    fn default() -> Self {
+        RetrySession {
+            id: format!("{:032x}", rand::random::<u128>()),
+            state: Default::default(),
+        }
+    }
+}
+
+impl RetrySession {
+    /// Numbers a write this node is about to send.
+    fn begin(self: &Arc<Self>) -> Waiting {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 += 1;
+        let seq = state.0;
+        state.1.insert(seq);
+        let done_below = state.1.first().copied().unwrap_or(seq);
+        Waiting {
+            session: self.clone(),
+            tag: SessionTag {
+                id: self.id.clone(),
+                seq,
+                done_below,
+            },
+        }
+    }
+}
+
+/// A write of the retry session this node still waits for. Dropped (answered,
+/// given up, or its client gone), it lets the stripes forget its outcome: no
+/// copy of it is sent after that.
+struct Waiting {
+    session: Arc<RetrySession>,
+    tag: SessionTag,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut state = self.session.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1.remove(&self.tag.seq);
+    }
 }
 
 impl KvRouter {
@@ -121,26 +175,44 @@ impl KvRouter {
 
     /// A write's request id, when it arrived, and until when its result is
     /// remembered: a client's `Idempotency-Key` for the reconnect window; without
-    /// one, an id of the node's own for as long as the node itself retries it.
-    /// Those ids start with the time, so their records are appended at the end
-    /// of their table rather than spread over it.
-    fn identify(&self, req: &HttpRequest) -> Result<(String, u64, u64), ApiError> {
+    /// one, the write is numbered in this node's retry session (see
+    /// [`Self::in_session`]) and its outcome kept for as long as the node
+    /// itself retries it.
+    fn identify(&self, req: &HttpRequest) -> Result<(Option<String>, u64, u64), ApiError> {
         let now = kiln_actors::membership::unix_ms();
         Ok(match header_str(req, "idempotency-key")? {
             Some(k) if k.is_empty() || k.len() > 256 => {
                 return Err(bad_request("Idempotency-Key must be 1 to 256 characters"))
             }
             Some(k) => (
-                format!("k:{k}"),
+                Some(format!("k:{k}")),
                 now,
                 now + self.reconnect_window.as_millis() as u64,
             ),
-            None => (
-                format!("r:{now:012x}{:020x}", rand::random::<u128>() >> 48),
-                now,
-                now + 2 * self.request_timeout.as_millis() as u64,
-            ),
+            None => (None, now, now + 2 * self.request_timeout.as_millis() as u64),
         })
+    }
+
+    /// Sends a write: under its `Idempotency-Key` (`request`), or numbered in
+    /// this node's retry session until it is answered or given up.
+    async fn write_identified(
+        &self,
+        request: Option<String>,
+        op: KvOp,
+        received_ms: u64,
+        remember_until_ms: u64,
+    ) -> Result<KvOutcome, ApiError> {
+        let waiting = request.is_none().then(|| self.session.begin());
+        let cmd = KvCommand {
+            request: request.unwrap_or_default(),
+            op,
+            received_ms,
+            remember_until_ms,
+            session: waiting.as_ref().map(|w| w.tag.clone()),
+        };
+        let outcome = self.write(cmd).await;
+        drop(waiting);
+        outcome
     }
 
     fn stripe_of(&self, map: &str, key: &str) -> Result<u32, ApiError> {
@@ -434,6 +506,7 @@ impl KvRouter {
                     },
                     received_ms: cmd.received_ms,
                     remember_until_ms: cmd.remember_until_ms,
+                    session: None,
                 };
                 let taken = self
                     .routed_until(
@@ -810,6 +883,13 @@ fn outcome_response(outcome: KvOutcome) -> HttpResponse {
         KvOutcome::RequestIdReused => HttpResponse::UnprocessableEntity().json(json!({
             "error": "this Idempotency-Key was used for a different request"
         })),
+        // Only a copy its node no longer waited for is answered so: no client
+        // should see it, but one that did must not take it for a failure.
+        KvOutcome::Abandoned => actix_web::ResponseError::error_response(&ApiError::retry_later(
+            "the outcome of this write is not known (it may have been applied): send it again \
+             with an Idempotency-Key"
+                .into(),
+        )),
         KvOutcome::Invalid => HttpResponse::InternalServerError()
             .json(json!({ "error": "the stripe log holds an entry this node cannot read" })),
     }
@@ -852,18 +932,14 @@ pub async fn put(
     let cond = condition(&req)?;
     let (request, received_ms, remember_until_ms) = kv.identify(&req)?;
     let value = read_body(payload, kv.max_value_bytes, "max_value_bytes").await?;
+    let op = KvOp::Put {
+        map,
+        key,
+        value,
+        cond,
+    };
     let outcome = kv
-        .write(KvCommand {
-            request,
-            op: KvOp::Put {
-                map,
-                key,
-                value,
-                cond,
-            },
-            received_ms,
-            remember_until_ms,
-        })
+        .write_identified(request, op, received_ms, remember_until_ms)
         .await?;
     Ok(outcome_response(outcome))
 }
@@ -876,13 +952,9 @@ pub async fn delete(
     let kv = router(&state)?;
     let cond = condition(&req)?;
     let (request, received_ms, remember_until_ms) = kv.identify(&req)?;
+    let op = KvOp::Delete { map, key, cond };
     let outcome = kv
-        .write(KvCommand {
-            request,
-            op: KvOp::Delete { map, key, cond },
-            received_ms,
-            remember_until_ms,
-        })
+        .write_identified(request, op, received_ms, remember_until_ms)
         .await?;
     Ok(outcome_response(outcome))
 }

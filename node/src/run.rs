@@ -256,6 +256,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             reconnect_window: Duration::from_secs(settings.reconnect_window_s),
             metrics: kv_metrics,
             relay_preferred: Default::default(),
+            session: Default::default(),
         });
         // Peers' requests go to the actor that serves them.
         {

@@ -8,7 +8,7 @@
 //! waits for no commit of the state, and a key written many times between
 //! flushes costs one B-tree update.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -27,7 +27,10 @@ pub(crate) struct Pending {
     /// (map, key) → (version, value), or `None`: deleted.
     pub kv: BTreeMap<(String, String), KvChange>,
     /// Request id → record, or `None`: dropped.
-    pub requests: HashMap<String, Option<Vec<u8>>>,
+    pub requests: BTreeMap<String, Option<Vec<u8>>>,
+    /// Rows written once only that a batch forgot while they were still
+    /// in the layer it joins (never in the file): gone from it without a trace.
+    pub forgotten: BTreeSet<String>,
     /// (remember until, request id) → present (`false`: dropped).
     pub expiry: BTreeMap<(u64, String), bool>,
     /// Change events added to the outbox.
@@ -51,6 +54,9 @@ impl Pending {
     /// Adds the changes of `newer`, applied after these.
     pub fn absorb(&mut self, newer: Pending) {
         self.kv.extend(newer.kv);
+        for id in &newer.forgotten {
+            self.requests.remove(id);
+        }
         self.requests.extend(newer.requests);
         self.expiry.extend(newer.expiry);
         self.changes.extend(newer.changes);
@@ -211,6 +217,9 @@ impl KvTxn for OverlayKv<'_> {
         if let Some(r) = self.batch.requests.get(id) {
             return Ok(r.clone());
         }
+        if self.batch.forgotten.contains(id) {
+            return Ok(None);
+        }
         if let Some(r) = self.unflushed.request(id) {
             return Ok(r);
         }
@@ -285,6 +294,53 @@ impl KvTxn for OverlayKv<'_> {
             newest.requests.insert(id.clone(), None);
         }
         Ok(gone.len() as u64)
+    }
+
+    fn set_request_row(&mut self, id: &str, row: Option<&[u8]>) -> Result<(), StoreError> {
+        self.batch
+            .requests
+            .insert(id.to_string(), row.map(<[u8]>::to_vec));
+        Ok(())
+    }
+
+    fn forget_request_row(&mut self, id: &str) -> Result<(), StoreError> {
+        if let Some(Some(_)) = self.batch.requests.get(id) {
+            self.batch.requests.remove(id);
+            return Ok(());
+        }
+        // Written once: a row the newest layer holds is in no older layer and
+        // not in the file (a flush takes the newest layer whole).
+        if let Some(Some(_)) = self.unflushed.newest.requests.get(id) {
+            self.batch.forgotten.insert(id.to_string());
+            return Ok(());
+        }
+        self.batch.requests.insert(id.to_string(), None);
+        Ok(())
+    }
+
+    fn request_rows(&self, from: &str, below: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut rows: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+        for row in self.requests.range(from..below).map_err(self.err())? {
+            let (id, record) = row.map_err(self.err())?;
+            rows.insert(id.value().to_string(), Some(record.value().to_vec()));
+        }
+        let bounds = (from.to_string(), below.to_string());
+        let range = |l: &'_ Pending| -> Vec<(String, Option<Vec<u8>>)> {
+            l.requests
+                .range(bounds.0.clone()..bounds.1.clone())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        for layer in self.unflushed.layers().chain([&self.batch]) {
+            rows.extend(range(layer));
+        }
+        for id in &self.batch.forgotten {
+            rows.remove(id);
+        }
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, row)| row.map(|r| (id, r)))
+            .collect())
     }
 
     fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {

@@ -80,8 +80,9 @@ pub fn idempotency_home(idempotency_key: &str) -> (&'static str, &str) {
 /// One client write as it travels and as it sits in the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvCommand {
-    /// `k:<Idempotency-Key>` from the client, or `r:<random>` chosen by the node
-    /// that took the request (so its own retries across failover apply once).
+    /// `k:<Idempotency-Key>` from the client; empty for a write in a retry
+    /// session. (`r:<random>`, a node's own id for a write without a key, is
+    /// what entries from before retry sessions carry.)
     pub request: String,
     pub op: KvOp,
     /// Unix ms when the node that took the request received it (kept across its
@@ -92,6 +93,27 @@ pub struct KvCommand {
     pub received_ms: u64,
     #[serde(default)]
     pub remember_until_ms: u64,
+    /// A write without an `Idempotency-Key`: its place in the retry session of
+    /// the node that took it, so the node's own retries apply once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionTag>,
+}
+
+/// A write's place in the retry session of the node that took it. A node
+/// numbers the writes it takes without an `Idempotency-Key` (one session per
+/// process start) and sends each with the lowest number it still waits for:
+/// a stripe keeps a write's outcome only until a later write of the session
+/// says the node waits for it no more. Unlike a record per request id, which
+/// every member writes to its file and deletes again a window later, an
+/// outcome lives a few milliseconds, in memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionTag {
+    /// Random, chosen by the node at its start.
+    pub id: String,
+    /// The write's number in the session (from 1).
+    pub seq: u64,
+    /// Every write of the session below this one is answered or given up.
+    pub done_below: u64,
 }
 
 impl KvCommand {
@@ -133,6 +155,10 @@ pub enum KvOutcome {
     },
     /// The request id was used before for a different request.
     RequestIdReused,
+    /// A copy of a write its node had stopped waiting for (answered, or given
+    /// up and the client told the outcome is unknown) reached the log: it may
+    /// have been applied already, so it is not applied again.
+    Abandoned,
     /// The entry could not be decoded (never written by a correct node).
     Invalid,
 }
@@ -214,6 +240,13 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
         // Decided by the entry alone, so every member drops the same records.
         let before = cmd.received_ms.saturating_sub(PRUNE_REQUESTS_MARGIN_MS);
         tx.prune_requests(before, PRUNE_REQUESTS_LIMIT)?;
+        drop_idle_sessions(tx, before)?;
+    }
+    if index.is_multiple_of(SESSION_SWEEP_EVERY) {
+        sweep_sessions(tx)?;
+    }
+    if let Some(tag) = &cmd.session {
+        return apply_in_session(tx, index, &cmd, tag);
     }
     let fingerprint = cmd.fingerprint();
     let previous = tx
@@ -230,11 +263,16 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
             KvOutcome::RequestIdReused
         });
     }
+    let outcome = execute(tx, index, &cmd)?;
+    record(tx, &cmd, fingerprint, &outcome, replaces)?;
+    Ok(outcome)
+}
+
+/// What the write does to the state (its request id aside).
+fn execute(tx: &mut dyn KvTxn, index: u64, cmd: &KvCommand) -> Result<KvOutcome, StoreError> {
     let Some((map, key)) = cmd.op.map_key() else {
-        // A reservation: the record below is all it writes.
-        let outcome = KvOutcome::Done { version: index };
-        record(tx, &cmd, fingerprint, &outcome, replaces)?;
-        return Ok(outcome);
+        // A reservation: its request's record is all it writes.
+        return Ok(KvOutcome::Done { version: index });
     };
     let current = tx.version(map, key)?;
     let holds = match &cmd.op {
@@ -268,8 +306,134 @@ pub fn apply(tx: &mut dyn KvTxn, index: u64, data: &[u8]) -> Result<KvOutcome, S
             KvOp::Reserve { .. } => KvOutcome::Done { version: index },
         }
     };
-    record(tx, &cmd, fingerprint, &outcome, replaces)?;
     Ok(outcome)
+}
+
+/// Every this many log entries, the outcomes sessions no longer wait for are
+/// dropped (most while still in memory, so they never reach the file).
+const SESSION_SWEEP_EVERY: u64 = 32;
+
+/// A session's row in the request table: `s:<session>` → what the stripe knows
+/// of it. Its outcomes are rows `o:<session>:<seq, 16 hex digits>`, in seq order.
+fn session_row_id(session: &str) -> String {
+    format!("s:{session}")
+}
+
+fn outcome_row_id(session: &str, seq: u64) -> String {
+    format!("o:{session}:{seq:016x}")
+}
+
+/// What a stripe keeps of a retry session.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct SessionRow {
+    /// The highest `done_below` the session's writes carried.
+    done_below: u64,
+    /// Until when the session's last write asked its outcome to be kept: an
+    /// idle session goes once this is past (see [`drop_idle_sessions`]).
+    until_ms: u64,
+}
+
+impl SessionRow {
+    fn to_bytes(self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.done_below.to_le_bytes());
+        b[8..].copy_from_slice(&self.until_ms.to_le_bytes());
+        b
+    }
+
+    /// `None` for bytes of another shape (a row this code never wrote).
+    fn of_bytes(b: &[u8]) -> Option<SessionRow> {
+        let b: &[u8; 16] = b.try_into().ok()?;
+        let (lo, hi) = b.split_at(8);
+        Some(SessionRow {
+            done_below: u64::from_le_bytes(lo.try_into().ok()?),
+            until_ms: u64::from_le_bytes(hi.try_into().ok()?),
+        })
+    }
+}
+
+/// Applies a write of a retry session: once, whichever copies of it reach the
+/// log, and never after its node stopped waiting for it.
+fn apply_in_session(
+    tx: &mut dyn KvTxn,
+    index: u64,
+    cmd: &KvCommand,
+    tag: &SessionTag,
+) -> Result<KvOutcome, StoreError> {
+    // Its rows' ids must not reach into another session's.
+    if tag.id.is_empty() || tag.id.len() > 64 || !tag.id.bytes().all(|c| c.is_ascii_alphanumeric())
+    {
+        return Ok(KvOutcome::Invalid);
+    }
+    let row_id = session_row_id(&tag.id);
+    let before = tx.request(&row_id)?.and_then(|b| SessionRow::of_bytes(&b));
+    let mut row = before.unwrap_or_default();
+    row.done_below = row.done_below.max(tag.done_below);
+    let outcome = if tag.seq < row.done_below {
+        KvOutcome::Abandoned
+    } else {
+        let kept = tx
+            .request(&outcome_row_id(&tag.id, tag.seq))?
+            .and_then(|b| decode::<KvOutcome>(&b));
+        match kept {
+            Some(outcome) => outcome,
+            None => {
+                let outcome = execute(tx, index, cmd)?;
+                tx.set_request_row(&outcome_row_id(&tag.id, tag.seq), Some(&encode(&outcome)))?;
+                row.until_ms = row.until_ms.max(cmd.remember_until_ms);
+                outcome
+            }
+        }
+    };
+    if before != Some(row) {
+        tx.set_request_row(&row_id, Some(&row.to_bytes()))?;
+    }
+    Ok(outcome)
+}
+
+/// The rows of every session the stripe knows: (session, its row).
+fn session_rows(tx: &dyn KvTxn) -> Result<Vec<(String, SessionRow)>, StoreError> {
+    Ok(tx
+        .request_rows("s:", "s;")?
+        .into_iter()
+        .filter_map(|(id, b)| {
+            let session = id.strip_prefix("s:")?.to_string();
+            Some((session, SessionRow::of_bytes(&b)?))
+        })
+        .collect())
+}
+
+/// Drops the outcomes each session no longer waits for.
+fn sweep_sessions(tx: &mut dyn KvTxn) -> Result<(), StoreError> {
+    for (session, row) in session_rows(tx)? {
+        drop_outcomes(tx, &session, row.done_below)?;
+    }
+    Ok(())
+}
+
+/// Outcome rows of `session` below `below` (`u64::MAX`: all of them).
+fn drop_outcomes(tx: &mut dyn KvTxn, session: &str, below: u64) -> Result<(), StoreError> {
+    let from = outcome_row_id(session, 0);
+    let to = match below {
+        u64::MAX => format!("o:{session};"),
+        b => outcome_row_id(session, b),
+    };
+    for (id, _) in tx.request_rows(&from, &to)? {
+        tx.forget_request_row(&id)?;
+    }
+    Ok(())
+}
+
+/// Drops the sessions whose last write's window ended before `before_ms` (the
+/// node that took it restarted, or left), with their outcomes.
+fn drop_idle_sessions(tx: &mut dyn KvTxn, before_ms: u64) -> Result<(), StoreError> {
+    for (session, row) in session_rows(tx)? {
+        if row.until_ms < before_ms {
+            drop_outcomes(tx, &session, u64::MAX)?;
+            tx.set_request_row(&session_row_id(&session), None)?;
+        }
+    }
+    Ok(())
 }
 
 /// Remembers the outcome of `cmd` under its request id.
@@ -361,6 +525,28 @@ mod tests {
                 .retain(|_, r| request_expiry(r).is_none_or(|t| t >= before_ms));
             Ok((n - self.req.len()) as u64)
         }
+        fn set_request_row(&mut self, id: &str, row: Option<&[u8]>) -> Result<(), StoreError> {
+            match row {
+                Some(r) => self.req.insert(id.into(), r.to_vec()),
+                None => self.req.remove(id),
+            };
+            Ok(())
+        }
+        fn forget_request_row(&mut self, id: &str) -> Result<(), StoreError> {
+            self.req.remove(id);
+            Ok(())
+        }
+        fn request_rows(
+            &self,
+            from: &str,
+            below: &str,
+        ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            Ok(self
+                .req
+                .range(from.to_string()..below.to_string())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect())
+        }
         fn record_change(&mut self, change: &[u8]) -> Result<u64, StoreError> {
             self.changes
                 .push(decode(change).expect("a change we encoded"));
@@ -442,6 +628,7 @@ mod tests {
             },
             received_ms: 1_000,
             remember_until_ms: 121_000,
+            session: None,
         })
     }
 
@@ -480,6 +667,7 @@ mod tests {
             },
             received_ms: 2_000,
             remember_until_ms: 122_000,
+            session: None,
         });
         assert_eq!(
             apply(&mut tx, 10, &del).unwrap(),
@@ -494,6 +682,7 @@ mod tests {
             },
             received_ms: 3_000,
             remember_until_ms: 123_000,
+            session: None,
         });
         assert_eq!(apply(&mut tx, 11, &del2).unwrap(), KvOutcome::NotFound);
         assert_eq!(
@@ -532,6 +721,7 @@ mod tests {
                 },
                 received_ms,
                 remember_until_ms: received_ms + 120_000,
+                session: None,
             })
         };
         assert_eq!(
@@ -562,6 +752,7 @@ mod tests {
             // From a node whose clock is ten minutes ahead.
             received_ms: 600_000 + 5_000,
             remember_until_ms: 600_000 + 125_000,
+            session: None,
         };
         let stamped = cmd.stamped_at(5_100);
         assert_eq!(
@@ -584,6 +775,7 @@ mod tests {
                 },
                 received_ms,
                 remember_until_ms: received_ms + 120_000,
+                session: None,
             })
         };
         apply(&mut tx, 1, &cmd("old", 0)).unwrap();
@@ -596,6 +788,143 @@ mod tests {
         assert!(!tx.req.contains_key("old"));
         assert!(tx.req.contains_key("recent"));
         assert!(tx.req.contains_key("y"));
+    }
+
+    fn in_session(
+        session: &str,
+        seq: u64,
+        done_below: u64,
+        value: &[u8],
+        received_ms: u64,
+    ) -> Vec<u8> {
+        encode(&KvCommand {
+            request: String::new(),
+            op: KvOp::Put {
+                map: "m".into(),
+                key: format!("k{seq}"),
+                value: value.to_vec(),
+                cond: Condition::IfAbsent,
+            },
+            received_ms,
+            remember_until_ms: received_ms + 10_000,
+            session: Some(SessionTag {
+                id: session.into(),
+                seq,
+                done_below,
+            }),
+        })
+    }
+
+    fn outcome_rows(tx: &Mem) -> Vec<String> {
+        tx.req
+            .keys()
+            .filter(|k| k.starts_with("o:"))
+            .cloned()
+            .collect()
+    }
+
+    /// Copies of a session's write reach the log in any order (a retry through
+    /// another member, a new active keeping an old one's entry): the first
+    /// applies, the others get its outcome; none applies once the node said
+    /// it waits for it no more.
+    #[test]
+    fn a_session_write_applies_once_and_never_after_its_node_stopped_waiting() {
+        let mut tx = Mem::default();
+        let done = |v| KvOutcome::Done { version: v };
+        assert_eq!(
+            apply(&mut tx, 1, &in_session("a1", 2, 1, b"x", 0)).unwrap(),
+            done(1)
+        );
+        // A retry of 2, and 1 (sent first) arriving after it.
+        assert_eq!(
+            apply(&mut tx, 2, &in_session("a1", 2, 1, b"x", 0)).unwrap(),
+            done(1)
+        );
+        assert_eq!(
+            apply(&mut tx, 3, &in_session("a1", 1, 1, b"y", 0)).unwrap(),
+            done(3)
+        );
+        assert_eq!(tx.changes.len(), 2);
+        // Another session's numbers are its own.
+        assert_eq!(
+            apply(&mut tx, 4, &in_session("b2", 1, 1, b"z", 0)).unwrap(),
+            KvOutcome::PreconditionFailed { current: Some(3) }
+        );
+        // Node a1 has its answers for 1 and 2; late copies of them are not applied.
+        assert_eq!(
+            apply(&mut tx, 5, &in_session("a1", 3, 3, b"w", 0)).unwrap(),
+            done(5)
+        );
+        assert_eq!(
+            apply(&mut tx, 6, &in_session("a1", 2, 1, b"x", 0)).unwrap(),
+            KvOutcome::Abandoned
+        );
+        assert_eq!(
+            apply(&mut tx, 7, &in_session("a1", 1, 1, b"y", 0)).unwrap(),
+            KvOutcome::Abandoned
+        );
+        assert_eq!(tx.changes.len(), 3);
+        // A session id that could reach into another's rows is refused.
+        assert_eq!(
+            apply(&mut tx, 8, &in_session("a1:", 9, 9, b"v", 0)).unwrap(),
+            KvOutcome::Invalid
+        );
+    }
+
+    #[test]
+    fn outcomes_go_once_their_node_stopped_waiting_and_idle_sessions_go_with_theirs() {
+        let mut tx = Mem::default();
+        for seq in 1..=4 {
+            apply(&mut tx, seq, &in_session("a1", seq, 1, b"x", 0)).unwrap();
+        }
+        apply(&mut tx, 5, &in_session("a1", 5, 4, b"x", 0)).unwrap();
+        apply(&mut tx, 6, &in_session("b2", 1, 1, b"x", 0)).unwrap();
+        // Kept until a sweep, which drops what a1 waits for no more.
+        assert_eq!(outcome_rows(&tx).len(), 6);
+        apply(
+            &mut tx,
+            SESSION_SWEEP_EVERY,
+            &in_session("b2", 2, 1, b"x", 0),
+        )
+        .unwrap();
+        let left = outcome_rows(&tx);
+        assert_eq!(
+            left,
+            vec![
+                outcome_row_id("a1", 4),
+                outcome_row_id("a1", 5),
+                outcome_row_id("b2", 1),
+                outcome_row_id("b2", 2)
+            ]
+        );
+        // A session idle past its window and the margin goes, at a pruning
+        // entry, with its outcomes; one still writing stays.
+        apply(&mut tx, 33, &in_session("b2", 3, 1, b"x", 5_000)).unwrap();
+        let late = 10_000 + PRUNE_REQUESTS_MARGIN_MS + 1;
+        apply(
+            &mut tx,
+            PRUNE_REQUESTS_EVERY,
+            &in_session("b2", 4, 3, b"x", late),
+        )
+        .unwrap();
+        assert!(!tx.req.contains_key(&session_row_id("a1")));
+        let b2 = SessionRow::of_bytes(&tx.req[&session_row_id("b2")]).unwrap();
+        assert_eq!(
+            b2,
+            SessionRow {
+                done_below: 3,
+                until_ms: late + 10_000
+            }
+        );
+        assert_eq!(
+            outcome_rows(&tx),
+            vec![
+                outcome_row_id("b2", 1),
+                outcome_row_id("b2", 2),
+                outcome_row_id("b2", 3),
+                outcome_row_id("b2", 4)
+            ]
+        );
     }
 
     #[test]

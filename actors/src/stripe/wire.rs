@@ -118,7 +118,7 @@ pub enum StripeResponse {
 mod tests {
     use super::*;
     use crate::control::wire::{from_cbor, to_cbor};
-    use crate::stripe::kv::{Condition, KvOp};
+    use crate::stripe::kv::{Condition, KvOp, SessionTag};
     use crate::stripe::replica::Entry;
 
     #[test]
@@ -149,6 +149,25 @@ mod tests {
                     },
                     received_ms: 5,
                     remember_until_ms: 120_005,
+                    session: None,
+                },
+            },
+            StripeRequest::Write {
+                stripe: 1,
+                cmd: KvCommand {
+                    request: String::new(),
+                    op: KvOp::Delete {
+                        map: "orders".into(),
+                        key: "43".into(),
+                        cond: Condition::None,
+                    },
+                    received_ms: 6,
+                    remember_until_ms: 10_006,
+                    session: Some(SessionTag {
+                        id: "5eed".into(),
+                        seq: 9,
+                        done_below: 4,
+                    }),
                 },
             },
         ];
