@@ -1,7 +1,8 @@
 //! The key/value HTTP API: `/v1/kv/{map}/{key}` on every node, routed to the
 //! active of the key's stripe (this node's own stripe actor, or a peer over
 //! request-response). During a failover a request waits and retries, with the
-//! same request id (so it is applied once), for up to `request_timeout_ms`.
+//! command (its `Idempotency-Key` or its place in this node's retry session, so
+//! it is applied once), for up to `request_timeout_ms`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -176,7 +177,7 @@ impl KvRouter {
     /// A write's request id, when it arrived, and until when its result is
     /// remembered: a client's `Idempotency-Key` for the reconnect window; without
     /// one, the write is numbered in this node's retry session (see
-    /// [`Self::in_session`]) and its outcome kept for as long as the node
+    /// [`Self::write_identified`]) and its outcome kept for as long as the node
     /// itself retries it.
     fn identify(&self, req: &HttpRequest) -> Result<(Option<String>, u64, u64), ApiError> {
         let now = kiln_actors::membership::unix_ms();
@@ -362,7 +363,7 @@ impl KvRouter {
 
     /// Sends `request` to the stripe's current active until `answer` takes its
     /// reply or the request timeout passes; a retry is the same request (the
-    /// same request id), so it is applied once.
+    /// same command), so it is applied once.
     async fn routed<T>(
         &self,
         op: &'static str,
@@ -388,7 +389,7 @@ impl KvRouter {
         let started = Instant::now();
         // An attempt whose write may have been committed (in the log when the
         // storage failed, stepped down from, or unanswered): no later attempt
-        // (applied at most once, same request id) may say "not persisted".
+        // (applied at most once, the same command) may say "not persisted".
         let mut unsettled = false;
         // After an attempt at the active failed while it stayed the active,
         // the next goes through another member (the link from this node to the

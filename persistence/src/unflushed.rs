@@ -8,7 +8,7 @@
 //! waits for no commit of the state, and a key written many times between
 //! flushes costs one B-tree update.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,9 +28,6 @@ pub(crate) struct Pending {
     pub kv: BTreeMap<(String, String), KvChange>,
     /// Request id → record, or `None`: dropped.
     pub requests: BTreeMap<String, Option<Vec<u8>>>,
-    /// Rows written once only that a batch forgot while they were still
-    /// in the layer it joins (never in the file): gone from it without a trace.
-    pub forgotten: BTreeSet<String>,
     /// (remember until, request id) → present (`false`: dropped).
     pub expiry: BTreeMap<(u64, String), bool>,
     /// Change events added to the outbox.
@@ -54,9 +51,6 @@ impl Pending {
     /// Adds the changes of `newer`, applied after these.
     pub fn absorb(&mut self, newer: Pending) {
         self.kv.extend(newer.kv);
-        for id in &newer.forgotten {
-            self.requests.remove(id);
-        }
         self.requests.extend(newer.requests);
         self.expiry.extend(newer.expiry);
         self.changes.extend(newer.changes);
@@ -217,9 +211,6 @@ impl KvTxn for OverlayKv<'_> {
         if let Some(r) = self.batch.requests.get(id) {
             return Ok(r.clone());
         }
-        if self.batch.forgotten.contains(id) {
-            return Ok(None);
-        }
         if let Some(r) = self.unflushed.request(id) {
             return Ok(r);
         }
@@ -303,21 +294,6 @@ impl KvTxn for OverlayKv<'_> {
         Ok(())
     }
 
-    fn forget_request_row(&mut self, id: &str) -> Result<(), StoreError> {
-        if let Some(Some(_)) = self.batch.requests.get(id) {
-            self.batch.requests.remove(id);
-            return Ok(());
-        }
-        // Written once: a row the newest layer holds is in no older layer and
-        // not in the file (a flush takes the newest layer whole).
-        if let Some(Some(_)) = self.unflushed.newest.requests.get(id) {
-            self.batch.forgotten.insert(id.to_string());
-            return Ok(());
-        }
-        self.batch.requests.insert(id.to_string(), None);
-        Ok(())
-    }
-
     fn request_rows(&self, from: &str, below: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut rows: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
         for row in self.requests.range(from..below).map_err(self.err())? {
@@ -333,9 +309,6 @@ impl KvTxn for OverlayKv<'_> {
         };
         for layer in self.unflushed.layers().chain([&self.batch]) {
             rows.extend(range(layer));
-        }
-        for id in &self.batch.forgotten {
-            rows.remove(id);
         }
         Ok(rows
             .into_iter()

@@ -310,8 +310,8 @@ fn execute(tx: &mut dyn KvTxn, index: u64, cmd: &KvCommand) -> Result<KvOutcome,
 }
 
 /// Every this many log entries, the outcomes sessions no longer wait for are
-/// dropped (most while still in memory, so they never reach the file).
-const SESSION_SWEEP_EVERY: u64 = 32;
+/// dropped (most while still in memory: a flush then has nothing to write).
+const SESSION_SWEEP_EVERY: u64 = 64;
 
 /// A session's row in the request table: `s:<session>` → what the stripe knows
 /// of it. Its outcomes are rows `o:<session>:<seq, 16 hex digits>`, in seq order.
@@ -331,23 +331,32 @@ struct SessionRow {
     /// Until when the session's last write asked its outcome to be kept: an
     /// idle session goes once this is past (see [`drop_idle_sessions`]).
     until_ms: u64,
+    /// Outcomes below this are dropped (a sweep starts here, so it visits
+    /// each outcome once).
+    swept_below: u64,
 }
 
 impl SessionRow {
-    fn to_bytes(self) -> [u8; 16] {
-        let mut b = [0u8; 16];
+    fn to_bytes(self) -> [u8; 24] {
+        let mut b = [0u8; 24];
         b[..8].copy_from_slice(&self.done_below.to_le_bytes());
-        b[8..].copy_from_slice(&self.until_ms.to_le_bytes());
+        b[8..16].copy_from_slice(&self.until_ms.to_le_bytes());
+        b[16..].copy_from_slice(&self.swept_below.to_le_bytes());
         b
     }
 
     /// `None` for bytes of another shape (a row this code never wrote).
     fn of_bytes(b: &[u8]) -> Option<SessionRow> {
-        let b: &[u8; 16] = b.try_into().ok()?;
-        let (lo, hi) = b.split_at(8);
+        let b: &[u8; 24] = b.try_into().ok()?;
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[8 * i..8 * i + 8]);
+            u64::from_le_bytes(w)
+        };
         Some(SessionRow {
-            done_below: u64::from_le_bytes(lo.try_into().ok()?),
-            until_ms: u64::from_le_bytes(hi.try_into().ok()?),
+            done_below: word(0),
+            until_ms: word(1),
+            swept_below: word(2),
         })
     }
 }
@@ -372,11 +381,9 @@ fn apply_in_session(
     let outcome = if tag.seq < row.done_below {
         KvOutcome::Abandoned
     } else {
-        let kept = tx
-            .request(&outcome_row_id(&tag.id, tag.seq))?
-            .and_then(|b| decode::<KvOutcome>(&b));
-        match kept {
-            Some(outcome) => outcome,
+        match tx.request(&outcome_row_id(&tag.id, tag.seq))? {
+            // Applied already (an outcome this code cannot read was still one).
+            Some(b) => decode::<KvOutcome>(&b).unwrap_or(KvOutcome::Invalid),
             None => {
                 let outcome = execute(tx, index, cmd)?;
                 tx.set_request_row(&outcome_row_id(&tag.id, tag.seq), Some(&encode(&outcome)))?;
@@ -405,21 +412,30 @@ fn session_rows(tx: &dyn KvTxn) -> Result<Vec<(String, SessionRow)>, StoreError>
 
 /// Drops the outcomes each session no longer waits for.
 fn sweep_sessions(tx: &mut dyn KvTxn) -> Result<(), StoreError> {
-    for (session, row) in session_rows(tx)? {
-        drop_outcomes(tx, &session, row.done_below)?;
+    for (session, mut row) in session_rows(tx)? {
+        if row.swept_below < row.done_below {
+            drop_outcomes(tx, &session, row.swept_below, row.done_below)?;
+            row.swept_below = row.done_below;
+            tx.set_request_row(&session_row_id(&session), Some(&row.to_bytes()))?;
+        }
     }
     Ok(())
 }
 
-/// Outcome rows of `session` below `below` (`u64::MAX`: all of them).
-fn drop_outcomes(tx: &mut dyn KvTxn, session: &str, below: u64) -> Result<(), StoreError> {
-    let from = outcome_row_id(session, 0);
+/// Outcome rows of `session` from seq `from` to below `below` (`u64::MAX`:
+/// all from `from` on).
+fn drop_outcomes(
+    tx: &mut dyn KvTxn,
+    session: &str,
+    from: u64,
+    below: u64,
+) -> Result<(), StoreError> {
     let to = match below {
         u64::MAX => format!("o:{session};"),
         b => outcome_row_id(session, b),
     };
-    for (id, _) in tx.request_rows(&from, &to)? {
-        tx.forget_request_row(&id)?;
+    for (id, _) in tx.request_rows(&outcome_row_id(session, from), &to)? {
+        tx.set_request_row(&id, None)?;
     }
     Ok(())
 }
@@ -429,7 +445,7 @@ fn drop_outcomes(tx: &mut dyn KvTxn, session: &str, below: u64) -> Result<(), St
 fn drop_idle_sessions(tx: &mut dyn KvTxn, before_ms: u64) -> Result<(), StoreError> {
     for (session, row) in session_rows(tx)? {
         if row.until_ms < before_ms {
-            drop_outcomes(tx, &session, u64::MAX)?;
+            drop_outcomes(tx, &session, row.swept_below, u64::MAX)?;
             tx.set_request_row(&session_row_id(&session), None)?;
         }
     }
@@ -530,10 +546,6 @@ mod tests {
                 Some(r) => self.req.insert(id.into(), r.to_vec()),
                 None => self.req.remove(id),
             };
-            Ok(())
-        }
-        fn forget_request_row(&mut self, id: &str) -> Result<(), StoreError> {
-            self.req.remove(id);
             Ok(())
         }
         fn request_rows(
@@ -899,7 +911,12 @@ mod tests {
         );
         // A session idle past its window and the margin goes, at a pruning
         // entry, with its outcomes; one still writing stays.
-        apply(&mut tx, 33, &in_session("b2", 3, 1, b"x", 5_000)).unwrap();
+        apply(
+            &mut tx,
+            SESSION_SWEEP_EVERY + 1,
+            &in_session("b2", 3, 1, b"x", 5_000),
+        )
+        .unwrap();
         let late = 10_000 + PRUNE_REQUESTS_MARGIN_MS + 1;
         apply(
             &mut tx,
@@ -913,7 +930,8 @@ mod tests {
             b2,
             SessionRow {
                 done_below: 3,
-                until_ms: late + 10_000
+                until_ms: late + 10_000,
+                swept_below: 1
             }
         );
         assert_eq!(
