@@ -298,7 +298,8 @@ fn a_pair_that_cannot_reach_each_other_is_not_declared_dead() {
 /// third node still serves client writes and linearizable reads: the requests
 /// go through the third node, which passes them on. Before, every request
 /// through that node waited out the request timeout and failed with 503 for as
-/// long as the cut lasted.
+/// long as the cut lasted. A write whose answer the cut dropped, sent again
+/// through the relay, is applied once.
 #[test]
 fn a_node_cut_off_from_the_active_only_relays_client_requests_through_another_member() {
     let _serial = serial();
@@ -341,11 +342,48 @@ fn a_node_cut_off_from_the_active_only_relays_client_requests_through_another_me
                 .find(|i| *i != active)
                 .expect("three nodes, one active")
         });
+    let through = nodes[cut].http();
+    // Writers busy through that node as the link goes down: the writes whose
+    // answers the cut drops are sent again through the relay, a second copy of
+    // each in the log. Each creates its key, so one applied twice would be
+    // answered 412.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
+            let through = through.clone();
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(Duration::from_secs(30))
+                    .build();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let (key, value) = (format!("w{w}-{i}"), format!("v{w}-{i}"));
+                    match agent
+                        .put(&format!("http://{through}/v1/kv/relay/{key}"))
+                        .set("If-None-Match", "*")
+                        .send_string(&value)
+                    {
+                        Ok(r) if r.status() == 200 => {
+                            acked.lock().unwrap().insert(key, value);
+                        }
+                        Err(ureq::Error::Status(412, _)) => refused.lock().unwrap().push(key),
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    wait_until("writes through the node going", LONG, || {
+        acked.lock().unwrap().len() >= 200
+    });
     lab.cut_between(active, cut).unwrap();
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(30))
         .build();
-    let through = nodes[cut].http();
     for k in 0..20 {
         let put = agent
             .put(&format!("http://{through}/v1/kv/relay/k{k}"))
@@ -366,6 +404,27 @@ fn a_node_cut_off_from_the_active_only_relays_client_requests_through_another_me
             .call()
             .unwrap_or_else(|e| panic!("read {k} through the cut-off node: {e}"));
         assert_eq!(read.into_string().unwrap_or_default(), format!("v{k}"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let refused = refused.lock().unwrap().clone();
+    assert!(
+        refused.is_empty(),
+        "{} create-only writes were answered 412 (applied twice), e.g. {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+    for (key, value) in acked.lock().unwrap().iter() {
+        let read = agent
+            .get(&format!(
+                "http://{}/v1/kv/relay/{key}",
+                nodes[active].http()
+            ))
+            .call()
+            .unwrap_or_else(|e| panic!("read {key} from the active: {e}"));
+        assert_eq!(&read.into_string().unwrap_or_default(), value);
     }
     let relayed = nodes[cut].metric_sum("kiln_kv_request_seconds_count", "route=\"relayed\"");
     assert!(

@@ -81,7 +81,7 @@ fn wait_standby(observer: &Node, id: &str) {
 }
 
 #[test]
-fn every_acknowledged_write_survives_kill_9_of_the_active() {
+fn every_acknowledged_write_survives_kill_9_of_the_active_and_retries_apply_once() {
     let _serial = serial();
     let mut nodes = start_cluster("kv", 3, opts());
     let ids = wait_converged(&nodes, LONG);
@@ -92,10 +92,14 @@ fn every_acknowledged_write_survives_kill_9_of_the_active() {
     let entry: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
 
     let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    // Every write creates its key: a 412 would be a write its node sent
+    // again across the failover that was applied twice.
+    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
     let nodes = Arc::new(Mutex::new(std::mem::take(&mut nodes)));
     let writers: Vec<_> = (0..8)
         .map(|w| {
             let acked = acked.clone();
+            let refused = refused.clone();
             let nodes = nodes.clone();
             let entry = entry.clone();
             std::thread::spawn(move || {
@@ -110,9 +114,14 @@ fn every_acknowledged_write_survives_kill_9_of_the_active() {
                     };
                     let resp = agent
                         .put(&format!("http://{}/v1/kv/test/{key}", target.0))
+                        .set("If-None-Match", "*")
                         .send_string(&value);
-                    if resp.is_ok_and(|r| r.status() == 200) {
-                        acked.lock().unwrap().insert(key, value);
+                    match resp {
+                        Ok(r) if r.status() == 200 => {
+                            acked.lock().unwrap().insert(key, value);
+                        }
+                        Err(ureq::Error::Status(412, _)) => refused.lock().unwrap().push(key),
+                        _ => {}
                     }
                 }
             })
@@ -127,6 +136,13 @@ fn every_acknowledged_write_survives_kill_9_of_the_active() {
         w.join().unwrap();
     }
     let nodes = Arc::try_unwrap(nodes).ok().unwrap().into_inner().unwrap();
+    let refused = refused.lock().unwrap().clone();
+    assert!(
+        refused.is_empty(),
+        "{} create-only writes were answered 412 (applied twice), e.g. {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
     let acked = acked.lock().unwrap().clone();
     assert!(
         acked.len() >= 9_000,
@@ -345,6 +361,97 @@ fn an_idempotency_key_is_one_request_across_stripes() {
     }
     let again: Value = send("a", "1").unwrap().into_json().unwrap();
     assert_eq!(first, again);
+}
+
+/// Writes in flight when the active is paused are sent again to the next active,
+/// which also commits the copies the old one had replicated. Every write creates
+/// its key (`If-None-Match: *`), so one applied twice would be answered 412: none
+/// is, and every acknowledged write is there.
+#[test]
+fn writes_sent_again_across_a_paused_active_apply_once() {
+    let _serial = serial();
+    let nodes = start_cluster("again", 3, opts());
+    let ids = wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let active = wait_in_sync(&all, 2);
+    let paused = ids.iter().position(|i| *i == active).unwrap();
+    let targets: Vec<String> = (0..3)
+        .filter(|i| *i != paused)
+        .map(|i| nodes[i].http())
+        .collect();
+
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..32)
+        .map(|w| {
+            let (acked, refused, stop) = (acked.clone(), refused.clone(), stop.clone());
+            let target = targets[w % 2].clone();
+            std::thread::spawn(move || {
+                let agent = agent();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (key, value) = (format!("a{w}-{i}"), format!("value-{w}-{i}"));
+                    let resp = agent
+                        .put(&format!("http://{target}/v1/kv/test/{key}"))
+                        .set("If-None-Match", "*")
+                        .send_string(&value);
+                    match resp {
+                        Ok(r) if r.status() == 200 => {
+                            acked.lock().unwrap().insert(key, value);
+                        }
+                        Err(ureq::Error::Status(412, _)) => refused.lock().unwrap().push(key),
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let acked_count = || acked.lock().unwrap().len();
+    wait_until("1000 writes acknowledged", LONG, || acked_count() >= 1000);
+    nodes[paused].signal(libc::SIGSTOP);
+    let before = acked_count();
+    wait_until("another active", LONG, || {
+        nodes[(paused + 1) % 3]
+            .get("/v1/cluster/stripes")
+            .is_some_and(|v| {
+                v["stripes"][0]["active"]
+                    .as_str()
+                    .is_some_and(|a| a != active)
+            })
+    });
+    wait_until("1000 more writes acknowledged", LONG, || {
+        acked_count() >= before + 1000
+    });
+    nodes[paused].signal(libc::SIGCONT);
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let refused = refused.lock().unwrap().clone();
+    assert!(
+        refused.is_empty(),
+        "{} create-only writes were answered 412 (applied twice), e.g. {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+    let agent = agent();
+    let reader = &nodes[(paused + 1) % 3];
+    let acked = acked.lock().unwrap().clone();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|(k, v)| get(&agent, reader, k).as_deref() != Some(v.as_str()))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes lost, e.g. {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
 }
 
 /// `?stale=true` may be answered by any member holding every acknowledged write:
