@@ -9,9 +9,11 @@
 //!    which knows what it wrote; a read (from any node) must show the last
 //!    acknowledged write or one the writer could not settle since;
 //! 3. a write retried with its Idempotency-Key after an unknown outcome is
-//!    applied once: each applied write of a key is one `change` event of its
-//!    stripe, so a key has at least as many as writes acknowledged and at most
-//!    as many as writes sent;
+//!    applied once, and so is each attempt of a write without one (half the
+//!    writers send none: their nodes number them in their retry sessions, and
+//!    send them again themselves across failovers): each applied write of a
+//!    key is one `change` event of its stripe, so a key has at least as many as
+//!    writes acknowledged and at most as many as writes and attempts sent;
 //! 4. every subscriber (resuming with Last-Event-ID across restarts) gets every
 //!    event once, in per-origin order, and the same event at each position;
 //! 5. the cluster recovers on its own after each fault (every stripe with an
@@ -173,8 +175,13 @@ struct KeyModel {
     next_value: u64,
     /// Writes answered 200 (each one applied, so one change event).
     acked: u64,
-    /// Writes left with an unknown outcome (applied at most once each).
+    /// Writes left with an unknown outcome (applied at most once each); for a
+    /// writer without Idempotency-Keys, attempts with an unknown outcome.
     ever_unsettled: u64,
+    /// A writer without Idempotency-Keys: the attempts whose outcome is
+    /// unknown. Each may still be applied once, at any later time (a copy its
+    /// node had sent before giving up), so none is ever settled.
+    stragglers: Vec<Write>,
 }
 
 fn value_text(writer: usize, key: usize, n: u64, len: usize) -> String {
@@ -200,6 +207,9 @@ struct Writer {
     keys: Vec<KeyModel>,
     /// Writes sent, for their Idempotency-Keys.
     writes: u64,
+    /// Sends no Idempotency-Key, nor If-Match: a retry of a write is a new
+    /// request, and an earlier attempt may apply after it.
+    keyless: bool,
     /// A steady writer sends only to nodes not under a fault, as a client
     /// behind a health-checking balancer would; the others send anywhere.
     steady: bool,
@@ -226,6 +236,7 @@ impl Writer {
             keys,
             writes: 0,
             steady: false,
+            keyless: id % 2 == 1,
         }
     }
 
@@ -271,7 +282,7 @@ impl Writer {
     fn cas_put(&mut self, key: usize) {
         // A compare-and-set only where the writer knows the exact version.
         match self.keys[key].known {
-            Some((Some(v), Some(_))) if self.keys[key].unsettled.is_empty() => {
+            Some((Some(v), Some(_))) if self.keys[key].unsettled.is_empty() && !self.keyless => {
                 self.put(key, Some(v))
             }
             _ => self.put(key, None),
@@ -307,7 +318,9 @@ impl Writer {
                 Write::Put(_) => self.agent.put(&url),
                 Write::Delete => self.agent.delete(&url),
             };
-            req = req.set("Idempotency-Key", &idem);
+            if !self.keyless {
+                req = req.set("Idempotency-Key", &idem);
+            }
             if let Some(v) = if_match {
                 req = req.set("If-Match", &format!("\"{v}\""));
             }
@@ -344,6 +357,7 @@ impl Writer {
                     return;
                 }
                 Reply::Answer(status @ (500..=599), text) => {
+                    self.unknown_attempt(key, op);
                     last_error = format!("{status} {text}")
                 }
                 Reply::Answer(status, text) => {
@@ -352,7 +366,10 @@ impl Writer {
                     ));
                     return;
                 }
-                Reply::NoAnswer(e) => last_error = e,
+                Reply::NoAnswer(e) => {
+                    self.unknown_attempt(key, op);
+                    last_error = e
+                }
             }
             if self.stop.load(Ordering::SeqCst) && attempt >= 3 {
                 break;
@@ -365,8 +382,20 @@ impl Writer {
             "[{:>6.1}s] {path}: {op:?} unsettled after {WRITE_ATTEMPTS} attempts (last: {last_error})",
             self.started.elapsed().as_secs_f64()
         );
-        self.keys[key].unsettled.push(op);
-        self.keys[key].ever_unsettled += 1;
+        if !self.keyless {
+            self.keys[key].unsettled.push(op);
+            self.keys[key].ever_unsettled += 1;
+        }
+    }
+
+    /// An attempt of a write without an Idempotency-Key got no answer that
+    /// settles it: it may be applied, once, now or later.
+    fn unknown_attempt(&mut self, key: usize, op: Write) {
+        if self.keyless {
+            let model = &mut self.keys[key];
+            model.stragglers.push(op);
+            model.ever_unsettled += 1;
+        }
     }
 
     fn acknowledged(&mut self, key: usize, op: Write, version: u64) {
@@ -396,7 +425,9 @@ impl Writer {
     fn found_absent(&self, key: usize, how: &str) {
         let model = &self.keys[key];
         if let Some((_, Some(n))) = model.known {
-            if !model.unsettled.contains(&Write::Delete) {
+            if !model.unsettled.contains(&Write::Delete)
+                && !model.stragglers.contains(&Write::Delete)
+            {
                 self.violation(format!(
                     "{}: {how}, but value {n} was acknowledged (a lost write)",
                     self.key_path(key)
@@ -453,11 +484,16 @@ impl Writer {
                 ))
             }
             Some((Some(before), _)) if version == before => {}
-            _ if !model.unsettled.contains(&Write::Put(n)) => self.violation(format!(
-                "{path}: a read from {node} gave value {n} (version {version}), which is \
-                 neither the last acknowledged write ({:?}) nor an unsettled one ({:?})",
-                model.known, model.unsettled
-            )),
+            _ if !model.unsettled.contains(&Write::Put(n))
+                && !model.stragglers.contains(&Write::Put(n)) =>
+            {
+                self.violation(format!(
+                    "{path}: a read from {node} gave value {n} (version {version}), which is \
+                     neither the last acknowledged write ({:?}) nor an unsettled one ({:?}, \
+                     attempts of unknown outcome {:?})",
+                    model.known, model.unsettled, model.stragglers
+                ))
+            }
             _ => {
                 let model = &mut self.keys[key];
                 model.known = Some((Some(version), Some(n)));
