@@ -9,6 +9,7 @@
 //! flushes costs one B-tree update.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -300,15 +301,11 @@ impl KvTxn for OverlayKv<'_> {
             let (id, record) = row.map_err(self.err())?;
             rows.insert(id.value().to_string(), Some(record.value().to_vec()));
         }
-        let bounds = (from.to_string(), below.to_string());
-        let range = |l: &'_ Pending| -> Vec<(String, Option<Vec<u8>>)> {
-            l.requests
-                .range(bounds.0.clone()..bounds.1.clone())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
+        let bounds = (Bound::Included(from), Bound::Excluded(below));
         for layer in self.unflushed.layers().chain([&self.batch]) {
-            rows.extend(range(layer));
+            for (id, row) in layer.requests.range::<str, _>(bounds) {
+                rows.insert(id.clone(), row.clone());
+            }
         }
         Ok(rows
             .into_iter()
