@@ -5,7 +5,7 @@
 //! The `kiln` binary is the one cargo built next to the test executable
 //! (`target/<profile>/kiln`), or `$KILN_BIN`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -89,6 +89,99 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Client threads that each create keys `{prefix}{writer}-{i}` in `map`
+/// (`If-None-Match: *`) through the node `target(writer, i)` names, until
+/// stopped or `limit` writes each. A write its node sent again (across a
+/// failover, through a relay) and the stripe applied twice would be answered
+/// 412: [`CreateOnlyWriters::stop`] and [`CreateOnlyWriters::wait`] assert
+/// that none was.
+pub struct CreateOnlyWriters {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    acked: std::sync::Arc<Mutex<BTreeMap<String, String>>>,
+    refused: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+impl CreateOnlyWriters {
+    pub fn start(
+        writers: usize,
+        map: &str,
+        prefix: &str,
+        limit: Option<usize>,
+        target: impl Fn(usize, usize) -> String + Send + Sync + 'static,
+    ) -> CreateOnlyWriters {
+        let target = std::sync::Arc::new(target);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked: std::sync::Arc<Mutex<BTreeMap<String, String>>> = Default::default();
+        let refused: std::sync::Arc<Mutex<Vec<String>>> = Default::default();
+        let threads = (0..writers)
+            .map(|w| {
+                let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
+                let (target, map, prefix) = (target.clone(), map.to_string(), prefix.to_string());
+                std::thread::spawn(move || {
+                    let agent = ureq::AgentBuilder::new()
+                        .timeout(Duration::from_secs(30))
+                        .build();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) && limit.is_none_or(|l| i < l) {
+                        let (key, value) = (format!("{prefix}{w}-{i}"), format!("value-{w}-{i}"));
+                        let resp = agent
+                            .put(&format!("http://{}/v1/kv/{map}/{key}", target(w, i)))
+                            .set("If-None-Match", "*")
+                            .send_string(&value);
+                        match resp {
+                            Ok(r) if r.status() == 200 => {
+                                lock(&acked).insert(key, value);
+                            }
+                            Err(ureq::Error::Status(412, _)) => lock(&refused).push(key),
+                            _ => {}
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        CreateOnlyWriters {
+            stop,
+            threads,
+            acked,
+            refused,
+        }
+    }
+
+    /// Writes acknowledged so far.
+    pub fn acked(&self) -> usize {
+        lock(&self.acked).len()
+    }
+
+    /// Stops the writers; the acknowledged writes, none answered 412.
+    pub fn stop(self) -> BTreeMap<String, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wait()
+    }
+
+    /// Waits for the writers to finish; the acknowledged writes, none
+    /// answered 412.
+    pub fn wait(self) -> BTreeMap<String, String> {
+        for t in self.threads {
+            t.join().expect("a writer thread panicked");
+        }
+        let refused = lock(&self.refused).clone();
+        assert!(
+            refused.is_empty(),
+            "{} create-only writes were answered 412 (applied twice), e.g. {:?}",
+            refused.len(),
+            &refused[..refused.len().min(5)]
+        );
+        let acked = lock(&self.acked).clone();
+        acked
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A `kiln run` process.

@@ -345,40 +345,11 @@ fn a_node_cut_off_from_the_active_only_relays_client_requests_through_another_me
     let through = nodes[cut].http();
     // Writers busy through that node as the link goes down: the writes whose
     // answers the cut drops are sent again through the relay, a second copy of
-    // each in the log. Each creates its key, so one applied twice would be
-    // answered 412.
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
-    let writers: Vec<_> = (0..8)
-        .map(|w| {
-            let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
-            let through = through.clone();
-            std::thread::spawn(move || {
-                let agent = ureq::AgentBuilder::new()
-                    .timeout(Duration::from_secs(30))
-                    .build();
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let (key, value) = (format!("w{w}-{i}"), format!("v{w}-{i}"));
-                    match agent
-                        .put(&format!("http://{through}/v1/kv/relay/{key}"))
-                        .set("If-None-Match", "*")
-                        .send_string(&value)
-                    {
-                        Ok(r) if r.status() == 200 => {
-                            acked.lock().unwrap().insert(key, value);
-                        }
-                        Err(ureq::Error::Status(412, _)) => refused.lock().unwrap().push(key),
-                        _ => {}
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
+    // each in the log (see `CreateOnlyWriters`).
+    let to = through.clone();
+    let writers = CreateOnlyWriters::start(8, "relay", "w", None, move |_, _| to.clone());
     wait_until("writes through the node going", LONG, || {
-        acked.lock().unwrap().len() >= 200
+        writers.acked() >= 200
     });
     lab.cut_between(active, cut).unwrap();
     let agent = ureq::AgentBuilder::new()
@@ -405,18 +376,8 @@ fn a_node_cut_off_from_the_active_only_relays_client_requests_through_another_me
             .unwrap_or_else(|e| panic!("read {k} through the cut-off node: {e}"));
         assert_eq!(read.into_string().unwrap_or_default(), format!("v{k}"));
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.join().unwrap();
-    }
-    let refused = refused.lock().unwrap().clone();
-    assert!(
-        refused.is_empty(),
-        "{} create-only writes were answered 412 (applied twice), e.g. {:?}",
-        refused.len(),
-        &refused[..refused.len().min(5)]
-    );
-    for (key, value) in acked.lock().unwrap().iter() {
+    let acked = writers.stop();
+    for (key, value) in &acked {
         let read = agent
             .get(&format!(
                 "http://{}/v1/kv/relay/{key}",

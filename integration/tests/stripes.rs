@@ -91,59 +91,15 @@ fn every_acknowledged_write_survives_kill_9_of_the_active_and_retries_apply_once
     // Writers go through the two other nodes, so they keep going across the kill.
     let entry: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
 
-    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-    // Every write creates its key: a 412 would be a write its node sent
-    // again across the failover that was applied twice.
-    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
-    let nodes = Arc::new(Mutex::new(std::mem::take(&mut nodes)));
-    let writers: Vec<_> = (0..8)
-        .map(|w| {
-            let acked = acked.clone();
-            let refused = refused.clone();
-            let nodes = nodes.clone();
-            let entry = entry.clone();
-            std::thread::spawn(move || {
-                let agent = agent();
-                for i in 0..1250 {
-                    let key = format!("w{w}-{i}");
-                    let value = format!("value-{w}-{i}");
-                    let target = {
-                        let nodes = nodes.lock().unwrap();
-                        let n = &nodes[entry[i % 2]];
-                        (n.http(), n.ip)
-                    };
-                    let resp = agent
-                        .put(&format!("http://{}/v1/kv/test/{key}", target.0))
-                        .set("If-None-Match", "*")
-                        .send_string(&value);
-                    match resp {
-                        Ok(r) if r.status() == 200 => {
-                            acked.lock().unwrap().insert(key, value);
-                        }
-                        Err(ureq::Error::Status(412, _)) => refused.lock().unwrap().push(key),
-                        _ => {}
-                    }
-                }
-            })
-        })
-        .collect();
-    // Kill the active once a good share of the writes is in.
-    wait_until("2000 writes acknowledged", LONG, || {
-        acked.lock().unwrap().len() >= 2000
+    // Each write creates its key (see `CreateOnlyWriters`).
+    let targets: Vec<String> = entry.iter().map(|&i| nodes[i].http()).collect();
+    let writers = CreateOnlyWriters::start(8, "test", "w", Some(1250), move |_, i| {
+        targets[i % 2].clone()
     });
-    nodes.lock().unwrap()[victim].kill9();
-    for w in writers {
-        w.join().unwrap();
-    }
-    let nodes = Arc::try_unwrap(nodes).ok().unwrap().into_inner().unwrap();
-    let refused = refused.lock().unwrap().clone();
-    assert!(
-        refused.is_empty(),
-        "{} create-only writes were answered 412 (applied twice), e.g. {:?}",
-        refused.len(),
-        &refused[..refused.len().min(5)]
-    );
-    let acked = acked.lock().unwrap().clone();
+    // Kill the active once a good share of the writes is in.
+    wait_until("2000 writes acknowledged", LONG, || writers.acked() >= 2000);
+    nodes[victim].kill9();
+    let acked = writers.wait();
     assert!(
         acked.len() >= 9_000,
         "only {} of 10000 writes acknowledged",
@@ -155,18 +111,7 @@ fn every_acknowledged_write_survives_kill_9_of_the_active_and_retries_apply_once
     let view = reader.get("/v1/cluster/stripes").unwrap();
     assert_ne!(view["stripes"][0]["active"].as_str().unwrap(), active);
     assert!(view["stripes"][0]["epoch"].as_u64().unwrap() >= 2);
-    let agent = agent();
-    let missing: Vec<&String> = acked
-        .iter()
-        .filter(|(k, v)| get(&agent, reader, k).as_deref() != Some(v.as_str()))
-        .map(|(k, _)| k)
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged writes lost, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
+    assert_all_read_back(reader, &acked);
     // Answered requests are timed by route: before the kill, every write the
     // writers sent was forwarded to the active.
     assert!(
@@ -380,38 +325,11 @@ fn writes_sent_again_across_a_paused_active_apply_once() {
         .map(|i| nodes[i].http())
         .collect();
 
-    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..32)
-        .map(|w| {
-            let (acked, refused, stop) = (acked.clone(), refused.clone(), stop.clone());
-            let target = targets[w % 2].clone();
-            std::thread::spawn(move || {
-                let agent = agent();
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let (key, value) = (format!("a{w}-{i}"), format!("value-{w}-{i}"));
-                    let resp = agent
-                        .put(&format!("http://{target}/v1/kv/test/{key}"))
-                        .set("If-None-Match", "*")
-                        .send_string(&value);
-                    match resp {
-                        Ok(r) if r.status() == 200 => {
-                            acked.lock().unwrap().insert(key, value);
-                        }
-                        Err(ureq::Error::Status(412, _)) => refused.lock().unwrap().push(key),
-                        _ => {}
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
-    let acked_count = || acked.lock().unwrap().len();
-    wait_until("1000 writes acknowledged", LONG, || acked_count() >= 1000);
+    let writers =
+        CreateOnlyWriters::start(32, "test", "a", None, move |w, _| targets[w % 2].clone());
+    wait_until("1000 writes acknowledged", LONG, || writers.acked() >= 1000);
     nodes[paused].signal(libc::SIGSTOP);
-    let before = acked_count();
+    let before = writers.acked();
     wait_until("another active", LONG, || {
         nodes[(paused + 1) % 3]
             .get("/v1/cluster/stripes")
@@ -422,24 +340,17 @@ fn writes_sent_again_across_a_paused_active_apply_once() {
             })
     });
     wait_until("1000 more writes acknowledged", LONG, || {
-        acked_count() >= before + 1000
+        writers.acked() >= before + 1000
     });
     nodes[paused].signal(libc::SIGCONT);
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in writers {
-        w.join().unwrap();
-    }
-    let refused = refused.lock().unwrap().clone();
-    assert!(
-        refused.is_empty(),
-        "{} create-only writes were answered 412 (applied twice), e.g. {:?}",
-        refused.len(),
-        &refused[..refused.len().min(5)]
-    );
+    let acked = writers.stop();
+    assert_all_read_back(&nodes[(paused + 1) % 3], &acked);
+}
+
+/// Every acknowledged write, read from `reader` (linearizable reads).
+fn assert_all_read_back(reader: &Node, acked: &BTreeMap<String, String>) {
     let agent = agent();
-    let reader = &nodes[(paused + 1) % 3];
-    let acked = acked.lock().unwrap().clone();
     let missing: Vec<&String> = acked
         .iter()
         .filter(|(k, v)| get(&agent, reader, k).as_deref() != Some(v.as_str()))
