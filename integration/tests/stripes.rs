@@ -1061,3 +1061,45 @@ fn an_active_whose_disk_fills_up_is_replaced_and_no_acknowledged_write_is_lost()
     disk.resize(128);
     rejoins_holding_every_write(&second, &first, &keys, value.len());
 }
+
+/// A compaction waits for the state's periodic fsync rather than forcing one;
+/// when none comes (the writes stopped, or a temporary store, which fsyncs
+/// none of its own) it forces one after a while, so the log on disk is still
+/// cut back.
+#[test]
+fn the_log_is_compacted_after_the_writes_stop_in_either_persistence_mode() {
+    let _serial = serial();
+    for mode in ["permanent", "temporary"] {
+        let opts = NodeOpts {
+            extra: vec![
+                "--log-retain-entries".into(),
+                "20".into(),
+                "--persistence".into(),
+                mode.into(),
+            ],
+            ..opts()
+        };
+        let nodes = start_cluster(&format!("cmp{}", &mode[..4]), 1, opts);
+        let node = &nodes[0];
+        wait_in_sync(&[node], 0);
+        let agent = agent();
+        for i in 0..100 {
+            assert!(
+                put(&agent, node, &format!("k{i}"), "v").is_some(),
+                "{mode}: write {i} acknowledged"
+            );
+        }
+        let compactions =
+            || node.metric_sum("kiln_stripe_storage_seconds_count", "job=\"compact\"");
+        wait_until(&format!("{mode}: the log compacted"), LONG, || {
+            compactions() > 0.0
+        });
+        for i in 0..100 {
+            assert_eq!(
+                get(&agent, node, &format!("k{i}")).as_deref(),
+                Some("v"),
+                "{mode}: key k{i}"
+            );
+        }
+    }
+}

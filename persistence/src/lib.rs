@@ -24,4 +24,6 @@ pub use broadcast_store::{
 pub use control_store::ControlStore;
 pub use error::StoreError;
 pub use node_store::{verify_untouched, MemberState, NodeStore, SecretCheck, StoredMember};
-pub use stripe_store::{KvRow, KvTxn, SnapshotSource, StripeRecovered, StripeStore};
+pub use stripe_store::{
+    KvRow, KvTxn, SnapshotSource, StripeRecovered, StripeStore, STATE_FSYNC_EVERY,
+};

@@ -33,7 +33,7 @@ use crate::StoreError;
 /// flush (15–20 a second per node under load), ~11 ms and 11 % fewer writes a
 /// second (integration/BENCHMARKS.md). What it has left to write is kept
 /// small instead: see [`write_back_in_steps`].
-const STATE_FSYNC_EVERY: Duration = Duration::from_secs(10);
+pub const STATE_FSYNC_EVERY: Duration = Duration::from_secs(10);
 
 /// Rows copied between reports while a data directory from before the state
 /// file moves its state there.
