@@ -54,6 +54,8 @@ pub struct StripeStore {
     flush_lock: Mutex<()>,
     /// Entries `unflushed` covers (read without its lock).
     unflushed_entries: AtomicU64,
+    /// Bytes of the log entries those are (see [`Self::unflushed_bytes`]).
+    unflushed_bytes: AtomicU64,
     /// Flushes that wrote something.
     flushes: AtomicU64,
     /// A file was opened again since the last [`recover`](Self::recover).
@@ -258,6 +260,7 @@ impl StripeStore {
             unflushed: Mutex::new(Unflushed::default()),
             flush_lock: Mutex::new(()),
             unflushed_entries: AtomicU64::new(0),
+            unflushed_bytes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             state_lost: AtomicBool::new(false),
             reopened: Mutex::new(None),
@@ -315,7 +318,7 @@ impl StripeStore {
             // Together: nothing applied over the old file survives the flag.
             let mut u = self.lock_unflushed();
             *u = Unflushed::default();
-            self.unflushed_entries.store(0, Ordering::Release);
+            self.note_unflushed(&u);
             self.state_lost.store(false, Ordering::Release);
         }
         let get = |txn: &redb::ReadTransaction,
@@ -580,10 +583,10 @@ impl StripeStore {
         batch.base = applied;
         batch.applied = todo.last().map_or(applied, |e| e.0);
         batch.entries = todo.len() as u64;
+        batch.bytes = todo.iter().map(|e| e.1.len() as u64).sum();
         let last_change = tx.last_change;
         unflushed.newest.absorb(batch);
-        self.unflushed_entries
-            .store(unflushed.entries(), Ordering::Release);
+        self.note_unflushed(&unflushed);
         self.changes_head.store(last_change, Ordering::Release);
         Ok(out)
     }
@@ -591,6 +594,19 @@ impl StripeStore {
     /// Entries applied and not yet written to the file.
     pub fn unflushed_entries(&self) -> u64 {
         self.unflushed_entries.load(Ordering::Acquire)
+    }
+
+    /// The size of the log entries applied and not yet written to the file:
+    /// a bound on the memory their changes hold (a value written many times
+    /// between flushes is counted each time), which entries alone do not give
+    /// for large values.
+    pub fn unflushed_bytes(&self) -> u64 {
+        self.unflushed_bytes.load(Ordering::Acquire)
+    }
+
+    fn note_unflushed(&self, u: &Unflushed) {
+        self.unflushed_entries.store(u.entries(), Ordering::Release);
+        self.unflushed_bytes.store(u.bytes(), Ordering::Release);
     }
 
     /// Writes the applied state gathered in memory to the state file, in one
@@ -694,7 +710,7 @@ impl StripeStore {
         {
             let mut u = self.lock_unflushed();
             u.flushing = None;
-            self.unflushed_entries.store(u.entries(), Ordering::Release);
+            self.note_unflushed(&u);
         }
         if !batch.is_empty() {
             self.flushes.fetch_add(1, Ordering::AcqRel);
@@ -818,8 +834,10 @@ impl StripeStore {
         // readers see the older state of the file: a member installing a
         // snapshot answers no linearizable read.)
         let _flush = lock(&self.flush_lock);
-        *self.lock_unflushed() = Unflushed::default();
-        self.unflushed_entries.store(0, Ordering::Release);
+        let mut u = self.lock_unflushed();
+        *u = Unflushed::default();
+        self.note_unflushed(&u);
+        drop(u);
         let txn = self.write_txn(&self.state, true)?;
         // Staged over a file a reopen took back: parts are missing.
         self.check_state_kept()?;
@@ -1561,6 +1579,21 @@ mod tests {
         let s = StripeStore::open(dir.path(), true).unwrap();
         assert_eq!(s.recover().unwrap().applied, 7);
         assert_eq!(s.get("m", "d").unwrap(), Some((7, b"7".to_vec())));
+    }
+
+    #[test]
+    fn unflushed_bytes_count_the_entries_applied_since_the_last_flush() {
+        let (_dir, s) = store_with_empty_entries(0);
+        let rows: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, vec![7u8; 1000])).collect();
+        s.persist(None, &rows, None).unwrap();
+        let put = |tx: &mut dyn KvTxn, i: u64, data: &[u8]| tx.put("m", "k", i, data);
+        s.apply(&rows[..2], put).unwrap();
+        assert_eq!((s.unflushed_entries(), s.unflushed_bytes()), (2, 2000));
+        // Entries applied before are passed over, not counted again.
+        s.apply(&rows, put).unwrap();
+        assert_eq!((s.unflushed_entries(), s.unflushed_bytes()), (3, 3000));
+        assert_eq!(s.flush().unwrap(), 3);
+        assert_eq!((s.unflushed_entries(), s.unflushed_bytes()), (0, 0));
     }
 
     #[test]

@@ -40,8 +40,9 @@ pub(crate) struct Pending {
     pub base: u64,
     /// The change seq the outbox reached, if entries moved it.
     pub last_change: Option<u64>,
-    /// Entries applied.
+    /// Entries applied, and their size.
     pub entries: u64,
+    pub bytes: u64,
 }
 
 impl Pending {
@@ -61,6 +62,7 @@ impl Pending {
         self.applied = self.applied.max(newer.applied);
         self.last_change = newer.last_change.or(self.last_change);
         self.entries += newer.entries;
+        self.bytes += newer.bytes;
     }
 }
 
@@ -112,6 +114,11 @@ impl Unflushed {
     /// Entries applied and not yet flushed.
     pub fn entries(&self) -> u64 {
         self.newest.entries + self.flushing.as_ref().map_or(0, |f| f.entries)
+    }
+
+    /// Their size, as log entries.
+    pub fn bytes(&self) -> u64 {
+        self.newest.bytes + self.flushing.as_ref().map_or(0, |f| f.bytes)
     }
 
     /// The layers of pending changes, oldest first: a later one overrides.

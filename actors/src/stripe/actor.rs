@@ -58,9 +58,13 @@ const APPLY_DEFER: Duration = Duration::from_millis(20);
 /// CPU per write at 64 clients (BENCHMARKS, nineteenth session).
 const FLUSH_AFTER_TICKS: u32 = 10;
 const FLUSH_ENTRIES: u64 = 4096;
-/// Past this many unflushed entries a flush runs at normal priority (see
-/// `flush_applied`).
+/// Or once this many bytes of entries have: entries alone bound nothing for
+/// large values (4 096 of 1 MiB).
+const FLUSH_BYTES: u64 = 64 << 20;
+/// Past this many unflushed entries, or bytes of them, a flush runs at normal
+/// priority (see `start_flush`).
 const FLUSH_BEHIND: u64 = 8 * FLUSH_ENTRIES;
+const FLUSH_BEHIND_BYTES: u64 = 8 * FLUSH_BYTES;
 /// An idle-class flush still running after this long counts as starved of CPU:
 /// the flushes after it run at nice + 10 (`Background::Low`) for
 /// `STARVED_FOR`, then in the idle class again.
@@ -708,6 +712,7 @@ impl StripeActor {
                 tracing::warn!(
                     stripe,
                     waiting = self.store.unflushed_entries(),
+                    waiting_bytes = self.store.unflushed_bytes(),
                     secs = started.elapsed().as_secs_f64(),
                     "a flush of applied state in the idle scheduling class has run for over a \
                      second (other work keeps every core busy, or the disk is slow); flushes \
@@ -728,8 +733,7 @@ impl StripeActor {
             // It runs beside the queue, not in it: the fsync of what gathered
             // since the last one took 100–230 ms, and writes would wait.
             self.compact_waits_since = Some(Instant::now());
-            let waiting = self.store.unflushed_entries();
-            self.start_flush(ctx, waiting, true);
+            self.start_flush(ctx, true);
         }
         // Also counts the flushes others made (compaction, snapshots).
         let flushes = self.store.flushes();
@@ -1022,26 +1026,26 @@ impl StripeActor {
     }
 
     /// Writes the applied state gathered in memory to the file once `at_least`
-    /// entries are waiting (in the background: nothing waits for it).
+    /// entries, or `FLUSH_BYTES` of them, are waiting (in the background:
+    /// nothing waits for it).
     fn flush_applied(&mut self, ctx: &mut Context<Self>, at_least: u64) {
-        let waiting = self.store.unflushed_entries();
         // Not while the stripe restarts from its file (which drops the state).
         let restarting = self.replica.is_none() || self.storage_down.is_some();
-        // A compaction waiting for its turn starts a durable flush itself if
-        // it needs one; a plain flush first would only put it off.
-        let compaction_waits = self
-            .queue
-            .iter()
-            .any(|s| matches!(s, Step::Fx(Effect::Compact { .. })));
-        if self.flushing || restarting || compaction_waits || waiting == 0 || waiting < at_least {
+        let due = flush_due(
+            self.store.unflushed_entries(),
+            self.store.unflushed_bytes(),
+            at_least,
+        );
+        if self.flushing || restarting || !due {
             return;
         }
-        self.start_flush(ctx, waiting, false);
+        self.start_flush(ctx, false);
     }
 
     /// Starts a flush of applied state (`durable`: fsynced, for a compaction
     /// stashed in `compact_after_flush`, which is queued once it is done).
-    fn start_flush(&mut self, ctx: &mut Context<Self>, waiting: u64, durable: bool) {
+    fn start_flush(&mut self, ctx: &mut Context<Self>, durable: bool) {
+        let behind = flush_behind(self.store.unflushed_entries(), self.store.unflushed_bytes());
         self.flushing = true;
         let generation = self.replica_generation;
         let store = self.store.clone();
@@ -1053,7 +1057,7 @@ impl StripeActor {
         // Nothing waits for a flush, but memory does: once flushes fall far
         // behind (a saturated CPU starves the background thread), at normal
         // priority; and the log, for one a compaction waits for.
-        let flushed = if durable || waiting > FLUSH_BEHIND {
+        let flushed = if durable || behind {
             futures::FutureExt::boxed_local(blocking(job))
         } else if self
             .flushes_starved
@@ -2512,6 +2516,18 @@ fn recover_stripe(store: &StripeStore, stripe: u32) -> Result<Option<StripeRecov
 
 /// The command a stored log entry carries (an entry that does not decode applies
 /// as an unknown command, which `kv::apply` refuses without touching the state).
+/// Whether applied state waiting in memory (`entries`, of `bytes`) is worth a
+/// flush for a caller that wants at least `at_least` entries.
+fn flush_due(entries: u64, bytes: u64, at_least: u64) -> bool {
+    entries > 0 && (entries >= at_least || bytes >= FLUSH_BYTES)
+}
+
+/// Whether flushes fell so far behind the applies that the next one runs at
+/// normal priority.
+fn flush_behind(entries: u64, bytes: u64) -> bool {
+    entries > FLUSH_BEHIND || bytes > FLUSH_BEHIND_BYTES
+}
+
 fn entry_data(stored: &[u8]) -> Vec<u8> {
     from_cbor::<Entry>(stored, usize::MAX)
         .map(|e| e.data)
@@ -2521,6 +2537,30 @@ fn entry_data(stored: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_values_bring_flushes_on_sooner_than_their_count() {
+        // 1 KiB values: the count decides.
+        assert!(!flush_due(
+            FLUSH_ENTRIES - 1,
+            (FLUSH_ENTRIES - 1) * 1100,
+            FLUSH_ENTRIES
+        ));
+        assert!(flush_due(
+            FLUSH_ENTRIES,
+            FLUSH_ENTRIES * 1100,
+            FLUSH_ENTRIES
+        ));
+        // 1 MiB values: 64 of them are due, 4 096 would have been 4 GiB.
+        assert!(!flush_due(63, 63 << 20, FLUSH_ENTRIES));
+        assert!(flush_due(64, 64 << 20, FLUSH_ENTRIES));
+        // Nothing waiting: nothing to flush, whatever the caller asks for.
+        assert!(!flush_due(0, 0, 1));
+        assert!(flush_due(1, 10, 1));
+        assert!(!flush_behind(FLUSH_BEHIND, FLUSH_BEHIND * 1100));
+        assert!(flush_behind(FLUSH_BEHIND + 1, 0));
+        assert!(flush_behind(600, 600 << 20));
+    }
 
     #[test]
     fn restarts_after_storage_failures_back_off_to_a_ceiling() {
