@@ -469,6 +469,8 @@ pub struct StripeActor {
     /// A compaction waiting for a flush (see `Effect::Compact`), and since when.
     compact_after_flush: Option<u64>,
     compact_waits_since: Option<Instant>,
+    /// The log holds no entry up to here (compacted by this process).
+    compacted_upto: u64,
     /// Where the compaction under way ends: its next step goes at the next
     /// tick (see `COMPACT_STEP`).
     compact_rest: Option<u64>,
@@ -587,6 +589,7 @@ impl StripeActor {
             flushes_starved: None,
             compact_after_flush: None,
             compact_waits_since: None,
+            compacted_upto: 0,
             compact_rest: None,
             flushes_seen: 0,
             ticks_without_flush: 0,
@@ -721,20 +724,7 @@ impl StripeActor {
                 self.flushes_starved = Some(Instant::now());
             }
         }
-        if self
-            .compact_waits_since
-            .is_some_and(|since| since.elapsed() >= COMPACTION_WAITS)
-            && !self.flushing
-            && self.replica.is_some()
-            && self.storage_down.is_none()
-        {
-            // No fsync of the state came (no writes since, or a temporary
-            // store, which fsyncs none of its own): one for the compaction.
-            // It runs beside the queue, not in it: the fsync of what gathered
-            // since the last one took 100–230 ms, and writes would wait.
-            self.compact_waits_since = Some(Instant::now());
-            self.start_flush(ctx, true);
-        }
+        self.force_fsync_for_compaction(ctx);
         // Also counts the flushes others made (compaction, snapshots).
         let flushes = self.store.flushes();
         if flushes == self.flushes_seen {
@@ -1025,6 +1015,31 @@ impl StripeActor {
         );
     }
 
+    /// A compaction up to `upto` waits for the state's next fsync (stashed in
+    /// `compact_after_flush`; every flush's end queues it again).
+    fn wait_to_compact(&mut self, upto: u64, ctx: &mut Context<Self>) {
+        self.compact_after_flush = self.compact_after_flush.max(Some(upto));
+        self.compact_waits_since.get_or_insert_with(Instant::now);
+        self.force_fsync_for_compaction(ctx);
+    }
+
+    /// Starts a fsynced flush for a compaction that waited `COMPACTION_WAITS`
+    /// for one: no fsync of the state came (no writes since, or a temporary
+    /// store, which fsyncs none of its own). Also from a compaction queued at
+    /// a flush's end: flushes back to back leave ticks few chances.
+    fn force_fsync_for_compaction(&mut self, ctx: &mut Context<Self>) {
+        let waited = self
+            .compact_waits_since
+            .is_some_and(|since| since.elapsed() >= COMPACTION_WAITS);
+        if !waited || self.flushing || self.replica.is_none() || self.storage_down.is_some() {
+            return;
+        }
+        // It runs beside the queue, not in it: the fsync of what gathered
+        // since the last one took 100–230 ms, and writes would wait.
+        self.compact_waits_since = Some(Instant::now());
+        self.start_flush(ctx, true);
+    }
+
     /// Writes the applied state gathered in memory to the file once `at_least`
     /// entries, or `FLUSH_BYTES` of them, are waiting (in the background:
     /// nothing waits for it).
@@ -1222,18 +1237,29 @@ impl StripeActor {
                 // The store keeps every entry not yet applied here.
                 let upto = upto.min(self.applied_index);
                 if upto == 0 {
+                    self.compact_waits_since = None;
+                    return;
+                }
+                if self.flushing {
+                    self.wait_to_compact(upto, ctx);
                     return;
                 }
                 // The log may lose only what the state file holds, fsynced.
                 // The state's own fsync, every `STATE_FSYNC_EVERY`, soon
-                // covers it: a compaction waits for that one rather than
-                // forcing one of its own (see `COMPACTION_WAITS`).
-                if self.flushing || self.store.state_durable() < upto {
-                    self.compact_after_flush = self.compact_after_flush.max(Some(upto));
-                    self.compact_waits_since.get_or_insert_with(Instant::now);
-                    return;
-                }
-                self.compact_waits_since = None;
+                // covers the rest: a compaction waits for that one rather
+                // than forcing one of its own (see `COMPACTION_WAITS`), and
+                // meanwhile drops what is covered already.
+                let durable = self.store.state_durable();
+                let upto = if durable < upto {
+                    self.wait_to_compact(upto, ctx);
+                    if durable <= self.compacted_upto || self.flushing {
+                        return;
+                    }
+                    durable
+                } else {
+                    self.compact_waits_since = None;
+                    upto
+                };
                 self.busy = true;
                 let generation = self.replica_generation;
                 let store = self.store.clone();
@@ -1262,9 +1288,10 @@ impl StripeActor {
                         match res {
                             // Not for a replica that started again since.
                             Ok(done) if done < upto && act.replica_generation == generation => {
+                                act.compacted_upto = act.compacted_upto.max(done);
                                 act.compact_rest = act.compact_rest.max(Some(upto));
                             }
-                            Ok(_) => {}
+                            Ok(done) => act.compacted_upto = act.compacted_upto.max(done.min(upto)),
                             // The file lost commits its state had (see
                             // `StripeStore::flush`): start again from it.
                             Err(e @ (StoreError::StateReopened { .. } | StoreError::Corrupt { .. })) => {
@@ -2514,8 +2541,6 @@ fn recover_stripe(store: &StripeStore, stripe: u32) -> Result<Option<StripeRecov
     }
 }
 
-/// The command a stored log entry carries (an entry that does not decode applies
-/// as an unknown command, which `kv::apply` refuses without touching the state).
 /// Whether applied state waiting in memory (`entries`, of `bytes`) is worth a
 /// flush for a caller that wants at least `at_least` entries.
 fn flush_due(entries: u64, bytes: u64, at_least: u64) -> bool {
@@ -2528,6 +2553,8 @@ fn flush_behind(entries: u64, bytes: u64) -> bool {
     entries > FLUSH_BEHIND || bytes > FLUSH_BEHIND_BYTES
 }
 
+/// The command a stored log entry carries (an entry that does not decode applies
+/// as an unknown command, which `kv::apply` refuses without touching the state).
 fn entry_data(stored: &[u8]) -> Vec<u8> {
     from_cbor::<Entry>(stored, usize::MAX)
         .map(|e| e.data)
