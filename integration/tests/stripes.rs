@@ -1065,9 +1065,10 @@ fn an_active_whose_disk_fills_up_is_replaced_and_no_acknowledged_write_is_lost()
 /// A compaction waits for the state's periodic fsync rather than forcing one;
 /// when none comes (the writes stopped, or a temporary store, which fsyncs
 /// none of its own) it forces one after a while, so the log on disk is still
-/// cut back.
+/// cut back, past one compaction step (1 024 entries), to within what it keeps.
 #[test]
 fn the_log_is_compacted_after_the_writes_stop_in_either_persistence_mode() {
+    const WRITES: usize = 1200;
     let _serial = serial();
     for mode in ["permanent", "temporary"] {
         let opts = NodeOpts {
@@ -1080,23 +1081,29 @@ fn the_log_is_compacted_after_the_writes_stop_in_either_persistence_mode() {
             ..opts()
         };
         let mut nodes = start_cluster(&format!("cmp{}", &mode[..4]), 1, opts);
-        let node = &nodes[0];
-        wait_in_sync(&[node], 0);
+        wait_in_sync(&[&nodes[0]], 0);
         let agent = agent();
-        for i in 0..100 {
+        for i in 0..WRITES {
             assert!(
-                put(&agent, node, &format!("k{i}"), "v").is_some(),
+                put(&agent, &nodes[0], &format!("k{i}"), "v").is_some(),
                 "{mode}: write {i} acknowledged"
             );
         }
-        let compactions =
-            || node.metric_sum("kiln_stripe_storage_seconds_count", "job=\"compact\"");
-        wait_until(&format!("{mode}: the log compacted"), LONG, || {
-            compactions() > 0.0
-        });
+        // The stripe keeps 20 entries, and compacts once 20 more gathered.
+        let kept_at_most = 2 * 20 + 1 + 10;
+        let compacted = || {
+            nodes[0]
+                .metric_value("kiln_stripe_log_compacted_index")
+                .unwrap_or(0.0)
+        };
+        wait_until(
+            &format!("{mode}: the log compacted to within {kept_at_most} entries of {WRITES}"),
+            LONG,
+            || compacted() >= (WRITES - kept_at_most) as f64,
+        );
         assert!(
-            !node.log().contains("log compaction failed"),
-            "{mode}: a compaction failed"
+            !nodes[0].log().contains("a stripe log write failed"),
+            "{mode}: a log write (or compaction) failed"
         );
         if mode == "permanent" {
             // Nothing the compaction dropped was missing from the state
@@ -1105,7 +1112,7 @@ fn the_log_is_compacted_after_the_writes_stop_in_either_persistence_mode() {
             nodes[0].restart();
             wait_in_sync(&[&nodes[0]], 0);
         }
-        for i in 0..100 {
+        for i in 0..WRITES {
             assert_eq!(
                 get(&agent, &nodes[0], &format!("k{i}")).as_deref(),
                 Some("v"),

@@ -259,6 +259,7 @@ pub struct StripeMetrics {
     is_active: Gauge,
     epoch: Gauge,
     last_index: Gauge,
+    log_compacted: Gauge,
     commit_index: Gauge,
     member_lag: Family<PeerLabel, Gauge>,
     writes: Counter,
@@ -293,6 +294,12 @@ impl StripeMetrics {
             "last_index",
             "Index of the last entry in this node's stripe log",
             m.last_index.clone(),
+        );
+        r.register(
+            "log_compacted_index",
+            "Index up to which this node's stripe log was compacted since it started \
+             (the log on disk holds the entries after it)",
+            m.log_compacted.clone(),
         );
         r.register(
             "commit_index",
@@ -1015,6 +1022,12 @@ impl StripeActor {
         );
     }
 
+    /// This node's log holds no entry up to `upto` any more.
+    fn note_compacted(&mut self, upto: u64) {
+        self.compacted_upto = self.compacted_upto.max(upto);
+        self.metrics.log_compacted.set(self.compacted_upto as i64);
+    }
+
     /// A compaction up to `upto` waits for the state's next fsync (stashed in
     /// `compact_after_flush`; every flush's end queues it again).
     fn wait_to_compact(&mut self, upto: u64, ctx: &mut Context<Self>) {
@@ -1237,7 +1250,6 @@ impl StripeActor {
                 // The store keeps every entry not yet applied here.
                 let upto = upto.min(self.applied_index);
                 if upto == 0 {
-                    self.compact_waits_since = None;
                     return;
                 }
                 if self.flushing {
@@ -1257,7 +1269,15 @@ impl StripeActor {
                     }
                     durable
                 } else {
-                    self.compact_waits_since = None;
+                    // A compaction that waits for more (this one may be the
+                    // next step of what was covered) keeps its clock.
+                    if self
+                        .compact_after_flush
+                        .is_none_or(|stashed| stashed <= upto)
+                    {
+                        self.compact_after_flush = None;
+                        self.compact_waits_since = None;
+                    }
                     upto
                 };
                 self.busy = true;
@@ -1288,10 +1308,10 @@ impl StripeActor {
                         match res {
                             // Not for a replica that started again since.
                             Ok(done) if done < upto && act.replica_generation == generation => {
-                                act.compacted_upto = act.compacted_upto.max(done);
+                                act.note_compacted(done);
                                 act.compact_rest = act.compact_rest.max(Some(upto));
                             }
-                            Ok(done) => act.compacted_upto = act.compacted_upto.max(done.min(upto)),
+                            Ok(done) => act.note_compacted(done.min(upto)),
                             // The file lost commits its state had (see
                             // `StripeStore::flush`): start again from it.
                             Err(e @ (StoreError::StateReopened { .. } | StoreError::Corrupt { .. })) => {
