@@ -320,3 +320,91 @@ fn a_node_whose_disk_cannot_take_an_artifact_says_so_and_fetches_it_once_it_has_
         })
     });
 }
+
+/// An Idempotency-Key names one upload cluster-wide: a retry on another node
+/// gets the first version, other content under it is refused (decided by the
+/// control plane, not by a node's possibly lagging copy). A retired version
+/// leaves every node's disk at the next collection, so `artifact_keep_versions`
+/// bounds the disk. A name that is not UTF-8 once decoded is refused.
+#[test]
+fn an_upload_key_names_one_upload_and_retired_versions_leave_the_disk() {
+    let _serial = serial();
+    let nodes = start_cluster("artk", 3, NodeOpts::default());
+    wait_converged(&nodes, LONG);
+    // Versions are assigned by the control plane: every node reaches it.
+    wait_until(
+        "every node knows the stripe's active and 3 voters",
+        LONG,
+        || {
+            nodes.iter().all(|n| {
+                n.get("/v1/cluster/stripes").is_some_and(|v| {
+                    v["stripes"][0]["active"].is_string()
+                        && v["voters"].as_array().is_some_and(|a| a.len() == 3)
+                })
+            })
+        },
+    );
+    let put = |node: &Node, name: &str, key: Option<&str>, body: &[u8]| {
+        let mut req = ureq::put(&format!("http://{}/v1/artifacts/{name}", node.http()));
+        if let Some(k) = key {
+            req = req.set("Idempotency-Key", k);
+        }
+        match req.send_bytes(body) {
+            Ok(r) => (r.status(), r.into_json::<Value>().unwrap_or_default()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json::<Value>().unwrap_or_default()),
+            Err(e) => panic!("PUT /v1/artifacts/{name} on {}: {e}", node.name),
+        }
+    };
+    let blob_on = |node: &Node, sha: &str| node.dir.join("data/artifacts/blobs").join(sha).exists();
+
+    let first = content(64 * 1024);
+    let first_sha = hex_of(&Sha256::digest(&first));
+    let (code, body) = put(&nodes[0], "app", Some("release-1"), &first);
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["version"], 1, "{body}");
+
+    let other = vec![7u8; 1000];
+    let (code, body) = put(&nodes[1], "app", Some("release-1"), &other);
+    assert_eq!(code, 422, "other content under a used key: {body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Idempotency-Key")),
+        "{body}"
+    );
+    let (code, body) = put(&nodes[2], "app", Some("release-1"), &first);
+    assert_eq!(code, 201, "a retry on another node: {body}");
+    assert_eq!(body["version"], 1, "a retry gets the first version: {body}");
+
+    let (code, body) = put(&nodes[0], "%FF", None, b"x");
+    assert_eq!(code, 400, "a name that is not UTF-8: {body}");
+
+    wait_until("every node holds version 1", LONG, || {
+        nodes.iter().all(|n| blob_on(n, &first_sha))
+    });
+    // Three newer versions: with the default of 3 kept, version 1 is retired.
+    let mut newer = Vec::new();
+    for i in 0..3u8 {
+        let data = vec![i; 4096 + usize::from(i)];
+        let (code, body) = put(&nodes[0], "app", None, &data);
+        assert_eq!(code, 201, "{body}");
+        newer.push(hex_of(&Sha256::digest(&data)));
+    }
+    wait_until(
+        "every node has removed retired version 1 and holds the live ones",
+        LONG,
+        || {
+            nodes
+                .iter()
+                .all(|n| !blob_on(n, &first_sha) && newer.iter().all(|sha| blob_on(n, sha)))
+        },
+    );
+    let list = nodes[1].get("/v1/artifacts").expect("artifact list");
+    let versions: Vec<u64> = list["artifacts"][0]["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .filter_map(|v| v["version"].as_u64())
+        .collect();
+    assert_eq!(versions, vec![2, 3, 4], "{list}");
+}

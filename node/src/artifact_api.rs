@@ -57,6 +57,20 @@ fn storage(e: StoreError) -> ApiError {
 }
 
 /// A name is one path segment of printable characters, at most 200 bytes.
+/// The artifact name of a `/v1/artifacts/{name}` request, percent-decoded from
+/// the raw path: a name that is not UTF-8 once decoded is refused (the router's
+/// own decoding replaces such bytes, so `%FF` and `%FE` would name one artifact).
+fn name_of(req: &HttpRequest) -> Result<String, ApiError> {
+    let raw = req
+        .uri()
+        .path()
+        .strip_prefix("/v1/artifacts/")
+        .ok_or_else(|| bad_request("expected /v1/artifacts/{name}".into()))?;
+    let name = crate::kv_api::decode_name(raw, "artifact name")?;
+    check_name(&name)?;
+    Ok(name)
+}
+
 fn check_name(name: &str) -> Result<(), ApiError> {
     if name.is_empty()
         || name.len() > 200
@@ -107,13 +121,18 @@ fn upload_id(req: &HttpRequest) -> Result<String, ApiError> {
 
 /// The SHA-256 a `Content-Digest: sha-256=:<base64>:` header asks for.
 fn wanted_digest(req: &HttpRequest) -> Result<Option<String>, ApiError> {
-    let Some(v) = req.headers().get("Content-Digest") else {
+    // The header may come as several lines, each a list (RFC 9110 5.3).
+    let mut lines = Vec::new();
+    for v in req.headers().get_all("Content-Digest") {
+        lines.push(
+            v.to_str()
+                .map_err(|_| bad_request("Content-Digest is not text".into()))?,
+        );
+    }
+    if lines.is_empty() {
         return Ok(None);
-    };
-    let v = v
-        .to_str()
-        .map_err(|_| bad_request("Content-Digest is not text".into()))?;
-    for item in v.split(',') {
+    }
+    for item in lines.iter().flat_map(|l| l.split(',')) {
         let item = item.trim();
         if let Some(b64) = item
             .strip_prefix("sha-256=:")
@@ -149,12 +168,10 @@ async fn blocking<T: Send + 'static>(
 
 pub async fn put(
     state: web::Data<ApiState>,
-    path: web::Path<String>,
     req: HttpRequest,
     mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let name = path.into_inner();
-    check_name(&name)?;
+    let name = name_of(&req)?;
     let api = api(&state)?;
     let wanted = wanted_digest(&req)?;
     let upload_id = upload_id(&req)?;
@@ -219,6 +236,9 @@ pub async fn put(
     });
     let version = match api.control.send(Propose(cmd)).await {
         Ok(Ok(ControlOutcome::ArtifactPublished { version })) => version,
+        Ok(Ok(ControlOutcome::Rejected { reason })) => {
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, reason))
+        }
         Ok(Ok(other)) => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -226,29 +246,26 @@ pub async fn put(
             ))
         }
         Ok(Err(e)) => {
+            let retry = if upload_id.starts_with("k:") {
+                "retry with the same Idempotency-Key to get that one rather than a second version"
+            } else {
+                "list the versions (GET /v1/artifacts) before uploading again; an upload with \
+                 an Idempotency-Key can be retried safely"
+            };
             return Err(ApiError::retry_later(format!(
                 "the control plane could not assign a version ({e}); it may have assigned one \
-                 all the same: retry with the same Idempotency-Key to get that one rather than \
-                 a second version (the upload is kept for 10 minutes)"
-            )))
+                 all the same: {retry}"
+            )));
         }
         Err(e) => return Err(ApiError::retry_later(format!("node is shutting down: {e}"))),
     };
-    if let Ok((_, v)) = lookup(api, &name, Some(version)) {
-        if v.upload == upload_id && v.sha256 != digests.sha256 {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "this Idempotency-Key was used for another upload of {name} (version {version}, \
-                     sha-256 {}); nothing new was published",
-                    v.sha256
-                ),
-            ));
-        }
-    }
     // The artifact actor announces the version once this node's applied
     // state records it holding it.
-    api.actor.do_send(Uploaded(digests.sha256.clone()));
+    api.actor.do_send(Uploaded {
+        name: name.clone(),
+        version,
+        sha256: digests.sha256.clone(),
+    });
     tracing::info!(%name, version, size = digests.size, sha256 = %digests.sha256, "artifact version published");
     Ok(HttpResponse::Created().json(json!({
         "name": name,
@@ -298,11 +315,10 @@ fn lookup(
 
 pub async fn get(
     state: web::Data<ApiState>,
-    path: web::Path<String>,
+    req: HttpRequest,
     query: web::Query<VersionQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let name = path.into_inner();
-    check_name(&name)?;
+    let name = name_of(&req)?;
     let api = api(&state)?;
     let (version, v) = lookup(api, &name, query.version)?;
     if !api.store.has(&v.sha256) {
@@ -415,11 +431,10 @@ pub async fn list(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> 
 
 pub async fn delete(
     state: web::Data<ApiState>,
-    path: web::Path<String>,
+    req: HttpRequest,
     query: web::Query<VersionQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let name = path.into_inner();
-    check_name(&name)?;
+    let name = name_of(&req)?;
     let api = api(&state)?;
     let version = query
         .version

@@ -473,9 +473,17 @@ impl KvRouter {
             };
             if Instant::now() >= deadline {
                 if unsettled && op == "write" {
+                    let keyed = matches!(&request, StripeRequest::Write { cmd, .. }
+                        if cmd.request.starts_with("k:"));
+                    let resend = if keyed {
+                        "send it again with the same Idempotency-Key"
+                    } else {
+                        "read the key before sending it again (without an Idempotency-Key \
+                         a resent write may apply twice)"
+                    };
                     return Err(ApiError::retry_later(format!(
                         "the outcome of this write on stripe {stripe} is not known yet ({why}); \
-                         it may have been applied: send it again with the same Idempotency-Key"
+                         it may have been applied: {resend}"
                     )));
                 }
                 return Err(ApiError::retry_later(format!(
@@ -738,7 +746,7 @@ fn names(req: &HttpRequest) -> Result<(String, String), ApiError> {
 }
 
 /// One percent-encoded name (a path segment or query value), strictly UTF-8.
-fn decode_name(raw: &str, what: &str) -> Result<String, ApiError> {
+pub(crate) fn decode_name(raw: &str, what: &str) -> Result<String, ApiError> {
     percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .map(|s| s.into_owned())

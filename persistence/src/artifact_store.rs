@@ -9,12 +9,12 @@
 //!
 //! Every function does blocking file I/O: call it off the async threads.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -62,10 +62,16 @@ pub fn is_sha256_hex(s: &str) -> bool {
 
 pub struct ArtifactStore {
     dir: PathBuf,
-    /// Held by garbage collection while it looks at and removes a file, and by
-    /// an upload kept as content already here, so the collection never removes
+    /// Content kept from an upload, and when: spared by garbage collection for
+    /// its grace period (the upload awaits its version, or a client retries a
+    /// publish whose answer was lost) unless the control plane lists it live
+    /// first, from when on the live versions alone decide. Held by garbage
+    /// collection while it looks at and removes a file, so it never removes
     /// content an upload has just claimed.
-    claims: Mutex<()>,
+    claims: Mutex<HashMap<String, Instant>>,
+    /// Held for a whole collection: one that started with an older `keep`
+    /// finishes before a newer one releases claims.
+    collecting: Mutex<()>,
     /// The newest list of announced versions written (an older one that
     /// finishes later is not written over it).
     announced_written: Mutex<u64>,
@@ -167,7 +173,8 @@ impl ArtifactStore {
         }
         let store = ArtifactStore {
             dir,
-            claims: Mutex::new(()),
+            claims: Mutex::new(HashMap::new()),
+            collecting: Mutex::new(()),
             announced_written: Mutex::new(0),
         };
         if fresh {
@@ -273,18 +280,11 @@ impl ArtifactStore {
             .sync_all()
             .map_err(|e| io_err(&upload.path, e))?;
         let dest = self.blob_path(&digests.sha256);
-        let _claim = lock(&self.claims);
-        if self.has(&digests.sha256) {
-            // Same content already here (perhaps retired, awaiting collection):
-            // it counts as new, so garbage collection grants it its grace period.
-            for path in [dest.clone(), self.manifest_path(&digests.sha256)] {
-                File::options()
-                    .append(true)
-                    .open(&path)
-                    .and_then(|f| f.set_modified(SystemTime::now()))
-                    .map_err(|e| io_err(&path, e))?;
-            }
-        } else {
+        let mut claims = lock(&self.claims);
+        // Same content already here (perhaps retired, awaiting collection)
+        // counts as new too: the claim grants it its grace period.
+        claims.insert(digests.sha256.clone(), Instant::now());
+        if !self.has(&digests.sha256) {
             self.write_manifest(&digests.sha256, &digests.chunks)?;
             fs::rename(&upload.path, &dest).map_err(|e| io_err(&dest, e))?;
             sync_dir(&self.dir.join("blobs"))?;
@@ -294,7 +294,9 @@ impl ArtifactStore {
 
     fn write_manifest(&self, sha: &str, chunks: &[[u8; 32]]) -> Result<(), StoreError> {
         let path = self.manifest_path(sha);
-        let tmp = path.with_extension("chunks.tmp");
+        // A name of its own: a fetch completing and an upload of the same
+        // content may write this manifest at once.
+        let tmp = path.with_extension(format!("chunks.{:016x}.tmp", rand::random::<u64>()));
         let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
         for c in chunks {
             f.write_all(c).map_err(|e| io_err(&tmp, e))?;
@@ -327,8 +329,9 @@ impl ArtifactStore {
     /// Chunk `index` of complete content held here.
     pub fn read_chunk(&self, sha: &str, index: u64) -> Result<Vec<u8>, StoreError> {
         let path = self.blob_path(sha);
+        let offset = chunk_offset(&path, index)?;
         let mut f = File::open(&path).map_err(|e| io_err(&path, e))?;
-        f.seek(SeekFrom::Start(index * ARTIFACT_CHUNK))
+        f.seek(SeekFrom::Start(offset))
             .map_err(|e| io_err(&path, e))?;
         let mut buf = Vec::with_capacity(ARTIFACT_CHUNK as usize);
         f.take(ARTIFACT_CHUNK)
@@ -375,7 +378,7 @@ impl ArtifactStore {
             .write(true)
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
-        f.seek(SeekFrom::Start(index * ARTIFACT_CHUNK))
+        f.seek(SeekFrom::Start(chunk_offset(&path, index)?))
             .map_err(|e| io_err(&path, e))?;
         f.write_all(data).map_err(|e| io_err(&path, e))
     }
@@ -418,32 +421,47 @@ impl ArtifactStore {
             .unwrap_or(0)
     }
 
-    /// Removes blobs and partial fetches whose digest is not in `keep`, unless
-    /// they were written in the last `grace` (an upload between its arrival and
-    /// its version).
+    /// Removes content whose digest is not in `keep` (the live versions and the
+    /// fetches under way): complete content unless an upload kept it less than
+    /// `grace` ago (see `claims`) and is not in `published` (uploads whose
+    /// publish the `keep` was computed after, so it decides for them), a
+    /// partial fetch unless it was written to in the last `grace` (a fetch that
+    /// started after `keep` was taken).
     pub fn collect_garbage(
         &self,
         keep: &HashSet<String>,
+        published: &HashSet<String>,
         grace: Duration,
     ) -> Result<Vec<String>, StoreError> {
+        let _collecting = lock(&self.collecting);
+        lock(&self.claims).retain(|sha, at| !published.contains(sha) && at.elapsed() < grace);
         let mut removed = Vec::new();
         let now = SystemTime::now();
         for sub in ["blobs", "partial"] {
             let dir = self.dir.join(sub);
             for entry in fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
+                if name.ends_with(".tmp") {
+                    // A manifest being written, or left by a crash: only
+                    // complete files count, and `write_manifest` renames.
+                    if entry_age(&entry, now) >= grace {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                    continue;
+                }
                 let sha = name.trim_end_matches(".chunks");
                 if keep.contains(sha) {
                     continue;
                 }
-                // Looked at again under the claim: an upload may have just
-                // taken this content back (see `keep_upload`).
-                let _claim = lock(&self.claims);
-                let young = fs::metadata(entry.path())
-                    .and_then(|m| m.modified())
-                    .map(|t| now.duration_since(t).unwrap_or_default() < grace)
-                    .unwrap_or(true);
-                if young {
+                // Looked at under the claims: an upload may have just taken
+                // this content back (see `keep_upload`).
+                let claims = lock(&self.claims);
+                let spared = if sub == "blobs" {
+                    claims.contains_key(sha)
+                } else {
+                    entry_age(&entry, now) < grace
+                };
+                if spared {
                     continue;
                 }
                 if fs::remove_file(entry.path()).is_ok() && !name.ends_with(".chunks") {
@@ -453,6 +471,28 @@ impl ArtifactStore {
         }
         Ok(removed)
     }
+}
+
+/// Where chunk `index` starts (a peer names the index: no overflow).
+fn chunk_offset(path: &Path, index: u64) -> Result<u64, StoreError> {
+    index.checked_mul(ARTIFACT_CHUNK).ok_or_else(|| {
+        io_err(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("chunk {index} is beyond any artifact"),
+            ),
+        )
+    })
+}
+
+/// How long ago a directory entry was last written (zero if unknown).
+fn entry_age(entry: &fs::DirEntry, now: SystemTime) -> Duration {
+    entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .map(|t| now.duration_since(t).unwrap_or_default())
+        .unwrap_or_default()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -524,15 +564,37 @@ mod tests {
         up.write(b"x").unwrap();
         let d = store.keep_upload(up).unwrap();
         assert!(store
-            .collect_garbage(&HashSet::new(), Duration::from_secs(60))
+            .collect_garbage(&HashSet::new(), &HashSet::new(), Duration::from_secs(60))
             .unwrap()
             .is_empty());
         let removed = store
-            .collect_garbage(&HashSet::new(), Duration::ZERO)
+            .collect_garbage(&HashSet::new(), &HashSet::new(), Duration::ZERO)
             .unwrap();
         assert_eq!(removed, vec![d.sha256.clone()]);
         assert!(!store.has(&d.sha256));
         assert!(!is_sha256_hex("../etc/passwd"));
+
+        // Once the applied state has an upload's publish, the live versions
+        // decide: its retirement frees the disk at once, not a grace later.
+        let mut up = store.upload().unwrap();
+        up.write(b"y").unwrap();
+        let d = store.keep_upload(up).unwrap();
+        let grace = Duration::from_secs(600);
+        let none = HashSet::new();
+        let sha = HashSet::from([d.sha256.clone()]);
+        assert!(store
+            .collect_garbage(&none, &none, grace)
+            .unwrap()
+            .is_empty());
+        assert!(store.collect_garbage(&sha, &sha, grace).unwrap().is_empty());
+        assert!(store.has(&d.sha256));
+        let removed = store.collect_garbage(&none, &none, grace).unwrap();
+        assert_eq!(removed, vec![d.sha256.clone()]);
+        assert!(!store.has(&d.sha256));
+        let leftovers: Vec<_> = fs::read_dir(dir.path().join("artifacts/blobs"))
+            .unwrap()
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]

@@ -47,7 +47,9 @@ fn write_retry(n: u32) -> Duration {
 const PEER_BACKOFF: Duration = Duration::from_secs(5);
 /// A transfer whose every holder has failed this long leaves its slot to others.
 const STALL_AFTER: Duration = Duration::from_secs(30);
-/// Unreferenced content younger than this is kept (an upload awaiting its version).
+/// An upload not (yet) listed live, and a partial fetch not in the plan, are kept
+/// this long (an upload awaiting its version; a client retrying a publish whose
+/// answer it lost).
 const GC_GRACE: Duration = Duration::from_secs(600);
 const GC_EVERY: Duration = Duration::from_secs(30);
 /// An announcement refused while the node gets its own earlier events back
@@ -250,6 +252,10 @@ pub struct ArtifactActor {
     /// Permits to read a chunk for another node (see `SERVE_AT_ONCE`).
     serving: Arc<tokio::sync::Semaphore>,
     last_gc: Instant,
+    /// Uploads published through this node (name, version, digest): their
+    /// content is spared by garbage collection until this node's applied state
+    /// has the publish, from when on the live versions alone decide.
+    published_uploads: Vec<(String, u64, String)>,
 }
 
 impl ArtifactActor {
@@ -285,16 +291,27 @@ impl ArtifactActor {
             transfers: HashMap::new(),
             holding: HashMap::new(),
             last_gc: Instant::now(),
+            published_uploads: Vec::new(),
         }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        let Some(plan) = self
-            .applied
-            .read()
-            .ok()
-            .map(|a| plan(&a.state, self.me, &self.local))
-        else {
+        // One read of the applied state for both: garbage collection must not
+        // release an upload its `keep` does not yet list.
+        let Some((plan, applied_uploads)) = self.applied.read().ok().map(|a| {
+            let applied_uploads: HashSet<String> = self
+                .published_uploads
+                .iter()
+                .filter(|(name, version, _)| {
+                    a.state
+                        .artifacts
+                        .get(name)
+                        .is_some_and(|e| e.next_version > *version)
+                })
+                .map(|(_, _, sha)| sha.clone())
+                .collect();
+            (plan(&a.state, self.me, &self.local), applied_uploads)
+        }) else {
             return;
         };
         // Content found on disk (after a restart) counts as held.
@@ -358,9 +375,11 @@ impl ArtifactActor {
             // fetched again rather than counted as held.
             self.local.retain(|s| live.contains(s) && self.store.has(s));
             let in_transfer: HashSet<String> = self.transfers.keys().cloned().collect();
+            self.published_uploads
+                .retain(|(_, _, sha)| !applied_uploads.contains(sha));
             tokio::task::spawn_blocking(move || {
                 let keep: HashSet<String> = live.union(&in_transfer).cloned().collect();
-                match store.collect_garbage(&keep, GC_GRACE) {
+                match store.collect_garbage(&keep, &applied_uploads, GC_GRACE) {
                     Ok(removed) if !removed.is_empty() => {
                         tracing::info!(?removed, "removed retired artifact content")
                     }
@@ -833,13 +852,19 @@ impl Handler<ServeArtifact> for ArtifactActor {
 /// Content uploaded to this node is held here.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Uploaded(pub String);
+pub struct Uploaded {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+}
 
 impl Handler<Uploaded> for ArtifactActor {
     type Result = ();
 
     fn handle(&mut self, msg: Uploaded, _ctx: &mut Self::Context) {
-        self.local.insert(msg.0);
+        self.local.insert(msg.sha256.clone());
+        self.published_uploads
+            .push((msg.name, msg.version, msg.sha256));
     }
 }
 

@@ -79,7 +79,7 @@ pub fn plan(state: &ControlState, me: NodeId, local: &HashSet<String>) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::state::{ArtifactCommand, ArtifactVersion, ControlCommand};
+    use crate::control::state::{ArtifactCommand, ArtifactVersion, ControlCommand, ControlOutcome};
 
     fn version(sha: &str) -> ArtifactVersion {
         ArtifactVersion {
@@ -116,6 +116,19 @@ mod tests {
         assert_eq!(s.apply(&publish("a")), ArtifactPublished { version: 1 });
         // A retried proposal of the same upload gets the same version.
         assert_eq!(s.apply(&publish("a")), ArtifactPublished { version: 1 });
+        // The same upload id on other content is refused, and assigns nothing.
+        let mut other = version("z");
+        other.upload = "a".into();
+        let reused = s.apply(&ControlCommand::Artifact(ArtifactCommand::Publish {
+            name: "crm".into(),
+            version: other,
+            by: 1,
+            keep: 2,
+        }));
+        assert!(
+            matches!(&reused, ControlOutcome::Rejected { reason } if reason.contains("version 1")),
+            "{reused:?}"
+        );
         assert_eq!(s.apply(&publish("b")), ArtifactPublished { version: 2 });
         assert_eq!(s.apply(&publish("c")), ArtifactPublished { version: 3 });
         // keep = 2: version 1 is retired; numbers are never reused.

@@ -243,12 +243,22 @@ impl ControlState {
                 keep,
             } => {
                 let entry = self.artifacts.entry(name.clone()).or_default();
-                if let Some((v, _)) = entry
+                if let Some((n, first)) = entry
                     .versions
                     .iter()
                     .find(|(_, v)| v.upload == version.upload)
                 {
-                    return ControlOutcome::ArtifactPublished { version: *v };
+                    // A retry of the same upload gets the first answer; the
+                    // same Idempotency-Key on other content is refused here,
+                    // where it is decided, not against a node's lagging copy.
+                    if first.sha256 != version.sha256 {
+                        return rejected(format!(
+                            "this Idempotency-Key was used for another upload of {name} \
+                             (version {n}, sha-256 {}); nothing new was published",
+                            first.sha256
+                        ));
+                    }
+                    return ControlOutcome::ArtifactPublished { version: *n };
                 }
                 entry.next_version = entry.next_version.max(1);
                 let n = entry.next_version;
