@@ -65,10 +65,13 @@ struct OriginLog {
     fetching: Option<Fetching>,
     /// No fetch before this time (after one that brought nothing).
     quiet_until: u64,
-    /// A peer said the events this node misses are gone from its log: who, and
-    /// since when. A hole is skipped on the origin's word, or a second peer's, or
-    /// the same peer's again after [`HOLE_CONFIRM_MS`] with nobody else holding it.
-    hole_report: Option<(PeerId, u64)>,
+    /// A peer said the events this node misses are gone from its log: who,
+    /// since when, and the first seq it still holds. A hole is skipped on the
+    /// origin's word, or a second peer's, or the same peer's again after
+    /// [`HOLE_CONFIRM_MS`] with nobody else holding it; and only up to what the
+    /// first reporter still holds (a peer with a longer retention may hold
+    /// more than the second).
+    hole_report: Option<(PeerId, u64, u64)>,
     /// Repairs that brought events of this (node) origin with no gossip from the
     /// origin itself in between: its gossip stream to this node may be dead.
     silent_repairs: u32,
@@ -108,6 +111,22 @@ pub const SILENT_REPAIRS_MAX: u32 = 3;
 /// How long one peer's word that events are gone waits for another peer that
 /// still holds them (a peer with a shorter retention, or one that joined later).
 pub const HOLE_CONFIRM_MS: u64 = 2_000;
+
+/// The highest seq a peer may name. No origin gets near it (2^62 events at a
+/// million a second take 146 000 years), so a peer's numbers never make seq
+/// arithmetic overflow; anything above is dropped as malformed.
+pub const MAX_SEQ: u64 = 1 << 62;
+
+/// Whether a peer may name `origin`: a node's peer id in its canonical form, or
+/// `stripe:<k>`. Any other name is refused: origins are listed in every
+/// subscriber's resume token (`origin=seq,...`), and every name a peer made up
+/// would take a log, memory and a metric label on every node.
+pub fn is_origin(origin: &str) -> bool {
+    match origin.strip_prefix("stripe:") {
+        Some(k) => k.parse::<u32>().is_ok_and(|n| n.to_string() == k),
+        None => node_of(origin).is_some_and(|p| p.to_string() == origin),
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Origins {
@@ -217,6 +236,9 @@ impl Origins {
         now_ms: u64,
     ) -> Vec<Effect> {
         let (max_pending, max_bytes) = (self.config.max_pending, self.config.max_pending_bytes);
+        if !is_origin(origin) {
+            return Vec::new();
+        }
         let log = self.log(origin);
         if source.is_some() && source == log.node {
             log.silent_repairs = 0;
@@ -231,7 +253,7 @@ impl Origins {
         };
         take_held(log, &mut ready);
         for ev in events {
-            if ev.seq < log.next {
+            if ev.seq < log.next || ev.seq > MAX_SEQ {
                 continue;
             }
             if ev.seq > log.head {
@@ -279,11 +301,14 @@ impl Origins {
     /// A peer's digest: where its log of every origin ends.
     pub fn peer_heads(&mut self, peer: PeerId, heads: &[OriginHead], now_ms: u64) {
         for h in heads {
+            if !is_origin(&h.origin) || h.last > MAX_SEQ {
+                continue;
+            }
             let log = self.log(&h.origin);
             let holds_missing = h.first <= log.next && h.last >= log.next;
             if h.last > log.head
                 || (h.last >= log.next && log.holder.is_none())
-                || (holds_missing && log.hole_report.is_some_and(|(p, _)| p != peer))
+                || (holds_missing && log.hole_report.is_some_and(|(p, _, _)| p != peer))
             {
                 log.head = log.head.max(h.last);
                 log.holder = Some(peer);
@@ -306,6 +331,10 @@ impl Origins {
         now_ms: u64,
     ) -> Vec<Effect> {
         let retry = self.config.retry_after_ms;
+        if first > MAX_SEQ || last > MAX_SEQ {
+            self.fetch_failed(peer, origin, now_ms);
+            return Vec::new();
+        }
         let log = self.log(origin);
         // A late answer to an earlier fetch does not end the current one.
         let asked = if log.fetching.as_ref().is_some_and(|f| f.peer == peer) {
@@ -323,22 +352,32 @@ impl Origins {
             // retention, a later join): skip only on the origin's word, a second
             // peer's, or this peer's again once nobody else had it for a while.
             let confirmed = log.node == Some(peer)
-                || log.hole_report.is_some_and(|(p, since)| {
+                || log.hole_report.is_some_and(|(p, since, _)| {
                     p != peer || now_ms.saturating_sub(since) >= HOLE_CONFIRM_MS
                 });
             if confirmed {
-                out.push(Effect::SkipTo {
-                    origin: origin.to_string(),
-                    first,
-                });
-                log.hole_report = None;
-                log.next = first;
-                log.stored = log.stored.max(first - 1);
-                log.first = log.first.max(first);
-                log.pending.retain(|s, _| *s >= first);
-                log.pending_bytes = log.pending.values().map(|e| e.body.len() as u64).sum();
+                // Not past what another reporter still holds: it is fetched
+                // from there next.
+                let first = match log.hole_report.take() {
+                    Some((p, _, held)) if p != peer && held < first => {
+                        log.holder = Some(p);
+                        held
+                    }
+                    _ => first,
+                };
+                if first > log.next {
+                    out.push(Effect::SkipTo {
+                        origin: origin.to_string(),
+                        first,
+                    });
+                    log.next = first;
+                    log.stored = log.stored.max(first - 1);
+                    log.first = log.first.max(first);
+                    log.pending.retain(|s, _| *s >= first);
+                    log.pending_bytes = log.pending.values().map(|e| e.body.len() as u64).sum();
+                }
             } else {
-                log.hole_report.get_or_insert((peer, now_ms));
+                log.hole_report.get_or_insert((peer, now_ms, first));
                 if log.holder == Some(peer) {
                     log.holder = None;
                 }
@@ -526,6 +565,9 @@ fn node_of(origin: &str) -> Option<PeerId> {
 mod tests {
     use super::*;
 
+    /// An origin the tests' events come from.
+    const A: &str = "stripe:9";
+
     fn ev(seq: u64) -> EventFrame {
         EventFrame {
             seq,
@@ -549,14 +591,14 @@ mod tests {
         let p = PeerId::random();
         let mut o = Origins::default();
         assert_eq!(
-            seqs(&o.receive("a", vec![ev(1), ev(2)], Some(p), 0)),
+            seqs(&o.receive(A, vec![ev(1), ev(2)], Some(p), 0)),
             vec![1, 2]
         );
-        assert!(o.receive("a", vec![ev(2)], Some(p), 0).is_empty());
-        assert!(o.receive("a", vec![ev(4)], Some(p), 0).is_empty());
+        assert!(o.receive(A, vec![ev(2)], Some(p), 0).is_empty());
+        assert!(o.receive(A, vec![ev(4)], Some(p), 0).is_empty());
         // Within the grace period nothing is fetched; late gossip fills the gap.
         assert!(o.tick(50, &[p]).is_empty());
-        assert_eq!(seqs(&o.receive("a", vec![ev(3)], Some(p), 60)), vec![3, 4]);
+        assert_eq!(seqs(&o.receive(A, vec![ev(3)], Some(p), 60)), vec![3, 4]);
         assert!(o.tick(500, &[p]).is_empty());
     }
 
@@ -574,16 +616,13 @@ mod tests {
         };
         // 2 and 3 fit in 10 bytes; 4 does not, and is left to a fetch.
         assert!(o
-            .receive("a", vec![big(2), big(3), big(4)], Some(p), 0)
+            .receive(A, vec![big(2), big(3), big(4)], Some(p), 0)
             .is_empty());
         // The next seq is always taken, whatever the bound.
-        assert_eq!(
-            seqs(&o.receive("a", vec![big(1)], Some(p), 0)),
-            vec![1, 2, 3]
-        );
+        assert_eq!(seqs(&o.receive(A, vec![big(1)], Some(p), 0)), vec![1, 2, 3]);
         // Handed on, they no longer count: 4 is held now (and 5 after it).
-        assert!(o.receive("a", vec![big(5)], Some(p), 0).is_empty());
-        assert_eq!(seqs(&o.receive("a", vec![big(4)], Some(p), 0)), vec![4, 5]);
+        assert!(o.receive(A, vec![big(5)], Some(p), 0).is_empty());
+        assert_eq!(seqs(&o.receive(A, vec![big(4)], Some(p), 0)), vec![4, 5]);
     }
 
     #[test]
@@ -595,9 +634,9 @@ mod tests {
         };
         let mut o = Origins::new(config, []);
         // 1 arrived; 101 and 102 are held beyond the gap, and fill the bound.
-        o.receive("a", vec![ev(1), ev(101), ev(102), ev(103)], Some(p), 0);
+        o.receive(A, vec![ev(1), ev(101), ev(102), ev(103)], Some(p), 0);
         // The answer to the fetch of 2..: the whole gap, and what it frees.
-        let fx = o.fetched(p, "a", 1, 103, (2..=100).map(ev).collect(), 200);
+        let fx = o.fetched(p, A, 1, 103, (2..=100).map(ev).collect(), 200);
         assert_eq!(seqs(&fx), (2..=102).collect::<Vec<_>>());
     }
 
@@ -605,13 +644,13 @@ mod tests {
     fn a_lasting_gap_is_fetched_and_retried_elsewhere() {
         let (p, q) = (PeerId::random(), PeerId::random());
         let mut o = Origins::default();
-        o.receive("a", vec![ev(1), ev(5)], Some(p), 0);
+        o.receive(A, vec![ev(1), ev(5)], Some(p), 0);
         let f = o.tick(200, &[p, q]);
         assert_eq!(
             f,
             vec![Effect::Fetch {
                 peer: p,
-                origin: "a".into(),
+                origin: A.into(),
                 from: 2
             }]
         );
@@ -619,10 +658,10 @@ mod tests {
         assert!(o.tick(300, &[p, q]).is_empty());
         let f = o.tick(200 + 3_000, &[q]);
         assert!(matches!(&f[..], [Effect::Fetch { peer, from: 2, .. }] if *peer == q));
-        let out = o.fetched(q, "a", 1, 5, vec![ev(2), ev(3), ev(4), ev(5)], 3_300);
+        let out = o.fetched(q, A, 1, 5, vec![ev(2), ev(3), ev(4), ev(5)], 3_300);
         assert_eq!(seqs(&out), vec![2, 3, 4, 5]);
-        o.appended("a", 5);
-        assert_eq!(o.status("a").unwrap().stored, 5);
+        o.appended(A, 5);
+        assert_eq!(o.status(A).unwrap().stored, 5);
     }
 
     /// Heads from `holder` say `origin` reached `last`; a tick fetches the rest
@@ -734,13 +773,13 @@ mod tests {
     fn heads_reveal_a_missed_tail() {
         let p = PeerId::random();
         let mut o = Origins::default();
-        o.receive("a", vec![ev(1)], Some(p), 0);
-        o.appended("a", 1);
+        o.receive(A, vec![ev(1)], Some(p), 0);
+        o.appended(A, 1);
         let q = PeerId::random();
         o.peer_heads(
             q,
             &[OriginHead {
-                origin: "a".into(),
+                origin: A.into(),
                 first: 1,
                 last: 3,
             }],
@@ -754,13 +793,13 @@ mod tests {
     fn a_reloaded_log_goes_on_from_what_it_holds_and_fetches_the_rest() {
         let p = PeerId::random();
         let mut o = Origins::default();
-        let out = o.receive("a", (1..=10).map(ev).collect(), Some(p), 0);
+        let out = o.receive(A, (1..=10).map(ev).collect(), Some(p), 0);
         assert_eq!(seqs(&out), (1..=10).collect::<Vec<_>>());
-        o.appended("a", 10);
+        o.appended(A, 10);
         // 12 waits behind a gap at 11; the file went back to its durable 1..=4.
-        assert!(o.receive("a", vec![ev(12)], Some(p), 0).is_empty());
+        assert!(o.receive(A, vec![ev(12)], Some(p), 0).is_empty());
         let runs = HashMap::from([(
-            "a".to_string(),
+            A.to_string(),
             OriginRun {
                 first: 1,
                 last: 4,
@@ -769,12 +808,12 @@ mod tests {
             },
         )]);
         o.reload(&runs, 100);
-        let s = o.status("a").expect("known");
+        let s = o.status(A).expect("known");
         assert_eq!((s.first, s.stored, s.head), (1, 4, 12));
         let f = o.tick(1_000, &[p]);
         assert!(matches!(&f[..], [Effect::Fetch { from: 5, .. }]), "{f:?}");
         // The fetch brings 5..=11; 12 was kept.
-        let out = o.fetched(p, "a", 1, 11, (5..=11).map(ev).collect(), 1_100);
+        let out = o.fetched(p, A, 1, 11, (5..=11).map(ev).collect(), 1_100);
         assert_eq!(seqs(&out), (5..=12).collect::<Vec<_>>());
         // An origin the file lost whole starts again at 1.
         o.receive("b", (1..=3).map(ev).collect(), Some(p), 0);
@@ -801,7 +840,7 @@ mod tests {
         o.peer_heads(
             p,
             &[OriginHead {
-                origin: "a".into(),
+                origin: A.into(),
                 first: 50,
                 last: 60,
             }],
@@ -810,17 +849,17 @@ mod tests {
         let f = o.tick(500, &[p]);
         assert!(matches!(&f[..], [Effect::Fetch { from: 1, .. }]));
         // One peer's word is not enough: another may still hold 1..50.
-        let out = o.fetched(p, "a", 50, 60, (50..=60).map(ev).collect(), 600);
+        let out = o.fetched(p, A, 50, 60, (50..=60).map(ev).collect(), 600);
         assert!(seqs(&out).is_empty() && !out.iter().any(|e| matches!(e, Effect::SkipTo { .. })));
         // A second peer says the same: skipped, and what waited is appended.
         let q = PeerId::random();
         let f = o.tick(1_200, &[q]);
         assert!(matches!(&f[..], [Effect::Fetch { peer, from: 1, .. }] if *peer == q));
-        let out = o.fetched(q, "a", 50, 60, (50..=60).map(ev).collect(), 1_300);
+        let out = o.fetched(q, A, 50, 60, (50..=60).map(ev).collect(), 1_300);
         assert_eq!(
             out[0],
             Effect::SkipTo {
-                origin: "a".into(),
+                origin: A.into(),
                 first: 50
             }
         );
@@ -833,7 +872,7 @@ mod tests {
         let mut o = Origins::default();
         let head = |first| {
             [OriginHead {
-                origin: "a".into(),
+                origin: A.into(),
                 first,
                 last: 60,
             }]
@@ -843,13 +882,13 @@ mod tests {
             &o.tick(500, &[pruned])[..],
             [Effect::Fetch { from: 1, .. }]
         ));
-        let out = o.fetched(pruned, "a", 50, 60, (50..=60).map(ev).collect(), 600);
+        let out = o.fetched(pruned, A, 50, 60, (50..=60).map(ev).collect(), 600);
         assert!(!out.iter().any(|e| matches!(e, Effect::SkipTo { .. })));
         // The next digest of a peer that holds the start makes it the one asked.
         o.peer_heads(full, &head(1), 700);
         let f = o.tick(1_200, &[pruned, full]);
         assert!(matches!(&f[..], [Effect::Fetch { peer, from: 1, .. }] if *peer == full));
-        let out = o.fetched(full, "a", 1, 60, (1..=60).map(ev).collect(), 1_300);
+        let out = o.fetched(full, A, 1, 60, (1..=60).map(ev).collect(), 1_300);
         assert!(!out.iter().any(|e| matches!(e, Effect::SkipTo { .. })));
         assert_eq!(seqs(&out), (1..=60).collect::<Vec<_>>());
     }
@@ -873,13 +912,13 @@ mod tests {
         let p = PeerId::random();
         let mut o = Origins::default();
         let heads = [OriginHead {
-            origin: "a".into(),
+            origin: A.into(),
             first: 50,
             last: 60,
         }];
         o.peer_heads(p, &heads, 0);
         assert!(matches!(&o.tick(500, &[p])[..], [Effect::Fetch { .. }]));
-        let out = o.fetched(p, "a", 50, 60, Vec::new(), 600);
+        let out = o.fetched(p, A, 50, 60, Vec::new(), 600);
         assert!(out.iter().all(|e| !matches!(e, Effect::SkipTo { .. })));
         let mut now = 600;
         let skipped = loop {
@@ -889,7 +928,7 @@ mod tests {
             if f.is_empty() {
                 continue;
             }
-            let out = o.fetched(p, "a", 50, 60, Vec::new(), now + 10);
+            let out = o.fetched(p, A, 50, 60, Vec::new(), now + 10);
             if out
                 .iter()
                 .any(|e| matches!(e, Effect::SkipTo { first: 50, .. }))
@@ -905,5 +944,92 @@ mod tests {
         let mut o = Origins::new(RepairConfig::default(), [("me".to_string(), 1, 41)]);
         assert_eq!(o.reserve("me", 3), 42);
         assert_eq!(o.reserve("me", 1), 45);
+    }
+
+    #[test]
+    fn names_and_numbers_no_origin_has_are_dropped() {
+        let p = PeerId::random();
+        let mut o = Origins::default();
+        for bad in [
+            "a,b",
+            "stripe:1\nx",
+            "stripe:01",
+            "stripe:",
+            "x".repeat(10_000).as_str(),
+        ] {
+            assert!(
+                o.receive(bad, vec![ev(1)], Some(p), 0).is_empty(),
+                "{bad:?}"
+            );
+            o.peer_heads(
+                p,
+                &[OriginHead {
+                    origin: bad.into(),
+                    first: 1,
+                    last: 5,
+                }],
+                0,
+            );
+        }
+        assert!(o.origin_names().is_empty(), "{:?}", o.origin_names());
+        assert!(is_origin(&p.to_string()) && is_origin("stripe:0"));
+
+        // Seqs beyond any origin's: dropped, and the head is not moved.
+        assert!(o.receive(A, vec![ev(u64::MAX)], Some(p), 0).is_empty());
+        o.peer_heads(
+            p,
+            &[OriginHead {
+                origin: A.into(),
+                first: 1,
+                last: u64::MAX,
+            }],
+            0,
+        );
+        assert_eq!(o.status(A).map(|s| s.head), Some(0));
+        assert!(o.tick(1_000, &[p]).is_empty());
+        assert!(o
+            .fetched(p, A, u64::MAX, u64::MAX, Vec::new(), 1_000)
+            .is_empty());
+        assert_eq!(seqs(&o.receive(A, vec![ev(1)], Some(p), 1_000)), vec![1]);
+    }
+
+    #[test]
+    fn a_hole_confirmed_by_a_second_peer_is_skipped_only_to_what_the_first_holds() {
+        let (longer, shorter) = (PeerId::random(), PeerId::random());
+        let mut o = Origins::default();
+        let head = |first| {
+            [OriginHead {
+                origin: A.into(),
+                first,
+                last: 60,
+            }]
+        };
+        o.peer_heads(longer, &head(50), 0);
+        assert!(matches!(
+            &o.tick(500, &[longer])[..],
+            [Effect::Fetch { from: 1, .. }]
+        ));
+        let out = o.fetched(longer, A, 50, 60, Vec::new(), 600);
+        assert!(!out.iter().any(|e| matches!(e, Effect::SkipTo { .. })));
+        // The second peer has pruned further: the hole ends where the first's
+        // log starts, and the rest comes from the first.
+        let f = o.tick(1_200, &[shorter]);
+        assert!(matches!(&f[..], [Effect::Fetch { peer, from: 1, .. }] if *peer == shorter));
+        let out = o.fetched(shorter, A, 55, 60, (55..=60).map(ev).collect(), 1_300);
+        assert!(
+            out.contains(&Effect::SkipTo {
+                origin: A.into(),
+                first: 50
+            }),
+            "{out:?}"
+        );
+        assert!(seqs(&out).is_empty());
+        assert!(
+            out.iter()
+                .any(|e| matches!(e, Effect::Fetch { peer, from: 50, .. } if *peer == longer)),
+            "{out:?}"
+        );
+        let out = o.fetched(longer, A, 50, 60, (50..=60).map(ev).collect(), 2_100);
+        assert_eq!(seqs(&out), (50..=60).collect::<Vec<_>>());
     }
 }
