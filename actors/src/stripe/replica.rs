@@ -579,6 +579,19 @@ impl Replica {
             self.last_heard_ms = self.now_ms;
             self.last_election_ask_ms = None;
         }
+        if self.view.epoch > self.promised && self.view.active != Some(self.me) {
+            // A committed decision of a later epoch deposes whoever was active
+            // before it (an active removed from the cluster, with no successor
+            // yet): its entries are refused from now on, so it cannot commit
+            // through this member. `take_over` raises its own promise.
+            self.promised = self.view.epoch;
+            self.prepared_for = None;
+            fx.push(Effect::Persist {
+                truncate_from: None,
+                entries: vec![],
+                promised: Some(self.promised),
+            });
+        }
         self.release_promise(&mut fx);
         if self.view.active == Some(self.me)
             && !self.is_active()
@@ -1177,9 +1190,12 @@ impl Replica {
                 stale,
             } => self.on_ack(from, epoch, ok, matched, round, stale, &mut fx),
             Message::SnapshotOffer { epoch, .. } => {
-                // The data follows out of band; only fencing matters here.
+                // The data follows out of band; only fencing matters here: a
+                // stale sender is told, an active of an older epoch steps down.
                 if epoch < self.promised {
                     fx.push(self.stale_ack(from, epoch));
+                } else if matches!(self.role, Role::Active { epoch: mine } if epoch > mine) {
+                    self.step_down(&mut fx);
                 }
             }
         }
@@ -1396,7 +1412,11 @@ impl Replica {
                 p.next = p.matched + 1;
             }
             p.next = p.next.max(p.matched + 1);
-        } else if p.in_flight.front().is_some_and(|f| f.from == matched + 1) {
+        } else if p
+            .in_flight
+            .front()
+            .is_some_and(|f| f.from == matched.saturating_add(1))
+        {
             // A later append overtook the oldest one on its way: the member
             // holds everything before that one and refused the later. Once the
             // oldest is answered, what follows it is sent again (acting on each
@@ -1408,7 +1428,11 @@ impl Replica {
             let refused_from = p.in_flight.front().map_or(p.next, |f| f.from);
             p.in_flight.clear();
             p.refused_in_flight = false;
-            let resume = (matched + 1).min(refused_from.saturating_sub(1)).max(1);
+            // (The member's number, so no overflow on a wrong one.)
+            let resume = matched
+                .saturating_add(1)
+                .min(refused_from.saturating_sub(1))
+                .max(1);
             // A member that still holds all it was known to match resumes after
             // that: stepping back further would ask for entries compaction may
             // have dropped (behind a member catching up, it stops exactly
@@ -1610,7 +1634,8 @@ impl Replica {
             self.base = at;
         }
         self.commit = at.index;
-        fx.push(Effect::InstallSnapshot { at, keep_log });
+        // The promise is durable before the install is, and so before the
+        // active hears the snapshot was taken.
         if let Some(p) = promised {
             fx.push(Effect::Persist {
                 truncate_from: None,
@@ -1618,6 +1643,7 @@ impl Replica {
                 promised: Some(p),
             });
         }
+        fx.push(Effect::InstallSnapshot { at, keep_log });
         fx
     }
 
@@ -1853,6 +1879,82 @@ mod tests {
             in_sync_removals: 0,
         });
         assert!(!f.own_entries_uncommitted());
+    }
+
+    #[test]
+    fn a_committed_later_epoch_fences_the_active_it_deposed() {
+        let mut r = Replica::new(
+            2,
+            ReplicaConfig::default(),
+            Recovered {
+                promised: 0,
+                base: LogPos { epoch: 0, index: 0 },
+                entries: Vec::new(),
+                applied: 0,
+            },
+        );
+        r.tick(1_000);
+        let view = StripeView {
+            version: 2,
+            epoch: 1,
+            active: Some(1),
+            members: [1, 2].into(),
+            in_sync: [2].into(),
+            in_sync_removals: 0,
+        };
+        r.on_view(view.clone());
+        let append = |r: &mut Replica, index: u64| {
+            r.on_message(
+                1,
+                Message::Append {
+                    epoch: 1,
+                    prev: LogPos {
+                        epoch: u64::from(index > 1),
+                        index: index - 1,
+                    },
+                    entries: vec![Entry {
+                        epoch: 1,
+                        data: vec![index as u8],
+                    }],
+                    commit: 0,
+                    round: index,
+                },
+            )
+        };
+        let acked = |fx: &[Effect]| {
+            fx.iter().find_map(|e| match e {
+                Effect::Send {
+                    to: 1,
+                    msg: Message::AppendAck { ok, stale, .. },
+                } => Some((*ok, *stale)),
+                _ => None,
+            })
+        };
+        let fx = append(&mut r, 1);
+        r.on_persisted(1);
+        assert_eq!(acked(&fx).map(|a| a.1), Some(None), "{fx:?}");
+        // Node 1 is removed from the cluster while cut off from the control
+        // plane: the epoch moves on with no active yet.
+        let fx = r.on_view(StripeView {
+            version: 3,
+            epoch: 2,
+            active: None,
+            members: [2].into(),
+            ..view
+        });
+        assert!(
+            fx.iter().any(|e| matches!(
+                e,
+                Effect::Persist {
+                    promised: Some(2),
+                    ..
+                }
+            )),
+            "{fx:?}"
+        );
+        let fx = append(&mut r, 2);
+        assert_eq!(acked(&fx), Some((false, Some(2))), "{fx:?}");
+        assert_eq!(r.last().index, 1);
     }
 
     #[test]
