@@ -99,6 +99,61 @@ fn kill_9_is_seen_dead_by_all_but_a_one_second_pause_is_not() {
     }
 }
 
+/// A node paused past the dead timeout is declared dead by the others; when it
+/// resumes it declares none of them dead (the silence was its own): nobody has
+/// to refute a claim, so every other node keeps its incarnation.
+#[test]
+fn a_node_paused_past_the_dead_timeout_declares_nobody_dead_when_it_resumes() {
+    let _serial = serial();
+    let nodes = start_cluster("stall", 3, opts());
+    let ids = wait_converged(&nodes, Duration::from_secs(60));
+    let incarnations = |n: &Node| -> Vec<(String, u64)> {
+        let table = n.get("/v1/cluster/members").unwrap_or_default();
+        let mut rows: Vec<(String, u64)> = table["members"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .filter_map(|m| {
+                        Some((m["id"].as_str()?.to_string(), m["incarnation"].as_u64()?))
+                    })
+                    .filter(|(id, _)| id != &ids[2])
+                    .collect()
+            })
+            .unwrap_or_default();
+        rows.sort();
+        rows
+    };
+    let before = incarnations(&nodes[0]);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    nodes[2].signal(libc::SIGSTOP);
+    wait_until(
+        "the others see the paused node dead",
+        Duration::from_secs(60),
+        || {
+            nodes[..2]
+                .iter()
+                .all(|n| n.state_of(&ids[2]).as_deref() == Some("dead"))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    nodes[2].signal(libc::SIGCONT);
+    wait_until(
+        "every node sees every other alive",
+        Duration::from_secs(60),
+        || nodes.iter().all(|n| n.alive().len() == 3),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    for n in &nodes {
+        assert_eq!(
+            incarnations(n),
+            before,
+            "{}: a member raised its incarnation (it had to refute a claim)",
+            n.name
+        );
+    }
+}
+
 #[test]
 fn graceful_leave_then_forget() {
     let _serial = serial();
@@ -133,6 +188,54 @@ fn graceful_leave_then_forget() {
     let out = kiln_cli(&["members", "forget", &ids[1], "--http", &nodes[0].http()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("only dead or left"));
+}
+
+/// Forgetting the only member that holds a stripe's data would drop that data:
+/// refused unless forced.
+#[test]
+fn the_only_holder_of_a_stripe_is_forgotten_only_when_forced() {
+    let _serial = serial();
+    let mut o = opts();
+    o.extra = vec!["--stripes".into(), "2".into()];
+    let mut nodes = start_cluster("only", 2, o);
+    let ids = wait_converged(&nodes, Duration::from_secs(60));
+    wait_until(
+        "each stripe has its own active",
+        Duration::from_secs(60),
+        || {
+            nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
+                v["stripes"]
+                    .as_array()
+                    .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["active"].is_string()))
+            })
+        },
+    );
+    nodes[1].kill9();
+    wait_until("node 1 sees node 2 dead", Duration::from_secs(60), || {
+        nodes[0].state_of(&ids[1]).as_deref() == Some("dead")
+    });
+    let out = kiln_cli(&["members", "forget", &ids[1], "--http", &nodes[0].http()]);
+    assert!(!out.status.success(), "forgot the only holder of a stripe");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("only member holding") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(nodes[0].state_of(&ids[1]).is_some(), "still a member");
+    let out = kiln_cli(&[
+        "members",
+        "forget",
+        &ids[1],
+        "--force",
+        "--http",
+        &nodes[0].http(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(nodes[0].state_of(&ids[1]).is_none(), "forgotten");
 }
 
 #[test]

@@ -222,9 +222,13 @@ pub fn status(args: &ApiArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn forget(args: &ApiArgs, id: &str) -> anyhow::Result<()> {
+pub fn forget(args: &ApiArgs, id: &str, force: bool) -> anyhow::Result<()> {
     let api = Api::new(args);
-    api.delete(&format!("/v1/cluster/members/{id}"))?;
+    let force = if force { "?force=true" } else { "" };
+    api.delete(&format!(
+        "/v1/cluster/members/{}{force}",
+        encode_segment(id)
+    ))?;
     println!("forgot {id}");
     Ok(())
 }

@@ -136,12 +136,48 @@ async fn members(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(json!({ "self": me, "members": members })))
 }
 
+#[derive(Debug, serde::Deserialize)]
+struct ForgetQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// The stripes whose data only `id` holds (it is their active or in-sync
+/// standby, and no other member is either): forgetting it drops that data.
+fn held_only_by(view: &kiln_actors::control::ClusterStripes, id: &str) -> Vec<u32> {
+    let holds = |role: &str| role == "active" || role == "standby";
+    view.stripes
+        .iter()
+        .filter(|s| {
+            s.members.iter().any(|m| m.id == id && holds(m.role))
+                && !s.members.iter().any(|m| m.id != id && holds(m.role))
+        })
+        .map(|s| s.id)
+        .collect()
+}
+
 async fn forget(
     state: web::Data<ApiState>,
     id: web::Path<String>,
+    query: web::Query<ForgetQuery>,
 ) -> Result<HttpResponse, ApiError> {
     use kiln_actors::membership::state::ForgetError;
     let id = id.into_inner();
+    if !query.force {
+        let view = state.control.send(GetStripes).await.map_err(unavailable)?;
+        let only = held_only_by(&view, &id);
+        if !only.is_empty() {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "{id} is the only member holding the data of stripe(s) {only:?} (no in-sync \
+                     standby): forgetting it drops that data. If it is only cut off or stopped, \
+                     bring it back instead; if it is gone for good, forget it with --force \
+                     (?force=true)"
+                ),
+            ));
+        }
+    }
     match state
         .membership
         .send(ForgetMember(id.clone()))

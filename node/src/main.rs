@@ -78,6 +78,10 @@ enum MembersCommand {
     Forget {
         /// Peer id of the member.
         id: String,
+        /// Forget it even if it is the only member holding a stripe's data
+        /// (that data is then gone from the cluster).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         api: client::ApiArgs,
     },
@@ -125,7 +129,7 @@ fn main() {
             }
         },
         Command::Members { command } => match command {
-            MembersCommand::Forget { id, api } => client::forget(&api, &id),
+            MembersCommand::Forget { id, force, api } => client::forget(&api, &id, force),
             MembersCommand::List(api) => client::status(&api),
         },
     };

@@ -950,12 +950,17 @@ impl Actor for MembershipActor {
         let fx = self.state.start(now);
         self.run(fx);
         self.dial_seeds();
+        // A stall before the first tick counts too (see `own_stall`).
+        self.last_tick = Some(Instant::now());
         ctx.run_interval(TICK, |act, _| {
             if act.leaving {
                 return;
             }
             let late = act.last_tick.is_some_and(|t| t.elapsed() > TICK * 10);
             act.last_tick = Some(Instant::now());
+            if late {
+                act.state.own_stall(act.now());
+            }
             let fx = act.state.tick(act.now());
             if !late {
                 act.disconnect_the_dead(&fx);

@@ -700,6 +700,19 @@ impl Membership {
         vec![]
     }
 
+    /// This node itself stood still (paused, or starved of CPU) since its last
+    /// tick: the silence it measured meanwhile is its own, not its peers'.
+    /// Counted again from now, so that it neither suspects nor declares dead
+    /// every member at once when it resumes (each would have to refute it).
+    pub fn own_stall(&mut self, now: Now) {
+        for m in self.members.values_mut() {
+            if m.last_heard_ms.is_some() {
+                m.last_heard_ms = Some(now.mono_ms);
+            }
+            m.unreachable_since_ms = None;
+        }
+    }
+
     pub fn on_probe_ok(&mut self, now: Now, id: &str) -> Vec<Effect> {
         let mut out = Vec::new();
         if let Some(m) = self.members.get_mut(id) {

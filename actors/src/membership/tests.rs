@@ -395,6 +395,39 @@ fn a_one_second_pause_changes_nothing() {
 }
 
 #[test]
+fn a_node_that_stood_still_suspects_nobody_when_it_resumes() {
+    let cfg = MembershipConfig::default();
+    let mut a = node("a");
+    for id in ["b", "c"] {
+        a.on_announce(at(0), rec(id, 1, MemberStatus::Alive), 1);
+        a.on_connected(at(0), id);
+    }
+    ticks(&mut a, 0, 1_000);
+    // Paused past the dead timeout: its first tick after is told so.
+    let resumed = cfg.dead_timeout_ms + 2_000;
+    a.own_stall(at(resumed));
+    let fx = ticks(&mut a, resumed, resumed + cfg.suspect_timeout_ms - 100);
+    assert!(
+        !fx.iter()
+            .any(|e| matches!(e, Effect::DeclaredDead { .. } | Effect::Suspected { .. })),
+        "{fx:?}"
+    );
+    assert!(published(&fx)
+        .iter()
+        .all(|g| !matches!(g, MembershipGossip::Claim { .. })));
+    // A member that stays silent after it is still found out.
+    let fx = ticks(
+        &mut a,
+        resumed + cfg.suspect_timeout_ms,
+        resumed + cfg.dead_timeout_ms,
+    );
+    assert!(
+        fx.contains(&Effect::DeclaredDead { id: "b".into() }),
+        "{fx:?}"
+    );
+}
+
+#[test]
 fn a_new_subscriber_gets_an_announcement_at_once_but_not_a_flood() {
     let mut a = node("a");
     a.start(at(0));
