@@ -159,6 +159,19 @@ fn graceful_leave_then_forget() {
     let _serial = serial();
     let mut nodes = start_cluster("leave", 3, opts());
     let ids = wait_converged(&nodes, Duration::from_secs(60));
+    // Every node holds the stripe's data (else the one leaving may be the only
+    // holder, which a forget refuses without --force).
+    wait_until(
+        "an active and 2 in-sync standbys",
+        Duration::from_secs(60),
+        || {
+            nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
+                v["stripes"][0]["members"]
+                    .as_array()
+                    .is_some_and(|ms| ms.len() == 3 && ms.iter().all(|m| m["role"] != "syncing"))
+            })
+        },
+    );
     let code = nodes[2].terminate();
     assert_eq!(code, Some(0), "SIGTERM ends the node cleanly");
     assert!(nodes[2].log().contains("leaving the cluster"));

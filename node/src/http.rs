@@ -163,8 +163,8 @@ async fn forget(
 ) -> Result<HttpResponse, ApiError> {
     use kiln_actors::membership::state::ForgetError;
     let id = id.into_inner();
+    let view = state.control.send(GetStripes).await.map_err(unavailable)?;
     if !query.force {
-        let view = state.control.send(GetStripes).await.map_err(unavailable)?;
         let only = held_only_by(&view, &id);
         if !only.is_empty() {
             return Err(ApiError(
@@ -178,29 +178,50 @@ async fn forget(
             ));
         }
     }
+    let placed = view
+        .stripes
+        .iter()
+        .any(|s| s.members.iter().any(|m| m.id == id))
+        || view.witnesses.contains(&id);
     match state
         .membership
         .send(ForgetMember(id.clone()))
         .await
         .map_err(unavailable)?
     {
-        Ok(()) => {
-            // The forgotten node also loses its place in its stripe. Best effort:
-            // without a control-plane majority the place stays until it has one.
-            let removed = state
-                .control
-                .send(Propose(ControlCommand::Remove {
-                    node: node_id_of(&id),
-                }))
-                .await
-                .map_err(unavailable)?;
-            if let Err(e) = &removed {
-                tracing::warn!(peer = %id, error = %e, "forgotten member keeps its stripe place for now");
-            }
-            Ok(HttpResponse::Ok().json(json!({ "forgotten": id })))
+        Ok(()) => {}
+        // Forgotten before, but its place in the control plane could not be
+        // taken then (no majority): this forget takes it.
+        Err(ForgetError::Unknown(_)) if placed => {}
+        Err(e @ ForgetError::Unknown(_)) => {
+            return Err(ApiError(StatusCode::NOT_FOUND, e.to_string()))
         }
-        Err(e @ ForgetError::Unknown(_)) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
-        Err(e) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+        Err(e) => return Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+    }
+    if !placed {
+        return Ok(HttpResponse::Ok().json(json!({ "forgotten": id })));
+    }
+    // The forgotten node also loses its place in its stripe (or as a witness).
+    let removed = state
+        .control
+        .send(Propose(ControlCommand::Remove {
+            node: node_id_of(&id),
+        }))
+        .await
+        .map_err(unavailable)?;
+    match removed {
+        Ok(_) => Ok(HttpResponse::Ok().json(json!({ "forgotten": id }))),
+        Err(e) => {
+            tracing::warn!(peer = %id, error = %e, "forgotten member keeps its place in the control plane for now");
+            Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{id} is forgotten by the members, but its place in the control plane could \
+                     not be taken ({e}); run the same forget again once the control plane has a \
+                     majority"
+                ),
+            ))
+        }
     }
 }
 
