@@ -62,20 +62,23 @@ impl NodeStore {
         let path = dir.join(NODE_DB_FILE);
         let existed = path.exists();
         let map_open = |e: redb::DatabaseError| map_open_error(e, &path);
-        let db = if existed {
-            db_builder().open(&path).map_err(map_open)?
+        let (db, creating) = if existed {
+            (db_builder().open(&path).map_err(map_open)?, None)
         } else {
-            db_builder().create(&path).map_err(map_open)?
+            let (db, tmp) = create_unnamed(&path)?;
+            (db, Some(tmp))
         };
         let store = NodeStore {
             db,
             dir: dir.to_path_buf(),
             path,
         };
-        if existed {
-            store.check_format()?;
-        } else {
-            store.init()?;
+        match creating {
+            None => store.check_format()?,
+            Some(tmp) => {
+                store.init()?;
+                name_created(&tmp, &store.path)?;
+            }
         }
         Ok(store)
     }
@@ -397,9 +400,7 @@ pub(crate) fn open_or_create(
         drop(txn);
         return Ok(db);
     }
-    let db = db_builder()
-        .create(path)
-        .map_err(|e| map_open_error(e, path))?;
+    let (db, tmp) = create_unnamed(path)?;
     let mut txn = db.begin_write().map_err(|e| storage(e.into()))?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| storage(e.into()))?;
@@ -410,7 +411,44 @@ pub(crate) fn open_or_create(
     }
     create(&txn).map_err(|e| storage(e.into()))?;
     txn.commit().map_err(|e| storage(e.into()))?;
+    name_created(&tmp, path)?;
     Ok(db)
+}
+
+/// A new database for `path`, created under a temporary name: it takes its real
+/// name (`name_created`) only once its format and tables are committed, so a
+/// crash in between leaves no file that a restart would refuse as not kiln's.
+/// A temporary file left by such a crash is started over.
+fn create_unnamed(path: &Path) -> Result<(Database, PathBuf), StoreError> {
+    let tmp = path.with_extension("redb.creating");
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(StoreError::Storage {
+                path: tmp,
+                source: redb::StorageError::Io(e).into(),
+            })
+        }
+    }
+    let db = db_builder()
+        .create(&tmp)
+        .map_err(|e| map_open_error(e, &tmp))?;
+    Ok((db, tmp))
+}
+
+/// Gives a database made by `create_unnamed` its real name, durably (the
+/// open handle stays valid across the rename).
+fn name_created(tmp: &Path, path: &Path) -> Result<(), StoreError> {
+    let io = |p: &Path, e: std::io::Error| StoreError::Storage {
+        path: p.to_path_buf(),
+        source: redb::StorageError::Io(e).into(),
+    };
+    std::fs::rename(tmp, path).map_err(|e| io(path, e))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))
 }
 
 pub(crate) fn map_open_error(e: redb::DatabaseError, path: &Path) -> StoreError {
@@ -529,6 +567,25 @@ fn verifier(salt: &[u8], secret: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_creation_cut_short_is_started_over_not_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a kill -9 between creating the file and its first commit left.
+        std::fs::write(dir.path().join("node.redb.creating"), b"half").unwrap();
+        let store = NodeStore::open(dir.path()).unwrap();
+        assert!(dir.path().join(NODE_DB_FILE).exists());
+        assert!(!dir.path().join("node.redb.creating").exists());
+        drop(store);
+        NodeStore::open(dir.path()).unwrap();
+
+        let path = dir.path().join("other.redb");
+        std::fs::write(path.with_extension("redb.creating"), b"half").unwrap();
+        let db = open_or_create(&path, META, |_| Ok(())).unwrap();
+        drop(db);
+        assert!(!path.with_extension("redb.creating").exists());
+        open_or_create(&path, META, |_| Ok(())).unwrap();
+    }
 
     fn member(id: &str, state: MemberState) -> StoredMember {
         StoredMember {

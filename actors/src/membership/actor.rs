@@ -808,7 +808,14 @@ impl MembershipActor {
                 MembershipGossip::Forget {
                     subject,
                     incarnation,
-                } => self.state.on_forget(now, &subject, incarnation),
+                } => {
+                    if subject.parse::<PeerId>().is_err() {
+                        tracing::warn!(%source, id = %subject, "ignoring a forget of an invalid peer id");
+                        vec![]
+                    } else {
+                        self.state.on_forget(now, &subject, incarnation)
+                    }
+                }
                 MembershipGossip::Joined { members, cluster } => {
                     tracing::debug!(%source, members = members.len(), "news of joined members");
                     // News often comes before this joining node's own push-pull

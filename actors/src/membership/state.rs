@@ -634,6 +634,10 @@ impl Membership {
     }
 
     pub fn on_forget(&mut self, now: Now, subject: &str, incarnation: u64) -> Vec<Effect> {
+        if incarnation > MAX_INCARNATION {
+            // As in `merge`: such a tombstone would shut the member out for good.
+            return vec![];
+        }
         if subject == self.me.id {
             return self.about_me(now, incarnation, MemberStatus::Dead);
         }

@@ -649,6 +649,16 @@ fn forget_only_gone_members_and_keep_them_forgotten() {
 }
 
 #[test]
+fn an_absurd_forget_from_a_peer_leaves_no_tombstone() {
+    let mut a = node("a");
+    a.on_announce(at(0), rec("b", 1, MemberStatus::Alive), 1);
+    a.on_forget(at(10), "b", MAX_INCARNATION + 1);
+    // b is still taken at its next life.
+    a.on_announce(at(20), rec("b", 2, MemberStatus::Alive), 2);
+    assert_eq!(a.member("b").map(|m| m.record.incarnation), Some(2));
+}
+
+#[test]
 fn dead_members_expire_after_ttl() {
     let cfg = MembershipConfig {
         dead_member_ttl_ms: 10_000,
