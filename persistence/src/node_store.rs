@@ -420,7 +420,7 @@ pub(crate) fn open_or_create(
 /// crash in between leaves no file that a restart would refuse as not kiln's.
 /// A temporary file left by such a crash is started over.
 fn create_unnamed(path: &Path) -> Result<(Database, PathBuf), StoreError> {
-    let tmp = path.with_extension("redb.creating");
+    let tmp = where_created(path).with_extension("redb.creating");
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -437,6 +437,23 @@ fn create_unnamed(path: &Path) -> Result<(Database, PathBuf), StoreError> {
     Ok((db, tmp))
 }
 
+/// Where a new database for `path` goes: the file a symbolic link at `path`
+/// points to (an operator's way to keep one file on another disk), else `path`.
+fn where_created(path: &Path) -> PathBuf {
+    let mut at = path.to_path_buf();
+    for _ in 0..8 {
+        let is_link = std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink());
+        let Some(target) = is_link.then(|| std::fs::read_link(&at).ok()).flatten() else {
+            break;
+        };
+        at = match at.parent() {
+            Some(dir) => dir.join(target),
+            None => target,
+        };
+    }
+    at
+}
+
 /// Gives a database made by `create_unnamed` its real name, durably (the
 /// open handle stays valid across the rename).
 fn name_created(tmp: &Path, path: &Path) -> Result<(), StoreError> {
@@ -444,6 +461,8 @@ fn name_created(tmp: &Path, path: &Path) -> Result<(), StoreError> {
         path: p.to_path_buf(),
         source: redb::StorageError::Io(e).into(),
     };
+    let path = where_created(path);
+    let path = path.as_path();
     std::fs::rename(tmp, path).map_err(|e| io(path, e))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::File::open(dir)
@@ -578,6 +597,17 @@ mod tests {
         assert!(!dir.path().join("node.redb.creating").exists());
         drop(store);
         NodeStore::open(dir.path()).unwrap();
+
+        // A link to a file on another disk stays a link.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let linked = dir.path().join("linked.redb");
+        std::os::unix::fs::symlink(elsewhere.path().join("linked.redb"), &linked).unwrap();
+        drop(open_or_create(&linked, META, |_| Ok(())).unwrap());
+        assert!(std::fs::symlink_metadata(&linked)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(elsewhere.path().join("linked.redb").is_file());
 
         let path = dir.path().join("other.redb");
         std::fs::write(path.with_extension("redb.creating"), b"half").unwrap();
