@@ -60,6 +60,16 @@ const MAX_PENDING_CALLS: usize = 4096;
 /// plane behind it.
 const MAX_SERVED_REQUESTS: usize = 1024;
 
+/// Answers one inbound pipe may have queued that hold no stripe slot (control
+/// plane answers, refusals). Past this the pipe's requests are no longer read
+/// until answers are written: only a peer that does not read its answers gets
+/// here, and it must not make this node buffer without bound.
+const MAX_QUEUED_OTHER_ANSWERS: usize = 4096;
+
+/// Inbound pipes one peer may have at once (it opens one per connection, and a
+/// new one after a failure); more are dropped.
+const MAX_INBOUND_PIPES_PER_PEER: usize = 4;
+
 /// Protocol version a pipe's acceptor announces in its hello.
 const PIPE_VERSION: u16 = 1;
 
@@ -130,6 +140,10 @@ enum PipeState {
         generation: u64,
         frames: mpsc::UnboundedSender<Outgoing>,
         shared: Arc<OpenPipe>,
+        /// The pipe's reader and writer, stopped when it is forgotten: a writer
+        /// blocked on a peer that stopped reading would otherwise keep its
+        /// queue, and the stream, for as long as the connection lasts.
+        tasks: Vec<tokio::task::AbortHandle>,
     },
 }
 
@@ -153,6 +167,8 @@ pub(crate) struct PipeOffence {
 /// own tasks.
 pub(crate) struct Pipes {
     out: Mutex<HashMap<PeerId, PipeState>>,
+    /// Inbound pipes being served, per peer.
+    inbound: Mutex<HashMap<PeerId, usize>>,
     next_id: AtomicU64,
     control: Mutex<libp2p_stream::Control>,
     request_timeout: Duration,
@@ -190,6 +206,7 @@ impl Pipes {
         }
         Arc::new(Pipes {
             out: Mutex::new(HashMap::new()),
+            inbound: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             control: Mutex::new(control),
             request_timeout,
@@ -300,39 +317,40 @@ impl Pipes {
         let generation = token;
         let (frames_tx, frames_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(OpenPipe::new());
-        {
-            let mut out = lock(&self.out);
-            if !matches!(out.get(&peer), Some(PipeState::Opening(t)) if *t == token) {
-                // Dropping the stream closes it.
-                return;
-            }
-            out.insert(
-                peer,
-                PipeState::Open {
-                    generation,
-                    frames: frames_tx,
-                    shared: shared.clone(),
-                },
-            );
+        let mut out = lock(&self.out);
+        if !matches!(out.get(&peer), Some(PipeState::Opening(t)) if *t == token) {
+            // Dropping the stream closes it.
+            return;
         }
-        tracing::debug!(%peer, "pipe open");
         let (read, write) = stream.split();
+        let reader = tokio::spawn(read_responses(
+            self.clone(),
+            peer,
+            generation,
+            read,
+            shared.clone(),
+        ));
         let pipes = self.clone();
-        tokio::spawn(async move {
-            let reader = tokio::spawn(read_responses(
-                pipes.clone(),
-                peer,
-                generation,
-                read,
-                shared.clone(),
-            ));
-            let error = match write_frames(write, frames_rx, Some(&shared)).await {
+        let calls = shared.clone();
+        let stall = self.request_timeout;
+        let writer = tokio::spawn(async move {
+            let error = match write_frames(write, frames_rx, Some(&calls), stall).await {
                 Ok(()) => "closed".to_string(),
                 Err(e) => e.to_string(),
             };
-            reader.abort();
             pipes.close(peer, Some(generation), &error);
         });
+        out.insert(
+            peer,
+            PipeState::Open {
+                generation,
+                frames: frames_tx,
+                shared,
+                tasks: vec![reader.abort_handle(), writer.abort_handle()],
+            },
+        );
+        drop(out);
+        tracing::debug!(%peer, "pipe open");
     }
 
     /// Forgets the pipe to `peer` (only the one of `generation`, if given) and
@@ -420,10 +438,14 @@ impl Pipes {
 
 /// Fails the waiting calls of a pipe just forgotten (if `state` was an open one).
 fn closed(peer: PeerId, state: Option<PipeState>, reason: &str) {
-    let Some(PipeState::Open { shared, .. }) = state else {
+    let Some(PipeState::Open { shared, tasks, .. }) = state else {
         return;
     };
     tracing::debug!(%peer, reason, "pipe closed");
+    // Ends the stream (both halves dropped) and frees what was queued.
+    for task in tasks {
+        task.abort();
+    }
     for (_, call) in lock(&shared.pending).drain() {
         let _ = call.reply.send(Err(CallError::Failed {
             peer,
@@ -447,11 +469,13 @@ async fn read_hello<R: AsyncRead + Unpin>(io: &mut R) -> Result<(), String> {
 
 /// Writes queued frames, gathering what is queued into one write, until the
 /// queue closes. Requests nobody waits for any more (their call in `calls` is
-/// gone) are skipped.
+/// gone) are skipped. A write the peer does not take within `stall` (it stopped
+/// reading) ends the pipe.
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut io: W,
     mut queue: mpsc::UnboundedReceiver<Outgoing>,
     calls: Option<&OpenPipe>,
+    stall: Duration,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
     let mut written = Vec::new();
@@ -478,8 +502,16 @@ async fn write_frames<W: AsyncWrite + Unpin>(
             lock(&calls.silent_since).get_or_insert_with(Instant::now);
         }
         if !buf.is_empty() {
-            io.write_all(&buf).await?;
-            io.flush().await?;
+            let write = async {
+                io.write_all(&buf).await?;
+                io.flush().await
+            };
+            tokio::time::timeout(stall, write).await.map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer took nothing written for {} s", stall.as_secs()),
+                )
+            })??;
         }
         // Frees the slots of the answers just written.
         written.clear();
@@ -634,13 +666,32 @@ pub(crate) async fn accept_pipes(
     routes: InboundRoutes,
 ) {
     while let Some((peer, stream)) = incoming.next().await {
+        {
+            let mut inbound = lock(&pipes.inbound);
+            let n = inbound.entry(peer).or_insert(0);
+            if *n >= MAX_INBOUND_PIPES_PER_PEER {
+                tracing::warn!(%peer, pipes = *n, "refusing another pipe from a peer that has this many open");
+                continue;
+            }
+            *n += 1;
+        }
         tracing::debug!(%peer, "pipe accepted");
-        tokio::spawn(serve_pipe(pipes.clone(), peer, stream, routes.clone()));
+        let (pipes, routes) = (pipes.clone(), routes.clone());
+        tokio::spawn(async move {
+            serve_pipe(pipes.clone(), peer, stream, routes).await;
+            let mut inbound = lock(&pipes.inbound);
+            if let Some(n) = inbound.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    inbound.remove(&peer);
+                }
+            }
+        });
     }
 }
 
-/// Whether `request` may be served now: `Some(slot)` (no slot for the control
-/// plane), or `None` when every slot is taken.
+/// Whether `request` may be served now: `Some(slot)` (a control-plane request
+/// takes none of the stripe slots), or `None` when every stripe slot is taken.
 fn admit(request: &Request, slots: &Arc<Semaphore>) -> Option<Option<OwnedSemaphorePermit>> {
     match request {
         Request::ControlPlane { .. } => Some(None),
@@ -663,8 +714,9 @@ async fn serve_pipe(
         call: None,
         _slot: None,
     });
-    let writer = tokio::spawn(write_frames(write, queue, None));
+    let writer = tokio::spawn(write_frames(write, queue, None, pipes.request_timeout));
     let slots = Arc::new(Semaphore::new(MAX_SERVED_REQUESTS));
+    let other_answers = Arc::new(Semaphore::new(MAX_QUEUED_OTHER_ANSWERS));
     loop {
         let bytes = match read_frame(&mut read).await {
             Ok(RawFrame::Bytes(b)) => b,
@@ -693,8 +745,18 @@ async fn serve_pipe(
             responses: Some(responses.clone()),
             slot: None,
         };
-        match admit(&frame.body, &slots) {
-            Some(slot) => reply.slot = slot,
+        let slot = admit(&frame.body, &slots);
+        if !matches!(slot, Some(Some(_))) {
+            // An answer without a stripe slot: bounded all the same, by
+            // reading no further until the peer takes what is queued.
+            match other_answers.clone().acquire_owned().await {
+                Ok(permit) => reply.slot = Some(permit),
+                Err(_) => break,
+            }
+        }
+        match slot {
+            Some(Some(slot)) => reply.slot = Some(slot),
+            Some(None) => {}
             None => {
                 reply.answer(&Response::Refused {
                     reason: format!(
@@ -751,7 +813,9 @@ mod tests {
         }
         drop(tx);
         let mut out = futures::io::Cursor::new(Vec::new());
-        write_frames(&mut out, rx, None).await.expect("written");
+        write_frames(&mut out, rx, None, Duration::from_secs(5))
+            .await
+            .expect("written");
         let mut input = futures::io::Cursor::new(out.into_inner());
         for id in 1..=3u64 {
             let RawFrame::Bytes(b) = read_frame(&mut input).await.expect("frame") else {
@@ -788,6 +852,15 @@ mod tests {
         peer: PeerId,
         generation: u64,
     ) -> (mpsc::UnboundedReceiver<Outgoing>, Arc<OpenPipe>) {
+        install_with(pipes, peer, generation, Vec::new())
+    }
+
+    fn install_with(
+        pipes: &Pipes,
+        peer: PeerId,
+        generation: u64,
+        tasks: Vec<tokio::task::AbortHandle>,
+    ) -> (mpsc::UnboundedReceiver<Outgoing>, Arc<OpenPipe>) {
         let (frames, queue) = mpsc::unbounded_channel();
         let shared = Arc::new(OpenPipe::new());
         lock(&pipes.out).insert(
@@ -796,9 +869,58 @@ mod tests {
                 generation,
                 frames,
                 shared: shared.clone(),
+                tasks,
             },
         );
         (queue, shared)
+    }
+
+    /// A peer that takes nothing written to it.
+    struct NotReading;
+
+    impl AsyncWrite for NotReading {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_ends_the_pipe_and_its_tasks() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(Outgoing {
+            frame: vec![1, 2, 3],
+            call: None,
+            _slot: None,
+        })
+        .expect("queue open");
+        let err = write_frames(NotReading, rx, None, Duration::from_millis(50))
+            .await
+            .expect_err("a write nobody takes times out");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+
+        // Closing a pipe stops its reader and writer, wherever they are stuck.
+        let pipes = pipes(Duration::from_secs(5));
+        let peer = PeerId::random();
+        let stuck = tokio::spawn(std::future::pending::<()>());
+        let (_queue, _) = install_with(&pipes, peer, 1, vec![stuck.abort_handle()]);
+        pipes.close(peer, Some(1), "test");
+        assert!(stuck.await.is_err_and(|e| e.is_cancelled()));
     }
 
     fn stripe_request(bytes: usize) -> Request {
@@ -953,7 +1075,7 @@ mod tests {
         }
         drop(tx);
         let mut out = futures::io::Cursor::new(Vec::new());
-        write_frames(&mut out, rx, Some(&shared))
+        write_frames(&mut out, rx, Some(&shared), Duration::from_secs(5))
             .await
             .expect("written");
         assert!(
