@@ -17,13 +17,22 @@ use kiln_actors::broadcast::{
 use kiln_persistence::Missed;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot};
+use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::http::{ApiError, ApiState};
 use crate::kv_api::read_body;
 
 /// Events one `POST /v1/broadcast` may carry.
 const MAX_EVENTS_PER_POST: usize = 10_000;
+
+/// Event streams one node serves at once; more are answered 503 (a client
+/// that opens streams without end must not take the node's memory).
+const MAX_STREAMS: usize = 4096;
+
+/// Backlog pages (up to 4 MiB each) read for catching-up streams at once: many
+/// streams resuming together wait their turn instead of filling the blocking
+/// pool and the memory.
+const BACKLOG_READERS: usize = 4;
 /// Frames buffered towards one HTTP client before the feed waits for it.
 const CLIENT_BUFFER: usize = 64;
 /// A comment line this often keeps proxies from closing an idle stream and
@@ -50,6 +59,19 @@ const REFETCH_POLLS_PER_WAIT: u32 = 20;
 pub struct BroadcastApi {
     pub actor: Addr<BroadcastActor>,
     pub max_event_bytes: usize,
+    streams: Arc<Semaphore>,
+    backlog_reads: Arc<Semaphore>,
+}
+
+impl BroadcastApi {
+    pub fn new(actor: Addr<BroadcastActor>, max_event_bytes: usize) -> Self {
+        BroadcastApi {
+            actor,
+            max_event_bytes,
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            backlog_reads: Arc::new(Semaphore::new(BACKLOG_READERS)),
+        }
+    }
 }
 
 fn broadcast(state: &ApiState) -> Result<&BroadcastApi, ApiError> {
@@ -185,13 +207,20 @@ pub async fn stream(
         table: query.table,
         topic: query.topic,
     };
+    let slot = api.streams.clone().try_acquire_owned().map_err(|_| {
+        ApiError::retry_later(format!(
+            "this node serves {MAX_STREAMS} event streams already; subscribe on another node \
+             or retry later"
+        ))
+    })?;
     let sub = api
         .actor
         .send(Subscribe)
         .await
         .map_err(|e| ApiError::retry_later(format!("node is shutting down: {e}")))?;
     let (tx, rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
-    actix_rt::spawn(Feed::new(sub, start, filter, tx).run());
+    let backlog_reads = api.backlog_reads.clone();
+    actix_rt::spawn(Feed::new(sub, start, filter, tx, slot, backlog_reads).run());
     let body = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx))
     });
@@ -228,6 +257,9 @@ struct Feed {
     position_unsent: bool,
     /// When the client was last sent a position.
     position_sent: Instant,
+    /// This stream's place among the node's `MAX_STREAMS`.
+    _slot: OwnedSemaphorePermit,
+    backlog_reads: Arc<Semaphore>,
 }
 
 struct SubscriberGuard(prometheus_client::metrics::gauge::Gauge);
@@ -244,6 +276,8 @@ impl Feed {
         start: Option<Positions>,
         filter: Filter,
         tx: mpsc::Sender<Bytes>,
+        slot: OwnedSemaphorePermit,
+        backlog_reads: Arc<Semaphore>,
     ) -> Self {
         let live_only = start.is_none();
         let pos = match start {
@@ -263,6 +297,8 @@ impl Feed {
             lag: 0,
             position_unsent: false,
             position_sent: Instant::now(),
+            _slot: slot,
+            backlog_reads,
         }
     }
 
@@ -362,9 +398,14 @@ impl Feed {
             }
             let store = self.sub.store.clone();
             let o = origin.to_string();
+            // Held for the read only, not while the client takes the page.
+            let Ok(reading) = self.backlog_reads.clone().acquire_owned().await else {
+                return Err(End::LogUnreadable);
+            };
             let page =
                 tokio::task::spawn_blocking(move || store.range(&o, at + 1, BACKLOG_PAGE, 4 << 20))
                     .await;
+            drop(reading);
             let rows = match page {
                 Ok(Ok(rows)) => rows,
                 Ok(Err(e)) => {

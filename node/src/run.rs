@@ -291,10 +291,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             membership: membership.clone(),
             control: control.clone(),
             kv: Some(kv),
-            broadcast: Some(crate::broadcast_api::BroadcastApi {
-                actor: broadcast.clone(),
-                max_event_bytes: settings.max_event_bytes,
-            }),
+            broadcast: Some(crate::broadcast_api::BroadcastApi::new(
+                broadcast.clone(),
+                settings.max_event_bytes,
+            )),
             artifacts: Some(crate::artifact_api::ArtifactApi {
                 actor: artifacts,
                 store: artifact_store,
