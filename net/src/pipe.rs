@@ -68,7 +68,7 @@ const MAX_QUEUED_OTHER_ANSWERS: usize = 4096;
 
 /// Inbound pipes one peer may have at once (it opens one per connection, and a
 /// new one after a failure); more are dropped.
-const MAX_INBOUND_PIPES_PER_PEER: usize = 4;
+const MAX_INBOUND_PIPES_PER_PEER: usize = 8;
 
 /// Protocol version a pipe's acceptor announces in its hello.
 const PIPE_VERSION: u16 = 1;
@@ -676,17 +676,34 @@ pub(crate) async fn accept_pipes(
             *n += 1;
         }
         tracing::debug!(%peer, "pipe accepted");
-        let (pipes, routes) = (pipes.clone(), routes.clone());
+        let counted = InboundPipe {
+            pipes: pipes.clone(),
+            peer,
+        };
+        let routes = routes.clone();
         tokio::spawn(async move {
-            serve_pipe(pipes.clone(), peer, stream, routes).await;
-            let mut inbound = lock(&pipes.inbound);
-            if let Some(n) = inbound.get_mut(&peer) {
-                *n -= 1;
-                if *n == 0 {
-                    inbound.remove(&peer);
-                }
-            }
+            serve_pipe(counted.pipes.clone(), peer, stream, routes).await;
+            drop(counted);
         });
+    }
+}
+
+/// One inbound pipe counted against its peer's `MAX_INBOUND_PIPES_PER_PEER`
+/// while it is served (uncounted however the serving ends).
+struct InboundPipe {
+    pipes: Arc<Pipes>,
+    peer: PeerId,
+}
+
+impl Drop for InboundPipe {
+    fn drop(&mut self) {
+        let mut inbound = lock(&self.pipes.inbound);
+        if let Some(n) = inbound.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inbound.remove(&self.peer);
+            }
+        }
     }
 }
 

@@ -220,7 +220,7 @@ pub async fn put(
         }
     }
     let store = api.store.clone();
-    let digests = blocking(move || store.keep_upload(upload)).await?;
+    let (digests, claim) = blocking(move || store.keep_upload(upload)).await?;
     let cmd = ControlCommand::Artifact(ArtifactCommand::Publish {
         name: name.clone(),
         version: ArtifactVersion {
@@ -265,6 +265,7 @@ pub async fn put(
         name: name.clone(),
         version,
         sha256: digests.sha256.clone(),
+        claim,
     });
     tracing::info!(%name, version, size = digests.size, sha256 = %digests.sha256, "artifact version published");
     Ok(HttpResponse::Created().json(json!({

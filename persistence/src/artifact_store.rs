@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -62,19 +63,42 @@ pub fn is_sha256_hex(s: &str) -> bool {
 
 pub struct ArtifactStore {
     dir: PathBuf,
-    /// Content kept from an upload, and when: spared by garbage collection for
-    /// its grace period (the upload awaits its version, or a client retries a
-    /// publish whose answer was lost) unless the control plane lists it live
-    /// first, from when on the live versions alone decide. Held by garbage
-    /// collection while it looks at and removes a file, so it never removes
-    /// content an upload has just claimed.
-    claims: Mutex<HashMap<String, Instant>>,
+    /// Complete content garbage collection spares for its grace period whatever
+    /// the live versions say (see `Claim`). Held by garbage collection while it
+    /// looks at and removes a file, so it never removes content just claimed.
+    claims: Mutex<HashMap<String, Claim>>,
+    /// Numbers upload claims (from 1).
+    next_claim: AtomicU64,
     /// Held for a whole collection: one that started with an older `keep`
     /// finishes before a newer one releases claims.
     collecting: Mutex<()>,
     /// The newest list of announced versions written (an older one that
     /// finishes later is not written over it).
     announced_written: Mutex<u64>,
+}
+
+/// Why complete content is spared by garbage collection (for its grace period
+/// at most), and since when.
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    kind: ClaimKind,
+    at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClaimKind {
+    /// On disk at start: spared until the live versions list it (from then on
+    /// they decide). After a restart the applied control-plane state may not
+    /// yet have what was published before it.
+    FoundAtStart,
+    /// Fetched: spared from collections whose `keep` was taken before it
+    /// completed (the fetch may have started after).
+    Fetched,
+    /// Uploaded (the number `keep_upload` gave): spared until this node's
+    /// applied state has its publish (`collect_garbage`'s `published`),
+    /// whatever the live versions say meanwhile — an older version of the same
+    /// content may be retired just before.
+    Upload(u64),
 }
 
 /// Versions (name, version) this node has announced holding.
@@ -171,9 +195,28 @@ impl ArtifactStore {
         {
             let _ = fs::remove_file(entry.path());
         }
+        let mut found = HashMap::new();
+        let blobs = dir.join("blobs");
+        let now = Instant::now();
+        for entry in fs::read_dir(&blobs)
+            .map_err(|e| io_err(&blobs, e))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if is_sha256_hex(&name) {
+                found.insert(
+                    name,
+                    Claim {
+                        kind: ClaimKind::FoundAtStart,
+                        at: now,
+                    },
+                );
+            }
+        }
         let store = ArtifactStore {
             dir,
-            claims: Mutex::new(HashMap::new()),
+            claims: Mutex::new(found),
+            next_claim: AtomicU64::new(1),
             collecting: Mutex::new(()),
             announced_written: Mutex::new(0),
         };
@@ -272,8 +315,9 @@ impl ArtifactStore {
         })
     }
 
-    /// Keeps a received upload under its digest (fsynced); returns its digests.
-    pub fn keep_upload(&self, mut upload: Upload) -> Result<Digests, StoreError> {
+    /// Keeps a received upload under its digest (fsynced); returns its digests
+    /// and the claim that spares it until its publish is applied here.
+    pub fn keep_upload(&self, mut upload: Upload) -> Result<(Digests, u64), StoreError> {
         let digests = upload.digests();
         upload
             .file
@@ -282,14 +326,21 @@ impl ArtifactStore {
         let dest = self.blob_path(&digests.sha256);
         let mut claims = lock(&self.claims);
         // Same content already here (perhaps retired, awaiting collection)
-        // counts as new too: the claim grants it its grace period.
-        claims.insert(digests.sha256.clone(), Instant::now());
+        // counts as new too: this upload's claim replaces any earlier one.
+        let id = self.next_claim.fetch_add(1, Ordering::Relaxed);
+        claims.insert(
+            digests.sha256.clone(),
+            Claim {
+                kind: ClaimKind::Upload(id),
+                at: Instant::now(),
+            },
+        );
         if !self.has(&digests.sha256) {
             self.write_manifest(&digests.sha256, &digests.chunks)?;
             fs::rename(&upload.path, &dest).map_err(|e| io_err(&dest, e))?;
             sync_dir(&self.dir.join("blobs"))?;
         }
-        Ok(digests)
+        Ok((digests, id))
     }
 
     fn write_manifest(&self, sha: &str, chunks: &[[u8; 32]]) -> Result<(), StoreError> {
@@ -410,7 +461,15 @@ impl ArtifactStore {
         f.sync_all().map_err(|e| io_err(&path, e))?;
         self.write_manifest(sha, chunks)?;
         let dest = self.blob_path(sha);
+        // A collection that took its `keep` before this fetch started must not
+        // remove what it just completed; the live versions decide from the next.
+        let mut claims = lock(&self.claims);
+        claims.entry(sha.to_string()).or_insert(Claim {
+            kind: ClaimKind::Fetched,
+            at: Instant::now(),
+        });
         fs::rename(&path, &dest).map_err(|e| io_err(&dest, e))?;
+        drop(claims);
         sync_dir(&self.dir.join("blobs"))
     }
 
@@ -422,19 +481,27 @@ impl ArtifactStore {
     }
 
     /// Removes content whose digest is not in `keep` (the live versions and the
-    /// fetches under way): complete content unless an upload kept it less than
-    /// `grace` ago (see `claims`) and is not in `published` (uploads whose
-    /// publish the `keep` was computed after, so it decides for them), a
-    /// partial fetch unless it was written to in the last `grace` (a fetch that
-    /// started after `keep` was taken).
+    /// fetches under way, as of `keep_taken`): complete content unless claimed
+    /// less than `grace` ago (see `Claim`; `published` are the uploads, digest
+    /// and claim number, whose publish the applied state `keep` was taken
+    /// from has), a partial fetch unless it was written to in the last `grace`
+    /// (a fetch that started after `keep` was taken).
     pub fn collect_garbage(
         &self,
         keep: &HashSet<String>,
-        published: &HashSet<String>,
+        keep_taken: Instant,
+        published: &HashSet<(String, u64)>,
         grace: Duration,
     ) -> Result<Vec<String>, StoreError> {
         let _collecting = lock(&self.collecting);
-        lock(&self.claims).retain(|sha, at| !published.contains(sha) && at.elapsed() < grace);
+        lock(&self.claims).retain(|sha, c| {
+            let settled = match c.kind {
+                ClaimKind::FoundAtStart => keep.contains(sha),
+                ClaimKind::Fetched => c.at < keep_taken,
+                ClaimKind::Upload(id) => published.contains(&(sha.clone(), id)),
+            };
+            !settled && c.at.elapsed() < grace
+        });
         let mut removed = Vec::new();
         let now = SystemTime::now();
         for sub in ["blobs", "partial"] {
@@ -516,7 +583,7 @@ mod tests {
         for piece in data.chunks(100_000) {
             up.write(piece).unwrap();
         }
-        let d = store.keep_upload(up).unwrap();
+        let (d, _) = store.keep_upload(up).unwrap();
         assert_eq!(d.sha256, hex::encode(Sha256::digest(&data)));
         assert_eq!(d.chunks.len(), 3);
         assert!(store.has(&d.sha256));
@@ -542,9 +609,17 @@ mod tests {
         other
             .append_chunk(&d.sha256, 2, &store.read_chunk(&d.sha256, 2).unwrap())
             .unwrap();
+        let taken_before = Instant::now();
         other.complete(&d.sha256, &d.chunks).unwrap();
         assert!(other.has(&d.sha256));
         assert_eq!(fs::read(other.blob_path(&d.sha256)).unwrap(), data);
+        // A collection whose `keep` predates the fetch's end spares it; the
+        // next decides by the live versions alone.
+        let (none, grace) = (HashSet::new(), Duration::from_secs(600));
+        let spared = other.collect_garbage(&none, taken_before, &HashSet::new(), grace);
+        assert!(spared.unwrap().is_empty());
+        let removed = other.collect_garbage(&none, Instant::now(), &HashSet::new(), grace);
+        assert_eq!(removed.unwrap(), vec![d.sha256.clone()]);
     }
 
     #[test]
@@ -562,35 +637,88 @@ mod tests {
 
         let mut up = store.upload().unwrap();
         up.write(b"x").unwrap();
-        let d = store.keep_upload(up).unwrap();
+        let (d, _) = store.keep_upload(up).unwrap();
         assert!(store
-            .collect_garbage(&HashSet::new(), &HashSet::new(), Duration::from_secs(60))
+            .collect_garbage(
+                &HashSet::new(),
+                Instant::now(),
+                &HashSet::new(),
+                Duration::from_secs(60)
+            )
             .unwrap()
             .is_empty());
         let removed = store
-            .collect_garbage(&HashSet::new(), &HashSet::new(), Duration::ZERO)
+            .collect_garbage(
+                &HashSet::new(),
+                Instant::now(),
+                &HashSet::new(),
+                Duration::ZERO,
+            )
             .unwrap();
         assert_eq!(removed, vec![d.sha256.clone()]);
         assert!(!store.has(&d.sha256));
         assert!(!is_sha256_hex("../etc/passwd"));
 
-        // Once the applied state has an upload's publish, the live versions
-        // decide: its retirement frees the disk at once, not a grace later.
-        let mut up = store.upload().unwrap();
-        up.write(b"y").unwrap();
-        let d = store.keep_upload(up).unwrap();
+        // An upload is spared until its publish is applied, however the live
+        // versions move meanwhile; then they decide.
+        let upload = |body: &[u8]| {
+            let mut up = store.upload().unwrap();
+            up.write(body).unwrap();
+            store.keep_upload(up).unwrap()
+        };
+        let (d, first) = upload(b"y");
         let grace = Duration::from_secs(600);
-        let none = HashSet::new();
-        let sha = HashSet::from([d.sha256.clone()]);
+        let none: HashSet<String> = HashSet::new();
+        let nothing: HashSet<(String, u64)> = HashSet::new();
+        let live = HashSet::from([d.sha256.clone()]);
+        let published = |id| HashSet::from([(d.sha256.clone(), id)]);
         assert!(store
-            .collect_garbage(&none, &none, grace)
+            .collect_garbage(&none, Instant::now(), &nothing, grace)
             .unwrap()
             .is_empty());
-        assert!(store.collect_garbage(&sha, &sha, grace).unwrap().is_empty());
+        // Listed live, its publish not applied yet: still spared once retired.
+        assert!(store
+            .collect_garbage(&live, Instant::now(), &nothing, grace)
+            .unwrap()
+            .is_empty());
+        assert!(store
+            .collect_garbage(&none, Instant::now(), &nothing, grace)
+            .unwrap()
+            .is_empty());
+        // The same content uploaded again: the first publish's release does not
+        // release the second upload's claim.
+        let (_, second) = upload(b"y");
+        let first_applied = store.collect_garbage(&none, Instant::now(), &published(first), grace);
+        assert!(first_applied.unwrap().is_empty());
+        let second_applied =
+            store.collect_garbage(&live, Instant::now(), &published(second), grace);
+        assert!(second_applied.unwrap().is_empty());
         assert!(store.has(&d.sha256));
-        let removed = store.collect_garbage(&none, &none, grace).unwrap();
+        let removed = store
+            .collect_garbage(&none, Instant::now(), &nothing, grace)
+            .unwrap();
         assert_eq!(removed, vec![d.sha256.clone()]);
         assert!(!store.has(&d.sha256));
+
+        // Content found at start waits for the live versions (or the grace).
+        let (z, _) = upload(b"z");
+        drop(store);
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        assert!(store
+            .collect_garbage(&none, Instant::now(), &nothing, grace)
+            .unwrap()
+            .is_empty());
+        let live = HashSet::from([z.sha256.clone()]);
+        assert!(store
+            .collect_garbage(&live, Instant::now(), &nothing, grace)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store
+                .collect_garbage(&none, Instant::now(), &nothing, grace)
+                .unwrap(),
+            vec![z.sha256.clone()]
+        );
         let leftovers: Vec<_> = fs::read_dir(dir.path().join("artifacts/blobs"))
             .unwrap()
             .collect();

@@ -439,7 +439,7 @@ fn create_unnamed(path: &Path) -> Result<(Database, PathBuf), StoreError> {
 
 /// Where a new database for `path` goes: the file a symbolic link at `path`
 /// points to (an operator's way to keep one file on another disk), else `path`.
-fn where_created(path: &Path) -> PathBuf {
+pub(crate) fn where_created(path: &Path) -> PathBuf {
     let mut at = path.to_path_buf();
     for _ in 0..8 {
         let is_link = std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink());

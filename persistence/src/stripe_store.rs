@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::db_file::{storage_error, DbFile};
-use crate::node_store::open_or_create;
+use crate::node_store::{open_or_create, where_created};
 use crate::schema::*;
 use crate::unflushed::{write_pending, OverlayKv, Pending, Unflushed};
 use crate::StoreError;
@@ -240,8 +240,10 @@ impl StripeStore {
         let state_path = dir.join(STRIPE_STATE_DB_FILE);
         if !durable {
             for path in [&log_path, &state_path, &migrating_path(&state_path)] {
+                // The file, not a link to it (kept on another disk).
+                let path = where_created(path);
                 if path.exists() {
-                    std::fs::remove_file(path).map_err(|e| StoreError::Storage {
+                    std::fs::remove_file(&path).map_err(|e| StoreError::Storage {
                         path: path.clone(),
                         source: redb::StorageError::Io(e).into(),
                     })?;
@@ -1174,6 +1176,9 @@ fn migrate_state(
 
 /// Copies the applied state out of a log file from before the state file.
 fn copy_state(log_db: &Database, log_path: &Path, state_path: &Path) -> Result<(), StoreError> {
+    // Built beside the file a link at `state_path` points to, so the rename
+    // keeps the link.
+    let state_path = &where_created(state_path);
     let tmp = migrating_path(state_path);
     if tmp.exists() {
         // An earlier attempt that did not finish.

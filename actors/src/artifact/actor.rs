@@ -252,10 +252,10 @@ pub struct ArtifactActor {
     /// Permits to read a chunk for another node (see `SERVE_AT_ONCE`).
     serving: Arc<tokio::sync::Semaphore>,
     last_gc: Instant,
-    /// Uploads published through this node (name, version, digest): their
-    /// content is spared by garbage collection until this node's applied state
-    /// has the publish, from when on the live versions alone decide.
-    published_uploads: Vec<(String, u64, String)>,
+    /// Uploads published through this node (name, version, digest, the store's
+    /// claim): their content is spared by garbage collection until this node's
+    /// applied state has the publish, from when on the live versions decide.
+    published_uploads: Vec<(String, u64, String, u64)>,
 }
 
 impl ArtifactActor {
@@ -298,17 +298,18 @@ impl ArtifactActor {
     fn tick(&mut self, ctx: &mut Context<Self>) {
         // One read of the applied state for both: garbage collection must not
         // release an upload its `keep` does not yet list.
+        let keep_taken = Instant::now();
         let Some((plan, applied_uploads)) = self.applied.read().ok().map(|a| {
-            let applied_uploads: HashSet<String> = self
+            let applied_uploads: HashSet<(String, u64)> = self
                 .published_uploads
                 .iter()
-                .filter(|(name, version, _)| {
+                .filter(|(name, version, _, _)| {
                     a.state
                         .artifacts
                         .get(name)
                         .is_some_and(|e| e.next_version > *version)
                 })
-                .map(|(_, _, sha)| sha.clone())
+                .map(|(_, _, sha, claim)| (sha.clone(), *claim))
                 .collect();
             (plan(&a.state, self.me, &self.local), applied_uploads)
         }) else {
@@ -376,10 +377,10 @@ impl ArtifactActor {
             self.local.retain(|s| live.contains(s) && self.store.has(s));
             let in_transfer: HashSet<String> = self.transfers.keys().cloned().collect();
             self.published_uploads
-                .retain(|(_, _, sha)| !applied_uploads.contains(sha));
+                .retain(|(_, _, sha, claim)| !applied_uploads.contains(&(sha.clone(), *claim)));
             tokio::task::spawn_blocking(move || {
                 let keep: HashSet<String> = live.union(&in_transfer).cloned().collect();
-                match store.collect_garbage(&keep, &applied_uploads, GC_GRACE) {
+                match store.collect_garbage(&keep, keep_taken, &applied_uploads, GC_GRACE) {
                     Ok(removed) if !removed.is_empty() => {
                         tracing::info!(?removed, "removed retired artifact content")
                     }
@@ -856,6 +857,8 @@ pub struct Uploaded {
     pub name: String,
     pub version: u64,
     pub sha256: String,
+    /// The store's claim on the content (`ArtifactStore::keep_upload`).
+    pub claim: u64,
 }
 
 impl Handler<Uploaded> for ArtifactActor {
@@ -864,7 +867,7 @@ impl Handler<Uploaded> for ArtifactActor {
     fn handle(&mut self, msg: Uploaded, _ctx: &mut Self::Context) {
         self.local.insert(msg.sha256.clone());
         self.published_uploads
-            .push((msg.name, msg.version, msg.sha256));
+            .push((msg.name, msg.version, msg.sha256, msg.claim));
     }
 }
 

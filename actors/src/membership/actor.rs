@@ -963,10 +963,12 @@ impl Actor for MembershipActor {
             if act.leaving {
                 return;
             }
-            let late = act.last_tick.is_some_and(|t| t.elapsed() > TICK * 10);
+            let since = act.last_tick.map(|t| t.elapsed()).unwrap_or_default();
+            let late = since > TICK * 10;
             act.last_tick = Some(Instant::now());
             if late {
-                act.state.own_stall(act.now());
+                act.state
+                    .own_stall(act.now(), since.saturating_sub(TICK).as_millis() as u64);
             }
             let fx = act.state.tick(act.now());
             if !late {

@@ -704,16 +704,21 @@ impl Membership {
         vec![]
     }
 
-    /// This node itself stood still (paused, or starved of CPU) since its last
-    /// tick: the silence it measured meanwhile is its own, not its peers'.
-    /// Counted again from now, so that it neither suspects nor declares dead
-    /// every member at once when it resumes (each would have to refute it).
-    pub fn own_stall(&mut self, now: Now) {
-        for m in self.members.values_mut() {
-            if m.last_heard_ms.is_some() {
-                m.last_heard_ms = Some(now.mono_ms);
+    /// This node itself stood still (paused, or starved of CPU) for
+    /// `stalled_ms` before `now`: the silence it measured meanwhile is its
+    /// own, not its peers'. Left out of every member's silence, so that it
+    /// neither suspects nor declares dead every member at once when it
+    /// resumes (each would have to refute it); the silence before the stall
+    /// still counts, so frequent stalls do not hide a dead member.
+    pub fn own_stall(&mut self, now: Now, stalled_ms: u64) {
+        let shift = |t: &mut Option<u64>| {
+            if let Some(t) = t.as_mut() {
+                *t = t.saturating_add(stalled_ms).min(now.mono_ms);
             }
-            m.unreachable_since_ms = None;
+        };
+        for m in self.members.values_mut() {
+            shift(&mut m.last_heard_ms);
+            shift(&mut m.unreachable_since_ms);
         }
     }
 

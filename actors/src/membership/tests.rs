@@ -403,9 +403,12 @@ fn a_node_that_stood_still_suspects_nobody_when_it_resumes() {
         a.on_connected(at(0), id);
     }
     ticks(&mut a, 0, 1_000);
-    // Paused past the dead timeout: its first tick after is told so.
+    a.on_probe_ok(at(1_000), "b");
+    a.on_probe_ok(at(1_000), "c");
+    // Paused past the dead timeout after its tick at 1 000: its first tick
+    // after is told so.
     let resumed = cfg.dead_timeout_ms + 2_000;
-    a.own_stall(at(resumed));
+    a.own_stall(at(resumed), resumed - 1_000);
     let fx = ticks(&mut a, resumed, resumed + cfg.suspect_timeout_ms - 100);
     assert!(
         !fx.iter()

@@ -579,11 +579,16 @@ impl Replica {
             self.last_heard_ms = self.now_ms;
             self.last_election_ask_ms = None;
         }
-        if self.view.epoch > self.promised && self.view.active != Some(self.me) {
+        if self.view.epoch > self.promised
+            && self.view.active != Some(self.me)
+            && !self.started_empty
+        {
             // A committed decision of a later epoch deposes whoever was active
             // before it (an active removed from the cluster, with no successor
             // yet): its entries are refused from now on, so it cannot commit
-            // through this member. `take_over` raises its own promise.
+            // through this member. `take_over` raises its own promise. Not
+            // while this member started empty: a promise on disk would make
+            // it count as holding the stripe's log after a restart.
             self.promised = self.view.epoch;
             self.prepared_for = None;
             fx.push(Effect::Persist {
