@@ -198,10 +198,8 @@ async fn forget(
         }
         Err(e) => return Err(ApiError(StatusCode::CONFLICT, e.to_string())),
     }
-    if !placed {
-        return Ok(HttpResponse::Ok().json(json!({ "forgotten": id })));
-    }
-    // The forgotten node also loses its place in its stripe (or as a witness).
+    // The forgotten node also loses its place in its stripe (or as a witness);
+    // proposed whatever this node's view says (it may lag the node's join).
     let removed = state
         .control
         .send(Propose(ControlCommand::Remove {

@@ -47,9 +47,9 @@ fn write_retry(n: u32) -> Duration {
 const PEER_BACKOFF: Duration = Duration::from_secs(5);
 /// A transfer whose every holder has failed this long leaves its slot to others.
 const STALL_AFTER: Duration = Duration::from_secs(30);
-/// An upload not (yet) listed live, and a partial fetch not in the plan, are kept
-/// this long (an upload awaiting its version; a client retrying a publish whose
-/// answer it lost).
+/// The longest the store's claims spare content (an upload whose publish this
+/// node never saw applied: a client retries a publish whose answer it lost),
+/// and how long a partial fetch not in the plan is kept after its last write.
 const GC_GRACE: Duration = Duration::from_secs(600);
 const GC_EVERY: Duration = Duration::from_secs(30);
 /// An announcement refused while the node gets its own earlier events back

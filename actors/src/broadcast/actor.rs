@@ -30,7 +30,7 @@ use serde_bytes::ByteBuf;
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::event::{stripe_origin, EventBody, MissedAbout};
-use super::state::{is_origin, Effect, Origins, RepairConfig, MAX_SEQ};
+use super::state::{Effect, Origins, RepairConfig, MAX_SEQ};
 use crate::blocking::blocking;
 use crate::control::state::Placement;
 use crate::control::types::NodeId;
@@ -1398,9 +1398,9 @@ impl Handler<GossipIn> for BroadcastActor {
                 self.apply_effects(fx, false, ctx);
             }
             BroadcastGossip::Heads { mut heads, .. } => {
-                // A name or a number no origin has is the peer's error: not
-                // taken as this node's own head either.
-                heads.retain(|h| is_origin(&h.origin) && h.last <= MAX_SEQ);
+                // A number no origin has is the peer's error: not taken as this
+                // node's own head either (names are checked by `peer_heads`).
+                heads.retain(|h| h.last <= MAX_SEQ);
                 if !self.known_change_seq.settled() {
                     self.heads_heard.insert(source);
                 }

@@ -236,7 +236,8 @@ impl Origins {
         now_ms: u64,
     ) -> Vec<Effect> {
         let (max_pending, max_bytes) = (self.config.max_pending, self.config.max_pending_bytes);
-        if !is_origin(origin) {
+        // Checked once, before an origin gets a log.
+        if !self.logs.contains_key(origin) && !is_origin(origin) {
             return Vec::new();
         }
         let log = self.log(origin);
@@ -301,7 +302,7 @@ impl Origins {
     /// A peer's digest: where its log of every origin ends.
     pub fn peer_heads(&mut self, peer: PeerId, heads: &[OriginHead], now_ms: u64) {
         for h in heads {
-            if !is_origin(&h.origin) || h.last > MAX_SEQ {
+            if h.last > MAX_SEQ || (!self.logs.contains_key(&h.origin) && !is_origin(&h.origin)) {
                 continue;
             }
             let log = self.log(&h.origin);

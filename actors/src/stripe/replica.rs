@@ -1799,11 +1799,10 @@ mod tests {
         active_of(cfg, &[1, 2]).0
     }
 
-    /// Node 1 made the active of epoch 1 at 1 000 ms, of `members` (node 2
-    /// among them, in sync and holding the take-over no-op), and the view.
-    fn active_of(cfg: ReplicaConfig, members: &[NodeId]) -> (Replica, StripeView) {
+    /// Node `me` with nothing on disk, at 1 000 ms.
+    fn fresh(me: NodeId, cfg: ReplicaConfig) -> Replica {
         let mut r = Replica::new(
-            1,
+            me,
             cfg,
             Recovered {
                 promised: 0,
@@ -1813,6 +1812,13 @@ mod tests {
             },
         );
         r.tick(1_000);
+        r
+    }
+
+    /// Node 1 made the active of epoch 1 at 1 000 ms, of `members` (node 2
+    /// among them, in sync and holding the take-over no-op), and the view.
+    fn active_of(cfg: ReplicaConfig, members: &[NodeId]) -> (Replica, StripeView) {
+        let mut r = fresh(1, cfg);
         // A new stripe's first active; the standby joined, then the in-sync
         // set once it held the take-over no-op.
         let view = StripeView {
@@ -1888,17 +1894,7 @@ mod tests {
 
     #[test]
     fn a_committed_later_epoch_fences_the_active_it_deposed() {
-        let mut r = Replica::new(
-            2,
-            ReplicaConfig::default(),
-            Recovered {
-                promised: 0,
-                base: LogPos { epoch: 0, index: 0 },
-                entries: Vec::new(),
-                applied: 0,
-            },
-        );
-        r.tick(1_000);
+        let mut r = fresh(2, ReplicaConfig::default());
         let view = StripeView {
             version: 2,
             epoch: 1,
