@@ -577,6 +577,15 @@ mod tests {
         }
     }
 
+    /// A heads digest: the peer holds `A`'s events `first..=60`.
+    fn head_from(first: u64) -> [OriginHead; 1] {
+        [OriginHead {
+            origin: A.into(),
+            first,
+            last: 60,
+        }]
+    }
+
     fn seqs(effects: &[Effect]) -> Vec<u64> {
         effects
             .iter()
@@ -871,14 +880,7 @@ mod tests {
     fn a_hole_one_peer_reports_is_fetched_from_a_peer_that_holds_it() {
         let (pruned, full) = (PeerId::random(), PeerId::random());
         let mut o = Origins::default();
-        let head = |first| {
-            [OriginHead {
-                origin: A.into(),
-                first,
-                last: 60,
-            }]
-        };
-        o.peer_heads(pruned, &head(50), 0);
+        o.peer_heads(pruned, &head_from(50), 0);
         assert!(matches!(
             &o.tick(500, &[pruned])[..],
             [Effect::Fetch { from: 1, .. }]
@@ -886,7 +888,7 @@ mod tests {
         let out = o.fetched(pruned, A, 50, 60, (50..=60).map(ev).collect(), 600);
         assert!(!out.iter().any(|e| matches!(e, Effect::SkipTo { .. })));
         // The next digest of a peer that holds the start makes it the one asked.
-        o.peer_heads(full, &head(1), 700);
+        o.peer_heads(full, &head_from(1), 700);
         let f = o.tick(1_200, &[pruned, full]);
         assert!(matches!(&f[..], [Effect::Fetch { peer, from: 1, .. }] if *peer == full));
         let out = o.fetched(full, A, 1, 60, (1..=60).map(ev).collect(), 1_300);
@@ -998,14 +1000,7 @@ mod tests {
     fn a_hole_confirmed_by_a_second_peer_is_skipped_only_to_what_the_first_holds() {
         let (longer, shorter) = (PeerId::random(), PeerId::random());
         let mut o = Origins::default();
-        let head = |first| {
-            [OriginHead {
-                origin: A.into(),
-                first,
-                last: 60,
-            }]
-        };
-        o.peer_heads(longer, &head(50), 0);
+        o.peer_heads(longer, &head_from(50), 0);
         assert!(matches!(
             &o.tick(500, &[longer])[..],
             [Effect::Fetch { from: 1, .. }]
