@@ -2,6 +2,7 @@
 //! page at `/`. Every error is JSON `{"error": ...}` with a fitting status code.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Addr;
 use actix_web::body::{BoxBody, EitherBody};
@@ -18,6 +19,7 @@ use kiln_actors::membership::{
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub struct ApiState {
     pub membership: Addr<MembershipActor>,
@@ -29,6 +31,68 @@ pub struct ApiState {
     pub token: Option<String>,
     /// What the node's storage cannot do now (see `GET /v1/node`).
     pub health: kiln_actors::health::StorageHealth,
+    /// Room for the request bodies this node holds at once.
+    pub bodies: BodyBudget,
+}
+
+/// Bytes of request bodies (key/value values, broadcast publishes) that all
+/// clients together may have a node hold at once. Each body has its own bound
+/// (`max_value_bytes`, the publish limit); this one bounds their sum, so that
+/// many large requests at once cannot take the node's memory.
+pub const BODY_BUDGET_BYTES: usize = 512 << 20;
+
+/// How long a body waits for room in the budget before its request gets `503`.
+const BODY_ROOM_WAIT: Duration = Duration::from_secs(5);
+
+/// The node's budget for request bodies held in memory, counted in KiB.
+#[derive(Clone)]
+pub struct BodyBudget {
+    room: Arc<Semaphore>,
+    bytes: usize,
+    wait: Duration,
+}
+
+/// The room one request's body holds in the [`BodyBudget`]; given back on drop.
+#[derive(Default)]
+pub struct BodyRoom(Option<OwnedSemaphorePermit>);
+
+impl BodyBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self::waiting(bytes, BODY_ROOM_WAIT)
+    }
+
+    fn waiting(bytes: usize, wait: Duration) -> Self {
+        BodyBudget {
+            room: Arc::new(Semaphore::new(bytes.div_ceil(1024))),
+            bytes,
+            wait,
+        }
+    }
+
+    /// Adds room for `len` more bytes to `held`, waiting up to
+    /// [`BODY_ROOM_WAIT`] for other requests to give theirs back.
+    pub async fn take(&self, len: usize, held: &mut BodyRoom) -> Result<(), ApiError> {
+        let kib = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
+        if kib == 0 {
+            return Ok(());
+        }
+        let acquire = self.room.clone().acquire_many_owned(kib);
+        match tokio::time::timeout(self.wait, acquire).await {
+            Ok(Ok(permit)) => {
+                match held.0.as_mut() {
+                    Some(p) => p.merge(permit),
+                    None => held.0 = Some(permit),
+                }
+                Ok(())
+            }
+            _ => Err(ApiError::retry_later(format!(
+                "this node holds {} MiB of request bodies from other clients and has no room \
+                 for this one now; send it again shortly, or spread large requests over more \
+                 nodes",
+                self.bytes >> 20
+            ))),
+        }
+    }
 }
 
 /// An API error: status code and a message for the client.
@@ -498,4 +562,32 @@ pub fn app(
         )
         .wrap(actix_web::middleware::from_fn(require_token))
         .configure(configure)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bodies_wait_for_room_and_give_it_back() {
+        let budget = BodyBudget::waiting(8 << 10, Duration::from_millis(50));
+        let mut first = BodyRoom::default();
+        budget.take(3 << 10, &mut first).await.unwrap();
+        budget.take(4 << 10, &mut first).await.unwrap();
+        // 7 KiB held of 8: a 2 KiB body finds no room and is told to retry.
+        let mut second = BodyRoom::default();
+        let refused = budget.take(2 << 10, &mut second).await.unwrap_err();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // One waiting while the first is dropped gets its room.
+        let waiting = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let mut third = BodyRoom::default();
+                budget.take(5 << 10, &mut third).await.map(|_| ())
+            })
+        };
+        drop(first);
+        assert!(waiting.await.unwrap().is_ok());
+        assert_eq!(budget.room.available_permits(), 8);
+    }
 }

@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::http::{ApiError, ApiState};
+use crate::http::{ApiError, ApiState, BodyBudget, BodyRoom};
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -904,13 +904,17 @@ fn outcome_response(outcome: KvOutcome) -> HttpResponse {
     }
 }
 
-/// Reads a request body of at most `limit` bytes (`413` naming `setting` beyond).
+/// Reads a request body of at most `limit` bytes (`413` naming `setting` beyond),
+/// within the node's `budget` for bodies held at once; the room it takes is
+/// given back when the returned [`BodyRoom`] is dropped.
 pub(crate) async fn read_body(
+    budget: &BodyBudget,
     mut payload: web::Payload,
     limit: usize,
     setting: &str,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<(Vec<u8>, BodyRoom), ApiError> {
     let mut body = Vec::new();
+    let mut room = BodyRoom::default();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| bad_request(format!("cannot read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
@@ -919,9 +923,10 @@ pub(crate) async fn read_body(
                 format!("body exceeds {setting} ({limit} bytes)"),
             ));
         }
+        budget.take(chunk.len(), &mut room).await?;
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok((body, room))
 }
 
 fn router(state: &ApiState) -> Result<&Arc<KvRouter>, ApiError> {
@@ -940,7 +945,13 @@ pub async fn put(
     let kv = router(&state)?;
     let cond = condition(&req)?;
     let (request, received_ms, remember_until_ms) = kv.identify(&req)?;
-    let value = read_body(payload, kv.max_value_bytes, "max_value_bytes").await?;
+    let (value, _room) = read_body(
+        &state.bodies,
+        payload,
+        kv.max_value_bytes,
+        "max_value_bytes",
+    )
+    .await?;
     let op = KvOp::Put {
         map,
         key,

@@ -288,6 +288,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             });
         }
         let state = web::Data::new(ApiState {
+            bodies: crate::http::BodyBudget::new(crate::http::BODY_BUDGET_BYTES),
             membership: membership.clone(),
             control: control.clone(),
             kv: Some(kv),
