@@ -128,9 +128,11 @@ pub fn parse_events(body: &[u8], max_event_bytes: usize) -> Result<Vec<EventBody
 
 pub async fn publish(
     state: web::Data<ApiState>,
+    req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let api = broadcast(&state)?;
+    let key = publish_key(&req)?;
     let limit = api
         .max_event_bytes
         .saturating_mul(MAX_EVENTS_PER_POST)
@@ -139,7 +141,11 @@ pub async fn publish(
     let bodies = parse_events(&body, api.max_event_bytes)?;
     let (tx, rx) = oneshot::channel();
     api.actor
-        .send(Publish { bodies, reply: tx })
+        .send(Publish {
+            bodies,
+            key,
+            reply: tx,
+        })
         .await
         .map_err(|e| ApiError::retry_later(format!("node is shutting down: {e}")))?;
     match rx.await {
@@ -150,10 +156,32 @@ pub async fn publish(
             StatusCode::INSUFFICIENT_STORAGE,
             format!("the events were not acknowledged (they are published only if the failure came after their commit reached the disk): {e}"),
         )),
+        Ok(Err(PublishError::KeyReused)) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{}: a retry must send the same events; use a new key for new events",
+                PublishError::KeyReused
+            ),
+        )),
         Ok(Err(e)) => Err(ApiError::retry_later(format!(
             "the events were not published: {e}"
         ))),
         Err(_) => Err(ApiError::retry_later("node is shutting down".into())),
+    }
+}
+
+/// The publish's `Idempotency-Key`, if it has one: a retry under it to this
+/// node, within the reconnect window, gets the first answer.
+fn publish_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    match req.headers().get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => match v.to_str().map(str::trim) {
+            Ok(k) if !k.is_empty() && k.len() <= 256 => Ok(Some(k.to_string())),
+            _ => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "Idempotency-Key must be 1 to 256 characters of text".into(),
+            )),
+        },
     }
 }
 

@@ -370,6 +370,10 @@ pub enum BroadcastCommand {
         /// Payload of the message, JSON (a plain word is taken as a string).
         #[arg(long, requires = "topic", default_value = "null")]
         payload: String,
+        /// A retry with the same key to the same node gets the first answer
+        /// (the same seqs) instead of publishing again.
+        #[arg(long, value_name = "K")]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -412,6 +416,7 @@ pub fn broadcast(cmd: BroadcastCommand) -> anyhow::Result<()> {
             flush,
             topic,
             payload,
+            idempotency_key,
             api,
         } => {
             let event = if let Some(topic) = topic {
@@ -433,13 +438,12 @@ pub fn broadcast(cmd: BroadcastCommand) -> anyhow::Result<()> {
             };
             let api = Api::new(&api);
             let body = serde_json::to_vec(&event)?;
+            let mut headers = vec![("Content-Type", "application/json".to_string())];
+            if let Some(k) = idempotency_key {
+                headers.push(("Idempotency-Key", k));
+            }
             let resp: Value = api
-                .send(
-                    "POST",
-                    "/v1/broadcast",
-                    &[("Content-Type", "application/json".into())],
-                    Some(&body),
-                )?
+                .send("POST", "/v1/broadcast", &headers, Some(&body))?
                 .into_json()?;
             println!("{resp}");
             Ok(())

@@ -208,6 +208,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 retention: settings.broadcast_retention,
                 subscriber_buffer: 65_536,
                 subscriber_buffer_bytes: settings.subscriber_buffer_bytes,
+                publish_key_window: Duration::from_secs(settings.reconnect_window_s),
             },
             broadcast_metrics,
             known_change_seq.clone(),

@@ -41,6 +41,16 @@ const MISSED: TableDefinition<(&str, &[u8]), u64> = TableDefinition::new("kiln_b
 /// log never held some, or forgot what they were about): 1 when absent.
 const MISSED_FROM: TableDefinition<&str, u64> = TableDefinition::new("kiln_broadcast_missed_from");
 
+/// Idempotency-Key of one of this node's publishes → (accepted at, Unix ms;
+/// SHA-256 of the request; first seq; number of events): a retry with the key
+/// gets the first answer again.
+const PUBLISH_KEYS: TableDefinition<&str, (u64, &[u8], u64, u64)> =
+    TableDefinition::new("kiln_broadcast_publish_keys");
+
+/// (accepted at, key) → (): `PUBLISH_KEYS` by age, for expiry.
+const PUBLISH_KEYS_BY_AGE: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("kiln_broadcast_publish_keys_by_age");
+
 /// What `MISSED` keeps per origin; beyond it the least recent go, and with them
 /// the knowledge of the seqs up to theirs.
 pub const MAX_MISSED_PER_ORIGIN: usize = 4096;
@@ -146,6 +156,19 @@ pub struct StoredEvent {
     pub bytes: Vec<u8>,
 }
 
+/// The answer to a publish made under an Idempotency-Key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishKey {
+    pub key: String,
+    /// When the publish was accepted (Unix ms).
+    pub at_ms: u64,
+    /// SHA-256 of the request (a different request under the key is refused).
+    pub digest: [u8; 32],
+    /// Seqs `first..first + count` of this node's origin.
+    pub first: u64,
+    pub count: u64,
+}
+
 /// What a subscriber that missed events older than the log keeps must refresh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Missed {
@@ -211,6 +234,41 @@ impl BroadcastStore {
         txn.commit().map_err(self.storage())
     }
 
+    /// The publish keys accepted at or after `since_ms` (none in a file from
+    /// before keys were kept).
+    pub fn publish_keys(&self, since_ms: u64) -> Result<Vec<PublishKey>, StoreError> {
+        let txn = self.begin_read()?;
+        let by_key = match txn.open_table(PUBLISH_KEYS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.storage()(e)),
+        };
+        let mut keys = Vec::new();
+        for row in by_key.iter().map_err(self.storage())? {
+            let (k, v) = row.map_err(self.storage())?;
+            let (at_ms, digest, first, count) = v.value();
+            if at_ms < since_ms {
+                continue;
+            }
+            let Ok(digest) = <[u8; 32]>::try_from(digest) else {
+                return Err(StoreError::Corrupt {
+                    path: self.file.path.clone(),
+                    what: format!("publish key {:?}", k.value()),
+                    detail: format!("its digest has {} bytes, not 32", digest.len()),
+                });
+            };
+            keys.push(PublishKey {
+                key: k.value().to_string(),
+                at_ms,
+                digest,
+                first,
+                count,
+            });
+        }
+        keys.sort_by_key(|k| k.at_ms);
+        Ok(keys)
+    }
+
     /// Times the file was opened again after an I/O error: the runs of events
     /// held may have gone back to the last durable commit since.
     pub fn reopens(&self) -> u64 {
@@ -262,10 +320,61 @@ impl BroadcastStore {
     /// `Corrupt` error, since the caller orders events before storing them.
     /// `durable` fsyncs the transaction.
     pub fn append(&self, events: &[StoredEvent], durable: bool) -> Result<(), StoreError> {
+        self.append_keyed(events, &[], 0, durable)
+    }
+
+    /// As [`append`](Self::append), recording in the same transaction the
+    /// answers to publishes made under an Idempotency-Key, and dropping the
+    /// keys accepted before `expire_before_ms`.
+    pub fn append_keyed(
+        &self,
+        events: &[StoredEvent],
+        keys: &[PublishKey],
+        expire_before_ms: u64,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         if events.is_empty() {
             return Ok(());
         }
         let txn = self.write_txn(durable)?;
+        if !keys.is_empty() {
+            let mut by_key = txn.open_table(PUBLISH_KEYS).map_err(self.storage())?;
+            let mut by_age = txn
+                .open_table(PUBLISH_KEYS_BY_AGE)
+                .map_err(self.storage())?;
+            let expired: Vec<(u64, String)> = by_age
+                .range(..(expire_before_ms, ""))
+                .map_err(self.storage())?
+                .map(|row| row.map(|(k, _)| (k.value().0, k.value().1.to_string())))
+                .collect::<Result<_, _>>()
+                .map_err(self.storage())?;
+            for (at, key) in expired {
+                by_age.remove((at, key.as_str())).map_err(self.storage())?;
+                // A key used again since has a later time: that row stays.
+                let current = by_key
+                    .get(key.as_str())
+                    .map_err(self.storage())?
+                    .map(|v| v.value().0);
+                if current == Some(at) {
+                    by_key.remove(key.as_str()).map_err(self.storage())?;
+                }
+            }
+            for k in keys {
+                let row = (k.at_ms, k.digest.as_slice(), k.first, k.count);
+                let old = by_key
+                    .insert(k.key.as_str(), row)
+                    .map_err(self.storage())?
+                    .map(|v| v.value().0);
+                if let Some(old_at) = old {
+                    by_age
+                        .remove((old_at, k.key.as_str()))
+                        .map_err(self.storage())?;
+                }
+                by_age
+                    .insert((k.at_ms, k.key.as_str()), ())
+                    .map_err(self.storage())?;
+            }
+        }
         {
             let mut table = txn.open_table(EVENTS).map_err(self.storage())?;
             let mut origins = txn.open_table(ORIGINS).map_err(self.storage())?;
@@ -625,6 +734,53 @@ mod tests {
             ts,
             bytes: vec![seq as u8; 10],
         }
+    }
+
+    fn key(key: &str, at_ms: u64, first: u64, count: u64) -> PublishKey {
+        PublishKey {
+            key: key.into(),
+            at_ms,
+            digest: [at_ms as u8; 32],
+            first,
+            count,
+        }
+    }
+
+    #[test]
+    fn publish_keys_are_kept_with_their_events_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        assert!(s.publish_keys(0).unwrap().is_empty());
+        s.append_keyed(
+            &[ev("me", 1, 1), ev("me", 2, 1)],
+            &[key("k1", 100, 1, 2)],
+            0,
+            true,
+        )
+        .unwrap();
+        s.append_keyed(&[ev("me", 3, 2)], &[key("k2", 200, 3, 1)], 0, true)
+            .unwrap();
+        // A failed append keeps no key.
+        assert!(s
+            .append_keyed(&[ev("me", 9, 3)], &[key("k3", 300, 9, 1)], 0, true)
+            .is_err());
+        drop(s);
+        let s = BroadcastStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.publish_keys(0).unwrap(),
+            vec![key("k1", 100, 1, 2), key("k2", 200, 3, 1)]
+        );
+        assert_eq!(s.publish_keys(150).unwrap(), vec![key("k2", 200, 3, 1)]);
+        // k1 expires with the next keyed append past its time; k2 is used
+        // again (a key reused after it was forgotten) and keeps its new row.
+        s.append_keyed(&[ev("me", 4, 4)], &[key("k2", 400, 4, 1)], 250, true)
+            .unwrap();
+        s.append_keyed(&[ev("me", 5, 5)], &[key("k4", 500, 5, 1)], 300, true)
+            .unwrap();
+        assert_eq!(
+            s.publish_keys(0).unwrap(),
+            vec![key("k2", 400, 4, 1), key("k4", 500, 5, 1)]
+        );
     }
 
     #[test]

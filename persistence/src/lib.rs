@@ -19,7 +19,7 @@ pub use artifact_store::{
     ARTIFACT_CHUNK,
 };
 pub use broadcast_store::{
-    BroadcastStore, Missed, OriginRun, Retention, StoredEvent, BROADCAST_DB_FILE,
+    BroadcastStore, Missed, OriginRun, PublishKey, Retention, StoredEvent, BROADCAST_DB_FILE,
 };
 pub use control_store::ControlStore;
 pub use error::StoreError;

@@ -461,6 +461,7 @@ impl ArtifactActor {
                     version: *version,
                     sha256: sha256.clone(),
                 }],
+                key: None,
                 reply: tx,
             });
             ctx.spawn(rx.into_actor(self).map(

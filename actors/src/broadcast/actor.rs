@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use kiln_net::wire::{BroadcastGossip, EventFrame, OriginHead, Request, Response};
 use kiln_net::{BroadcastIn, CallError, NetCommand, NetHandle, PeerId, Reply};
-use kiln_persistence::{BroadcastStore, Retention, StoreError, StoredEvent, StripeStore};
+use kiln_persistence::{
+    BroadcastStore, PublishKey, Retention, StoreError, StoredEvent, StripeStore,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,9 +29,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde_bytes::ByteBuf;
+use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::event::{stripe_origin, EventBody, MissedAbout};
+use super::keys::{KeyCheck, PublishKeys, MAX_PUBLISH_KEYS};
 use super::state::{Effect, Origins, RepairConfig, MAX_SEQ};
 use crate::blocking::blocking;
 use crate::control::state::Placement;
@@ -75,6 +79,8 @@ pub struct BroadcastConfig {
     /// before it is told `lagged`: the count alone would let 65 536 large
     /// events pin gigabytes.
     pub subscriber_buffer_bytes: u64,
+    /// How long a publish's Idempotency-Key is remembered (the reconnect window).
+    pub publish_key_window: Duration,
 }
 
 /// One event appended to this node's log, as subscribers get it.
@@ -234,6 +240,14 @@ impl BroadcastMetrics {
 
 type PublishReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
 
+/// A publish of this node's own events waiting for its append.
+struct OwnPublish {
+    bodies: Vec<Vec<u8>>,
+    reply: PublishReply,
+    /// Its Idempotency-Key and the request's digest.
+    key: Option<(String, [u8; 32])>,
+}
+
 /// Work for the storage thread, in order.
 enum Job {
     /// Events to append: `received` were handed to subscribers already; `own`
@@ -243,7 +257,7 @@ enum Job {
     Append {
         received: Vec<(String, Vec<EventFrame>)>,
         covers: u64,
-        own: Vec<(Vec<Vec<u8>>, PublishReply)>,
+        own: Vec<OwnPublish>,
     },
     SkipTo {
         origin: String,
@@ -261,6 +275,8 @@ pub struct BroadcastActor {
     /// Set while this node, whose log was lost, gets its own earlier events
     /// back from its peers (see [`OwnRecovery`]).
     own_recovery: Option<OwnRecovery>,
+    /// Idempotency-Keys of this node's publishes in the reconnect window.
+    publish_keys: PublishKeys<PublishReply>,
     me: PeerId,
     /// The origin of this node's own events: its peer id.
     origin: String,
@@ -358,6 +374,8 @@ pub enum PublishError {
     Recovering,
     #[error("the broadcast actor stopped")]
     Stopped,
+    #[error("this Idempotency-Key was used for a different publish on this node")]
+    KeyReused,
 }
 
 impl BroadcastActor {
@@ -385,10 +403,17 @@ impl BroadcastActor {
             RepairConfig::default(),
             runs.into_iter().map(|(o, r)| (o, r.first, r.last)),
         );
+        let window_ms = config.publish_key_window.as_millis() as u64;
+        let publish_keys = PublishKeys::new(
+            window_ms,
+            MAX_PUBLISH_KEYS,
+            store.publish_keys(crate::membership::unix_ms().saturating_sub(window_ms))?,
+        );
         let now = Instant::now();
         let mut actor = BroadcastActor {
             known_change_seq,
             own_recovery,
+            publish_keys,
             me,
             origin: me.to_string(),
             node,
@@ -733,15 +758,17 @@ impl BroadcastActor {
         &mut self,
         received: Vec<(String, Vec<EventFrame>)>,
         covers: u64,
-        own: Vec<(Vec<Vec<u8>>, PublishReply)>,
+        own: Vec<OwnPublish>,
         ctx: &mut Context<Self>,
     ) {
         let ts = crate::membership::unix_ms();
         let mut replies = Vec::new();
         let mut own_frames = Vec::new();
-        for (bodies, reply) in own {
-            let first = self.origins.reserve(&self.origin, bodies.len() as u64);
-            let seqs: Vec<u64> = (first..first + bodies.len() as u64).collect();
+        let mut keyed = Vec::new();
+        for OwnPublish { bodies, reply, key } in own {
+            let count = bodies.len() as u64;
+            let first = self.origins.reserve(&self.origin, count);
+            let seqs: Vec<u64> = (first..first + count).collect();
             for (seq, body) in seqs.iter().zip(bodies) {
                 own_frames.push(EventFrame {
                     seq: *seq,
@@ -749,8 +776,18 @@ impl BroadcastActor {
                     body: ByteBuf::from(body),
                 });
             }
-            replies.push((reply, seqs));
+            if let Some((key, digest)) = &key {
+                keyed.push(PublishKey {
+                    key: key.clone(),
+                    at_ms: ts,
+                    digest: *digest,
+                    first,
+                    count,
+                });
+            }
+            replies.push((reply, key, seqs));
         }
+        let expire_keys_before = ts.saturating_sub(self.publish_keys.window_ms());
         // Received events are not fsynced one by one: their origin holds them
         // durably, and what a crash loses here is fetched again.
         let durable = !own_frames.is_empty();
@@ -769,8 +806,9 @@ impl BroadcastActor {
             .collect();
         let store = self.store.clone();
         let received_bytes: u64 = received.iter().map(|(_, e)| frame_bytes(e)).sum();
+        let keys = keyed.clone();
         ctx.spawn(
-            blocking(move || store.append(&rows, durable))
+            blocking(move || store.append_keyed(&rows, &keys, expire_keys_before, durable))
                 .into_actor(self)
                 .map(move |r, act, ctx| {
                     act.busy = false;
@@ -792,7 +830,14 @@ impl BroadcastActor {
                                 *w = (*w).max(covers);
                                 more
                             });
-                            for (reply, seqs) in replies {
+                            for answer in keyed {
+                                let seqs: Vec<u64> =
+                                    (answer.first..answer.first + answer.count).collect();
+                                for waiter in act.publish_keys.finished(answer) {
+                                    let _ = waiter.send(Ok(seqs.clone()));
+                                }
+                            }
+                            for (reply, _, seqs) in replies {
                                 let _ = reply.send(Ok(seqs));
                             }
                             if let Some(last) = own_frames.last().map(|e| e.seq) {
@@ -815,8 +860,9 @@ impl BroadcastActor {
                                 let origin = act.origin.clone();
                                 act.origins.unreserve(&origin);
                             }
-                            for (reply, _) in replies {
-                                let _ = reply.send(Err(again(&e, act.store.path())));
+                            for (reply, key, _) in replies {
+                                let err = again(&e, act.store.path());
+                                act.publish_failed(reply, key, err);
                             }
                             act.log_failed(&e);
                         }
@@ -931,20 +977,36 @@ impl BroadcastActor {
     fn refuse_jobs(&mut self) {
         self.drop_unwritten();
         self.drop_queued_received();
-        let path = self.store.path();
-        for job in self.jobs.drain(..) {
+        let path = self.store.path().to_path_buf();
+        let jobs: Vec<Job> = self.jobs.drain(..).collect();
+        for job in jobs {
             if let Job::Append { own, .. } = job {
-                for (_, reply) in own {
+                for publish in own {
                     let err = self.store_error.as_ref().map_or_else(
-                        || StoreError::Reopening {
-                            path: path.to_path_buf(),
-                        },
-                        |e| again(e, path),
+                        || StoreError::Reopening { path: path.clone() },
+                        |e| again(e, &path),
                     );
-                    let _ = reply.send(Err(err));
+                    self.publish_failed(publish.reply, publish.key, err);
                 }
             }
         }
+    }
+
+    /// Tells a publish, and the retries waiting under its Idempotency-Key,
+    /// that it failed; the key is free again.
+    fn publish_failed(
+        &mut self,
+        reply: PublishReply,
+        key: Option<(String, [u8; 32])>,
+        err: StoreError,
+    ) {
+        if let Some((key, _)) = key {
+            let path = self.store.path().to_path_buf();
+            for waiter in self.publish_keys.failed(&key) {
+                let _ = waiter.send(Err(again(&err, &path)));
+            }
+        }
+        let _ = reply.send(Err(err));
     }
 
     /// Hands events, in order, to the node's subscribers (and to its peers, for
@@ -1270,7 +1332,19 @@ impl Actor for BroadcastActor {
 #[rtype(result = "()")]
 pub struct Publish {
     pub bodies: Vec<EventBody>,
+    /// The client's Idempotency-Key: a retry under it gets the first answer.
+    pub key: Option<String>,
     pub reply: oneshot::Sender<Result<(String, Vec<u64>), PublishError>>,
+}
+
+/// What a publish under an Idempotency-Key is compared by: its events, encoded.
+fn publish_digest(bodies: &[Vec<u8>]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for b in bodies {
+        h.update((b.len() as u64).to_be_bytes());
+        h.update(b);
+    }
+    h.finalize().into()
 }
 
 impl Handler<Publish> for BroadcastActor {
@@ -1281,33 +1355,69 @@ impl Handler<Publish> for BroadcastActor {
             let _ = msg.reply.send(Err(PublishError::Recovering));
             return;
         }
-        let bodies = msg.bodies.iter().map(EventBody::to_cbor).collect();
-        let (tx, rx) = oneshot::channel();
-        // Received events waiting for their write share this fsync. With them
-        // queued, everything handed on so far is written when this job is.
-        self.flush_unwritten();
-        let upto = self.handed_on.load(Ordering::Relaxed);
-        match self.jobs.back_mut() {
-            Some(Job::Append { own, covers, .. }) => {
-                own.push((bodies, tx));
-                *covers = (*covers).max(upto);
-            }
-            _ => self.jobs.push_back(Job::Append {
-                received: Vec::new(),
-                covers: upto,
-                own: vec![(bodies, tx)],
-            }),
-        }
+        let bodies: Vec<Vec<u8>> = msg.bodies.iter().map(EventBody::to_cbor).collect();
         let origin = self.origin.clone();
         let reply = msg.reply;
-        actix_rt::spawn(async move {
+        let key = msg.key.map(|k| {
+            let digest = publish_digest(&bodies);
+            (k, digest)
+        });
+        let mut key_check = None;
+        if let Some((k, digest)) = &key {
+            // Marks a new key in flight; the answer below acts on that.
+            let check = self
+                .publish_keys
+                .check(k, digest, crate::membership::unix_ms());
+            if check == KeyCheck::Different {
+                let _ = reply.send(Err(PublishError::KeyReused));
+                return;
+            }
+            key_check = Some(check);
+        }
+        let (tx, rx) = oneshot::channel();
+        let answer = async move {
             let r = match rx.await {
                 Ok(Ok(seqs)) => Ok((origin, seqs)),
                 Ok(Err(e)) => Err(PublishError::Storage(e)),
                 Err(_) => Err(PublishError::Stopped),
             };
             let _ = reply.send(r);
-        });
+        };
+        match (&key, key_check) {
+            (Some(_), Some(KeyCheck::Answered { first, count })) => {
+                let _ = tx.send(Ok((first..first + count).collect()));
+                actix_rt::spawn(answer);
+                return;
+            }
+            (Some((k, _)), Some(KeyCheck::InFlight)) => {
+                // Given back only if not in flight, which the check just said it is.
+                let _ = self.publish_keys.wait(k, tx);
+                actix_rt::spawn(answer);
+                return;
+            }
+            _ => {}
+        }
+        // Received events waiting for their write share this fsync. With them
+        // queued, everything handed on so far is written when this job is.
+        self.flush_unwritten();
+        let upto = self.handed_on.load(Ordering::Relaxed);
+        let publish = OwnPublish {
+            bodies,
+            reply: tx,
+            key,
+        };
+        match self.jobs.back_mut() {
+            Some(Job::Append { own, covers, .. }) => {
+                own.push(publish);
+                *covers = (*covers).max(upto);
+            }
+            _ => self.jobs.push_back(Job::Append {
+                received: Vec::new(),
+                covers: upto,
+                own: vec![publish],
+            }),
+        }
+        actix_rt::spawn(answer);
         self.run_jobs(ctx);
     }
 }

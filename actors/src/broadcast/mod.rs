@@ -3,6 +3,7 @@
 
 pub mod actor;
 pub mod event;
+pub mod keys;
 pub mod state;
 
 pub use actor::{
