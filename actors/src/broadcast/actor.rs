@@ -277,6 +277,9 @@ pub struct BroadcastActor {
     own_recovery: Option<OwnRecovery>,
     /// Idempotency-Keys of this node's publishes in the reconnect window.
     publish_keys: PublishKeys<PublishReply>,
+    /// The highest own seq handed to subscribers and peers (those the log held
+    /// at start count as handed on).
+    own_handed_on: u64,
     me: PeerId,
     /// The origin of this node's own events: its peer id.
     origin: String,
@@ -394,6 +397,7 @@ impl BroadcastActor {
         health: StorageHealth,
     ) -> Result<Self, StoreError> {
         let runs = store.runs()?;
+        let own_handed_on = runs.get(&me.to_string()).map_or(0, |r| r.last);
         let own_recovery = store.own_recovery_pending()?.then(|| {
             tracing::warn!(log = %store.path().display(),
                 "this node's broadcast log is new but the node is not: its own earlier events are fetched back from its peers before it publishes again");
@@ -414,6 +418,7 @@ impl BroadcastActor {
             known_change_seq,
             own_recovery,
             publish_keys,
+            own_handed_on,
             me,
             origin: me.to_string(),
             node,
@@ -840,14 +845,7 @@ impl BroadcastActor {
                             for (reply, _, seqs) in replies {
                                 let _ = reply.send(Ok(seqs));
                             }
-                            if let Some(last) = own_frames.last().map(|e| e.seq) {
-                                let origin = act.origin.clone();
-                                act.origins.appended(&origin, last);
-                                act.deliver(&origin, &own_frames, false);
-                                BroadcastMetrics::origin(&act.metrics.published, &origin)
-                                    .inc_by(own_frames.len() as u64);
-                                act.gossip(origin, own_frames);
-                            }
+                            act.hand_on_own(own_frames);
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "cannot append to the broadcast log");
@@ -907,15 +905,40 @@ impl BroadcastActor {
         self.busy = true;
         let store = self.store.clone();
         let reopens = store.reopens();
-        ctx.spawn(blocking(move || store.reload_runs()).into_actor(self).map(
+        let (own, handed_on) = (self.origin.clone(), self.own_handed_on);
+        let since_ms = crate::membership::unix_ms().saturating_sub(self.publish_keys.window_ms());
+        let reload = move || {
+            let runs = store.reload_runs()?;
+            // An append answered with an error may have reached the file: its
+            // events and keys count as published.
+            let keys = store.publish_keys(since_ms)?;
+            let mut unsent = Vec::new();
+            let last = runs.get(&own).map_or(0, |r| r.last);
+            while unsent.last().map_or(handed_on, |e: &EventFrame| e.seq) < last {
+                let from = unsent.last().map_or(handed_on, |e: &EventFrame| e.seq) + 1;
+                let part = store.range(&own, from, 4096, 16 << 20)?;
+                if part.is_empty() {
+                    break;
+                }
+                unsent.extend(part.into_iter().map(|(seq, ts, bytes)| EventFrame {
+                    seq,
+                    ts,
+                    body: ByteBuf::from(bytes),
+                }));
+            }
+            Ok::<_, StoreError>((runs, keys, unsent))
+        };
+        ctx.spawn(blocking(reload).into_actor(self).map(
             move |r, act, ctx| {
                 act.busy = false;
                 match r {
-                    Ok(runs) => {
+                    Ok((runs, keys, unsent)) => {
                         let now = act.now_ms();
                         act.origins.reload(&runs, now);
                         let own = act.origin.clone();
                         act.origins.unreserve(&own);
+                        act.publish_keys.recall(keys);
+                        act.hand_on_own(unsent);
                         // Handed on, but after what the log may hold now:
                         // fetched again. Holes found are found again.
                         act.drop_unwritten();
@@ -990,6 +1013,19 @@ impl BroadcastActor {
                 }
             }
         }
+    }
+
+    /// This node's own events, just in the log: to its subscribers and peers.
+    fn hand_on_own(&mut self, frames: Vec<EventFrame>) {
+        let Some(last) = frames.last().map(|e| e.seq) else {
+            return;
+        };
+        let origin = self.origin.clone();
+        self.origins.appended(&origin, last);
+        self.own_handed_on = self.own_handed_on.max(last);
+        self.deliver(&origin, &frames, false);
+        BroadcastMetrics::origin(&self.metrics.published, &origin).inc_by(frames.len() as u64);
+        self.gossip(origin, frames);
     }
 
     /// Tells a publish, and the retries waiting under its Idempotency-Key,

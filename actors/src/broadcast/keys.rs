@@ -147,6 +147,21 @@ impl<W> PublishKeys<W> {
         }
     }
 
+    /// Takes in the keys the log holds that are not known here (an append
+    /// answered with an error that reached the file after all): retries of
+    /// those publishes get their seqs, not a second publish.
+    pub fn recall(&mut self, stored: Vec<PublishKey>) {
+        for k in stored {
+            let known = self
+                .answered
+                .get(&k.key)
+                .is_some_and(|a| a.at_ms >= k.at_ms);
+            if !known && !self.in_flight.contains_key(&k.key) {
+                self.remember(k);
+            }
+        }
+    }
+
     /// Forgets the keys accepted before the window that ends at `now_ms`.
     pub fn expire(&mut self, now_ms: u64) {
         let before = now_ms.saturating_sub(self.window_ms);
@@ -206,6 +221,23 @@ mod tests {
         assert_eq!(keys.wait("k", 3), None);
         assert_eq!(keys.failed("k"), vec![3]);
         assert_eq!(keys.check("k", &[1; 32], 100), KeyCheck::New);
+    }
+
+    #[test]
+    fn keys_the_log_holds_are_recalled_after_a_failed_answer() {
+        let mut keys: PublishKeys<u32> = PublishKeys::new(1_000, 10, Vec::new());
+        assert_eq!(keys.check("k", &[1; 32], 100), KeyCheck::New);
+        keys.failed("k");
+        keys.recall(vec![answer("k", 100, 1, 7), answer("old", 50, 1, 1)]);
+        assert_eq!(
+            keys.check("k", &[1; 32], 200),
+            KeyCheck::Answered { first: 7, count: 2 }
+        );
+        assert_eq!(
+            keys.check("old", &[1; 32], 200),
+            KeyCheck::Answered { first: 1, count: 2 }
+        );
+        assert_eq!(keys.len(), 2);
     }
 
     #[test]
