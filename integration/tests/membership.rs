@@ -201,6 +201,20 @@ fn graceful_leave_then_forget() {
     let out = kiln_cli(&["members", "forget", &ids[1], "--http", &nodes[0].http()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("only dead or left"));
+    // Started again on its old data directory, the forgotten node holds stale
+    // stripe data and its own state still shows it placed: it asks, is told it
+    // was removed, and stops saying what to do, rather than running unplaced.
+    nodes[2].restart();
+    let code = nodes[2].wait_exit(Duration::from_secs(60));
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "the removed node stops with an error (exit {code:?})"
+    );
+    let log = nodes[2].log();
+    assert!(
+        log.contains("removed from the cluster by an operator") && log.contains("--data-dir"),
+        "{log}"
+    );
 }
 
 /// Forgetting the only member that holds a stripe's data would drop that data:

@@ -190,6 +190,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             settings.control.clone(),
             control_metrics,
         );
+        let refusal = control_plane.refusal();
         let control =
             ControlPlane::start_in_arbiter(&consensus_thread.handle(), move |_| control_plane);
         let me = node_id_of(&id);
@@ -344,6 +345,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                     control_file.display()
                 ))
             }
+            reason = refusal => Some(format!(
+                "the control plane refused to place this node: {reason} (data directory {})",
+                settings.data_dir.display()
+            )),
             m = placement_mismatch(applied_for_check, me, settings.control.witness) => {
                 tracing::error!(reason = %m, "this node's place does not match how it was started; exiting");
                 Some(m)

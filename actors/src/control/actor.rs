@@ -210,6 +210,14 @@ pub struct ControlPlane {
     joining: bool,
     /// Joins answered "placed" whose decision this node has not applied yet.
     placed_answers: u32,
+    /// The control plane answered a join of this node since it started. Until
+    /// then a node its own (possibly stale) state shows placed asks again: an
+    /// operator may have removed it while it was down, and nobody else would
+    /// tell it (a removed node is not sent the log).
+    place_confirmed: bool,
+    /// Why the control plane refused to place this node (removed by an
+    /// operator, a stripe that does not exist): the node stops with it.
+    refused: tokio::sync::watch::Sender<Option<String>>,
     /// A membership change of the Raft group is running (one at a time).
     changing: bool,
     /// When each voter or learner was first seen dead, left or unknown.
@@ -227,6 +235,23 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// Resolves with the reason once the control plane refused to place this
+    /// node for good.
+    pub fn refusal(&self) -> impl std::future::Future<Output = String> + 'static {
+        let mut rx = self.refused.subscribe();
+        async move {
+            loop {
+                if let Some(reason) = rx.borrow_and_update().clone() {
+                    return reason;
+                }
+                if rx.changed().await.is_err() {
+                    // The actor is gone: the node stops for that reason.
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         me_peer: PeerId,
@@ -259,6 +284,8 @@ impl ControlPlane {
             last_join: None,
             joining: false,
             placed_answers: 0,
+            place_confirmed: false,
+            refused: tokio::sync::watch::Sender::new(None),
             changing: false,
             gone_since: HashMap::new(),
             warned_no_failover: false,
@@ -445,7 +472,7 @@ impl ControlPlane {
         if uninitialized && self.founder && !self.initializing {
             self.initialize(ctx);
         }
-        if !state.nodes.contains_key(&self.me) {
+        if !state.nodes.contains_key(&self.me) || !self.place_confirmed {
             self.join(ctx, &state);
         } else {
             self.placed_answers = 0;
@@ -578,14 +605,18 @@ impl ControlPlane {
                 act.joining = false;
                 match res {
                     Ok(ControlOutcome::Placed { placement }) => {
+                        if !act.place_confirmed {
+                            tracing::info!(?placement, "placed by the control plane");
+                        }
                         act.placed_answers += 1;
-                        tracing::info!(?placement, "placed by the control plane")
+                        act.place_confirmed = true;
                     }
                     Ok(ControlOutcome::Unconfigured) => {
                         tracing::debug!("the cluster is not configured yet; will retry")
                     }
                     Ok(ControlOutcome::Rejected { reason }) => {
-                        tracing::error!(%reason, "the control plane refused to place this node; fix the setting and restart it")
+                        tracing::error!(%reason, "the control plane refused to place this node; stopping");
+                        act.refused.send_replace(Some(reason));
                     }
                     Ok(other) => tracing::debug!(?other, "join answered"),
                     Err(e) => tracing::debug!(error = %e, "join not accepted yet; will retry"),
