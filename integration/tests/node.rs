@@ -161,3 +161,40 @@ fn metrics_include_swarm_gossipsub_and_membership() {
         other => panic!("expected 404, got {other:?}"),
     }
 }
+
+/// A peer or HTTP address another process listens on is refused before the
+/// data directory is touched (libp2p's own bind shares a port: SO_REUSEPORT).
+#[test]
+fn an_address_in_use_is_refused_before_anything_is_written() {
+    let _serial = serial();
+    let a = Node::start("inuse", NodeOpts::default());
+    a.id();
+    let free = free_ip();
+    let free_peer = format!("{free}:{PEER_PORT}");
+    let free_http = format!("{free}:{HTTP_PORT}");
+    for (listen, http, flag) in [
+        (a.seed(), free_http.clone(), "--listen"),
+        (free_peer.clone(), a.http(), "--http"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let out = std::process::Command::new(kiln_bin())
+            .args(["run", "--data-dir"])
+            .arg(&data)
+            .args(["--listen", &listen, "--http", &http])
+            .output()
+            .expect("run kiln");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("in use") || err.contains("another kiln"),
+            "{err}"
+        );
+        assert!(err.contains(flag), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            !data.join("node.redb").exists(),
+            "the data directory was written"
+        );
+    }
+}

@@ -10,6 +10,7 @@ mod swarm;
 pub mod wire;
 
 pub use libp2p::identity::Keypair;
+pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use swarm::{
     psk_from_secret, spawn, transport, BroadcastIn, CallError, NetChannels, NetCommand, NetConfig,

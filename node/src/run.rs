@@ -24,7 +24,7 @@ use kiln_actors::stripe::{
     respond_with, HandOver, KnownChangeSeq, Responder, ServeStripe, StripeActor, StripeMetrics,
 };
 use kiln_net::wire::{MemberRecord, MemberStatus, Request, Response};
-use kiln_net::{Keypair, NetCommand, NetConfig, NetHandle, ServiceRequest};
+use kiln_net::{Keypair, NetCommand, NetConfig, NetHandle, Protocol, ServiceRequest};
 use kiln_persistence::{ArtifactStore, BroadcastStore, ControlStore, NodeStore, StripeStore};
 use openraft::Raft;
 use prometheus_client::registry::Registry;
@@ -35,6 +35,7 @@ use crate::kv_api::{KvMetrics, KvRouter};
 
 /// Runs a node until SIGTERM or SIGINT. Errors are what stopped it from starting.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
+    ports_free(&settings)?;
     kiln_persistence::verify_untouched(&settings.data_dir, settings.cluster_secret.as_deref())?;
     let store = NodeStore::open(&settings.data_dir)?;
     store.bind_secret(settings.cluster_secret.as_deref())?;
@@ -396,6 +397,39 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         Some(f) => Err(anyhow::anyhow!(f)),
         None => Ok(()),
     }
+}
+
+/// Fails if another process listens on this node's peer or HTTP address,
+/// before anything is written to the data directory. libp2p listens with
+/// `SO_REUSEPORT`, so its own bind would succeed beside another kiln and the
+/// kernel would share the peers' connections between the two; a bind without
+/// it is refused while another socket listens there.
+fn ports_free(settings: &Settings) -> anyhow::Result<()> {
+    let peer_addrs = settings.listen.iter().filter_map(|a| {
+        let mut ip = None;
+        let mut port = None;
+        for part in a.iter() {
+            match part {
+                Protocol::Ip4(v4) => ip = Some(std::net::IpAddr::V4(v4)),
+                Protocol::Ip6(v6) => ip = Some(std::net::IpAddr::V6(v6)),
+                Protocol::Tcp(p) => port = Some(p),
+                _ => {}
+            }
+        }
+        Some((std::net::SocketAddr::new(ip?, port?), "peer", "--listen"))
+    });
+    for (addr, what, flag) in peer_addrs.chain([(settings.http, "HTTP", "--http")]) {
+        if addr.port() == 0 {
+            continue;
+        }
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            anyhow::bail!(
+                "cannot listen for {what} connections on {addr}: {e}; is another kiln (or \
+                 another program) using it? choose another with {flag}"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A leader's vote goes to the voters left before the node stops (waiting
