@@ -304,11 +304,32 @@ pub enum KvCommand {
         map: String,
         #[arg(long, default_value = "")]
         prefix: String,
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
+        /// Keys to print at most.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
+        /// Start after this key (what an earlier listing stopped at).
+        #[arg(long, value_name = "KEY")]
+        after: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+/// A node's answer with an error status.
+#[derive(Debug, thiserror::Error)]
+#[error("{method} {url}: {code}: {msg}")]
+struct StatusError {
+    method: String,
+    url: String,
+    code: u16,
+    msg: String,
+}
+
+/// Whether sending the same request again cannot help: the node refused the
+/// request itself (bad input, not authorised), not its own state.
+fn refused_for_good(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<StatusError>()
+        .is_some_and(|s| (400..500).contains(&s.code) && s.code != 408 && s.code != 429)
 }
 
 impl Api {
@@ -336,7 +357,13 @@ impl Api {
             Err(ureq::Error::Status(code, resp)) => {
                 let body: Value = resp.into_json().unwrap_or(Value::Null);
                 let msg = body["error"].as_str().unwrap_or("no detail").to_string();
-                Err(anyhow!("{method} {url}: {code}: {msg}"))
+                Err(StatusError {
+                    method: method.to_string(),
+                    url,
+                    code,
+                    msg,
+                }
+                .into())
             }
             Err(e) => Err(anyhow!(
                 "cannot reach kiln at {}: {e}; is the node running and is --http right?",
@@ -359,6 +386,8 @@ pub enum BroadcastCommand {
         #[arg(long, conflicts_with_all = ["flush", "topic"], required_unless_present_any = ["flush", "topic"])]
         action: Option<String>,
         /// Primary key of a changed row (repeatable); a composite key as a,b.
+        /// An integer without leading zeros is sent as a JSON number, anything
+        /// else as a string.
         #[arg(long = "pk", value_name = "PK")]
         pks: Vec<String>,
         /// The whole datasource is stale.
@@ -400,10 +429,13 @@ pub enum BroadcastCommand {
 }
 
 /// A primary-key value from the command line: a number if it is one, else text.
+/// Only an integer written as its number prints it (`42`, `-7`): `007`, `+1`
+/// and integers beyond 64 bits stay text, so no key changes on the way.
 fn pk_value(s: &str) -> Value {
     s.parse::<i64>()
-        .map(Value::from)
-        .unwrap_or_else(|_| Value::String(s.to_string()))
+        .ok()
+        .filter(|n| n.to_string() == s)
+        .map_or_else(|| Value::String(s.to_string()), Value::from)
 }
 
 pub fn broadcast(cmd: BroadcastCommand) -> anyhow::Result<()> {
@@ -523,6 +555,7 @@ fn tail(
                 }
                 eprintln!("kiln: stream ended; reconnecting");
             }
+            Err(e) if refused_for_good(&e) => return Err(e),
             Err(e) => {
                 failures += 1;
                 if failures >= 30 {
@@ -853,10 +886,11 @@ pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
             map,
             prefix,
             limit,
+            after,
             api,
         } => {
             let api = Api::new(&api);
-            let mut after: Option<String> = None;
+            let mut after = after;
             let mut printed = 0;
             loop {
                 let mut q = format!(
@@ -875,7 +909,14 @@ pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
                 }
                 match v["next"].as_str() {
                     Some(n) if printed < limit => after = Some(n.to_string()),
-                    _ => break,
+                    Some(n) => {
+                        eprintln!(
+                            "kiln: stopped at --limit {limit}; more keys follow: \
+                             --after {n:?} goes on from here"
+                        );
+                        break;
+                    }
+                    None => break,
                 }
             }
         }
@@ -901,6 +942,32 @@ pub fn handover(api: &ApiArgs, stripe: u32, to: Option<&str>) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn primary_keys_keep_their_spelling() {
+        assert_eq!(pk_value("42"), serde_json::json!(42));
+        assert_eq!(pk_value("-7"), serde_json::json!(-7));
+        for text in ["007", "+1", "-0", "12345678901234567890", "a1", ""] {
+            assert_eq!(pk_value(text), serde_json::json!(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_request_itself_is_final() {
+        let status = |code| {
+            anyhow::Error::from(StatusError {
+                method: "GET".into(),
+                url: "u".into(),
+                code,
+                msg: "m".into(),
+            })
+        };
+        assert!(refused_for_good(&status(400)));
+        assert!(refused_for_good(&status(401)));
+        assert!(!refused_for_good(&status(429)));
+        assert!(!refused_for_good(&status(503)));
+        assert!(!refused_for_good(&anyhow::anyhow!("cannot reach kiln")));
+    }
 
     #[test]
     fn segments_are_percent_encoded() {

@@ -107,6 +107,15 @@ fn init_tracing() {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_) | Command::Demo(_)) {
+        // A verb's output piped into `head` ends quietly when the reader goes,
+        // as other command-line tools do, rather than panicking in `println!`.
+        // SAFETY: setting a signal's disposition to its default, before any
+        // thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Run(args) => match config::Settings::resolve(*args) {
             Ok(settings) => {
