@@ -1139,3 +1139,40 @@ fn a_publish_retried_under_its_idempotency_key_is_published_once_across_a_crash(
     let bad = publish_keyed(&node, &"k".repeat(300), &other).expect_err("a 300-byte key");
     assert_eq!(bad.0, 400, "{bad:?}");
 }
+
+/// A node that stops ends its event streams itself, telling each client the
+/// position it reached (to resume on another node), instead of holding its stop
+/// up until the HTTP server gives up on them.
+#[test]
+fn a_stopping_node_ends_its_event_streams_with_their_position() {
+    let mut node = Node::start("bcstop", NodeOpts::default());
+    node.id();
+    let seqs = publish_messages(&node, 2);
+    let resp = ureq::AgentBuilder::new()
+        .timeout_read(Duration::from_secs(60))
+        .build()
+        .get(&format!("http://{}/v1/broadcast/stream", node.http()))
+        .set("Last-Event-ID", "")
+        .call()
+        .expect("stream");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(resp.into_reader()));
+    // Both events read: the stream is in its live part.
+    let mut data = 0;
+    for line in lines.by_ref().map_while(Result::ok) {
+        data += usize::from(line.starts_with("data: "));
+        if data == seqs.len() {
+            break;
+        }
+    }
+    assert_eq!(node.terminate(), Some(0));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let at = rest
+        .iter()
+        .position(|l| l == ": node stopping")
+        .unwrap_or_else(|| panic!("no stopping frame: {rest:?}"));
+    let id = rest
+        .get(at + 1)
+        .and_then(|l| l.strip_prefix("id: "))
+        .unwrap_or_else(|| panic!("no position after it: {rest:?}"));
+    assert!(id.contains(&format!("={}", seqs[1])), "{id}");
+}

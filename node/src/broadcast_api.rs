@@ -17,7 +17,9 @@ use kiln_actors::broadcast::{
 use kiln_persistence::Missed;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{
+    broadcast::error::RecvError, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore,
+};
 
 use crate::http::{ApiError, ApiState};
 use crate::kv_api::read_body;
@@ -61,15 +63,23 @@ pub struct BroadcastApi {
     pub max_event_bytes: usize,
     streams: Arc<Semaphore>,
     backlog_reads: Arc<Semaphore>,
+    /// Set when the node stops: event streams end (with their position, so
+    /// clients resume elsewhere), rather than holding the stop up.
+    stopping: watch::Receiver<bool>,
 }
 
 impl BroadcastApi {
-    pub fn new(actor: Addr<BroadcastActor>, max_event_bytes: usize) -> Self {
+    pub fn new(
+        actor: Addr<BroadcastActor>,
+        max_event_bytes: usize,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         BroadcastApi {
             actor,
             max_event_bytes,
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
             backlog_reads: Arc::new(Semaphore::new(BACKLOG_READERS)),
+            stopping,
         }
     }
 }
@@ -235,6 +245,11 @@ pub async fn stream(
         table: query.table,
         topic: query.topic,
     };
+    if *api.stopping.borrow() {
+        return Err(ApiError::retry_later(
+            "this node is stopping; subscribe on another node".into(),
+        ));
+    }
     let slot = api.streams.clone().try_acquire_owned().map_err(|_| {
         ApiError::retry_later(format!(
             "this node serves {MAX_STREAMS} event streams already; subscribe on another node \
@@ -248,7 +263,8 @@ pub async fn stream(
         .map_err(|e| ApiError::retry_later(format!("node is shutting down: {e}")))?;
     let (tx, rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
     let backlog_reads = api.backlog_reads.clone();
-    actix_rt::spawn(Feed::new(sub, start, filter, tx, slot, backlog_reads).run());
+    let stopping = api.stopping.clone();
+    actix_rt::spawn(Feed::new(sub, start, filter, tx, slot, backlog_reads, stopping).run());
     let body = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx))
     });
@@ -259,11 +275,19 @@ pub async fn stream(
         .streaming(body))
 }
 
+/// Resolves once the node stops (never, if nobody can tell it any more).
+async fn node_stopping(mut stopping: watch::Receiver<bool>) {
+    if stopping.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Why a feed ended.
 enum End {
     ClientGone,
     Lagged,
     LogUnreadable,
+    NodeStopping,
 }
 
 /// One subscriber's stream: the backlog from the log, then the live feed.
@@ -288,6 +312,7 @@ struct Feed {
     /// This stream's place among the node's `MAX_STREAMS`.
     _slot: OwnedSemaphorePermit,
     backlog_reads: Arc<Semaphore>,
+    stopping: watch::Receiver<bool>,
 }
 
 struct SubscriberGuard(prometheus_client::metrics::gauge::Gauge);
@@ -306,6 +331,7 @@ impl Feed {
         tx: mpsc::Sender<Bytes>,
         slot: OwnedSemaphorePermit,
         backlog_reads: Arc<Semaphore>,
+        stopping: watch::Receiver<bool>,
     ) -> Self {
         let live_only = start.is_none();
         let pos = match start {
@@ -327,6 +353,7 @@ impl Feed {
             position_sent: Instant::now(),
             _slot: slot,
             backlog_reads,
+            stopping,
         }
     }
 
@@ -335,6 +362,11 @@ impl Feed {
         let _guard = SubscriberGuard(self.sub.metrics.subscribers.clone());
         let end = self.serve().await;
         self.sub.metrics.subscriber_lag.dec_by(self.lag);
+        if let End::NodeStopping = end {
+            // The position reached, for the client to resume on another node.
+            let frame = Bytes::from(format!(": node stopping\nid: {}\n\n", self.token()));
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.tx.send(frame)).await;
+        }
         if let End::Lagged = end {
             self.sub.metrics.subscribers_lagged.inc();
             // With the position reached: what the client got or its filter
@@ -392,6 +424,7 @@ impl Feed {
                     self.position_sent = Instant::now();
                 }
                 _ = self.tx.closed() => return End::ClientGone,
+                _ = node_stopping(self.stopping.clone()) => return End::NodeStopping,
             }
         }
     }

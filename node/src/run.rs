@@ -290,6 +290,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 }
             });
         }
+        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let state = web::Data::new(ApiState {
             bodies: crate::http::BodyBudget::new(crate::http::BODY_BUDGET_BYTES),
             membership: membership.clone(),
@@ -298,6 +299,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             broadcast: Some(crate::broadcast_api::BroadcastApi::new(
                 broadcast.clone(),
                 settings.max_event_bytes,
+                stopping_rx,
             )),
             artifacts: Some(crate::artifact_api::ArtifactApi {
                 actor: artifacts,
@@ -377,6 +379,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down: announcing leave");
         let _ = membership.send(Leave).await;
+        // Event streams never end on their own: ended here, else the HTTP
+        // server's graceful stop waits its whole timeout for them.
+        stopping.send_replace(true);
         handle.stop(true).await;
         if let Err(e) = raft.shutdown().await {
             tracing::warn!(error = %e, "control plane did not stop cleanly");
