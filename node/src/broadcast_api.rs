@@ -126,6 +126,20 @@ pub fn parse_events(body: &[u8], max_event_bytes: usize) -> Result<Vec<EventBody
                 format!("event {i} is {size} bytes as JSON; max_event_bytes is {max_event_bytes}"),
             ));
         }
+        // serde's own message would list every kind, `artifact` too, which
+        // only nodes announce.
+        match item.get("kind").and_then(Value::as_str) {
+            Some("change" | "flush" | "message" | "artifact") => {}
+            other => {
+                return Err(bad_request(format!(
+                    "event {i}: field `kind` must be \"change\", \"flush\" or \"message\"{}",
+                    other.map_or_else(
+                        || " (it is missing or not text)".into(),
+                        |k| format!(", not {k:?}")
+                    )
+                )))
+            }
+        }
         let event: EventBody =
             serde_json::from_value(item).map_err(|e| bad_request(format!("event {i}: {e}")))?;
         event

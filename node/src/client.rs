@@ -239,7 +239,7 @@ pub fn forget(args: &ApiArgs, id: &str, force: bool) -> anyhow::Result<()> {
 pub fn name_segment(what: &str, s: &str) -> anyhow::Result<String> {
     if s.is_empty() || s == "." || s == ".." {
         return Err(anyhow!(
-            "{what} {s:?} cannot be addressed over HTTP: a {what} cannot be empty, '.' or '..'"
+            "{what} {s:?} cannot be addressed over HTTP: it cannot be empty, '.' or '..'"
         ));
     }
     Ok(encode_segment(s))
@@ -452,8 +452,14 @@ pub fn broadcast(cmd: BroadcastCommand) -> anyhow::Result<()> {
             api,
         } => {
             let event = if let Some(topic) = topic {
-                let payload = serde_json::from_str::<Value>(&payload)
-                    .unwrap_or_else(|_| Value::String(payload.clone()));
+                let payload = match serde_json::from_str::<Value>(&payload) {
+                    Ok(v) => v,
+                    // Meant as JSON but not: refused rather than sent as text.
+                    Err(e) if payload.trim_start().starts_with(['{', '[', '"']) => {
+                        return Err(anyhow!("--payload is not valid JSON: {e}"))
+                    }
+                    Err(_) => Value::String(payload.clone()),
+                };
                 serde_json::json!({"kind": "message", "topic": topic, "payload": payload})
             } else if flush {
                 serde_json::json!({"kind": "flush", "server": server, "table": table})

@@ -123,10 +123,13 @@ pub struct RunArgs {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "one_or_many")]
     pub listen: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "one_or_many")]
     pub advertise: Option<Vec<String>>,
     pub http: Option<String>,
     pub http_token: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
     pub seed: Option<Vec<String>>,
     pub cluster_secret: Option<String>,
     pub cluster_secret_file: Option<PathBuf>,
@@ -248,10 +251,39 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         error: e.to_string(),
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        error: e.message().to_string(),
+    toml::from_str(&text).map_err(|e| {
+        // Where it is, with the line itself: the message alone names no key.
+        let at = e.span().map(|span| {
+            let line = text[..span.start.min(text.len())].matches('\n').count();
+            (
+                line + 1,
+                text.lines().nth(line).unwrap_or("").trim().to_string(),
+            )
+        });
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            error: match at {
+                Some((n, line)) => format!("line {n} (`{line}`): {}", e.message()),
+                None => e.message().to_string(),
+            },
+        }
     })
+}
+
+/// A list setting also given as one string (`listen = "host:port"`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let value = OneOrMany::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("expected a string or a list of strings"))?;
+    Ok(Some(match value {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    }))
 }
 
 fn positive(key: &'static str, v: u64) -> Result<u64, ConfigError> {
@@ -601,6 +633,27 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("no_such_key"), "{e}");
+        // A wrong type names its line; one address may stand for a list.
+        let f = dir.path().join("kiln2.toml");
+        std::fs::write(&f, "name = \"n\"\nlisten = 5\n").unwrap();
+        let e = Settings::resolve(RunArgs {
+            config: Some(f.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("line 2 (`listen = 5`)"), "{e}");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:7709\"\nseed = \"127.0.0.1:7701\"\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(RunArgs {
+            config: Some(f),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.listen[0].to_string(), "/ip4/127.0.0.1/tcp/7709");
+        assert_eq!(s.seeds.len(), 1);
     }
 
     #[test]

@@ -401,6 +401,25 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()))
 }
 
+/// The token of an `Authorization: Bearer <token>` value (the scheme is
+/// case-insensitive, RFC 9110 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim_start())
+}
+
+/// Compares tokens in time that does not depend on where they differ.
+fn same_token(given: &str, expected: &str) -> bool {
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+}
+
 /// Bearer-token check for everything but `/metrics`.
 async fn require_token(
     req: ServiceRequest,
@@ -415,8 +434,8 @@ async fn require_token(
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if given != Some(token.as_str()) {
+                .and_then(bearer_token);
+            if !given.is_some_and(|g| same_token(g, &token)) {
                 let resp = HttpResponse::Unauthorized()
                     .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
                     .json(json!({ "error": "missing or wrong bearer token; send Authorization: Bearer <http_token>" }));
@@ -556,10 +575,18 @@ pub fn app(
             web::PathConfig::default()
                 .error_handler(|e, _| ApiError(StatusCode::BAD_REQUEST, e.to_string()).into()),
         )
-        .app_data(
-            web::QueryConfig::default()
-                .error_handler(|e, _| ApiError(StatusCode::BAD_REQUEST, e.to_string()).into()),
-        )
+        .app_data(web::QueryConfig::default().error_handler(|e, req| {
+            // The parser names no parameter: the query shows which.
+            let why = match &e {
+                actix_web::error::QueryPayloadError::Deserialize(d) => d.to_string(),
+                other => other.to_string(),
+            };
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the query `{}`: {why}", req.query_string()),
+            )
+            .into()
+        }))
         .wrap(actix_web::middleware::from_fn(require_token))
         .configure(configure)
 }
@@ -567,6 +594,17 @@ pub fn app(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_with_any_case_of_scheme() {
+        assert_eq!(bearer_token("Bearer tok"), Some("tok"));
+        assert_eq!(bearer_token("bearer tok"), Some("tok"));
+        assert_eq!(bearer_token("BEARER  tok "), Some("tok"));
+        assert_eq!(bearer_token("Basic dXNlcg=="), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert!(same_token("tok", "tok"));
+        assert!(!same_token("tok", "tak") && !same_token("to", "tok"));
+    }
 
     #[tokio::test]
     async fn bodies_wait_for_room_and_give_it_back() {

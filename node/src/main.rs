@@ -92,8 +92,8 @@ enum MembersCommand {
 /// The log filter without `RUST_LOG`. openraft writes five warnings and errors
 /// for every failed request to an unreachable follower (retried every 500 ms
 /// until the follower is back or replaced); one error line is kept.
-const DEFAULT_LOG_FILTER: &str = "info,libp2p_gossipsub=warn,openraft::replication=error,\
-    openraft::engine::handler::replication_handler=error";
+const DEFAULT_LOG_FILTER: &str = "info,libp2p_gossipsub=warn,openraft=warn,\
+    openraft::replication=error,openraft::engine::handler::replication_handler=error";
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

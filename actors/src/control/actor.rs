@@ -234,6 +234,20 @@ pub struct ControlPlane {
     leaderless_logged: bool,
 }
 
+/// What an operator can do about fewer than 3 live voters.
+fn voter_advice(voters: usize, replace_after: Duration) -> String {
+    if voters >= 3 {
+        format!(
+            "a dead voter is replaced by a live node {} s after it died (voter_replace_after_s), \
+             if a live node that is not a voter is there to take its place; else start one \
+             (or a `kiln run --witness`)",
+            replace_after.as_secs()
+        )
+    } else {
+        "add a third node or a `kiln run --witness`".to_string()
+    }
+}
+
 impl ControlPlane {
     /// Resolves with the reason once the control plane refused to place this
     /// node for good.
@@ -496,7 +510,8 @@ impl ControlPlane {
         if live_voters < 3 && data_nodes >= 2 {
             if !self.warned_no_failover {
                 tracing::warn!(voters = voters.len(), live_voters, data_nodes,
-                    "the control plane has fewer than 3 live voters: a stripe cannot fail over safely; add a third node or a `kiln run --witness`");
+                    advice = voter_advice(voters.len(), self.cfg.voter_replace_after),
+                    "the control plane has fewer than 3 live voters: a stripe cannot fail over safely");
                 self.warned_no_failover = true;
             }
         } else {
@@ -1036,8 +1051,9 @@ impl ControlPlane {
         let live_voters = self.live_voters(&voter_ids);
         if live_voters < 3 && data_nodes >= 2 {
             warnings.push(format!(
-                "the control plane has {} voter(s), {live_voters} of them alive: a stripe cannot fail over safely; add a third node or a `kiln run --witness`",
-                voter_ids.len()
+                "the control plane has {} voter(s), {live_voters} of them alive: a stripe cannot fail over safely; {}",
+                voter_ids.len(),
+                voter_advice(voter_ids.len(), self.cfg.voter_replace_after)
             ));
         }
         if metrics.current_leader.is_none() {

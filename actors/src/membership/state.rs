@@ -174,7 +174,7 @@ pub struct MemberView {
 pub enum ForgetError {
     #[error("member {0} is not known")]
     Unknown(String),
-    #[error("member {id} is {status:?}; only dead or left members can be forgotten")]
+    #[error("member {id} is {}; only dead or left members can be forgotten", status.as_str())]
     NotGone { id: String, status: MemberStatus },
     #[error("a node cannot forget itself")]
     IsSelf,

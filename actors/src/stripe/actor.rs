@@ -2536,6 +2536,14 @@ impl Handler<HandOver> for StripeActor {
                 self.handover_waiters.push(msg.reply);
                 self.push(fx, ctx);
             }
+            Err(crate::stripe::replica::HandOverError::NotInSync(n)) => {
+                let who = self
+                    .peer_of(n)
+                    .map_or_else(|| n.to_string(), |p| p.to_string());
+                let _ = msg.reply.send(Err(format!(
+                    "{who} is not an in-sync standby of this stripe (see `kiln status`)"
+                )));
+            }
             Err(e) => {
                 let _ = msg.reply.send(Err(e.to_string()));
             }

@@ -1570,6 +1570,7 @@ impl Replica {
             return Err(HandOverError::NotActive);
         }
         let target = match to {
+            Some(t) if t == self.me => return Err(HandOverError::ActiveAlready),
             Some(t) if self.view.in_sync.contains(&t) => t,
             Some(t) => return Err(HandOverError::NotInSync(t)),
             None => self
@@ -1722,6 +1723,8 @@ pub enum HandOverError {
     NotActive,
     #[error("node {0} is not an in-sync standby")]
     NotInSync(NodeId),
+    #[error("the node named is the stripe's active already: nothing to hand over")]
+    ActiveAlready,
     #[error("the stripe has no in-sync standby to hand over to")]
     NoStandby,
 }
