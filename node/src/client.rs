@@ -294,8 +294,12 @@ pub enum KvCommand {
     Del {
         map: String,
         key: String,
+        /// Delete only if the key's version is N.
         #[arg(long, value_name = "N")]
         if_version: Option<u64>,
+        /// A retry with the same key is answered once, not applied twice.
+        #[arg(long, value_name = "K")]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -356,7 +360,11 @@ impl Api {
             Ok(resp) => Ok(resp),
             Err(ureq::Error::Status(code, resp)) => {
                 let body: Value = resp.into_json().unwrap_or(Value::Null);
-                let msg = body["error"].as_str().unwrap_or("no detail").to_string();
+                let mut msg = body["error"].as_str().unwrap_or("no detail").to_string();
+                // A failed condition: the version the key has now.
+                if let Some(v) = body["version"].as_u64() {
+                    msg.push_str(&format!(" (the key is at version {v})"));
+                }
                 Err(StatusError {
                     method: method.to_string(),
                     url,
@@ -878,12 +886,16 @@ pub fn kv(cmd: KvCommand) -> anyhow::Result<()> {
             map,
             key,
             if_version,
+            idempotency_key,
             api,
         } => {
             let api = Api::new(&api);
-            let headers: Vec<(&str, String)> = if_version
+            let mut headers: Vec<(&str, String)> = if_version
                 .map(|v| vec![("If-Match", format!("\"{v}\""))])
                 .unwrap_or_default();
+            if let Some(k) = idempotency_key {
+                headers.push(("Idempotency-Key", k));
+            }
             let resp = api.send("DELETE", &path(&map, &key)?, &headers, None)?;
             let v: Value = resp.into_json().context("answer is not JSON")?;
             println!("deleted at version {}", v["version"]);
