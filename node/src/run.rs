@@ -424,17 +424,42 @@ fn ports_free(settings: &Settings) -> anyhow::Result<()> {
         Some((std::net::SocketAddr::new(ip?, port?), "peer", "--listen"))
     });
     for (addr, what, flag) in peer_addrs.chain([(settings.http, "HTTP", "--http")]) {
+        // libp2p listens on IPv6 addresses for IPv6 only; actix-web dual-stack.
+        let only_v6 = what == "peer";
         if addr.port() == 0 {
             continue;
         }
-        if let Err(e) = std::net::TcpListener::bind(addr) {
+        if let Err(e) = probe_listen(addr, only_v6) {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => "is another kiln (or another program) using it? ",
+                std::io::ErrorKind::AddrNotAvailable => {
+                    "is the address one of this machine's own? "
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "ports below 1024 need root or CAP_NET_BIND_SERVICE; "
+                }
+                _ => "",
+            };
             anyhow::bail!(
-                "cannot listen for {what} connections on {addr}: {e}; is another kiln (or \
-                 another program) using it? choose another with {flag}"
+                "cannot listen for {what} connections on {addr}: {e}; {hint}choose another \
+                 with {flag}"
             );
         }
     }
     Ok(())
+}
+
+/// Binds `addr` as the listeners will (SO_REUSEADDR, so a port whose last
+/// connections are in TIME_WAIT counts as free) and lets it go again.
+fn probe_listen(addr: std::net::SocketAddr, only_v6: bool) -> std::io::Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(only_v6)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1)
 }
 
 /// A leader's vote goes to the voters left before the node stops (waiting
