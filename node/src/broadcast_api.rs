@@ -161,7 +161,7 @@ pub async fn publish(
         .max_event_bytes
         .saturating_mul(MAX_EVENTS_PER_POST)
         .min(64 << 20);
-    let (body, _room) = read_body(&state.bodies, payload, limit, "the publish limit").await?;
+    let (body, _room) = read_body(&state.bodies, &req, payload, limit, "the publish limit").await?;
     let bodies = parse_events(&body, api.max_event_bytes)?;
     let (tx, rx) = oneshot::channel();
     api.actor

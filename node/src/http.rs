@@ -54,7 +54,11 @@ pub struct BodyBudget {
 
 /// The room one request's body holds in the [`BodyBudget`]; given back on drop.
 #[derive(Default)]
-pub struct BodyRoom(Option<OwnedSemaphorePermit>);
+pub struct BodyRoom {
+    permit: Option<OwnedSemaphorePermit>,
+    /// Bytes this room was taken for (its permits are these in KiB, rounded up).
+    bytes: usize,
+}
 
 impl BodyBudget {
     pub fn new(bytes: usize) -> Self {
@@ -69,19 +73,24 @@ impl BodyBudget {
         }
     }
 
-    /// Adds room for `len` more bytes to `held`, waiting up to
-    /// [`BODY_ROOM_WAIT`] for other requests to give theirs back.
+    /// Makes `held` room for `len` more bytes, waiting up to
+    /// [`BODY_ROOM_WAIT`] for other requests to give theirs back. Counted in
+    /// bytes: a body sent in many small chunks takes no more than its size.
     pub async fn take(&self, len: usize, held: &mut BodyRoom) -> Result<(), ApiError> {
-        let kib = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
+        let bytes = held.bytes.saturating_add(len);
+        let held_kib = held.permit.as_ref().map_or(0, |p| p.num_permits());
+        let kib = bytes.div_ceil(1024).saturating_sub(held_kib);
+        held.bytes = bytes;
         if kib == 0 {
             return Ok(());
         }
+        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
         let acquire = self.room.clone().acquire_many_owned(kib);
         match tokio::time::timeout(self.wait, acquire).await {
             Ok(Ok(permit)) => {
-                match held.0.as_mut() {
+                match held.permit.as_mut() {
                     Some(p) => p.merge(permit),
-                    None => held.0 = Some(permit),
+                    None => held.permit = Some(permit),
                 }
                 Ok(())
             }
@@ -627,5 +636,18 @@ mod tests {
         drop(first);
         assert!(waiting.await.unwrap().is_ok());
         assert_eq!(budget.room.available_permits(), 8);
+    }
+
+    #[tokio::test]
+    async fn a_body_in_small_chunks_takes_room_for_its_size() {
+        let budget = BodyBudget::waiting(8 << 10, Duration::from_millis(50));
+        let mut trickle = BodyRoom::default();
+        for _ in 0..4096 {
+            budget.take(1, &mut trickle).await.unwrap();
+        }
+        // 4 KiB in one-byte chunks holds 4 KiB of room, not 4096.
+        assert_eq!(budget.room.available_permits(), 4);
+        budget.take(1, &mut trickle).await.unwrap();
+        assert_eq!(budget.room.available_permits(), 3);
     }
 }

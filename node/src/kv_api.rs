@@ -906,24 +906,48 @@ fn outcome_response(outcome: KvOutcome) -> HttpResponse {
 
 /// Reads a request body of at most `limit` bytes (`413` naming `setting` beyond),
 /// within the node's `budget` for bodies held at once; the room it takes is
-/// given back when the returned [`BodyRoom`] is dropped.
+/// given back when the returned [`BodyRoom`] is dropped. A body whose length
+/// the request declares takes its room before it is read, so that bodies
+/// read side by side never each hold part of the room and wait for the rest.
 pub(crate) async fn read_body(
     budget: &BodyBudget,
+    req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
     setting: &str,
 ) -> Result<(Vec<u8>, BodyRoom), ApiError> {
-    let mut body = Vec::new();
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body exceeds {setting} ({limit} bytes)"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
     let mut room = BodyRoom::default();
+    let mut body = Vec::new();
+    let mut room_for = 0;
+    if let Some(len) = declared {
+        if len > limit {
+            return Err(too_large());
+        }
+        budget.take(len, &mut room).await?;
+        room_for = len;
+        body.reserve_exact(len);
+    }
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| bad_request(format!("cannot read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("body exceeds {setting} ({limit} bytes)"),
-            ));
+            return Err(too_large());
         }
-        budget.take(chunk.len(), &mut room).await?;
+        let more = (body.len() + chunk.len()).saturating_sub(room_for);
+        if more > 0 {
+            budget.take(more, &mut room).await?;
+            room_for += more;
+        }
         body.extend_from_slice(&chunk);
     }
     Ok((body, room))
@@ -947,6 +971,7 @@ pub async fn put(
     let (request, received_ms, remember_until_ms) = kv.identify(&req)?;
     let (value, _room) = read_body(
         &state.bodies,
+        &req,
         payload,
         kv.max_value_bytes,
         "max_value_bytes",
