@@ -900,21 +900,24 @@ fn a_subscriber_that_stops_reading_is_told_lagged_and_resumes_where_it_was() {
     );
 }
 
-/// Publishes `n` message events of `size` bytes of payload each to `node`;
-/// their seqs, or the status and error message of a refusal.
+/// Publishes `n` message events of `size` bytes of payload each to `node`
+/// (under Idempotency-Key `key`, if given); their seqs, or the status and
+/// error message of a refusal.
 fn try_publish(
     agent: &ureq::Agent,
     node: &Node,
     n: usize,
     size: usize,
+    key: Option<&str>,
 ) -> Result<Vec<u64>, (u16, String)> {
     let events: Vec<Value> = (0..n)
         .map(|_| json!({"kind": "message", "topic": "t", "payload": "p".repeat(size)}))
         .collect();
-    match agent
-        .post(&format!("http://{}/v1/broadcast", node.http()))
-        .send_json(Value::Array(events))
-    {
+    let mut request = agent.post(&format!("http://{}/v1/broadcast", node.http()));
+    if let Some(key) = key {
+        request = request.set("Idempotency-Key", key);
+    }
+    match request.send_json(Value::Array(events)) {
         Ok(resp) => {
             let body: Value = resp.into_json().expect("202 body");
             Ok(body["seqs"]
@@ -936,7 +939,9 @@ fn try_publish(
 /// A node whose broadcast log fills its disk answers its publishers 507, takes
 /// publishes again once the disk has room — without a restart — and neither it
 /// nor its peer loses, repeats or reorders an acknowledged event: what it
-/// received from its peer while the disk was full is fetched again.
+/// received from its peer while the disk was full is fetched again. A refused
+/// publish retried under its Idempotency-Key once there is room is published
+/// once.
 #[test]
 fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has_room() {
     let _serial = serial();
@@ -963,12 +968,13 @@ fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has
         .timeout(Duration::from_secs(30))
         .build();
     let mut acked = [Vec::new(), Vec::new()];
-    let mut refused = 0;
+    let mut refused = Vec::new();
     let (mut shown, mut status_shown) = (false, false);
-    for _ in 0..1_000 {
+    for i in 0..1_000 {
         // Events from the peer reach the full node meanwhile.
-        acked[1].extend(try_publish(&agent, other, 5, 4096).expect("the peer has room"));
-        match try_publish(&agent, full, 50, 4096) {
+        acked[1].extend(try_publish(&agent, other, 5, 4096, None).expect("the peer has room"));
+        let key = format!("fill-{i}");
+        match try_publish(&agent, full, 50, 4096, Some(&key)) {
             Ok(seqs) => acked[0].extend(seqs),
             Err((507, error)) => {
                 assert!(error.contains("broadcast.redb"), "{error}");
@@ -983,15 +989,15 @@ fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has
                     let text = String::from_utf8_lossy(&status.stdout);
                     status_shown = text.contains("STORAGE FAILING (broadcast)");
                 }
-                refused += 1;
-                if refused == 3 {
+                refused.push(key);
+                if refused.len() == 3 {
                     break;
                 }
             }
             Err((code, error)) => panic!("publish to the full node: {code} {error}"),
         }
     }
-    assert!(refused > 0, "8 MiB never filled up");
+    assert!(!refused.is_empty(), "8 MiB never filled up");
     eprintln!(
         "acknowledged before the disk filled up: {} by the full node, {} by its peer",
         acked[0].len(),
@@ -1013,7 +1019,7 @@ fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has
     wait_until(
         "the full node takes publishes again",
         LONG,
-        || match try_publish(&agent, full, 1, 16) {
+        || match try_publish(&agent, full, 1, 16, None) {
             Ok(seqs) => {
                 acked[0].extend(seqs);
                 true
@@ -1021,7 +1027,23 @@ fn a_full_disk_under_the_broadcast_log_answers_507_and_loses_nothing_once_it_has
             Err(_) => false,
         },
     );
-    acked[1].extend(try_publish(&agent, other, 5, 16).expect("the peer has room"));
+    // The client retries what was refused, under the same keys, twice.
+    let mut answers: std::collections::HashMap<&String, Vec<u64>> = Default::default();
+    for key in refused.iter().chain(&refused) {
+        let seqs = try_publish(&agent, full, 50, 4096, Some(key))
+            .unwrap_or_else(|(code, e)| panic!("retry under {key}: {code} {e}"));
+        assert_eq!(seqs.len(), 50, "retry under {key}");
+        match answers.get(key) {
+            Some(first) => assert_eq!(*first, seqs, "a second retry under {key}"),
+            None => {
+                acked[0].extend(&seqs);
+                answers.insert(key, seqs);
+            }
+        }
+    }
+    acked[1].extend(try_publish(&agent, other, 5, 16, None).expect("the peer has room"));
+    // A refused try that reached the log is answered with its first seqs.
+    acked[0].sort_unstable();
     let origins = [full.id(), other.id()];
     for (i, a) in acked.iter().enumerate() {
         assert_eq!(

@@ -238,7 +238,7 @@ impl BroadcastMetrics {
     }
 }
 
-type PublishReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
+type PublishReply = oneshot::Sender<Result<Vec<u64>, PublishError>>;
 
 /// A publish of this node's own events waiting for its append.
 struct OwnPublish {
@@ -771,6 +771,20 @@ impl BroadcastActor {
         let mut own_frames = Vec::new();
         let mut keyed = Vec::new();
         for OwnPublish { bodies, reply, key } in own {
+            if let Some((k, digest)) = &key {
+                if let Some((check, waiters)) = self.publish_keys.take_recalled(k, digest) {
+                    // Its first try reached the log after all (see `start_reload`).
+                    for w in waiters.into_iter().chain([reply]) {
+                        let _ = w.send(match check {
+                            KeyCheck::Answered { first, count } => {
+                                Ok((first..first + count).collect())
+                            }
+                            _ => Err(PublishError::KeyReused),
+                        });
+                    }
+                    continue;
+                }
+            }
             let count = bodies.len() as u64;
             let first = self.origins.reserve(&self.origin, count);
             let seqs: Vec<u64> = (first..first + count).collect();
@@ -828,6 +842,11 @@ impl BroadcastActor {
                             for (origin, events) in &received {
                                 if let Some(last) = events.last() {
                                     act.origins.appended(origin, last.seq);
+                                    if *origin == act.origin {
+                                        // Own events fetched back from peers
+                                        // (own recovery): they have them.
+                                        act.own_handed_on = act.own_handed_on.max(last.seq);
+                                    }
                                 }
                             }
                             act.written.send_if_modified(|w| {
@@ -910,8 +929,13 @@ impl BroadcastActor {
         let reload = move || {
             let runs = store.reload_runs()?;
             // An append answered with an error may have reached the file: its
-            // events and keys count as published.
+            // events and keys count as published once a durable commit says
+            // the disk holds them (the file read back may be the page cache).
+            store.sync()?;
             let keys = store.publish_keys(since_ms)?;
+            // Own events appended but never handed on: at most those of the
+            // group commit that failed (own events fetched back from peers
+            // count as handed on), so bounded by the node's body budget.
             let mut unsent = Vec::new();
             let last = runs.get(&own).map_or(0, |r| r.last);
             while unsent.last().map_or(handed_on, |e: &EventFrame| e.seq) < last {
@@ -1039,10 +1063,10 @@ impl BroadcastActor {
         if let Some((key, _)) = key {
             let path = self.store.path().to_path_buf();
             for waiter in self.publish_keys.failed(&key) {
-                let _ = waiter.send(Err(again(&err, &path)));
+                let _ = waiter.send(Err(PublishError::Storage(again(&err, &path))));
             }
         }
-        let _ = reply.send(Err(err));
+        let _ = reply.send(Err(PublishError::Storage(err)));
     }
 
     /// Hands events, in order, to the node's subscribers (and to its peers, for
@@ -1414,7 +1438,7 @@ impl Handler<Publish> for BroadcastActor {
         let answer = async move {
             let r = match rx.await {
                 Ok(Ok(seqs)) => Ok((origin, seqs)),
-                Ok(Err(e)) => Err(PublishError::Storage(e)),
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err(PublishError::Stopped),
             };
             let _ = reply.send(r);

@@ -9,7 +9,7 @@
 //! Plain state, no I/O: the actor stores what [`PublishKeys::finished`] is given
 //! and hands on the answers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 
 use kiln_persistence::PublishKey;
 
@@ -41,10 +41,13 @@ pub struct PublishKeys<W> {
     window_ms: u64,
     max: usize,
     answered: HashMap<String, PublishKey>,
-    /// (accepted at, key), oldest first; a key used again has a later entry
-    /// and its older one is skipped when it expires.
-    by_age: VecDeque<(u64, String)>,
+    /// (accepted at, key), oldest first (kept in order whatever order keys
+    /// come in: recalled ones, a clock stepped back); a key used again has a
+    /// later entry and its older one is skipped when it expires.
+    by_age: BTreeSet<(u64, String)>,
     in_flight: HashMap<String, InFlight<W>>,
+    /// Keys in flight that the log was found to hold (see [`PublishKeys::recall`]).
+    recalled: HashMap<String, PublishKey>,
 }
 
 impl<W> PublishKeys<W> {
@@ -54,8 +57,9 @@ impl<W> PublishKeys<W> {
             window_ms,
             max,
             answered: HashMap::new(),
-            by_age: VecDeque::new(),
+            by_age: BTreeSet::new(),
             in_flight: HashMap::new(),
+            recalled: HashMap::new(),
         };
         for k in stored {
             keys.remember(k);
@@ -132,13 +136,14 @@ impl<W> PublishKeys<W> {
     /// The keyed publish failed: the key is free again; those waiting
     /// (returned) are told it failed.
     pub fn failed(&mut self, key: &str) -> Vec<W> {
+        self.recalled.remove(key);
         self.in_flight
             .remove(key)
             .map_or_else(Vec::new, |f| f.waiters)
     }
 
     fn remember(&mut self, k: PublishKey) {
-        self.by_age.push_back((k.at_ms, k.key.clone()));
+        self.by_age.insert((k.at_ms, k.key.clone()));
         self.answered.insert(k.key.clone(), k);
         while self.answered.len() > self.max {
             if !self.forget_oldest() {
@@ -149,29 +154,58 @@ impl<W> PublishKeys<W> {
 
     /// Takes in the keys the log holds that are not known here (an append
     /// answered with an error that reached the file after all): retries of
-    /// those publishes get their seqs, not a second publish.
+    /// those publishes get their seqs, not a second publish. A retry already
+    /// queued under such a key learns it from [`PublishKeys::take_recalled`]
+    /// before it is written.
     pub fn recall(&mut self, stored: Vec<PublishKey>) {
         for k in stored {
+            if self.in_flight.contains_key(&k.key) {
+                self.recalled.insert(k.key.clone(), k);
+                continue;
+            }
             let known = self
                 .answered
                 .get(&k.key)
                 .is_some_and(|a| a.at_ms >= k.at_ms);
-            if !known && !self.in_flight.contains_key(&k.key) {
+            if !known {
                 self.remember(k);
             }
         }
     }
 
+    /// For a publish of `digest` under `key`, queued before the log was read
+    /// again: if the log turned out to hold the key, the key is answered from
+    /// it instead of publishing again. Gives the answer for this publish
+    /// (`Answered`, or `Different` if the log holds another request under the
+    /// key) and the retries that waited for it (to be given the same).
+    pub fn take_recalled(&mut self, key: &str, digest: &[u8; 32]) -> Option<(KeyCheck, Vec<W>)> {
+        let stored = self.recalled.remove(key)?;
+        let waiters = self
+            .in_flight
+            .remove(key)
+            .map_or_else(Vec::new, |f| f.waiters);
+        let check = if &stored.digest == digest {
+            KeyCheck::Answered {
+                first: stored.first,
+                count: stored.count,
+            }
+        } else {
+            KeyCheck::Different
+        };
+        self.remember(stored);
+        Some((check, waiters))
+    }
+
     /// Forgets the keys accepted before the window that ends at `now_ms`.
     pub fn expire(&mut self, now_ms: u64) {
         let before = now_ms.saturating_sub(self.window_ms);
-        while self.by_age.front().is_some_and(|(at, _)| *at < before) {
+        while self.by_age.first().is_some_and(|(at, _)| *at < before) {
             self.forget_oldest();
         }
     }
 
     fn forget_oldest(&mut self) -> bool {
-        let Some((at, key)) = self.by_age.pop_front() else {
+        let Some((at, key)) = self.by_age.pop_first() else {
             return false;
         };
         if self.answered.get(&key).is_some_and(|k| k.at_ms == at) {
@@ -238,6 +272,46 @@ mod tests {
             KeyCheck::Answered { first: 1, count: 2 }
         );
         assert_eq!(keys.len(), 2);
+    }
+
+    #[test]
+    fn a_retry_queued_while_the_log_is_read_again_gets_the_answer_it_holds() {
+        let mut keys: PublishKeys<u32> = PublishKeys::new(1_000, 10, Vec::new());
+        // The first try failed (but reached the file); its retry is queued,
+        // a second retry waits for it, and another key is queued too.
+        assert_eq!(keys.check("k", &[1; 32], 100), KeyCheck::New);
+        keys.failed("k");
+        assert_eq!(keys.check("k", &[1; 32], 110), KeyCheck::New);
+        assert_eq!(keys.wait("k", 4), None);
+        assert_eq!(keys.check("o", &[3; 32], 110), KeyCheck::New);
+        keys.recall(vec![answer("k", 100, 1, 7), answer("o", 90, 2, 1)]);
+        assert_eq!(
+            keys.take_recalled("k", &[1; 32]),
+            Some((KeyCheck::Answered { first: 7, count: 2 }, vec![4]))
+        );
+        // The log holds another request under "o": this one is refused.
+        assert_eq!(
+            keys.take_recalled("o", &[3; 32]),
+            Some((KeyCheck::Different, vec![]))
+        );
+        assert_eq!(keys.take_recalled("k", &[1; 32]), None);
+        assert_eq!(
+            keys.check("k", &[1; 32], 120),
+            KeyCheck::Answered { first: 7, count: 2 }
+        );
+        assert_eq!(keys.check("o", &[3; 32], 120), KeyCheck::Different);
+    }
+
+    #[test]
+    fn keys_expire_oldest_first_whatever_order_they_came_in() {
+        let mut keys: PublishKeys<u32> = PublishKeys::new(100, 10, Vec::new());
+        keys.recall(vec![answer("late", 90, 1, 3), answer("early", 10, 1, 1)]);
+        // At 150 the window starts at 50: "early" is gone, "late" is kept.
+        assert_eq!(keys.check("early", &[1; 32], 150), KeyCheck::New);
+        assert_eq!(
+            keys.check("late", &[1; 32], 150),
+            KeyCheck::Answered { first: 3, count: 2 }
+        );
     }
 
     #[test]
