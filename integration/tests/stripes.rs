@@ -167,7 +167,22 @@ fn a_retry_with_the_same_idempotency_key_is_applied_once() {
         .put(&format!("http://{}/v1/kv/test/counter", nodes[0].http()))
         .set("If-Match", &format!("\"{v}\""))
         .send_string("2");
-    assert!(ok.is_ok());
+    let now: Value = ok
+        .expect("a write at the version read")
+        .into_json()
+        .unwrap();
+    let now = now["version"].as_u64().unwrap();
+    // A read of a copy the client holds is answered 304, of an older one 200.
+    let read_if = |tag: u64| {
+        agent
+            .get(&format!("http://{}/v1/kv/test/counter", nodes[1].http()))
+            .set("If-None-Match", &format!("\"{tag}\""))
+            .call()
+            .map(|r| r.status())
+            .map_err(Box::new)
+    };
+    assert_eq!(read_if(now).ok(), Some(304));
+    assert_eq!(read_if(v).ok(), Some(200));
     let create = agent
         .put(&format!("http://{}/v1/kv/test/counter", nodes[0].http()))
         .set("If-None-Match", "*")

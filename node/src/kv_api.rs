@@ -1017,13 +1017,36 @@ pub async fn get(
 ) -> Result<HttpResponse, ApiError> {
     let (map, key) = names(&req)?;
     let kv = router(&state)?;
-    match kv.read(&map, &key, query.stale).await? {
+    let cond = condition(&req)?;
+    let found = kv.read(&map, &key, query.stale).await?;
+    if let Some(refused) = read_precondition(&cond, found.as_ref().map(|(v, _)| *v)) {
+        return Ok(refused);
+    }
+    match found {
         Some((version, value)) => Ok(HttpResponse::Ok()
             .insert_header((header::ETAG, format!("\"{version}\"")))
             .content_type("application/octet-stream")
             .body(value)),
         None => Ok(HttpResponse::NotFound().json(json!({ "error": "no such key" }))),
     }
+}
+
+/// A read's conditional headers against the key's version (RFC 9110 13.2.2):
+/// an `If-None-Match` that matches is answered `304` (the client's copy is
+/// current), an `If-Match` that does not `412`; `None` serves the value.
+fn read_precondition(cond: &Condition, current: Option<u64>) -> Option<HttpResponse> {
+    if cond.holds(current) {
+        return None;
+    }
+    Some(match (cond, current) {
+        (Condition::IfAbsent | Condition::IfVersionNotIn(_), Some(version)) => {
+            HttpResponse::NotModified()
+                .insert_header((header::ETAG, format!("\"{version}\"")))
+                .finish()
+        }
+        _ => HttpResponse::PreconditionFailed()
+            .json(json!({ "error": "precondition failed", "version": current })),
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -1072,7 +1095,7 @@ pub async fn handover(
 
 #[cfg(test)]
 mod tests {
-    use super::{condition, merge_pages, Condition};
+    use super::{condition, merge_pages, read_precondition, Condition};
 
     fn cond(headers: &[(&str, &str)]) -> Result<Condition, u16> {
         let mut req = actix_web::test::TestRequest::default();
@@ -1081,6 +1104,24 @@ mod tests {
         }
         condition(&req.to_http_request())
             .map_err(|e| actix_web::ResponseError::status_code(&e).as_u16())
+    }
+
+    #[test]
+    fn a_read_is_answered_304_when_the_clients_copy_is_current() {
+        let status = |cond: Condition, current| {
+            read_precondition(&cond, current).map(|r| r.status().as_u16())
+        };
+        assert_eq!(
+            status(Condition::IfVersionNotIn(vec![3]), Some(3)),
+            Some(304)
+        );
+        assert_eq!(status(Condition::IfVersionNotIn(vec![3]), Some(4)), None);
+        assert_eq!(status(Condition::IfVersionNotIn(vec![3]), None), None);
+        assert_eq!(status(Condition::IfAbsent, Some(1)), Some(304));
+        assert_eq!(status(Condition::IfVersion(3), Some(4)), Some(412));
+        assert_eq!(status(Condition::IfExists, None), Some(412));
+        assert_eq!(status(Condition::IfVersion(4), Some(4)), None);
+        assert_eq!(status(Condition::None, None), None);
     }
 
     #[test]
