@@ -128,6 +128,23 @@ fn nodes_are_placed_in_the_emptiest_stripe_and_every_node_agrees() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("STRIPE") && text.contains("active"), "{text}");
+
+    // A node joining with another stripe count is placed in the cluster's
+    // stripes and says that its count had no effect; the others said nothing.
+    let mut o = opts(&["--stripes", "5"]);
+    o.seeds.push(nodes[0].seed());
+    let late = Node::start("cpp4", o);
+    wait_until("the late node knows its place", LONG, || {
+        stripes_of(&late).starts_with("stripe ")
+    });
+    wait_until("the late node warns of its ignored --stripes", LONG, || {
+        late.log().contains("--stripes 5 ignored")
+    });
+    let view = late.get("/v1/cluster/stripes").expect("the late node answers");
+    assert_eq!(view["stripes"].as_array().map(Vec::len), Some(2));
+    for n in &nodes {
+        assert!(!n.log().contains("ignored: this node joined"), "{}", n.name);
+    }
 }
 
 fn stripes_of(n: &Node) -> String {

@@ -68,7 +68,7 @@ pub struct RunArgs {
     /// Seconds after which dead and left members are forgotten. Default: 86400
     #[arg(long, env = "KILN_DEAD_MEMBER_TTL_S", value_name = "S")]
     pub dead_member_ttl_s: Option<u64>,
-    /// Stripes of a cluster this node creates (fixed for the cluster's life; ignored when joining). Default: 1
+    /// Stripes of a cluster this node creates (fixed for the cluster's life; a joining node warns that it ignores a different count). Default: 1
     #[arg(long, env = "KILN_STRIPES", value_name = "N")]
     pub stripes: Option<u32>,
     /// Stripe this node asks to join. Default: the stripe with the fewest members
@@ -414,11 +414,11 @@ impl Settings {
             .dead_member_ttl_s
             .or(file.dead_member_ttl_s)
             .unwrap_or(d.dead_member_ttl_ms / 1000);
-        let stripes = cli.stripes.or(file.stripes).unwrap_or(1);
-        if stripes == 0 || stripes > MAX_STRIPES {
+        let stripes = cli.stripes.or(file.stripes);
+        if let Some(n) = stripes.filter(|&n| n == 0 || n > MAX_STRIPES) {
             return Err(ConfigError::Invalid {
                 key: "stripes",
-                error: format!("must be between 1 and {MAX_STRIPES}, not {stripes}"),
+                error: format!("must be between 1 and {MAX_STRIPES}, not {n}"),
             });
         }
         let witness = cli.witness.or(file.witness).unwrap_or(false);

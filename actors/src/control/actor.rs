@@ -66,8 +66,10 @@ const JOIN_RETRY_PLACED_MAX: Duration = Duration::from_secs(30);
 /// What the control plane of this node is asked to do at start.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneConfig {
-    /// Stripes of a cluster this node creates (ignored when joining one).
-    pub stripes: u32,
+    /// Stripes of a cluster this node creates (`None`: 1); when it joins a
+    /// cluster instead, a count given that differs from the cluster's is
+    /// reported, not applied.
+    pub stripes: Option<u32>,
     /// Stripe this node asks to join (`--stripe K`).
     pub stripe: Option<u32>,
     /// A voter without stripe data.
@@ -215,6 +217,9 @@ pub struct ControlPlane {
     /// operator may have removed it while it was down, and nobody else would
     /// tell it (a removed node is not sent the log).
     place_confirmed: bool,
+    /// Whether a `--stripes` given to this node was compared with the count of
+    /// the cluster it is placed in (once, when its place is first applied here).
+    stripe_count_checked: bool,
     /// Why the control plane refused to place this node (removed by an
     /// operator, a stripe that does not exist): the node stops with it.
     refused: tokio::sync::watch::Sender<Option<String>>,
@@ -299,6 +304,7 @@ impl ControlPlane {
             joining: false,
             placed_answers: 0,
             place_confirmed: false,
+            stripe_count_checked: false,
             refused: tokio::sync::watch::Sender::new(None),
             changing: false,
             gone_since: HashMap::new(),
@@ -490,6 +496,10 @@ impl ControlPlane {
             self.join(ctx, &state);
         } else {
             self.placed_answers = 0;
+            if !self.stripe_count_checked {
+                self.stripe_count_checked = true;
+                self.warn_of_ignored_stripe_count(&state);
+            }
         }
         if metrics.state == ServerState::Leader && !self.changing {
             let joint = membership.get_joint_config();
@@ -595,7 +605,7 @@ impl ControlPlane {
         let mut commands = Vec::new();
         if self.founder && state.stripe_count == 0 {
             commands.push(ControlCommand::Configure {
-                stripes: self.cfg.stripes,
+                stripes: self.cfg.stripes.unwrap_or(1),
             });
         }
         commands.push(ControlCommand::Join {
@@ -638,6 +648,19 @@ impl ControlPlane {
                 }
             }),
         );
+    }
+
+    /// `--stripes` only shapes a cluster this node creates: an operator who gave
+    /// another count to a joining node learns that it had no effect.
+    fn warn_of_ignored_stripe_count(&self, state: &ControlState) {
+        let cluster = state.stripe_count;
+        if let Some(given) = self.cfg.stripes.filter(|&n| n != cluster) {
+            tracing::warn!(
+                given,
+                cluster,
+                "--stripes {given} ignored: this node joined a cluster created with {cluster} stripes (the count is fixed when a cluster is created)"
+            );
+        }
     }
 
     fn proposer(&self) -> Proposer {
