@@ -140,7 +140,9 @@ fn nodes_are_placed_in_the_emptiest_stripe_and_every_node_agrees() {
     wait_until("the late node warns of its ignored --stripes", LONG, || {
         late.log().contains("--stripes 5 ignored")
     });
-    let view = late.get("/v1/cluster/stripes").expect("the late node answers");
+    let view = late
+        .get("/v1/cluster/stripes")
+        .expect("the late node answers");
     assert_eq!(view["stripes"].as_array().map(Vec::len), Some(2));
     for n in &nodes {
         assert!(!n.log().contains("ignored: this node joined"), "{}", n.name);
