@@ -250,6 +250,22 @@ fn a_retry_with_the_same_idempotency_key_is_applied_once() {
     assert!(matches!(r, Err(ureq::Error::Status(400, _))), "{r:?}");
     let r = agent.get(&url("/v1/kv")).call();
     assert!(matches!(r, Err(ureq::Error::Status(404, _))), "{r:?}");
+    // Every endpoint answers a method it does not have 405, naming those it has.
+    for (method, path, allow) in [
+        ("POST", "/v1/cluster/stripes", "GET"),
+        ("GET", "/v1/broadcast", "POST"),
+        ("POST", "/v1/artifacts/a", "GET, PUT, DELETE"),
+        ("PUT", "/metrics", "GET"),
+    ] {
+        match agent.request(method, &url(path)).call() {
+            Err(ureq::Error::Status(405, r)) => {
+                assert_eq!(r.header("Allow"), Some(allow), "{method} {path}")
+            }
+            other => panic!("{method} {path}: {other:?}"),
+        }
+    }
+    let r = agent.get(&url("/v1/nothing")).call();
+    assert!(matches!(r, Err(ureq::Error::Status(404, _))), "{r:?}");
     // '.' and '..' cannot travel in a URL: the CLI refuses them.
     let out = kiln_cli(&["kv", "get", ".", "k", "--http", &nodes[0].http()]);
     assert!(!out.status.success());
