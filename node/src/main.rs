@@ -143,8 +143,56 @@ fn main() {
         },
     };
     if let Err(e) = result {
-        // One line an operator can act on; the chain of causes joined, no backtrace.
-        eprintln!("kiln: {e:#}");
+        eprintln!("kiln: {}", one_line(&e));
         std::process::exit(1);
+    }
+}
+
+/// One line an operator can act on: the error and its causes joined by ": ",
+/// no backtrace, and each cause once (a message that already quotes its
+/// source, as `thiserror`'s `{source}` does, is not followed by it again).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: storage error: {source}")]
+    struct Quoting {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_the_message_already_quotes_is_not_repeated() {
+        let io = std::io::Error::other("Read-only file system");
+        let e = anyhow::Error::new(Quoting {
+            path: "/d/node.redb",
+            source: io,
+        })
+        .context("cannot open the node's store");
+        assert_eq!(
+            one_line(&e),
+            "cannot open the node's store: /d/node.redb: storage error: Read-only file system"
+        );
+        let plain = anyhow::anyhow!("connection refused").context("cannot reach 127.0.0.1:8701");
+        assert_eq!(
+            one_line(&plain),
+            "cannot reach 127.0.0.1:8701: connection refused"
+        );
     }
 }

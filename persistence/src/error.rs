@@ -9,6 +9,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot create {path}: {source}; check that its directory is writable and its disk has room")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is already in use by another kiln process; stop it or use another --data-dir")]
     InUse { path: PathBuf },
     #[error(

@@ -424,16 +424,21 @@ fn create_unnamed(path: &Path) -> Result<(Database, PathBuf), StoreError> {
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Named by the file the operator knows; the temporary name is ours.
         Err(e) => {
-            return Err(StoreError::Storage {
-                path: tmp,
-                source: redb::StorageError::Io(e).into(),
+            return Err(StoreError::Create {
+                path: where_created(path),
+                source: e,
             })
         }
     }
-    let db = db_builder()
-        .create(&tmp)
-        .map_err(|e| map_open_error(e, &tmp))?;
+    let db = db_builder().create(&tmp).map_err(|e| match e {
+        redb::DatabaseError::Storage(redb::StorageError::Io(source)) => StoreError::Create {
+            path: where_created(path),
+            source,
+        },
+        e => map_open_error(e, &tmp),
+    })?;
     Ok((db, tmp))
 }
 
@@ -615,6 +620,18 @@ mod tests {
         drop(db);
         assert!(!path.with_extension("redb.creating").exists());
         open_or_create(&path, META, |_| Ok(())).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_created_is_named_as_the_operator_knows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blocked.redb");
+        // Something the temporary file cannot replace.
+        std::fs::create_dir_all(path.with_extension("redb.creating").join("x")).unwrap();
+        match open_or_create(&path, META, |_| Ok(())) {
+            Err(StoreError::Create { path: named, .. }) => assert_eq!(named, path),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
     }
 
     fn member(id: &str, state: MemberState) -> StoredMember {
