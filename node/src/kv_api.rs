@@ -884,7 +884,7 @@ fn condition(req: &HttpRequest) -> Result<Condition, ApiError> {
 fn outcome_response(outcome: KvOutcome) -> HttpResponse {
     match outcome {
         KvOutcome::Done { version } => HttpResponse::Ok()
-            .insert_header((header::ETAG, format!("\"{version}\"")))
+            .insert_header(etag(version))
             .json(json!({ "version": version })),
         KvOutcome::NotFound => HttpResponse::NotFound().json(json!({ "error": "no such key" })),
         KvOutcome::PreconditionFailed { current } => HttpResponse::PreconditionFailed()
@@ -1024,11 +1024,16 @@ pub async fn get(
     }
     match found {
         Some((version, value)) => Ok(HttpResponse::Ok()
-            .insert_header((header::ETAG, format!("\"{version}\"")))
+            .insert_header(etag(version))
             .content_type("application/octet-stream")
             .body(value)),
         None => Ok(HttpResponse::NotFound().json(json!({ "error": "no such key" }))),
     }
+}
+
+/// The `ETag` of a key at `version`: the version as a strong entity tag.
+fn etag(version: u64) -> (header::HeaderName, String) {
+    (header::ETAG, format!("\"{version}\""))
 }
 
 /// A read's conditional headers against the key's version (RFC 9110 13.2.2):
@@ -1041,7 +1046,7 @@ fn read_precondition(cond: &Condition, current: Option<u64>) -> Option<HttpRespo
     Some(match (cond, current) {
         (Condition::IfAbsent | Condition::IfVersionNotIn(_), Some(version)) => {
             HttpResponse::NotModified()
-                .insert_header((header::ETAG, format!("\"{version}\"")))
+                .insert_header(etag(version))
                 .finish()
         }
         _ => HttpResponse::PreconditionFailed()
