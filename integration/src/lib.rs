@@ -470,7 +470,20 @@ impl Drop for Node {
         self.kill9();
         if std::thread::panicking() {
             let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            // `KILN_TEST_LOG_DIR` keeps whole logs of a failed test for reading later.
+            if let Some(dir) = std::env::var_os("KILN_TEST_LOG_DIR") {
+                let dir = std::path::PathBuf::from(dir);
+                let kept = std::fs::create_dir_all(&dir)
+                    .and_then(|()| std::fs::write(dir.join(format!("{}.log", self.name)), &log));
+                if let Err(e) = kept {
+                    eprintln!(
+                        "cannot keep the log of {} in {}: {e}",
+                        self.name,
+                        dir.display()
+                    );
+                }
+            }
+            let tail: Vec<&str> = log.lines().rev().take(100).collect();
             eprintln!("--- last log lines of {} ---", self.name);
             for l in tail.iter().rev() {
                 eprintln!("{l}");

@@ -106,21 +106,29 @@ fn a_cut_off_active_acknowledges_nothing_after_the_election_and_converges_after_
     let cut_at = Instant::now();
     lab.cut(old).unwrap();
     // The majority side elects a new active.
-    let mut elected_at = Instant::now();
-    wait_until("the majority side elects a new active", LONG, || {
-        nodes[others[0]]
-            .get("/v1/cluster/stripes")
-            .is_some_and(|v| {
-                let ok = v["stripes"][0]["epoch"].as_u64().unwrap_or(0) > epoch
-                    && v["stripes"][0]["active"]
-                        .as_str()
-                        .is_some_and(|a| a != active);
-                if ok {
-                    elected_at = Instant::now();
-                }
-                ok
-            })
-    });
+    // Polled by hand, not by `wait_until`: a timeout shows what the majority
+    // side believed (its control-plane leader, epoch, in-sync set).
+    let elected_at = loop {
+        let views: Vec<Option<serde_json::Value>> = others
+            .iter()
+            .map(|i| nodes[*i].get("/v1/cluster/stripes"))
+            .collect();
+        let elected = views[0].as_ref().is_some_and(|v| {
+            v["stripes"][0]["epoch"].as_u64().unwrap_or(0) > epoch
+                && v["stripes"][0]["active"]
+                    .as_str()
+                    .is_some_and(|a| a != active)
+        });
+        if elected {
+            break Instant::now();
+        }
+        assert!(
+            cut_at.elapsed() < LONG,
+            "timed out after {LONG:?} waiting until the majority side elects a new active \
+             (the cut-off one is {active}, epoch {epoch}); the majority's views: {views:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     std::thread::sleep(Duration::from_secs(3));
     {
         let acked = acked.lock().unwrap();
