@@ -91,6 +91,14 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Whether a `/v1/cluster/stripes` view shows a control plane that can fail a
+/// stripe over: three voters or more and no voter change under way. A test that
+/// kills, pauses or cuts off an active waits for this first: until the voter set
+/// has grown from the founder alone, losing the founder stops every election.
+pub fn can_fail_over(view: &Value) -> bool {
+    view["voters"].as_array().is_some_and(|v| v.len() >= 3) && view["voters_changing"] == false
+}
+
 /// Client threads that each create keys `{prefix}{writer}-{i}` in `map`
 /// (`If-None-Match: *`) through the node `target(writer, i)` names, until
 /// stopped or `limit` writes each. A write its node sent again (across a

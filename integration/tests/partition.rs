@@ -51,7 +51,7 @@ fn a_cut_off_active_acknowledges_nothing_after_the_election_and_converges_after_
     let ids = wait_converged(&nodes, LONG);
     let mut active = String::new();
     let mut epoch = 0;
-    wait_until("an active with 2 in-sync standbys", LONG, || {
+    wait_until("an active with 2 in-sync standbys, 3 voters", LONG, || {
         nodes[0].get("/v1/cluster/stripes").is_some_and(|v| {
             let m = v["stripes"][0]["members"]
                 .as_array()
@@ -62,7 +62,7 @@ fn a_cut_off_active_acknowledges_nothing_after_the_election_and_converges_after_
                 .unwrap_or_default()
                 .to_string();
             epoch = v["stripes"][0]["epoch"].as_u64().unwrap_or(0);
-            m.iter().filter(|m| m["role"] == "standby").count() == 2
+            m.iter().filter(|m| m["role"] == "standby").count() == 2 && can_fail_over(&v)
         })
     });
     let old = ids.iter().position(|i| *i == active).unwrap();
@@ -332,7 +332,7 @@ fn a_node_cut_off_from_the_active_only_relays_client_requests_through_another_me
                 s["active"].as_str().and_then(index_of),
                 v["leader"].as_str().and_then(index_of),
             ) {
-                (Some(a), Some(l)) if standbys == 2 => {
+                (Some(a), Some(l)) if standbys == 2 && can_fail_over(&v) => {
                     roles = (a, l);
                     true
                 }

@@ -44,7 +44,8 @@ fn get(agent: &ureq::Agent, node: &Node, key: &str) -> Option<String> {
         .ok()
 }
 
-/// The peer id of the stripe's active and its standbys, once all are in sync.
+/// The peer id of the stripe's active once its standbys are in sync (and, from
+/// three nodes up, the control plane can fail it over).
 fn wait_in_sync(nodes: &[&Node], standbys: usize) -> String {
     let mut active = String::new();
     wait_until(
@@ -63,7 +64,7 @@ fn wait_in_sync(nodes: &[&Node], standbys: usize) -> String {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            in_sync == standbys && !active.is_empty()
+            in_sync == standbys && !active.is_empty() && (nodes.len() < 3 || can_fail_over(&v))
         },
     );
     active
