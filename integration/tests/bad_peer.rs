@@ -69,8 +69,11 @@ struct BadBehaviour {
 
 fn bad_swarm() -> Swarm<BadBehaviour> {
     let key = Keypair::generate_ed25519();
-    let transport =
-        kiln_net::transport(&key, Some(kiln_net::psk_from_secret(SECRET.as_bytes()))).unwrap();
+    let transport = kiln_net::transport(
+        &key,
+        Some(kiln_net::cluster_key_from_secret(SECRET.as_bytes())),
+    )
+    .unwrap();
     let config = gossipsub::ConfigBuilder::default()
         .validation_mode(ValidationMode::Anonymous)
         .heartbeat_initial_delay(Duration::from_millis(100))

@@ -25,7 +25,7 @@ pub struct PeerAddr {
 
 /// Parses `host:port`, `[v6]:port` or a TCP multiaddr such as `/ip4/10.0.0.1/tcp/7700`
 /// (with or without `/p2p/<id>`). QUIC and other transports are refused: the cluster
-/// secret (pnet) protects TCP only.
+/// secret binds the noise handshake of kiln's TCP transport only.
 pub fn parse_peer_addr(input: &str) -> Result<PeerAddr, AddrError> {
     parse(input, false)
 }

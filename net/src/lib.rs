@@ -1,4 +1,4 @@
-//! net: kiln's libp2p swarm (tcp + pnet + noise + yamux; identify, ping, gossipsub,
+//! net: kiln's libp2p swarm (tcp + noise + yamux; identify, ping, gossipsub,
 //! request-response) and its wire format. It knows nothing of stripes or elections.
 
 pub mod addr;
@@ -13,6 +13,6 @@ pub use libp2p::identity::Keypair;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use swarm::{
-    psk_from_secret, spawn, transport, BroadcastIn, CallError, NetChannels, NetCommand, NetConfig,
-    NetError, NetEvent, NetHandle, Reply, ServiceRequest,
+    cluster_key_from_secret, spawn, transport, BroadcastIn, CallError, NetChannels, NetCommand,
+    NetConfig, NetError, NetEvent, NetHandle, Reply, ServiceRequest,
 };

@@ -14,7 +14,6 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
 use libp2p::multiaddr::Protocol;
-use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -43,19 +42,38 @@ pub struct NetConfig {
     pub listen: Vec<Multiaddr>,
     /// Addresses to announce instead of the listen addresses (NAT, `0.0.0.0`).
     pub advertise: Vec<Multiaddr>,
-    /// Pre-shared key derived from the cluster secret; `None` for an open cluster.
-    pub psk: Option<[u8; 32]>,
+    /// Key derived from the cluster secret; `None` for an open cluster.
+    pub cluster_key: Option<[u8; 32]>,
     /// Interval of libp2p ping on every connection: the direct liveness probe.
     pub probe_interval: Duration,
     pub request_timeout: Duration,
 }
 
-/// Derives the 32-byte pnet key from the cluster secret.
-pub fn psk_from_secret(secret: &[u8]) -> [u8; 32] {
+/// Derives the 32-byte cluster key from the cluster secret.
+pub fn cluster_key_from_secret(secret: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(b"kiln-pnet-psk-v1");
+    h.update(b"kiln-cluster-key-v1");
     h.update(secret);
     h.finalize().into()
+}
+
+/// The prologue of every noise handshake of a node. Noise hashes it into the
+/// handshake and both sides must have the same one, so a peer started with
+/// another cluster secret (or none) fails the handshake at its first encrypted
+/// message and never gets a connection. This is the job libp2p `pnet` did here
+/// until 2026-12: pnet encrypts every byte a second time (XSalsa20 without SIMD,
+/// 3.5x the cost of noise's own cipher), ~16 % of the CPU of a key/value write
+/// (integration/BENCHMARKS.md).
+fn handshake_prologue(cluster_key: Option<[u8; 32]>) -> Vec<u8> {
+    let mut prologue = b"kiln/1 ".to_vec();
+    match cluster_key {
+        Some(key) => {
+            prologue.extend_from_slice(b"secret ");
+            prologue.extend_from_slice(&key);
+        }
+        None => prologue.extend_from_slice(b"open"),
+    }
+    prologue
 }
 
 /// How an actor answers an inbound request: on the substream it came on, or on
@@ -321,25 +339,20 @@ pub enum NetError {
     Listen { addr: Multiaddr, error: String },
 }
 
-/// The transport of a kiln node: TCP, then the cluster secret (pnet), then noise
-/// and yamux. Without a secret, pnet is skipped (an open cluster).
+/// The transport of a kiln node: TCP, then noise bound to the cluster secret
+/// (see [`handshake_prologue`]), then yamux.
 pub fn transport(
     keypair: &Keypair,
-    psk: Option<[u8; 32]>,
+    cluster_key: Option<[u8; 32]>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
-    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
-    let secured = tcp.and_then(move |socket, _| async move {
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)).map(|socket, _| {
         bound_unacknowledged_time(&socket.0);
-        match psk {
-            Some(key) => PnetConfig::new(PreSharedKey::new(key))
-                .handshake(socket)
-                .await
-                .map(Either::Left),
-            None => Ok(Either::Right(socket)),
-        }
+        socket
     });
-    let noise = noise::Config::new(keypair).map_err(|e| NetError::Transport(e.to_string()))?;
-    Ok(secured
+    let noise = noise::Config::new(keypair)
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_prologue(handshake_prologue(cluster_key));
+    Ok(tcp
         .upgrade(Version::V1Lazy)
         .authenticate(noise)
         .multiplex(yamux::Config::default())
@@ -374,7 +387,7 @@ fn bound_unacknowledged_time(socket: &tokio::net::TcpStream) {
     let _ = socket;
 }
 
-/// How long setting a connection up (TCP connect, pnet, noise, yamux) may
+/// How long setting a connection up (TCP connect, noise, yamux) may
 /// take, dialled or accepted.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -390,7 +403,7 @@ fn gossipsub_config() -> Result<gossipsub::Config, NetError> {
     // hop; the mesh only covers members that are not directly connected, and a
     // narrow one keeps the duplicates every node receives (about mesh_n copies of
     // each message) and the gossip of message ids low. A first heartbeat soon after
-    // start; no signatures (pnet and noise already authenticate every peer);
+    // start; no signatures (noise bound to the cluster secret already authenticates every peer);
     // content-addressed ids.
     gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_secs(1))
@@ -434,7 +447,7 @@ pub fn spawn(
     registry: &mut Registry,
 ) -> Result<(NetHandle, NetChannels), NetError> {
     let local_peer_id = config.keypair.public().to_peer_id();
-    let transport = transport(&config.keypair, config.psk)?;
+    let transport = transport(&config.keypair, config.cluster_key)?;
     let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gossipsub_config()?)
         .map_err(|e| NetError::Gossipsub(e.to_string()))?
         .with_metrics(
@@ -871,17 +884,17 @@ impl SwarmTask {
         }
     }
 
-    /// A connection failed in its handshake: with pnet in front of noise, that
-    /// is what a peer started with another cluster secret looks like, when it
+    /// A connection failed in its handshake: with noise bound to the cluster
+    /// secret, that is what a peer started with another secret looks like, when it
     /// happens again with the same remote within a minute (once is also what a
     /// connection cut off by the network mid-handshake looks like). Said at
     /// warn level (at most every 30 s), since nothing else would tell.
     fn handshake_failed(&mut self, error: &str, outgoing: bool, remote: String) {
         let e = error.to_ascii_lowercase();
-        // Outgoing: "... Handshake failed ..." (every failed dial, a refused one
-        // too, says "Failed to negotiate transport protocol(s)" around its
-        // cause); incoming: "Failed to negotiate transport protocol(s)" (pnet
-        // garbles what follows the nonce).
+        // Outgoing: "... Handshake failed: decrypt error" (every failed dial, a
+        // refused one too, says "Failed to negotiate transport protocol(s)"
+        // around its cause); incoming: "Failed to negotiate transport
+        // protocol(s)" alone.
         let handshake = e.contains("handshake")
             || e.contains("noise")
             || (!outgoing && e.contains("negotiate transport"));
@@ -1104,6 +1117,94 @@ mod tests {
     /// Bytes one message id takes in an IHAVE: 20 bytes of SHA-256 prefix, its
     /// protobuf tag and length.
     const ID_ON_WIRE: usize = 22;
+
+    /// Connects a transport holding `dialer_key` to one holding `listener_key`
+    /// over loopback TCP: whether the dialer, and the listener, got a connection.
+    fn connect(listener_key: Option<[u8; 32]>, dialer_key: Option<[u8; 32]>) -> (bool, bool) {
+        use futures::AsyncWriteExt;
+        use libp2p::core::muxing::StreamMuxerExt;
+        use libp2p::core::transport::{DialOpts, ListenerId, PortUse, TransportEvent};
+        use libp2p::core::Endpoint;
+        use std::task::Poll;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut listener =
+                transport(&Keypair::generate_ed25519(), listener_key).expect("transport");
+            let any_port: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().expect("address");
+            listener
+                .listen_on(ListenerId::next(), any_port)
+                .expect("listen");
+            let addr = loop {
+                if let Some(TransportEvent::NewAddress { listen_addr, .. }) = listener.next().await
+                {
+                    break listen_addr;
+                }
+            };
+            let accepted = tokio::spawn(async move {
+                while let Some(event) = listener.next().await {
+                    if let TransportEvent::Incoming { upgrade, .. } = event {
+                        return upgrade.await.is_ok();
+                    }
+                }
+                false
+            });
+            let mut dialer =
+                transport(&Keypair::generate_ed25519(), dialer_key).expect("transport");
+            let opts = DialOpts {
+                role: Endpoint::Dialer,
+                port_use: PortUse::New,
+            };
+            let dialed = dialer.dial(addr, opts).expect("dial").await;
+            let dialer_connected = dialed.is_ok();
+            if let Ok((_, mut muxer)) = dialed {
+                // The dialer names its multiplexer lazily (`V1Lazy`), with its
+                // first data: send some, so that the listener's side completes.
+                tokio::spawn(async move {
+                    let Ok(mut stream) =
+                        futures::future::poll_fn(|cx| muxer.poll_outbound_unpin(cx)).await
+                    else {
+                        return;
+                    };
+                    let drive = futures::future::poll_fn(|cx| loop {
+                        match muxer.poll_unpin(cx) {
+                            Poll::Ready(Ok(_)) => {}
+                            Poll::Ready(Err(_)) => return Poll::Ready(()),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    });
+                    let write = async {
+                        let _ = stream.write_all(b"kiln").await;
+                        let _ = stream.flush().await;
+                        std::future::pending::<()>().await
+                    };
+                    futures::future::select(Box::pin(drive), Box::pin(write)).await;
+                });
+            }
+            (dialer_connected, accepted.await.unwrap_or(false))
+        })
+    }
+
+    #[test]
+    fn only_nodes_with_the_same_cluster_secret_complete_a_handshake() {
+        let ours = Some(cluster_key_from_secret(b"ours"));
+        let theirs = Some(cluster_key_from_secret(b"theirs"));
+        assert_eq!(connect(ours, ours), (true, true), "same secret");
+        assert_eq!(connect(None, None), (true, true), "both open");
+        assert_eq!(connect(ours, theirs), (false, false), "another secret");
+        assert_eq!(
+            connect(ours, None),
+            (false, false),
+            "a dialer without a secret"
+        );
+        assert_eq!(
+            connect(None, ours),
+            (false, false),
+            "a listener without a secret"
+        );
+    }
 
     #[test]
     fn a_full_ihave_fits_in_what_a_receiver_accepts() {

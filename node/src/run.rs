@@ -93,10 +93,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 keypair,
                 listen: settings.listen.clone(),
                 advertise: settings.advertise.clone(),
-                psk: settings
+                cluster_key: settings
                     .cluster_secret
                     .as_deref()
-                    .map(kiln_net::psk_from_secret),
+                    .map(kiln_net::cluster_key_from_secret),
                 probe_interval: Duration::from_millis(settings.probe_interval_ms),
                 request_timeout: Duration::from_secs(10),
             },
