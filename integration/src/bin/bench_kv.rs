@@ -16,7 +16,10 @@
 //!
 //! Each client count is measured `KILN_BENCH_ROUNDS` times (default 3), kiln and
 //! etcd one right after the other; the ratios printed are the medians of the
-//! rounds' ratios.
+//! rounds' ratios. Before the first, each system takes `KILN_BENCH_WARMUP_S`
+//! seconds (default 3, 0 for none) of load at the largest client count, not
+//! recorded: a process's first seconds of load (allocator, caches, connections)
+//! are not what it serves at.
 //!
 //! For profiling: `KILN_BENCH_SYSTEMS=kiln` measures kiln alone and
 //! `KILN_BENCH_CLIENTS=64,64` only at those client counts;
@@ -499,6 +502,26 @@ fn main() {
     // after the other: a ratio is taken between neighbours, so the machine's
     // drift (etcd's own figure moved by 28 % between runs minutes apart) does
     // not fall between the two systems.
+    let warmup_s: f64 = std::env::var("KILN_BENCH_WARMUP_S")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(3.0);
+    if warmup_s > 0.0 {
+        let clients = client_counts.iter().copied().max().unwrap_or(16);
+        for sys in &systems {
+            let r = load(
+                sys.as_ref(),
+                clients,
+                warmup_s,
+                &format!("warm{}", sys.name()),
+            );
+            eprintln!(
+                "warm-up: {} at {clients} clients for {warmup_s} s, {:.0} puts/s (not recorded)",
+                sys.name(),
+                r.puts_per_s
+            );
+        }
+    }
     let mut table: Vec<Measured> = Vec::new();
     for &clients in &client_counts {
         for round in 0..rounds {
