@@ -62,8 +62,8 @@ pub fn cluster_key_from_secret(secret: &[u8]) -> [u8; 32] {
 /// another cluster secret (or none) fails the handshake at its first encrypted
 /// message and never gets a connection. This is the job libp2p `pnet` did here
 /// until 2026-12: pnet encrypts every byte a second time (XSalsa20 without SIMD,
-/// 3.5x the cost of noise's own cipher), ~16 % of the CPU of a key/value write
-/// (integration/BENCHMARKS.md).
+/// 3.5x the cost of noise's own cipher): 5-12 % of the CPU of a key/value write
+/// (integration/BENCHMARKS.md, 2026-12-02).
 fn handshake_prologue(cluster_key: Option<[u8; 32]>) -> Vec<u8> {
     let mut prologue = b"kiln/1 ".to_vec();
     match cluster_key {
