@@ -129,6 +129,71 @@ fn every_acknowledged_write_survives_kill_9_of_the_active_and_retries_apply_once
     );
 }
 
+/// A plain put is answered as soon as it commits, before the active applies
+/// it: a linearizable read sent right after its answer, through any node,
+/// still returns it at the version the put was told, and that version is the
+/// key's own (a put conditional on it passes).
+#[test]
+fn a_write_answered_at_its_commit_is_read_back_at_once_from_every_node() {
+    let _serial = serial();
+    let nodes = start_cluster("atcommit", 3, opts());
+    wait_converged(&nodes, LONG);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let active = wait_in_sync(&all, 2);
+    let failures: Mutex<Vec<String>> = Mutex::default();
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (nodes, failures) = (&nodes, &failures);
+            s.spawn(move || {
+                let agent = agent();
+                let key = format!("ac{t}");
+                for i in 0..100 {
+                    let (writer, reader) = (&nodes[(t + i) % 3], &nodes[(t + i + 1) % 3]);
+                    let value = format!("{t}-{i}");
+                    let Some(version) = put(&agent, writer, &key, &value) else {
+                        failures.lock().unwrap().push(format!("{key}: put {i} failed"));
+                        continue;
+                    };
+                    let read = agent
+                        .get(&format!("http://{}/v1/kv/test/{key}", reader.http()))
+                        .call();
+                    let seen = read.map(|r| (r.header("etag").map(str::to_string), r.into_string().ok()));
+                    let expected = (Some(format!("\"{version}\"")), Some(value.clone()));
+                    if !matches!(&seen, Ok(got) if *got == expected) {
+                        failures.lock().unwrap().push(format!(
+                            "{key}: put {value} at {version} through {}, then read {seen:?} through {}",
+                            writer.name, reader.name
+                        ));
+                    }
+                }
+                // The version answered is the key's: a write conditional on it passes.
+                let last = put(&agent, &nodes[t % 3], &key, "last").unwrap_or(0);
+                let conditional = agent
+                    .put(&format!("http://{}/v1/kv/test/{key}", nodes[(t + 1) % 3].http()))
+                    .set("If-Match", &format!("\"{last}\""))
+                    .send_string("after");
+                if conditional.is_err() {
+                    failures.lock().unwrap().push(format!(
+                        "{key}: a put conditional on version {last} failed: {conditional:?}"
+                    ));
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let active = nodes.iter().find(|n| n.id() == active).expect("the active");
+    assert!(
+        active.metric_positive("kiln_stripe_writes_answered_at_commit_total"),
+        "the active answered writes at their commit"
+    );
+}
+
 #[test]
 fn a_retry_with_the_same_idempotency_key_is_applied_once() {
     let _serial = serial();

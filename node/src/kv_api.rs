@@ -383,7 +383,7 @@ impl KvRouter {
         deadline: Instant,
         op: &'static str,
         stripe: u32,
-        request: StripeRequest,
+        mut request: StripeRequest,
         answer: impl Fn(StripeResponse) -> Option<Result<T, ServeError>>,
     ) -> Result<T, ApiError> {
         let started = Instant::now();
@@ -427,6 +427,8 @@ impl KvRouter {
                                 .await
                         }
                     };
+                    // Whatever came of it, the request may have reached the log.
+                    request.mark_retried();
                     last_failed = (attempt.is_err()
                         && stripe_active(&self.applied, stripe) == Some(a))
                     .then_some(helper.is_some());
@@ -525,6 +527,7 @@ impl KvRouter {
                         StripeRequest::Write {
                             stripe: home,
                             cmd: reserve,
+                            first_attempt: true,
                         },
                         |r| match r {
                             StripeResponse::Written(w) => Some(w),
@@ -541,7 +544,11 @@ impl KvRouter {
             deadline,
             "write",
             stripe,
-            StripeRequest::Write { stripe, cmd },
+            StripeRequest::Write {
+                stripe,
+                cmd,
+                first_attempt: true,
+            },
             |r| match r {
                 StripeResponse::Written(w) => Some(w),
                 _ => None,

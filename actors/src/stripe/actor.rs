@@ -4,7 +4,7 @@
 //! the other members, client writes (batched: many writes share one log append and
 //! one fsync) and reads, and proposals to the control plane.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -154,6 +154,14 @@ type WriteReply = oneshot::Sender<Result<KvOutcome, ServeError>>;
 type ReadReply = oneshot::Sender<Result<Option<(u64, Vec<u8>)>, ServeError>>;
 type KeysReply = oneshot::Sender<Result<Vec<String>, ServeError>>;
 
+/// A client write appended by the active, waiting for its answer.
+struct Waiting {
+    reply: WriteReply,
+    /// Its outcome is known once it commits (`KvCommand::done_at_commit`): it
+    /// is answered then, not after the apply.
+    at_commit: bool,
+}
+
 /// A read the active answers once it has confirmed it still is (`ReadReady`).
 enum PendingRead {
     Value {
@@ -263,6 +271,7 @@ pub struct StripeMetrics {
     commit_index: Gauge,
     member_lag: Family<PeerLabel, Gauge>,
     writes: Counter,
+    writes_answered_at_commit: Counter,
     write_batches: Counter,
     elections_requested: Counter,
     snapshot_bytes_sent: Counter,
@@ -315,6 +324,12 @@ impl StripeMetrics {
             "writes",
             "Client writes appended by this node as active",
             m.writes.clone(),
+        );
+        r.register(
+            "writes_answered_at_commit",
+            "Client writes this node as active answered as soon as they committed, \
+             before their apply (unconditional puts sent for the first time)",
+            m.writes_answered_at_commit.clone(),
         );
         r.register(
             "write_batches",
@@ -424,10 +439,14 @@ pub struct StripeActor {
     /// A timer will look at the batch again.
     linger_timer: bool,
     applied_index: u64,
-    /// Client writes waiting for the next log append (group commit).
-    batch: Vec<(Vec<u8>, WriteReply)>,
+    /// Client writes waiting for the next log append (group commit), each
+    /// with whether it is answered at its commit.
+    batch: Vec<(Vec<u8>, WriteReply, bool)>,
     /// Appended client writes waiting for their commit, by log index.
-    waiting: BTreeMap<u64, WriteReply>,
+    waiting: BTreeMap<u64, Waiting>,
+    /// Writes answered at their commit and not yet applied here, by log index:
+    /// their apply must give what they were told (checked in `applied`).
+    answered_at_commit: BTreeSet<u64>,
     /// Batches proposed as active and not yet committed: last index, and when
     /// (for `kiln_stripe_commit_seconds`).
     proposed: VecDeque<(u64, Instant)>,
@@ -575,6 +594,7 @@ impl StripeActor {
             applied_index: 0,
             batch: Vec::new(),
             waiting: BTreeMap::new(),
+            answered_at_commit: BTreeSet::new(),
             proposed: VecDeque::new(),
             reads: HashMap::new(),
             next_read: 1,
@@ -639,6 +659,7 @@ impl StripeActor {
             }
         }
         self.applied_index = r.applied;
+        self.answered_at_commit.clear();
         let mut replica = Replica::new(
             self.me,
             self.cfg.clone(),
@@ -828,9 +849,53 @@ impl StripeActor {
         self.pump(ctx);
     }
 
-    /// Times the batches that `fx` commits (see `proposed`); forgets them
-    /// once this node is no longer active.
+    /// Answers the writes up to `upto` whose outcome their commit settles
+    /// (see `Waiting`), without waiting for the apply (~0.7 ms for a batch at
+    /// 64 clients), so their clients' next writes come sooner. A linearizable read
+    /// still sees them: its `ReadReady` is queued behind this `Commit`, whose
+    /// apply it waits for.
+    ///
+    /// Only as the active, for entries of its own epoch that its log holds as
+    /// committed: `waiting` may still hold writes of an epoch this node just
+    /// stepped down from (until the queued `SteppedDown` fails them), whose
+    /// indexes a follower's commit may cover with other entries.
+    fn answer_at_commit(&mut self, upto: u64) {
+        let Some(r) = self.replica.as_ref() else {
+            return;
+        };
+        let Role::Active { epoch } = r.role() else {
+            return;
+        };
+        let settled: Vec<u64> = self
+            .waiting
+            .range(..=upto.min(r.commit_index()))
+            .filter(|(i, w)| w.at_commit && r.epoch_at(**i) == Some(epoch))
+            .map(|(i, _)| *i)
+            .collect();
+        if settled.is_empty() {
+            return;
+        }
+        for &index in &settled {
+            if let Some(w) = self.waiting.remove(&index) {
+                let _ = w.reply.send(Ok(KvOutcome::Done { version: index }));
+                self.answered_at_commit.insert(index);
+            }
+        }
+        self.metrics
+            .writes_answered_at_commit
+            .inc_by(settled.len() as u64);
+        self.linger.answered(settled.len(), Instant::now());
+    }
+
+    /// Answers the writes that `fx` commits and settles (`answer_at_commit`),
+    /// and times the batches it commits (see `proposed`); forgets them once
+    /// this node is no longer active.
     fn observe_commits(&mut self, fx: &[Effect]) {
+        for e in fx {
+            if let Effect::Commit { upto } = e {
+                self.answer_at_commit(*upto);
+            }
+        }
         if self.proposed.is_empty() {
             return;
         }
@@ -1147,13 +1212,29 @@ impl StripeActor {
             Ok(done) => {
                 self.applied_index = self.applied_index.max(upto);
                 let mut answered = 0;
+                let mut round_begun = false;
                 for (index, outcome) in done {
-                    if let Some(reply) = self.waiting.remove(&index) {
-                        let _ = reply.send(Ok(outcome));
+                    if self.answered_at_commit.remove(&index) {
+                        round_begun = true;
+                        // `Abandoned`: its node stopped waiting before the
+                        // write was applied, so nobody took the answer.
+                        let told = KvOutcome::Done { version: index };
+                        if outcome != told && outcome != KvOutcome::Abandoned {
+                            tracing::error!(stripe = ?self.stripe, index, ?outcome,
+                                "a write answered at its commit applied otherwise (a bug: its client was told it was written at this version)");
+                        }
+                    }
+                    if let Some(w) = self.waiting.remove(&index) {
+                        let _ = w.reply.send(Ok(outcome));
                         answered += 1;
                     }
                 }
-                self.linger.answered(answered, Instant::now());
+                // Those answered at the commit began this round of the linger.
+                match round_begun {
+                    true => self.linger.answered_more(answered),
+                    false => self.linger.answered(answered, Instant::now()),
+                }
+                self.answered_at_commit = self.answered_at_commit.split_off(&(upto + 1));
             }
             Err(e) => self.storage_failed(&e),
         }
@@ -1220,6 +1301,7 @@ impl StripeActor {
                         let answer = match res {
                             Ok(()) => {
                                 act.applied_index = at.index;
+                                act.answered_at_commit.clear();
                                 act.metrics.snapshots_installed.inc();
                                 act.health.ok(StoragePart::Stripe, SNAPSHOT_SOURCE);
                                 act.metrics.snapshot_keys_total.set(0);
@@ -1333,8 +1415,8 @@ impl StripeActor {
             }
             Effect::SteppedDown { epoch } => {
                 tracing::info!(stripe = ?self.stripe, epoch, "no longer active; pending requests go to the new active");
-                for (_, reply) in std::mem::take(&mut self.waiting) {
-                    let _ = reply.send(Err(ServeError::SteppedDown));
+                for (_, w) in std::mem::take(&mut self.waiting) {
+                    let _ = w.reply.send(Err(ServeError::SteppedDown));
                 }
                 for (_, read) in std::mem::take(&mut self.reads) {
                     read.fail(ServeError::SteppedDown);
@@ -1685,8 +1767,8 @@ impl StripeActor {
 
     fn storage_failed(&mut self, e: &StoreError) {
         tracing::error!(error = %e, stripe = ?self.stripe, "stripe storage failed");
-        for (_, reply) in std::mem::take(&mut self.waiting) {
-            let _ = reply.send(Err(ServeError::Unsettled(e.to_string())));
+        for (_, w) in std::mem::take(&mut self.waiting) {
+            let _ = w.reply.send(Err(ServeError::Unsettled(e.to_string())));
         }
     }
 
@@ -1699,8 +1781,8 @@ impl StripeActor {
         self.compact_waits_since = None;
         self.compact_rest = None;
         // Appended writes may still be committed: not "not persisted".
-        for (_, reply) in std::mem::take(&mut self.waiting) {
-            let _ = reply.send(Err(ServeError::Unsettled(e.to_string())));
+        for (_, w) in std::mem::take(&mut self.waiting) {
+            let _ = w.reply.send(Err(ServeError::Unsettled(e.to_string())));
         }
         for step in std::mem::take(&mut self.queue) {
             let Step::Reply(reply, resp) = step else {
@@ -1708,7 +1790,7 @@ impl StripeActor {
             };
             self.respond(reply, &refused(resp, e));
         }
-        for (_, reply) in std::mem::take(&mut self.batch) {
+        for (_, reply, _) in std::mem::take(&mut self.batch) {
             let _ = reply.send(Err(ServeError::Storage(e.to_string())));
         }
         for (_, read) in std::mem::take(&mut self.reads) {
@@ -2001,12 +2083,17 @@ impl StripeActor {
         self.linger.started();
         let batch = std::mem::take(&mut self.batch);
         let Some(r) = self.replica.as_mut() else {
-            for (_, reply) in batch {
+            for (_, reply, _) in batch {
                 let _ = reply.send(Err(ServeError::NotMember(self.stripe.unwrap_or(0))));
             }
             return;
         };
-        let (datas, replies): (Vec<Vec<u8>>, Vec<WriteReply>) = batch.into_iter().unzip();
+        let mut datas = Vec::with_capacity(batch.len());
+        let mut waiting = Vec::with_capacity(batch.len());
+        for (data, reply, at_commit) in batch {
+            datas.push(data);
+            waiting.push(Waiting { reply, at_commit });
+        }
         let n = datas.len() as u64;
         match r.propose(datas) {
             Ok((indexes, fx)) => {
@@ -2015,14 +2102,14 @@ impl StripeActor {
                 if let Some(last) = indexes.last() {
                     self.proposed.push_back((*last, Instant::now()));
                 }
-                for (i, reply) in indexes.into_iter().zip(replies) {
-                    self.waiting.insert(i, reply);
+                for (i, w) in indexes.into_iter().zip(waiting) {
+                    self.waiting.insert(i, w);
                 }
                 self.push(fx, ctx);
             }
             Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(ServeError::NotActive {
+                for w in waiting {
+                    let _ = w.reply.send(Err(ServeError::NotActive {
                         stripe: self.stripe.unwrap_or(0),
                         epoch: e.epoch,
                     }));
@@ -2061,7 +2148,13 @@ impl StripeActor {
             .is_some_and(|r| matches!(r.role(), Role::Active { .. }))
     }
 
-    fn write(&mut self, cmd: KvCommand, reply: WriteReply, ctx: &mut Context<Self>) {
+    fn write(
+        &mut self,
+        cmd: KvCommand,
+        first_attempt: bool,
+        reply: WriteReply,
+        ctx: &mut Context<Self>,
+    ) {
         if let Some((e, _)) = &self.storage_down {
             // Still the active in the control plane's view: nobody else can take
             // the write, so say why it fails; otherwise the sender retries at the
@@ -2083,7 +2176,8 @@ impl StripeActor {
             return;
         }
         let cmd = cmd.stamped_at(crate::membership::unix_ms());
-        self.batch.push((kv::encode(&cmd), reply));
+        let at_commit = cmd.done_at_commit(first_attempt);
+        self.batch.push((kv::encode(&cmd), reply, at_commit));
         self.linger.arrived(Instant::now());
         if self.ready_for_batch() {
             self.flush_batch(ctx);
@@ -2220,11 +2314,13 @@ impl StripeActor {
             }
             // While its storage is down (no replica), the active still says
             // why a write fails (`507`), rather than that it is no member.
-            StripeRequest::Write { stripe, cmd }
-                if mine(stripe) || (self.stripe == Some(stripe) && self.storage_down.is_some()) =>
-            {
+            StripeRequest::Write {
+                stripe,
+                cmd,
+                first_attempt,
+            } if mine(stripe) || (self.stripe == Some(stripe) && self.storage_down.is_some()) => {
                 let (tx, rx) = oneshot::channel();
-                self.write(cmd, tx, ctx);
+                self.write(cmd, first_attempt, tx, ctx);
                 let net = self.net.clone();
                 actix_rt::spawn(async move {
                     let resp = rx.await.unwrap_or(Err(ServeError::SteppedDown));

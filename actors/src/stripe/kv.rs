@@ -116,6 +116,16 @@ pub struct SessionTag {
     pub done_below: u64,
 }
 
+impl SessionTag {
+    /// Whether a stripe applies writes under this tag (its rows' ids must not
+    /// reach into another session's); a write under any other is `Invalid`.
+    fn is_valid(&self) -> bool {
+        !self.id.is_empty()
+            && self.id.len() <= 64
+            && self.id.bytes().all(|c| c.is_ascii_alphanumeric())
+    }
+}
+
 impl KvCommand {
     /// The command as the active appends it: received at `now` by the active's
     /// clock, remembered as long after that as the accepting node asked. The
@@ -128,6 +138,28 @@ impl KvCommand {
         self.received_ms = now;
         self.remember_until_ms = now.saturating_add(window);
         self
+    }
+
+    /// Whether `apply` will answer this command, appended at `index`, with
+    /// `Done { version: index }` whatever the state it meets, so that the active
+    /// may answer it as soon as it commits instead of after the apply: an
+    /// unconditional put in a retry session sent for the first time
+    /// (`first_attempt`). A later attempt may find an earlier copy applied and
+    /// repeat that copy's outcome; an `Idempotency-Key` may name an earlier
+    /// request; a condition or a delete depends on the key's version. (One
+    /// more outcome `apply` may give it, `Abandoned`, comes only once its node
+    /// stopped waiting for the answer.)
+    pub fn done_at_commit(&self, first_attempt: bool) -> bool {
+        first_attempt
+            && self.request.is_empty()
+            && self.session.as_ref().is_some_and(SessionTag::is_valid)
+            && matches!(
+                self.op,
+                KvOp::Put {
+                    cond: Condition::None,
+                    ..
+                }
+            )
     }
 
     /// What makes two requests under one id the same request.
@@ -369,9 +401,7 @@ fn apply_in_session(
     cmd: &KvCommand,
     tag: &SessionTag,
 ) -> Result<KvOutcome, StoreError> {
-    // Its rows' ids must not reach into another session's.
-    if tag.id.is_empty() || tag.id.len() > 64 || !tag.id.bytes().all(|c| c.is_ascii_alphanumeric())
-    {
+    if !tag.is_valid() {
         return Ok(KvOutcome::Invalid);
     }
     let row_id = session_row_id(&tag.id);
@@ -881,6 +911,85 @@ mod tests {
             apply(&mut tx, 8, &in_session("a1:", 9, 9, b"v", 0)).unwrap(),
             KvOutcome::Invalid
         );
+    }
+
+    /// A write the active answers at its commit (`done_at_commit`) applies as
+    /// it was answered, whatever state its apply meets; what the state decides
+    /// waits for the apply.
+    #[test]
+    fn a_write_answered_at_its_commit_applies_as_answered() {
+        let fresh = KvCommand {
+            request: String::new(),
+            op: KvOp::Put {
+                map: "m".into(),
+                key: "k".into(),
+                value: b"v".to_vec(),
+                cond: Condition::None,
+            },
+            received_ms: 1_000,
+            remember_until_ms: 11_000,
+            session: Some(SessionTag {
+                id: "a1".into(),
+                seq: 5,
+                done_below: 3,
+            }),
+        };
+        assert!(fresh.done_at_commit(true));
+        // Sent again: an earlier copy may have been applied.
+        assert!(!fresh.done_at_commit(false));
+        let keyed = KvCommand {
+            request: "k:x".into(),
+            session: None,
+            ..fresh.clone()
+        };
+        assert!(!keyed.done_at_commit(true));
+        for cond in [Condition::IfAbsent, Condition::IfVersion(1)] {
+            let conditional = KvCommand {
+                op: KvOp::Put {
+                    map: "m".into(),
+                    key: "k".into(),
+                    value: b"v".to_vec(),
+                    cond,
+                },
+                ..fresh.clone()
+            };
+            assert!(!conditional.done_at_commit(true));
+        }
+        let delete = KvCommand {
+            op: KvOp::Delete {
+                map: "m".into(),
+                key: "k".into(),
+                cond: Condition::None,
+            },
+            ..fresh.clone()
+        };
+        assert!(!delete.done_at_commit(true));
+        let invalid = KvCommand {
+            session: Some(SessionTag {
+                id: "a1:".into(),
+                seq: 5,
+                done_below: 3,
+            }),
+            ..fresh.clone()
+        };
+        assert!(!invalid.done_at_commit(true));
+
+        // The states its apply may meet: nothing; the key written before;
+        // the session's row and another outcome of it; requests to prune
+        // (index 256) and sessions to sweep on the way.
+        let empty = Mem::default();
+        let mut written = Mem::default();
+        apply(&mut written, 1, &put("other", b"0", Condition::None)).unwrap();
+        let mut session_known = Mem::default();
+        apply(&mut session_known, 1, &in_session("a1", 4, 3, b"w", 0)).unwrap();
+        apply(&mut session_known, 2, &in_session("b2", 1, 1, b"z", 0)).unwrap();
+        for (index, mut tx) in [(10, empty), (10, written), (256, session_known)] {
+            assert_eq!(
+                apply(&mut tx, index, &encode(&fresh)).unwrap(),
+                KvOutcome::Done { version: index }
+            );
+            assert_eq!(tx.kv[&("m".to_string(), "k".to_string())].0, index);
+        }
     }
 
     #[test]

@@ -67,6 +67,13 @@ impl Linger {
         self.holding = true;
     }
 
+    /// `n` more writes were answered in this round, after those that began
+    /// it (writes answered at their commit begin it, the rest follow after
+    /// the apply): their clients count among those the batch waits for.
+    pub fn answered_more(&mut self, n: usize) {
+        self.answered += n;
+    }
+
     /// A client write joined the next batch at `now`.
     pub fn arrived(&mut self, now: Instant) {
         if self.until.is_some_and(|until| now < until) {
@@ -115,6 +122,22 @@ mod tests {
         assert_eq!(l.wait(later), Some(BATCH_LINGER - 500 * US));
         l.arrived(later);
         assert_eq!(l.wait(later), None);
+    }
+
+    #[test]
+    fn writes_answered_after_the_round_began_are_waited_for_too() {
+        // Two answered at their commit, two more after the apply.
+        let t0 = Instant::now();
+        let mut l = Linger::default();
+        l.answered(2, t0);
+        l.arrived(t0);
+        l.arrived(t0);
+        assert_eq!(l.wait(t0), None);
+        l.answered_more(2);
+        assert!(l.wait(t0).is_some());
+        l.arrived(t0);
+        l.arrived(t0);
+        assert_eq!(l.wait(t0), None);
     }
 
     #[test]

@@ -17,8 +17,16 @@ pub enum StripeRequest {
     Prepare { stripe: u32, epoch: u64 },
     /// An election coordinator checks whether the active still answers.
     Ping { stripe: u32 },
-    /// A client write for the active.
-    Write { stripe: u32, cmd: KvCommand },
+    /// A client write for the active. `first_attempt`: the node that took the
+    /// write sends it for the first time (see `KvCommand::done_at_commit`); a
+    /// node that does not know the field sends none, and its writes are
+    /// answered after their apply, as before it.
+    Write {
+        stripe: u32,
+        cmd: KvCommand,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        first_attempt: bool,
+    },
     /// A client read: linearizable at the active, or `stale` at any member.
     Read {
         stripe: u32,
@@ -65,6 +73,18 @@ pub enum StripeRequest {
         stripe: u32,
         request: Box<StripeRequest>,
     },
+}
+
+impl StripeRequest {
+    /// The request as sent again after an attempt that may have reached the
+    /// active: a write's outcome then waits for its apply.
+    pub fn mark_retried(&mut self) {
+        match self {
+            StripeRequest::Write { first_attempt, .. } => *first_attempt = false,
+            StripeRequest::Relay { request, .. } => request.mark_retried(),
+            _ => {}
+        }
+    }
 }
 
 /// Why a node could not serve a stripe request.
@@ -151,6 +171,7 @@ mod tests {
                     remember_until_ms: 120_005,
                     session: None,
                 },
+                first_attempt: true,
             },
             StripeRequest::Write {
                 stripe: 1,
@@ -169,12 +190,52 @@ mod tests {
                         done_below: 4,
                     }),
                 },
+                first_attempt: false,
             },
         ];
-        for r in reqs {
-            let back: StripeRequest = from_cbor(&to_cbor(&r), 1 << 20).unwrap();
-            assert_eq!(back, r);
+        for r in &reqs {
+            let back: StripeRequest = from_cbor(&to_cbor(r), 1 << 20).unwrap();
+            assert_eq!(&back, r);
         }
+        // A node that knows no `first_attempt` reads a write with it, and one
+        // without it reads as a later attempt.
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        enum Before {
+            Write { stripe: u32, cmd: KvCommand },
+        }
+        let StripeRequest::Write { stripe, cmd, .. } = reqs[1].clone() else {
+            unreachable!("the test's first write");
+        };
+        let now = StripeRequest::Write {
+            stripe,
+            cmd: cmd.clone(),
+            first_attempt: true,
+        };
+        let before: Before = from_cbor(&to_cbor(&now), 1 << 20).unwrap();
+        assert_eq!(
+            before,
+            Before::Write {
+                stripe,
+                cmd: cmd.clone()
+            }
+        );
+        let back: StripeRequest = from_cbor(&to_cbor(&before), 1 << 20).unwrap();
+        assert_eq!(
+            back,
+            StripeRequest::Write {
+                stripe,
+                cmd,
+                first_attempt: false
+            }
+        );
+        let mut relayed = StripeRequest::Relay {
+            stripe,
+            request: Box::new(now),
+        };
+        relayed.mark_retried();
+        assert!(matches!(relayed, StripeRequest::Relay { request, .. }
+            if matches!(*request, StripeRequest::Write { first_attempt: false, .. })));
+
         let resp = StripeResponse::Written(Err(ServeError::NotActive {
             stripe: 1,
             epoch: 2,
