@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod http1;
 pub mod netns;
 
 pub const PEER_PORT: u16 = 7700;

@@ -51,6 +51,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use kiln_integration::http1::Http1;
 use kiln_integration::{
     clock_ticks, start_cluster, ticks_of, wait_converged, wait_until, Node, NodeOpts,
 };
@@ -454,9 +455,7 @@ impl System for Kiln {
         (0..endpoints.len())
             .map(|home| {
                 let endpoints = endpoints.clone();
-                let agent = ureq::AgentBuilder::new()
-                    .timeout(Duration::from_secs(5))
-                    .build();
+                let mut http = Http1::new();
                 let mut body = String::new();
                 Box::new(move |t: u64, ids: &[Ev], phase: u32| {
                     body.clear();
@@ -474,14 +473,15 @@ impl System for Kiln {
                     let mut last_err = String::new();
                     for k in 0..endpoints.len() {
                         let ep = &endpoints[(home + k) % endpoints.len()];
-                        match agent
-                            .post(&format!("http://{ep}/v1/broadcast"))
-                            .set("Content-Type", "application/json")
-                            .send_string(&body)
-                        {
-                            Ok(resp) => {
-                                let v: Value = resp
-                                    .into_json()
+                        match http.request(
+                            ep,
+                            "POST",
+                            "/v1/broadcast",
+                            "application/json",
+                            body.as_bytes(),
+                        ) {
+                            Ok(202) => {
+                                let v: Value = serde_json::from_slice(http.body())
                                     .map_err(|e| format!("202 body from {ep}: {e}"))?;
                                 let seqs = v["seqs"].as_array().map(|s| s.len()).unwrap_or(0);
                                 if seqs != ids.len() {
@@ -492,6 +492,12 @@ impl System for Kiln {
                                     ));
                                 }
                                 return Ok(k > 0);
+                            }
+                            Ok(status) => {
+                                last_err = format!(
+                                    "POST to {ep}: {status} {}",
+                                    String::from_utf8_lossy(http.body())
+                                )
                             }
                             Err(e) => last_err = format!("POST to {ep}: {e}"),
                         }
