@@ -439,9 +439,8 @@ pub struct StripeActor {
     /// A timer will look at the batch again.
     linger_timer: bool,
     applied_index: u64,
-    /// Client writes waiting for the next log append (group commit), each
-    /// with whether it is answered at its commit.
-    batch: Vec<(Vec<u8>, WriteReply, bool)>,
+    /// Client writes waiting for the next log append (group commit).
+    batch: Vec<(Vec<u8>, Waiting)>,
     /// Appended client writes waiting for their commit, by log index.
     waiting: BTreeMap<u64, Waiting>,
     /// Writes answered at their commit and not yet applied here, by log index:
@@ -1790,8 +1789,8 @@ impl StripeActor {
             };
             self.respond(reply, &refused(resp, e));
         }
-        for (_, reply, _) in std::mem::take(&mut self.batch) {
-            let _ = reply.send(Err(ServeError::Storage(e.to_string())));
+        for (_, w) in std::mem::take(&mut self.batch) {
+            let _ = w.reply.send(Err(ServeError::Storage(e.to_string())));
         }
         for (_, read) in std::mem::take(&mut self.reads) {
             read.fail(ServeError::Storage(e.to_string()));
@@ -2083,17 +2082,14 @@ impl StripeActor {
         self.linger.started();
         let batch = std::mem::take(&mut self.batch);
         let Some(r) = self.replica.as_mut() else {
-            for (_, reply, _) in batch {
-                let _ = reply.send(Err(ServeError::NotMember(self.stripe.unwrap_or(0))));
+            for (_, w) in batch {
+                let _ = w
+                    .reply
+                    .send(Err(ServeError::NotMember(self.stripe.unwrap_or(0))));
             }
             return;
         };
-        let mut datas = Vec::with_capacity(batch.len());
-        let mut waiting = Vec::with_capacity(batch.len());
-        for (data, reply, at_commit) in batch {
-            datas.push(data);
-            waiting.push(Waiting { reply, at_commit });
-        }
+        let (datas, waiting): (Vec<Vec<u8>>, Vec<Waiting>) = batch.into_iter().unzip();
         let n = datas.len() as u64;
         match r.propose(datas) {
             Ok((indexes, fx)) => {
@@ -2177,7 +2173,8 @@ impl StripeActor {
         }
         let cmd = cmd.stamped_at(crate::membership::unix_ms());
         let at_commit = cmd.done_at_commit(first_attempt);
-        self.batch.push((kv::encode(&cmd), reply, at_commit));
+        self.batch
+            .push((kv::encode(&cmd), Waiting { reply, at_commit }));
         self.linger.arrived(Instant::now());
         if self.ready_for_batch() {
             self.flush_batch(ctx);
